@@ -1,0 +1,272 @@
+"""Everything the engine reports, as frozen dataclasses that serialize to one JSON line each.
+
+The GUI reads the same stream the CLI prints (``--events -``) and every run keeps in
+``events.jsonl``: one line per event, ``{"event": "<kind>", "time": ..., ...fields}``.
+:func:`from_json` turns a line back into its dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, ClassVar, Protocol
+
+
+def _now() -> float:
+    return time.time()
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: ClassVar[str] = "event"
+    time: float = field(default_factory=_now, kw_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.kind, **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), default=str, allow_nan=True)
+
+
+@dataclass(frozen=True)
+class RunStarted(Event):
+    kind: ClassVar[str] = "run_started"
+    run_dir: str
+    config: dict[str, Any]
+    model: dict[str, Any]
+    """Facts about the model: architecture, parameter counts, layers, trainable parameters."""
+    device: str
+    total_steps: int
+    resumed_from: str | None = None
+    start_step: int = 0
+    vram_estimate: dict[str, Any] | None = None
+    """The budget's prediction, so a viewer can draw it beside the measured curve."""
+    data: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class PhaseChanged(Event):
+    kind: ClassVar[str] = "phase"
+    phase: str
+    """One of: resolving, loading_model, quantizing, preparing_data, training, evaluating, saving, exporting, done."""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class StepMetrics(Event):
+    kind: ClassVar[str] = "step"
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    learning_rate: float
+    grad_norm: float
+    tokens: int
+    """Tokens (non-padding) processed in this optimizer step."""
+    tokens_per_second: float
+    elapsed: float
+    eta: float
+    cuda_allocated: float | None = None
+    """Peak bytes allocated by torch since the previous step (None off CUDA)."""
+    cuda_reserved: float | None = None
+
+
+@dataclass(frozen=True)
+class EvalResult(Event):
+    kind: ClassVar[str] = "eval"
+    step: int
+    loss: float
+    tokens: int
+
+
+@dataclass(frozen=True)
+class CheckpointSaved(Event):
+    kind: ClassVar[str] = "checkpoint"
+    step: int
+    path: str
+
+
+@dataclass(frozen=True)
+class LogLine(Event):
+    kind: ClassVar[str] = "log"
+    level: str
+    """debug, info, warning or error."""
+    message: str
+
+
+@dataclass(frozen=True)
+class RunFinished(Event):
+    kind: ClassVar[str] = "run_finished"
+    step: int
+    adapter_dir: str | None
+    stopped_early: bool
+    final_loss: float | None
+    final_eval_loss: float | None
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class RunFailed(Event):
+    kind: ClassVar[str] = "run_failed"
+    error_type: str
+    message: str
+    """Written for the user: what went wrong and what to do."""
+    traceback: str
+    step: int | None = None
+    last_checkpoint: str | None = None
+    hint: str | None = None
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls
+    for cls in (RunStarted, PhaseChanged, StepMetrics, EvalResult, CheckpointSaved, LogLine, RunFinished, RunFailed)
+}
+
+
+def from_dict(d: dict[str, Any]) -> Event:
+    d = dict(d)
+    kind = d.pop("event", None)
+    cls = EVENT_TYPES.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown event kind {kind!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def from_json(line: str) -> Event:
+    return from_dict(json.loads(line))
+
+
+def read_events(path: str | Path) -> list[Event]:
+    """All events of an ``events.jsonl`` file; a torn last line (a killed run) is ignored."""
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(from_json(line))
+            except (json.JSONDecodeError, ValueError, TypeError):
+                continue
+    return out
+
+
+# -- sinks -------------------------------------------------------------------------------------
+
+
+class EventSink(Protocol):
+    def emit(self, event: Event) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullSink:
+    def emit(self, event: Event) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ListSink:
+    """Keeps events in memory (tests, in-process callers)."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def emit(self, event: Event) -> None:
+        self.events.append(event)
+
+    def of(self, cls: type[Event]) -> list[Any]:
+        return [e for e in self.events if isinstance(e, cls)]
+
+    def close(self) -> None:
+        pass
+
+
+class StreamSink:
+    """One JSON line per event to a text stream (``--events -`` is stdout), flushed at once."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self._lock = threading.Lock()
+
+    def emit(self, event: Event) -> None:
+        with self._lock:
+            self.stream.write(event.to_json() + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlFileSink(StreamSink):
+    """Appends to a file (a resumed run continues its ``events.jsonl``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(open(path, "a", encoding="utf-8"))  # noqa: SIM115 - closed in close()
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class MultiSink:
+    def __init__(self, *sinks: Any) -> None:
+        self.sinks = list(sinks)
+
+    def emit(self, event: Event) -> None:
+        for s in self.sinks:
+            s.emit(event)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()
+
+
+class TextSink:
+    """Human-readable progress lines for a terminal."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stderr
+
+    def emit(self, e: Event) -> None:
+        if isinstance(e, StepMetrics):
+            mem = f"  mem {e.cuda_reserved / 2**30:.1f} GiB" if e.cuda_reserved else ""
+            msg = (
+                f"step {e.step}/{e.total_steps}  loss {e.loss:.4f}  lr {e.learning_rate:.2e}  "
+                f"gnorm {e.grad_norm:.3f}  {e.tokens_per_second:,.0f} tok/s  eta {_fmt_s(e.eta)}{mem}"
+            )
+        elif isinstance(e, PhaseChanged):
+            msg = f"[{e.phase}] {e.detail}".rstrip()
+        elif isinstance(e, LogLine):
+            msg = f"{e.level}: {e.message}"
+        elif isinstance(e, EvalResult):
+            msg = f"eval at step {e.step}: loss {e.loss:.4f}"
+        elif isinstance(e, CheckpointSaved):
+            msg = f"checkpoint saved: {e.path}"
+        elif isinstance(e, RunStarted):
+            msg = f"run started in {e.run_dir} on {e.device}: {e.total_steps} steps"
+        elif isinstance(e, RunFinished):
+            msg = f"finished at step {e.step} in {_fmt_s(e.elapsed)}; adapter: {e.adapter_dir}"
+        elif isinstance(e, RunFailed):
+            msg = f"FAILED ({e.error_type}): {e.message}"
+        else:
+            msg = e.to_json()
+        print(msg, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
