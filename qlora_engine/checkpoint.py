@@ -1,0 +1,227 @@
+"""Resumable checkpoints and the run lock.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNN/`` with the adapter, the optimizer,
+scheduler and RNG states and ``trainer_state.json``. It is written into a temporary
+folder, flushed to disk, and renamed into place; ``qlora_checkpoint.json`` is written
+last and lists every file with its size. A folder without that marker, or whose files do
+not match it, is never picked as "latest" and is never loaded: the marker is also how the
+engine knows it wrote the folder itself before it unpickles anything from it (and even
+then only with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_engine.errors import ResumeError, RunLockedError
+
+MARKER = "qlora_checkpoint.json"
+STATE = "trainer_state.json"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def write_atomic_folder(target: Path, write: Callable[[Path], None], *, replace: bool = False) -> Path:
+    """Let ``write`` fill a temporary sibling folder, then rename it to ``target``.
+
+    An error (disk full, a kill) leaves ``target`` as it was; the temporary folder is removed
+    on errors we see and ignored by readers otherwise.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        _fsync_tree(tmp)
+        if target.exists():
+            if not replace:
+                raise FileExistsError(f"{target} already exists")
+            old = target.with_name(f".old-{target.name}-{os.getpid()}")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def write_marker(folder: Path, meta: dict[str, Any]) -> None:
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER}
+    (folder / MARKER).write_text(json.dumps({"complete": True, "files": files, **meta}, indent=1))
+
+
+def is_complete(folder: Path) -> bool:
+    """True if ``folder`` holds a checkpoint this engine finished writing, with every file intact."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if not marker.get("complete"):
+        return False
+    for name, size in marker.get("files", {}).items():
+        p = folder / name
+        if not p.is_file() or p.stat().st_size != size:
+            return False
+    return True
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    out = []
+    for p in ckpt_dir.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and is_complete(p):
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    found = list_checkpoints(ckpt_dir)
+    for _, p in found[:-keep] if len(found) > keep else []:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_state(folder: Path) -> dict[str, Any]:
+    if not is_complete(folder):
+        raise ResumeError(
+            f"{folder}: not a complete checkpoint written by QLoRA Studio (missing or mismatched {MARKER}).",
+            hint="Resume from another checkpoint; `--resume` without a path picks the newest complete one.",
+        )
+    return json.loads((folder / STATE).read_text())
+
+
+def torch_load_own(folder: Path, name: str) -> Any:
+    """Load a torch file from a checkpoint folder the engine wrote (checked), tensors and plain data only."""
+    if not is_complete(folder):
+        raise ResumeError(f"{folder}: refusing to load {name}: this folder was not written completely by QLoRA Studio.")
+    return torch.load(folder / name, map_location="cpu", weights_only=True)
+
+
+# -- RNG --------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- the run lock -----------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+class RunLock:
+    """``run.lock`` in the run folder: held while the run lives; a lock of a dead process is stale."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "run.lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.path.read_text() or "{}")
+                except (OSError, json.JSONDecodeError):
+                    other = {}
+                same_host = other.get("host") == me["host"]
+                if same_host and _pid_alive(int(other.get("pid", -1))) and other.get("pid") != me["pid"]:
+                    raise RunLockedError(
+                        f"{self.path.parent}: another run (process {other.get('pid')}) is writing to this folder.",
+                        hint="Wait for it to finish, stop it, or choose another output.dir.",
+                    ) from None
+                if not same_host and other.get("host"):
+                    raise RunLockedError(
+                        f"{self.path.parent}: locked by a run on host {other.get('host')!r} (process {other.get('pid')}).",
+                        hint=f"If that run is gone, delete {self.path}.",
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self.held = True
+            return
+        raise RunLockedError(f"{self.path}: could not take the run lock.")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

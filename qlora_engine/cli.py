@@ -1,0 +1,217 @@
+"""``qlora-engine``: every action of the desktop app as a command taking the same YAML config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from qlora_engine.errors import QLoRAError
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _fail(e: QLoRAError) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    if getattr(e, "hint", None):
+        print(f"hint: {e.hint}", file=sys.stderr)
+    return 2
+
+
+# -- init ------------------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from qlora_engine.config import TrainConfig, apply_overrides
+
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise QLoRAError(f"{out}: already exists; nothing was written.", hint="Pass --force to replace it.")
+    overrides = [f"model.ref={json.dumps(args.model)}", f"data.path={json.dumps(args.data)}"]
+    if args.output_dir:
+        overrides.append(f"output.dir={json.dumps(args.output_dir)}")
+    cfg = apply_overrides(TrainConfig(), overrides + list(args.overrides))
+    cfg.save(out)
+    print(f"wrote {out}; edit it, then run: qlora-engine train {out}", file=sys.stderr)
+    return 0
+
+
+# -- train -----------------------------------------------------------------------------------------
+
+
+def _install_sigint(control: Any) -> None:
+    """First Ctrl-C: stop at the next step boundary and save. Second: abort at once."""
+    state = {"count": 0}
+
+    def handler(signum: int, frame: Any) -> None:
+        state["count"] += 1
+        if state["count"] == 1:
+            print("\nstopping after this step and saving (Ctrl-C again to abort) ...", file=sys.stderr)
+            control.request_stop()
+        else:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from qlora_engine.config import TrainConfig
+    from qlora_engine.control import RunControl
+    from qlora_engine.events import StreamSink, TextSink
+    from qlora_engine.train import run
+
+    cfg = TrainConfig.load(args.config, args.overrides)
+    control = RunControl()
+    _install_sigint(control)
+    if args.control_stdin:
+        control.listen(sys.stdin)
+    sink = StreamSink(sys.stdout) if args.events == "-" else TextSink(sys.stderr)
+    resume: bool | str | None = None
+    if args.resume is not None:
+        resume = True if args.resume == "latest" else args.resume
+    try:
+        finished = run(cfg, sink, control, resume=resume, force_resume=args.force_resume)
+    except QLoRAError as e:
+        return _fail(e)
+    except KeyboardInterrupt:
+        print("aborted; the last checkpoint is kept.", file=sys.stderr)
+        return 130
+    if args.events != "-":
+        print(f"adapter: {finished.adapter_dir}", file=sys.stderr)
+    return 0
+
+
+# -- inspect-model ---------------------------------------------------------------------------------
+
+
+def cmd_inspect_model(args: argparse.Namespace) -> int:
+    from qlora_engine.models import inspect_model
+
+    info = inspect_model(args.ref, trust_remote_code=args.trust_remote_code, revision=args.revision)
+    if args.json:
+        _print_json(info.to_dict())
+    else:
+        d = info.to_dict()
+        width = max(len(k) for k in d)
+        for k, v in d.items():
+            print(f"{k:<{width}}  {', '.join(v) if isinstance(v, list) else v}")
+    if not info.usable:
+        print("unusable: " + "; ".join(info.problems), file=sys.stderr)
+        return 3
+    return 0
+
+
+# -- demo / quickstart -----------------------------------------------------------------------------
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """Fetch the demo model, train a short run on the bundled sample data, show before/after."""
+    from qlora_engine import resources
+    from qlora_engine.config import TrainConfig, apply_overrides
+    from qlora_engine.demo import fetch_demo_model
+    from qlora_engine.events import TextSink
+    from qlora_engine.train import run
+
+    gguf = fetch_demo_model(log=lambda m: print(m, file=sys.stderr))
+    out = Path(args.output_dir)
+    config_path = out / "quickstart.yaml"
+    if not config_path.exists():
+        cfg = apply_overrides(
+            TrainConfig(),
+            [
+                f"model.ref={json.dumps(str(gguf))}",
+                f"data.path={json.dumps(str(resources.path('data', 'quickstart.jsonl')))}",
+                f"output.dir={json.dumps(str(out.resolve() / 'run'))}",
+                f"train.max_steps={args.steps}",
+                "train.micro_batch_size=4",
+                "train.gradient_accumulation_steps=1",
+                "train.save_steps=10",
+                "optim.learning_rate=5e-4",
+                "optim.warmup_steps=2",
+                "data.max_length=256",
+            ],
+        )
+        cfg.save(config_path)
+    cfg = TrainConfig.load(config_path)
+    print(f"config: {config_path}", file=sys.stderr)
+    done = run(cfg, TextSink(sys.stderr), resume=True if (cfg.output_dir / "checkpoints").exists() else None)
+    print(f"\ndone: adapter in {done.adapter_dir}; train more with: qlora-engine train {config_path} --resume", file=sys.stderr)
+    return 0
+
+
+# -- the parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qlora-engine", description="Headless QLoRA fine-tuning (4-bit NF4 + LoRA).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="write a complete, commented run config")
+    s.add_argument("--model", required=True, help="local folder, .gguf file or hub id")
+    s.add_argument("--data", required=True, help="training data file, folder or hub dataset id")
+    s.add_argument("--output-dir", help="run folder (adapter/, checkpoints/, events.jsonl, config.yaml)")
+    s.add_argument("-o", "--output", default="run.yaml", help="config file to write (default: run.yaml)")
+    s.add_argument("--force", action="store_true", help="replace an existing config file")
+    s.add_argument("overrides", nargs="*", metavar="section.field=value")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("train", help="train from a config (Ctrl-C stops and saves)")
+    s.add_argument("config", help="run config YAML")
+    s.add_argument("overrides", nargs="*", metavar="section.field=value", help="e.g. lora.rank=32 train.max_steps=100")
+    s.add_argument("--events", choices=["-", "text"], default="text", help="'-': JSON event lines on stdout")
+    s.add_argument("--control-stdin", action="store_true", help="read stop/save/abort lines on stdin")
+    s.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+        help="continue from the newest checkpoint, or from the given checkpoint folder",
+    )
+    s.add_argument("--force-resume", action="store_true", help="resume even if the model, LoRA shape or data changed")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("inspect-model", help="facts about a model from its config and tokenizer (no weights)")
+    s.add_argument("ref", help="local folder, .gguf file or hub id")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--revision")
+    s.add_argument("--trust-remote-code", action="store_true")
+    s.set_defaults(func=cmd_inspect_model)
+
+    s = sub.add_parser("quickstart", help="download the 135M demo model and train a short run on sample data")
+    s.add_argument("--output-dir", default="runs/quickstart")
+    s.add_argument("--steps", type=int, default=30)
+    s.set_defaults(func=cmd_quickstart)
+
+    # Subcommands of other modules register here (one line each).
+    for module in ("qlora_engine.data", "qlora_engine.budget", "qlora_engine.export"):
+        _register(module, sub)
+    return p
+
+
+def _register(module: str, sub: Any) -> None:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:  # a missing dependency inside the module is a real error
+            raise
+        return
+    add = getattr(mod, "add_cli", None)
+    if add is not None:
+        add(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except QLoRAError as e:
+        return _fail(e)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

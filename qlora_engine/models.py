@@ -1,0 +1,456 @@
+"""Models: resolve a reference, read its facts without weights, load it in 4 bit, wrap it with LoRA.
+
+A model reference is a local Hugging Face folder, a hub id, or a local ``.gguf`` file.
+GGUF files are dequantized once by transformers and cached as a safetensors folder
+(``cache_dir()/gguf/...``), so every later load is a plain safetensors load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_engine.config import LORA_PRESETS, LoraSettings, TrainConfig, parse_layers
+from qlora_engine.errors import ConfigError, ModelError
+from qlora_engine.paths import cache_dir
+
+SAFE_WEIGHTS = (".safetensors",)
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+_ATTENTION_HINTS = ("attn", "attention")
+_MLP_HINTS = ("mlp", "feed_forward", "ffn")
+
+
+# -- resolving a reference -----------------------------------------------------------------------
+
+
+def is_gguf(ref: str) -> bool:
+    return ref.lower().endswith(".gguf")
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or os.sep in ref and Path(ref).expanduser().exists() or Path(ref).exists()
+
+
+def weights_format(folder: Path) -> str:
+    """'safetensors', 'pickle-only' or 'none' for a local model folder."""
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    if any(n.endswith(SAFE_WEIGHTS) for n in names):
+        return "safetensors"
+    if any(n.endswith(PICKLE_WEIGHTS) for n in names):
+        return "pickle-only"
+    return "none"
+
+
+def check_weights_safe(folder: Path) -> None:
+    fmt = weights_format(folder)
+    if fmt == "pickle-only":
+        raise ModelError(
+            f"{folder}: the weights are only in pickle files (.bin/.pt), which can run arbitrary code when loaded. "
+            "QLoRA Studio loads safetensors or GGUF only.",
+            hint="Use a copy of the model in safetensors format (most hub models have one), "
+            "or convert it on a machine you trust with `model.save_pretrained(dir, safe_serialization=True)`.",
+        )
+    if fmt == "none":
+        raise ModelError(f"{folder}: no weight files (*.safetensors) found in this folder.")
+
+
+def _offline_error(ref: str, exc: Exception) -> ModelError:
+    return ModelError(
+        f"{ref!r} is not a local folder or file, and it could not be downloaded from the Hugging Face hub "
+        f"({type(exc).__name__}). If you are offline, download the model on a connected machine and point "
+        "model.ref at the folder, or use a local .gguf file.",
+        hint="Check the spelling of the hub id and your network; for gated models log in with `hf auth login`.",
+    )
+
+
+def resolve_model(
+    ref: str, *, revision: str | None = None, weights: bool = True, sink: Any = None
+) -> Path:
+    """A local folder holding the model: the folder itself, the GGUF conversion, or a hub snapshot.
+
+    With ``weights=False`` only config and tokenizer files are fetched (``inspect-model``).
+    """
+    if not ref or not ref.strip():
+        raise ConfigError("model.ref: no model chosen; set a local folder, a .gguf file or a hub id.")
+    path = Path(ref).expanduser()
+    if is_gguf(ref):
+        if not path.is_file():
+            raise ModelError(f"{path}: GGUF file not found.")
+        return gguf_to_folder(path, sink=sink) if weights else path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: not a Hugging Face model folder (no config.json).")
+        if weights:
+            check_weights_safe(path)
+        return path
+    if _looks_like_path(ref) or ref.count("/") > 1:
+        raise ModelError(f"{path}: no such model folder or file.")
+    return _download(ref, revision=revision, weights=weights)
+
+
+def _download(repo_id: str, *, revision: str | None, weights: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = HUB_FILES if weights else [p for p in HUB_FILES if p != "*.safetensors"]
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # offline, unknown id, gated: all end in the same message
+        raise _offline_error(repo_id, e) from e
+    if weights:
+        check_weights_safe(folder)
+    return folder
+
+
+# -- GGUF -----------------------------------------------------------------------------------------
+
+
+def _gguf_cache_key(path: Path) -> str:
+    st = path.stat()
+    raw = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
+    return hashlib.sha256(raw).hexdigest()[:12]
+
+
+def gguf_to_folder(path: Path, *, sink: Any = None) -> Path:
+    """Dequantize a GGUF file once (transformers does the work) and cache it as safetensors."""
+    target = cache_dir() / "gguf" / f"{path.stem}-{_gguf_cache_key(path)}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if sink is not None:
+        from qlora_engine.events import PhaseChanged
+
+        sink.emit(PhaseChanged(phase="converting", detail=f"dequantizing {path.name} once (cached afterwards)"))
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16)
+        model.hf_quantizer = None  # transformers refuses to save a GGUF-loaded model otherwise
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "qlora_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
+        tmp.rename(target)
+    except FileExistsError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"{path}: could not read this GGUF file ({e}).") from e
+    return target
+
+
+# -- facts without weights ------------------------------------------------------------------------
+
+
+@dataclass
+class ModelInfo:
+    ref: str
+    local_path: str | None
+    architecture: str
+    model_type: str
+    num_parameters: int
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int | None
+    vocab_size: int
+    num_attention_heads: int | None
+    num_key_value_heads: int | None
+    linear_modules: list[str]
+    attention_modules: list[str]
+    mlp_modules: list[str]
+    has_chat_template: bool
+    torch_dtype: str | None
+    weights_format: str
+    usable: bool
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_model_config(ref: str, *, trust_remote_code: bool = False, revision: str | None = None):
+    """The transformers config of a model reference; reads no weights."""
+    from transformers import AutoConfig
+
+    path = Path(ref).expanduser()
+    try:
+        if is_gguf(ref):
+            if not path.is_file():
+                raise ModelError(f"{path}: GGUF file not found.")
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        folder = resolve_model(ref, revision=revision, weights=False)
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise remote_code_error(ref) from e
+        raise ModelError(f"{ref}: could not read the model's configuration ({e}).") from e
+
+
+def remote_code_error(ref: str) -> ModelError:
+    return ModelError(
+        f"{ref}: this model needs its own Python code to load (trust_remote_code). That code would run with "
+        "your user's rights, so it is off by default.",
+        hint="If you trust the model's source, set model.trust_remote_code: true in the config.",
+    )
+
+
+def _module_names(config: Any, trust_remote_code: bool) -> tuple[int, list[str], list[str], list[str], int]:
+    """Build the model on the meta device (no memory, no weights) to list its linear layers."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    out_emb = model.get_output_embeddings()
+    linear, attn, mlp = [], [], []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not out_emb:
+            short = name.rsplit(".", 1)[-1]
+            if short not in linear:
+                linear.append(short)
+            low = name.lower()
+            if any(h in low for h in _ATTENTION_HINTS) and short not in attn:
+                attn.append(short)
+            elif any(h in low for h in _MLP_HINTS) and short not in mlp:
+                mlp.append(short)
+    n_params = sum(p.numel() for p in model.parameters())
+    layers = _decoder_layers(model)
+    return n_params, linear, attn, mlp, len(layers) if layers is not None else 0
+
+
+def _decoder_layers(model: torch.nn.Module):
+    for _, module in model.named_modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+            return layers
+    return None
+
+
+def _has_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    tc = folder / "tokenizer_config.json"
+    if tc.is_file():
+        try:
+            return bool(json.loads(tc.read_text(encoding="utf-8")).get("chat_template"))
+        except (json.JSONDecodeError, OSError):
+            return False
+    return False
+
+
+def inspect_model(ref: str, *, trust_remote_code: bool = False, revision: str | None = None) -> ModelInfo:
+    """Everything the GUI and the budget need to know about a model, from config and tokenizer files only."""
+    config = read_model_config(ref, trust_remote_code=trust_remote_code, revision=revision)
+    problems: list[str] = []
+    path = Path(ref).expanduser()
+    if is_gguf(ref):
+        local: Path | None = path
+        fmt = "gguf"
+        has_template = _gguf_has_chat_template(path)
+    else:
+        local = resolve_model(ref, revision=revision, weights=False)
+        fmt = weights_format(local) if local.is_dir() else "unknown"
+        has_template = _has_chat_template(local)
+        if fmt == "none" and not path.is_dir():
+            fmt = "safetensors (on the hub)"
+    if fmt == "pickle-only":
+        problems.append("weights are only in pickle files (.bin/.pt); QLoRA Studio loads safetensors or GGUF only")
+    elif fmt == "none":
+        problems.append("no weight files (*.safetensors) in the folder")
+    try:
+        n_params, linear, attn, mlp, n_layers = _module_names(config, trust_remote_code)
+    except Exception as e:  # an architecture transformers cannot build: still report what we know
+        problems.append(f"could not build the architecture to list its layers: {e}")
+        n_params, linear, attn, mlp = 0, [], [], []
+        n_layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    text_cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ModelInfo(
+        ref=ref,
+        local_path=str(local) if local else None,
+        architecture=(getattr(config, "architectures", None) or [type(config).__name__])[0],
+        model_type=getattr(config, "model_type", "unknown"),
+        num_parameters=n_params,
+        num_layers=n_layers,
+        hidden_size=int(getattr(text_cfg, "hidden_size", 0) or 0),
+        intermediate_size=getattr(text_cfg, "intermediate_size", None),
+        vocab_size=int(getattr(text_cfg, "vocab_size", 0) or 0),
+        num_attention_heads=getattr(text_cfg, "num_attention_heads", None),
+        num_key_value_heads=getattr(text_cfg, "num_key_value_heads", None),
+        linear_modules=linear,
+        attention_modules=attn,
+        mlp_modules=mlp,
+        has_chat_template=has_template,
+        torch_dtype=str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "") or None,
+        weights_format=fmt,
+        usable=not problems,
+        problems=problems,
+    )
+
+
+def _gguf_has_chat_template(path: Path) -> bool:
+    try:
+        from gguf import GGUFReader
+
+        return "tokenizer.chat_template" in GGUFReader(str(path)).fields
+    except Exception:
+        return False
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if choice == "cuda":
+        raise ConfigError("train.device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'.")
+    return torch.device("cpu")
+
+
+def pick_compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice != "auto":
+        return getattr(torch, choice)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(folder: str | Path, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        # A pad token that is not EOS: padding is masked out of the labels anyway, but an
+        # EOS used as pad is easy to mask by mistake. unk is a safe stand-in when present.
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    return tok
+
+
+def load_quantized_model(cfg: TrainConfig, folder: Path, device: torch.device, dtype: torch.dtype):
+    """Load the base model with its linear layers in 4 bit (bitsandbytes); the rest stays in ``dtype``."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    qcfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant.quant_type,
+        bnb_4bit_use_double_quant=cfg.quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            quantization_config=qcfg,
+            dtype=dtype,
+            device_map={"": str(device) if device.type == "cpu" else device.index or 0},
+            trust_remote_code=cfg.model.trust_remote_code,
+            attn_implementation=cfg.model.attn_implementation,
+            use_safetensors=True,
+        )
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise remote_code_error(cfg.model.ref) from e
+        raise
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model
+
+
+def resolve_target_modules(lora: LoraSettings, linear: list[str], attn: list[str], mlp: list[str]) -> list[str]:
+    targets = lora.target_modules
+    if len(targets) == 1 and targets[0] in LORA_PRESETS:
+        chosen = {"attention": attn, "mlp": mlp, "all-linear": linear}[targets[0]]
+        if not chosen:
+            raise ConfigError(
+                f"lora.target_modules: preset {targets[0]!r} matches no layer of this model; "
+                f"its linear layers are {linear}."
+            )
+        return list(chosen)
+    unknown = [t for t in targets if t not in linear]
+    if unknown:
+        raise ConfigError(
+            f"lora.target_modules: {unknown} not in this model; its linear layers are {linear} "
+            f"(or use a preset: {', '.join(LORA_PRESETS)})."
+        )
+    return list(targets)
+
+
+def linear_module_names(model: torch.nn.Module) -> tuple[list[str], list[str], list[str]]:
+    """Short names of the linear layers inside the decoder blocks (4-bit ones included), by role."""
+    import bitsandbytes as bnb
+
+    out_emb = model.get_output_embeddings()
+    linear, attn, mlp = [], [], []
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit)) and module is not out_emb:
+            short = name.rsplit(".", 1)[-1]
+            low = name.lower()
+            for lst, ok in ((linear, True), (attn, any(h in low for h in _ATTENTION_HINTS)), (mlp, any(h in low for h in _MLP_HINTS))):
+                if ok and short not in lst:
+                    lst.append(short)
+    return linear, attn, mlp
+
+
+def wrap_with_lora(model: torch.nn.Module, cfg: TrainConfig):
+    """Add trainable LoRA adapters (peft). No fp32 upcast of the frozen weights: see the module docstring."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.lora
+    linear, attn, mlp = linear_module_names(model)
+    targets = resolve_target_modules(lora, linear, attn, mlp)
+    layers = parse_layers(lora.layers)
+    n_layers = len(_decoder_layers(model) or [])
+    if layers is not None and max(layers) >= n_layers:
+        raise ConfigError(f"lora.layers: {lora.layers!r} goes past the model's {n_layers} layers (0-{n_layers - 1}).")
+    peft_cfg = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        layers_to_transform=layers,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    # Non-reentrant checkpointing works with frozen inputs; input grads are still enabled so
+    # the reentrant path (some remote-code models force it) gets a tensor that requires grad.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
+def model_facts(model: torch.nn.Module) -> dict[str, Any]:
+    import bitsandbytes as bnb
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = 0
+    n4 = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            n4 += 1
+    for p in model.parameters():
+        # Params4bit stores two weights per byte; count the logical weights.
+        total += p.quant_state.shape.numel() if hasattr(p, "quant_state") and p.quant_state is not None else p.numel()
+    cfg = model.config
+    return {
+        "architecture": (getattr(cfg, "architectures", None) or [type(model).__name__])[0],
+        "model_type": getattr(cfg, "model_type", ""),
+        "num_parameters": int(total),
+        "trainable_parameters": int(trainable),
+        "quantized_linear_layers": n4,
+        "num_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
+        "hidden_size": int(getattr(cfg, "hidden_size", 0) or 0),
+        "vocab_size": int(getattr(cfg, "vocab_size", 0) or 0),
+    }

@@ -1,0 +1,444 @@
+"""The trainer: one QLoRA run from a validated config.
+
+``run(cfg, sink, control)`` is the one entry point (the CLI and the tests call it). The
+recipe has four parts that read top to bottom: :meth:`Trainer.setup` (load, quantize,
+wrap, data, optimizer), :meth:`Trainer.train` (the loop), :meth:`Trainer.save_checkpoint`
+and :meth:`Trainer.cleanup`.
+
+Data order is a pure function of (seed, epoch): micro-batch ``k`` is slice ``k % n`` of the
+permutation of epoch ``k // n``. The data position of a checkpoint is therefore just its
+step, and a resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_engine import checkpoint as ckpt
+from qlora_engine import models
+from qlora_engine.config import TrainConfig, check_ready
+from qlora_engine.control import RunControl
+from qlora_engine.data import PreparedData, collate, prepare_data
+from qlora_engine.errors import QLoRAError, ResumeError, TrainingDiverged
+from qlora_engine.events import (
+    CheckpointSaved,
+    EvalResult,
+    EventSink,
+    JsonlFileSink,
+    LogLine,
+    MultiSink,
+    NullSink,
+    PhaseChanged,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    StepMetrics,
+)
+from qlora_engine.optim import build_optimizer, build_scheduler
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        sink: EventSink,
+        control: RunControl | None = None,
+        *,
+        resume: bool | str | Path | None = None,
+        force_resume: bool = False,
+    ) -> None:
+        check_ready(cfg)
+        self.cfg = cfg
+        self.sink = sink
+        self.control = control or RunControl()
+        self.resume = resume
+        self.force_resume = force_resume
+        self.run_dir = cfg.output_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.step = 0
+        self.last_loss: float | None = None
+        self.last_eval_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg, emit = self.cfg, self.sink.emit
+        resume_from = self._find_resume_checkpoint()
+        self.device = models.pick_device(cfg.train.device)
+        self.dtype = models.pick_compute_dtype(cfg.quant.compute_dtype, self.device)
+        _seed_everything(cfg.train.seed)
+
+        emit(PhaseChanged(phase="resolving", detail=cfg.model.ref))
+        folder = models.resolve_model(cfg.model.ref, revision=cfg.model.revision, sink=self.sink)
+        self.model_folder = folder
+        self.tokenizer = models.load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
+
+        emit(PhaseChanged(phase="preparing_data", detail=cfg.data.path))
+        self.data: PreparedData = prepare_data(cfg, self.tokenizer, self.sink)
+        if not self.data.train:
+            raise QLoRAError(f"{cfg.data.path}: no training samples left after preparation.")
+        self.batches_per_epoch = math.ceil(len(self.data.train) / cfg.train.micro_batch_size)
+        ga = cfg.train.gradient_accumulation_steps
+        if cfg.train.max_steps is not None:
+            self.total_steps = cfg.train.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(cfg.train.epochs * self.batches_per_epoch / ga))
+
+        emit(PhaseChanged(phase="loading_model", detail=f"{folder} in 4-bit {cfg.quant.quant_type} on {self.device}"))
+        base = models.load_quantized_model(cfg, folder, self.device, self.dtype)
+        torch.manual_seed(cfg.train.seed)  # the LoRA init depends on the seed only
+        self.model = models.wrap_with_lora(base, cfg)
+        if cfg.train.gradient_checkpointing:
+            models.enable_gradient_checkpointing(self.model)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(cfg.optim, self.params)
+        self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
+
+        self.resumed_from = None
+        if resume_from is not None:
+            self._load_checkpoint(resume_from)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(self.run_dir / "config.yaml")
+        self.facts = models.model_facts(self.model)
+        emit(
+            RunStarted(
+                run_dir=str(self.run_dir),
+                config=cfg.to_dict(),
+                model=self.facts,
+                device=_device_name(self.device),
+                total_steps=self.total_steps,
+                resumed_from=str(resume_from) if resume_from else None,
+                start_step=self.step,
+                vram_estimate=_vram_estimate(cfg, self.data),
+                data=self.data.report,
+            )
+        )
+
+    def _find_resume_checkpoint(self) -> Path | None:
+        if not self.resume:
+            existing = ckpt.list_checkpoints(self.ckpt_dir)
+            if existing or (self.run_dir / "adapter").exists():
+                raise QLoRAError(
+                    f"{self.run_dir}: this folder already holds a run (checkpoints or an adapter).",
+                    hint="Continue it with --resume, or set output.dir to a new folder; nothing there was changed.",
+                )
+            return None
+        if self.resume is True:
+            found = ckpt.latest_checkpoint(self.ckpt_dir)
+            if found is None:
+                raise ResumeError(f"{self.ckpt_dir}: no complete checkpoint to resume from.")
+            return found
+        return Path(self.resume)
+
+    def _identity(self) -> dict[str, Any]:
+        """What must not change between a checkpoint and its resumption."""
+        c = self.cfg
+        return {
+            "model.ref": c.model.ref,
+            "quant": asdict(c.quant),
+            "lora": {k: v for k, v in asdict(c.lora).items() if k != "dropout"},
+            "data.fingerprint": self.data.fingerprint,
+            "train.micro_batch_size": c.train.micro_batch_size,
+            "train.gradient_accumulation_steps": c.train.gradient_accumulation_steps,
+            "train.seed": c.train.seed,
+        }
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = ckpt.load_state(folder)
+        diffs = [
+            f"{k}: checkpoint has {state['identity'].get(k)!r}, config has {v!r}"
+            for k, v in self._identity().items()
+            if state["identity"].get(k) != v
+        ]
+        if diffs and not self.force_resume:
+            raise ResumeError(
+                f"{folder}: cannot resume, the setup changed since this checkpoint: " + "; ".join(diffs),
+                hint="Undo the change, start a new run in another output.dir, or pass --force-resume.",
+            )
+        weights = load_file(folder / "adapter_model.safetensors", device=str(self.device))
+        result = set_peft_model_state_dict(self.model, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise ResumeError(f"{folder}: the adapter does not fit this model ({result.unexpected_keys[:3]} ...).")
+        self.optimizer.load_state_dict(ckpt.torch_load_own(folder, "optimizer.pt"))
+        self.scheduler.load_state_dict(ckpt.torch_load_own(folder, "scheduler.pt"))
+        ckpt.set_rng_state(ckpt.torch_load_own(folder, "rng.pt"))
+        self.step = int(state["step"])
+        self.last_loss = state.get("last_loss")
+        self.resumed_from = folder
+        self.sink.emit(LogLine(level="info", message=f"resumed from {folder} at step {self.step}"))
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def micro_batch(self, k: int) -> dict[str, torch.Tensor]:
+        """Micro-batch number ``k`` of the whole run (see the module docstring)."""
+        bs, n = self.cfg.train.micro_batch_size, len(self.data.train)
+        epoch, j = divmod(k, self.batches_per_epoch)
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=gen)[j * bs : (j + 1) * bs].tolist()
+        return collate([self.data.train[i] for i in order], self.tokenizer.pad_token_id)
+
+    def train(self) -> RunFinished:
+        cfg, emit = self.cfg, self.sink.emit
+        ga = cfg.train.gradient_accumulation_steps
+        emit(PhaseChanged(phase="training", detail=f"steps {self.step + 1}-{self.total_steps}"))
+        t_start = time.perf_counter()
+        step_times: list[float] = []
+        stopped = False
+        while self.step < self.total_steps:
+            self.control.wait_if_paused()
+            if self.control.abort_requested:
+                stopped = True
+                emit(LogLine(level="warning", message=f"aborted at step {self.step}; nothing saved after the last checkpoint"))
+                return self._finish(t_start, stopped=True, save=False)
+            t0 = time.perf_counter()
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            batches = [self.micro_batch(self.step * ga + i) for i in range(ga)]
+            # Normalize by the label count of the whole optimizer step, so every answer token
+            # weighs the same however the tokens fall into micro-batches.
+            n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            loss_sum = torch.zeros((), device=self.device)
+            for b in batches:
+                b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+                out = self.model(**b, num_items_in_batch=torch.tensor(max(n_labels, 1), device=self.device))
+                out.loss.backward()
+                loss_sum += out.loss.detach()
+            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+            loss = float(loss_sum)  # a CPU-GPU sync point, once per optimizer step
+            if not math.isfinite(loss):
+                raise self._diverged(loss)
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.last_loss = loss
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            if self.step % cfg.train.logging_steps == 0 or self.step == self.total_steps:
+                recent = step_times[-20:]
+                emit(
+                    StepMetrics(
+                        step=self.step,
+                        total_steps=self.total_steps,
+                        epoch=self.step * ga / self.batches_per_epoch,
+                        loss=loss,
+                        learning_rate=lr,
+                        grad_norm=float(grad_norm),
+                        tokens=n_tokens,
+                        tokens_per_second=n_tokens / dt if dt > 0 else 0.0,
+                        elapsed=time.perf_counter() - t_start,
+                        eta=sum(recent) / len(recent) * (self.total_steps - self.step),
+                        cuda_allocated=_cuda_mem(self.device, "max_memory_allocated"),
+                        cuda_reserved=_cuda_mem(self.device, "max_memory_reserved"),
+                    )
+                )
+            if cfg.train.eval_steps and self.step % cfg.train.eval_steps == 0 and self.step < self.total_steps:
+                self.evaluate()
+            if self.control.stop_requested:
+                stopped = self.step < self.total_steps
+                break
+            due = cfg.train.save_steps and self.step % cfg.train.save_steps == 0 and self.step < self.total_steps
+            if due or self.control.take_save_request():
+                self.save_checkpoint()
+                emit(PhaseChanged(phase="training"))
+        if self.data.validation:
+            self.evaluate()
+        return self._finish(t_start, stopped=stopped, save=True)
+
+    def _finish(self, t_start: float, *, stopped: bool, save: bool) -> RunFinished:
+        adapter_dir = None
+        if save:
+            if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:06d}"):
+                self.save_checkpoint()
+            adapter_dir = self.save_adapter()
+        event = RunFinished(
+            step=self.step,
+            adapter_dir=str(adapter_dir) if adapter_dir else None,
+            stopped_early=stopped,
+            final_loss=self.last_loss,
+            final_eval_loss=self.last_eval_loss,
+            elapsed=time.perf_counter() - t_start,
+        )
+        self.sink.emit(PhaseChanged(phase="done"))
+        self.sink.emit(event)
+        return event
+
+    def _diverged(self, loss: float) -> TrainingDiverged:
+        last = ckpt.latest_checkpoint(self.ckpt_dir)
+        fp16 = " The compute dtype is float16, whose overflow is the usual cause." if self.dtype == torch.float16 else ""
+        return TrainingDiverged(
+            f"the loss became {loss} at step {self.step + 1}.{fp16} "
+            f"Last good checkpoint: {last if last else 'none yet'}.",
+            hint="Lower optim.learning_rate, keep optim.max_grad_norm at 1.0, or use bfloat16; then resume.",
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if not self.data.validation:
+            return None
+        self.sink.emit(PhaseChanged(phase="evaluating", detail=f"{len(self.data.validation)} samples"))
+        self.model.eval()
+        bs = self.cfg.train.micro_batch_size
+        total, count = 0.0, 0
+        for i in range(0, len(self.data.validation), bs):
+            b = collate(self.data.validation[i : i + bs], self.tokenizer.pad_token_id)
+            n = int((b["labels"][:, 1:] != -100).sum())
+            if n == 0:
+                continue
+            b = {k: v.to(self.device) for k, v in b.items()}
+            out = self.model(**b)
+            total += float(out.loss) * n
+            count += n
+        self.model.train()
+        loss = total / max(count, 1)
+        self.last_eval_loss = loss
+        self.sink.emit(EvalResult(step=self.step, loss=loss, tokens=count))
+        self.sink.emit(PhaseChanged(phase="training"))
+        return loss
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        self.sink.emit(PhaseChanged(phase="saving", detail=f"checkpoint at step {self.step}"))
+        state = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "micro_batches_seen": self.step * self.cfg.train.gradient_accumulation_steps,
+            "last_loss": self.last_loss,
+            "identity": self._identity(),
+        }
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(ckpt.rng_state(), tmp / "rng.pt")
+            (tmp / ckpt.STATE).write_text(json.dumps(state, indent=1, default=str))
+            ckpt.write_marker(tmp, {"step": self.step})
+
+        path = ckpt.write_atomic_folder(self.ckpt_dir / ckpt.checkpoint_name(self.step), write, replace=True)
+        ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.save_total_limit)
+        self.last_checkpoint = path
+        self.sink.emit(CheckpointSaved(step=self.step, path=str(path)))
+        return path
+
+    def save_adapter(self) -> Path:
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+
+        return ckpt.write_atomic_folder(self.run_dir / "adapter", write, replace=True)
+
+    def cleanup(self) -> None:
+        for name in ("optimizer", "scheduler", "model"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+def _cuda_mem(device: torch.device, fn: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    return float(getattr(torch.cuda, fn)(device))
+
+
+def _vram_estimate(cfg: TrainConfig, data: PreparedData) -> dict[str, Any] | None:
+    """The budget's prediction for the run-started event; never fails the run."""
+    try:
+        from qlora_engine import budget
+
+        stats = data.report.get("token_stats") if isinstance(data.report, dict) else None
+        return budget.estimate(cfg, data_stats=stats).to_dict()
+    except Exception:
+        return None
+
+
+def oom_hint(cfg: TrainConfig) -> str:
+    tips = []
+    if not cfg.train.gradient_checkpointing:
+        tips.append("turn on train.gradient_checkpointing")
+    if cfg.train.micro_batch_size > 1:
+        tips.append(f"lower train.micro_batch_size (now {cfg.train.micro_batch_size}) and raise gradient_accumulation_steps")
+    tips.append(f"shorten data.max_length (now {cfg.data.max_length})")
+    if not cfg.optim.optimizer.startswith("paged"):
+        tips.append("use optim.optimizer=paged_adamw_8bit")
+    return "Out of GPU memory. To fit: " + "; or ".join(tips) + ". Then resume from the last checkpoint."
+
+
+def run(
+    cfg: TrainConfig,
+    sink: EventSink | None = None,
+    control: RunControl | None = None,
+    *,
+    resume: bool | str | Path | None = None,
+    force_resume: bool = False,
+) -> RunFinished:
+    """Train one run. Events go to ``sink`` and to ``<output.dir>/events.jsonl``.
+
+    Errors are reported as a ``RunFailed`` event and then raised.
+    """
+    run_dir = cfg.output_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = ckpt.RunLock(run_dir)
+    lock.acquire()  # raises before anything is written if another run lives here
+    file_sink = JsonlFileSink(run_dir / "events.jsonl")
+    out = MultiSink(file_sink, sink or NullSink())
+    trainer = Trainer(cfg, out, control, resume=resume, force_resume=force_resume)
+    try:
+        trainer.setup()
+        return trainer.train()
+    except BaseException as e:
+        hint = getattr(e, "hint", None)
+        message = str(e)
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            hint = oom_hint(cfg)
+            message = "CUDA out of memory during training."
+        elif isinstance(e, KeyboardInterrupt):
+            message = "Interrupted; the last checkpoint is kept."
+        out.emit(
+            RunFailed(
+                error_type=type(e).__name__,
+                message=message,
+                traceback=traceback.format_exc(),
+                step=trainer.step,
+                last_checkpoint=str(p) if (p := ckpt.latest_checkpoint(trainer.ckpt_dir)) else None,
+                hint=hint,
+            )
+        )
+        raise
+    finally:
+        trainer.cleanup()
+        out.close()
+        lock.release()
