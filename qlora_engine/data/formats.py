@@ -1,0 +1,297 @@
+"""Row formats: detect which one a file holds (with evidence), map columns, normalize rows.
+
+Every format becomes one of three shapes before tokenization:
+
+* :class:`TextSample`: raw text, trained on every token;
+* :class:`ChatSample`: a list of ``{"role", "content"}`` turns rendered by the chat template,
+  with a flag per turn saying whether its tokens carry loss;
+* :class:`PromptCompletion`: a prompt (no loss) and a completion (loss), tokenized as is.
+
+A row that cannot be used raises :class:`BadRow` with a short reason; the loader counts
+reasons and shows the first few places for each.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from qlora_engine.errors import DataError
+
+FORMATS = ("text", "alpaca", "chat", "sharegpt", "prompt_completion")
+FIELDS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "alpaca": ("instruction", "input", "output", "system"),
+    "chat": ("messages",),
+    "sharegpt": ("conversations", "system"),
+    "prompt_completion": ("prompt", "completion"),
+}
+TURN_FIELDS = ("role", "content", "from", "value")
+ACCEPTED_FORMATS = (
+    "text ('text'), alpaca ('instruction', optional 'input', 'output'), chat ('messages': a list of "
+    "'role'/'content' turns), sharegpt ('conversations': a list of 'from'/'value' turns), "
+    "prompt_completion ('prompt', 'completion')"
+)
+# Role names seen in the wild, mapped to the roles chat templates know.
+ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+    "ipython": "tool",
+}
+DETECT_ROWS = 200  # rows examined to detect the format: enough to see past a few odd rows, instant to read
+
+
+class BadRow(Exception):
+    """This row cannot be used; the message is the reason, short enough to group by."""
+
+
+@dataclass
+class TextSample:
+    text: str
+
+
+@dataclass
+class ChatSample:
+    messages: list[dict[str, str]]
+    train: list[bool]
+
+
+@dataclass
+class PromptCompletion:
+    prompt: str
+    completion: str
+
+
+Sample = TextSample | ChatSample | PromptCompletion
+
+
+# -- columns ----------------------------------------------------------------------------------
+
+
+def check_columns(columns: dict[str, str]) -> None:
+    known = sorted({f for fs in FIELDS.values() for f in fs} | set(TURN_FIELDS))
+    for ours, theirs in columns.items():
+        if ours not in known:
+            raise DataError(
+                f"data.columns: {ours!r} is not a field we read; map one of {', '.join(known)} to your column name, "
+                f"e.g. {{instruction: question, output: answer}}."
+            )
+        if not isinstance(theirs, str) or not theirs:
+            raise DataError(f"data.columns.{ours}: name the column of your data that holds it.")
+
+
+def map_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """Rename the user's columns to ours (outer fields and the keys inside turns)."""
+    if not columns:
+        return row
+    out = dict(row)
+    for ours, theirs in columns.items():
+        if ours in TURN_FIELDS or theirs not in row:
+            continue
+        out[ours] = row[theirs]
+        if theirs != ours and theirs not in columns.values():
+            out.pop(theirs, None)
+    turn_map = {theirs: ours for ours, theirs in columns.items() if ours in TURN_FIELDS}
+    if turn_map:
+        for key in ("messages", "conversations"):
+            turns = out.get(key)
+            if isinstance(turns, list):
+                out[key] = [{turn_map.get(k, k): v for k, v in t.items()} if isinstance(t, dict) else t for t in turns]
+    return out
+
+
+# -- detection --------------------------------------------------------------------------------
+
+
+def _turns_style(value: Any) -> str | None:
+    value = _maybe_json_list(value)
+    if not isinstance(value, list) or not value or not all(isinstance(t, dict) for t in value):
+        return None
+    if all("role" in t and "content" in t for t in value):
+        return "role/content"
+    if all("from" in t and "value" in t for t in value):
+        return "from/value"
+    return None
+
+
+def _filled(row: dict[str, Any], key: str) -> bool:
+    v = row.get(key)
+    return isinstance(v, (str, int, float, list)) and not isinstance(v, bool) and str(v).strip() != ""
+
+
+def matching_formats(row: dict[str, Any]) -> list[str]:
+    """The formats this row fits, most specific first."""
+    out = []
+    if _turns_style(row.get("messages")):
+        out.append("chat")
+    if _turns_style(row.get("conversations")):
+        out.append("sharegpt")
+    if _filled(row, "instruction") and _filled(row, "output"):
+        out.append("alpaca")
+    if _filled(row, "prompt") and _filled(row, "completion"):
+        out.append("prompt_completion")
+    if _filled(row, "text"):
+        out.append("text")
+    return out
+
+
+def detect_format(rows: list[dict[str, Any]], label: str) -> tuple[str, dict[str, Any]]:
+    """Pick the format most rows fit; the evidence says which keys matched in how many rows."""
+    keys: Counter[str] = Counter()
+    fits: Counter[str] = Counter()
+    styles: Counter[str] = Counter()
+    for row in rows:
+        keys.update(row.keys())
+        fits.update(matching_formats(row))
+        for key in ("messages", "conversations"):
+            style = _turns_style(row.get(key))
+            if style:
+                styles[f"{key}: {style}"] += 1
+    evidence: dict[str, Any] = {
+        "rows_examined": len(rows),
+        "keys": dict(keys.most_common(20)),
+        "rows_fitting": {f: fits[f] for f in FORMATS if fits[f]},
+    }
+    if styles:
+        evidence["turn_keys"] = dict(styles)
+    if not fits:
+        found = ", ".join(f"{k!r} ({n})" for k, n in keys.most_common(12)) or "no named fields"
+        raise DataError(
+            f"{label}: cannot tell the data format. The first {len(rows)} rows have the keys {found}. "
+            f"Accepted formats: {ACCEPTED_FORMATS}.",
+            hint="Map your columns to ours with data.columns, e.g. {instruction: question, output: answer}, "
+            "or set data.format.",
+        )
+    best = max(FORMATS, key=lambda f: (fits[f], -FORMATS.index(f)))
+    evidence["reason"] = f"{_describe(best)} in {fits[best]} of {len(rows)} rows"
+    return best, evidence
+
+
+def _describe(fmt: str) -> str:
+    return {
+        "text": "a non-empty 'text'",
+        "alpaca": "'instruction' and 'output'",
+        "chat": "'messages' as a list of role/content turns",
+        "sharegpt": "'conversations' as a list of from/value turns",
+        "prompt_completion": "'prompt' and 'completion'",
+    }[fmt]
+
+
+# -- normalization ----------------------------------------------------------------------------
+
+
+def _text(row: dict[str, Any], key: str, *, required: bool = True) -> str:
+    v = row.get(key)
+    if v is None or (isinstance(v, str) and not v.strip()):
+        if required:
+            raise BadRow(f"missing or empty {key!r}")
+        return ""
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise BadRow(f"{key!r} is a {type(v).__name__}, not text")
+    return str(v)
+
+
+def _maybe_json_list(value: Any) -> Any:
+    """CSV cells hold lists as JSON text; read them back."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        import json
+
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError):
+            return value
+    return value
+
+
+def _content(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # OpenAI content parts: [{"type": "text", "text": ...}]
+        parts = [p.get("text") for p in value if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        return "\n".join(parts) if parts else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _turns(row: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    raw = _maybe_json_list(row.get(key))
+    if raw is None:
+        raise BadRow(f"missing {key!r}")
+    if not isinstance(raw, list):
+        raise BadRow(f"{key!r} is a {type(raw).__name__}, not a list of turns")
+    if not raw:
+        raise BadRow(f"{key!r} is empty")
+    return raw
+
+
+def _chat(raw_turns: list[Any], system: str, train_on_prompt: bool, prompt_turns: int = 0) -> ChatSample:
+    """Turns as a chat; every assistant turn is trained except the first ``prompt_turns`` turns."""
+    messages: list[dict[str, str]] = []
+    train: list[bool] = []
+    if system.strip():
+        messages.append({"role": "system", "content": system})
+        train.append(train_on_prompt)
+    for i, t in enumerate(raw_turns, 1):
+        if not isinstance(t, dict):
+            raise BadRow(f"turn {i} is a {type(t).__name__}, not an object")
+        who = t.get("role", t.get("from"))
+        role = ROLES.get(str(who).strip().lower()) if isinstance(who, str) else None
+        if role is None:
+            raise BadRow(f"turn {i}: unknown role {who!r}" if who is not None else f"turn {i}: no role")
+        content = _content(t.get("content", t.get("value")))
+        if content is None or not content.strip():
+            if role == "system":
+                continue  # an empty system prompt says nothing; leave it out
+            raise BadRow(f"turn {i} ({role}): missing or empty content")
+        weight = t.get("weight", 1)
+        messages.append({"role": role, "content": content})
+        train.append(train_on_prompt or (role == "assistant" and weight != 0 and i > prompt_turns))
+    while messages and messages[-1]["role"] != "assistant":
+        messages.pop()  # turns after the last answer teach nothing
+        train.pop()
+    if not messages:
+        raise BadRow("no assistant turn")
+    return ChatSample(messages, train)
+
+
+def normalize(row: dict[str, Any], fmt: str, train_on_prompt: bool) -> Sample:
+    """One row (columns already mapped) as a sample of ``fmt``; :class:`BadRow` if unusable."""
+    if fmt == "text":
+        return TextSample(_text(row, "text"))
+    if fmt == "alpaca":
+        instruction = _text(row, "instruction")
+        extra = _text(row, "input", required=False)
+        output = _text(row, "output")
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        turns = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        return _chat(turns, _text(row, "system", required=False), train_on_prompt)
+    if fmt in ("chat", "sharegpt"):
+        key = "messages" if fmt == "chat" else "conversations"
+        return _chat(_turns(row, key), _text(row, "system", required=False), train_on_prompt)
+    if fmt == "prompt_completion":
+        prompt, completion = _maybe_json_list(row.get("prompt")), _maybe_json_list(row.get("completion"))
+        if isinstance(prompt, list) and isinstance(completion, list):
+            # Conversational prompt/completion: turns in, assistant turns out.
+            return _chat(list(prompt) + list(completion), "", train_on_prompt, prompt_turns=len(prompt))
+        return PromptCompletion(_text(row, "prompt"), _text(row, "completion"))
+    raise DataError(f"data.format: {fmt!r} is not a format we read; accepted: {', '.join(FORMATS)}.")
+
+
+def preview(sample: Sample) -> dict[str, Any]:
+    """A sample as plain data, for ``inspect-data`` without a tokenizer."""
+    if isinstance(sample, TextSample):
+        return {"text": sample.text}
+    if isinstance(sample, PromptCompletion):
+        return {"prompt": sample.prompt, "completion": sample.completion}
+    return {"messages": [dict(m, trained=t) for m, t in zip(sample.messages, sample.train)]}
