@@ -113,6 +113,17 @@ class DataConfig:
     chat_template: str | None = _f(
         None, "Jinja chat template to use instead of the tokenizer's own; None uses the tokenizer's (ChatML if it has none)."
     )
+    max_bad_fraction: float = _f(
+        0.1,
+        "Largest fraction of unusable rows (missing fields, unknown roles, broken text) that are skipped with a "
+        "warning; above it the run stops. A few broken rows are common in collected data; more than one in ten "
+        "usually means a wrong format or column mapping.",
+    )
+    cache: bool = _f(
+        True,
+        "Keep the tokenized data in the user cache folder, keyed by file content, tokenizer, template and these "
+        "settings, so the next run on the same data starts at once.",
+    )
 
 
 @dataclass
@@ -409,6 +420,7 @@ def validate(cfg: TrainConfig) -> None:
     )
     need(da.max_length >= 8, "data.max_length", da.max_length, "use at least 8 tokens (512-4096 is typical)")
     need(0 <= da.validation_split < 1, "data.validation_split", da.validation_split, "use a fraction in [0, 1)")
+    need(0 <= da.max_bad_fraction <= 1, "data.max_bad_fraction", da.max_bad_fraction, "use a fraction in [0, 1]")
     need(bool(cfg.output.dir.strip()), "output.dir", cfg.output.dir, "name a folder for the run's files")
 
 
