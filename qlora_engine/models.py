@@ -427,11 +427,10 @@ def wrap_with_lora(model: torch.nn.Module, cfg: TrainConfig):
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     # Non-reentrant checkpointing works with frozen inputs; input grads are still enabled so
     # the reentrant path (some remote-code models force it) gets a tensor that requires grad.
-    kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
-    if enable is None:
-        enable = model.gradient_checkpointing_enable
-    enable(**kwargs)
+    if hasattr(model, "activation_checkpointing_enable"):  # the name in newer transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
 
 

@@ -1,0 +1,119 @@
+"""Model references: inspection without weights, safety refusals, LoRA targeting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from qlora_engine.errors import ConfigError, ModelError
+from qlora_engine.events import ListSink
+from qlora_engine.models import inspect_model
+from qlora_engine.train import Trainer
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qlora_engine", *args], capture_output=True, text=True)
+
+
+def test_inspect_model_reads_config_and_tokenizer_only(tiny_model_dir, tmp_path):
+    # Without its weights file the folder still inspects: nothing reads the weights.
+    folder = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model.safetensors").unlink()
+    info = inspect_model(str(folder))
+    assert info.architecture == "LlamaForCausalLM"
+    assert info.num_layers == 2 and info.hidden_size == 64 and info.vocab_size == 384
+    assert info.linear_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert info.attention_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert info.mlp_modules == ["gate_proj", "up_proj", "down_proj"]
+    assert info.has_chat_template
+    assert not info.usable and "no weight files" in info.problems[0]
+
+
+def test_inspect_model_cli_json(tiny_model_dir, tiny_model_no_template_dir):
+    out = cli("inspect-model", str(tiny_model_dir), "--json")
+    assert out.returncode == 0, out.stderr
+    facts = json.loads(out.stdout)
+    assert facts["usable"] and facts["weights_format"] == "safetensors"
+    assert facts["num_parameters"] > 100_000
+    plain = json.loads(cli("inspect-model", str(tiny_model_no_template_dir), "--json").stdout)
+    assert plain["has_chat_template"] is False
+
+
+@pytest.fixture
+def pickle_only_dir(tiny_model_dir, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not really a pickle, never opened")
+    return folder
+
+
+def test_pickle_only_weights_are_refused(pickle_only_dir, tiny_cfg):
+    out = cli("inspect-model", str(pickle_only_dir))
+    assert out.returncode == 3 and "pickle" in out.stderr
+    with pytest.raises(ModelError, match="pickle") as info:
+        Trainer(tiny_cfg(f"model.ref={pickle_only_dir}"), ListSink()).setup()
+    assert "safetensors" in info.value.hint
+
+
+def test_remote_code_models_are_refused_with_the_switch_named(tmp_path):
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "my_custom_arch", "auto_map": {"AutoConfig": "configuration_my.MyConfig"}})
+    )
+    (folder / "configuration_my.py").write_text("raise SystemExit('this code must never run')\n")
+    with pytest.raises(ModelError, match="trust_remote_code") as info:
+        inspect_model(str(folder))
+    assert "model.trust_remote_code" in info.value.hint
+
+
+def test_hub_id_offline_gives_a_clear_message():
+    with pytest.raises(ModelError, match="could not be downloaded.*offline"):
+        inspect_model("no-such-org/no-such-model")
+
+
+def test_missing_paths_are_named(tmp_path):
+    with pytest.raises(ModelError, match="GGUF file not found"):
+        inspect_model(str(tmp_path / "x.gguf"))
+    with pytest.raises(ModelError, match="no such model folder"):
+        inspect_model(str(tmp_path / "nothing" / "here"))
+
+
+def test_unknown_target_modules_list_the_real_ones(tiny_cfg):
+    with pytest.raises(ConfigError, match=r"\['qkv'\] not in this model.*q_proj"):
+        Trainer(tiny_cfg("lora.target_modules=[qkv]"), ListSink()).setup()
+    with pytest.raises(ConfigError, match="past the model's 2 layers"):
+        Trainer(tiny_cfg("lora.layers=0-5"), ListSink()).setup()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["lora.target_modules=[attention]"], {"q_proj", "k_proj", "v_proj", "o_proj"}),
+        (["lora.target_modules=[mlp]"], {"gate_proj", "up_proj", "down_proj"}),
+        (["lora.target_modules=[q_proj, v_proj]", "lora.layers='1'"], {"q_proj", "v_proj"}),
+    ],
+)
+def test_presets_and_layers_choose_the_adapted_modules(tiny_cfg, overrides, expected):
+    trainer = Trainer(tiny_cfg(*overrides), ListSink())
+    trainer.setup()
+    adapted = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in adapted} == expected
+    if any("layers" in o for o in overrides):
+        assert all(".layers.1." in n for n in adapted)
+    trainer.cleanup()
+
+
+def test_dora_and_rslora_switches_reach_peft(tiny_cfg):
+    trainer = Trainer(tiny_cfg("lora.use_dora=true", "lora.use_rslora=true", "lora.rank=4", "lora.alpha=8"), ListSink())
+    trainer.setup()
+    peft_cfg = trainer.model.peft_config["default"]
+    assert peft_cfg.use_dora and peft_cfg.use_rslora
+    assert any("lora_magnitude_vector" in n for n, _ in trainer.model.named_parameters())
+    trainer.cleanup()

