@@ -166,8 +166,8 @@ class ConfigModel(QObject):
             try:
                 cfg = TrainConfig.from_dict(copy.deepcopy(scratch), source="form")
             except ConfigError as e:
-                msg = str(e)
-                m = _FIELD_RE.match(msg.removeprefix("form: "))
+                msg = str(e).removeprefix("form: ")
+                m = _FIELD_RE.match(msg)
                 key = f"{m.group(1)}.{m.group(2)}" if m else None
                 if key is None or key in errors or m.group(1) not in scratch or m.group(2) not in scratch[m.group(1)]:
                     general = msg

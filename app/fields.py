@@ -257,10 +257,11 @@ class FieldForm(QWidget):
         for section, name in fields:
             self.add(model, section, name)
 
-    def add(self, model: ConfigModel, section: str, name: str, editor: QWidget | None = None) -> FieldBinding:
+    def add(self, model: ConfigModel, section: str, name: str, wrap: Any = None) -> FieldBinding:
+        """Add a bound field; ``wrap(editor)`` may return a row holding the editor and extra buttons."""
         b = FieldBinding(model, section, name, self)
         self.bindings[b.key] = b
-        self.form.addRow(b.label, with_error(editor or b.editor, b.error_label))
+        self.form.addRow(b.label, with_error(wrap(b.editor) if wrap else b.editor, b.error_label))
         return b
 
 

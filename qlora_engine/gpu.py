@@ -41,7 +41,9 @@ class GpuInfo:
 
     def label(self) -> str:
         gib = 2**30
-        return f"GPU {self.index}: {self.name} ({self.free_bytes / gib:.1f} GiB free of {self.total_bytes / gib:.1f} GiB)"
+        return (
+            f"GPU {self.index}: {self.name} ({self.free_bytes / gib:.1f} GiB free of {self.total_bytes / gib:.1f} GiB)"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,159 @@
+"""The run charts (pyqtgraph): loss, learning rate, gradient norm, tokens/s and VRAM.
+
+One ``GraphicsLayoutWidget`` holds all five plots, so a redraw is one scene update. The view
+calls :meth:`RunCharts.draw` with a :class:`RunRecord` at most a few times a second; each
+curve is replaced with ``setData`` (cheap for the few thousand points a run logs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QColor, QPalette
+from PySide6.QtWidgets import QVBoxLayout, QWidget
+
+from app.run_record import RunRecord
+
+COLORS = {
+    "train loss": "#3b82f6",
+    "eval loss": "#f97316",
+    "learning rate": "#10b981",
+    "grad norm": "#a855f7",
+    "tokens/s": "#0ea5e9",
+    "GPU used (NVML)": "#ef4444",
+    "this run (NVML)": "#f43f5e",
+    "torch allocated": "#22c55e",
+    "torch reserved": "#eab308",
+    "estimate": "#94a3b8",
+}
+OVERLAY_COLORS = ["#e11d48", "#0d9488", "#7c3aed", "#ca8a04", "#2563eb"]
+
+
+class RunCharts(QWidget):
+    """Five live plots of a run. ``curves`` maps a series name to its plot item (tests read it)."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.view = pg.GraphicsLayoutWidget()
+        self.view.setObjectName("runCharts")
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.view)
+        self.plots: dict[str, pg.PlotItem] = {}
+        self.curves: dict[str, pg.PlotDataItem] = {}
+        self._overlays: list[pg.PlotDataItem] = []
+        self._drawn_version = -1
+
+        self.loss = self._plot("loss", "Loss", "step", row=0, col=0, colspan=2)
+        self.vram = self._plot("vram", "VRAM (GiB)", "seconds", row=0, col=2)
+        self.lr = self._plot("lr", "Learning rate", "step", row=1, col=0)
+        self.gnorm = self._plot("gnorm", "Gradient norm", "step", row=1, col=1)
+        self.tps = self._plot("tps", "Tokens / s", "step", row=1, col=2)
+        self.loss.addLegend(offset=(-10, 10))
+        self.vram.addLegend(offset=(-10, 10), labelTextSize="8pt")
+
+        self._curve(self.loss, "train loss")
+        self._curve(self.loss, "eval loss", symbol="o", width=2)
+        self._curve(self.lr, "learning rate")
+        self._curve(self.gnorm, "grad norm")
+        self._curve(self.tps, "tokens/s")
+        for name in ("GPU used (NVML)", "this run (NVML)", "torch allocated", "torch reserved"):
+            self._curve(self.vram, name)
+        self.estimate_line = pg.InfiniteLine(
+            angle=0,
+            movable=False,
+            pen=pg.mkPen(COLORS["estimate"], width=2, style=Qt.PenStyle.DashLine),
+            label="predicted peak {value:.2f} GiB",
+            labelOpts={"position": 0.05, "color": COLORS["estimate"], "anchors": [(0, 1), (0, 1)]},
+        )
+        self.estimate_line.setVisible(False)
+        self.vram.addItem(self.estimate_line, ignoreBounds=False)
+        self.apply_palette(self.palette())
+
+    def _plot(self, key: str, title: str, xlabel: str, row: int, col: int, colspan: int = 1) -> pg.PlotItem:
+        p = self.view.addPlot(row=row, col=col, colspan=colspan, title=title)
+        p.showGrid(x=True, y=True, alpha=0.15)
+        p.setLabel("bottom", xlabel)
+        p.setClipToView(True)
+        p.setDownsampling(auto=True, mode="peak")
+        p.setMenuEnabled(True)
+        self.plots[key] = p
+        return p
+
+    def _curve(self, plot: pg.PlotItem, name: str, symbol: str | None = None, width: int = 2) -> pg.PlotDataItem:
+        pen = pg.mkPen(COLORS[name], width=width)
+        kw = {"symbol": symbol, "symbolSize": 7, "symbolBrush": COLORS[name], "symbolPen": None} if symbol else {}
+        c = plot.plot([], [], pen=pen, name=name, **kw)
+        self.curves[name] = c
+        return c
+
+    # -- drawing ---------------------------------------------------------------------------
+    def clear(self) -> None:
+        for c in self.curves.values():
+            c.setData([], [])
+        self.estimate_line.setVisible(False)
+        self.set_overlays({})
+        self._drawn_version = -1
+
+    def draw(self, rec: RunRecord, force: bool = False) -> None:
+        if rec.version == self._drawn_version and not force:
+            return
+        self._drawn_version = rec.version
+        for name, attr in (
+            ("train loss", "loss"),
+            ("learning rate", "learning_rate"),
+            ("grad norm", "grad_norm"),
+            ("tokens/s", "tokens_per_second"),
+        ):
+            xs, ys = rec.series(attr)
+            self.curves[name].setData(np.asarray(xs, float), _finite(ys))
+        xs, ys = rec.eval_series()
+        self.curves["eval loss"].setData(np.asarray(xs, float), _finite(ys))
+        mem = rec.memory_series()
+        for name in ("GPU used (NVML)", "this run (NVML)", "torch allocated", "torch reserved"):
+            x, y = mem.get(name, ([], []))
+            self.curves[name].setData(np.asarray(x, float), np.asarray(y, float))
+        peak = rec.estimate_peak
+        if peak is not None:
+            self.estimate_line.setValue(peak / 2**30)
+            self.estimate_line.setVisible(True)
+        else:
+            self.estimate_line.setVisible(False)
+
+    def set_overlays(self, runs: dict[str, tuple[list[float], list[float]]]) -> None:
+        """Draw other runs' train-loss curves on the loss plot (dashed), for comparison."""
+        for item in self._overlays:
+            self.loss.removeItem(item)
+            legend = self.loss.legend
+            if legend is not None:
+                legend.removeItem(item)
+        self._overlays = []
+        for i, (name, (xs, ys)) in enumerate(runs.items()):
+            pen = pg.mkPen(OVERLAY_COLORS[i % len(OVERLAY_COLORS)], width=2, style=Qt.PenStyle.DashLine)
+            item = self.loss.plot(np.asarray(xs, float), _finite(ys), pen=pen, name=name)
+            self._overlays.append(item)
+
+    @property
+    def overlay_count(self) -> int:
+        return len(self._overlays)
+
+    def apply_palette(self, pal: QPalette) -> None:
+        """Follow the window's light or dark look."""
+        bg = pal.color(QPalette.ColorRole.Base)
+        fg = pal.color(QPalette.ColorRole.Text)
+        self.view.setBackground(bg)
+        for p in self.plots.values():
+            for axis in ("left", "bottom"):
+                ax = p.getAxis(axis)
+                ax.setPen(pg.mkPen(QColor(fg)))
+                ax.setTextPen(pg.mkPen(QColor(fg)))
+            p.setTitle(p.titleLabel.text, color=fg.name())
+            if p.legend is not None:
+                p.legend.setLabelTextColor(fg)
+
+
+def _finite(ys: list[float]) -> np.ndarray:
+    arr = np.asarray(ys, float)
+    arr[~np.isfinite(arr)] = np.nan
+    return arr

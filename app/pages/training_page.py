@@ -1,0 +1,83 @@
+"""Training page: optimizer and schedule, length of the run, batch shape, checkpoints, output folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtWidgets import QFileDialog, QLabel, QPushButton, QWidget
+
+from app.config_model import ConfigModel
+from app.fields import row
+from app.pages.base import Page
+
+
+class TrainingPage(Page):
+    title = "4  Training"
+    subtitle = (
+        "The defaults are a sound first run: paged 8-bit AdamW at 2e-4 with cosine decay. The budget panel shows "
+        "what the batch shape and the sequence length cost in memory."
+    )
+
+    def __init__(self, model: ConfigModel, parent: QWidget | None = None) -> None:
+        super().__init__(model, parent)
+        self.group(
+            "Optimizer and schedule",
+            [
+                ("optim", n)
+                for n in ("optimizer", "learning_rate", "scheduler", "warmup_steps", "weight_decay", "max_grad_norm")
+            ],
+        )
+        self.group("Length", [("train", "epochs"), ("train", "max_steps")])
+        box, form = self.group(
+            "Batch and memory",
+            [
+                ("train", "micro_batch_size"),
+                ("train", "gradient_accumulation_steps"),
+                ("data", "max_length"),
+                ("data", "packing"),
+                ("train", "gradient_checkpointing"),
+            ],
+        )
+        self.effective = QLabel()
+        self.effective.setObjectName("hint")
+        box.layout().addWidget(self.effective)
+        self.group(
+            "Evaluation, checkpoints and reproducibility",
+            [("train", n) for n in ("eval_steps", "save_steps", "save_total_limit", "logging_steps", "seed", "device")],
+        )
+        _box, form = self.group("Output")
+        self.browse = QPushButton("Browse…")
+        self.browse.clicked.connect(self._pick_output)
+        self.add_binding(form, "output", "dir", wrap=lambda editor: row(editor, self.browse))
+        self.where = QLabel()
+        self.where.setObjectName("hint")
+        self.where.setWordWrap(True)
+        _box.layout().addWidget(self.where)
+        self.advanced, _ = self.group(
+            "Advanced optimizer settings", [("optim", n) for n in ("adam_beta1", "adam_beta2", "adam_epsilon")]
+        )
+        self.advanced.setCheckable(True)
+        self.advanced.setChecked(False)
+        self._toggle_advanced(False)
+        self.advanced.toggled.connect(self._toggle_advanced)
+        self.finish()
+        model.changed.connect(self._update_notes)
+        self._update_notes()
+
+    def _toggle_advanced(self, on: bool) -> None:
+        for child in self.advanced.findChildren(QWidget):
+            child.setVisible(on)
+
+    def _update_notes(self, *_args) -> None:
+        cfg = self.model.config
+        mb, ga = cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps
+        self.effective.setText(
+            f"Effective batch: {mb} × {ga} = {mb * ga} sequences of up to {cfg.data.max_length} tokens per optimizer step."
+        )
+        self.where.setText(f"The run's files go to {cfg.output_dir}")
+
+    def _pick_output(self) -> None:
+        start = str(self.model.config.output_dir.parent)
+        folder = QFileDialog.getExistingDirectory(self, "Choose the run folder", start)
+        if folder:
+            self.model.set_value("output", "dir", str(Path(folder)))

@@ -1,0 +1,256 @@
+"""One training run as the window sees it: launch, live record, VRAM sampling, stop and abort.
+
+The controller writes the configuration it launches (every path made absolute, so the run
+does not depend on the app's working directory), starts the engine child process through
+:class:`~app.run_worker.RunProcess`, feeds its events into a :class:`RunRecord`, samples
+the GPU's memory through NVML about twice a second, and turns an engine that died without
+a word (a native crash, a kill) into a ``RunFailed`` the window can show.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from PySide6.QtCore import QObject, QTimer, Signal, Slot
+
+from app.run_record import RunRecord
+from app.run_worker import RunProcess, engine_command
+from app.settings import data_dir, logs_dir
+from qlora_engine import gpu as gpu_facts
+from qlora_engine.config import TrainConfig, check_ready
+from qlora_engine.events import Event, LogLine, RunFailed
+
+VRAM_SAMPLE_MS = 500
+
+
+def absolute_config(cfg: TrainConfig) -> TrainConfig:
+    """A copy whose file paths are absolute (hub ids and dataset ids are left alone)."""
+    out = copy.deepcopy(cfg)
+    base = cfg.base_dir or Path.cwd()
+
+    def absolute(value: str | None, must_exist: bool) -> str | None:
+        if not value:
+            return value
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return str(p)
+        candidate = (base / p).resolve()
+        if must_exist and not candidate.exists():
+            return value  # a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'
+        return str(candidate)
+
+    out.model.ref = absolute(out.model.ref, True) or ""
+    out.data.path = absolute(out.data.path, True) or ""
+    out.data.validation_path = absolute(out.data.validation_path, True)
+    out.output.dir = absolute(out.output.dir, False) or ""
+    out.base_dir = None
+    return out
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True if a run has already written checkpoints or an adapter there (the engine won't overwrite)."""
+    ckpts = run_dir / "checkpoints"
+    return (run_dir / "adapter").exists() or (ckpts.is_dir() and any(ckpts.iterdir()))
+
+
+def next_free_dir(run_dir: Path) -> Path:
+    """``runs/my-run`` -> ``runs/my-run-2`` (or -3, ...): the first name not holding a run."""
+    stem = re.sub(r"-\d+$", "", run_dir.name)
+    n = 2
+    while True:
+        candidate = run_dir.with_name(f"{stem}-{n}")
+        if not candidate.exists() or not any(candidate.iterdir()):
+            return candidate
+        n += 1
+
+
+class RunController(QObject):
+    """Owns at most one live run.
+
+    Signals:
+        state_changed(str): idle, starting, running, stopping, finished, stopped, failed, aborted.
+        updated(): the record changed (the view throttles its redraws).
+        event(Event): every engine event as it arrives.
+        output(str): a line of the engine's human text (stderr).
+        failed(RunFailed, str): the run failed; the second value is the path of its log.
+        ended(str): the child process is gone; the final state.
+    """
+
+    state_changed = Signal(str)
+    updated = Signal()
+    event = Signal(object)
+    output = Signal(str)
+    failed = Signal(object, str)
+    ended = Signal(str)
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.process: RunProcess | None = None
+        self.record = RunRecord()
+        self.state = "idle"
+        self.gpu: gpu_facts.GpuInfo | None = None
+        self.config_path: Path | None = None
+        self.log_path: Path | None = None
+        self.run_dir: Path | None = None
+        self._sampler = QTimer(self)
+        self._sampler.setInterval(VRAM_SAMPLE_MS)
+        self._sampler.timeout.connect(self._sample_vram)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    # -- launching -------------------------------------------------------------------------
+    def start(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool | str | None = None,
+        gpu: gpu_facts.GpuInfo | None = None,
+        config_path: Path | None = None,
+    ) -> Path:
+        """Launch a run; returns its run folder.
+
+        Args:
+            cfg: a valid configuration (its relative paths are resolved against ``cfg.base_dir``).
+            resume: True to continue from the newest checkpoint, or a checkpoint folder.
+            gpu: the card to run on (None: the CPU, or whatever ``train.device`` picks).
+            config_path: launch this YAML as is (a run folder's own ``config.yaml`` when resuming).
+
+        Raises:
+            ConfigError: the configuration is not ready to train (no model or data chosen).
+            RuntimeError: a run is already live.
+        """
+        if self.running:
+            raise RuntimeError("a run is already in progress")
+        check_ready(cfg)
+        launch = absolute_config(cfg)
+        run_dir = Path(launch.output.dir)
+        if config_path is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            config_path = data_dir() / "launch" / f"{stamp}-{run_dir.name}.yaml"
+            launch.save(config_path)
+        self.config_path = config_path
+        self.run_dir = run_dir
+        self.log_path = logs_dir() / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        self.gpu = gpu
+        env = dict(os.environ)
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu.cuda_visible_id
+        elif launch.train.device != "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU was chosen: keep the child off every GPU
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")]))
+        cmd = engine_command(config_path, resume)
+        if getattr(sys, "frozen", False):  # the packaged app runs its own binary in engine mode
+            cmd = [sys.executable, "--engine", *cmd[3:]]
+        self.record = RunRecord(run_dir=run_dir)
+        proc = RunProcess(
+            cmd, cwd=run_dir.parent if run_dir.parent.is_dir() else None, env=env, log_path=self.log_path, parent=self
+        )
+        proc.event.connect(self._on_event)
+        proc.output.connect(self.output)
+        proc.finished.connect(self._on_finished)
+        self.process = proc
+        self._set_state("starting")
+        proc.start()
+        if gpu is not None:
+            self._sampler.start()
+        return run_dir
+
+    def stop(self) -> None:
+        """Save and finish at the next step boundary."""
+        if self.running:
+            self.process.stop()
+            self._set_state("stopping")
+
+    def abort(self) -> None:
+        """End the engine now; the checkpoints already on disk stay."""
+        if self.running:
+            self.process.abort()
+
+    def save_now(self) -> None:
+        if self.running:
+            self.process.save_now()
+
+    def wait(self, timeout_ms: int = 60_000) -> bool:
+        return self.process.wait(timeout_ms) if self.process is not None else True
+
+    # -- events ----------------------------------------------------------------------------
+    @Slot(object)
+    def _on_event(self, e: Event) -> None:
+        self.record.apply(e)
+        if self.state == "starting" and self.record.started is not None:
+            self._set_state("running")
+        self.event.emit(e)
+        self.updated.emit()
+
+    def _sample_vram(self) -> None:
+        if self.gpu is None or not self.running:
+            return
+        s = gpu_facts.sample(self.gpu.index, pid=self.process.pid if self.process else None)
+        if s is not None:
+            self.record.add_vram(s.used_bytes, s.process_bytes)
+            self.updated.emit()
+
+    @Slot(int, str)
+    def _on_finished(self, code: int, stderr_tail: str) -> None:
+        self._sampler.stop()
+        rec = self.record
+        proc = self.process
+        if proc is not None and proc.aborted:
+            ckpt = rec.last_checkpoint
+            msg = (
+                f"Aborted. The last checkpoint is kept: {ckpt}"
+                if ckpt
+                else "Aborted before any checkpoint was written."
+            )
+            rec.apply(LogLine(level="warning", message=msg))
+            final = "aborted"
+        elif rec.failed is not None:
+            final = "failed"
+        elif rec.finished is not None:
+            final = "stopped" if rec.finished.stopped_early else "finished"
+        else:
+            final = "failed"
+            rec.apply(
+                RunFailed(
+                    error_type="EngineExited",
+                    message=_exit_message(code, stderr_tail),
+                    traceback=stderr_tail or "(the engine wrote nothing to stderr)",
+                    step=rec.step or None,
+                    last_checkpoint=rec.last_checkpoint,
+                )
+            )
+        self.updated.emit()
+        self._set_state(final)
+        if final == "failed":
+            self.failed.emit(rec.failed, str(self.log_path) if self.log_path else "")
+        self.ended.emit(final)
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.state_changed.emit(state)
+
+
+def _exit_message(code: int, stderr_tail: str) -> str:
+    last = [ln for ln in stderr_tail.strip().splitlines() if ln.strip()]
+    # the CLI prints user errors as "error: ..." / "hint: ..." on stderr and exits with 2
+    errors = [ln[len("error: ") :] for ln in last if ln.startswith("error: ")]
+    hints = [ln[len("hint: ") :] for ln in last if ln.startswith("hint: ")]
+    if errors:
+        return errors[-1] + (f"\n\n{hints[-1]}" if hints else "")
+    if code < 0 or code in (137, 139, -9, -11):
+        return f"The engine process was ended by the system (exit code {code}), for example out of memory."
+    return f"The engine process ended unexpectedly (exit code {code})."
+
+
+def _package_root() -> str:
+    import qlora_engine
+
+    return str(Path(qlora_engine.__file__).resolve().parent.parent)

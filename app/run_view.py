@@ -1,0 +1,211 @@
+"""The run page: Start / Stop / Abort, progress with ETA, the five charts and the log.
+
+The view draws a :class:`RunRecord`; it never talks to the process itself. Redraws are
+throttled to a few per second (``REDRAW_MS``) however fast events arrive, which keeps the
+window responsive while a run streams steps.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtGui import QKeySequence
+from PySide6.QtWidgets import (
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.charts import RunCharts
+from app.run_record import RunRecord
+from qlora_engine.events import Event, LogLine, RunFailed, RunFinished, RunStarted
+
+REDRAW_MS = 150
+
+STATE_TEXT = {
+    "idle": "Ready",
+    "starting": "Starting the engine",
+    "running": "Training",
+    "stopping": "Stopping: saving a checkpoint at the end of this step",
+    "finished": "Finished",
+    "stopped": "Stopped (saved)",
+    "failed": "Failed",
+    "aborted": "Aborted",
+    "replay": "Run from history",
+}
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "-"
+    s = int(seconds)
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class RunView(QWidget):
+    """Signals: start_requested, stop_requested, abort_requested."""
+
+    start_requested = Signal()
+    stop_requested = Signal()
+    abort_requested = Signal()
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.record = RunRecord()
+        self.state = "idle"
+
+        self.title = QLabel("Run")
+        self.title.setObjectName("pageTitle")
+        self.summary = QLabel()
+        self.summary.setObjectName("runSummary")
+        self.summary.setWordWrap(True)
+        self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+        self.start_button = QPushButton("Start training")
+        self.start_button.setObjectName("primary")
+        self.start_button.setToolTip(f"Start a run with this configuration ({QKeySequence('Ctrl+R').toString()})")
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setToolTip("Save a checkpoint and the adapter at the end of the current step, then finish")
+        self.abort_button = QPushButton("Abort")
+        self.abort_button.setObjectName("danger")
+        self.abort_button.setToolTip("End the run now; the last checkpoint on disk is kept")
+        self.start_button.clicked.connect(self.start_requested)
+        self.stop_button.clicked.connect(self.stop_requested)
+        self.abort_button.clicked.connect(self.abort_requested)
+
+        self.state_label = QLabel(STATE_TEXT["idle"])
+        self.state_label.setObjectName("runState")
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("step %v / %m")
+        self.progress.setTextVisible(True)
+        self.eta = QLabel("")
+        self.eta.setObjectName("runEta")
+        self.eta.setMinimumWidth(220)
+
+        self.charts = RunCharts()
+        self.log = QPlainTextEdit()
+        self.log.setObjectName("runLog")
+        self.log.setReadOnly(True)
+        self.log.setMaximumBlockCount(5000)
+        self.log.setPlaceholderText("The engine's messages appear here.")
+
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_button)
+        buttons.addWidget(self.stop_button)
+        buttons.addWidget(self.abort_button)
+        buttons.addSpacing(12)
+        buttons.addWidget(self.state_label, 1)
+        bar = QHBoxLayout()
+        bar.addWidget(self.progress, 1)
+        bar.addWidget(self.eta)
+
+        self.splitter = QSplitter(Qt.Orientation.Vertical)
+        self.splitter.addWidget(self.charts)
+        self.splitter.addWidget(self.log)
+        self.splitter.setStretchFactor(0, 4)
+        self.splitter.setStretchFactor(1, 1)
+
+        lay = QVBoxLayout(self)
+        lay.addWidget(self.title)
+        lay.addWidget(self.summary)
+        lay.addLayout(buttons)
+        lay.addLayout(bar)
+        lay.addWidget(self.splitter, 1)
+
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(REDRAW_MS)
+        self._timer.timeout.connect(self.redraw)
+        self.set_state("idle")
+
+    # -- state -----------------------------------------------------------------------------
+    def set_state(self, state: str) -> None:
+        self.state = state
+        live = state in ("starting", "running", "stopping")
+        self.start_button.setEnabled(not live)
+        self.stop_button.setEnabled(state in ("starting", "running"))
+        self.abort_button.setEnabled(live)
+        self.state_label.setText(STATE_TEXT.get(state, state))
+        self.state_label.setProperty("state", state)
+        self.state_label.style().unpolish(self.state_label)
+        self.state_label.style().polish(self.state_label)
+        self.schedule_redraw()
+
+    def set_summary(self, text: str) -> None:
+        self.summary.setText(text)
+
+    def show_record(self, record: RunRecord, state: str | None = None) -> None:
+        """Draw another record (a new live run, or a run opened from the history)."""
+        self.record = record
+        self.charts.clear()
+        self.log.clear()
+        for line in record.logs:
+            self.append_event(line)
+        if record.failed:
+            self.append_event(record.failed)
+        if record.finished:
+            self.append_event(record.finished)
+        if state:
+            self.set_state(state)
+        self.redraw()
+
+    # -- live updates ----------------------------------------------------------------------
+    def schedule_redraw(self) -> None:
+        if not self._timer.isActive():
+            self._timer.start()
+
+    def append_text(self, text: str, level: str = "info") -> None:
+        if level in ("warning", "error"):
+            color = "#d97706" if level == "warning" else "#dc2626"
+            self.log.appendHtml(f'<span style="color:{color}">{html.escape(text)}</span>')
+        else:
+            self.log.appendPlainText(text)
+
+    def append_event(self, e: Event) -> None:
+        """Log the events a person wants to read (steps are on the charts, not in the log)."""
+        stamp = time.strftime("%H:%M:%S", time.localtime(e.time))
+        if isinstance(e, LogLine):
+            self.append_text(f"{stamp}  {e.message}", e.level)
+        elif isinstance(e, RunStarted):
+            where = f"resumed from {e.resumed_from} at step {e.start_step}" if e.resumed_from else "started"
+            self.append_text(f"{stamp}  run {where} on {e.device}: {e.total_steps} steps, folder {e.run_dir}")
+        elif isinstance(e, RunFinished):
+            how = "stopped and saved" if e.stopped_early else "finished"
+            self.append_text(f"{stamp}  {how} at step {e.step} in {fmt_duration(e.elapsed)}; adapter: {e.adapter_dir}")
+        elif isinstance(e, RunFailed):
+            self.append_text(f"{stamp}  FAILED ({e.error_type}): {e.message}", "error")
+        elif e.kind == "checkpoint":
+            self.append_text(f"{stamp}  checkpoint saved: {e.path}")
+        elif e.kind == "eval":
+            self.append_text(f"{stamp}  eval at step {e.step}: loss {e.loss:.4f}")
+        elif e.kind == "phase" and e.phase not in ("training", "done"):
+            self.append_text(f"{stamp}  [{e.phase}] {e.detail}".rstrip())
+
+    def redraw(self) -> None:
+        rec = self.record
+        self.charts.draw(rec)
+        total = max(rec.total_steps, 1)
+        self.progress.setRange(0, total)
+        self.progress.setValue(min(rec.step, total))
+        last = rec.latest
+        parts = []
+        if self.state in ("starting", "running", "stopping") and rec.phase and rec.phase != "training":
+            parts.append(rec.phase.replace("_", " "))
+        if last is not None:
+            if self.state in ("running", "stopping", "starting"):
+                parts.append(f"ETA {fmt_duration(last.eta)}")
+            parts.append(f"elapsed {fmt_duration(rec.finished.elapsed if rec.finished else last.elapsed)}")
+            parts.append(f"loss {last.loss:.4f}")
+            parts.append(f"{last.tokens_per_second:,.0f} tok/s")
+        self.eta.setText("  ·  ".join(parts))

@@ -1,0 +1,241 @@
+"""Runs the engine as a child process from a QThread and turns its JSONL stdout into signals.
+
+Why a child process under the thread (see DESIGN.md): a CUDA out-of-memory error or a native
+crash cannot take the window down, and all VRAM returns to the system when a run ends.
+
+The worker's ``run()`` blocks its thread reading the child's stdout line by line; that is
+fine because the thread has nothing else to do. Requests from the GUI (stop, save, abort)
+therefore do not go through the worker's event loop: they write to the child's stdin or
+kill it directly, under a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import weakref
+from collections import deque
+from pathlib import Path
+
+from PySide6.QtCore import QObject, QThread, Signal, Slot
+
+from app.tasks import track
+from qlora_engine.events import from_dict
+
+CHILDREN: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
+"""Every engine process the app started (the tests' leak check reads it)."""
+
+
+def engine_command(
+    config_path: Path, resume: str | bool | None = None, overrides: list[str] | None = None
+) -> list[str]:
+    """The command line of ``qlora-engine train`` for this interpreter."""
+    cmd = [sys.executable, "-m", "qlora_engine", "train", str(config_path), "--events", "-", "--control-stdin"]
+    if resume:
+        cmd.append("--resume")
+        if isinstance(resume, (str, Path)):
+            cmd.append(str(resume))
+    cmd.extend(overrides or [])
+    return cmd
+
+
+class RunWorker(QObject):
+    """Lives in its own QThread; ``run()`` owns the child process from start to exit.
+
+    Signals:
+        started(pid): the child process is running.
+        event(Event): one engine event, parsed back into its dataclass.
+        output(str): a line of human text (the child's stderr, or a stdout line that is not an event).
+        finished(returncode, stderr_tail): the child has exited and its pipes are drained.
+    """
+
+    started = Signal(int)
+    event = Signal(object)
+    output = Signal(str)
+    finished = Signal(int, str)
+
+    def __init__(
+        self, cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None, log_path: Path | None = None
+    ) -> None:
+        super().__init__()
+        self.cmd = cmd
+        self.cwd = cwd
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._aborted = False
+        self._stderr_tail: deque[str] = deque(maxlen=200)
+
+    @Slot()
+    def run(self) -> None:
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("PYTHONIOENCODING", "utf-8")
+        try:
+            proc = subprocess.Popen(
+                self.cmd,
+                cwd=self.cwd,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
+                # its own process group: a Ctrl-C in the terminal that started the app reaches
+                # the app, which stops the run cleanly, instead of killing the child mid-write
+                start_new_session=(os.name == "posix"),
+                creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) if os.name == "nt" else 0,
+            )
+        except OSError as e:
+            self.output.emit(f"could not start the engine: {e}")
+            self.finished.emit(-1, str(e))
+            return
+        CHILDREN.add(proc)
+        with self._lock:
+            self.proc = proc
+            aborted = self._aborted
+        if aborted:
+            proc.kill()
+        self.started.emit(proc.pid)
+        log = open(self.log_path, "a", encoding="utf-8") if self.log_path else None  # noqa: SIM115
+        err_thread = threading.Thread(target=self._drain_stderr, args=(proc, log), name="engine-stderr", daemon=True)
+        err_thread.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                self._handle_stdout(line)
+        finally:
+            proc.wait()
+            err_thread.join()
+            if log:
+                log.close()
+            with self._lock:
+                if proc.stdin and not proc.stdin.closed:
+                    try:
+                        proc.stdin.close()
+                    except OSError:
+                        pass
+        self.finished.emit(proc.returncode, "".join(self._stderr_tail))
+
+    def _handle_stdout(self, line: str) -> None:
+        text = line.strip()
+        if not text:
+            return
+        if text.startswith("{"):
+            try:
+                self.event.emit(from_dict(json.loads(text)))
+                return
+            except (ValueError, TypeError):
+                pass  # not one of ours: show it as text
+        self.output.emit(text)
+
+    def _drain_stderr(self, proc: subprocess.Popen, log) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self._stderr_tail.append(line)
+            if log:
+                log.write(line)
+                log.flush()
+            self.output.emit(line.rstrip("\n"))
+
+    # -- requests from the GUI thread ------------------------------------------------------
+    def send(self, command: str) -> bool:
+        """Write one control line (``stop``, ``save``, ``abort``) to the child; False if it is gone."""
+        with self._lock:
+            proc = self.proc
+            if proc is None or proc.poll() is not None or proc.stdin is None or proc.stdin.closed:
+                return False
+            try:
+                proc.stdin.write(command + "\n")
+                proc.stdin.flush()
+                return True
+            except (BrokenPipeError, OSError, ValueError):
+                return False
+
+    def kill(self) -> None:
+        """End the child now (Abort). Checkpoints already written stay on disk."""
+        with self._lock:
+            self._aborted = True
+            proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+
+class RunProcess(QObject):
+    """The GUI's handle on one engine run: starts the thread and worker, relays their signals.
+
+    ``stop()`` asks the engine to save and finish at the next step boundary; ``abort()`` ends
+    the process now. ``finished`` fires once, after the thread has ended.
+    """
+
+    started = Signal(int)
+    event = Signal(object)
+    output = Signal(str)
+    finished = Signal(int, str)
+
+    def __init__(
+        self,
+        cmd: list[str],
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+        parent: QObject | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self.cmd = cmd
+        self.returncode: int | None = None
+        self.stop_requested = False
+        self.aborted = False
+        self._thread = track(QThread())
+        self._thread.setObjectName("engine-run")
+        self._worker = RunWorker(cmd, cwd, env, log_path)
+        self._worker.moveToThread(self._thread)
+        self._thread.started.connect(self._worker.run)
+        self._worker.started.connect(self.started)
+        self._worker.event.connect(self.event)
+        self._worker.output.connect(self.output)
+        self._worker.finished.connect(self._on_finished)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.isRunning() and self.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._worker.pid
+
+    def stop(self) -> bool:
+        """Save a checkpoint and the adapter at the next step boundary, then exit."""
+        self.stop_requested = True
+        return self._worker.send("stop")
+
+    def save_now(self) -> bool:
+        return self._worker.send("save")
+
+    def abort(self) -> None:
+        self.aborted = True
+        self._worker.kill()
+
+    @Slot(int, str)
+    def _on_finished(self, code: int, tail: str) -> None:
+        self._thread.quit()
+        self._thread.wait()
+        self.returncode = code
+        self.finished.emit(code, tail)
+
+    def wait(self, timeout_ms: int = 60_000) -> bool:
+        """Block until the thread has ended (tests and shutdown only). True if it did."""
+        return self._thread.wait(timeout_ms)
