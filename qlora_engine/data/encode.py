@@ -88,7 +88,9 @@ class Encoder:
         try:
             full = self._apply(msgs, False)
         except Exception as e:  # a template may refuse a conversation (raise_exception in Jinja)
-            raise BadRow(f"the chat template refused it: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
+            raise BadRow(
+                f"the chat template refused it: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
+            ) from None
         full = full.rstrip()
         if self.train_on_prompt:
             return full, [(0, len(full))]
@@ -158,27 +160,31 @@ class Encoder:
                 last_trained = s.train[-1] and s.messages[-1]["role"] == "assistant"
                 chats.append((i, text, spans, last_trained))
         if chats:
-            for (i, text, spans, last), enc in zip(chats, self._tokenize_spans([c[1] for c in chats], [c[2] for c in chats])):
+            for (i, _text, _spans, last), enc in zip(
+                chats, self._tokenize_spans([c[1] for c in chats], [c[2] for c in chats]), strict=True
+            ):
                 ids, trained = enc
                 out[i] = self._close(ids, trained, last or self.train_on_prompt)
         if texts:
             ids_list = self.tok([t for _, t in texts], add_special_tokens=True)["input_ids"]
-            for (i, _), ids in zip(texts, ids_list):
+            for (i, _), ids in zip(texts, ids_list, strict=True):
                 out[i] = self._close(list(ids), [True] * len(ids), True)
         if pcs:
             p_ids = self.tok([p.prompt for _, p in pcs], add_special_tokens=True)["input_ids"]
             c_ids = self.tok([p.completion for _, p in pcs], add_special_tokens=False)["input_ids"]
-            for (i, _), p, c in zip(pcs, p_ids, c_ids):
+            for (i, _), p, c in zip(pcs, p_ids, c_ids, strict=True):
                 trained = [self.train_on_prompt] * len(p) + [True] * len(c)
                 out[i] = self._close(list(p) + list(c), trained, True)
         return [o if o is not None else BadRow("could not be encoded") for o in out]
 
-    def _tokenize_spans(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[tuple[list[int], list[bool]]]:
+    def _tokenize_spans(
+        self, texts: list[str], spans: list[list[tuple[int, int]]]
+    ) -> list[tuple[list[int], list[bool]]]:
         if not self.fast:
-            return [self._tokenize_segments(t, s) for t, s in zip(texts, spans)]
+            return [self._tokenize_segments(t, s) for t, s in zip(texts, spans, strict=True)]
         enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
         result = []
-        for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans):
+        for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):
             starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
             mask = np.zeros(len(ids), dtype=bool)
             for a, b in sp:
@@ -191,7 +197,7 @@ class Encoder:
         cuts = sorted({0, len(text), *[x for sp in spans for x in sp]})
         ids: list[int] = []
         trained: list[bool] = []
-        for a, b in zip(cuts, cuts[1:]):
+        for a, b in zip(cuts, cuts[1:], strict=False):
             piece = self.tok(text[a:b], add_special_tokens=False)["input_ids"]
             inside = any(sa <= a and b <= sb for sa, sb in spans)
             ids.extend(piece)

@@ -294,4 +294,4 @@ def preview(sample: Sample) -> dict[str, Any]:
         return {"text": sample.text}
     if isinstance(sample, PromptCompletion):
         return {"prompt": sample.prompt, "completion": sample.completion}
-    return {"messages": [dict(m, trained=t) for m, t in zip(sample.messages, sample.train)]}
+    return {"messages": [dict(m, trained=t) for m, t in zip(sample.messages, sample.train, strict=True)]}

@@ -222,7 +222,7 @@ def _json_rows(src: Source) -> Iterator[Row]:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(
-            f"{src.label}, line {line}: not UTF-8 text (byte 0x{data[e.start:e.start + 1].hex()}).",
+            f"{src.label}, line {line}: not UTF-8 text (byte 0x{data[e.start : e.start + 1].hex()}).",
             hint="Save the file as UTF-8 and try again.",
         ) from None
     del data
@@ -330,7 +330,7 @@ def _csv_rows(src: Source) -> Iterator[Row]:
                 elif any(_has_surrogates(f) for f in fields):
                     yield Row(where, problem="not UTF-8 text; save the file as UTF-8")
                 else:
-                    yield Row(where, data=dict(zip(header, fields)))
+                    yield Row(where, data=dict(zip(header, fields, strict=True)))
         except csv.Error as e:
             raise DataError(f"{src.label}, line {reader.line_num}: not valid CSV ({e}).") from None
 
@@ -421,7 +421,9 @@ def _open_saved(path: Path, split: str) -> Source:
 def _open_hub(spec: str, subset: str | None, split: str) -> Source:
     import datasets
 
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    offline = any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
     try:
         ds = datasets.load_dataset(spec, subset, split=split)
     except Exception as e:

@@ -233,7 +233,7 @@ def count_tokens(batch: dict[str, torch.Tensor], pad_token_id: int | None = None
     # Packed: a row's padding is its last run of positions restarting at 0 after real tokens.
     pos = batch["position_ids"]
     total = 0
-    for row_ids, row_pos in zip(batch["input_ids"], pos):
+    for row_ids, row_pos in zip(batch["input_ids"], pos, strict=True):
         zeros = (row_pos == 0).nonzero().flatten().tolist()
         end = len(row_pos)
         if pad_token_id is not None and len(zeros) > 1 and bool((row_ids[zeros[-1] :] == pad_token_id).all()):

@@ -1,0 +1,418 @@
+"""From a run config to training samples: read, detect, normalize, tokenize, split, pack, cache.
+
+:func:`prepare_data` is what the trainer calls. It reports what it did (format and evidence,
+rows skipped and why, truncation, token statistics) in ``PreparedData.report`` and as
+events, and it refuses data where too many rows are broken rather than train on the rest
+without a word.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any
+
+import numpy as np
+
+from qlora_engine.config import TrainConfig
+from qlora_engine.data import cache
+from qlora_engine.data.encode import Encoded, Encoder, resolve_template, tokenizer_fingerprint
+from qlora_engine.data.formats import (
+    ACCEPTED_FORMATS,
+    DETECT_ROWS,
+    BadRow,
+    Sample,
+    TextSample,
+    check_columns,
+    detect_format,
+    map_columns,
+    normalize,
+)
+from qlora_engine.data.sources import Source, open_source
+from qlora_engine.data.store import SampleBuilder, SampleSet, pack, split_indices, token_stats
+from qlora_engine.errors import DataError
+from qlora_engine.events import EventSink, LogLine, NullSink, PhaseChanged
+
+DATA_FORMAT_VERSION = 1  # bump when the tokens produced for the same input change
+SHOW_WHERE = 5  # places listed per skip reason
+CHUNK = 512  # samples per tokenizer call
+
+
+@dataclass
+class PreparedData:
+    """Tokenized samples ready for batching.
+
+    ``train`` and ``validation`` are sequences of samples; each sample is a dict with
+    ``input_ids`` and ``labels`` (lists of ints, labels -100 where no loss is taken) and, for
+    packed samples, ``position_ids`` that restart at 0 for every sample packed into the
+    sequence. ``fingerprint`` changes whenever the data, the tokenizer or a data setting does.
+    """
+
+    train: SampleSet
+    validation: SampleSet | None
+    report: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+
+
+class RowReader:
+    """Rows of one source as normalized samples, counting what is skipped and why."""
+
+    def __init__(self, src: Source, cfg: TrainConfig) -> None:
+        self.src = src
+        self.dc = cfg.data
+        check_columns(self.dc.columns)
+        self.rows_read = 0
+        self.skipped: dict[str, dict[str, Any]] = {}
+        self._rows = src.rows()
+        self._head: list[Any] = []
+        self.format, self.evidence = self._detect()
+
+    def _detect(self) -> tuple[str, dict[str, Any]]:
+        for row in self._rows:
+            self._head.append(row)
+            if sum(r.data is not None for r in self._head) >= DETECT_ROWS:
+                break
+        if not self._head:
+            raise DataError(
+                f"{self.src.label}: no rows found (the file is empty). Accepted formats: {ACCEPTED_FORMATS}."
+            )
+        data = [map_columns(r.data, self.dc.columns) for r in self._head if r.data is not None]
+        if not data:
+            problems = "; ".join(f"{r.where}: {r.problem}" for r in self._head[:SHOW_WHERE])
+            raise DataError(f"{self.src.label}: none of the first rows can be read ({problems}).")
+        missing = [
+            f"{theirs!r} (data.columns.{ours})"
+            for ours, theirs in self.dc.columns.items()
+            if ours not in ("role", "content", "from", "value")
+            and not any(theirs in r.data for r in self._head if r.data is not None)
+        ]
+        if missing:
+            seen = sorted({k for r in self._head if r.data is not None for k in r.data})
+            raise DataError(f"{self.src.label}: column {missing[0]} not found; the rows have {seen}.")
+        if self.dc.format != "auto":
+            return self.dc.format, {"given": "data.format", "rows_examined": len(data)}
+        return detect_format(data, self.src.label)
+
+    def skip(self, where: str, reason: str) -> None:
+        entry = self.skipped.setdefault(reason, {"count": 0, "where": []})
+        entry["count"] += 1
+        if len(entry["where"]) < SHOW_WHERE:
+            entry["where"].append(where)
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(e["count"] for e in self.skipped.values())
+
+    def samples(self) -> Iterator[tuple[str, Sample]]:
+        for row in chain(self._head, self._rows):
+            self.rows_read += 1
+            if row.data is None:
+                self.skip(row.where, row.problem or "unreadable")
+                continue
+            try:
+                yield row.where, normalize(map_columns(row.data, self.dc.columns), self.format, self.dc.train_on_prompt)
+            except BadRow as e:
+                self.skip(row.where, str(e))
+
+    def skipped_summary(self, limit: int = 4) -> str:
+        items = sorted(self.skipped.items(), key=lambda kv: -kv[1]["count"])[:limit]
+        return "; ".join(
+            f"{e['count']} {reason} ({', '.join(e['where'])}{', ...' if e['count'] > len(e['where']) else ''})"
+            for reason, e in items
+        )
+
+    def check(self, max_bad_fraction: float) -> None:
+        """No usable rows, or too many broken ones: stop with what was found."""
+        if self.rows_read == 0:
+            raise DataError(f"{self.src.label}: no rows found. Accepted formats: {ACCEPTED_FORMATS}.")
+        bad = self.skipped_total
+        if bad == self.rows_read:
+            raise DataError(
+                f"{self.src.label}: no usable rows as {self.format} data; all {bad} rows were skipped: "
+                f"{self.skipped_summary()}. Accepted formats: {ACCEPTED_FORMATS}.",
+                hint="Fix the rows, or set data.format / data.columns if the format was guessed wrong.",
+            )
+        if bad / self.rows_read > max_bad_fraction:
+            raise DataError(
+                f"{self.src.label}: {bad} of {self.rows_read} rows ({bad / self.rows_read:.0%}) are unusable, more than "
+                f"data.max_bad_fraction ({max_bad_fraction:.0%}): {self.skipped_summary()}.",
+                hint="Fix those rows, check data.format and data.columns, or raise data.max_bad_fraction.",
+            )
+
+
+@dataclass
+class Tokenized:
+    samples: SampleSet
+    lengths: np.ndarray  # full length of every usable sample, before truncation
+    truncated: int = 0
+    dropped_overlong: int = 0
+    no_answer_left: int = 0
+    first: list[tuple[str, Encoded]] = field(default_factory=list)
+
+
+def tokenize_rows(
+    reader: RowReader,
+    encoder: Encoder,
+    cfg: TrainConfig,
+    sink: EventSink,
+    *,
+    limit: int | None = None,
+    keep_first: int = 0,
+    progress_label: str = "tokenizing",
+) -> Tokenized:
+    """Encode every sample, apply the max_length policy, report progress every few seconds."""
+    dc = cfg.data
+    builder = SampleBuilder()
+    lengths: list[int] = []
+    out = Tokenized(samples=None, lengths=None)  # type: ignore[arg-type]
+    last_report = time.monotonic()
+    name = reader.src.label
+
+    def flush(batch: list[tuple[str, Sample]]) -> None:
+        for (where, _), enc in zip(batch, encoder.encode_many([s for _, s in batch]), strict=True):
+            if isinstance(enc, BadRow):
+                reader.skip(where, str(enc))
+                continue
+            if not any(enc.trained):
+                reader.skip(where, "nothing to train on (no answer tokens)")
+                continue
+            if len(out.first) < keep_first:
+                out.first.append((where, enc))
+            n = len(enc.input_ids)
+            lengths.append(n)
+            ids, trained = enc.input_ids, enc.trained
+            if n > dc.max_length:
+                if dc.overlong == "drop":
+                    out.dropped_overlong += 1
+                    continue
+                ids, trained = ids[: dc.max_length], trained[: dc.max_length]
+                if not any(trained):
+                    out.no_answer_left += 1
+                    continue
+                out.truncated += 1
+            builder.add(ids, trained)
+
+    batch: list[tuple[str, Sample]] = []
+    for i, item in enumerate(reader.samples()):
+        if limit is not None and i >= limit:
+            break
+        batch.append(item)
+        if len(batch) >= CHUNK:
+            flush(batch)
+            batch = []
+            if time.monotonic() - last_report > 2.0:
+                last_report = time.monotonic()
+                frac = reader.src.fraction_done()
+                pct = f"{frac:.0%}, " if frac is not None else ""
+                sink.emit(
+                    PhaseChanged(
+                        phase="preparing_data", detail=f"{progress_label} {name}: {pct}{reader.rows_read:,} rows"
+                    )
+                )
+    if batch:
+        flush(batch)
+    out.samples = builder.build()
+    out.lengths = np.asarray(lengths, dtype=np.int64)
+    return out
+
+
+def needs_template(fmt: str, reader: RowReader | None = None) -> bool:
+    return fmt not in ("text", "prompt_completion")
+
+
+def data_fingerprint(cfg: TrainConfig, src: Source, val_src: Source | None, tok_fp: str) -> str:
+    dc = cfg.data
+    settings = {
+        "format": dc.format,
+        "columns": dict(sorted(dc.columns.items())),
+        "subset": dc.subset,
+        "split": dc.split,
+        "max_length": dc.max_length,
+        "overlong": dc.overlong,
+        "train_on_prompt": dc.train_on_prompt,
+        "packing": dc.packing,
+        "validation_split": dc.validation_split if val_src is None else None,
+        "seed": cfg.train.seed if (val_src is None and dc.validation_split > 0) else None,
+    }
+    blob = {
+        "version": DATA_FORMAT_VERSION,
+        "data": src.content_hash(),
+        "validation": val_src.content_hash() if val_src is not None else None,
+        "settings": settings,
+        "tokenizer": tok_fp,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _open(cfg: TrainConfig, spec: str) -> Source:
+    return open_source(spec, cfg.resolve(spec), subset=cfg.data.subset, split=cfg.data.split)
+
+
+def _set_report(s: SampleSet, n_samples: int, max_length: int) -> dict[str, Any]:
+    info = {"samples": n_samples, "sequences": len(s), "tokens": s.num_tokens, "trained_tokens": s.num_trained}
+    if s.packed and len(s):
+        info["packing_fill"] = round(s.num_tokens / (len(s) * max_length), 3)
+    return info
+
+
+def prepare_data(cfg: TrainConfig, tokenizer: Any, sink: EventSink | None = None) -> PreparedData:
+    """Read, check, tokenize, split and pack the run's data (or take it from the cache)."""
+    sink = sink or NullSink()
+    dc = cfg.data
+    sink.emit(PhaseChanged(phase="preparing_data", detail=f"reading {dc.path}"))
+    src = _open(cfg, dc.path)
+    val_src = _open(cfg, dc.validation_path) if dc.validation_path else None
+    template, template_source = resolve_template(tokenizer, dc.chat_template)
+    fingerprint = data_fingerprint(cfg, src, val_src, tokenizer_fingerprint(tokenizer, template))
+
+    if dc.cache:
+        hit = cache.load(fingerprint)
+        if hit is not None:
+            train, validation, report = hit
+            report["cache"] = "hit"
+            sink.emit(
+                LogLine(
+                    level="info", message=f"{src.label}: tokenized data taken from the cache ({len(train):,} sequences)"
+                )
+            )
+            return PreparedData(train, validation, report, fingerprint)
+
+    if tokenizer.eos_token_id is None:
+        sink.emit(
+            LogLine(
+                level="warning",
+                message="the tokenizer has no EOS token: samples cannot end with one, "
+                "so the tuned model may not learn to stop",
+            )
+        )
+    encoder = Encoder(tokenizer, template, train_on_prompt=dc.train_on_prompt)
+    reader = RowReader(src, cfg)
+    if needs_template(reader.format) and template_source.startswith("chatml (default"):
+        sink.emit(
+            LogLine(
+                level="warning",
+                message="the tokenizer has no chat template; using ChatML. Set "
+                "data.chat_template to the template your model expects if it is not ChatML.",
+            )
+        )
+    main = tokenize_rows(reader, encoder, cfg, sink)
+    reader.check(dc.max_bad_fraction)
+    readers = [reader]
+    if val_src is not None:
+        val_reader = RowReader(val_src, cfg)
+        val = tokenize_rows(val_reader, encoder, cfg, sink)
+        val_reader.check(dc.max_bad_fraction)
+        readers.append(val_reader)
+        train_set, val_set = main.samples, val.samples
+        lengths = np.concatenate([main.lengths, val.lengths])
+    else:
+        val = None
+        tr_idx, va_idx = split_indices(len(main.samples), dc.validation_split, cfg.train.seed)
+        train_set = main.samples if len(va_idx) == 0 else main.samples.select(tr_idx)
+        val_set = main.samples.select(va_idx) if len(va_idx) else None
+        lengths = main.lengths
+    if len(train_set) == 0:
+        raise DataError(
+            f"{src.label}: no training samples left: {main.dropped_overlong} longer than data.max_length "
+            f"({dc.max_length}) were dropped, {main.no_answer_left} had no answer left after truncation.",
+            hint="Raise data.max_length or set data.overlong=truncate.",
+        )
+    n_train, n_val = len(train_set), len(val_set) if val_set is not None else 0
+    if dc.packing:
+        sink.emit(PhaseChanged(phase="preparing_data", detail=f"packing {n_train:,} samples"))
+        train_set = pack(train_set, dc.max_length)
+        val_set = pack(val_set, dc.max_length) if val_set is not None and len(val_set) else val_set
+
+    parts = [main] + ([val] if val is not None else [])
+    report: dict[str, Any] = {
+        "source": src.label,
+        "source_kind": src.kind,
+        "validation_source": val_src.label if val_src is not None else None,
+        "format": reader.format,
+        "evidence": reader.evidence,
+        "template": template_source if needs_template(reader.format) else None,
+        "train_on_prompt": dc.train_on_prompt,
+        "rows": sum(r.rows_read for r in readers),
+        "skipped": _merge_skipped(readers),
+        "skipped_total": sum(r.skipped_total for r in readers),
+        "overlong": {
+            "policy": dc.overlong,
+            "max_length": dc.max_length,
+            "truncated": sum(p.truncated for p in parts),
+            "dropped": sum(p.dropped_overlong for p in parts),
+            "no_answer_left": sum(p.no_answer_left for p in parts),
+        },
+        "token_stats": {
+            **token_stats(lengths, dc.max_length),
+            "longest_sequence": int(max(train_set.lengths.max(initial=0), 0)),
+        },
+        "train": _set_report(train_set, n_train, dc.max_length),
+        "validation": _set_report(val_set, n_val, dc.max_length) if val_set is not None else None,
+        "packing": dc.packing,
+        "fingerprint": fingerprint,
+        "cache": "off",
+    }
+    if src.note:
+        report["note"] = src.note
+    if dc.cache:
+        report["cache"] = "written" if cache.save(fingerprint, train_set, val_set, report) else "not written"
+    _emit_summary(sink, report)
+    return PreparedData(train_set, val_set, report, fingerprint)
+
+
+def _merge_skipped(readers: list[RowReader]) -> dict[str, Any]:
+    if len(readers) == 1:
+        return readers[0].skipped
+    out: dict[str, Any] = {}
+    for r in readers:
+        for reason, e in r.skipped.items():
+            out[f"{r.src.label}: {reason}"] = e
+    return out
+
+
+def _emit_summary(sink: EventSink, report: dict[str, Any]) -> None:
+    tr, ov, st = report["train"], report["overlong"], report["token_stats"]
+    val = report["validation"]
+    sink.emit(
+        LogLine(
+            level="info",
+            message=(
+                f"{report['source']}: {report['format']} data ({report['evidence'].get('reason', 'format given')}); "
+                f"{report['rows']:,} rows, {tr['samples']:,} training samples"
+                + (f", {val['samples']:,} validation samples" if val else "")
+                + f"; tokens per sample min {st['min']}, median {st['median']}, p95 {st['p95']}, max {st['max']}"
+            ),
+        )
+    )
+    if report["skipped_total"]:
+        worst = sorted(report["skipped"].items(), key=lambda kv: -kv[1]["count"])[:3]
+        detail = "; ".join(f"{e['count']} {r} ({', '.join(e['where'])})" for r, e in worst)
+        sink.emit(LogLine(level="warning", message=f"skipped {report['skipped_total']:,} rows: {detail}"))
+    if ov["truncated"] or ov["dropped"] or ov["no_answer_left"]:
+        sink.emit(
+            LogLine(
+                level="warning",
+                message=(
+                    f"{ov['truncated']:,} samples longer than {ov['max_length']} tokens were truncated, {ov['dropped']:,} dropped"
+                    + (
+                        f", {ov['no_answer_left']:,} dropped because no answer was left after truncation"
+                        if ov["no_answer_left"]
+                        else ""
+                    )
+                ),
+            )
+        )
+    if report["packing"]:
+        sink.emit(
+            LogLine(
+                level="info",
+                message=f"packed into {tr['sequences']:,} sequences ({tr.get('packing_fill', 0):.0%} full)",
+            )
+        )
+
+
+__all__ = ["PreparedData", "RowReader", "TextSample", "prepare_data", "tokenize_rows"]
