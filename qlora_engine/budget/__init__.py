@@ -1,0 +1,38 @@
+"""The VRAM budget: will this run fit, and if not, what would?
+
+From a model's ``config.json`` alone (no weights are read), the run config and optionally
+the dataset's token-length statistics, :func:`estimate` breaks a QLoRA run's peak GPU memory
+into components (4-bit weights and their constants, unquantized weights, LoRA weights,
+gradients and optimizer state, activations, logits and loss, CUDA context, allocator slack).
+:func:`fit` finds the largest micro-batch and sequence length for a card and the single
+changes that make an over-budget run fit.
+
+Modules: ``spec`` (model facts from config.json), ``formulas`` (byte counts, each argued from
+the code of bitsandbytes, peft, transformers and torch), ``estimate`` (the breakdown),
+``fit`` (search and suggestions), ``units`` (GPU sizes), ``cli`` (``qlora-engine estimate``).
+"""
+
+from qlora_engine.budget.cli import add_cli, estimate_main
+from qlora_engine.budget.estimate import CALIBRATION, COMPONENTS, VramEstimate, estimate, estimate_from_spec
+from qlora_engine.budget.fit import FitAdvice, Suggestion, fit
+from qlora_engine.budget.spec import LinearShape, ModelSpec, model_spec
+from qlora_engine.budget.units import KNOWN_GPUS, format_bytes, parse_gpu_size
+
+__all__ = [
+    "CALIBRATION",
+    "COMPONENTS",
+    "KNOWN_GPUS",
+    "FitAdvice",
+    "LinearShape",
+    "ModelSpec",
+    "Suggestion",
+    "VramEstimate",
+    "add_cli",
+    "estimate",
+    "estimate_from_spec",
+    "estimate_main",
+    "fit",
+    "format_bytes",
+    "model_spec",
+    "parse_gpu_size",
+]

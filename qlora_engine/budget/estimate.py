@@ -1,0 +1,388 @@
+"""The VRAM estimate: a per-component breakdown of one run's peak GPU memory.
+
+The peak of a QLoRA step is one of a few moments, and the estimate computes each:
+
+* ``loss_backward``: the backward of the cross-entropy, when the fp32 log-softmax, its two
+  gradients and the retained logits exist together (the peak of large-vocabulary models);
+* ``loss_forward``: the forward of the loss (smaller, kept for completeness);
+* ``block_backward``: a decoder block's backward, with that block's saved activations
+  (recomputed, under gradient checkpointing) and the backward's temporaries;
+* ``optimizer_step``: the optimizer's update (only torch's AdamW has temporaries).
+
+What is alive at every moment (weights, LoRA weights and gradients, optimizer state) is
+added to the largest. ``total`` is what the process needs on the card: the peak that torch's
+caching allocator reserves, the CUDA context outside it, and the paged optimizer state that
+lives in managed memory (and can move to CPU RAM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from qlora_engine.budget import formulas as fm
+from qlora_engine.budget.spec import LinearShape, ModelSpec, spec_from_config, spec_from_ref
+from qlora_engine.config import LORA_PRESETS, TrainConfig, parse_layers, validate
+from qlora_engine.errors import ConfigError
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+# Constants that no formula derives; bench/budget_accuracy.py measures each on a real card.
+CALIBRATION = {
+    # Memory the CUDA driver holds for the process outside torch's allocator: the context and
+    # the kernel modules loaded so far (torch, cuBLAS, flash attention, bitsandbytes).
+    "cuda_context": 640 * MiB,
+    # cuBLAS/cuBLASLt workspaces and partly used 2 MiB small-pool segments, inside "reserved".
+    "allocator_fixed": 96 * MiB,
+    # Blocks the caching allocator keeps but cannot reuse for the peak's request sizes.
+    "fragmentation": 0.05,
+}
+
+COMPONENTS = (
+    "quantized_weights",
+    "quant_constants",
+    "unquantized_weights",
+    "lora_weights",
+    "lora_grads",
+    "optimizer_state",
+    "activations",
+    "logits_loss",
+    "cuda_context",
+    "allocator_slack",
+)
+
+COMPONENT_HELP = {
+    "quantized_weights": "the frozen linear layers in 4 bit, two weights per byte",
+    "quant_constants": "per-block scales (absmax) of the 4-bit weights, double-quantized",
+    "unquantized_weights": "embeddings, lm_head and norms, kept in the compute dtype",
+    "lora_weights": "the trainable adapters (fp32)",
+    "lora_grads": "their gradients (fp32)",
+    "optimizer_state": "AdamW's two moments per adapter weight",
+    "activations": "what the forward pass keeps for the backward pass, and the backward's temporaries",
+    "logits_loss": "the logits over the whole vocabulary and the fp32 loss buffers",
+    "cuda_context": "the CUDA driver's context and kernels, outside PyTorch's allocator",
+    "allocator_slack": "memory PyTorch's caching allocator reserves beyond what is in use",
+}
+
+
+@dataclass
+class VramEstimate:
+    """Peak GPU memory of a run, by component, in bytes.
+
+    ``total`` is the expected peak on the card, ``low``/``high`` the range it should fall in;
+    ``fits`` is None when no GPU size was given. ``spill_to_cpu_bytes`` is how much paged
+    optimizer state would have to move to CPU RAM on the given card (slower steps, no crash).
+    """
+
+    components: dict[str, int]
+    total: int
+    low: int
+    high: int
+    gpu_bytes: int | None = None
+    gpu_name: str | None = None
+    fits: bool | None = None
+    spill_to_cpu_bytes: int = 0
+    approximate: bool = False
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def torch_reserved(self) -> int:
+        """The part torch's ``max_memory_reserved()`` measures (no context, no paged state)."""
+        return int(self.details.get("torch_reserved", self.total))
+
+    @property
+    def headroom(self) -> int | None:
+        return None if self.gpu_bytes is None else self.gpu_bytes - self.total
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VramEstimate:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def compute_bytes(compute_dtype: str) -> int:
+    """Bytes per element of the compute dtype on a GPU ('auto' is bf16, or fp16 on older cards)."""
+    return 4 if compute_dtype == "float32" else 2
+
+
+def adapted_linears(cfg: TrainConfig, spec: ModelSpec, reasons: list[str]) -> list[LinearShape]:
+    """The linear layers of a block that get adapters, resolved like models.resolve_target_modules."""
+    targets = cfg.lora.target_modules
+    names = spec.linear_names()
+    if len(targets) == 1 and targets[0] in LORA_PRESETS:
+        preset = targets[0]
+        return [lin for lin in spec.block_linears if preset == "all-linear" or lin.role == preset]
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        if spec.approximate:
+            reasons.append(f"lora.target_modules {unknown} are not among the modelled layers {names}; not counted")
+        else:
+            raise ConfigError(
+                f"lora.target_modules: {unknown} not in this model; its linear layers are {names} "
+                f"(or use a preset: {', '.join(LORA_PRESETS)})."
+            )
+    return [lin for lin in spec.block_linears if lin.name in targets]
+
+
+def adapted_layers(cfg: TrainConfig, spec: ModelSpec) -> list[int]:
+    layers = parse_layers(cfg.lora.layers)
+    if layers is None:
+        return list(range(spec.num_layers))
+    if spec.usable and max(layers) >= spec.num_layers:
+        raise ConfigError(
+            f"lora.layers: {cfg.lora.layers!r} goes past the model's {spec.num_layers} layers (0-{spec.num_layers - 1})."
+        )
+    return [i for i in layers if i < spec.num_layers]
+
+
+def _data_shape(cfg: TrainConfig, data_stats: dict[str, Any] | None, notes: list[str]) -> tuple[int, bool]:
+    """(tokens per sequence of the longest micro-batch, whether a 4-D attention mask is built)."""
+    max_len = cfg.data.max_length
+    mbs = cfg.train.micro_batch_size
+    packing = cfg.data.packing
+    if not data_stats:
+        mask = packing or mbs > 1
+        if mbs > 1 and not packing:
+            notes.append("without data statistics, micro-batches are assumed padded (an attention mask is built)")
+        return max_len, mask
+    longest = data_stats.get("longest_sequence") or data_stats.get("max") or max_len
+    seq = max(1, min(int(longest), max_len))
+    shortest = min(int(data_stats.get("min", seq) or seq), max_len)
+    if packing:
+        return seq, True
+    mask = mbs > 1 and shortest < seq
+    if seq < max_len:
+        notes.append(f"sized for the longest sample in the data: {seq} tokens (data.max_length is {max_len})")
+    return seq, mask
+
+
+def estimate_from_spec(
+    cfg: TrainConfig,
+    spec: ModelSpec,
+    *,
+    gpu_bytes: int | None = None,
+    gpu_name: str | None = None,
+    data_stats: dict[str, Any] | None = None,
+) -> VramEstimate:
+    """The estimate for a config and an already-read model spec (pure arithmetic, no I/O)."""
+    reasons = list(spec.reasons)
+    notes: list[str] = []
+    if not spec.usable:
+        comps = dict.fromkeys(COMPONENTS, 0)
+        return VramEstimate(comps, 0, 0, 0, gpu_bytes, gpu_name, None, 0, True, reasons, notes, {"usable": False})
+
+    e = compute_bytes(cfg.quant.compute_dtype)
+    if cfg.quant.compute_dtype == "float32":
+        reasons.append("float32 compute is modelled roughly (the budget is calibrated for bf16/fp16)")
+    adapted = adapted_linears(cfg, spec, reasons)
+    layers = adapted_layers(cfg, spec)
+    L = spec.num_layers
+    seq, mask = _data_shape(cfg, data_stats, notes)
+    shape = fm.StepShape(
+        batch=cfg.train.micro_batch_size,
+        seq=seq,
+        elem=e,
+        checkpointing=cfg.train.gradient_checkpointing,
+        mask=mask,
+        packed=cfg.data.packing,
+        attn=cfg.model.attn_implementation,
+        rank=cfg.lora.rank,
+        dropout=cfg.lora.dropout > 0,
+        dora=cfg.lora.use_dora,
+    )
+    if cfg.lora.use_dora:
+        reasons.append("DoRA's extra activations are modelled roughly")
+    if shape.attn == "eager":
+        notes.append("eager attention keeps two batch x heads x seq x seq tensors per layer; 'sdpa' is far leaner")
+
+    # -- weights -------------------------------------------------------------------------
+    quant_type, double_quant = cfg.quant.quant_type, cfg.quant.double_quant
+    skip: list[str] = []
+    if spec.prequantized:
+        double_quant = spec.prequantized["double_quant"]
+        skip = spec.prequantized["skip_modules"]
+        notes.append(f"the checkpoint is saved in 4 bit ({spec.prequantized['quant_type']}); its own settings apply")
+    del quant_type  # NF4 and FP4 take the same bytes
+    packed = consts = 0
+    unquant_elems = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
+    unquant_elems += (L * spec.norms_per_block + 1) * spec.hidden_size
+    if spec.head_norms:
+        unquant_elems += L * 2 * spec.head_dim
+    quantized_params = 0
+    for lin in spec.block_linears:
+        if lin.bias:
+            unquant_elems += L * lin.out_features
+        if lin.name in skip:
+            unquant_elems += L * lin.numel
+            continue
+        p, c = fm.quantized_linear_bytes(lin.numel, double_quant=double_quant)
+        packed += L * p
+        consts += L * c
+        quantized_params += L * lin.numel
+    unquant = e * unquant_elems
+
+    # -- adapters, gradients, optimizer ---------------------------------------------------
+    sizes = [n for lin in adapted for n in fm.lora_tensor_sizes(lin, cfg.lora.rank, cfg.lora.use_dora)]
+    sizes = sizes * len(layers)
+    lora_params = sum(sizes)
+    lora_bytes = 4 * lora_params  # peft keeps adapters in fp32 (autocast_adapter_dtype=True)
+    opt_resident, opt_paged, opt_transient = fm.optimizer_state_bytes(sizes, cfg.optim.optimizer)
+
+    # -- activations and logits at each candidate peak -----------------------------------
+    adapted_set = set(layers)
+    per_block = {
+        True: fm.block_saved(spec, shape, adapted),
+        False: fm.block_saved(spec, shape, []),
+    }
+    workspace = {
+        True: fm.block_backward_workspace(spec, shape, adapted),
+        False: fm.block_backward_workspace(spec, shape, []),
+    }
+    any_adapted = bool(adapted_set) and bool(adapted)
+    shared = fm.shared_saved(spec, shape)
+    final = fm.final_saved(spec, shape)
+    retained, loss_bwd, loss_fwd = fm.logits_bytes(spec, shape)
+    T = shape.tokens
+    if shape.checkpointing:
+        kept = L * e * T * spec.hidden_size  # each block's input, kept to recompute it
+        block_now = per_block[any_adapted] + workspace[any_adapted]
+    else:
+        kept = fm.blocks_saved(spec, shape, adapted, adapted_set)
+        last = L - 1 in adapted_set and bool(adapted)
+        block_now = workspace[last]
+    phases = {
+        "loss_backward": (kept + shared + final, retained + loss_bwd, 0),
+        "loss_forward": (kept + shared + final, loss_fwd, 0),
+        "block_backward": (kept + shared + block_now, retained, 0),
+        "optimizer_step": (shared, retained, opt_transient),
+    }
+    peak_phase = max(phases, key=lambda k: sum(phases[k]))
+    activations, logits, opt_extra = phases[peak_phase]
+
+    static = packed + consts + unquant + 2 * lora_bytes + opt_resident
+    dynamic = activations + logits + opt_extra
+    allocated = static + dynamic
+
+    # -- what the caching allocator adds -------------------------------------------------
+    slack = int(CALIBRATION["fragmentation"] * dynamic) + CALIBRATION["allocator_fixed"]
+    if shape.checkpointing and peak_phase.startswith("loss"):
+        # The block-recompute segments of the previous step stay cached; the next forward
+        # reuses them for the block inputs, and what is left over cannot hold the logits.
+        slack += max(0, per_block[any_adapted] + workspace[any_adapted] - kept)
+    # Every persistent tensor is rounded up to 512 bytes (a 4-bit layer has six).
+    slack += 512 * (6 * L * len(spec.block_linears) + 3 * len(sizes))
+    torch_reserved = allocated + slack
+    context = CALIBRATION["cuda_context"]
+    total = torch_reserved + context + opt_paged
+
+    components = {
+        "quantized_weights": packed,
+        "quant_constants": consts,
+        "unquantized_weights": unquant,
+        "lora_weights": lora_bytes,
+        "lora_grads": lora_bytes,
+        "optimizer_state": opt_resident + opt_paged + opt_extra,
+        "activations": activations,
+        "logits_loss": logits,
+        "cuda_context": context,
+        "allocator_slack": slack,
+    }
+    low = total - slack - int(0.03 * dynamic)
+    high = total + int(0.05 * dynamic + 0.02 * static)
+    if reasons:
+        low, high = min(low, int(0.8 * total)), max(high, int(1.3 * total))
+
+    fits: bool | None = None
+    spill = 0
+    if gpu_bytes is not None:
+        fits = total <= gpu_bytes
+        if not fits and opt_paged and total - opt_paged <= gpu_bytes:
+            fits = True
+            spill = total - gpu_bytes
+            notes.append(
+                f"{spill / GiB:.2f} GiB of paged optimizer state would move to CPU RAM: it fits, with slower steps"
+            )
+        elif fits and high > gpu_bytes:
+            notes.append("fits, but within the estimate's uncertainty of the card's size")
+    if opt_paged and not spill:
+        notes.append(f"{opt_paged / MiB:.0f} MiB of optimizer state is paged: it can move to CPU RAM if VRAM runs short")
+    if peak_phase.startswith("loss") and logits > activations:
+        notes.append("the logits and loss over the whole vocabulary dominate the peak; a shorter sequence or smaller micro-batch helps most")
+
+    details = {
+        "model_type": spec.model_type,
+        "architecture": spec.architecture,
+        "peak_phase": peak_phase,
+        "phases": {k: sum(v) for k, v in phases.items()},
+        "micro_batch_size": shape.batch,
+        "sequence_length": shape.seq,
+        "tokens": T,
+        "attention_mask": shape.mask,
+        "gradient_checkpointing": shape.checkpointing,
+        "compute_bytes": e,
+        "quantized_parameters": quantized_params,
+        "lora_parameters": lora_params,
+        "adapted_layers": len(layers),
+        "adapted_modules": [lin.name for lin in adapted],
+        "paged_optimizer_bytes": opt_paged,
+        "torch_allocated": allocated,
+        "torch_reserved": torch_reserved,
+    }
+    return VramEstimate(
+        components=components,
+        total=total,
+        low=low,
+        high=high,
+        gpu_bytes=gpu_bytes,
+        gpu_name=gpu_name,
+        fits=fits,
+        spill_to_cpu_bytes=spill,
+        approximate=bool(reasons),
+        reasons=reasons,
+        notes=notes,
+        details=details,
+    )
+
+
+def resolve_spec(cfg: TrainConfig, model_config: Any = None) -> ModelSpec:
+    if model_config is not None:
+        return spec_from_config(model_config)
+    return spec_from_ref(cfg.model.ref, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def estimate(
+    cfg: TrainConfig,
+    model_config: Any = None,
+    *,
+    gpu_bytes: int | None = None,
+    data_stats: dict[str, Any] | None = None,
+    gpu_name: str | None = None,
+) -> VramEstimate:
+    """Predict a run's peak GPU memory from the config and the model's config alone.
+
+    Args:
+        cfg: the run configuration (validated again here: the GUI may have edited it).
+        model_config: a transformers ``PretrainedConfig`` or the dict of ``config.json``;
+            None reads it from ``cfg.model.ref`` (config files only, cached).
+        gpu_bytes: the card's memory; with it, ``fits`` and ``spill_to_cpu_bytes`` are set.
+        data_stats: token-length statistics of the dataset (``token_stats`` of the data
+            report: ``max``/``min``/``longest_sequence``), so the estimate is sized for the
+            longest micro-batch the data produces rather than ``data.max_length``.
+        gpu_name: shown with the estimate.
+
+    Raises:
+        ConfigError: a config value is invalid, or the LoRA targets/layers do not exist.
+        ModelError: the model reference cannot be read.
+    """
+    validate(cfg)
+    if gpu_bytes is not None and (isinstance(gpu_bytes, bool) or not isinstance(gpu_bytes, int) or gpu_bytes <= 0):
+        raise ConfigError(f"GPU size: {gpu_bytes!r} is not a positive number of bytes.")
+    spec = resolve_spec(cfg, model_config)
+    return estimate_from_spec(cfg, spec, gpu_bytes=gpu_bytes, gpu_name=gpu_name, data_stats=data_stats)

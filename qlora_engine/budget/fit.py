@@ -1,0 +1,185 @@
+"""What fits a card: the largest micro-batch and sequence length, and single changes that make a run fit."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from qlora_engine.budget.estimate import VramEstimate, estimate_from_spec, resolve_spec
+from qlora_engine.budget.spec import ModelSpec
+from qlora_engine.budget.units import format_bytes
+from qlora_engine.config import TrainConfig, validate
+from qlora_engine.errors import ConfigError
+
+MAX_MICRO_BATCH = 1024
+MAX_SEQUENCE = 1 << 20
+
+
+@dataclass
+class Suggestion:
+    """One change that makes an over-budget run fit; ``overrides`` apply it (config.apply_overrides)."""
+
+    description: str
+    overrides: list[str]
+    total: int | None = None
+    """The estimated total after the change, in bytes."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class FitAdvice:
+    """The answer to "does it fit this card, and if not, what would?"."""
+
+    fits: bool
+    gpu_bytes: int
+    estimate: VramEstimate
+    max_micro_batch_size: int
+    """Largest micro-batch that fits with everything else unchanged (0: not even 1)."""
+    max_sequence_length: int
+    """Largest data.max_length that fits with everything else unchanged, assuming samples fill it (0: none)."""
+    suggestions: list[Suggestion] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fits": self.fits,
+            "gpu_bytes": self.gpu_bytes,
+            "estimate": self.estimate.to_dict(),
+            "max_micro_batch_size": self.max_micro_batch_size,
+            "max_sequence_length": self.max_sequence_length,
+            "suggestions": [s.to_dict() for s in self.suggestions],
+        }
+
+
+def _variant(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    """A copy of ``cfg`` with ``section__field=value`` changes, without re-validating (fast)."""
+    new = copy.copy(cfg)
+    by_section: dict[str, dict[str, Any]] = {}
+    for key, value in changes.items():
+        section, name = key.split("__")
+        by_section.setdefault(section, {})[name] = value
+    for section, values in by_section.items():
+        setattr(new, section, dataclasses.replace(getattr(cfg, section), **values))
+    return new
+
+
+class _Probe:
+    def __init__(self, spec: ModelSpec, gpu_bytes: int, data_stats: dict[str, Any] | None) -> None:
+        self.spec, self.gpu_bytes, self.data_stats = spec, gpu_bytes, data_stats
+
+    def __call__(self, cfg: TrainConfig, *, data: bool = True) -> VramEstimate:
+        stats = self.data_stats if data else None
+        return estimate_from_spec(cfg, self.spec, gpu_bytes=self.gpu_bytes, data_stats=stats)
+
+    def fits(self, cfg: TrainConfig, *, data: bool = True) -> bool:
+        return bool(self(cfg, data=data).fits)
+
+
+def _largest(ok: Any, lo: int, hi: int) -> int:
+    """Largest n in [lo, hi] with ok(n), for a monotone ok; lo - 1 if none."""
+    if not ok(lo):
+        return lo - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _max_micro_batch(cfg: TrainConfig, probe: _Probe) -> int:
+    return max(0, _largest(lambda n: probe.fits(_variant(cfg, train__micro_batch_size=n)), 1, MAX_MICRO_BATCH))
+
+
+def _max_sequence(cfg: TrainConfig, probe: _Probe) -> int:
+    cap = probe.spec.max_position_embeddings or MAX_SEQUENCE
+    best = _largest(lambda n: probe.fits(_variant(cfg, data__max_length=n), data=False), 8, max(8, cap))
+    if best < 8:
+        return 0
+    return best - best % 64 if best >= 64 else best
+
+
+def fit(
+    cfg: TrainConfig,
+    gpu_bytes: int,
+    model_config: Any = None,
+    data_stats: dict[str, Any] | None = None,
+) -> FitAdvice:
+    """How this run sits on a card of ``gpu_bytes``: the largest micro-batch and sequence that
+    fit, and, if it does not fit, each single change that makes it fit.
+
+    Raises:
+        ConfigError: an invalid config value or GPU size.
+    """
+    validate(cfg)
+    if isinstance(gpu_bytes, bool) or not isinstance(gpu_bytes, int) or gpu_bytes <= 0:
+        raise ConfigError(f"GPU size: {gpu_bytes!r} is not a positive number of bytes.")
+    spec = resolve_spec(cfg, model_config)
+    probe = _Probe(spec, gpu_bytes, data_stats)
+    current = probe(cfg)
+    advice = FitAdvice(
+        fits=bool(current.fits),
+        gpu_bytes=gpu_bytes,
+        estimate=current,
+        max_micro_batch_size=_max_micro_batch(cfg, probe) if spec.usable else 0,
+        max_sequence_length=_max_sequence(cfg, probe) if spec.usable else 0,
+    )
+    if not current.fits and spec.usable:
+        advice.suggestions = _suggestions(cfg, probe, current, advice)
+    return advice
+
+
+def _suggestions(cfg: TrainConfig, probe: _Probe, current: VramEstimate, advice: FitAdvice) -> list[Suggestion]:
+    """Single changes that make the run fit, the ones that cost the least quality first."""
+    out: list[Suggestion] = []
+    was = format_bytes(current.total)
+
+    def offer(description: str, overrides: list[str], variant: TrainConfig) -> None:
+        est = probe(variant)
+        if est.fits:
+            out.append(Suggestion(f"{description}: {format_bytes(est.total)} instead of {was}", overrides, est.total))
+
+    tr, lo = cfg.train, cfg.lora
+    if not tr.gradient_checkpointing:
+        offer(
+            "Turn on gradient checkpointing (about a third slower)",
+            ["train.gradient_checkpointing=true"],
+            _variant(cfg, train__gradient_checkpointing=True),
+        )
+    if cfg.optim.optimizer != "paged_adamw_8bit":
+        offer(
+            "Use the paged 8-bit AdamW optimizer",
+            ["optim.optimizer=paged_adamw_8bit"],
+            _variant(cfg, optim__optimizer="paged_adamw_8bit"),
+        )
+    if cfg.model.attn_implementation == "eager":
+        offer("Use SDPA attention", ["model.attn_implementation=sdpa"], _variant(cfg, model__attn_implementation="sdpa"))
+    mbs = advice.max_micro_batch_size
+    if 1 <= mbs < tr.micro_batch_size:
+        ga = math.ceil(tr.micro_batch_size * tr.gradient_accumulation_steps / mbs)
+        offer(
+            f"Micro-batch {mbs} with {ga} accumulation steps (same effective batch, slower)",
+            [f"train.micro_batch_size={mbs}", f"train.gradient_accumulation_steps={ga}"],
+            _variant(cfg, train__micro_batch_size=mbs, train__gradient_accumulation_steps=ga),
+        )
+    rank = lo.rank // 2
+    while rank >= 1:
+        variant = _variant(cfg, lora__rank=rank)
+        if probe.fits(variant):
+            offer(f"LoRA rank {rank} instead of {lo.rank}", [f"lora.rank={rank}"], variant)
+            break
+        rank //= 2
+    seq = advice.max_sequence_length
+    if 8 <= seq < cfg.data.max_length:
+        verb = "drops" if cfg.data.overlong == "drop" else "truncates"
+        offer(
+            f"Sequences of at most {seq} tokens ({verb} longer samples)",
+            [f"data.max_length={seq}"],
+            _variant(cfg, data__max_length=seq),
+        )
+    return out

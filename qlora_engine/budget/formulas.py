@@ -1,0 +1,305 @@
+"""Byte counts of one QLoRA training step, each written from what the libraries actually allocate.
+
+Sources read for each formula (versions: bitsandbytes 0.50, peft 0.21, transformers 5.24,
+torch 2.13); the comments say what was read and why the formula is what it is.
+
+Notation: ``T = micro_batch * seq`` tokens in the longest micro-batch, ``h`` hidden size,
+``i`` intermediate size, ``a``/``kv`` attention/key-value heads, ``d`` head dim, ``V``
+vocabulary, ``r`` LoRA rank, ``e`` bytes per element of the compute dtype (2 for bf16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qlora_engine.budget.spec import LinearShape, ModelSpec, ceil_div
+
+# bitsandbytes 4-bit layout (functional.quantize_4bit, nn.Params4bit): weights are cut into
+# blocks of 64 values, on CUDA and on the CPU alike (Params4bit defaults blocksize=64 and
+# transformers' Linear4bit never passes another). With double quantization the fp32 absmax
+# of every block is itself quantized to uint8 with quantize_blockwise(blocksize=256).
+BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256
+CODE_4BIT_BYTES = 16 * 4  # get_4bit_type(): the 16 NF4/FP4 levels in fp32, one tensor per layer
+CODE_8BIT_BYTES = 256 * 4  # create_dynamic_map(): 256 fp32 levels, copied per layer (copy=True)
+OFFSET_BYTES = 4  # the fp32 mean subtracted from absmax before nesting (a 0-dim tensor)
+
+# bitsandbytes optimizers (optim/optimizer.py, Optimizer2State): tensors smaller than
+# min_8bit_size keep 32-bit state; state buffers of at least 1e5 elements of a paged optimizer
+# live in CUDA managed memory (cudaMallocManaged), outside torch's allocator, and can be
+# evicted to CPU RAM when the GPU runs short.
+MIN_8BIT_SIZE = 4096
+PAGED_MIN_NUMEL = 100_000
+OPT_8BIT_BLOCK = 256
+
+
+def quantized_linear_bytes(numel: int, *, double_quant: bool) -> tuple[int, int]:
+    """(packed weight bytes, quantization-constant bytes) of one 4-bit linear layer.
+
+    Packed: two 4-bit codes per byte, ``(n + 1) // 2`` (the CUDA kernel and the CPU path both
+    round an odd count up). Constants: one absmax per 64-value block (fp32, or uint8 with
+    double quantization plus one fp32 absmax per 256 of those, the 256-entry fp32 dynamic map
+    and the fp32 offset), and the 16-entry code of the 4-bit type.
+    """
+    packed = (numel + 1) // 2
+    blocks = ceil_div(numel, BLOCKSIZE)
+    if double_quant:
+        nested = ceil_div(blocks, NESTED_BLOCKSIZE)
+        consts = blocks + 4 * nested + CODE_8BIT_BYTES + OFFSET_BYTES + CODE_4BIT_BYTES
+    else:
+        consts = 4 * blocks + CODE_4BIT_BYTES
+    return packed, consts
+
+
+def lora_tensor_sizes(lin: LinearShape, rank: int, dora: bool) -> list[int]:
+    """Element counts of the trainable tensors peft adds to one linear layer.
+
+    lora_A is ``r x in``, lora_B is ``out x r`` (peft tuners/lora/layer.py update_layer); DoRA
+    adds a magnitude vector of ``out`` elements. No bias (bias='none').
+    """
+    sizes = [rank * lin.in_features, lin.out_features * rank]
+    if dora:
+        sizes.append(lin.out_features)
+    return sizes
+
+
+def optimizer_state_bytes(sizes: list[int], optimizer: str) -> tuple[int, int, int]:
+    """(bytes in torch's allocator, bytes in paged managed memory, step-time transient bytes).
+
+    AdamW keeps two states per parameter: fp32 (8 bytes/param) for 'adamw' and the 32-bit
+    bitsandbytes optimizers; uint8 plus one fp32 absmax per 256 values for each state in the
+    8-bit ones (tensors under 4096 elements stay 32-bit). torch's foreach AdamW allocates a
+    temporary as large as all exp_avg_sq (the sqrt) during step().
+    """
+    resident = paged = 0
+    eight_bit_used = False
+    for n in sizes:
+        if optimizer == "adamw":
+            resident += 8 * n
+            continue
+        eight = optimizer.endswith("8bit") and n >= MIN_8BIT_SIZE
+        state = 2 * n if eight else 8 * n
+        if eight:
+            eight_bit_used = True
+            resident += 2 * 4 * ceil_div(n, OPT_8BIT_BLOCK)
+        if optimizer.startswith("paged") and n >= PAGED_MIN_NUMEL:
+            paged += state
+        else:
+            resident += state
+    if eight_bit_used:
+        resident += 2 * 256 * 4  # the signed and unsigned dynamic maps, one copy per optimizer
+    transient = 4 * sum(sizes) if optimizer == "adamw" else 0
+    return resident, paged, transient
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The shape of the largest micro-batch and the switches that change what autograd keeps."""
+
+    batch: int
+    seq: int
+    elem: int
+    """Bytes per element of the compute dtype (2 for bf16/fp16, 4 for fp32)."""
+    checkpointing: bool
+    mask: bool
+    """A 4-D attention mask reaches SDPA (padding in the micro-batch, or packed samples)."""
+    packed: bool
+    attn: str
+    """'sdpa' or 'eager'."""
+    rank: int
+    dropout: bool
+    dora: bool
+    dropout_mask_bytes: int = 1
+    """CUDA's fused dropout keeps a bool mask; the CPU's keeps a noise tensor in the input dtype."""
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+def _norm_saved(T: int, width: int) -> int:
+    # LlamaRMSNorm: x.to(float32) is saved by pow() and by the multiply with rsqrt (4 bytes per
+    # element), plus rsqrt's output (one fp32 per row). The final `weight * x.to(dtype)` saves
+    # nothing: the weight is frozen, and autograd only keeps what a needed gradient uses.
+    return 4 * T * width + 4 * T
+
+
+def lora_saved(lin: LinearShape, s: StepShape, input_grad: bool = True) -> int:
+    """What autograd keeps for one adapted linear layer in the forward pass.
+
+    peft's Linear4bit.forward casts x to the adapter's fp32 (``_cast_input_dtype``) and runs
+    ``lora_B(lora_A(dropout(x))) * scaling``: lora_A keeps its fp32 input (4 bytes per input
+    element; every adapted layer makes its own copy, so q, k and v hold three) and lora_B
+    keeps lora_A's fp32 output (T x r). With dropout, CUDA's fused dropout keeps a 1-byte mask
+    (the CPU keeps a 4-byte noise tensor instead), but only when x itself needs a gradient.
+    The 4-bit base matmul (bitsandbytes MatMul4Bit) keeps no activation: its input gradient
+    needs only the packed weight, and the frozen weight has no gradient.
+    """
+    T = s.tokens
+    saved = 4 * T * lin.in_features + 4 * T * s.rank
+    if s.dropout and input_grad:
+        saved += s.dropout_mask_bytes * T * lin.in_features
+    if s.dora:
+        saved += 4 * T * lin.out_features  # DoRA's extra fp32 product; see the estimate's reasons
+    return saved
+
+
+def attention_core_saved(spec: ModelSpec, s: StepShape) -> int:
+    """What attention keeps between the projections and o_proj.
+
+    SDPA without a mask (transformers passes ``is_causal`` and ``enable_gqa``) runs flash
+    attention, which keeps q, k, v (after RoPE), its output and the fp32 log-sum-exp
+    (b x a x s). With a mask, transformers first repeats k and v to all heads (``repeat_kv``),
+    SDPA turns the boolean mask into an additive one in the compute dtype, and the
+    memory-efficient kernel keeps all of those (its log-sum-exp is padded to 32 rows).
+    RoPE keeps only cos/sin, which all layers share. Eager attention keeps the fp32 softmax
+    output and its compute-dtype copy: two b x a x s x s tensors per layer.
+    """
+    T, e, b, n = s.tokens, s.elem, s.batch, s.seq
+    a, kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    q = e * T * a * d
+    out = e * T * a * d
+    if s.attn == "eager":
+        return q + 2 * e * T * a * d + (4 + e) * b * a * n * n
+    if not s.mask:
+        return q + 2 * e * T * kv * d + out + 4 * T * a
+    kv_saved = 2 * e * T * (a if kv < a else kv) * d
+    lse = 4 * b * a * ceil_div(n, 32) * 32
+    return q + kv_saved + out + lse + e * b * n * n
+
+
+def block_saved(spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input_grad: bool = True) -> int:
+    """Bytes autograd keeps for one decoder block.
+
+    An op keeps tensors only when one of its inputs needs a gradient, so this follows the
+    block in order and tracks which tensors do: the block's input (``input_grad``), and
+    everything downstream of an adapter. With gradient checkpointing the engine makes the
+    embedding output require grad, so every block is kept whole while it is recomputed;
+    without it, the first adapted block is kept only from its first adapter on.
+    """
+    T, e, h, i = s.tokens, s.elem, spec.hidden_size, spec.intermediate_size
+    names = {lin.name for lin in adapted}
+
+    def group(name: str) -> list[LinearShape]:
+        return [lin for lin in spec.block_linears if lin.input_group == name]
+
+    def linears(name: str, x_grad: bool) -> tuple[int, bool]:
+        """(bytes kept by the adapted layers reading this input, whether any output needs grad)."""
+        lins = group(name)
+        kept = 0
+        seen_fp32 = False
+        for lin in lins:
+            if lin.name not in names:
+                continue
+            kept += lora_saved(lin, s, x_grad)
+            if e == 4:
+                # In fp32 the cast to the adapter dtype is a no-op: layers reading the same
+                # input share one saved tensor.
+                if seen_fp32:
+                    kept -= 4 * T * lin.in_features
+                seen_fp32 = True
+        return kept, x_grad or any(lin.name in names for lin in lins)
+
+    norm = _norm_saved(T, h)
+    saved = norm if input_grad else 0
+    kept, qkv_grad = linears("attn_in", input_grad)
+    saved += kept
+    if qkv_grad:
+        saved += attention_core_saved(spec, s)
+        if spec.head_norms:
+            saved += _norm_saved(T * spec.num_heads, spec.head_dim) + _norm_saved(T * spec.num_kv_heads, spec.head_dim)
+    kept, attn_grad = linears("o_in", qkv_grad)
+    saved += kept
+    extra_norms = spec.norms_per_block - 2  # Gemma 2/3: post-attention and post-feedforward norms
+    if attn_grad and extra_norms > 0:
+        saved += norm
+    mid_grad = input_grad or attn_grad
+    if mid_grad:
+        saved += norm
+    kept, _ = linears("mlp_in", mid_grad)
+    saved += kept
+    gate_up = group("mlp_in")
+    gate_grad = mid_grad or any(lin.name in names and lin.name != "up_proj" for lin in gate_up)
+    up_grad = mid_grad or any(lin.name in names and lin.name != "gate_proj" for lin in gate_up)
+    # Gated MLP: act(gate) keeps gate's output; act * up keeps up (for act's gradient) and act
+    # (for up's gradient).
+    saved += e * T * i * (2 * gate_grad + up_grad)
+    kept, down_grad = linears("down_in", gate_grad or up_grad)
+    saved += kept
+    if down_grad and extra_norms > 1:
+        saved += norm
+    return saved
+
+
+def blocks_saved(spec: ModelSpec, s: StepShape, adapted: list[LinearShape], layers: set[int]) -> int:
+    """What all blocks keep without checkpointing (``layers``: the adapted block indices).
+
+    Without checkpointing the engine does not make the embedding output require grad
+    (enable_input_require_grads comes with checkpointing only), so the blocks before the
+    first adapter keep nothing and the first adapted block only what follows its adapters.
+    """
+    total, grad = 0, False
+    for i in range(spec.num_layers):
+        here = adapted if i in layers else []
+        total += block_saved(spec, s, here, grad)
+        grad = grad or bool(here)
+    return total
+
+
+def block_backward_workspace(spec: ModelSpec, s: StepShape, adapted: list[LinearShape]) -> int:
+    """Peak of the temporaries of one block's backward pass, beyond what the block saved.
+
+    The gradient arriving from above and the one accumulating for the residual (2 x e x T x h);
+    at the widest adapted layer, lora_A's fp32 input gradient (4 bytes/element) and its cast to
+    the compute dtype plus the base layer's input gradient (e each); and the dequantized weight
+    bitsandbytes builds for its input gradient (e x in x out, plus its absmax in fp32). Without
+    an adapter on the MLP, the widest temporaries are the three T x i gradients of act * up.
+    """
+    T, e = s.tokens, s.elem
+    lora_term = max(((4 + 2 * e) * T * lin.in_features for lin in adapted), default=0)
+    mlp_term = 3 * e * T * spec.intermediate_size
+    biggest = max(spec.block_linears, key=lambda lin: lin.numel)
+    dequant = e * biggest.numel + 4 * ceil_div(biggest.numel, BLOCKSIZE)
+    return 2 * e * T * spec.hidden_size + max(lora_term, mlp_term) + dequant
+
+
+def shared_saved(spec: ModelSpec, s: StepShape) -> int:
+    """Tensors of one forward pass that all blocks share.
+
+    cos/sin of RoPE (one row of positions, or one per sequence when packed samples pass
+    position_ids), the 4-D boolean mask when there is one, and the batch itself on the GPU
+    (input_ids, labels, attention_mask or position_ids: int64) plus the shifted labels the
+    loss keeps.
+    """
+    T, e = s.tokens, s.elem
+    rows = s.batch if s.packed else 1
+    cos_sin = 2 * e * rows * s.seq * spec.head_dim
+    mask = s.batch * s.seq * s.seq if s.mask else 0
+    batch = 3 * 8 * T + 8 * T
+    return cos_sin + mask + batch
+
+
+def final_saved(spec: ModelSpec, s: StepShape) -> int:
+    """The final norm keeps its fp32 input; lm_head (frozen, not adapted) keeps nothing."""
+    return _norm_saved(s.tokens, spec.hidden_size)
+
+
+def logits_bytes(spec: ModelSpec, s: StepShape) -> tuple[int, int, int]:
+    """(retained logits, backward-of-loss peak, forward-of-loss peak), in bytes.
+
+    transformers' ForCausalLMLoss upcasts the full ``T x V`` logits to fp32 and calls
+    cross_entropy = log_softmax + nll_loss. log_softmax keeps its fp32 output (4TV). In the
+    backward, nll_loss's gradient (4TV) and log_softmax's input gradient (4TV) exist together
+    with it: 12 x T x V. The trainer holds the model output (``out``) across backward and
+    until the next forward returns, so one compute-dtype copy of the logits (e x TV) is alive
+    throughout. The forward peak is smaller: the previous and new logits, the fp32 copy and
+    log_softmax's output.
+    """
+    TV = s.tokens * spec.vocab_size
+    e = s.elem
+    retained = e * TV
+    softcap = 2 * e * TV if spec.logit_softcap else 0  # logits / cap and tanh's output
+    backward = 12 * TV
+    upcast = 0 if e == 4 else 4 * TV
+    forward = retained + e * TV + upcast + 4 * TV + softcap
+    return retained, backward + softcap, forward
