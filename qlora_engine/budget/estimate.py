@@ -312,9 +312,13 @@ def estimate_from_spec(
         elif fits and high > gpu_bytes:
             notes.append("fits, but within the estimate's uncertainty of the card's size")
     if opt_paged and not spill:
-        notes.append(f"{opt_paged / MiB:.0f} MiB of optimizer state is paged: it can move to CPU RAM if VRAM runs short")
+        notes.append(
+            f"{opt_paged / MiB:.0f} MiB of optimizer state is paged: it can move to CPU RAM if VRAM runs short"
+        )
     if peak_phase.startswith("loss") and logits > activations:
-        notes.append("the logits and loss over the whole vocabulary dominate the peak; a shorter sequence or smaller micro-batch helps most")
+        notes.append(
+            "the logits and loss over the whole vocabulary dominate the peak; a shorter sequence or smaller micro-batch helps most"
+        )
 
     details = {
         "model_type": spec.model_type,

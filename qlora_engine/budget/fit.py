@@ -158,7 +158,9 @@ def _suggestions(cfg: TrainConfig, probe: _Probe, current: VramEstimate, advice:
             _variant(cfg, optim__optimizer="paged_adamw_8bit"),
         )
     if cfg.model.attn_implementation == "eager":
-        offer("Use SDPA attention", ["model.attn_implementation=sdpa"], _variant(cfg, model__attn_implementation="sdpa"))
+        offer(
+            "Use SDPA attention", ["model.attn_implementation=sdpa"], _variant(cfg, model__attn_implementation="sdpa")
+        )
     mbs = advice.max_micro_batch_size
     if 1 <= mbs < tr.micro_batch_size:
         ga = math.ceil(tr.micro_batch_size * tr.gradient_accumulation_steps / mbs)

@@ -13,11 +13,11 @@
 
 from __future__ import annotations
 
+import bitsandbytes as bnb
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import bitsandbytes as bnb
-import pytest
 from qlora_engine import models
 from qlora_engine.budget import estimate, model_spec
 from qlora_engine.budget import formulas as fm
@@ -176,7 +176,11 @@ def test_saved_activation_bytes_equal_what_autograd_keeps(case, tiny_model_dir):
 
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
     if packed:  # two samples per row; transformers builds a block-diagonal mask from the positions
-        batch = {"input_ids": ids, "labels": ids, "position_ids": torch.cat([torch.arange(24), torch.arange(40)]).repeat(b, 1)}
+        batch = {
+            "input_ids": ids,
+            "labels": ids,
+            "position_ids": torch.cat([torch.arange(24), torch.arange(40)]).repeat(b, 1),
+        }
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(**batch)
     assert torch.isfinite(out.loss)
