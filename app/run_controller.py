@@ -97,6 +97,8 @@ class RunController(QObject):
         self.config_path: Path | None = None
         self.log_path: Path | None = None
         self.run_dir: Path | None = None
+        self.command_factory = engine_command
+        """Builds the child's command line (tests swap in a replay of recorded events)."""
         self._sampler = QTimer(self)
         self._sampler.setInterval(VRAM_SAMPLE_MS)
         self._sampler.timeout.connect(self._sample_vram)
@@ -145,7 +147,7 @@ class RunController(QObject):
         elif launch.train.device != "cuda":
             env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU was chosen: keep the child off every GPU
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")]))
-        cmd = engine_command(config_path, resume)
+        cmd = self.command_factory(config_path, resume)
         if getattr(sys, "frozen", False):  # the packaged app runs its own binary in engine mode
             cmd = [sys.executable, "--engine", *cmd[3:]]
         self.record = RunRecord(run_dir=run_dir)
@@ -209,7 +211,7 @@ class RunController(QObject):
                 if ckpt
                 else "Aborted before any checkpoint was written."
             )
-            rec.apply(LogLine(level="warning", message=msg))
+            self._on_event(LogLine(level="warning", message=msg))
             final = "aborted"
         elif rec.failed is not None:
             final = "failed"
@@ -217,7 +219,7 @@ class RunController(QObject):
             final = "stopped" if rec.finished.stopped_early else "finished"
         else:
             final = "failed"
-            rec.apply(
+            self._on_event(
                 RunFailed(
                     error_type="EngineExited",
                     message=_exit_message(code, stderr_tail),

@@ -14,7 +14,7 @@ from PySide6.QtWidgets import QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLa
 from app.config_model import ConfigModel
 from app.fields import debounce, row
 from app.pages.base import Page
-from app.tasks import TaskRunner
+from app.tasks import TaskRunner, import_ml_stack
 
 
 def fmt_count(n: int | None) -> str:
@@ -27,6 +27,7 @@ def fmt_count(n: int | None) -> str:
 
 
 def inspect(ref: str, trust_remote_code: bool, revision: str | None):
+    import_ml_stack()
     from qlora_engine.models import inspect_model
 
     return inspect_model(ref, trust_remote_code=trust_remote_code, revision=revision)

@@ -1,0 +1,372 @@
+"""The budget panel: the VRAM estimate as a stacked bar against the chosen card, always in view.
+
+Every change of the configuration, the GPU or the data statistics schedules one estimate
+(coalesced within the same event-loop turn) on a background thread of its own, so neither a
+slow estimate nor a model inspection on another thread can hold up the form. The estimate
+comes from ``qlora_engine.budget`` and reads the model's config only, never its weights.
+Over budget the panel turns red and lists the changes that would make the run fit; a click
+applies one to the configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PySide6.QtCore import QRectF, Qt, QTimer, Signal
+from PySide6.QtGui import QColor, QPainter, QPalette, QPen
+from PySide6.QtWidgets import (
+    QComboBox,
+    QFrame,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSizePolicy,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.config_model import ConfigModel
+from app.run_controller import absolute_config
+from app.tasks import TaskRunner, import_ml_stack
+from qlora_engine import gpu as gpu_facts
+from qlora_engine.config import ConfigError, TrainConfig
+
+GIB = float(2**30)
+PALETTE = [
+    "#2563eb",
+    "#0ea5e9",
+    "#14b8a6",
+    "#22c55e",
+    "#84cc16",
+    "#eab308",
+    "#f97316",
+    "#ef4444",
+    "#a855f7",
+    "#ec4899",
+    "#64748b",
+    "#94a3b8",
+]
+
+
+def gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / GIB:.2f} GiB"
+
+
+def compute_budget(cfg: TrainConfig, gpu: gpu_facts.GpuInfo | None, data_stats: dict | None) -> dict:
+    """Estimate (and fit advice when a card is chosen); runs on the budget thread.
+
+    ``qlora_engine.budget`` caches the model's facts, so after the first call for a model
+    this is arithmetic only (a few milliseconds, fit search included).
+    """
+    import_ml_stack()
+    from qlora_engine import budget
+
+    gpu_bytes = gpu.total_bytes if gpu is not None else None
+    name = gpu.name if gpu is not None else None
+    est = budget.estimate(cfg, gpu_bytes=gpu_bytes, data_stats=data_stats, gpu_name=name)
+    advice = budget.fit(cfg, gpu_bytes, data_stats=data_stats) if gpu_bytes else None
+    try:
+        from qlora_engine.budget.estimate import COMPONENT_HELP as help_text
+    except ImportError:
+        help_text = {}
+    return {"estimate": est, "advice": advice, "gpu_bytes": gpu_bytes, "help": help_text}
+
+
+class StackedBar(QWidget):
+    """One horizontal bar of components (bytes) with the card's capacity marked."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.parts: list[tuple[str, float, QColor]] = []
+        self.capacity: float | None = None
+        self.low: float | None = None
+        self.high: float | None = None
+        self.setMinimumHeight(34)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+
+    def set_parts(self, parts: list[tuple[str, float, QColor]], capacity: float | None, low=None, high=None) -> None:
+        self.parts, self.capacity, self.low, self.high = parts, capacity, low, high
+        self.setToolTip("\n".join(f"{name}: {gib(v)}" for name, v, _ in parts))
+        self.update()
+
+    @property
+    def total(self) -> float:
+        return sum(v for _, v, _ in self.parts)
+
+    def paintEvent(self, _event) -> None:  # noqa: N802 - Qt's name
+        p = QPainter(self)
+        p.setRenderHint(QPainter.RenderHint.Antialiasing)
+        pal = self.palette()
+        r = QRectF(self.rect()).adjusted(1, 6, -1, -6)
+        p.setPen(Qt.PenStyle.NoPen)
+        p.setBrush(pal.color(QPalette.ColorRole.AlternateBase))
+        p.drawRoundedRect(r, 4, 4)
+        scale_max = max(self.total, self.capacity or 0.0, self.high or 0.0) * 1.04 or 1.0
+        x = r.left()
+        for _name, v, color in self.parts:
+            w = r.width() * v / scale_max
+            p.setBrush(color)
+            p.drawRect(QRectF(x, r.top(), max(w, 0.0), r.height()))
+            x += w
+        if self.high and self.low:
+            p.setPen(QPen(pal.color(QPalette.ColorRole.Text), 1))
+            lo_x = r.left() + r.width() * self.low / scale_max
+            hi_x = r.left() + r.width() * self.high / scale_max
+            mid = r.center().y()
+            p.drawLine(int(lo_x), int(mid), int(hi_x), int(mid))
+        if self.capacity:
+            cx = r.left() + r.width() * self.capacity / scale_max
+            over = self.total > self.capacity
+            p.setPen(QPen(QColor("#dc2626") if over else pal.color(QPalette.ColorRole.Text), 2))
+            p.drawLine(int(cx), int(r.top() - 5), int(cx), int(r.bottom() + 5))
+        p.end()
+
+
+class BudgetPanel(QFrame):
+    """The right-hand panel. ``updated`` fires after every redraw (the tests wait on it)."""
+
+    updated = Signal()
+    gpu_changed = Signal(object)
+
+    def __init__(self, model: ConfigModel, tasks: TaskRunner, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("budgetPanel")
+        self.model = model
+        self.tasks = tasks
+        self.data_stats: dict | None = None
+        self.result: dict | None = None
+        self.error: str | None = None
+        self.gpus: list[gpu_facts.GpuInfo] = []
+        self.suggestion_buttons: list[QPushButton] = []
+        self.setMinimumWidth(290)
+        self.setMaximumWidth(380)
+
+        title = QLabel("VRAM budget")
+        title.setObjectName("panelTitle")
+        self.gpu_combo = QComboBox()
+        self.gpu_combo.setObjectName("gpuSelector")
+        self.gpu_combo.setToolTip("The card to train on; the estimate is compared with its memory")
+        self.refresh_gpus_button = QToolButton()
+        self.refresh_gpus_button.setText("⟳")
+        self.refresh_gpus_button.setToolTip("Look for GPUs again (free memory changes as other programs run)")
+        self.refresh_gpus_button.clicked.connect(self.refresh_gpus)
+        gpu_row = QHBoxLayout()
+        gpu_row.addWidget(self.gpu_combo, 1)
+        gpu_row.addWidget(self.refresh_gpus_button)
+        self.headline = QLabel("-")
+        self.headline.setObjectName("budgetHeadline")
+        self.status = QLabel("")
+        self.status.setObjectName("budgetStatus")
+        self.status.setWordWrap(True)
+        self.bar = StackedBar()
+        self.legend = QGridLayout()
+        self.legend.setHorizontalSpacing(8)
+        self.legend.setVerticalSpacing(2)
+        legend_box = QWidget()
+        legend_box.setLayout(self.legend)
+        self.largest = QLabel("")
+        self.largest.setObjectName("hint")
+        self.largest.setWordWrap(True)
+        self.reasons = QLabel("")
+        self.reasons.setObjectName("hint")
+        self.reasons.setWordWrap(True)
+        self.suggest_title = QLabel("To make it fit, click a change:")
+        self.suggest_title.setObjectName("suggestTitle")
+        self.suggest_box = QVBoxLayout()
+        suggest_holder = QWidget()
+        suggest_holder.setLayout(self.suggest_box)
+
+        lay = QVBoxLayout(self)
+        lay.addWidget(title)
+        lay.addLayout(gpu_row)
+        lay.addWidget(self.headline)
+        lay.addWidget(self.bar)
+        lay.addWidget(self.status)
+        lay.addWidget(legend_box)
+        lay.addWidget(self.largest)
+        lay.addWidget(self.suggest_title)
+        lay.addWidget(suggest_holder)
+        lay.addWidget(self.reasons)
+        lay.addStretch(1)
+
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(0)  # coalesce the changes of one event-loop turn
+        self._timer.timeout.connect(self.recompute)
+        model.changed.connect(lambda *_: self._timer.start())
+        self.gpu_combo.currentIndexChanged.connect(self._on_gpu_changed)
+        tasks.finished.connect(self._on_result)
+        tasks.failed.connect(self._on_failed)
+        self.refresh_gpus()
+
+    # -- GPUs ------------------------------------------------------------------------------
+    def refresh_gpus(self) -> None:
+        report = gpu_facts.query_gpus()
+        current = self.selected_gpu()
+        self.gpus = list(report.gpus)
+        self.gpu_combo.blockSignals(True)
+        self.gpu_combo.clear()
+        for g in self.gpus:
+            self.gpu_combo.addItem(g.label(), g.index)
+        self.gpu_combo.addItem("CPU (no GPU)" if not self.gpus else "CPU", -1)
+        if not self.gpus:
+            self.gpu_combo.setItemData(0, report.reason or "no NVIDIA GPU", Qt.ItemDataRole.ToolTipRole)
+        if current is not None:
+            i = self.gpu_combo.findData(current.index)
+            self.gpu_combo.setCurrentIndex(max(i, 0))
+        self.gpu_combo.blockSignals(False)
+        self._on_gpu_changed()
+
+    def selected_gpu(self) -> gpu_facts.GpuInfo | None:
+        index = self.gpu_combo.currentData()
+        return next((g for g in self.gpus if g.index == index), None)
+
+    def select_gpu(self, index: int) -> None:
+        i = self.gpu_combo.findData(index)
+        if i >= 0:
+            self.gpu_combo.setCurrentIndex(i)
+
+    def _on_gpu_changed(self, *_args) -> None:
+        self.gpu_changed.emit(self.selected_gpu())
+        self._timer.start()
+
+    # -- inputs ----------------------------------------------------------------------------
+    def set_data_stats(self, stats: dict | None) -> None:
+        if stats != self.data_stats:
+            self.data_stats = stats
+            self._timer.start()
+
+    def set_model_info(self, _info: Any) -> None:
+        """A model was inspected (its files may have changed): estimate again."""
+        self._timer.start()
+
+    # -- computing -------------------------------------------------------------------------
+    def recompute(self) -> None:
+        cfg = self.model.config
+        g = self.selected_gpu()
+        if not cfg.model.ref.strip():
+            self.tasks.cancel("budget")
+            self._draw_empty("Choose a model to see its memory estimate.")
+            return
+        cfg, stats = absolute_config(cfg), self.data_stats
+        self.tasks.submit("budget", lambda: compute_budget(cfg, g, stats))
+
+    def _on_result(self, key: str, result: object) -> None:
+        if key == "budget":
+            self.result, self.error = result, None
+            self._draw(result)
+            self.updated.emit()
+
+    def _on_failed(self, key: str, exc: Exception, _tb: str) -> None:
+        if key != "budget":
+            return
+        self.result = None
+        if isinstance(exc, ModuleNotFoundError) and "budget" in str(exc):
+            self.error = "The VRAM estimator is not installed in this build."
+        else:
+            self.error = str(exc)
+        self._draw_empty(self.error)
+        self.updated.emit()
+
+    # -- drawing ---------------------------------------------------------------------------
+    def _clear_legend(self) -> None:
+        while self.legend.count():
+            item = self.legend.takeAt(0)
+            if item.widget():
+                item.widget().deleteLater()
+
+    def _set_suggestions(self, suggestions: list[Any]) -> None:
+        for b in self.suggestion_buttons:
+            b.deleteLater()
+        self.suggestion_buttons = []
+        for s in suggestions:
+            b = QPushButton(s.description)
+            b.setObjectName("suggestion")
+            b.setToolTip("Apply: " + ", ".join(s.overrides))
+            b.clicked.connect(lambda _=False, o=list(s.overrides): self.apply(o))
+            self.suggest_box.addWidget(b)
+            self.suggestion_buttons.append(b)
+        self.suggest_title.setVisible(bool(suggestions))
+
+    def apply(self, overrides: list[str]) -> None:
+        try:
+            self.model.apply_overrides(overrides)
+        except ConfigError as e:
+            self.status.setText(f"Could not apply {', '.join(overrides)}: {e}")
+
+    def _set_state(self, state: str) -> None:
+        self.setProperty("state", state)
+        for w in (self, self.headline, self.status):
+            w.setProperty("state", state)
+            w.style().unpolish(w)
+            w.style().polish(w)
+
+    def _draw_empty(self, text: str) -> None:
+        self.headline.setText("-")
+        self.status.setText(text)
+        self.bar.set_parts([], None)
+        self._clear_legend()
+        self._set_suggestions([])
+        self.largest.setText("")
+        self.reasons.setText("")
+        self._set_state("none")
+
+    def _draw(self, result: dict) -> None:
+        est, advice, capacity = result["estimate"], result["advice"], result["gpu_bytes"]
+        comps = list(getattr(est, "components", {}).items())
+        parts = [(name, float(v), QColor(PALETTE[i % len(PALETTE)])) for i, (name, v) in enumerate(comps)]
+        total = float(est.total)
+        self.bar.set_parts(parts, capacity, getattr(est, "low", None), getattr(est, "high", None))
+        self._clear_legend()
+        for i, (name, v, color) in enumerate(parts):
+            swatch = QLabel()
+            swatch.setFixedSize(10, 10)
+            swatch.setStyleSheet(f"background:{color.name()}; border-radius:2px")
+            label = QLabel(name.replace("_", " "))
+            label.setToolTip(result.get("help", {}).get(name, ""))
+            self.legend.addWidget(swatch, i, 0)
+            self.legend.addWidget(label, i, 1)
+            value = QLabel(gib(v))
+            value.setAlignment(Qt.AlignmentFlag.AlignRight)
+            self.legend.addWidget(value, i, 2)
+        approx = " (approximate)" if getattr(est, "approximate", False) else ""
+        if capacity:
+            fits = total <= capacity if getattr(est, "fits", None) is None else bool(est.fits)
+            self.headline.setText(f"{gib(total)} of {gib(capacity)}")
+            spill = int(getattr(est, "spill_to_cpu_bytes", 0) or 0)
+            if fits and spill:
+                self.status.setText(
+                    f"Fits by moving {gib(spill)} of optimizer state to CPU RAM (paged optimizer): slower steps{approx}."
+                )
+            elif fits:
+                self.status.setText(f"Fits, with {gib(capacity - total)} to spare{approx}.")
+            else:
+                self.status.setText(f"Does not fit: {gib(total - capacity)} over this card{approx}.")
+            self._set_state("ok" if fits else "over")
+            suggestions = list(getattr(advice, "suggestions", []) or []) if not fits else []
+        else:
+            self.headline.setText(gib(total))
+            self.status.setText("Training on the CPU: no VRAM limit, but slow (fine for tests and demos)." + approx)
+            self._set_state("cpu")
+            suggestions = []
+        low, high = getattr(est, "low", None), getattr(est, "high", None)
+        if low and high:
+            self.headline.setText(self.headline.text() + f"  (likely {low / GIB:.2f}-{high / GIB:.2f})")
+        self._set_suggestions(suggestions)
+        self.largest.setText(_largest_text(advice))
+        reasons = list(getattr(est, "reasons", []) or [])
+        self.reasons.setText("\n".join(f"• {r}" for r in reasons[:6]))
+
+
+def _largest_text(advice: Any) -> str:
+    if advice is None:
+        return ""
+    mb, seq = advice.max_micro_batch_size, advice.max_sequence_length
+    if not mb and not seq:
+        return "Not even one sequence fits on this card with these settings."
+    return (
+        f"Largest micro-batch that fits: {mb}" + (" (none)" if not mb else "") + "\n"
+        f"Longest sequence that fits (micro-batch as set): {seq:,} tokens"
+    )

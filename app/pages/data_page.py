@@ -1,0 +1,378 @@
+"""Data page: the training file, its detected format and evidence, column mapping, rendered
+samples with the trained part highlighted, and a histogram of token lengths with the cut.
+
+Everything shown comes from ``qlora_engine.data.inspect_data`` (the same code the CLI's
+``inspect-data`` runs), called in the background with the chosen model's tokenizer.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QComboBox, QFileDialog, QFormLayout, QLabel, QPushButton, QTextBrowser, QWidget
+
+from app.config_model import ConfigModel
+from app.fields import debounce, row
+from app.pages.base import Page
+from app.tasks import TaskRunner, import_ml_stack
+
+PREVIEW_ROWS = 2000
+"""Rows read for the statistics and the histogram (the preview must stay quick on big files)."""
+SHOWN_SAMPLES = 5
+SAME = "(same name)"
+
+FIELDS = {
+    "text": ("text",),
+    "alpaca": ("instruction", "input", "output", "system"),
+    "chat": ("messages",),
+    "sharegpt": ("conversations", "system"),
+    "prompt_completion": ("prompt", "completion"),
+}
+
+
+class TokenizerCache:
+    """Tokenizers by model reference; used from the background thread only."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, bool], Any] = {}
+
+    def get(self, ref: str, trust_remote_code: bool) -> Any:
+        key = (ref, trust_remote_code)
+        if key not in self._cache:
+            from qlora_engine.data.inspect import load_tokenizer_for
+
+            self._cache.clear()  # one model at a time is enough
+            self._cache[key] = load_tokenizer_for(ref, trust_remote_code=trust_remote_code)
+        return self._cache[key]
+
+
+def inspect_for_page(cfg, tokenizers: TokenizerCache | None, model_ref: str | None) -> dict[str, Any]:
+    """The data report the page draws, with the token lengths for the histogram."""
+    import_ml_stack()
+    from qlora_engine.data import inspect_data
+
+    tokenizer = tokenizers.get(model_ref, cfg.model.trust_remote_code) if (tokenizers and model_ref) else None
+    report = inspect_data(cfg, tokenizer, samples=PREVIEW_ROWS if tokenizer else SHOWN_SAMPLES, max_rows=PREVIEW_ROWS)
+    samples = report.get("samples") or []
+    if tokenizer is not None and "lengths" not in report:
+        report["lengths"] = [int(s["tokens"]) for s in samples if "tokens" in s]
+    report["samples"] = samples[:SHOWN_SAMPLES]
+    return report
+
+
+def raw_keys(cfg) -> list[str]:
+    """Column names of the first rows, for mapping when the format cannot be detected."""
+    try:
+        from qlora_engine.data.pipeline import _open
+
+        keys: dict[str, None] = {}
+        for i, r in enumerate(_open(cfg, cfg.data.path).rows()):
+            if isinstance(getattr(r, "data", None), dict):
+                keys.update(dict.fromkeys(r.data))
+            if i >= 50:
+                break
+        return list(keys)
+    except Exception:
+        return []
+
+
+class DataPage(Page):
+    title = "2  Data"
+    subtitle = (
+        "JSONL, JSON, CSV, Parquet or plain text; a saved datasets folder or a hub dataset id. The format is detected "
+        "from the rows: plain text, instruction (Alpaca), chat messages, ShareGPT conversations, or prompt/completion."
+    )
+
+    def __init__(self, model: ConfigModel, tasks: TaskRunner, parent: QWidget | None = None) -> None:
+        super().__init__(model, parent)
+        self.tasks = tasks
+        self.model_ref: str | None = None
+        self.report: dict[str, Any] | None = None
+        self.tokenizers = TokenizerCache()
+        self.keys: list[str] = []
+
+        _box, form = self.group("Training data")
+        self.browse_file = QPushButton("File…")
+        self.browse_file.clicked.connect(self._pick_file)
+        self.browse_folder = QPushButton("Folder…")
+        self.browse_folder.clicked.connect(self._pick_folder)
+        self.add_binding(form, "data", "path", wrap=lambda e: row(e, self.browse_file, self.browse_folder))
+        for name in ("format", "subset", "split"):
+            self.add_binding(form, "data", name)
+
+        box, _ = self.group("What was found")
+        self.detected = QLabel("Choose a data file to see what it holds.")
+        self.detected.setObjectName("detected")
+        self.detected.setWordWrap(True)
+        self.detected.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        box.layout().addWidget(self.detected)
+        self.problems = QLabel()
+        self.problems.setObjectName("fieldError")
+        self.problems.setWordWrap(True)
+        self.problems.hide()
+        box.layout().addWidget(self.problems)
+
+        self.mapping_box, _ = self.group("Column mapping")
+        self.mapping_note = QLabel(
+            "Tell which of your columns holds each of our fields (only needed when your names differ from ours)."
+        )
+        self.mapping_note.setObjectName("hint")
+        self.mapping_note.setWordWrap(True)
+        self.mapping_box.layout().addWidget(self.mapping_note)
+        self.mapping_form = QFormLayout()
+        holder = QWidget()
+        holder.setLayout(self.mapping_form)
+        self.mapping_box.layout().addWidget(holder)
+        self.mapping_combos: dict[str, QComboBox] = {}
+        self.mapping_box.hide()
+
+        box, _ = self.group("Samples as the model sees them")
+        self.preview = QTextBrowser()
+        self.preview.setObjectName("samplePreview")
+        self.preview.setMinimumHeight(220)
+        self.preview.setOpenLinks(False)
+        box.layout().addWidget(self.preview)
+
+        box, _ = self.group("Token lengths")
+        self.histogram = pg.PlotWidget()
+        self.histogram.setObjectName("lengthHistogram")
+        self.histogram.setMinimumHeight(180)
+        self.histogram.setLabel("bottom", "tokens per sample")
+        self.histogram.setLabel("left", "samples")
+        self.histogram.setMenuEnabled(False)
+        self.bars = pg.BarGraphItem(x=[], height=[], width=1, brush="#3b82f6")
+        self.histogram.addItem(self.bars)
+        self.cut_line = pg.InfiniteLine(
+            angle=90,
+            movable=False,
+            pen=pg.mkPen("#dc2626", width=2, style=Qt.PenStyle.DashLine),
+            label="max length {value:.0f}",
+            labelOpts={"position": 0.9, "color": "#dc2626"},
+        )
+        self.histogram.addItem(self.cut_line)
+        self.stats = QLabel()
+        self.stats.setObjectName("hint")
+        self.stats.setWordWrap(True)
+        box.layout().addWidget(self.histogram)
+        box.layout().addWidget(self.stats)
+
+        self.group(
+            "Length, masking and validation",
+            [
+                ("data", n)
+                for n in (
+                    "max_length",
+                    "overlong",
+                    "train_on_prompt",
+                    "packing",
+                    "validation_split",
+                    "validation_path",
+                    "chat_template",
+                )
+            ],
+        )
+        self.finish()
+
+        self._timer = debounce(self, 350, self.inspect_now)
+        model.changed.connect(self._on_changed)
+        tasks.finished.connect(self._on_result)
+        tasks.failed.connect(self._on_failed)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def set_model_ref(self, ref: str | None) -> None:
+        """The model whose tokenizer measures the samples (None: format-only look)."""
+        if ref != self.model_ref:
+            self.model_ref = ref
+            self._timer.start()
+
+    def _pick_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self,
+            "Choose training data",
+            str(self.model.base_dir or Path.home()),
+            "Data (*.jsonl *.json *.csv *.tsv *.parquet *.txt);;All files (*)",
+        )
+        if path:
+            self.model.set_value("data", "path", path)
+
+    def _pick_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(
+            self, "Choose a saved datasets folder", str(self.model.base_dir or Path.home())
+        )
+        if folder:
+            self.model.set_value("data", "path", folder)
+
+    def _on_changed(self, section: str, name: str) -> None:
+        if section in ("", "data") and name not in ("validation_split", "validation_path", "packing"):
+            self._timer.start()
+        if (section, name) == ("data", "max_length") and self.report:
+            self._draw_histogram(self.report)
+
+    # -- inspection ------------------------------------------------------------------------
+    def inspect_now(self) -> None:
+        cfg = self.model.config
+        if not cfg.data.path.strip():
+            self.tasks.cancel("data")
+            self._show_message("Choose a data file to see what it holds.")
+            return
+        ref = self.model_ref
+        tokenizers = self.tokenizers
+        self.detected.setText(f"Reading {cfg.data.path} …")
+        self.tasks.submit("data", lambda: inspect_for_page(cfg, tokenizers, ref))
+
+    def _on_result(self, key: str, report: object) -> None:
+        if key == "data":
+            self.show_report(report)
+
+    def _on_failed(self, key: str, exc: Exception, _tb: str) -> None:
+        if key != "data":
+            return
+        hint = getattr(exc, "hint", None)
+        self._show_message(str(exc) + (f"\n{hint}" if hint else ""), error=True)
+        cfg = self.model.config
+        if "cannot tell the data format" in str(exc) or "not found; the rows have" in str(exc):
+            self.tasks.submit("data-keys", lambda: raw_keys(cfg))
+            self.tasks.finished.connect(self._on_keys)
+
+    def _on_keys(self, key: str, keys: object) -> None:
+        if key == "data-keys":
+            self.tasks.finished.disconnect(self._on_keys)
+            self._show_mapping(list(keys), unsure=True)
+
+    def _show_message(self, text: str, error: bool = False) -> None:
+        self.report = None
+        self.detected.setText(text if not error else "")
+        self.problems.setText(text if error else "")
+        self.problems.setVisible(error)
+        self.preview.clear()
+        self.bars.setOpts(x=[], height=[], width=1)
+        self.stats.setText("")
+
+    # -- drawing ---------------------------------------------------------------------------
+    def show_report(self, report: dict[str, Any]) -> None:
+        self.report = report
+        fmt = report.get("format", "?")
+        ev = report.get("evidence") or {}
+        reason = ev.get("reason") or ("set by data.format" if ev.get("given") else "")
+        rows = report.get("rows", 0)
+        usable = report.get("usable_rows", 0)
+        limited = " (first rows only)" if report.get("limited_to_rows") and rows >= report["limited_to_rows"] else ""
+        lines = [f"<b>Format: {html.escape(str(fmt))}</b> — {html.escape(reason)}"]
+        lines.append(f"{rows:,} rows read{limited}, {usable:,} usable, {report.get('skipped_total', 0):,} skipped")
+        if report.get("template"):
+            lines.append(f"Chat template: {html.escape(str(report['template']))}")
+        if report.get("note"):
+            lines.append(html.escape(str(report["note"])))
+        self.detected.setText("<br>".join(lines))
+        problems = list(report.get("problems") or [])
+        for reason_text, entry in (report.get("skipped") or {}).items():
+            where = ", ".join(entry.get("where", [])[:3])
+            problems.append(f"{entry.get('count', 0)} rows skipped: {reason_text}" + (f" ({where})" if where else ""))
+        self.problems.setText("\n".join(f"• {p}" for p in problems))
+        self.problems.setVisible(bool(problems))
+        fits = ev.get("rows_fitting") or {}
+        unsure = bool(fits) and (fits.get(fmt, 0) < ev.get("rows_examined", 0) or len(fits) > 1 and fmt == "text")
+        self._show_mapping(
+            list((ev.get("keys") or {}).keys()), unsure=unsure or bool(self.model.value("data", "columns"))
+        )
+        self._draw_samples(report.get("samples") or [])
+        self._draw_histogram(report)
+
+    def _draw_samples(self, samples: list[dict[str, Any]]) -> None:
+        parts = [
+            '<p style="margin:0 0 8px 0"><span style="background:#fde68a;color:#111">highlighted</span> = trained '
+            "(the loss is computed there); plain = prompt, context only.</p>"
+        ]
+        for i, s in enumerate(samples, 1):
+            facts = [f"{s.get('where', f'sample {i}')}"]
+            if "tokens" in s:
+                facts.append(f"{s['tokens']} tokens, {s.get('trained_tokens', 0)} trained")
+                if s.get("over_max_length"):
+                    facts.append("<span style='color:#dc2626'>longer than max length</span>")
+                if not s.get("ends_with_eos", True):
+                    facts.append("<span style='color:#d97706'>no end-of-sequence token</span>")
+            body = []
+            for seg in s.get("segments") or [{"text": s.get("text", ""), "trained": False}]:
+                text = html.escape(str(seg.get("text", ""))).replace("\n", "↵<br>")
+                body.append(
+                    f'<span style="background:#fde68a;color:#111">{text}</span>' if seg.get("trained") else text
+                )
+            parts.append(
+                f"<p style='margin:10px 0 2px 0'><b>{' · '.join(facts)}</b></p>"
+                f"<div style='font-family:monospace; white-space:pre-wrap'>{''.join(body)}</div>"
+            )
+        if not samples:
+            parts.append("<p>No samples to show.</p>")
+        self.preview.setHtml("".join(parts))
+
+    def _draw_histogram(self, report: dict[str, Any]) -> None:
+        max_len = int(self.model.config.data.max_length)
+        self.cut_line.setValue(max_len)
+        lengths = np.asarray(report.get("lengths") or [], dtype=float)
+        stats = report.get("token_stats") or {}
+        if lengths.size == 0:
+            self.bars.setOpts(x=[], height=[], width=1)
+            self.stats.setText("Choose a model to measure the samples in tokens." if not stats else "")
+            return
+        top = max(float(lengths.max()), float(max_len)) * 1.05
+        counts, edges = np.histogram(lengths, bins=min(40, max(5, int(np.sqrt(lengths.size)) + 1)), range=(0, top))
+        width = edges[1] - edges[0]
+        centers = edges[:-1] + width / 2
+        brushes = [pg.mkBrush("#dc2626" if c > max_len else "#3b82f6") for c in centers]
+        self.bars.setOpts(x=centers, height=counts, width=width * 0.95, brushes=brushes)
+        over = int((lengths > max_len).sum())
+        policy = self.model.config.data.overlong
+        text = (
+            f"{lengths.size:,} samples measured: min {int(lengths.min())}, median {int(np.median(lengths))}, "
+            f"95% under {int(np.percentile(lengths, 95))}, max {int(lengths.max())} tokens."
+        )
+        if over:
+            text += f" {over} ({over / lengths.size:.1%}) are longer than {max_len} and would be {policy}d."
+        else:
+            text += f" All fit in {max_len} tokens."
+        self.stats.setText(text)
+
+    # -- column mapping --------------------------------------------------------------------
+    def _show_mapping(self, keys: list[str], unsure: bool) -> None:
+        self.keys = keys
+        while self.mapping_form.rowCount():
+            self.mapping_form.removeRow(0)
+        self.mapping_combos = {}
+        fmt = self.model.value("data", "format")
+        if fmt == "auto":
+            fmt = (self.report or {}).get("format", "alpaca") if self.report else "alpaca"
+        columns = dict(self.model.value("data", "columns") or {})
+        for ours in FIELDS.get(fmt, ()):
+            combo = QComboBox()
+            combo.setObjectName(f"map:{ours}")
+            combo.addItem(SAME, None)
+            for k in keys:
+                if k != ours:
+                    combo.addItem(k, k)
+            if columns.get(ours):
+                i = combo.findData(columns[ours])
+                if i < 0:
+                    combo.addItem(columns[ours], columns[ours])
+                    i = combo.count() - 1
+                combo.setCurrentIndex(i)
+            combo.currentIndexChanged.connect(lambda _i, o=ours, c=combo: self._map(o, c.currentData()))
+            self.mapping_combos[ours] = combo
+            self.mapping_form.addRow(f"{ours} ({fmt})", combo)
+        self.mapping_note.setText(
+            ("The format is not certain: check which of your columns holds each field. " if unsure else "")
+            + f"Your columns: {', '.join(keys) or '-'}."
+        )
+        self.mapping_box.setVisible(unsure and bool(self.mapping_combos))
+
+    def _map(self, ours: str, theirs: str | None) -> None:
+        columns = dict(self.model.value("data", "columns") or {})
+        if theirs:
+            columns[ours] = theirs
+        else:
+            columns.pop(ours, None)
+        self.model.set_value("data", "columns", columns)

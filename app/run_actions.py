@@ -1,0 +1,249 @@
+"""What the window does with runs: start, stop, abort, resume, open from the history, the demo.
+
+Kept apart from the main window (which owns pages, menus and files) so that each stays
+readable. Questions to the user go through small methods (``ask_*``) the tests replace.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import QObject, QTimer, Signal
+from PySide6.QtWidgets import QMessageBox, QWidget
+
+from app.error_dialog import RunErrorDialog
+from app.history import HistoryPage
+from app.run_controller import RunController, absolute_config, holds_run, next_free_dir
+from app.run_record import RunRecord
+from app.run_view import RunView
+from app.settings import add_known_run, workspace_dir
+from qlora_engine.config import ConfigError, TrainConfig, apply_overrides, check_ready
+from qlora_engine.events import RunFailed
+
+CLOSE_GRACE_MS = 120_000
+"""How long closing the window waits for a stopped run to save before ending it."""
+
+
+class RunActions(QObject):
+    """Glue between the run controller, the run view, the history and the configuration."""
+
+    error_shown = Signal(object)
+    """The error dialog was opened (tests close it)."""
+    run_started = Signal(object)
+
+    def __init__(self, window, view: RunView, history: HistoryPage) -> None:
+        super().__init__(window)
+        self.window = window
+        self.view = view
+        self.history = history
+        self.controller = RunController(self)
+        self.dialog: RunErrorDialog | None = None
+        self.replaying: Path | None = None
+        c = self.controller
+        c.state_changed.connect(view.set_state)
+        c.updated.connect(view.schedule_redraw)
+        c.event.connect(view.append_event)
+        c.output.connect(view.append_text)
+        c.failed.connect(self.show_failure)
+        c.ended.connect(self._on_ended)
+        view.start_requested.connect(self.start)
+        view.stop_requested.connect(self.stop)
+        view.abort_requested.connect(self.abort)
+        history.open_requested.connect(self.open_run)
+        history.load_config_requested.connect(self.load_run_config)
+        history.resume_requested.connect(self.resume)
+        history.compare_requested.connect(self.compare)
+
+    @property
+    def running(self) -> bool:
+        return self.controller.running
+
+    # -- questions (replaced in tests) -----------------------------------------------------
+    def ask_existing_run(self, run_dir: Path, new_dir: Path) -> str:
+        """The output folder holds a run: 'resume', 'new' (use ``new_dir``) or 'cancel'."""
+        box = QMessageBox(self.window)
+        box.setWindowTitle("The output folder holds a run")
+        box.setText(f"{run_dir} already holds a run (checkpoints or an adapter).")
+        box.setInformativeText(f"Continue that run, or start a new one in {new_dir.name}?")
+        resume = box.addButton("Continue it", QMessageBox.ButtonRole.AcceptRole)
+        new = box.addButton(f"New run in {new_dir.name}", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.exec()
+        return "resume" if box.clickedButton() is resume else "new" if box.clickedButton() is new else "cancel"
+
+    def tell(self, title: str, text: str) -> None:
+        QMessageBox.warning(self.window, title, text)
+
+    # -- starting --------------------------------------------------------------------------
+    def start(self) -> bool:
+        """Start a run with the form's configuration (after checking it)."""
+        w = self.window
+        model = w.config_model
+        if self.running:
+            return False
+        if not model.valid:
+            key = next(iter(model.errors), None)
+            w.reveal_field(key)
+            self.tell("Fix the configuration first", f"{key}: {model.errors[key]}" if key else str(model.general_error))
+            return False
+        cfg = model.config
+        try:
+            check_ready(cfg)
+        except ConfigError as e:
+            w.reveal_field(str(e).split(":", 1)[0])
+            self.tell("Not ready to train", str(e))
+            return False
+        run_dir = cfg.output_dir
+        resume = None
+        if holds_run(run_dir):
+            new_dir = next_free_dir(run_dir)
+            answer = self.ask_existing_run(run_dir, new_dir)
+            if answer == "cancel":
+                return False
+            if answer == "resume":
+                resume = True
+            else:
+                model.set_value("output", "dir", str(new_dir))
+                cfg = model.config
+        return self._launch(cfg, resume=resume)
+
+    def _launch(self, cfg: TrainConfig, resume: bool | str | None = None) -> bool:
+        w = self.window
+        self.replaying = None
+        self.view.charts.set_overlays({})
+        try:
+            run_dir = self.controller.start(cfg, resume=resume, gpu=w.budget.selected_gpu())
+        except (ConfigError, RuntimeError, OSError) as e:
+            self.tell("Could not start the run", str(e))
+            return False
+        self.view.show_record(self.controller.record, self.controller.state)
+        self.view.title.setText(f"Run: {run_dir.name}")
+        add_known_run(w.settings, run_dir)
+        w.show_page("run")
+        self.run_started.emit(run_dir)
+        return True
+
+    def stop(self) -> None:
+        self.controller.stop()
+
+    def abort(self) -> None:
+        self.controller.abort()
+
+    def resume(self, run_dir: Path) -> bool:
+        """Continue a run from its newest checkpoint, with the configuration it was started with."""
+        if self.running:
+            self.tell("A run is in progress", "Stop the current run before resuming another.")
+            return False
+        try:
+            cfg = TrainConfig.load(Path(run_dir) / "config.yaml")
+            cfg = apply_overrides(cfg, [f"output.dir={Path(run_dir).resolve()}"])
+            cfg.base_dir = Path(run_dir).resolve()
+        except ConfigError as e:
+            self.tell("Cannot resume this run", str(e))
+            return False
+        return self._launch(absolute_config(cfg), resume=True)
+
+    # -- the demo --------------------------------------------------------------------------
+    def start_demo(self, gguf: Path) -> bool:
+        """One click: the demo model on the bundled sample data, a short run, started at once."""
+        from qlora_engine.resources import path as resource_path
+
+        out = (
+            next_free_dir(workspace_dir() / "runs" / "demo")
+            if (workspace_dir() / "runs" / "demo").exists()
+            else (workspace_dir() / "runs" / "demo")
+        )
+        overrides = {
+            ("model", "ref"): str(gguf),
+            ("data", "path"): str(resource_path("data", "quickstart.jsonl")),
+            ("output", "dir"): str(out),
+            ("train", "max_steps"): 30,
+            ("train", "micro_batch_size"): 4,
+            ("train", "gradient_accumulation_steps"): 1,
+            ("train", "save_steps"): 10,
+            ("optim", "learning_rate"): 5e-4,
+            ("optim", "warmup_steps"): 2,
+            ("data", "max_length"): 256,
+        }
+        self.window.config_model.reset(TrainConfig())
+        self.window.config_model.config.base_dir = workspace_dir()
+        self.window.config_model.set_values(overrides)
+        return self.start()
+
+    # -- history ---------------------------------------------------------------------------
+    def open_run(self, run_dir: Path) -> None:
+        """Redraw a finished (or failed, or stopped) run's charts from its events.jsonl."""
+        if self.running:
+            self.tell("A run is in progress", "Its charts are on the Run page; open past runs when it has ended.")
+            return
+        rec = RunRecord.from_dir(run_dir)
+        self.replaying = Path(run_dir)
+        self.view.show_record(rec, "replay")
+        self.view.title.setText(f"Run: {Path(run_dir).name} (from history)")
+        self.view.set_summary(_record_summary(rec))
+        self.window.show_page("run")
+
+    def load_run_config(self, run_dir: Path) -> None:
+        """Load a run's configuration into the form, pointed at a fresh output folder."""
+        if not self.window.maybe_save_changes():
+            return
+        try:
+            cfg = TrainConfig.load(Path(run_dir) / "config.yaml")
+        except ConfigError as e:
+            self.tell("Cannot load this run's configuration", str(e))
+            return
+        fresh = next_free_dir(Path(run_dir).resolve())
+        cfg = apply_overrides(absolute_config(cfg), [f"output.dir={fresh}"])
+        cfg.base_dir = fresh.parent
+        self.window.config_model.reset(cfg)
+        self.window.config_model._set_dirty(True)
+        self.window.statusBar().showMessage(
+            f"Loaded the configuration of {Path(run_dir).name}; new runs go to {fresh}", 8000
+        )
+        self.window.show_page("model")
+
+    def compare(self, run_dirs: list[Path]) -> None:
+        """Overlay the chosen runs' train-loss curves on the run charts."""
+        overlays = {}
+        for d in run_dirs:
+            rec = RunRecord.from_dir(d)
+            xs, ys = rec.series("loss")
+            if xs:
+                overlays[Path(d).name] = (xs, ys)
+        self.view.charts.set_overlays(overlays)
+        self.window.show_page("run")
+
+    # -- endings ---------------------------------------------------------------------------
+    def show_failure(self, failure: RunFailed, log_path: str) -> None:
+        run_dir = str(self.controller.run_dir) if self.controller.run_dir else None
+        self.dialog = RunErrorDialog(failure, log_path or None, run_dir, self.window)
+        self.dialog.setModal(False)
+        self.dialog.show()
+        self.error_shown.emit(self.dialog)
+
+    def _on_ended(self, state: str) -> None:
+        self.window.history.refresh()
+        self.window.update_run_summary()
+        if self.window._close_after_run:
+            QTimer.singleShot(0, self.window.close)
+
+    def stop_for_close(self, parent: QWidget) -> None:
+        """Closing during a run: stop it (it saves), and end it if it has not exited in time."""
+        self.controller.stop()
+        QTimer.singleShot(CLOSE_GRACE_MS, self.controller.abort)
+
+
+def _record_summary(rec: RunRecord) -> str:
+    cfg = rec.config_dict() or {}
+    model = (cfg.get("model") or {}).get("ref", "?")
+    data = (cfg.get("data") or {}).get("path", "?")
+    status = rec.status
+    parts = [
+        f"Status: {status}",
+        f"step {rec.step} of {rec.total_steps}",
+        f"model {Path(str(model)).name}",
+        f"data {Path(str(data)).name}",
+    ]
+    if rec.failed:
+        parts.append(f"error: {rec.failed.message}")
+    return " · ".join(parts)

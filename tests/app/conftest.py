@@ -1,0 +1,116 @@
+"""Fixtures for the desktop app's tests: an isolated app home, a window, and a leak check.
+
+Every test runs with ``QLORA_STUDIO_HOME`` in a temporary folder (settings, workspace, logs),
+and fails if it leaves a QThread running or an engine child process alive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from app import run_worker, tasks
+
+EVENTS_DIR = Path(__file__).resolve().parents[1] / "data" / "events"
+
+
+def _live_children() -> list[int]:
+    """PIDs of this process's children that are still running (Linux: from /proc)."""
+    pids: list[int] = []
+    task_dir = Path(f"/proc/{os.getpid()}/task")
+    if not task_dir.is_dir():
+        return [p.pid for p in list(run_worker.CHILDREN) if p.poll() is None]
+    for t in task_dir.iterdir():
+        try:
+            pids += [int(x) for x in (t / "children").read_text().split()]
+        except OSError:
+            continue
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+@pytest.fixture(autouse=True)
+def studio_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "studio-home"
+    monkeypatch.setenv("QLORA_STUDIO_HOME", str(home))
+    monkeypatch.setenv("QLORA_STUDIO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("QLORA_STUDIO_DEMO_GGUF", raising=False)
+    return home
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(qapp):
+    """Fail a test that leaves a QThread running or an engine process alive (and clean up after it)."""
+    before = set(_live_children())
+    yield
+    leaked_threads = [t.objectName() or repr(t) for t in list(tasks.THREADS) if t.isRunning()]
+    leaked_procs = [p for p in list(run_worker.CHILDREN) if p.poll() is None]
+    other = [pid for pid in _live_children() if pid not in before and pid not in {p.pid for p in leaked_procs}]
+    for p in leaked_procs:
+        p.kill()
+        p.wait(10)
+    for t in list(tasks.THREADS):
+        if t.isRunning():
+            t.quit()
+            t.wait(10_000)
+    assert not leaked_threads, f"test left QThreads running: {leaked_threads}"
+    assert not leaked_procs, f"test left engine processes alive: {[p.pid for p in leaked_procs]}"
+    assert not other, f"test left child processes alive: {other}"
+
+
+@pytest.fixture
+def make_window(qtbot, studio_home):
+    """Build MainWindows that never block on a question, and close them (and their runs) at the end."""
+    from app.main_window import MainWindow
+
+    made = []
+
+    def make(demo_model=None, **kw):
+        w = MainWindow(demo_model=demo_model, **kw)
+        w.ask_save_changes = lambda: "discard"
+        w.ask_stop_on_close = lambda: True
+        w.runs.tell = lambda title, text: w.statusBar().showMessage(f"{title}: {text}")
+        w.runs.ask_existing_run = lambda run_dir, new_dir: "new"
+        qtbot.addWidget(w)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        if w.runs.running:
+            w.runs.controller.abort()
+            w.runs.controller.wait(30_000)
+            qtbot.waitUntil(lambda w=w: not w.runs.running, timeout=30_000)
+        if w.runs.dialog is not None:
+            w.runs.dialog.close()
+        w._close_after_run = False
+        w.close()
+
+
+@pytest.fixture
+def window(make_window):
+    return make_window()
+
+
+@pytest.fixture
+def text_data(tmp_path) -> Path:
+    """A tiny text JSONL dataset the tiny model trains on in a few CPU steps."""
+    path = tmp_path / "train.jsonl"
+    rows = [{"text": f"The quick brown fox {i} jumps over the lazy dog."} for i in range(16)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def events_dir() -> Path:
+    return EVENTS_DIR
