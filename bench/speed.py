@@ -1,0 +1,181 @@
+"""Speed and memory of the engine next to the plain Hugging Face stack, on one GPU, in one call.
+
+    python bench/speed.py [--shape llama3-8b] [--cases 2048x1,2048x4,8192x1] [--steps 8] [--no-baseline]
+
+Builds a random-weight checkpoint of the shape (BENCHMARKS.md's standard case), then runs
+every case through the engine (``qlora_engine.train.Trainer``: the real load, LoRA,
+optimizer and training step, fed random tokens) and through ``bench/hf_baseline.py``, each
+in a fresh subprocess so that peaks do not mix. Prints one JSON line per case, a table
+last, and writes ``bench/results/<date>-<card>-speed.json`` (also to $OUT when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+
+def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str]) -> dict:
+    import torch
+
+    from qlora_engine.config import TrainConfig, apply_overrides
+    from qlora_engine.data import PreparedData
+    from qlora_engine.events import ListSink, StepMetrics
+    from qlora_engine.train import Trainer
+
+    cfg = apply_overrides(
+        TrainConfig(),
+        [
+            f"model.ref={path}",
+            "data.path=synthetic",
+            f"data.max_length={seq}",
+            f"output.dir=/tmp/bench-run-{seq}x{mbs}-{os.getpid()}",
+            f"train.max_steps={steps + 3}",
+            f"train.micro_batch_size={mbs}",
+            "train.gradient_accumulation_steps=1",
+            "train.save_steps=null",
+            "lora.rank=16",
+            "lora.alpha=16",
+            "lora.target_modules=[all-linear]",
+            "optim.optimizer=paged_adamw_8bit",
+            *extra,
+        ],
+    )
+    gen = torch.Generator().manual_seed(0)
+    n = mbs * (steps + 3)
+    vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+    samples = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (seq,), generator=gen).tolist()
+        samples.append({"input_ids": ids, "labels": ids})
+    data = PreparedData(train=samples, validation=None, report={}, fingerprint="synthetic")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    sink = ListSink()
+    trainer = Trainer(cfg, sink, data=data)
+    trainer.setup()
+    trainer.save_checkpoint = lambda: None  # measure training, not disk writes
+    trainer.save_adapter = lambda: None
+    trainer.train()
+    steps_m = sink.of(StepMetrics)[3:]
+    tps = sorted(e.tokens_per_second for e in steps_m)
+    estimate = None
+    try:
+        from qlora_engine import budget
+
+        est = budget.estimate(cfg, data_stats={"max": seq, "p95": seq, "median": seq})
+        estimate = {"total_gib": round(est.total / 2**30, 2), "low_gib": round(est.low / 2**30, 2),
+                    "high_gib": round(est.high / 2**30, 2)}
+    except Exception as e:  # the budget is optional here
+        estimate = {"error": f"{type(e).__name__}: {e}"[:200]}
+    return dict(
+        stack="engine",
+        seq=seq,
+        mbs=mbs,
+        extra=extra,
+        tok_s=round(tps[len(tps) // 2]),
+        loss=round(steps_m[-1].loss, 3),
+        peak_alloc_gib=round(max(e.cuda_allocated or 0 for e in sink.of(StepMetrics)) / 2**30, 2),
+        peak_reserved_gib=round(max(e.cuda_reserved or 0 for e in sink.of(StepMetrics)) / 2**30, 2),
+        process_peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
+        estimate=estimate,
+    )
+
+
+def baseline_case(path: str, seq: int, mbs: int, steps: int) -> dict:
+    import hf_baseline
+
+    res = hf_baseline.run(path, seq, mbs, steps=steps, liger=False)
+    res["stack"] = "hf-baseline"
+    return res
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--cases", default="2048x1,2048x4,8192x1")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--extra", default="", help="engine overrides for every case, ';'-separated")
+    ap.add_argument("--worker", choices=["engine", "baseline"])
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--mbs", type=int)
+    args = ap.parse_args()
+    path = f"/tmp/ckpt-{args.shape}"
+    extra = [e for e in args.extra.split(";") if e]
+
+    if args.worker:
+        try:
+            if args.worker == "engine":
+                res = engine_case(path, args.seq, args.mbs, args.steps, extra)
+            else:
+                res = baseline_case(path, args.seq, args.mbs, args.steps)
+        except Exception as e:
+            res = dict(stack=args.worker, seq=args.seq, mbs=args.mbs, error=f"{type(e).__name__}: {str(e)[:300]}")
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    import torch
+
+    import hf_baseline
+
+    card = torch.cuda.get_device_name(0)
+    print(f"# {card} {versions()}", file=sys.stderr, flush=True)
+    hf_baseline.make_checkpoint(args.shape, path)
+    if not (Path(path) / "tokenizer_config.json").exists():
+        # The engine loads a tokenizer with the model; random tokens need only its pad id.
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        from tiny import build_tokenizer
+
+        build_tokenizer(Path(path))
+    results = []
+    for case in args.cases.split(","):
+        seq, mbs = (int(x) for x in case.split("x"))
+        stacks = ["engine"] if args.no_baseline else ["hf-baseline", "engine"]
+        for stack in stacks:
+            worker = "engine" if stack == "engine" else "baseline"
+            cmd = [sys.executable, __file__, "--worker", worker, "--shape", args.shape, "--seq", str(seq),
+                   "--mbs", str(mbs), "--steps", str(args.steps), "--extra", args.extra]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            res = json.loads(lines[-1][7:]) if lines else dict(stack=stack, seq=seq, mbs=mbs,
+                                                                 error=proc.stderr[-600:])
+            print(json.dumps(res), flush=True)
+            results.append(res)
+
+    print(f"\n{'stack':<12} {'seq x mbs':<10} {'tok/s':>8} {'alloc GiB':>10} {'reserved GiB':>13} {'estimate GiB':>13}")
+    for r in results:
+        est = (r.get("estimate") or {}).get("total_gib", "")
+        print(f"{r['stack']:<12} {str(r['seq']) + ' x ' + str(r['mbs']):<10} {r.get('tok_s', 'ERR'):>8} "
+              f"{r.get('peak_alloc_gib', ''):>10} {r.get('peak_reserved_gib', ''):>13} {est:>13}")
+    record = dict(date=datetime.date.today().isoformat(), card=card, shape=args.shape, versions=versions(),
+                  extra=extra, results=results)
+    name = f"{record['date']}-{card.replace(' ', '-')}-speed{'-' + args.shape if args.shape != 'llama3-8b' else ''}.json"
+    for folder in filter(None, [HERE / "results", Path(os.environ["OUT"]) if os.environ.get("OUT") else None]):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
