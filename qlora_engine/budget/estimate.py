@@ -197,6 +197,11 @@ def estimate_from_spec(
         dropout=cfg.lora.dropout > 0,
         dora=cfg.lora.use_dora,
     )
+    if spec.max_position_embeddings and shape.seq > spec.max_position_embeddings:
+        notes.append(
+            f"{shape.seq} tokens is longer than the model's context ({spec.max_position_embeddings}); "
+            "quality past it is not assured"
+        )
     if cfg.lora.use_dora:
         reasons.append("DoRA's extra activations are modelled roughly")
     if shape.attn == "eager":
