@@ -5,8 +5,8 @@ or ChatML when the tokenizer has none) and tokenized as one string, exactly as t
 will see a conversation at inference. Which characters carry loss is found from the
 template itself: the answer of assistant turn *i* is what the template adds between
 "conversation up to *i* with the generation prompt" and "conversation through *i*", which
-includes the template's end-of-turn marker so the model learns to stop. Tokens whose first
-character falls inside an answer span carry labels; everything else is -100.
+includes the template's end-of-turn marker so the model learns to stop. Tokens that hold any
+character of an answer span carry labels; everything else is -100.
 """
 
 from __future__ import annotations
@@ -186,9 +186,12 @@ class Encoder:
         result = []
         for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):
             starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
+            ends = np.fromiter((o[1] for o in offsets), dtype=np.int64, count=len(offsets))
             mask = np.zeros(len(ids), dtype=bool)
             for a, b in sp:
-                mask |= (starts >= a) & (starts < b)
+                # Any overlap: a token that merges the template's trailing space with the first
+                # answer character (" 1" after "A:") holds answer text and must be learned.
+                mask |= (ends > a) & (starts < b)
             result.append((list(ids), mask.tolist()))
         return result
 

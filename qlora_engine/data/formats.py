@@ -124,9 +124,9 @@ def _turns_style(value: Any) -> str | None:
     return None
 
 
-def _filled(row: dict[str, Any], key: str) -> bool:
-    v = row.get(key)
-    return isinstance(v, (str, int, float, list)) and not isinstance(v, bool) and str(v).strip() != ""
+def _present(row: dict[str, Any], key: str) -> bool:
+    """The key is there (possibly empty: an empty field is a bad row of this format, not another format)."""
+    return key in row and not isinstance(row[key], (dict, bool))
 
 
 def matching_formats(row: dict[str, Any]) -> list[str]:
@@ -136,11 +136,11 @@ def matching_formats(row: dict[str, Any]) -> list[str]:
         out.append("chat")
     if _turns_style(row.get("conversations")):
         out.append("sharegpt")
-    if _filled(row, "instruction") and _filled(row, "output"):
+    if _present(row, "instruction") and _present(row, "output"):
         out.append("alpaca")
-    if _filled(row, "prompt") and _filled(row, "completion"):
+    if _present(row, "prompt") and _present(row, "completion"):
         out.append("prompt_completion")
-    if _filled(row, "text"):
+    if _present(row, "text"):
         out.append("text")
     return out
 
@@ -179,7 +179,7 @@ def detect_format(rows: list[dict[str, Any]], label: str) -> tuple[str, dict[str
 
 def _describe(fmt: str) -> str:
     return {
-        "text": "a non-empty 'text'",
+        "text": "'text'",
         "alpaca": "'instruction' and 'output'",
         "chat": "'messages' as a list of role/content turns",
         "sharegpt": "'conversations' as a list of from/value turns",

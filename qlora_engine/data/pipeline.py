@@ -40,6 +40,7 @@ from qlora_engine.events import EventSink, LogLine, NullSink, PhaseChanged
 DATA_FORMAT_VERSION = 1  # bump when the tokens produced for the same input change
 SHOW_WHERE = 5  # places listed per skip reason
 CHUNK = 512  # samples per tokenizer call
+PROGRESS_EVERY_S = 2.0  # progress events: often enough to look alive, rare enough not to flood the log
 
 
 @dataclass
@@ -78,12 +79,16 @@ class RowReader:
                 break
         if not self._head:
             raise DataError(
-                f"{self.src.label}: no rows found (the file is empty). Accepted formats: {ACCEPTED_FORMATS}."
+                f"{self.src.label}: no rows found (only blank lines). Accepted formats: {ACCEPTED_FORMATS}."
             )
         data = [map_columns(r.data, self.dc.columns) for r in self._head if r.data is not None]
         if not data:
-            problems = "; ".join(f"{r.where}: {r.problem}" for r in self._head[:SHOW_WHERE])
-            raise DataError(f"{self.src.label}: none of the first rows can be read ({problems}).")
+            for r in self._head:
+                self.skip(r.where, r.problem or "unreadable")
+            raise DataError(
+                f"{self.src.label}: none of the first {len(self._head)} rows can be read: {self.skipped_summary()}.",
+                hint=f"Accepted formats: {ACCEPTED_FORMATS}.",
+            )
         missing = [
             f"{theirs!r} (data.columns.{ours})"
             for ours, theirs in self.dc.columns.items()
@@ -177,7 +182,8 @@ def tokenize_rows(
             if isinstance(enc, BadRow):
                 reader.skip(where, str(enc))
                 continue
-            if not any(enc.trained):
+            # The first token's label is never used (nothing predicts it), so it does not count.
+            if not any(enc.trained[1:]):
                 reader.skip(where, "nothing to train on (no answer tokens)")
                 continue
             if len(out.first) < keep_first:
@@ -190,7 +196,7 @@ def tokenize_rows(
                     out.dropped_overlong += 1
                     continue
                 ids, trained = ids[: dc.max_length], trained[: dc.max_length]
-                if not any(trained):
+                if not any(trained[1:]):
                     out.no_answer_left += 1
                     continue
                 out.truncated += 1
@@ -204,7 +210,7 @@ def tokenize_rows(
         if len(batch) >= CHUNK:
             flush(batch)
             batch = []
-            if time.monotonic() - last_report > 2.0:
+            if time.monotonic() - last_report >= PROGRESS_EVERY_S:
                 last_report = time.monotonic()
                 frac = reader.src.fraction_done()
                 pct = f"{frac:.0%}, " if frac is not None else ""

@@ -37,9 +37,11 @@ class SampleSet(Sequence):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, i: int) -> dict[str, list[int]]:  # type: ignore[override]
+    def __getitem__(self, i: int | slice) -> Any:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
         if not isinstance(i, (int, np.integer)):
-            raise TypeError("SampleSet indices are integers")
+            raise TypeError(f"SampleSet indices are integers or slices, not {type(i).__name__}")
         n = len(self)
         if i < 0:
             i += n
