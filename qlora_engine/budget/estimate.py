@@ -214,31 +214,7 @@ def estimate_from_spec(
     if shape.attn == "eager":
         notes.append("eager attention keeps two batch x heads x seq x seq tensors per layer; 'sdpa' is far leaner")
 
-    # -- weights -------------------------------------------------------------------------
-    quant_type, double_quant = cfg.quant.quant_type, cfg.quant.double_quant
-    skip: list[str] = []
-    if spec.prequantized:
-        double_quant = spec.prequantized["double_quant"]
-        skip = spec.prequantized["skip_modules"]
-        notes.append(f"the checkpoint is saved in 4 bit ({spec.prequantized['quant_type']}); its own settings apply")
-    del quant_type  # NF4 and FP4 take the same bytes
-    packed = consts = 0
-    unquant_elems = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
-    unquant_elems += (L * spec.norms_per_block + 1) * spec.hidden_size
-    if spec.head_norms:
-        unquant_elems += L * 2 * spec.head_dim
-    quantized_params = 0
-    for lin in spec.block_linears:
-        if lin.bias:
-            unquant_elems += L * lin.out_features
-        if lin.name in skip:
-            unquant_elems += L * lin.numel
-            continue
-        p, c = fm.quantized_linear_bytes(lin.numel, double_quant=double_quant)
-        packed += L * p
-        consts += L * c
-        quantized_params += L * lin.numel
-    unquant = e * unquant_elems
+    packed, consts, unquant, quantized_params = _weight_bytes(cfg, spec, e, notes)
 
     # -- adapters, gradients, optimizer ---------------------------------------------------
     sizes = [n for lin in adapted for n in fm.lora_tensor_sizes(lin, cfg.lora.rank, cfg.lora.use_dora)]
@@ -248,27 +224,18 @@ def estimate_from_spec(
     opt_resident, opt_paged, opt_transient = fm.optimizer_state_bytes(sizes, cfg.optim.optimizer)
 
     # -- activations and logits at each candidate peak -----------------------------------
-    adapted_set = set(layers)
-    per_block = {
-        True: fm.block_saved(spec, shape, adapted),
-        False: fm.block_saved(spec, shape, []),
-    }
-    workspace = {
-        True: fm.block_backward_workspace(spec, shape, adapted),
-        False: fm.block_backward_workspace(spec, shape, []),
-    }
-    any_adapted = bool(adapted_set) and bool(adapted)
+    T = shape.tokens
+    if shape.checkpointing:
+        # Each block's input is kept to recompute it; one block at a time is recomputed whole.
+        kept = L * e * T * spec.hidden_size
+        widest = adapted if layers else []
+        block_now = fm.block_saved(spec, shape, widest) + fm.block_backward_workspace(spec, shape, widest)
+    else:
+        kept = fm.blocks_saved(spec, shape, adapted, set(layers))
+        block_now = fm.block_backward_workspace(spec, shape, adapted if L - 1 in layers else [])
     shared = fm.shared_saved(spec, shape)
     final = fm.final_saved(spec, shape)
     retained, loss_bwd, loss_fwd = fm.logits_bytes(spec, shape)
-    T = shape.tokens
-    if shape.checkpointing:
-        kept = L * e * T * spec.hidden_size  # each block's input, kept to recompute it
-        block_now = per_block[any_adapted] + workspace[any_adapted]
-    else:
-        kept = fm.blocks_saved(spec, shape, adapted, adapted_set)
-        last = L - 1 in adapted_set and bool(adapted)
-        block_now = workspace[last]
     phases = {
         "loss_backward": (kept + shared + final, retained + loss_bwd, 0),
         "loss_forward": (kept + shared + final, loss_fwd, 0),
@@ -363,6 +330,34 @@ def estimate_from_spec(
         notes=notes,
         details=details,
     )
+
+
+def _weight_bytes(cfg: TrainConfig, spec: ModelSpec, e: int, notes: list[str]) -> tuple[int, int, int, int]:
+    """(packed 4-bit bytes, quantization-constant bytes, unquantized bytes, quantized parameters).
+
+    Every linear layer of the decoder blocks is quantized (transformers skips only the output
+    embedding, tied weights and the checkpoint's own skip list); embeddings, lm_head, norms
+    and biases stay in the compute dtype. NF4 and FP4 take the same bytes.
+    """
+    double_quant, skip = cfg.quant.double_quant, []
+    if spec.prequantized:
+        double_quant, skip = spec.prequantized["double_quant"], spec.prequantized["skip_modules"]
+        notes.append(f"the checkpoint is saved in 4 bit ({spec.prequantized['quant_type']}); its own settings apply")
+    L = spec.num_layers
+    packed = consts = quantized = 0
+    unquant = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
+    unquant += (L * spec.norms_per_block + 1) * spec.hidden_size
+    if spec.head_norms:
+        unquant += L * 2 * spec.head_dim
+    for lin in spec.block_linears:
+        if lin.bias:
+            unquant += L * lin.out_features
+        if lin.name in skip:
+            unquant += L * lin.numel
+            continue
+        p, c = fm.quantized_linear_bytes(lin.numel, double_quant=double_quant)
+        packed, consts, quantized = packed + L * p, consts + L * c, quantized + L * lin.numel
+    return packed, consts, e * unquant, quantized
 
 
 def resolve_spec(cfg: TrainConfig, model_config: Any = None) -> ModelSpec:
