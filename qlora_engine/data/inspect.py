@@ -23,6 +23,7 @@ from qlora_engine.data.store import token_stats
 from qlora_engine.events import EventSink, NullSink
 
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
+MAX_LENGTHS_LISTED = 100_000  # per-sample lengths returned for a histogram: plenty for its shape, small as JSON
 
 
 def _config(path_or_cfg: str | Path | TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
@@ -67,6 +68,7 @@ def inspect_data(
     format: str | None = None,
     columns: dict[str, str] | None = None,
     max_length: int | None = None,
+    overlong: str | None = None,
     train_on_prompt: bool | None = None,
     chat_template: str | None = None,
     subset: str | None = None,
@@ -80,7 +82,7 @@ def inspect_data(
     Args:
         path_or_cfg: a data file / folder / hub id, or a run config (its data section is used).
         tokenizer: a tokenizer, a model reference to load one from, or None for a format-only look.
-        format, columns, max_length, train_on_prompt, chat_template, subset, split: override the
+        format, columns, max_length, overlong, train_on_prompt, chat_template, subset, split: override the
             data settings (of the config, or of the defaults for a bare path).
         samples: how many of the first samples to render.
         max_rows: read only this many rows (statistics then describe those rows).
@@ -88,7 +90,9 @@ def inspect_data(
 
     Returns:
         A JSON-serializable dict: ``format``, ``evidence``, ``rows``, ``usable_rows``, ``skipped``,
-        ``problems`` and, with a tokenizer, ``token_stats``, ``overlong`` and ``samples``.
+        ``problems``, ``samples`` and, with a tokenizer, ``token_stats`` (with ``longest_sequence``, the
+        longest sample after the max_length policy), ``overlong`` and ``lengths`` (the full token
+        length of each measured sample, at most 100,000 of them).
     """
     sink = sink or NullSink()
     cfg = _config(
@@ -97,6 +101,7 @@ def inspect_data(
             "format": format,
             "columns": columns,
             "max_length": max_length,
+            "overlong": overlong,
             "train_on_prompt": train_on_prompt,
             "chat_template": chat_template,
             "subset": subset,
@@ -141,6 +146,9 @@ def inspect_data(
             )
         result["token_stats"] = token_stats(tok.lengths, dc.max_length)
         result["token_stats"]["trained_total"] = tok.samples.num_trained
+        # What a batch will hold after the max_length policy (what the VRAM budget needs).
+        result["token_stats"]["longest_sequence"] = int(tok.samples.lengths.max(initial=0))
+        result["lengths"] = tok.lengths[:MAX_LENGTHS_LISTED].tolist()  # for a histogram
         result["overlong"] = {
             "policy": dc.overlong,
             "max_length": dc.max_length,
@@ -201,6 +209,7 @@ def add_cli(sub: Any) -> None:
         "--column", action="append", default=[], metavar="OURS=THEIRS", help="map a column, e.g. output=answer"
     )
     s.add_argument("--max-length", type=int, help="tokens per sample before truncation (default 1024 or the config's)")
+    s.add_argument("--overlong", choices=["truncate", "drop"], help="samples over max-length: truncate or drop")
     s.add_argument("--train-on-prompt", action="store_true", default=None, help="show the loss on prompts too")
     s.add_argument("--chat-template", help="Jinja template, or 'chatml'")
     s.add_argument("--subset", help="hub datasets: configuration name")
@@ -233,6 +242,7 @@ def inspect_data_main(args: argparse.Namespace) -> int:
         format=args.format,
         columns=columns,
         max_length=args.max_length,
+        overlong=args.overlong,
         train_on_prompt=args.train_on_prompt,
         chat_template=args.chat_template,
         subset=args.subset,

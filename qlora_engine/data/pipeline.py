@@ -40,6 +40,14 @@ from qlora_engine.events import EventSink, LogLine, NullSink, PhaseChanged
 DATA_FORMAT_VERSION = 1  # bump when the tokens produced for the same input change
 SHOW_WHERE = 5  # places listed per skip reason
 CHUNK = 512  # samples per tokenizer call
+_EMPTY_WHY = {
+    "jsonl": "only blank lines",
+    "json": "an empty array",
+    "text": "only blank lines",
+    "csv": "only a header",
+    "tsv": "only a header",
+    "parquet": "the table has no rows",
+}
 PROGRESS_EVERY_S = 2.0  # progress events: often enough to look alive, rare enough not to flood the log
 
 
@@ -79,7 +87,8 @@ class RowReader:
                 break
         if not self._head:
             raise DataError(
-                f"{self.src.label}: no rows found (only blank lines). Accepted formats: {ACCEPTED_FORMATS}."
+                f"{self.src.label}: no rows found ({_EMPTY_WHY.get(self.src.kind, 'the data set is empty')}). "
+                f"Accepted formats: {ACCEPTED_FORMATS}."
             )
         data = [map_columns(r.data, self.dc.columns) for r in self._head if r.data is not None]
         if not data:

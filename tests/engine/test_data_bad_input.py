@@ -74,6 +74,8 @@ def test_malformed_json_array_names_the_line(tmp_path):
             r"\(line 1, line 2\); 1 missing or empty 'instruction' \(line 3\)\. Accepted formats",
         ),
         ("bad_utf16.jsonl", r"encoded as UTF-16 LE, not UTF-8"),
+        ("bad_header_only.csv", r"no rows found \(only a header\)\. Accepted formats"),
+        ("bad_empty_array.json", r"no rows found \(an empty array\)\. Accepted formats"),
     ],
 )
 def test_files_without_usable_rows_say_what_was_found_and_what_is_accepted(data_dir, tok, name, message):

@@ -100,6 +100,9 @@ def test_inspect_data_with_a_model_reports_lengths_and_marks_the_trained_part(da
     st = info["token_stats"]
     assert (st["count"], st["min"], st["max"], st["over_max_length"]) == (4, 28, 61, 2)
     assert st["min"] <= st["median"] <= st["p95"] <= st["max"] and st["total"] == 28 + 31 + 45 + 61
+    assert st["longest_sequence"] == 40 and sorted(info["lengths"]) == [28, 31, 45, 61]
+    dropped = inspect_data(data_dir / "chat.jsonl", tok, max_length=40, overlong="drop")
+    assert dropped["token_stats"]["longest_sequence"] == 31
     assert len(info["samples"]) == 2
     first = info["samples"][0]
     assert first["where"] == "line 1" and first["ends_with_eos"] and first["over_max_length"]

@@ -80,6 +80,9 @@ def test_each_input_is_detected_with_evidence_and_tokenized(data_dir, tok, name,
 
 
 def test_bom_and_windows_line_endings_leave_no_trace_in_the_text(data_dir):
+    for name in ("bom_crlf.jsonl", "bom_crlf.csv"):  # the fixtures hold what they claim to
+        raw = (data_dir / name).read_bytes()
+        assert raw.startswith(b"\xef\xbb\xbf") and raw.count(b"\r\n") == raw.count(b"\n")
     for name in ("bom_crlf.jsonl", "bom_crlf.csv"):
         info = inspect_data(data_dir / name)
         first = info["samples"][0]["messages"]
