@@ -174,6 +174,7 @@ class HistoryPage(QWidget):
         self.runs: list[RunSummary] = []
         self._roots: list[Path] = []
         self._extra: list[Path] = []
+        self._provider = None
         tasks.finished.connect(self._on_task_done)
 
         title = QLabel("Run history")
@@ -230,7 +231,14 @@ class HistoryPage(QWidget):
     def set_sources(self, roots: list[Path], extra: list[Path]) -> None:
         self._roots, self._extra = list(roots), list(extra)
 
+    def set_source_provider(self, provider) -> None:
+        """``provider() -> (roots, extra)``, asked on every refresh (the known runs grow as runs start)."""
+        self._provider = provider
+
     def refresh(self) -> None:
+        if self._provider is not None:
+            roots, extra = self._provider()
+            self._roots, self._extra = list(roots), list(dict.fromkeys([*extra, *self._extra]))
         roots, extra = list(self._roots), list(self._extra)
         self.info.setText("Reading run folders…")
         self.tasks.submit("history", lambda: scan(roots, extra))

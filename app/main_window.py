@@ -144,7 +144,7 @@ class MainWindow(QMainWindow):
         self._restore()
         self.update_run_summary()
         self._update_title()
-        self._refresh_history_sources()
+        self.history.set_source_provider(self.history_sources)
         self.nav.setCurrentRow(0)
         QTimer.singleShot(0, self.history.refresh)
 
@@ -285,10 +285,11 @@ class MainWindow(QMainWindow):
         if self.demo_model is not None and self.maybe_save_changes():
             self.runs.start_demo(self.demo_model)
 
-    def _refresh_history_sources(self) -> None:
+    def history_sources(self) -> tuple[list[Path], list[Path]]:
+        """Where the history looks: the workspace's runs, the current output's parent, every known run."""
         roots = [app_settings.workspace_dir() / "runs", self.config_model.config.output_dir.parent]
         extra = [Path(p) for p in app_settings.known_runs(self.settings)]
-        self.history.set_sources(roots, extra)
+        return roots, extra
 
     # -- files -----------------------------------------------------------------------------
     def ask_save_changes(self) -> str:
@@ -333,7 +334,6 @@ class MainWindow(QMainWindow):
             QMessageBox.warning(self, "Cannot open this configuration", str(e))
             return False
         app_settings.add_recent_file(self.settings, path)
-        self._refresh_history_sources()
         self.statusBar().showMessage(f"Opened {path}", 5000)
         return True
 

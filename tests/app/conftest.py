@@ -82,6 +82,7 @@ def make_window(qtbot, studio_home):
         w.runs.tell = lambda title, text: w.statusBar().showMessage(f"{title}: {text}")
         w.runs.ask_existing_run = lambda run_dir, new_dir: "new"
         qtbot.addWidget(w)
+        w.show()
         made.append(w)
         return w
 
@@ -114,3 +115,53 @@ def text_data(tmp_path) -> Path:
 @pytest.fixture
 def events_dir() -> Path:
     return EVENTS_DIR
+
+
+class EventLoopProbe:
+    """Ticks a 20 ms timer and records, per tick, the wall-clock gap and the GUI thread's CPU time.
+
+    A handler of ours that blocks the event loop shows in both. A busy machine (other test
+    runs on the same two cores) only stretches the wall-clock gaps, so the tests hold the
+    GUI thread's own work between two ticks to 100 ms, and the wall-clock gaps to a bound
+    that only a real block (a file read, a model load on the GUI thread) would break.
+    """
+
+    def __init__(self) -> None:
+        from PySide6.QtCore import QTimer
+
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._timer = QTimer()
+        self._timer.setInterval(20)
+        self._timer.timeout.connect(self._tick)
+
+    def _tick(self) -> None:
+        import time
+
+        now, cpu = time.perf_counter(), time.thread_time()
+        self.wall.append(now - self._last[0])
+        self.cpu.append(cpu - self._last[1])
+        self._last = (now, cpu)
+
+    def start(self) -> None:
+        import time
+
+        self._last = (time.perf_counter(), time.thread_time())
+        self._timer.start()
+
+    def stop(self) -> None:
+        self._timer.stop()
+
+    def check(self, cpu_limit: float = 0.1, wall_limit: float = 0.5) -> None:
+        assert len(self.wall) > 5, "the probe timer hardly ran"
+        worst_cpu = max(self.cpu[1:])
+        worst_wall = max(self.wall[1:])
+        assert worst_cpu < cpu_limit, f"the GUI thread worked {worst_cpu * 1000:.0f} ms without returning to the loop"
+        assert worst_wall < wall_limit, f"the event loop did not answer for {worst_wall * 1000:.0f} ms"
+
+
+@pytest.fixture
+def loop_probe():
+    probe = EventLoopProbe()
+    yield probe
+    probe.stop()
