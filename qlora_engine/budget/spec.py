@@ -177,6 +177,8 @@ def _bnb_prequantized(d: dict[str, Any], reasons: list[str]) -> dict[str, Any] |
     if not isinstance(q, dict):
         return None
     method = q.get("quant_method", "")
+    if method == "gguf":  # GGUF files are dequantized to bf16 once, then quantized like any checkpoint
+        return None
     if method == "bitsandbytes" and (q.get("load_in_4bit") or q.get("_load_in_4bit")):
         return {
             "quant_type": q.get("bnb_4bit_quant_type", "fp4"),

@@ -118,6 +118,18 @@ def test_a_llama_config_json_without_defaults_reads_like_transformers_does():
     assert spec.linear_names() == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def test_prequantized_checkpoints():
+    bnb4 = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": False}  # fmt: skip
+    saved = estimate(cfg_with("quant.double_quant=true"), {**LLAMA3_8B, "quantization_config": bnb4})
+    plain = estimate(cfg_with("quant.double_quant=false"), LLAMA3_8B)
+    assert not saved.approximate and saved.components["quant_constants"] == plain.components["quant_constants"]
+    gguf = estimate(cfg_with(), {**LLAMA3_8B, "quantization_config": {"quant_method": "gguf"}})
+    assert not gguf.approximate
+    gptq = estimate(cfg_with(), {**LLAMA3_8B, "quantization_config": {"quant_method": "gptq"}})
+    assert gptq.approximate and "gptq" in " ".join(gptq.reasons)
+
+
 def test_multimodal_config_counts_its_language_model():
     gemma3 = {"model_type": "gemma3", "text_config": {**LLAMA3_8B, "model_type": "gemma3_text", "head_dim": 128}}
     est = estimate(cfg_with(), gemma3)
