@@ -47,10 +47,11 @@ SHAPES = {
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
     ),
+    # TinyLlama-1.1B's shape: a ~1B Llama with a 32k vocabulary, so the cases vary the
+    # vocabulary against the hidden size (the logits dominate Llama-3's peaks).
     "llama-1b": dict(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-        tie_word_embeddings=True,
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=8192, rope_theta=10000.0,
     ),
 }  # fmt: skip
 
@@ -217,7 +218,7 @@ def run_case(name: str, workdir: Path, steps: int) -> dict:
     pred_reserved, pred_allocated = d["torch_reserved"], d["torch_allocated"]
     pred_outside = est.components["cuda_context"] + d["paged_optimizer_bytes"]
     return dict(
-        case=name, shape=shape, seq=seq, micro_batch=mbs, grad_accum=ga, checkpointing=ckpt,
+        case=name, card=torch.cuda.get_device_name(0), shape=shape, seq=seq, micro_batch=mbs, grad_accum=ga, checkpointing=ckpt,
         optimizer=optimizer, data=kind, rank=cfg.lora.rank, targets=cfg.lora.target_modules, steps=steps,
         step_s=round(step_s, 2), loss=round(metrics[-1].loss, 3),
         measured=dict(
@@ -257,17 +258,12 @@ def versions() -> dict:
 
 
 def check_imports() -> None:
-    missing = []
-    for mod in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "yaml", "numpy", "platformdirs"):
-        try:
-            __import__(mod)
-        except ImportError:
-            missing.append(mod)
-    try:
-        import qlora_engine.budget  # noqa: F401
-        import qlora_engine.train  # noqa: F401
-    except ImportError as e:
-        missing.append(f"qlora_engine ({e})")
+    """Fail early, naming what to carry. Looks modules up without importing them: importing
+    bitsandbytes creates a CUDA context, and this process must hold none (see main)."""
+    import importlib.util
+
+    wanted = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "yaml", "numpy", "platformdirs", "pynvml")
+    missing = [mod for mod in wanted if importlib.util.find_spec(mod) is None]
     if missing:
         sys.exit(f"missing on this machine: {', '.join(missing)} (carry their wheels and pip install them first)")
 
@@ -321,12 +317,16 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="skip cases already in <workdir>/budget-partial.jsonl")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--make-checkpoint", help=argparse.SUPPRESS)
     args = ap.parse_args()
     workdir = Path(args.workdir)
 
     if args.list:
         for name, spec in CASES.items():
             print(name, spec)
+        return
+    if args.make_checkpoint:
+        make_checkpoint(args.make_checkpoint, workdir / f"ckpt-{args.make_checkpoint}")
         return
     if args.worker:
         try:
@@ -340,12 +340,12 @@ def main() -> None:
         print("RESULT " + json.dumps(res), flush=True)
         return
 
+    # This process never touches CUDA: the workers read device-wide free memory, and a context
+    # held here would count as theirs. Checkpoints are built in a subprocess, and the card's
+    # name comes back with the results.
     t_start = time.time()
     check_imports()
-    import torch
-
-    card = torch.cuda.get_device_name(0)
-    print(f"# {card} {versions()}", file=sys.stderr, flush=True)
+    print(f"# {versions()}", file=sys.stderr, flush=True)
     shapes = [s for s in args.shapes.split(",") if s]
     names = [n for n in (args.cases.split(",") if args.cases else CASES) if n and CASES[n][0] in shapes]
     workdir.mkdir(parents=True, exist_ok=True)
@@ -359,7 +359,8 @@ def main() -> None:
         partial.unlink()
     for shape in shapes:
         if any(CASES[n][0] == shape and n not in done for n in names):
-            make_checkpoint(shape, workdir / f"ckpt-{shape}")
+            cmd = [sys.executable, __file__, "--make-checkpoint", shape, "--workdir", str(workdir)]
+            subprocess.run(cmd, check=True, cwd=ROOT)
 
     results = [done[n] for n in names if n in done]
     for name in names:
@@ -380,6 +381,8 @@ def main() -> None:
             fh.write(json.dumps(res) + "\n")
         results.append(res)
 
+    card = next((r["card"] for r in results if r.get("card")), "unknown-GPU")
+    print(f"# {card}", file=sys.stderr, flush=True)
     summary = summarize(results)
     print("\n" + table(results))
     print("\n" + json.dumps({"summary": summary, "goals": GOALS}))
