@@ -74,17 +74,61 @@ class Encoder:
         self.eos_id = tokenizer.eos_token_id
         self.eos_text = tokenizer.eos_token if isinstance(tokenizer.eos_token, str) else None
         self.fast = bool(getattr(tokenizer, "is_fast", False))
+        self._fast_render = self._compile_fast_render()
+        self._checked = False
 
     # -- chat -----------------------------------------------------------------------------
 
     def _apply(self, messages: list[dict[str, str]], generation: bool) -> str:
+        if self._fast_render is not None:
+            return self._fast_render(messages, generation)
+        return self._slow_render(messages, generation)
+
+    def _slow_render(self, messages: list[dict[str, str]], generation: bool) -> str:
         return self.tok.apply_chat_template(
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation
         )
 
+    def _compile_fast_render(self) -> Any:
+        """The compiled template called directly: ``apply_chat_template`` spends most of its time
+        converting message objects, which ours (plain dicts of strings) never need. It is used
+        only after it has rendered a real conversation exactly as ``apply_chat_template`` does."""
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(self.template)
+        except Exception:
+            return None
+        specials = dict(getattr(self.tok, "special_tokens_map", {}) or {})
+
+        def render(messages: list[dict[str, str]], generation: bool) -> str:
+            msgs = [dict(m) for m in messages]  # a template may edit what it is given
+            return compiled.render(
+                messages=msgs, tools=None, documents=None, add_generation_prompt=generation, **specials
+            )
+
+        return render
+
+    def _check_fast_render(self, sample: ChatSample) -> None:
+        self._checked = True
+        fast = self._fast_render
+        if fast is None:
+            return
+        try:
+            same = all(
+                fast(m, g) == self._slow_render(m, g)
+                for m, g in ((sample.messages, False), (sample.messages[:-1] or sample.messages, True))
+            )
+        except Exception:
+            same = False
+        if not same:
+            self._fast_render = None
+
     def render(self, sample: ChatSample) -> tuple[str, list[tuple[int, int]]]:
         """The conversation as text and the character spans that carry loss."""
         msgs = sample.messages
+        if not self._checked:
+            self._check_fast_render(sample)
         try:
             full = self._apply(msgs, False)
         except Exception as e:  # a template may refuse a conversation (raise_exception in Jinja)
@@ -111,7 +155,7 @@ class Encoder:
             return None
         try:
             prefix = self._apply(msgs[:i], True)
-            through = self._apply(msgs[: i + 1], False).rstrip()
+            through = full if i == len(msgs) - 1 else self._apply(msgs[: i + 1], False).rstrip()
         except Exception:
             return None
         if not (full.startswith(through) and through.startswith(prefix)) or len(prefix) < cursor:
@@ -185,8 +229,8 @@ class Encoder:
         enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
         result = []
         for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):
-            starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
-            ends = np.fromiter((o[1] for o in offsets), dtype=np.int64, count=len(offsets))
+            spans_of_tokens = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            starts, ends = spans_of_tokens[:, 0], spans_of_tokens[:, 1]
             mask = np.zeros(len(ids), dtype=bool)
             for a, b in sp:
                 # Any overlap: a token that merges the template's trailing space with the first

@@ -214,3 +214,20 @@ def test_separate_validation_file(data_dir, tok):
     p = prepare_data(make_cfg(data_dir / "alpaca.jsonl", validation_path=str(data_dir / "alpaca_array.json")), tok)
     assert len(p.train) == 4 and len(p.validation) == 3
     assert p.report["validation"]["samples"] == 3 and p.report["validation_source"].endswith("alpaca_array.json")
+
+
+def test_the_direct_template_render_is_checked_against_apply_chat_template(data_dir, tok):
+    from qlora_engine.data.encode import Encoder, resolve_template
+    from qlora_engine.data.formats import ChatSample
+
+    sample = ChatSample(
+        [{"role": "user", "content": "Count to 3."}, {"role": "assistant", "content": "1 2 3"}], [False, True]
+    )
+    good = Encoder(tok, resolve_template(tok, None)[0])
+    want = good.encode_many([sample])[0]
+    assert good._fast_render is not None  # the fast path is in use when it agrees
+    broken = Encoder(tok, resolve_template(tok, None)[0])
+    broken._fast_render = lambda messages, generation: "something else"
+    got = broken.encode_many([sample])[0]
+    assert broken._fast_render is None  # disagreement: back to apply_chat_template for good
+    assert (got.input_ids, got.trained) == (want.input_ids, want.trained)
