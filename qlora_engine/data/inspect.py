@@ -18,7 +18,7 @@ from typing import Any
 from qlora_engine.config import TrainConfig, validate
 from qlora_engine.data.encode import Encoded, Encoder, resolve_template
 from qlora_engine.data.formats import preview
-from qlora_engine.data.pipeline import RowReader, _open, needs_template, tokenize_rows
+from qlora_engine.data.pipeline import RowReader, needs_template, open_configured, tokenize_rows
 from qlora_engine.data.store import token_stats
 from qlora_engine.events import EventSink, NullSink
 
@@ -111,7 +111,7 @@ def inspect_data(
     dc = cfg.data
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer_for(str(tokenizer), trust_remote_code=cfg.model.trust_remote_code)
-    src = _open(cfg, dc.path)
+    src = open_configured(cfg, dc.path)
     reader = RowReader(src, cfg)
     result: dict[str, Any] = {
         "source": src.label,

@@ -26,7 +26,6 @@ from qlora_engine.data.formats import (
     DETECT_ROWS,
     BadRow,
     Sample,
-    TextSample,
     check_columns,
     detect_format,
     map_columns,
@@ -235,7 +234,8 @@ def tokenize_rows(
     return out
 
 
-def needs_template(fmt: str, reader: RowReader | None = None) -> bool:
+def needs_template(fmt: str) -> bool:
+    """Chat-shaped formats go through the chat template; text and prompt/completion are tokenized as is."""
     return fmt not in ("text", "prompt_completion")
 
 
@@ -263,7 +263,8 @@ def data_fingerprint(cfg: TrainConfig, src: Source, val_src: Source | None, tok_
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _open(cfg: TrainConfig, spec: str) -> Source:
+def open_configured(cfg: TrainConfig, spec: str) -> Source:
+    """A source named in the config (paths relative to the config file's folder)."""
     return open_source(spec, cfg.resolve(spec), subset=cfg.data.subset, split=cfg.data.split)
 
 
@@ -279,8 +280,8 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, sink: EventSink | None = None
     sink = sink or NullSink()
     dc = cfg.data
     sink.emit(PhaseChanged(phase="preparing_data", detail=f"reading {dc.path}"))
-    src = _open(cfg, dc.path)
-    val_src = _open(cfg, dc.validation_path) if dc.validation_path else None
+    src = open_configured(cfg, dc.path)
+    val_src = open_configured(cfg, dc.validation_path) if dc.validation_path else None
     template, template_source = resolve_template(tokenizer, dc.chat_template)
     fingerprint = data_fingerprint(cfg, src, val_src, tokenizer_fingerprint(tokenizer, template))
 
@@ -430,4 +431,4 @@ def _emit_summary(sink: EventSink, report: dict[str, Any]) -> None:
         )
 
 
-__all__ = ["PreparedData", "RowReader", "TextSample", "prepare_data", "tokenize_rows"]
+__all__ = ["PreparedData", "RowReader", "open_configured", "prepare_data", "tokenize_rows"]

@@ -231,3 +231,42 @@ def test_the_direct_template_render_is_checked_against_apply_chat_template(data_
     got = broken.encode_many([sample])[0]
     assert broken._fast_render is None  # disagreement: back to apply_chat_template for good
     assert (got.input_ids, got.trained) == (want.input_ids, want.trained)
+
+
+LAYOUTS = {
+    # Llama 3 layout: header tokens around the role, content trimmed, <|eot_id|> ends a turn.
+    "llama3": (
+        "{{- bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+        " + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+        "<|eot_id|>",
+    ),
+    # Mistral v1 layout: no generation prompt at all; the answer follows [/INST] and ends with EOS.
+    "mistral": (
+        "{{ bos_token }}{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+        "{% elif m['role'] == 'assistant' %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}",
+        "<|im_end|>",
+    ),
+    # Gemma layout: 'model' turns, <end_of_turn> markers.
+    "gemma": (
+        "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+        "{{ '<start_of_turn>' + role + '\\n' + m['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}",
+        "<end_of_turn>",
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_common_template_layouts_mask_each_answer_and_its_end_marker(tmp_path, tok, layout):
+    template, end = LAYOUTS[layout]
+    turns = [("Count to 3.", "1 2 3"), ("Now to 5.", "1 2 3 4 5")]
+    messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    s = prepare_data(make_cfg(tmp_path / "c.jsonl", chat_template=template), tok).train[0]
+    assert trained_text(tok, s) == f"1 2 3{end}1 2 3 4 5{end}" + ("" if end == tok.eos_token else tok.eos_token)
+    assert s["input_ids"][-1] == tok.eos_token_id and s["labels"][-1] == tok.eos_token_id
+    for q, _ in turns:
+        assert q not in trained_text(tok, s)
