@@ -76,6 +76,7 @@ class Encoder:
         self.fast = bool(getattr(tokenizer, "is_fast", False))
         self._fast_render = self._compile_fast_render()
         self._checked = False
+        self.rendered_chats = 0  # conversations that went through the chat template
 
     # -- chat -----------------------------------------------------------------------------
 
@@ -127,6 +128,7 @@ class Encoder:
     def render(self, sample: ChatSample) -> tuple[str, list[tuple[int, int]]]:
         """The conversation as text and the character spans that carry loss."""
         msgs = sample.messages
+        self.rendered_chats += 1
         if not self._checked:
             self._check_fast_render(sample)
         try:

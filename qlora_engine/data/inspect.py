@@ -18,7 +18,7 @@ from typing import Any
 from qlora_engine.config import TrainConfig, validate
 from qlora_engine.data.encode import Encoded, Encoder, resolve_template
 from qlora_engine.data.formats import preview
-from qlora_engine.data.pipeline import RowReader, needs_template, open_configured, tokenize_rows
+from qlora_engine.data.pipeline import RowReader, open_configured, tokenize_rows
 from qlora_engine.data.store import token_stats
 from qlora_engine.events import EventSink, NullSink
 
@@ -126,11 +126,9 @@ def inspect_data(
     if tokenizer is None:
         previews = []
         usable = 0
-        for usable, (where, sample) in enumerate(reader.samples(), 1):  # noqa: B007 - the count is used below
+        for usable, (where, sample) in enumerate(reader.samples(max_rows), 1):  # noqa: B007 - used after the loop
             if len(previews) < samples:
                 previews.append({"where": where, **preview(sample)})
-            if max_rows is not None and usable >= max_rows:
-                break
         result["samples"] = previews
     else:
         template, template_source = resolve_template(tokenizer, dc.chat_template)
@@ -138,7 +136,7 @@ def inspect_data(
         tok = tokenize_rows(reader, encoder, cfg, sink, limit=max_rows, keep_first=samples, progress_label="reading")
         usable = len(tok.lengths)
         result["tokenizer"] = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
-        result["template"] = template_source if needs_template(reader.format) else None
+        result["template"] = template_source if encoder.rendered_chats else None
         if result["template"] and result["template"].startswith("chatml (default"):
             problems.append(
                 "the tokenizer has no chat template; ChatML is used (set data.chat_template if the model "

@@ -120,8 +120,11 @@ class RowReader:
     def skipped_total(self) -> int:
         return sum(e["count"] for e in self.skipped.values())
 
-    def samples(self) -> Iterator[tuple[str, Sample]]:
+    def samples(self, limit: int | None = None) -> Iterator[tuple[str, Sample]]:
+        """Usable samples with their place; reads at most ``limit`` rows (None: all)."""
         for row in chain(self._head, self._rows):
+            if limit is not None and self.rows_read >= limit:
+                return
             self.rows_read += 1
             if row.data is None:
                 self.skip(row.where, row.problem or "unreadable")
@@ -211,9 +214,7 @@ def tokenize_rows(
             builder.add(ids, trained)
 
     batch: list[tuple[str, Sample]] = []
-    for i, item in enumerate(reader.samples()):
-        if limit is not None and i >= limit:
-            break
+    for item in reader.samples(limit):
         batch.append(item)
         if len(batch) >= CHUNK:
             flush(batch)
@@ -232,11 +233,6 @@ def tokenize_rows(
     out.samples = builder.build()
     out.lengths = np.asarray(lengths, dtype=np.int64)
     return out
-
-
-def needs_template(fmt: str) -> bool:
-    """Chat-shaped formats go through the chat template; text and prompt/completion are tokenized as is."""
-    return fmt not in ("text", "prompt_completion")
 
 
 def data_fingerprint(cfg: TrainConfig, src: Source, val_src: Source | None, tok_fp: str) -> str:
@@ -307,7 +303,8 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, sink: EventSink | None = None
         )
     encoder = Encoder(tokenizer, template, train_on_prompt=dc.train_on_prompt)
     reader = RowReader(src, cfg)
-    if needs_template(reader.format) and template_source.startswith("chatml (default"):
+    main = tokenize_rows(reader, encoder, cfg, sink)
+    if encoder.rendered_chats and template_source.startswith("chatml (default"):
         sink.emit(
             LogLine(
                 level="warning",
@@ -315,7 +312,6 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, sink: EventSink | None = None
                 "data.chat_template to the template your model expects if it is not ChatML.",
             )
         )
-    main = tokenize_rows(reader, encoder, cfg, sink)
     reader.check(dc.max_bad_fraction)
     readers = [reader]
     if val_src is not None:
@@ -350,7 +346,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, sink: EventSink | None = None
         "validation_source": val_src.label if val_src is not None else None,
         "format": reader.format,
         "evidence": reader.evidence,
-        "template": template_source if needs_template(reader.format) else None,
+        "template": template_source if encoder.rendered_chats else None,
         "train_on_prompt": dc.train_on_prompt,
         "rows": sum(r.rows_read for r in readers),
         "skipped": _merge_skipped(readers),

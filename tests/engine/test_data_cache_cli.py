@@ -156,3 +156,11 @@ def test_cli_inspect_data_errors_exit_2_with_the_line(data_dir, capsys):
     assert "bad_malformed.jsonl, line 3: not valid JSON" in capsys.readouterr().err
     assert main(["inspect-data", str(data_dir / "alpaca.jsonl"), "--column", "nonsense"]) == 2
     assert "write OURS=THEIRS" in capsys.readouterr().err
+
+
+def test_inspect_data_can_read_only_the_first_rows(data_dir, tok):
+    quick = inspect_data(data_dir / "bad_missing_fields.jsonl", max_rows=5)
+    assert quick["rows"] == 5 and quick["usable_rows"] == 4 and quick["limited_to_rows"] == 5
+    assert quick["skipped"] == {"missing or empty 'output'": {"count": 1, "where": ["line 4"]}}
+    measured = inspect_data(data_dir / "bad_missing_fields.jsonl", tok, max_rows=10)
+    assert measured["rows"] == 10 and measured["token_stats"]["count"] == 8 and len(measured["lengths"]) == 8
