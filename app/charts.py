@@ -73,7 +73,9 @@ class RunCharts(QWidget):
 
     def _plot(self, key: str, title: str, xlabel: str, row: int, col: int, colspan: int = 1) -> pg.PlotItem:
         p = self.view.addPlot(row=row, col=col, colspan=colspan, title=title)
-        p.showGrid(x=True, y=True, alpha=0.15)
+        if key == "loss":
+            # grid lines are drawn with the axes on every repaint and double its cost: loss only
+            p.showGrid(x=False, y=True, alpha=0.12)
         p.setLabel("bottom", xlabel)
         p.setClipToView(True)
         p.setDownsampling(auto=True, mode="peak")

@@ -53,6 +53,10 @@ class RunRecord:
     last_time: float | None = None
     version: int = 0
     """Bumped on every change, so a view can skip redrawing what it has already drawn."""
+    _series: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    """Step metrics as columns, appended per step, so a redraw does not walk every event again."""
+
+    SERIES = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second")
 
     # -- feeding ---------------------------------------------------------------------------
     def apply(self, e: Event) -> None:
@@ -65,7 +69,11 @@ class RunRecord:
             # than its last logged step re-logs steps: the newer value replaces the older
             while self.steps and self.steps[-1].step >= e.step:
                 self.steps.pop()
+                for col in self._series.values():
+                    col.pop()
             self.steps.append(e)
+            for name in self.SERIES:
+                self._series.setdefault(name, []).append(float(getattr(e, name)))
         elif isinstance(e, EvalResult):
             while self.evals and self.evals[-1].step >= e.step:
                 self.evals.pop()
@@ -81,6 +89,7 @@ class RunRecord:
             if e.start_step:
                 self.steps = [s for s in self.steps if s.step <= e.start_step]
                 self.evals = [s for s in self.evals if s.step <= e.start_step]
+                self._series = {n: [float(getattr(s, n)) for s in self.steps] for n in self.SERIES}
         elif isinstance(e, CheckpointSaved):
             self.checkpoints.append(e)
         elif isinstance(e, LogLine):
@@ -152,6 +161,8 @@ class RunRecord:
 
     def series(self, name: str) -> tuple[list[float], list[float]]:
         """(steps, values) of one step metric, skipping missing values."""
+        if name in self._series:
+            return self._series["step"], self._series[name]
         xs, ys = [], []
         for s in self.steps:
             v = getattr(s, name)

@@ -27,7 +27,7 @@ from app.charts import RunCharts
 from app.run_record import RunRecord
 from qlora_engine.events import Event, LogLine, RunFailed, RunFinished, RunStarted
 
-REDRAW_MS = 150
+REDRAW_MS = 250
 
 STATE_TEXT = {
     "idle": "Ready",

@@ -7,6 +7,12 @@ The worker's ``run()`` blocks its thread reading the child's stdout line by line
 fine because the thread has nothing else to do. Requests from the GUI (stop, save, abort)
 therefore do not go through the worker's event loop: they write to the child's stdin or
 kill it directly, under a lock.
+
+Delivery is batched: the worker queues parsed events and output lines and wakes the GUI
+thread with one signal while the queue is non-empty; the GUI thread takes at most
+``BATCH`` items per turn of its event loop. One queued Qt signal per event would let a fast
+stream (thousands of steps, or a burst of stderr) occupy the loop for long stretches,
+because Qt delivers all posted events of a thread before it looks at its timers again.
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ import weakref
 from collections import deque
 from pathlib import Path
 
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
 
 from app.tasks import track
 from qlora_engine.events import from_dict
+
+BATCH = 50
+"""Most events the GUI thread handles in one turn of its event loop."""
 
 CHILDREN: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
 """Every engine process the app started (the tests' leak check reads it)."""
@@ -47,14 +56,16 @@ class RunWorker(QObject):
 
     Signals:
         started(pid): the child process is running.
-        event(Event): one engine event, parsed back into its dataclass.
-        output(str): a line of human text (the child's stderr, or a stdout line that is not an event).
+        available(): items wait in the queue (emitted once until :meth:`take` empties it).
         finished(returncode, stderr_tail): the child has exited and its pipes are drained.
+
+    Queue items are ``("event", Event)`` (an engine event parsed back into its dataclass) or
+    ``("output", str)`` (a line of human text: the child's stderr, or a stdout line that is
+    not an event).
     """
 
     started = Signal(int)
-    event = Signal(object)
-    output = Signal(str)
+    available = Signal()
     finished = Signal(int, str)
 
     def __init__(
@@ -69,6 +80,26 @@ class RunWorker(QObject):
         self._lock = threading.Lock()
         self._aborted = False
         self._stderr_tail: deque[str] = deque(maxlen=200)
+        self._queue: deque[tuple[str, object]] = deque()
+        self._woken = False
+
+    def _put(self, kind: str, item: object) -> None:
+        with self._lock:
+            self._queue.append((kind, item))
+            if self._woken:
+                return
+            self._woken = True
+        self.available.emit()
+
+    def take(self, limit: int = BATCH) -> tuple[list[tuple[str, object]], bool]:
+        """Up to ``limit`` queued items, and whether more remain (GUI thread)."""
+        with self._lock:
+            n = min(limit, len(self._queue))
+            items = [self._queue.popleft() for _ in range(n)]
+            more = bool(self._queue)
+            if not more:
+                self._woken = False
+            return items, more
 
     @Slot()
     def run(self) -> None:
@@ -93,7 +124,7 @@ class RunWorker(QObject):
                 creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0) if os.name == "nt" else 0,
             )
         except OSError as e:
-            self.output.emit(f"could not start the engine: {e}")
+            self._put("output", f"could not start the engine: {e}")
             self.finished.emit(-1, str(e))
             return
         CHILDREN.add(proc)
@@ -129,11 +160,11 @@ class RunWorker(QObject):
             return
         if text.startswith("{"):
             try:
-                self.event.emit(from_dict(json.loads(text)))
+                self._put("event", from_dict(json.loads(text)))
                 return
             except (ValueError, TypeError):
                 pass  # not one of ours: show it as text
-        self.output.emit(text)
+        self._put("output", text)
 
     def _drain_stderr(self, proc: subprocess.Popen, log) -> None:
         assert proc.stderr is not None
@@ -142,7 +173,7 @@ class RunWorker(QObject):
             if log:
                 log.write(line)
                 log.flush()
-            self.output.emit(line.rstrip("\n"))
+            self._put("output", line.rstrip("\n"))
 
     # -- requests from the GUI thread ------------------------------------------------------
     def send(self, command: str) -> bool:
@@ -202,9 +233,9 @@ class RunProcess(QObject):
         self._worker.moveToThread(self._thread)
         self._thread.started.connect(self._worker.run)
         self._worker.started.connect(self.started)
-        self._worker.event.connect(self.event)
-        self._worker.output.connect(self.output)
+        self._worker.available.connect(self._drain)
         self._worker.finished.connect(self._on_finished)
+        self._exit: tuple[int, str] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -229,10 +260,29 @@ class RunProcess(QObject):
         self.aborted = True
         self._worker.kill()
 
+    @Slot()
+    def _drain(self) -> None:
+        """Deliver one batch; schedule the next turn if more wait (timers and input run between)."""
+        items, more = self._worker.take()
+        for kind, item in items:
+            if kind == "event":
+                self.event.emit(item)
+            else:
+                self.output.emit(item)
+        if more:
+            QTimer.singleShot(0, self._drain)
+        elif self._exit is not None and self.returncode is None:
+            self._finish()
+
     @Slot(int, str)
     def _on_finished(self, code: int, tail: str) -> None:
         self._thread.quit()
         self._thread.wait()
+        self._exit = (code, tail)
+        self._drain()  # finishes once everything queued before the exit has been delivered
+
+    def _finish(self) -> None:
+        code, tail = self._exit
         self.returncode = code
         self.finished.emit(code, tail)
 

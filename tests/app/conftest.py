@@ -121,9 +121,10 @@ class EventLoopProbe:
     """Ticks a 20 ms timer and records, per tick, the wall-clock gap and the GUI thread's CPU time.
 
     A handler of ours that blocks the event loop shows in both. A busy machine (other test
-    runs on the same two cores) only stretches the wall-clock gaps, so the tests hold the
-    GUI thread's own work between two ticks to 100 ms, and the wall-clock gaps to a bound
-    that only a real block (a file read, a model load on the GUI thread) would break.
+    runs on the same two cores) and the GIL shared with the reader thread only stretch the
+    wall-clock gaps, so the tests hold the GUI thread's own work between two ticks to 100 ms,
+    and the wall-clock gaps to a bound that only a real block (a model load or a whole-file
+    read on the GUI thread, seconds) would break.
     """
 
     def __init__(self) -> None:
@@ -152,7 +153,7 @@ class EventLoopProbe:
     def stop(self) -> None:
         self._timer.stop()
 
-    def check(self, cpu_limit: float = 0.1, wall_limit: float = 0.5) -> None:
+    def check(self, cpu_limit: float = 0.1, wall_limit: float = 1.0) -> None:
         assert len(self.wall) > 5, "the probe timer hardly ran"
         worst_cpu = max(self.cpu[1:])
         worst_wall = max(self.wall[1:])

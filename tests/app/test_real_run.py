@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QApplication
 
 from qlora_engine.checkpoint import list_checkpoints
 from qlora_engine.events import StepMetrics, read_events
@@ -60,6 +61,7 @@ def fill_form(qtbot, window, model_dir: Path, data: Path, out: Path, steps: int,
 def test_full_run_from_the_form(qtbot, window, tiny_model_dir, text_data, tmp_path, loop_probe):
     out = tmp_path / "runs" / "first"
     fill_form(qtbot, window, tiny_model_dir, text_data, out, steps=6, save_steps=3)
+    QApplication.processEvents()  # fill_form ends on the run page: its first paint is done before we measure
     loop_probe.start()
     ctl = window.runs.controller
     with qtbot.waitSignal(ctl.ended, timeout=120_000) as blocker:

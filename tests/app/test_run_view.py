@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from PySide6.QtGui import QGuiApplication
+from PySide6.QtWidgets import QApplication
 
 from app.history import scan, summarize
 from app.run_record import RunRecord
@@ -154,6 +155,8 @@ def test_window_answers_timers_while_events_stream(qtbot, window, tmp_path, even
     many.write_text("\n".join(head + body + tail) + "\n")
     use_replay(window, many, "--delay", "0.0005")
     ready(window, tmp_path)
+    window.show_page("run")  # the first paint of the charts is a page switch, not streaming
+    QApplication.processEvents()
     loop_probe.start()
     with qtbot.waitSignal(window.runs.controller.ended, timeout=60_000):
         window.runs.start()
