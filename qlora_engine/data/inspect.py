@@ -281,8 +281,12 @@ def print_human(r: dict[str, Any], out: Any) -> None:
             w(s["text"] + "\n")
     else:
         for s in r["samples"]:
-            body = {k: v for k, v in s.items() if k != "where"}
-            w(f"\n--- {s['where']}\n{json.dumps(body, indent=2, ensure_ascii=False)}\n")
+            w(f"\n--- {s['where']}\n")
+            for m in s.get("messages", []):
+                w(f"{m['role']}{' (trained)' if m['trained'] else ''}: {m['content']}\n")
+            for key in ("text", "prompt", "completion"):
+                if key in s:
+                    w(f"{key}: {s[key]}\n" if key != "text" else f"{s[key]}\n")
         w("\n(give --model to see token lengths and the trained part of each sample)\n")
     for p in r["problems"]:
         w(f"warning: {p}\n")
