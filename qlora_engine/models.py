@@ -114,7 +114,7 @@ def _download(repo_id: str, *, revision: str | None, weights: bool) -> Path:
 
 def _gguf_cache_key(path: Path) -> str:
     st = path.stat()
-    raw = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
+    raw = f"v2|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()
     return hashlib.sha256(raw).hexdigest()[:12]
 
 
@@ -136,6 +136,12 @@ def gguf_to_folder(path: Path, *, sink: Any = None) -> Path:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16)
         model.hf_quantizer = None  # transformers refuses to save a GGUF-loaded model otherwise
         model.save_pretrained(tmp, safe_serialization=True)
+        # The saved weights are plain bf16: drop the GGUF quantization note from the config,
+        # or a later 4-bit load would see two quantization configs.
+        config_file = tmp / "config.json"
+        config = json.loads(config_file.read_text())
+        config.pop("quantization_config", None)
+        config_file.write_text(json.dumps(config, indent=2))
         tok.save_pretrained(tmp)
         (tmp / "qlora_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
         tmp.rename(target)
@@ -425,13 +431,13 @@ def wrap_with_lora(model: torch.nn.Module, cfg: TrainConfig):
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    # Non-reentrant checkpointing works with frozen inputs; input grads are still enabled so
-    # the reentrant path (some remote-code models force it) gets a tensor that requires grad.
+    # Non-reentrant checkpointing works with inputs that need no gradient, so the backward
+    # pass stops at the lowest adapted layer (no `enable_input_require_grads`: that would
+    # carry gradients down to the embeddings for nothing when only upper layers are adapted).
     if hasattr(model, "activation_checkpointing_enable"):  # the name in newer transformers 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
 
 
 def model_facts(model: torch.nn.Module) -> dict[str, Any]:

@@ -55,8 +55,11 @@ class Trainer:
         *,
         resume: bool | str | Path | None = None,
         force_resume: bool = False,
+        data: PreparedData | None = None,
     ) -> None:
-        check_ready(cfg)
+        """``data``: samples already prepared by the caller (benchmarks); None reads ``cfg.data``."""
+        if data is None:
+            check_ready(cfg)
         self.cfg = cfg
         self.sink = sink
         self.control = control or RunControl()
@@ -64,6 +67,7 @@ class Trainer:
         self.force_resume = force_resume
         self.run_dir = cfg.output_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.data = data
         self.step = 0
         self.last_loss: float | None = None
         self.last_eval_loss: float | None = None
@@ -83,8 +87,9 @@ class Trainer:
         self.model_folder = folder
         self.tokenizer = models.load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
 
-        emit(PhaseChanged(phase="preparing_data", detail=cfg.data.path))
-        self.data: PreparedData = prepare_data(cfg, self.tokenizer, self.sink)
+        if self.data is None:
+            emit(PhaseChanged(phase="preparing_data", detail=cfg.data.path))
+            self.data = prepare_data(cfg, self.tokenizer, self.sink)
         if not self.data.train:
             raise QLoRAError(f"{cfg.data.path}: no training samples left after preparation.")
         self.batches_per_epoch = math.ceil(len(self.data.train) / cfg.train.micro_batch_size)
@@ -211,13 +216,15 @@ class Trainer:
             # Normalize by the label count of the whole optimizer step, so every answer token
             # weighs the same however the tokens fall into micro-batches.
             n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            n_tokens = sum(_real_tokens(b) for b in batches)
             loss_sum = torch.zeros((), device=self.device)
             for b in batches:
                 b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
-                out = self.model(**b, num_items_in_batch=torch.tensor(max(n_labels, 1), device=self.device))
-                out.loss.backward()
-                loss_sum += out.loss.detach()
+                # Keep only the loss: holding the model output would keep the logits alive
+                # through the backward pass (2 bytes x tokens x vocabulary).
+                micro_loss = self.model(**b, num_items_in_batch=torch.tensor(max(n_labels, 1), device=self.device)).loss
+                micro_loss.backward()
+                loss_sum += micro_loss.detach()
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
             loss = float(loss_sum)  # a CPU-GPU sync point, once per optimizer step
@@ -355,6 +362,12 @@ class Trainer:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that are not padding (packed batches carry no attention mask: all are real)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def _seed_everything(seed: int) -> None:
