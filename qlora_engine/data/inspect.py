@@ -20,6 +20,7 @@ from qlora_engine.data.encode import Encoded, Encoder, resolve_template
 from qlora_engine.data.formats import preview
 from qlora_engine.data.pipeline import RowReader, open_configured, tokenize_rows
 from qlora_engine.data.store import token_stats
+from qlora_engine.errors import ModelError
 from qlora_engine.events import EventSink, NullSink
 
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
@@ -40,11 +41,22 @@ def _config(path_or_cfg: str | Path | TrainConfig, overrides: dict[str, Any]) ->
     return cfg
 
 
-def load_tokenizer_for(ref: str, *, trust_remote_code: bool = False) -> Any:
-    """A tokenizer from a model reference (folder, hub id, .gguf), without loading weights."""
+def load_tokenizer_for(ref: str, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """A tokenizer from a model reference (folder, hub id, .gguf), without loading or converting weights."""
     from qlora_engine import models
 
-    folder = models.resolve_model(ref, weights=False)
+    if models.is_gguf(ref):
+        from transformers import AutoTokenizer
+
+        path = Path(ref).expanduser()
+        if not path.is_file():
+            raise ModelError(f"{path}: GGUF file not found.")
+        # The same tokenizer the GGUF conversion saves next to the converted weights.
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+        return tok
+    folder = models.resolve_model(ref, weights=False, revision=revision)
     return models.load_tokenizer(folder, trust_remote_code=trust_remote_code)
 
 
@@ -110,7 +122,9 @@ def inspect_data(
     )
     dc = cfg.data
     if isinstance(tokenizer, (str, Path)):
-        tokenizer = load_tokenizer_for(str(tokenizer), trust_remote_code=cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer_for(
+            str(tokenizer), trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision
+        )
     src = open_configured(cfg, dc.path)
     reader = RowReader(src, cfg)
     result: dict[str, Any] = {
