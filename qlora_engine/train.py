@@ -34,7 +34,7 @@ from qlora_engine import checkpoint as ckpt
 from qlora_engine import models
 from qlora_engine.config import TrainConfig, check_ready
 from qlora_engine.control import RunControl
-from qlora_engine.data import PreparedData, collate, prepare_data
+from qlora_engine.data import PreparedData, collate, count_tokens, prepare_data
 from qlora_engine.errors import QLoRAError, ResumeError, TrainingDiverged
 from qlora_engine.events import (
     CheckpointSaved,
@@ -223,13 +223,16 @@ class Trainer:
             # Normalize by the label count of the whole optimizer step, so every answer token
             # weighs the same however the tokens fall into micro-batches.
             n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            n_tokens = sum(_real_tokens(b) for b in batches)
+            n_tokens = sum(count_tokens(b, self.tokenizer.pad_token_id) for b in batches)
             loss_sum = torch.zeros((), device=self.device)
             for b in batches:
                 b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
                 # Keep only the loss: holding the model output would keep the logits alive
                 # through the backward pass (2 bytes x tokens x vocabulary).
-                micro_loss = self.model(**b, num_items_in_batch=torch.tensor(max(n_labels, 1), device=self.device)).loss
+                # use_cache=False also matters for packed batches: transformers only keeps
+                # attention inside each packed sample (from the position_ids) without a KV cache.
+                n_items = torch.tensor(max(n_labels, 1), device=self.device)
+                micro_loss = self.model(**b, use_cache=False, num_items_in_batch=n_items).loss
                 micro_loss.backward()
                 loss_sum += micro_loss.detach()
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
@@ -317,8 +320,7 @@ class Trainer:
             if n == 0:
                 continue
             b = {k: v.to(self.device) for k, v in b.items()}
-            out = self.model(**b)
-            total += float(out.loss) * n
+            total += float(self.model(**b, use_cache=False).loss) * n
             count += n
         self.model.train()
         loss = total / max(count, 1)
@@ -369,12 +371,6 @@ class Trainer:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that are not padding (packed batches carry no attention mask: all are real)."""
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def _seed_everything(seed: int) -> None:

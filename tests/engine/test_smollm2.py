@@ -32,10 +32,14 @@ def test_smollm2_quantizes_to_nf4_and_its_loss_falls(smollm2_gguf, smollm2_dir, 
             "train.micro_batch_size=4",
             "train.gradient_accumulation_steps=1",
             "train.save_steps=null",
-            "optim.learning_rate=5e-4",
+            "optim.learning_rate=1e-3",
             "optim.warmup_steps=2",
             "lora.rank=8",
             "data.max_length=128",
+            # On the CPU every 4-bit layer is dequantized per call: adapting the top six blocks
+            # without checkpointing keeps the backward pass short (it stops at block 24).
+            "lora.layers=24-29",
+            "train.gradient_checkpointing=false",
         ],
     )
     sink = ListSink()
