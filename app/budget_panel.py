@@ -204,15 +204,19 @@ class BudgetPanel(QFrame):
     # -- GPUs ------------------------------------------------------------------------------
     def refresh_gpus(self) -> None:
         report = gpu_facts.query_gpus()
+        self.set_gpus(list(report.gpus), report.reason)
+
+    def set_gpus(self, gpus: list[gpu_facts.GpuInfo], reason: str | None = None) -> None:
+        """Fill the selector (the first GPU is chosen unless the previous choice is still there)."""
         current = self.selected_gpu()
-        self.gpus = list(report.gpus)
+        self.gpus = list(gpus)
         self.gpu_combo.blockSignals(True)
         self.gpu_combo.clear()
         for g in self.gpus:
             self.gpu_combo.addItem(g.label(), g.index)
         self.gpu_combo.addItem("CPU (no GPU)" if not self.gpus else "CPU", -1)
         if not self.gpus:
-            self.gpu_combo.setItemData(0, report.reason or "no NVIDIA GPU", Qt.ItemDataRole.ToolTipRole)
+            self.gpu_combo.setItemData(0, reason or "no NVIDIA GPU", Qt.ItemDataRole.ToolTipRole)
         if current is not None:
             i = self.gpu_combo.findData(current.index)
             self.gpu_combo.setCurrentIndex(max(i, 0))

@@ -213,15 +213,18 @@ class HistoryPage(QWidget):
         self.add_button.clicked.connect(self._add_folder)
         self.refresh_button.clicked.connect(self.refresh)
 
+        header = QHBoxLayout()
+        header.addWidget(title)
+        header.addStretch(1)
+        header.addWidget(self.add_button)
+        header.addWidget(self.refresh_button)
         buttons = QHBoxLayout()
         for b in (self.open_button, self.load_button, self.resume_button, self.compare_button, self.reveal_button):
             buttons.addWidget(b)
         buttons.addStretch(1)
-        buttons.addWidget(self.add_button)
-        buttons.addWidget(self.refresh_button)
 
         lay = QVBoxLayout(self)
-        lay.addWidget(title)
+        lay.addLayout(header)
         lay.addWidget(self.info)
         lay.addLayout(buttons)
         lay.addWidget(self.table, 1)

@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
 
 from app import settings as app_settings
 from app.budget_panel import BudgetPanel
-from app.config_model import ConfigModel
+from app.config_model import SECTIONS, ConfigModel, section_fields
 from app.history import HistoryPage
 from app.pages.adapter_page import AdapterPage
 from app.pages.data_page import DataPage
@@ -83,6 +83,10 @@ class MainWindow(QMainWindow):
             "result": self.result_page,
             "history": self.history,
         }
+        bound = {k for key in CONFIG_PAGES for k in self.pages[key].bindings}
+        self.training_page.add_other_settings(
+            [(sec, f.name) for sec in SECTIONS for f in section_fields(sec) if f"{sec}.{f.name}" not in bound]
+        )
         self.budget = BudgetPanel(m, self.budget_tasks)
         self.runs = RunActions(self, self.run_view, self.history)
 

@@ -17,7 +17,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QComboBox, QFileDialog, QFormLayout, QLabel, QPushButton, QTextBrowser, QWidget
 
 from app.config_model import ConfigModel
-from app.fields import debounce, row
+from app.fields import FieldForm, debounce, row
 from app.pages.base import Page
 from app.tasks import TaskRunner, import_ml_stack
 
@@ -68,10 +68,11 @@ def inspect_for_page(cfg, tokenizers: TokenizerCache | None, model_ref: str | No
 def raw_keys(cfg) -> list[str]:
     """Column names of the first rows, for mapping when the format cannot be detected."""
     try:
-        from qlora_engine.data.pipeline import _open
+        from qlora_engine.data.sources import open_source
 
+        src = open_source(cfg.data.path, cfg.resolve(cfg.data.path), subset=cfg.data.subset, split=cfg.data.split)
         keys: dict[str, None] = {}
-        for i, r in enumerate(_open(cfg, cfg.data.path).rows()):
+        for i, r in enumerate(src.rows()):
             if isinstance(getattr(r, "data", None), dict):
                 keys.update(dict.fromkeys(r.data))
             if i >= 50:
@@ -130,6 +131,9 @@ class DataPage(Page):
         self.mapping_box.layout().addWidget(holder)
         self.mapping_combos: dict[str, QComboBox] = {}
         self.mapping_box.hide()
+        self.columns_form = FieldForm(model, [])
+        self.add_binding(self.columns_form, "data", "columns")
+        self.mapping_box.layout().addWidget(self.columns_form)
 
         box, _ = self.group("Samples as the model sees them")
         self.preview = QTextBrowser()
@@ -181,6 +185,7 @@ class DataPage(Page):
         self._timer = debounce(self, 350, self.inspect_now)
         model.changed.connect(self._on_changed)
         tasks.finished.connect(self._on_result)
+        tasks.finished.connect(self._on_keys)
         tasks.failed.connect(self._on_failed)
 
     # -- inputs ----------------------------------------------------------------------------
@@ -237,11 +242,9 @@ class DataPage(Page):
         cfg = self.model.config
         if "cannot tell the data format" in str(exc) or "not found; the rows have" in str(exc):
             self.tasks.submit("data-keys", lambda: raw_keys(cfg))
-            self.tasks.finished.connect(self._on_keys)
 
     def _on_keys(self, key: str, keys: object) -> None:
         if key == "data-keys":
-            self.tasks.finished.disconnect(self._on_keys)
             self._show_mapping(list(keys), unsure=True)
 
     def _show_message(self, text: str, error: bool = False) -> None:

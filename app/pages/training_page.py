@@ -64,6 +64,14 @@ class TrainingPage(Page):
         model.changed.connect(self._update_notes)
         self._update_notes()
 
+    def add_other_settings(self, fields: list[tuple[str, str]]) -> None:
+        """Fields no page places by hand (new engine settings): bound generically, never hidden."""
+        if not fields:
+            return
+        box, _form = self.group("Other settings", fields)
+        self.body.removeWidget(box)
+        self.body.insertWidget(self.body.count() - 1, box)  # above the closing stretch
+
     def _toggle_advanced(self, on: bool) -> None:
         for child in self.advanced.findChildren(QWidget):
             child.setVisible(on)

@@ -16,6 +16,11 @@ from app import run_worker, tasks
 
 EVENTS_DIR = Path(__file__).resolve().parents[1] / "data" / "events"
 
+# A 1920x1200 offscreen screen (the default is 800x800, smaller than the window): Qt reads
+# this when the QApplication is created, which pytest-qt does lazily, after collection.
+if os.environ.get("QT_QPA_PLATFORM") == "offscreen":
+    os.environ["QT_QPA_PLATFORM"] = f"offscreen:configfile={Path(__file__).with_name('offscreen.json')}"
+
 
 def _live_children() -> list[int]:
     """PIDs of this process's children that are still running (Linux: from /proc)."""
