@@ -11,6 +11,7 @@ then only with ``weights_only=True``).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from qlora_engine.errors import ResumeError, RunLockedError
+from qlora_engine.errors import DiskFullError, ResumeError, RunLockedError
 
 MARKER = "qlora_checkpoint.json"
 STATE = "trainer_state.json"
@@ -71,6 +72,15 @@ def write_atomic_folder(target: Path, write: Callable[[Path], None], *, replace:
         else:
             tmp.rename(target)
         _fsync_dir(target.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            kept = f"{target} is unchanged" if target.exists() else f"nothing was written to {target}"
+            raise DiskFullError(
+                f"The disk is full: writing {target.name} into {target.parent} failed; {kept}.",
+                hint=f"Free space on the disk holding {target.parent} (or choose another folder), then resume.",
+            ) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -61,6 +61,8 @@ def _install_sigint(control: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
     from qlora_engine.config import TrainConfig
     from qlora_engine.control import RunControl
     from qlora_engine.events import StreamSink, TextSink
@@ -82,6 +84,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("aborted; the last checkpoint is kept.", file=sys.stderr)
         return 130
+    except torch.OutOfMemoryError:  # the run_failed event already says what to change
+        return 3
     if args.events != "-":
         print(f"adapter: {finished.adapter_dir}", file=sys.stderr)
     return 0

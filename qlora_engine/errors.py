@@ -38,3 +38,7 @@ class RunLockedError(QLoRAError):
 
 class TrainingDiverged(QLoRAError):
     """The loss became NaN or infinite."""
+
+
+class DiskFullError(QLoRAError, OSError):
+    """No space left while writing a checkpoint, an adapter or an export."""

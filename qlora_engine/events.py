@@ -120,6 +120,8 @@ class RunFailed(Event):
     step: int | None = None
     last_checkpoint: str | None = None
     hint: str | None = None
+    fixes: list[dict[str, Any]] | None = None
+    """Changes that would avoid this failure, each ``{"description", "overrides"}`` (out of memory)."""
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
@@ -257,6 +259,10 @@ class TextSink:
             msg = f"finished at step {e.step} in {_fmt_s(e.elapsed)}; adapter: {e.adapter_dir}"
         elif isinstance(e, RunFailed):
             msg = f"FAILED ({e.error_type}): {e.message}"
+            if e.hint:
+                msg += f"\nhint: {e.hint}"
+            for fix in e.fixes or []:
+                msg += f"\n  fix: {fix['description']}: " + " ".join(fix["overrides"])
         else:
             msg = e.to_json()
         print(msg, file=self.stream, flush=True)

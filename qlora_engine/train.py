@@ -401,6 +401,25 @@ def _vram_estimate(cfg: TrainConfig, data: PreparedData) -> dict[str, Any] | Non
         return None
 
 
+def oom_fixes(cfg: TrainConfig, data: PreparedData | None, card_bytes: int | None) -> list[dict[str, Any]]:
+    """Single changes that the budget says would make this run fit (least quality lost first).
+
+    If the estimate exceeds the card, fit the card. If it does not (the estimate was wrong:
+    it is an estimate), ask for a quarter less of the memory the run itself needs, beyond
+    the fixed CUDA context.
+    """
+    try:
+        from qlora_engine import budget
+
+        stats = data.report.get("token_stats") if data is not None and isinstance(data.report, dict) else None
+        est = budget.estimate(cfg, data_stats=stats)
+        fixed = est.components.get("cuda_context", 0)
+        target = card_bytes if card_bytes and est.total > card_bytes else int(fixed + 0.75 * (est.total - fixed))
+        return [s.to_dict() for s in budget.fit(cfg, target, data_stats=stats).suggestions]
+    except Exception:
+        return []
+
+
 def oom_hint(cfg: TrainConfig) -> str:
     tips = []
     if not cfg.train.gradient_checkpointing:
@@ -438,9 +457,16 @@ def run(
     except BaseException as e:
         hint = getattr(e, "hint", None)
         message = str(e)
+        fixes = None
         if isinstance(e, torch.cuda.OutOfMemoryError):
+            trainer.cleanup()  # give the memory back before anything else runs
+            device = getattr(trainer, "device", None)
+            card = torch.cuda.get_device_properties(device).total_memory if device and device.type == "cuda" else None
+            fixes = oom_fixes(cfg, trainer.data, card)
             hint = oom_hint(cfg)
-            message = "CUDA out of memory during training."
+            if fixes:
+                hint = "Out of GPU memory. Changes that fit: " + "; ".join(f["description"] for f in fixes[:3]) + "."
+            message = f"The GPU ran out of memory at step {trainer.step + 1}; the last checkpoint is kept."
         elif isinstance(e, KeyboardInterrupt):
             message = "Interrupted; the last checkpoint is kept."
         out.emit(
@@ -451,6 +477,7 @@ def run(
                 step=trainer.step,
                 last_checkpoint=str(p) if (p := ckpt.latest_checkpoint(trainer.ckpt_dir)) else None,
                 hint=hint,
+                fixes=fixes,
             )
         )
         raise
