@@ -1,7 +1,10 @@
 """Accuracy of the VRAM budget: predicted vs measured peak memory of real engine runs, on one GPU.
 
     python bench/budget_accuracy.py [--shapes llama3-8b,llama-1b] [--cases NAME,...] [--steps 6]
-                                    [--deadline-s 560] [--workdir /tmp] [--resume]
+                                    [--deadline-s 540] [--workdir /tmp/budget-bench] [--resume]
+                                    [--alloc-conf expandable_segments:False]
+    python bench/budget_accuracy.py --dry-run      # the cases, their predictions and commands; no GPU
+    python bench/budget_accuracy.py --smoke        # one tiny case through the whole chain, on the CPU
 
 Builds random-weight checkpoints of two shapes (BENCHMARKS.md's Llama-3-8B and a ~1B Llama,
 both through ``save_pretrained`` as real safetensors), then runs every case through the
@@ -15,14 +18,23 @@ each case it prints one JSON line comparing ``budget.estimate`` with what torch 
   torch's allocator) -- the number the issue's accuracy goal is about;
 * peak allocated against the estimate's ``torch_allocated`` (the formulas without the
   allocator's slack), to tell formula errors from fragmentation;
+* measured slack (reserved - allocated) next to the estimate's dynamic part, the input of
+  the allocator-slack fit printed last for the allocator mode the cases ran in;
 * device memory outside torch at the last step (``mem_get_info`` used - reserved) against the
   estimate's CUDA context + paged optimizer state.
 
-A table and a summary against the goals (every case within +-7%, median |error| <= 3%, no
-under-prediction beyond 5%) come last; the record goes to
-``bench/results/<date>-<card>-budget.json`` and to $OUT when set. Results are appended to
+The allocator mode is the engine's default (expandable segments) unless ``--alloc-conf`` sets
+``PYTORCH_CUDA_ALLOC_CONF`` for the workers; each result records the mode the budget assumed
+and the value the worker saw. Fused kernels (``train.kernels``) are pinned off: the budget
+models the plain transformers code.
+
+A table, a summary against the goals (every case within +-7%, median |error| <= 3%, no
+under-prediction beyond 5%) and the slack fit come last; the record goes to
+``bench/results/<date>-<card>-budget.json`` and to $OUT when set, rewritten after every case
+so that a run cut short still leaves its numbers. Results are appended to
 ``<workdir>/budget-partial.jsonl`` as they come, so ``--resume`` continues a run that hit the
-deadline (the checkpoints stay in ``<workdir>`` while the machine is warm).
+deadline (the checkpoints stay in ``<workdir>`` while the machine is warm). No case starts
+unless the slowest case of its shape so far would still end before the deadline.
 """
 
 from __future__ import annotations
@@ -52,6 +64,11 @@ SHAPES = {
     "llama-1b": dict(
         vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=8192, rope_theta=10000.0,
+    ),
+    # --smoke only: the chain on the CPU in seconds (the vocabulary is the tiny tokenizer's).
+    "tiny": dict(
+        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
     ),
 }  # fmt: skip
 
@@ -84,6 +101,10 @@ CASES: dict[str, tuple] = {
     ),
 }  # fmt: skip
 
+SMOKE_CASES: dict[str, tuple] = {
+    "smoke-tiny-64x2-ckpt": ("tiny", 64, 2, True, "adamw", "padded", []),
+}  # fmt: skip
+
 GOALS = {"max_abs_pct": 7.0, "median_abs_pct": 3.0, "max_under_pct": 5.0}
 GiB = 1 << 30
 
@@ -95,7 +116,7 @@ def gib(n: float | None) -> float | None:
 # -- the checkpoint ------------------------------------------------------------------------------
 
 
-def make_checkpoint(shape: str, path: Path) -> None:
+def make_checkpoint(shape: str, path: Path, device: str = "cuda") -> None:
     """Random bf16 weights of the shape, saved as safetensors, plus a small tokenizer (pad id only)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -103,14 +124,15 @@ def make_checkpoint(shape: str, path: Path) -> None:
     if not (path / "config.json").exists():
         t = time.time()
         cfg = LlamaConfig(**SHAPES[shape], dtype="bfloat16")
-        with torch.device("cuda"):
+        with torch.device(device):
             model = LlamaForCausalLM(cfg).to(torch.bfloat16)
         tmp = path.with_name(path.name + ".tmp")
         model.save_pretrained(tmp, max_shard_size="5GB")
         tmp.rename(path)
         del model
         gc.collect()
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         print(f"# saved {shape} in {time.time() - t:.0f}s", file=sys.stderr, flush=True)
     if not (path / "tokenizer_config.json").exists():
         sys.path.insert(0, str(ROOT / "tests"))
@@ -142,26 +164,20 @@ def synthetic_data(kind: str, seq: int, n: int, vocab: int) -> tuple[list[dict],
     return samples, stats
 
 
-def run_case(name: str, workdir: Path, steps: int) -> dict:
-    import torch
+def case_config(name: str, workdir: Path, steps: int):
+    """The run config of a case (pure: also used by --dry-run, which touches no GPU)."""
+    import dataclasses
 
-    from qlora_engine import budget
     from qlora_engine.config import TrainConfig, apply_overrides
-    from qlora_engine.data import PreparedData
-    from qlora_engine.events import ListSink, PhaseChanged, StepMetrics
-    from qlora_engine.train import Trainer
 
-    shape, seq, mbs, ckpt, optimizer, kind, extra = CASES[name]
-    path = workdir / f"ckpt-{shape}"
-    torch.cuda.init()
-    torch.ones(1, device="cuda")
-    free, total = torch.cuda.mem_get_info()
-    context_at_start = total - free - torch.cuda.memory_reserved()
-
-    cfg = apply_overrides(
-        TrainConfig(),
+    shape, seq, mbs, ckpt, optimizer, kind, extra = ALL_CASES[name]
+    base = TrainConfig()
+    # The budget models the plain transformers code: fused kernels off where the engine has them.
+    kernels = ["train.kernels=none"] if "kernels" in {f.name for f in dataclasses.fields(base.train)} else []
+    return apply_overrides(
+        base,
         [
-            f"model.ref={path}",
+            f"model.ref={workdir / f'ckpt-{shape}'}",
             "data.path=synthetic",
             f"data.max_length={seq}",
             f"data.packing={'true' if kind == 'packed' else 'false'}",
@@ -171,6 +187,8 @@ def run_case(name: str, workdir: Path, steps: int) -> dict:
             "train.gradient_accumulation_steps=1",
             f"train.gradient_checkpointing={'true' if ckpt else 'false'}",
             "train.save_steps=null",
+            "train.logging_steps=1",  # every step's peaks (the trainer resets them each step)
+            *kernels,
             "lora.rank=16",
             "lora.alpha=16",
             "lora.target_modules=[all-linear]",
@@ -178,9 +196,47 @@ def run_case(name: str, workdir: Path, steps: int) -> dict:
             *extra,
         ],
     )
+
+
+def case_estimate(name: str, workdir: Path, steps: int, gpu_bytes: int | None = None, gpu_name: str | None = None):
+    """(config, samples, budget estimate) of a case: the estimate from the shape's config alone."""
+    from qlora_engine import budget
+
+    shape, seq, mbs, _, _, kind, _ = ALL_CASES[name]
+    cfg = case_config(name, workdir, steps)
     ga = cfg.train.gradient_accumulation_steps
     samples, stats = synthetic_data(kind, seq, mbs * ga * steps, SHAPES[shape]["vocab_size"])
-    est = budget.estimate(cfg, data_stats=stats, gpu_bytes=total, gpu_name=torch.cuda.get_device_name(0))
+    model_config = None  # the checkpoint's own config.json, once it exists
+    if not (workdir / f"ckpt-{shape}" / "config.json").exists():
+        model_config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **SHAPES[shape]}
+    est = budget.estimate(cfg, model_config, data_stats=stats, gpu_bytes=gpu_bytes, gpu_name=gpu_name)
+    return cfg, samples, est
+
+
+def run_case(name: str, workdir: Path, steps: int, device: str = "cuda") -> dict:
+    import torch
+
+    from qlora_engine.data import PreparedData
+    from qlora_engine.events import ListSink, PhaseChanged, StepMetrics
+    from qlora_engine.train import Trainer  # sets the engine's allocator default, before CUDA starts
+
+    cuda = device == "cuda"
+    alloc_conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    total = context_at_start = card = backend = None
+    if cuda:
+        torch.cuda.init()
+        torch.ones(1, device="cuda")
+        free, total = torch.cuda.mem_get_info()
+        context_at_start = total - free - torch.cuda.memory_reserved()
+        card, backend = torch.cuda.get_device_name(0), torch.cuda.get_allocator_backend()
+
+    shape, seq, mbs, ckpt, optimizer, kind, extra = ALL_CASES[name]
+    cfg, samples, est = case_estimate(name, workdir, steps, gpu_bytes=total, gpu_name=card)
+    if not cuda:
+        cfg = case_config(name, workdir, steps)
+        cfg.train.device = "cpu"
+        cfg.quant.compute_dtype = "bfloat16"
+    ga = cfg.train.gradient_accumulation_steps
 
     class Probe(ListSink):
         """Reads torch's and the driver's counters as events arrive (same process, same thread)."""
@@ -193,6 +249,8 @@ def run_case(name: str, workdir: Path, steps: int) -> dict:
 
         def emit(self, event) -> None:
             super().emit(event)
+            if not cuda:
+                return
             if isinstance(event, PhaseChanged) and event.phase == "training" and self.static_allocated is None:
                 self.static_allocated = torch.cuda.memory_allocated()
                 self.load_peak_reserved = torch.cuda.max_memory_reserved()
@@ -206,40 +264,59 @@ def run_case(name: str, workdir: Path, steps: int) -> dict:
     trainer.setup()
     trainer.save_checkpoint = lambda: None  # measure training, not disk writes
     trainer.save_adapter = lambda: None
+    # Whether the backward pass reaches the first block (budget.formulas.CHECKPOINTING_INPUT_GRADS).
+    first_input_grad: list[bool] = []
+    first_block = trainer.model.get_base_model().model.layers[0]
+    hook = first_block.register_forward_pre_hook(
+        lambda m, a, kw: first_input_grad.append((a[0] if a else kw["hidden_states"]).requires_grad), with_kwargs=True
+    )
     t0 = time.time()
     trainer.train()
+    hook.remove()
     step_s = (time.time() - t0) / steps
     metrics = sink.of(StepMetrics)
-    reserved = [m.cuda_reserved for m in metrics]
-    allocated = [m.cuda_allocated for m in metrics]
-    peak_reserved, peak_allocated = max(reserved), max(allocated)
-
     d = est.details
     pred_reserved, pred_allocated = d["torch_reserved"], d["torch_allocated"]
     pred_outside = est.components["cuda_context"] + d["paged_optimizer_bytes"]
-    return dict(
-        case=name, card=torch.cuda.get_device_name(0), shape=shape, seq=seq, micro_batch=mbs, grad_accum=ga, checkpointing=ckpt,
+    res = dict(
+        case=name, card=card, device=device, shape=shape, seq=seq, micro_batch=mbs, grad_accum=ga, checkpointing=ckpt,
         optimizer=optimizer, data=kind, rank=cfg.lora.rank, targets=cfg.lora.target_modules, steps=steps,
         step_s=round(step_s, 2), loss=round(metrics[-1].loss, 3),
-        measured=dict(
-            peak_reserved_gib=gib(peak_reserved), peak_allocated_gib=gib(peak_allocated),
-            reserved_per_step_gib=[gib(r) for r in reserved], allocated_per_step_gib=[gib(a) for a in allocated],
-            load_peak_reserved_gib=gib(sink.load_peak_reserved), static_allocated_gib=gib(sink.static_allocated),
-            outside_torch_gib=gib(sink.outside_torch), context_at_start_gib=gib(context_at_start),
-        ),
+        allocator=dict(alloc_conf_seen=alloc_conf, budget_mode=d["allocator"], budget_calibrated=d["allocator_calibrated"],
+                       backend=backend),
+        kernels=getattr(trainer, "kernels", None),
+        first_block_input_requires_grad=first_input_grad[0] if first_input_grad else None,
+        budget_assumes_input_grads=d["checkpointing_input_grads"],
         predicted=dict(
             torch_reserved_gib=gib(pred_reserved), torch_allocated_gib=gib(pred_allocated),
             outside_torch_gib=gib(pred_outside), total_gib=gib(est.total), low_gib=gib(est.low),
             high_gib=gib(est.high), peak_phase=d["peak_phase"], attention_mask=d["attention_mask"],
-            static_gib=gib(sum(est.components[k] for k in ("quantized_weights", "quant_constants",
-                                                            "unquantized_weights", "lora_weights"))),
+            static_gib=gib(d["static_bytes"]), dynamic_gib=gib(d["dynamic_bytes"]),
+            slack_gib=gib(est.components["allocator_slack"]),
+            logits_fp32_gib=gib(4 * seq * mbs * SHAPES[shape]["vocab_size"]),
+            phases_gib={k: gib(v) for k, v in d["phases"].items()},
             components_gib={k: gib(v) for k, v in est.components.items()},
             approximate=est.approximate,
+        ),
+    )  # fmt: skip
+    if not cuda:
+        return res
+    reserved = [m.cuda_reserved for m in metrics]
+    allocated = [m.cuda_allocated for m in metrics]
+    peak_reserved, peak_allocated = max(reserved), max(allocated)
+    res.update(
+        measured=dict(
+            peak_reserved_gib=gib(peak_reserved), peak_allocated_gib=gib(peak_allocated),
+            slack_gib=gib(peak_reserved - peak_allocated),
+            reserved_per_step_gib=[gib(r) for r in reserved], allocated_per_step_gib=[gib(a) for a in allocated],
+            load_peak_reserved_gib=gib(sink.load_peak_reserved), static_allocated_gib=gib(sink.static_allocated),
+            outside_torch_gib=gib(sink.outside_torch), context_at_start_gib=gib(context_at_start),
         ),
         reserved_error_pct=round(100 * (pred_reserved - peak_reserved) / peak_reserved, 2),
         allocated_error_pct=round(100 * (pred_allocated - peak_allocated) / peak_allocated, 2),
         in_range=est.low - pred_outside <= peak_reserved <= est.high - pred_outside,
     )  # fmt: skip
+    return res
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -262,26 +339,67 @@ def check_imports() -> None:
     bitsandbytes creates a CUDA context, and this process must hold none (see main)."""
     import importlib.util
 
-    wanted = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "yaml", "numpy", "platformdirs", "pynvml")
+    wanted = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "tokenizers", "yaml",
+              "numpy", "platformdirs")  # fmt: skip
     missing = [mod for mod in wanted if importlib.util.find_spec(mod) is None]
     if missing:
         sys.exit(f"missing on this machine: {', '.join(missing)} (carry their wheels and pip install them first)")
 
 
+def fit_slack(results: list[dict]) -> dict:
+    """Least-squares fit of the measured slack (reserved - allocated), per allocator mode, to the
+    estimate's form: fixed + fragmentation x dynamic + logits_fragmentation x 4TV (loss peaks
+    only). The inputs of CALIBRATION["allocator"][mode] after a run; read before pasting."""
+    by_mode: dict[str, list[dict]] = {}
+    for r in results:
+        if "measured" in r:
+            by_mode.setdefault(r["allocator"]["budget_mode"], []).append(r)
+    out = {}
+    for mode, rs in by_mode.items():
+        rows = [(1.0, r["predicted"]["dynamic_gib"],
+                 r["predicted"]["logits_fp32_gib"] if r["predicted"]["peak_phase"].startswith("loss") else 0.0)
+                for r in rs]  # fmt: skip
+        y = [r["measured"]["slack_gib"] for r in rs]
+        fit: dict = {"cases": len(rs), "measured_slack_gib": dict(zip([r["case"] for r in rs], y, strict=True))}
+        try:
+            import numpy as np
+
+            a = np.array(rows)
+            cols = [c for c in range(3) if a[:, c].any()] if len(rs) >= 3 else [0]
+            coef, *_ = np.linalg.lstsq(a[:, cols], np.array(y), rcond=None)
+            named = dict.fromkeys(("fixed_gib", "fragmentation", "logits_fragmentation"), 0.0)
+            for c, v in zip(cols, coef, strict=True):
+                named[list(named)[c]] = round(float(v), 4)
+            fit["fit"] = named
+            resid = np.array(y) - a[:, cols] @ coef
+            fit["worst_under_gib"] = round(float(resid.max()), 3)  # the slack the fit misses at worst
+        except Exception as e:  # numpy missing or a degenerate set: the raw numbers are still there
+            fit["fit_error"] = repr(e)
+        out[mode] = fit
+    return out
+
+
 def summarize(results: list[dict]) -> dict:
     ok = [r for r in results if "reserved_error_pct" in r]
+    failed = sum("error" in r for r in results)
     errs = [r["reserved_error_pct"] for r in ok]
     if not errs:
-        return {"cases": 0}
+        return {"cases": 0, "failed_cases": failed}
     summary = {
         "cases": len(ok),
-        "failed_cases": len(results) - len(ok),
+        "failed_cases": failed,
         "median_abs_error_pct": round(statistics.median(abs(e) for e in errs), 2),
         "max_abs_error_pct": round(max(abs(e) for e in errs), 2),
         "worst_under_prediction_pct": round(min(min(errs), 0.0), 2),
         "allocated_median_abs_error_pct": round(statistics.median(abs(r["allocated_error_pct"]) for r in ok), 2),
+        "allocated_max_abs_error_pct": round(max(abs(r["allocated_error_pct"]) for r in ok), 2),
         "in_low_high_range": sum(bool(r["in_range"]) for r in ok),
-    }
+        "allocator_modes": sorted({r["allocator"]["budget_mode"] for r in ok}),
+        "input_grads_as_assumed": all(
+            r["first_block_input_requires_grad"] == (r["checkpointing"] and r["budget_assumes_input_grads"])
+            for r in ok if r["first_block_input_requires_grad"] is not None
+        ),
+    }  # fmt: skip
     summary["goals_met"] = (
         summary["max_abs_error_pct"] <= GOALS["max_abs_pct"]
         and summary["median_abs_error_pct"] <= GOALS["median_abs_pct"]
@@ -292,18 +410,89 @@ def summarize(results: list[dict]) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    head = f"{'case':<30} {'meas res':>9} {'pred res':>9} {'err %':>7} {'meas alloc':>10} {'pred alloc':>10} {'err %':>7}  peak phase"
+    head = (f"{'case':<30} {'meas res':>9} {'pred res':>9} {'err %':>7} {'meas alloc':>10} {'pred alloc':>10} "
+            f"{'err %':>7} {'slack':>6} {'pred':>6}  peak phase")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
             lines.append(f"{r['case']:<30} ERROR {r['error'][:90]}")
             continue
+        if "measured" not in r:
+            continue
         m, p = r["measured"], r["predicted"]
         lines.append(
             f"{r['case']:<30} {m['peak_reserved_gib']:>9.2f} {p['torch_reserved_gib']:>9.2f} {r['reserved_error_pct']:>+7.1f} "
-            f"{m['peak_allocated_gib']:>10.2f} {p['torch_allocated_gib']:>10.2f} {r['allocated_error_pct']:>+7.1f}  {p['peak_phase']}"
+            f"{m['peak_allocated_gib']:>10.2f} {p['torch_allocated_gib']:>10.2f} {r['allocated_error_pct']:>+7.1f} "
+            f"{m['slack_gib']:>6.2f} {p['slack_gib']:>6.2f}  {p['peak_phase']}"
         )
     return "\n".join(lines)
+
+
+# Rough seconds per case for --dry-run's plan: worker start and imports, load and 4-bit
+# quantization, plus the steps at tokens/s seen on an H200 (BENCHMARKS.md; ~1B: a guess).
+_PLAN = {"llama3-8b": (20, 5000, 7000), "llama-1b": (12, 20000, 30000), "tiny": (8, 1000, 1000)}
+_PLAN_CHECKPOINTS_S = {"llama3-8b": 75, "llama-1b": 15, "tiny": 2}
+
+
+def plan_seconds(name: str, steps: int) -> float:
+    shape, seq, mbs, ckpt, _, _, extra = ALL_CASES[name]
+    ga = 2 if "train.gradient_accumulation_steps=2" in extra else 1
+    overhead, ckpt_tps, plain_tps = _PLAN[shape]
+    return overhead + steps * seq * mbs * ga / (ckpt_tps if ckpt else plain_tps)
+
+
+def dry_run(names: list[str], args: argparse.Namespace, workdir: Path) -> None:
+    """The cases with their predictions (from the shapes' configs, no GPU), the commands, a rough plan."""
+    from qlora_engine import budget
+
+    print(f"# allocator for the workers: PYTORCH_CUDA_ALLOC_CONF={args.alloc_conf or '(unset: engine default)'}")
+    env = dict(os.environ)
+    if args.alloc_conf:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
+    else:
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    mode = budget.allocator_mode(env)
+    print(f"# budget allocator mode: {mode} (calibrated: {budget.CALIBRATION['allocator'][mode]['measured']})")
+    total_s = sum(_PLAN_CHECKPOINTS_S[s] for s in {ALL_CASES[n][0] for n in names})
+    for name in names:
+        _, _, est = case_estimate(name, workdir, args.steps)
+        d = est.details
+        secs = plan_seconds(name, args.steps)
+        total_s += secs
+        print(json.dumps(dict(
+            case=name, spec=list(ALL_CASES[name][:6]), extra=ALL_CASES[name][6], peak_phase=d["peak_phase"],
+            predicted_total_gib=gib(est.total), predicted_reserved_gib=gib(d["torch_reserved"]),
+            predicted_allocated_gib=gib(d["torch_allocated"]), fits_h100_80gb=est.total <= budget.KNOWN_GPUS["h100"],
+            rough_s=round(secs), worker=" ".join(worker_command(name, args, workdir)),
+        )))  # fmt: skip
+    print(
+        f"# rough plan: {total_s / 60:.1f} min for {len(names)} cases and their checkpoints (a guess, not a measurement)"
+    )
+
+
+def worker_command(name: str, args: argparse.Namespace, workdir: Path) -> list[str]:
+    cmd = [sys.executable, __file__, "--worker", name, "--workdir", str(workdir), "--steps", str(args.steps)]
+    return cmd + (["--device", "cpu"] if args.smoke else [])
+
+
+def write_record(names: list[str], results: list[dict], args: argparse.Namespace, final: bool) -> Path | None:
+    from qlora_engine.budget import CALIBRATION
+
+    card = next((r["card"] for r in results if r.get("card")), None) or ("CPU-smoke" if args.smoke else "unknown-GPU")
+    record = dict(
+        date=datetime.date.today().isoformat(), card=card, versions=versions(), steps=args.steps, final=final,
+        alloc_conf=args.alloc_conf, calibration=CALIBRATION, summary=summarize(results), slack_fit=fit_slack(results),
+        goals=GOALS, results=results, not_run=[n for n in names if n not in {r["case"] for r in results}],
+    )  # fmt: skip
+    mode = "fixed-segments" if args.alloc_conf and "expandable_segments:false" in args.alloc_conf.lower() else ""
+    fname = "-".join(filter(None, [record["date"], card.replace(" ", "-"), "budget", mode])) + ".json"
+    folders = [Path(os.environ["OUT"])] if os.environ.get("OUT") else []
+    if not args.smoke:
+        folders.insert(0, HERE / "results")
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / fname).write_text(json.dumps(record, indent=1))
+    return folders[0] / fname if folders else None
 
 
 def main() -> None:
@@ -311,12 +500,18 @@ def main() -> None:
     ap.add_argument("--shapes", default="llama3-8b,llama-1b")
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all of the shapes)")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per case (the peak settles after 2-3)")
-    ap.add_argument("--deadline-s", type=float, default=560, help="start no case after this many seconds")
+    ap.add_argument(
+        "--deadline-s", type=float, default=540, help="start no case that would end after this many seconds"
+    )
     ap.add_argument("--case-timeout-s", type=float, default=240)
     ap.add_argument("--workdir", default="/tmp/budget-bench")
     ap.add_argument("--resume", action="store_true", help="skip cases already in <workdir>/budget-partial.jsonl")
+    ap.add_argument("--alloc-conf", default="", help="PYTORCH_CUDA_ALLOC_CONF for the workers (default: the engine's)")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    ap.add_argument("--dry-run", action="store_true", help="print cases, predictions and commands; run nothing")
+    ap.add_argument("--smoke", action="store_true", help="run one tiny case through the whole chain on the CPU")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     ap.add_argument("--make-checkpoint", help=argparse.SUPPRESS)
     args = ap.parse_args()
     workdir = Path(args.workdir)
@@ -326,11 +521,11 @@ def main() -> None:
             print(name, spec)
         return
     if args.make_checkpoint:
-        make_checkpoint(args.make_checkpoint, workdir / f"ckpt-{args.make_checkpoint}")
+        make_checkpoint(args.make_checkpoint, workdir / f"ckpt-{args.make_checkpoint}", args.device)
         return
     if args.worker:
         try:
-            res = run_case(args.worker, workdir, args.steps)
+            res = run_case(args.worker, workdir, args.steps, args.device)
         except Exception as e:  # an OOM is a result too: the estimate should have said so
             import traceback
 
@@ -340,14 +535,26 @@ def main() -> None:
         print("RESULT " + json.dumps(res), flush=True)
         return
 
+    if args.smoke:
+        shapes, names, device = ["tiny"], list(SMOKE_CASES), "cpu"
+        args.steps = min(args.steps, 2)
+    else:
+        shapes = [s for s in args.shapes.split(",") if s]
+        names = [n for n in (args.cases.split(",") if args.cases else CASES) if n and CASES[n][0] in shapes]
+        device = "cuda"
+    if args.dry_run:
+        dry_run(names, args, workdir)
+        return
+
     # This process never touches CUDA: the workers read device-wide free memory, and a context
     # held here would count as theirs. Checkpoints are built in a subprocess, and the card's
     # name comes back with the results.
     t_start = time.time()
     check_imports()
     print(f"# {versions()}", file=sys.stderr, flush=True)
-    shapes = [s for s in args.shapes.split(",") if s]
-    names = [n for n in (args.cases.split(",") if args.cases else CASES) if n and CASES[n][0] in shapes]
+    env = dict(os.environ)
+    if args.alloc_conf:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
     workdir.mkdir(parents=True, exist_ok=True)
     partial = workdir / "budget-partial.jsonl"
     done: dict[str, dict] = {}
@@ -358,46 +565,48 @@ def main() -> None:
     elif partial.exists():
         partial.unlink()
     for shape in shapes:
-        if any(CASES[n][0] == shape and n not in done for n in names):
-            cmd = [sys.executable, __file__, "--make-checkpoint", shape, "--workdir", str(workdir)]
-            subprocess.run(cmd, check=True, cwd=ROOT)
+        if any(ALL_CASES[n][0] == shape and n not in done for n in names):
+            cmd = [sys.executable, __file__, "--make-checkpoint", shape, "--workdir", str(workdir), "--device", device]
+            subprocess.run(cmd, check=True, cwd=ROOT, env=env)
 
     results = [done[n] for n in names if n in done]
+    slowest: dict[str, float] = {}  # seconds of the slowest case so far, per shape
     for name in names:
         if name in done:
             continue
-        if time.time() - t_start > args.deadline_s:
+        shape = ALL_CASES[name][0]
+        expected = slowest.get(shape, plan_seconds(name, args.steps))
+        if time.time() - t_start + expected > args.deadline_s:
             print(f"# deadline: {name} not run (use --resume in the next call)", file=sys.stderr, flush=True)
             continue
-        cmd = [sys.executable, __file__, "--worker", name, "--workdir", str(workdir), "--steps", str(args.steps)]
+        t_case = time.time()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout_s, cwd=ROOT)
+            proc = subprocess.run(
+                worker_command(name, args, workdir), capture_output=True, text=True, timeout=args.case_timeout_s,
+                cwd=ROOT, env=env,
+            )  # fmt: skip
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             res = json.loads(lines[-1][7:]) if lines else dict(case=name, error=proc.stderr[-800:])
         except subprocess.TimeoutExpired:
             res = dict(case=name, error=f"timed out after {args.case_timeout_s:.0f}s")
+        res["wall_s"] = round(time.time() - t_case, 1)
+        slowest[shape] = max(slowest.get(shape, 0.0), res["wall_s"])
         print(json.dumps(res), flush=True)
         with open(partial, "a") as fh:
             fh.write(json.dumps(res) + "\n")
         results.append(res)
+        write_record(names, results, args, final=False)
 
-    card = next((r["card"] for r in results if r.get("card")), "unknown-GPU")
-    print(f"# {card}", file=sys.stderr, flush=True)
-    summary = summarize(results)
     print("\n" + table(results))
-    print("\n" + json.dumps({"summary": summary, "goals": GOALS}))
-    from qlora_engine.budget import CALIBRATION
+    print("\n" + json.dumps({"summary": summarize(results), "goals": GOALS}))
+    print(json.dumps({"slack_fit": fit_slack(results)}))
+    path = write_record(names, results, args, final=True)
+    print(f"# record: {path or 'not written (a smoke run writes only to $OUT)'}", file=sys.stderr, flush=True)
+    if args.smoke and any("error" in r for r in results):
+        sys.exit(1)
 
-    record = dict(
-        date=datetime.date.today().isoformat(), card=card, versions=versions(), steps=args.steps,
-        calibration=CALIBRATION, summary=summary, goals=GOALS, results=results,
-        not_run=[n for n in names if n not in {r["case"] for r in results}],
-    )  # fmt: skip
-    fname = f"{record['date']}-{card.replace(' ', '-')}-budget.json"
-    for folder in filter(None, [HERE / "results", Path(os.environ["OUT"]) if os.environ.get("OUT") else None]):
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / fname).write_text(json.dumps(record, indent=1))
 
+ALL_CASES = {**CASES, **SMOKE_CASES}
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,15 @@ the code of bitsandbytes, peft, transformers and torch), ``estimate`` (the break
 """
 
 from qlora_engine.budget.cli import add_cli, estimate_main
-from qlora_engine.budget.estimate import CALIBRATION, COMPONENTS, VramEstimate, estimate, estimate_from_spec
+from qlora_engine.budget.estimate import (
+    CALIBRATION,
+    COMPONENTS,
+    ENGINE_ALLOC_CONF,
+    VramEstimate,
+    allocator_mode,
+    estimate,
+    estimate_from_spec,
+)
 from qlora_engine.budget.fit import FitAdvice, Suggestion, fit
 from qlora_engine.budget.spec import LinearShape, ModelSpec, model_spec
 from qlora_engine.budget.units import KNOWN_GPUS, format_bytes, parse_gpu_size
@@ -21,6 +29,7 @@ from qlora_engine.budget.units import KNOWN_GPUS, format_bytes, parse_gpu_size
 __all__ = [
     "CALIBRATION",
     "COMPONENTS",
+    "ENGINE_ALLOC_CONF",
     "KNOWN_GPUS",
     "FitAdvice",
     "LinearShape",
@@ -28,6 +37,7 @@ __all__ = [
     "Suggestion",
     "VramEstimate",
     "add_cli",
+    "allocator_mode",
     "estimate",
     "estimate_from_spec",
     "estimate_main",

@@ -2,9 +2,10 @@
 
 The peak of a QLoRA step is one of a few moments, and the estimate computes each:
 
-* ``loss_backward``: the backward of the cross-entropy, when the fp32 log-softmax, its two
-  gradients and the retained logits exist together (the peak of large-vocabulary models);
-* ``loss_forward``: the forward of the loss (smaller, kept for completeness);
+* ``loss_backward``: the backward of the cross-entropy, when the fp32 log-softmax and its two
+  gradients exist together (the peak of large-vocabulary models; the trainer has already
+  dropped the compute-dtype logits);
+* ``loss_forward``: the forward of the loss (the logits, their fp32 copy and the log-softmax);
 * ``block_backward``: a decoder block's backward, with that block's saved activations
   (recomputed, under gradient checkpointing) and the backward's temporaries;
 * ``optimizer_step``: the optimizer's update (only torch's AdamW has temporaries).
@@ -13,11 +14,17 @@ What is alive at every moment (weights, LoRA weights and gradients, optimizer st
 added to the largest. ``total`` is what the process needs on the card: the peak that torch's
 caching allocator reserves, the CUDA context outside it, and the paged optimizer state that
 lives in managed memory (and can move to CPU RAM).
+
+What the caching allocator reserves beyond what is allocated depends on its mode, which the
+estimate reads from the environment the way the engine will run (:func:`allocator_mode`):
+the engine turns on expandable segments unless ``PYTORCH_CUDA_ALLOC_CONF`` is set.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,23 +36,81 @@ from qlora_engine.errors import ConfigError
 GiB = 1 << 30
 MiB = 1 << 20
 
-# Constants that no formula derives; bench/budget_accuracy.py measures each on a real card.
-CALIBRATION = {
+# Constants that no formula derives; bench/budget_accuracy.py measures each on a real card
+# (it records peak allocated and reserved per case, and refits the slack of the mode it ran).
+CALIBRATION: dict[str, Any] = {
     # Memory the CUDA driver holds for the process outside torch's allocator: the context and
     # the kernel modules loaded so far (torch, cuBLAS, flash attention, bitsandbytes).
     "cuda_context": 640 * MiB,
-    # cuBLAS/cuBLASLt workspaces and partly used 2 MiB small-pool segments, inside "reserved".
-    "allocator_fixed": 96 * MiB,
-    # Blocks the caching allocator keeps but cannot reuse, as a share of the peak's dynamic part.
-    "fragmentation": 0.02,
-    # When the loss is the peak, the caching allocator (without expandable segments) holds
-    # about this many extra fp32-logits-sized blocks (4 x T x V bytes): the logits' segments
-    # are split by the next step's long-lived block inputs and can no longer hold a logits
-    # tensor, so new ones are reserved. Fit to the engine on an H200 (bench/results/
-    # 2026-11-27-NVIDIA-H200-speed.json: reserved - allocated = 1.67 GiB at 2048 tokens, 6.39
-    # and 6.26 GiB at 8192, Llama-3-8B shape): slope 1.59 per 4TV, intercept 0.11 GiB.
-    "logits_fragmentation": 1.55,
+    # Reserved minus allocated, by allocator mode: fixed + fragmentation x (the peak's dynamic
+    # part: activations, logits and loss, transients) + logits_fragmentation x 4TV when the
+    # loss is the peak. "measured": whether the numbers were fitted on a card.
+    "allocator": {
+        "fixed_segments": {
+            "measured": True,
+            # cuBLAS/cuBLASLt workspaces and partly used 2 MiB small-pool segments.
+            "fixed": 96 * MiB,
+            # Blocks the caching allocator keeps but cannot reuse, as a share of the dynamic part.
+            "fragmentation": 0.02,
+            # Without expandable segments the allocator holds about this many extra
+            # fp32-logits-sized blocks (4 x T x V bytes) when the loss is the peak: the logits'
+            # segments are split by the next step's long-lived block inputs and can no longer
+            # hold a logits tensor, so new ones are reserved.
+            "logits_fragmentation": 1.55,
+            "source": (
+                "fitted to the engine on an H200 without expandable segments (bench/results/"
+                "2026-11-27-NVIDIA-H200-speed.json, Llama-3-8B shape: reserved - allocated = 1.67 GiB at "
+                "2048 tokens, 6.39 and 6.26 GiB at 8192; slope 1.59 per 4TV, intercept 0.11 GiB), while the "
+                "trainer still held the compute-dtype logits through the backward pass; refit with "
+                "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False"
+            ),
+        },
+        "expandable_segments": {
+            "measured": False,
+            # NOT YET MEASURED: a conservative allowance. Expandable segments grow a segment in
+            # place (mapping 2 MiB pages) instead of stranding split blocks, so reserved should
+            # stay near allocated. Until a card says otherwise: more fixed overhead and
+            # fragmentation than the measured mode, no logits term; the estimate's ``high``
+            # reaches up to what the measured mode would reserve.
+            "fixed": 256 * MiB,
+            "fragmentation": 0.05,
+            "logits_fragmentation": 0.0,
+            "source": "not yet measured (a conservative allowance); run bench/budget_accuracy.py to fit it",
+        },
+    },
 }
+
+ENGINE_ALLOC_CONF = "expandable_segments:True"
+"""What qlora_engine.train sets PYTORCH_CUDA_ALLOC_CONF to when the user has not set it."""
+
+
+def allocator_mode(environ: Mapping[str, str] | None = None) -> str:
+    """'expandable_segments' or 'fixed_segments': the CUDA caching allocator's mode in a run.
+
+    The engine sets ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` unless the variable
+    is already set (qlora_engine/train.py); a value the user set wins, and its last
+    ``expandable_segments`` entry decides (absent: off, torch's default).
+    """
+    env = os.environ if environ is None else environ
+    conf = env.get("PYTORCH_CUDA_ALLOC_CONF")
+    if conf is None:
+        conf = ENGINE_ALLOC_CONF
+    expandable = False
+    for item in conf.split(","):
+        key, _, value = item.partition(":")
+        if key.strip().lower() == "expandable_segments":
+            expandable = value.strip().lower() in ("true", "1")
+    return "expandable_segments" if expandable else "fixed_segments"
+
+
+def allocator_slack(mode: str, dynamic: int, loss_peak: bool, logits_fp32: int) -> int:
+    """Reserved minus allocated at the peak, for an allocator mode (see CALIBRATION)."""
+    c = CALIBRATION["allocator"][mode]
+    slack = int(c["fragmentation"] * dynamic) + c["fixed"]
+    if loss_peak:
+        slack += int(c["logits_fragmentation"] * logits_fp32)
+    return slack
+
 
 COMPONENTS = (
     "quantized_weights",
@@ -203,6 +268,7 @@ def estimate_from_spec(
         rank=cfg.lora.rank,
         dropout=cfg.lora.dropout > 0,
         dora=cfg.lora.use_dora,
+        input_grads=cfg.train.gradient_checkpointing and fm.CHECKPOINTING_INPUT_GRADS,
     )
     if spec.max_position_embeddings and shape.seq > spec.max_position_embeddings:
         notes.append(
@@ -226,21 +292,30 @@ def estimate_from_spec(
     # -- activations and logits at each candidate peak -----------------------------------
     T = shape.tokens
     if shape.checkpointing:
-        # Each block's input is kept to recompute it; one block at a time is recomputed whole.
-        kept = L * e * T * spec.hidden_size
-        widest = adapted if layers else []
-        block_now = fm.block_saved(spec, shape, widest) + fm.block_backward_workspace(spec, shape, widest)
+        # Each block that takes part in the backward keeps its input; one block at a time is
+        # recomputed, from the top down (the largest recomputed block sets the peak).
+        kept, _ = fm.checkpointed_blocks(spec, shape, adapted, set(layers))
+        flow = [(h, g) for h, g in fm.grad_flow(L, set(layers), shape.input_grads) if h or g]
+        block_now = max(
+            (
+                fm.block_saved(spec, shape, adapted if here else [], grad)
+                + fm.block_backward_workspace(spec, shape, adapted if here else [])
+                for here, grad in flow
+            ),
+            default=0,
+        )
     else:
         kept = fm.blocks_saved(spec, shape, adapted, set(layers))
         block_now = fm.block_backward_workspace(spec, shape, adapted if L - 1 in layers else [])
     shared = fm.shared_saved(spec, shape)
     final = fm.final_saved(spec, shape)
-    retained, loss_bwd, loss_fwd = fm.logits_bytes(spec, shape)
+    loss_bwd, loss_fwd = fm.logits_bytes(spec, shape)
+    # The trainer drops the model output before backward(): no logits outlive the loss.
     phases = {
-        "loss_backward": (kept + shared + final, retained + loss_bwd, 0),
+        "loss_backward": (kept + shared + final, loss_bwd, 0),
         "loss_forward": (kept + shared + final, loss_fwd, 0),
-        "block_backward": (kept + shared + block_now, retained, 0),
-        "optimizer_step": (shared, retained, opt_transient),
+        "block_backward": (kept + shared + block_now, 0, 0),
+        "optimizer_step": (shared, 0, opt_transient),
     }
     peak_phase = max(phases, key=lambda k: sum(phases[k]))
     activations, logits, opt_extra = phases[peak_phase]
@@ -250,14 +325,18 @@ def estimate_from_spec(
     allocated = static + dynamic
 
     # -- what the caching allocator adds -------------------------------------------------
-    slack = int(CALIBRATION["fragmentation"] * dynamic) + CALIBRATION["allocator_fixed"]
-    if peak_phase.startswith("loss"):
-        slack += int(CALIBRATION["logits_fragmentation"] * 4 * T * spec.vocab_size)
+    mode = allocator_mode()
+    loss_peak = peak_phase.startswith("loss")
+    logits_fp32 = 4 * T * spec.vocab_size
     # Every persistent tensor is rounded up to 512 bytes (a 4-bit layer has six).
-    slack += 512 * (6 * L * len(spec.block_linears) + 3 * len(sizes))
+    rounding = 512 * (6 * L * len(spec.block_linears) + 3 * len(sizes))
+    slack = allocator_slack(mode, dynamic, loss_peak, logits_fp32) + rounding
     torch_reserved = allocated + slack
     context = CALIBRATION["cuda_context"]
     total = torch_reserved + context + opt_paged
+    calibrated = bool(CALIBRATION["allocator"][mode]["measured"])
+    if not calibrated:
+        notes.append(f"allocator slack with {mode.replace('_', ' ')} is not yet measured: a conservative allowance")
 
     components = {
         "quantized_weights": packed,
@@ -273,6 +352,10 @@ def estimate_from_spec(
     }
     low = total - slack - int(0.03 * dynamic)
     high = total + int(0.05 * dynamic + 0.02 * static)
+    if not calibrated:
+        # Until this mode is measured, the range reaches up to the measured mode's slack.
+        measured = allocator_slack("fixed_segments", dynamic, loss_peak, logits_fp32) + rounding
+        high = max(high, total - slack + measured + int(0.05 * dynamic))
     if reasons:
         low, high = min(low, int(0.8 * total)), max(high, int(1.3 * total))
 
@@ -313,6 +396,11 @@ def estimate_from_spec(
         "adapted_layers": len(layers),
         "adapted_modules": [lin.name for lin in adapted],
         "paged_optimizer_bytes": opt_paged,
+        "checkpointing_input_grads": shape.input_grads,
+        "static_bytes": static,
+        "dynamic_bytes": dynamic,
+        "allocator": mode,
+        "allocator_calibrated": calibrated,
         "torch_allocated": allocated,
         "torch_reserved": torch_reserved,
     }

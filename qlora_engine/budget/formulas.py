@@ -92,6 +92,19 @@ def optimizer_state_bytes(sizes: list[int], optimizer: str) -> tuple[int, int, i
     return resident, paged, transient
 
 
+# Whether the engine's gradient checkpointing makes the embedding output require grad, so
+# that the backward pass runs through (and recomputes) every block down to the first one.
+# ``models.enable_gradient_checkpointing`` no longer calls ``enable_input_require_grads``
+# itself, so that the backward pass would stop at the lowest adapted layer; but transformers'
+# ``activation_checkpointing_enable`` (5.x; read in 5.24) calls it anyway for every model whose
+# main input is ``input_ids``, so today every block is still kept and recomputed. (The engine
+# would need ``model.disable_input_require_grads()`` after enabling checkpointing.)
+# tests/engine/test_budget.py checks this on the engine's real code path and fails when it
+# changes; the formulas for False (the engine's intent) are tested there too, and
+# bench/budget_accuracy.py records what the GPU's transformers does.
+CHECKPOINTING_INPUT_GRADS = True
+
+
 @dataclass(frozen=True)
 class StepShape:
     """The shape of the largest micro-batch and the switches that change what autograd keeps."""
@@ -111,6 +124,9 @@ class StepShape:
     dora: bool
     dropout_mask_bytes: int = 1
     """CUDA's fused dropout keeps a bool mask; the CPU's keeps a noise tensor in the input dtype."""
+    input_grads: bool = False
+    """The embedding output requires grad (``enable_input_require_grads`` is in effect), so the
+    first block's input needs a gradient even where that block has no adapter."""
 
     @property
     def tokens(self) -> int:
@@ -173,9 +189,11 @@ def block_saved(spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input
 
     An op keeps tensors only when one of its inputs needs a gradient, so this follows the
     block in order and tracks which tensors do: the block's input (``input_grad``), and
-    everything downstream of an adapter. With gradient checkpointing the engine makes the
-    embedding output require grad, so every block is kept whole while it is recomputed;
-    without it, the first adapted block is kept only from its first adapter on.
+    everything downstream of an adapter. ``input_grad`` is False for the blocks up to and
+    including the lowest adapted one unless the embedding output requires grad (see
+    :func:`grad_flow`): the lowest adapted block is then kept only from its first adapter on.
+    The same holds for a block recomputed under non-reentrant checkpointing, which runs with
+    the requires-grad state of the forward pass.
     """
     T, e, h, i = s.tokens, s.elem, spec.hidden_size, spec.intermediate_size
     names = {lin.name for lin in adapted}
@@ -231,19 +249,49 @@ def block_saved(spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input
     return saved
 
 
+def grad_flow(num_layers: int, layers: set[int], input_grads: bool) -> list[tuple[bool, bool]]:
+    """For each block: (whether it has adapters, whether its input needs a gradient).
+
+    A block's input needs a gradient when the embedding output does (``input_grads``) or when
+    an adapted block lies below it. Blocks where neither holds take no part in the backward
+    pass: they keep nothing, and under checkpointing they are not recomputed either.
+    """
+    flow, grad = [], input_grads
+    for i in range(num_layers):
+        here = i in layers
+        flow.append((here, grad))
+        grad = grad or here
+    return flow
+
+
 def blocks_saved(spec: ModelSpec, s: StepShape, adapted: list[LinearShape], layers: set[int]) -> int:
     """What all blocks keep without checkpointing (``layers``: the adapted block indices).
 
-    Without checkpointing the engine does not make the embedding output require grad
-    (enable_input_require_grads comes with checkpointing only), so the blocks before the
-    first adapter keep nothing and the first adapted block only what follows its adapters.
+    Without checkpointing nothing makes the embedding output require grad (``s.input_grads``
+    is False: transformers calls enable_input_require_grads only when checkpointing is turned
+    on), so the blocks before the first adapter keep nothing and the first adapted block only
+    what follows its adapters.
     """
-    total, grad = 0, False
-    for i in range(spec.num_layers):
-        here = adapted if i in layers else []
-        total += block_saved(spec, s, here, grad)
-        grad = grad or bool(here)
-    return total
+    flow = grad_flow(spec.num_layers, layers, s.input_grads)
+    return sum(block_saved(spec, s, adapted if here else [], grad) for here, grad in flow)
+
+
+def checkpointed_blocks(
+    spec: ModelSpec, s: StepShape, adapted: list[LinearShape], layers: set[int]
+) -> tuple[int, list[int]]:
+    """(bytes kept through the whole step, what each recomputed block keeps), with checkpointing.
+
+    Non-reentrant checkpointing keeps each block's input (``e x T x h``) for the blocks that
+    take part in the backward pass (an adapter in the block, or an input that needs a
+    gradient); in the backward it recomputes those blocks one at a time, from the top, and
+    each recomputed block keeps what :func:`block_saved` says for its requires-grad state. The
+    blocks below the lowest adapted one keep nothing and are not recomputed unless
+    ``s.input_grads`` (see ``CHECKPOINTING_INPUT_GRADS``).
+    """
+    flow = [(here, grad) for here, grad in grad_flow(spec.num_layers, layers, s.input_grads) if here or grad]
+    kept = len(flow) * s.elem * s.tokens * spec.hidden_size
+    recomputed = [block_saved(spec, s, adapted if here else [], grad) for here, grad in reversed(flow)]
+    return kept, recomputed
 
 
 def block_backward_workspace(spec: ModelSpec, s: StepShape, adapted: list[LinearShape]) -> int:
@@ -284,22 +332,22 @@ def final_saved(spec: ModelSpec, s: StepShape) -> int:
     return _norm_saved(s.tokens, spec.hidden_size)
 
 
-def logits_bytes(spec: ModelSpec, s: StepShape) -> tuple[int, int, int]:
-    """(retained logits, backward-of-loss peak, forward-of-loss peak), in bytes.
+def logits_bytes(spec: ModelSpec, s: StepShape) -> tuple[int, int]:
+    """(backward-of-loss peak, forward-of-loss peak), in bytes.
 
     transformers' ForCausalLMLoss upcasts the full ``T x V`` logits to fp32 and calls
-    cross_entropy = log_softmax + nll_loss. log_softmax keeps its fp32 output (4TV). In the
-    backward, nll_loss's gradient (4TV) and log_softmax's input gradient (4TV) exist together
-    with it: 12 x T x V. The trainer holds the model output (``out``) across backward and
-    until the next forward returns, so one compute-dtype copy of the logits (e x TV) is alive
-    throughout. The forward peak is smaller: the previous and new logits, the fp32 copy and
-    log_softmax's output.
+    cross_entropy = log_softmax + nll_loss. Of the loss, the graph keeps only log_softmax's
+    fp32 output (4TV; plus the int64 shifted labels, counted with the batch). In the backward,
+    nll_loss's gradient (4TV) and log_softmax's input gradient (4TV) exist together with it:
+    12 x T x V. The compute-dtype logits are not part of it: lm_head is frozen, so autograd
+    does not keep its output, and the trainer takes ``.loss`` and drops the model output
+    before ``backward()``, so nothing else holds them either. The forward peak is the
+    compute-dtype logits, their fp32 copy and log_softmax's output together.
     """
     TV = s.tokens * spec.vocab_size
     e = s.elem
-    retained = e * TV
-    softcap = 2 * e * TV if spec.logit_softcap else 0  # logits / cap and tanh's output
+    softcap = 2 * e * TV if spec.logit_softcap else 0  # logits / cap and tanh's output (kept)
     backward = 12 * TV
     upcast = 0 if e == 4 else 4 * TV
-    forward = retained + e * TV + upcast + 4 * TV + softcap
-    return retained, backward + softcap, forward
+    forward = e * TV + upcast + 4 * TV + softcap
+    return backward + softcap, forward

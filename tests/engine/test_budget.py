@@ -7,15 +7,30 @@
   match the CUDA kernels'). What only CUDA adds, the caching allocator's 512-byte rounding of
   each tensor, is part of the estimate's allocator slack, not of these components.
 * LoRA parameters: what the engine's own ``models.wrap_with_lora`` (peft) makes trainable.
-* Activations: the bytes autograd saves in a real forward pass of the engine's model
-  (4-bit base, fp32 adapters, bf16 compute, SDPA), counted with saved-tensor hooks.
+* Activations, logits and loss: one optimizer step of the engine's own Trainer (its setup:
+  models.load_quantized_model, wrap_with_lora, enable_gradient_checkpointing; its step:
+  forward, ``.loss``, backward, optimizer), 4-bit base, fp32 adapters, bf16 compute, SDPA.
+  What autograd holds when the backward pass starts is counted per block through
+  saved-tensor hooks (a hook's object lives exactly as long as autograd keeps the tensor);
+  what each block keeps when checkpointing recomputes it, through the checkpoint's own
+  record (torch.utils.checkpoint._CheckpointFrame, a private API: if torch renames it, these
+  tests fail loudly); the loss's forward and backward peaks, from the profiler's record of
+  every CPU allocation. If the engine changes what the step keeps, these tests fail.
 """
 
 from __future__ import annotations
 
+import gc
+import time
+import weakref
+from functools import partial
+
 import bitsandbytes as bnb
 import pytest
 import torch
+from tiny import build_tiny_llama
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qlora_engine import models
@@ -23,6 +38,8 @@ from qlora_engine.budget import estimate, model_spec
 from qlora_engine.budget import formulas as fm
 from qlora_engine.budget.estimate import adapted_linears
 from qlora_engine.config import TrainConfig, apply_overrides
+from qlora_engine.events import ListSink
+from qlora_engine.train import Trainer
 
 CPU = torch.device("cpu")
 
@@ -126,78 +143,296 @@ def test_lora_parameter_count_equals_peft(overrides, odd_model_dir):
     assert est.components["lora_weights"] == sum(p.numel() * 4 for p in trainable)
 
 
-# -- activations -----------------------------------------------------------------------------------
-
-ACTIVATION_CASES = {
-    "plain": (),
-    "checkpointing": ("train.gradient_checkpointing=true",),
-    "padding-mask": ("padding",),
-    "attention-only+dropout": ("lora.target_modules=[attention]", "lora.dropout=0.1"),
-    "some-layers": ("lora.layers='1'", "lora.rank=4"),
-    "mlp-only": ("lora.target_modules=[mlp]",),
-    "v-only+dropout": ("lora.target_modules=[v_proj]", "lora.dropout=0.05"),
-    "up-only": ("lora.target_modules=[up_proj]",),
-    "packed": ("packed",),
-    "checkpointing+padding": ("train.gradient_checkpointing=true", "padding"),
-}
+# -- activations, through the trainer's real step -------------------------------------------------
 
 
-@pytest.mark.parametrize("case", list(ACTIVATION_CASES))
-def test_saved_activation_bytes_equal_what_autograd_keeps(case, tiny_model_dir):
-    """The per-block formula (norms, fp32 adapter inputs, attention, gated MLP), the final norm
-    and the loss's log-softmax, against the tensors autograd really saves."""
-    extra = [o for o in ACTIVATION_CASES[case] if "=" in o]
-    padding = "padding" in ACTIVATION_CASES[case]
-    packed = "packed" in ACTIVATION_CASES[case]
-    ckpt = any(o.startswith("train.gradient_checkpointing=true") for o in extra)
-    cfg = config_for(tiny_model_dir, "lora.rank=8", f"train.gradient_checkpointing={str(ckpt).lower()}", *extra)
-    model = models.wrap_with_lora(load_4bit(cfg, tiny_model_dir), cfg)
-    if ckpt:
-        models.enable_gradient_checkpointing(model)
-    model.train()
+@pytest.fixture(scope="module")
+def three_layer_dir(tmp_path_factory):
+    """The tiny Llama with three blocks (so a lower block, an adapted one and an upper one)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-3"), layers=3)
 
-    # s is a multiple of 32: CUDA's memory-efficient kernel pads its log-sum-exp to 32 rows,
-    # the CPU kernel does not; the formula follows CUDA.
-    b, s = 2, 64
-    torch.manual_seed(0)
-    ids = torch.randint(3, 300, (b, s))
-    mask = torch.ones(b, s, dtype=torch.long)
-    if padding:
-        mask[1, 40:] = 0
-    saved: dict[int, int] = {}
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    params |= {t.untyped_storage().data_ptr() for t in model.buffers()}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            saved[st.data_ptr()] = st.nbytes()
-        return t
+class _Held:
+    """What a saved-tensor hook hands autograd: alive exactly as long as autograd keeps it."""
 
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
-    if packed:  # two samples per row; transformers builds a block-diagonal mask from the positions
-        batch = {
-            "input_ids": ids,
-            "labels": ids,
-            "position_ids": torch.cat([torch.arange(24), torch.arange(40)]).repeat(b, 1),
-        }
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(**batch)
-    assert torch.isfinite(out.loss)
+    __slots__ = ("t", "zone", "__weakref__")
 
-    spec = model_spec(LlamaConfig.from_pretrained(tiny_model_dir))
-    shape = fm.StepShape(
-        batch=b, seq=s, elem=2, checkpointing=ckpt, mask=padding or packed, packed=packed, attn="sdpa",
-        rank=cfg.lora.rank, dropout=cfg.lora.dropout > 0, dora=False, dropout_mask_bytes=4,
+    def __init__(self, t: torch.Tensor, zone) -> None:
+        self.t, self.zone = t, zone
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    st = t.untyped_storage()
+    return st.data_ptr(), st.nbytes()
+
+
+# A tensor of this many bytes, made and freed at once, marks a moment in the CPU allocation
+# timeline (kineto's memory events come in allocation order; no real tensor here has these sizes).
+_MARKS = {"lm_head": 777_001, "backward": 777_003, "lm_head_grad": 777_005}
+
+
+def _mark(name: str) -> None:
+    torch.empty(_MARKS[name], dtype=torch.uint8)
+
+
+class StepProbe:
+    """Runs one optimizer step of the engine's Trainer on the CPU and records what it keeps.
+
+    The model comes from the trainer's own setup (models.load_quantized_model, wrap_with_lora,
+    enable_gradient_checkpointing) and the step is Trainer.train's: the probe only watches,
+    through saved-tensor hooks around the whole step, module hooks, a hook on the loss (the
+    start of the backward pass), the checkpoint's recomputation and the profiler's record of
+    every CPU allocation.
+    """
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        model = trainer.model
+        self.base = model.get_base_model()
+        self.params = {_storage(t)[0] for t in [*model.parameters(), *model.buffers()]}
+        self.shared: set[int] = set()  # RoPE's cos/sin: made once per forward, read by every block
+        self.zone: object = "embed"
+        self.held: list[weakref.ref] = []
+        self.block_input_grad: list[bool] = []
+        self.recomputed: list[int] = []
+        self.at_backward: dict[object, int] = {}
+        self.logits: list[StorageWeakRef] = []
+        self.logits_expired_at_backward: list[bool] = []
+        self.previous_logits_expired_at_forward: list[bool] = []
+
+        layers = self.base.model.layers
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(partial(self._enter_block, i), with_kwargs=True)
+            layer.register_forward_hook(lambda *a: setattr(self, "zone", "head"))
+        self.base.model.rotary_emb.register_forward_hook(self._rope)
+        self.base.lm_head.register_forward_pre_hook(self._lm_head_in)
+        self.base.lm_head.register_forward_hook(self._lm_head_out)
+        self.base.register_forward_hook(self._model_out)
+
+    # hooks
+    def _enter_block(self, i, module, args, kwargs) -> None:
+        self.zone = i
+        if len(self.block_input_grad) < len(self.base.model.layers):  # the first forward only
+            self.block_input_grad.append((args[0] if args else kwargs["hidden_states"]).requires_grad)
+
+    def _rope(self, module, args, out) -> None:
+        self.shared |= {_storage(t)[0] for t in out}
+
+    def _lm_head_in(self, module, args) -> None:
+        _mark("lm_head")
+        self.previous_logits_expired_at_forward += [ref.expired() for ref in self.logits[-1:]]
+        args[0].register_hook(lambda grad: _mark("lm_head_grad"))
+
+    def _lm_head_out(self, module, args, out) -> None:
+        self.logits.append(StorageWeakRef(out.untyped_storage()))
+
+    def _model_out(self, module, args, out) -> None:
+        out.loss.register_hook(self._backward_starts)
+
+    def _backward_starts(self, grad) -> None:
+        _mark("backward")
+        self.logits_expired_at_backward.append(self.logits[-1].expired())
+        if not self.at_backward:
+            self.at_backward = self.alive()
+
+    def alive(self) -> dict[object, int]:
+        """Bytes autograd holds now, by the block that saved them ('head': after the last
+        block; 'shared': RoPE's tensors), each storage counted once, parameters not at all."""
+        seen: dict[int, tuple[object, int]] = {}
+        for ref in self.held:
+            h = ref()
+            if h is not None:
+                ptr, nbytes = _storage(h.t)
+                if ptr not in self.params and ptr not in seen:
+                    seen[ptr] = ("shared" if ptr in self.shared else h.zone, nbytes)
+        out: dict[object, int] = {}
+        for zone, nbytes in seen.values():
+            out[zone] = out.get(zone, 0) + nbytes
+        return out
+
+    def _pack(self, t: torch.Tensor) -> _Held:
+        h = _Held(t, self.zone)
+        self.held.append(weakref.ref(h))
+        return h
+
+    def run(self) -> None:
+        frame_cls = torch.utils.checkpoint._CheckpointFrame
+        original = frame_cls.check_recomputed_tensors_match
+        probe = self
+
+        def recomputed(frame, gid):
+            # Called once per recomputed block, before the backward uses what it recomputed.
+            seen = {}
+            for t in frame.recomputed[gid].values():
+                ptr, nbytes = _storage(t)
+                if ptr not in probe.params and ptr not in probe.shared:
+                    seen[ptr] = nbytes
+            probe.recomputed.append(sum(seen.values()))
+            return original(frame, gid)
+
+        frame_cls.check_recomputed_tensors_match = recomputed
+        # No garbage from earlier tests may be freed inside the step's allocation record
+        # (autograd frees what it held by reference counting alone).
+        gc.collect()
+        gc.disable()
+        try:
+            with (
+                profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+                torch.autograd.graph.saved_tensors_hooks(self._pack, lambda h: h.t),
+            ):
+                self.trainer.train()
+        finally:
+            gc.enable()
+            frame_cls.check_recomputed_tensors_match = original
+        self.allocations = [
+            e.nbytes() for e in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns())
+            if e.name() == "[memory]"
+        ]  # fmt: skip
+
+    def loss_peaks(self) -> tuple[int, int]:
+        """(forward, backward) peaks of the last micro-batch's loss above the level where each
+        began: from lm_head's input to the backward's start, and from there to lm_head's
+        input gradient (the loss's backward done)."""
+        level, marks, levels, peaks = 0, [], [], []
+        for n in self.allocations:
+            name = next((k for k, v in _MARKS.items() if abs(n) == v), None)
+            if name is not None:
+                if n > 0:
+                    marks.append(name)
+                    levels.append(level)
+                    peaks.append(level)
+                continue
+            level += n
+            if peaks:
+                peaks[-1] = max(peaks[-1], level)
+        i = len(marks) - 1 - marks[::-1].index("lm_head")
+        assert marks[i : i + 3] == ["lm_head", "backward", "lm_head_grad"], marks
+        return peaks[i] - levels[i], peaks[i + 1] - levels[i + 1]
+
+
+def engine_step(folder, overrides, samples, *, input_grads_hook: bool = True) -> tuple[StepProbe, TrainConfig]:
+    from qlora_engine.data import PreparedData
+
+    cfg = config_for(
+        folder, "data.path=probe", "train.max_steps=1", "train.save_steps=null", "optim.optimizer=adamw",
+        "train.micro_batch_size=2", "train.gradient_accumulation_steps=1", "lora.rank=8",
+        "train.gradient_checkpointing=false",
+        f"output.dir={folder / 'runs' / str(time.monotonic_ns())}", *overrides,
     )  # fmt: skip
+    trainer = Trainer(cfg, ListSink(), data=PreparedData(train=samples, validation=None, fingerprint="probe"))
+    trainer.setup()
+    trainer.save_checkpoint = lambda: None  # measure the step, not the files
+    trainer.save_adapter = lambda: None
+    if not input_grads_hook:  # what the engine means to do: the backward stops at the lowest adapter
+        trainer.model.disable_input_require_grads()
+    probe = StepProbe(trainer)
+    probe.run()
+    return probe, cfg
+
+
+def probe_samples(kind: str, b: int, s: int, n: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for k in range(n):
+        length = 40 if kind == "padding" and k % 2 else s  # padded micro-batches build a 4-D mask
+        ids = torch.randint(3, 300, (length,), generator=gen).tolist()
+        sample = {"input_ids": ids, "labels": ids}
+        if kind == "packed":  # two samples per row: transformers builds a block-diagonal mask
+            sample["position_ids"] = list(range(24)) + list(range(s - 24))
+        out.append(sample)
+    return out
+
+
+# name: (overrides, data kind, whether transformers' enable_input_require_grads hook stays)
+STEP_CASES = {
+    "plain": ((), "fixed", True),
+    "plain-accumulating": (("train.gradient_accumulation_steps=2",), "fixed", True),
+    "padding": ((), "padding", True),
+    "packed": (("data.packing=true",), "packed", True),
+    "attention-only+dropout": (("lora.target_modules=[attention]", "lora.dropout=0.1"), "fixed", True),
+    "mlp-only": (("lora.target_modules=[mlp]",), "fixed", True),
+    "v-only+dropout": (("lora.target_modules=[v_proj]", "lora.dropout=0.05"), "fixed", True),
+    "up-only": (("lora.target_modules=[up_proj]",), "fixed", True),
+    "middle-layer": (("lora.layers='1'", "lora.rank=4"), "fixed", True),
+    "checkpointing": (("train.gradient_checkpointing=true",), "fixed", True),
+    "checkpointing+padding": (("train.gradient_checkpointing=true",), "padding", True),
+    "checkpointing+middle-layer": (("train.gradient_checkpointing=true", "lora.layers='1'"), "fixed", True),
+    "checkpointing+top-layer": (("train.gradient_checkpointing=true", "lora.layers='2'", "lora.target_modules=[mlp]"), "fixed", True),
+    # The engine's intent (no input grads): the formulas for CHECKPOINTING_INPUT_GRADS = False.
+    "checkpointing-no-input-grads": (("train.gradient_checkpointing=true",), "fixed", False),
+    "checkpointing-no-input-grads+middle-layer": (("train.gradient_checkpointing=true", "lora.layers='1'"), "fixed", False),
+    "checkpointing-no-input-grads+top-layer": (("train.gradient_checkpointing=true", "lora.layers='2'"), "fixed", False),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_saved_activation_bytes_equal_what_the_engines_step_keeps(case, three_layer_dir):
+    """Per block, the bytes autograd keeps in the trainer's real step (and, with checkpointing,
+    what each recomputed block keeps) equal the formulas; nothing keeps the logits through
+    the backward pass; the loss's forward and backward peaks equal logits_bytes."""
+    overrides, kind, hook = STEP_CASES[case]
+    b, s = 2, 64  # s a multiple of 32: CUDA's memory-efficient kernel pads its log-sum-exp to 32 rows
+    probe, cfg = engine_step(three_layer_dir, overrides, probe_samples(kind, b, s, 4), input_grads_hook=hook)
+
+    spec = model_spec(LlamaConfig.from_pretrained(three_layer_dir))
+    ckpt = cfg.train.gradient_checkpointing
+    shape = fm.StepShape(
+        batch=b, seq=s, elem=2, checkpointing=ckpt, mask=kind != "fixed", packed=kind == "packed", attn="sdpa",
+        rank=cfg.lora.rank, dropout=cfg.lora.dropout > 0, dora=False, dropout_mask_bytes=4,
+        input_grads=ckpt and (fm.CHECKPOINTING_INPUT_GRADS if hook else False),
+    )  # fmt: skip
+    est = estimate(cfg, data_stats={"min": 40 if kind == "padding" else s, "max": s})
+    assert est.details["checkpointing_input_grads"] == (ckpt and fm.CHECKPOINTING_INPUT_GRADS)
     adapted = adapted_linears(cfg, spec, [])
-    layers = range(spec.num_layers) if cfg.lora.layers is None else [int(cfg.lora.layers)]
-    T = b * s
+    layers = set(range(spec.num_layers)) if cfg.lora.layers is None else {int(cfg.lora.layers)}
+    flow = fm.grad_flow(spec.num_layers, layers, shape.input_grads)
+    T, V, h = b * s, spec.vocab_size, spec.hidden_size
+
+    # Which blocks' inputs need a gradient: the engine's behaviour the budget assumes.
+    assert probe.block_input_grad == [grad for _, grad in flow]
+
+    kept = probe.at_backward
     if ckpt:
-        blocks = spec.num_layers * 2 * T * spec.hidden_size  # each block's input
+        expected = [2 * T * h if here or grad else 0 for here, grad in flow]  # each block's input
+        total_kept, recomputed = fm.checkpointed_blocks(spec, shape, adapted, layers)
+        assert sum(expected) == total_kept
+        # From the top block down, once per micro-batch; none below the lowest adapter.
+        assert probe.recomputed == recomputed * cfg.train.gradient_accumulation_steps
     else:
-        blocks = fm.blocks_saved(spec, shape, adapted, set(layers))
-        rows = b if packed else 1
-        blocks += 2 * 2 * rows * s * spec.head_dim  # RoPE's cos and sin, shared by the blocks
-    loss = 8 * T + 4 * T * spec.vocab_size + 4  # shifted labels, fp32 log-softmax, nll's total weight
-    assert sum(saved.values()) == blocks + fm.final_saved(spec, shape) + loss
+        expected = [fm.block_saved(spec, shape, adapted if here else [], grad) for here, grad in flow]
+        assert sum(expected) == fm.blocks_saved(spec, shape, adapted, layers)
+        assert probe.recomputed == []
+        rows = b if kind == "packed" else 1
+        assert kept["shared"] == 2 * 2 * rows * s * spec.head_dim  # RoPE's cos and sin, kept once
+    assert [kept.get(i, 0) for i in range(spec.num_layers)] == expected
+    # After the blocks: the final norm, and of the loss the int64 shifted labels, the fp32
+    # log-softmax, nll_loss's total weight (fp32) and the divisor num_items_in_batch (int64).
+    assert kept["head"] == fm.final_saved(spec, shape) + 8 * T + 4 * T * V + 4 + 8
+    assert set(kept) <= {*range(spec.num_layers), "head", "shared"}
+
+    # The logits: gone before every backward pass, and before the next micro-batch's forward.
+    assert probe.logits_expired_at_backward == [True] * cfg.train.gradient_accumulation_steps
+    assert all(probe.previous_logits_expired_at_forward)
+    loss_bwd, loss_fwd = fm.logits_bytes(spec, shape)
+    fwd_peak, bwd_peak = probe.loss_peaks()
+    # Beyond the formula, the forward makes the padded and the shifted int64 labels (counted
+    # with the batch in shared_saved) and a few scalars.
+    labels = 8 * b * (s + 1) + 8 * T
+    assert 0 <= fwd_peak - (loss_fwd + labels) <= 64
+    # The backward peak: the two fp32 gradients on top of the kept log-softmax (already in the
+    # level), once nll_loss's backward has released its labels and total weight.
+    assert 0 <= bwd_peak - (loss_bwd - 4 * T * V - 8 * T - 4) <= 64
+
+
+def test_the_engine_keeps_its_input_grads_choice(three_layer_dir):
+    """models.enable_gradient_checkpointing: whether the embedding output requires grad equals
+    fm.CHECKPOINTING_INPUT_GRADS. If this fails, the engine (or transformers) changed what the
+    backward pass reaches: flip the constant (its formulas are tested both ways above)."""
+    cfg = config_for(three_layer_dir, "train.gradient_checkpointing=true", "lora.layers='2'")
+    model = models.wrap_with_lora(load_4bit(cfg, three_layer_dir), cfg)
+    models.enable_gradient_checkpointing(model)
+    model.train()
+    seen = []
+    model.get_base_model().model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].requires_grad))
+    model(input_ids=torch.randint(3, 300, (1, 8)), use_cache=False)
+    assert seen == [fm.CHECKPOINTING_INPUT_GRADS]

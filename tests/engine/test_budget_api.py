@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -215,6 +218,76 @@ def test_the_model_config_is_read_once(tiny_model_dir, monkeypatch):
     for rank in (4, 8, 16):
         estimate(apply_overrides(cfg, [f"lora.rank={rank}"]))
     assert calls == [1]
+
+
+# -- logits and the allocator ----------------------------------------------------------------------
+
+
+def test_the_logits_do_not_outlive_the_loss():
+    # The trainer drops the model output before backward(): the loss's backward peak is the
+    # fp32 log-softmax and its two gradients (12 x T x V), and no later phase holds logits.
+    cfg = cfg_with("data.max_length=2048", "train.micro_batch_size=1")
+    est = estimate(cfg, LLAMA3_8B, data_stats={"min": 2048, "max": 2048})
+    assert est.details["peak_phase"] == "loss_backward"
+    assert est.components["logits_loss"] == 12 * 2048 * LLAMA3_8B["vocab_size"]
+
+
+@pytest.mark.parametrize(
+    "conf, mode",
+    [
+        (None, "expandable_segments"),  # the engine's default (qlora_engine/train.py)
+        ("expandable_segments:True", "expandable_segments"),
+        ("expandable_segments:False", "fixed_segments"),
+        ("max_split_size_mb:128", "fixed_segments"),  # the user's own setting wins, expandable off
+        ("max_split_size_mb:128, expandable_segments:true", "expandable_segments"),
+    ],
+)
+def test_allocator_mode_follows_the_environment_like_the_engine(conf, mode):
+    env = {} if conf is None else {"PYTORCH_CUDA_ALLOC_CONF": conf}
+    assert budget.allocator_mode(env) == mode
+
+
+def test_the_engine_sets_the_allocator_mode_the_budget_assumes():
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    code = "import os, qlora_engine.train; print(os.environ['PYTORCH_CUDA_ALLOC_CONF'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == budget.ENGINE_ALLOC_CONF
+
+
+def _standard(seq: int, mbs: int) -> TrainConfig:
+    return cfg_with(f"data.max_length={seq}", f"train.micro_batch_size={mbs}", "train.gradient_checkpointing=true",
+                    "lora.rank=16", "lora.alpha=16", "optim.optimizer=paged_adamw_8bit")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "seq, mbs, allocated_gib, reserved_gib", [(2048, 1, 9.53, 11.2), (2048, 4, 21.4, 27.79), (8192, 1, 21.4, 27.66)]
+)
+def test_fixed_segments_slack_reproduces_the_runs_it_was_fitted_to(monkeypatch, seq, mbs, allocated_gib, reserved_gib):
+    # The H200 runs behind CALIBRATION["allocator"]["fixed_segments"]: no expandable segments,
+    # and a trainer that still held the bf16 logits (2 x T x V) through the backward pass.
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    est = estimate(_standard(seq, mbs), LLAMA3_8B, data_stats={"min": seq, "max": seq})
+    held_logits = 2 * seq * mbs * LLAMA3_8B["vocab_size"]
+    assert est.details["allocator"] == "fixed_segments" and est.details["allocator_calibrated"]
+    assert (est.details["torch_allocated"] + held_logits) / GiB == pytest.approx(allocated_gib, rel=0.02)
+    assert (est.torch_reserved + held_logits) / GiB == pytest.approx(reserved_gib, rel=0.02)
+
+
+def test_expandable_segments_slack_is_marked_unmeasured_and_bounded_by_the_measured_mode(monkeypatch):
+    cfg = _standard(2048, 4)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    expandable = estimate(cfg, LLAMA3_8B)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    fixed = estimate(cfg, LLAMA3_8B)
+    assert expandable.details["allocator"] == "expandable_segments"
+    assert not expandable.details["allocator_calibrated"]
+    assert any("not yet measured" in n for n in expandable.notes)
+    assert not any("not yet measured" in n for n in fixed.notes)
+    # Same formulas, less slack; the range still reaches the measured mode's total.
+    assert expandable.details["torch_allocated"] == fixed.details["torch_allocated"]
+    slack = expandable.components["allocator_slack"]
+    assert 256 * (1 << 20) < slack < fixed.components["allocator_slack"]
+    assert expandable.total < fixed.total <= expandable.high
 
 
 # -- fit -------------------------------------------------------------------------------------------
