@@ -357,7 +357,9 @@ class BudgetPanel(QFrame):
             suggestions = []
         low, high = getattr(est, "low", None), getattr(est, "high", None)
         if low and high:
-            self.headline.setText(self.headline.text() + f"  (likely {low / GIB:.2f}-{high / GIB:.2f})")
+            self.status.setText(
+                self.status.text() + f"\nExpected peak between {low / GIB:.2f} and {high / GIB:.2f} GiB."
+            )
         self._set_suggestions(suggestions)
         self.largest.setText(_largest_text(advice))
         reasons = list(getattr(est, "reasons", []) or [])

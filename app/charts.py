@@ -69,6 +69,9 @@ class RunCharts(QWidget):
         )
         self.estimate_line.setVisible(False)
         self.vram.addItem(self.estimate_line, ignoreBounds=False)
+        self.vram_note = pg.TextItem("", anchor=(0.5, 0.5), color="#6b7280")
+        self.vram_note.setVisible(False)
+        self.vram.addItem(self.vram_note, ignoreBounds=True)
         self.apply_palette(self.palette())
 
     def _plot(self, key: str, title: str, xlabel: str, row: int, col: int, colspan: int = 1) -> pg.PlotItem:
@@ -119,9 +122,15 @@ class RunCharts(QWidget):
         peak = rec.estimate_peak
         if peak is not None:
             self.estimate_line.setValue(peak / 2**30)
+            self.estimate_line.label.setFormat(f"predicted peak {peak / 2**30:.2f} GiB")
             self.estimate_line.setVisible(True)
         else:
             self.estimate_line.setVisible(False)
+        on_cpu = rec.started is not None and str(rec.started.device).lower().startswith("cpu")
+        if on_cpu and not mem:
+            self.vram_note.setText("training on the CPU: no GPU memory to measure")
+            self.vram_note.setPos(0.5, (peak / 2**30) * 0.8 if peak else 0.5)
+        self.vram_note.setVisible(on_cpu and not mem)
 
     def set_overlays(self, runs: dict[str, tuple[list[float], list[float]]]) -> None:
         """Draw other runs' train-loss curves on the loss plot (dashed), for comparison."""

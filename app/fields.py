@@ -150,6 +150,8 @@ class FieldBinding(QObject):
             return w
         w = QLineEdit()
         w.setClearButtonEnabled(base is str)
+        if base is float:
+            w.setMaximumWidth(180)
         if self.optional:
             w.setPlaceholderText("none")
         w.textEdited.connect(self._text_edited)

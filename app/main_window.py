@@ -220,6 +220,7 @@ class MainWindow(QMainWindow):
         self.settings.setValue("look/mode", mode)
         apply_theme(QApplication.instance(), mode)
         self.run_view.charts.apply_palette(self.palette())
+        self.data_page.apply_palette()
 
     # -- navigation ------------------------------------------------------------------------
     def show_page(self, key: str) -> None:
@@ -234,7 +235,8 @@ class MainWindow(QMainWindow):
             return
         self.stack.setCurrentIndex(row)
         key = PAGES[row][0]
-        configuring = key in CONFIG_PAGES or (key == "run" and not self.runs.running and self.runs.replaying is None)
+        idle_run_page = key == "run" and self.runs.controller.state == "idle" and self.runs.replaying is None
+        configuring = key in CONFIG_PAGES or idle_run_page
         self.budget.setVisible(configuring)
         self.flow_bar.setVisible(key in CONFIG_PAGES)
         self.back_button.setEnabled(row > 0)

@@ -149,6 +149,8 @@ class DataPage(Page):
         self.histogram.setLabel("bottom", "tokens per sample")
         self.histogram.setLabel("left", "samples")
         self.histogram.setMenuEnabled(False)
+        self.histogram.setMouseEnabled(x=False, y=False)
+        self.apply_palette()
         self.bars = pg.BarGraphItem(x=[], height=[], width=1, brush="#3b82f6")
         self.histogram.addItem(self.bars)
         self.cut_line = pg.InfiniteLine(
@@ -187,6 +189,17 @@ class DataPage(Page):
         tasks.finished.connect(self._on_result)
         tasks.finished.connect(self._on_keys)
         tasks.failed.connect(self._on_failed)
+
+    def apply_palette(self) -> None:
+        """The histogram follows the window's light or dark look."""
+        from PySide6.QtGui import QPalette
+
+        pal = self.palette()
+        self.histogram.setBackground(pal.color(QPalette.ColorRole.Base))
+        fg = pal.color(QPalette.ColorRole.Text)
+        for axis in ("left", "bottom"):
+            self.histogram.getAxis(axis).setPen(fg)
+            self.histogram.getAxis(axis).setTextPen(fg)
 
     # -- inputs ----------------------------------------------------------------------------
     def set_model_ref(self, ref: str | None) -> None:
@@ -323,11 +336,13 @@ class DataPage(Page):
             self.stats.setText("Choose a model to measure the samples in tokens." if not stats else "")
             return
         top = max(float(lengths.max()), float(max_len)) * 1.05
-        counts, edges = np.histogram(lengths, bins=min(40, max(5, int(np.sqrt(lengths.size)) + 1)), range=(0, top))
+        counts, edges = np.histogram(lengths, bins=50, range=(0, top))
         width = edges[1] - edges[0]
         centers = edges[:-1] + width / 2
         brushes = [pg.mkBrush("#dc2626" if c > max_len else "#3b82f6") for c in centers]
         self.bars.setOpts(x=centers, height=counts, width=width * 0.95, brushes=brushes)
+        self.histogram.setXRange(0, top, padding=0.01)
+        self.histogram.setYRange(0, max(int(counts.max()), 1) * 1.1, padding=0)
         over = int((lengths > max_len).sum())
         policy = self.model.config.data.overlong
         text = (

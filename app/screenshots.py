@@ -1,0 +1,168 @@
+"""Screenshots of every page, made by driving the real window offscreen.
+
+    python -m app.screenshots [--out docs/screenshots] [--model PATH] [--steps 20] [--card-gib 8]
+
+It opens the window on an offscreen screen, chooses the model (the SmolLM2-135M demo GGUF
+by default) and the bundled sample data, goes through the pages, trains a short real run on
+this machine's device (the CPU is fine), opens the run history, and saves a PNG of each view.
+Without an NVIDIA GPU the budget panel is shown against a card of ``--card-gib`` GiB, as
+NVML would list it, so the picture shows what the panel does on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _offscreen(width: int, height: int) -> None:
+    if os.environ.get("QT_QPA_PLATFORM", "offscreen").startswith("offscreen"):
+        cfg = Path(tempfile.mkdtemp()) / "screen.json"
+        cfg.write_text(
+            json.dumps(
+                {
+                    "screens": [
+                        {
+                            "name": "Screen",
+                            "x": 0,
+                            "y": 0,
+                            "width": width,
+                            "height": height,
+                            "logicalDpi": 96,
+                            "logicalBaseDpi": 96,
+                            "dpr": 1,
+                        }
+                    ]
+                }
+            )
+        )
+        os.environ["QT_QPA_PLATFORM"] = f"offscreen:configfile={cfg}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m app.screenshots", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="docs/screenshots")
+    p.add_argument("--model", help="model folder or .gguf (default: the demo model)")
+    p.add_argument("--data", help="training data (default: the bundled quickstart sample)")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--card-gib", type=float, default=8.0, help="card size for the budget picture when there is no GPU")
+    p.add_argument("--look", choices=["light", "dark"], default="light")
+    args = p.parse_args(argv)
+    _offscreen(1920, 1200)
+    home = Path(tempfile.mkdtemp(prefix="qlora-shots-"))
+    os.environ.setdefault("QLORA_STUDIO_HOME", str(home))
+
+    from PySide6.QtCore import QEventLoop, QTimer
+    from PySide6.QtWidgets import QApplication
+    from qlora_engine.resources import path as resource_path
+
+    from app.main_window import MainWindow
+    from app.theme import apply_theme
+    from qlora_engine import gpu as gpu_facts
+    from qlora_engine.demo import find_demo_model
+    from qlora_engine.events import read_events
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    apply_theme(app, args.look)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = args.model or find_demo_model()
+    if model is None:
+        print("no model: pass --model, or fetch the demo with `qlora-engine quickstart`", file=sys.stderr)
+        return 2
+    data = args.data or resource_path("data", "quickstart.jsonl")
+
+    def wait(until, timeout_s: float = 120.0) -> None:
+        loop = QEventLoop()
+        timer = QTimer()
+        timer.setInterval(50)
+        deadline = QTimer()
+        deadline.setSingleShot(True)
+        timer.timeout.connect(lambda: until() and loop.quit())
+        deadline.timeout.connect(loop.quit)
+        timer.start()
+        deadline.start(int(timeout_s * 1000))
+        if not until():
+            loop.exec()
+        timer.stop()
+
+    def settle(ms: int = 400) -> None:
+        loop = QEventLoop()
+        QTimer.singleShot(ms, loop.quit)
+        loop.exec()
+
+    w = MainWindow(demo_model=find_demo_model())
+    w.ask_save_changes = lambda: "discard"
+    w.resize(1440, 900)
+    w.show()
+    if not gpu_facts.query_gpus().available:
+        size = int(args.card_gib * 2**30)
+        w.budget.set_gpus([gpu_facts.GpuInfo(0, f"NVIDIA GPU ({args.card_gib:g} GiB)", size, size, 0, uuid=None)])
+
+    def shot(name: str, widget=None) -> None:
+        settle()
+        (widget or w).grab().save(str(out / f"{name}.png"))
+        print(f"wrote {out / f'{name}.png'}")
+
+    m = w.config_model
+    runs = home / "runs"
+    m.set_values(
+        {
+            ("model", "ref"): str(model),
+            ("data", "path"): str(data),
+            ("output", "dir"): str(runs / "smol-demo"),
+            ("train", "max_steps"): args.steps,
+            ("train", "save_steps"): 10,
+            ("train", "micro_batch_size"): 4,
+            ("train", "gradient_accumulation_steps"): 1,
+            ("optim", "learning_rate"): 5e-4,
+            ("optim", "warmup_steps"): 2,
+            ("data", "max_length"): 256,
+            ("data", "validation_split"): 0.1,
+            ("train", "eval_steps"): 4,
+        }
+    )
+    wait(lambda: w.model_page.info is not None and w.budget.result is not None)
+    shot("1-model")
+    w.show_page("data")
+    wait(lambda: w.data_page.report is not None and bool(w.data_page.report.get("lengths")))
+    shot("2-data")
+    w.show_page("adapter")
+    shot("3-adapter")
+    w.show_page("training")
+    shot("4-training")
+    for batch in (64, 256, 1024):  # the estimate is sized by the data's longest sample: push until over
+        m.set_values({("train", "micro_batch_size"): batch, ("train", "gradient_checkpointing"): False})
+        wait(lambda: w.budget.property("state") in ("over", "cpu"), timeout_s=5)
+        if w.budget.property("state") in ("over", "cpu"):
+            break
+    shot("4b-budget-over-limit", w.budget)
+    m.set_values(
+        {("train", "micro_batch_size"): 4, ("data", "max_length"): 256, ("train", "gradient_checkpointing"): True}
+    )
+    w.show_page("run")
+    shot("5a-run-ready")
+    w.budget.set_gpus([])  # the run itself goes where this machine can train
+    w.runs.start()
+    wait(lambda: not w.runs.running, timeout_s=900)
+    w.run_view.redraw()
+    shot("5-run")
+    w.show_page("history")
+    wait(lambda: bool(w.history.runs), timeout_s=30)
+    shot("7-history")
+    oom = Path(__file__).resolve().parents[1] / "tests" / "data" / "events" / "oom.jsonl"
+    if oom.is_file():
+        failure = read_events(oom)[-1]
+        w.runs.show_failure(failure, str(home / "data" / "logs" / "smol-oom.log"))
+        shot("8-error-dialog", w.runs.dialog)
+        w.runs.dialog.close()
+    w.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
