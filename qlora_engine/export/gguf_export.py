@@ -1,0 +1,136 @@
+"""Export 3: GGUF files for llama.cpp and Ollama, with a Modelfile and a model card.
+
+The folder holds the merged model in each asked type (``<name>-f16.gguf``, ``<name>-q8_0.gguf``),
+the adapter as a GGUF LoRA file (``<name>-lora.gguf``, for a GGUF of the base model), an Ollama
+``Modelfile`` for the merged model, ``README.md`` and the run's ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from qlora_engine.checkpoint import write_atomic_folder
+from qlora_engine.export.adapter import config_source, training_template
+from qlora_engine.export.card import build_card, write_card
+from qlora_engine.export.common import ExportError, Reporter, adapter_b_stats, check_output, slug, untrained_note
+from qlora_engine.export.gguf_lora import check_adapter_supported, write_lora_gguf
+from qlora_engine.export.gguf_model import (
+    TYPES,
+    arch_spec,
+    model_metadata,
+    plan_model_tensors,
+    state_dict_tensors,
+    write_gguf,
+)
+from qlora_engine.export.gguf_vocab import source_gguf_pre, vocab_metadata
+from qlora_engine.export.merged import load_export_tokenizer, merge
+from qlora_engine.export.ollama import modelfile
+from qlora_engine.export.source import RunInfo, base_origin, resolve_base
+
+DEFAULT_TYPES = ("f16", "q8_0")
+
+
+def _usage(name: str, model_file: str, lora_file: str | None) -> str:
+    text = (
+        f"llama.cpp: `llama-cli -m {model_file} -cnv`\n\n"
+        f"Ollama: `ollama create {name} -f Modelfile`, then `ollama run {name}`."
+    )
+    if lora_file:
+        text += (
+            f"\n\nThe LoRA file `{lora_file}` applies the adapter to a GGUF of the *base* model at run time "
+            f"(same architecture and tensor names): `llama-cli -m base.gguf --lora {lora_file}`, or `ADAPTER ./{lora_file}` "
+            "in a Modelfile whose FROM is the base model."
+        )
+    return text
+
+
+def export_gguf(
+    info: RunInfo,
+    out: str | Path,
+    *,
+    types: tuple[str, ...] | list[str] = DEFAULT_TYPES,
+    lora: bool = True,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    sink: Any = None,
+    should_stop: Any = None,
+) -> Path:
+    """Write the GGUF export to ``out``. ``types``: any of 'f16', 'q8_0' (and 'f32')."""
+    from transformers import AutoConfig
+
+    rep = Reporter(sink, should_stop)
+    types = tuple(dict.fromkeys(types))
+    bad = [t for t in types if t not in TYPES]
+    if not types or bad:
+        raise ExportError(f"gguf types: {bad or '(none)'} not allowed; choose from {', '.join(TYPES)}.")
+    out = check_output(
+        Path(out), overwrite=overwrite, protected=[info.adapter_dir] + ([info.run_dir] if info.run_dir else [])
+    )
+
+    # Everything that can refuse does so before the slow merge.
+    folder = resolve_base(info, sink=sink)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=info.config.model.trust_remote_code)
+    spec = arch_spec(config)
+    if lora:
+        check_adapter_supported(info.adapter_config)
+    tokenizer = load_export_tokenizer(info)
+    template = training_template(info, tokenizer)
+    origin = base_origin(folder)
+    vocab = vocab_metadata(
+        tokenizer, int(config.vocab_size), chat_template=template, source_gguf_pre=source_gguf_pre(origin.get("gguf"))
+    )
+
+    notes = list(vocab.notes)
+    if note := untrained_note(adapter_b_stats(info.adapter_dir)):
+        notes.append(note)
+        rep.log(note, "warning")
+    merged, merge_notes, _ = merge(info, dtype=dtype, rep=rep)
+    notes += merge_notes
+    name = slug(info.name)
+    model_files = {t: f"{name}-{t}.gguf" for t in types}
+    lora_file = f"{name}-lora.gguf" if lora else None
+    main_file = model_files.get("q8_0") or model_files[types[0]]
+    mf_text, mf_warnings = modelfile(main_file, tokenizer, template, name=name)
+    for w in mf_warnings:
+        rep.log(w, "warning")
+    notes += mf_warnings
+    cfg_file = config_source(info)
+
+    def write(tmp: Path) -> None:
+        for t, fname in model_files.items():
+            plan = plan_model_tensors(spec, merged.config, state_dict_tensors(merged), t)
+            rep.phase(f"gguf: writing {fname} ({len(plan)} tensors)")
+            write_gguf(
+                tmp / fname,
+                spec,
+                model_metadata(spec, merged.config, vocab, t, name=name),
+                plan,
+                progress=rep.tensor_progress(fname),
+                should_stop=should_stop,
+            )
+        if lora_file:
+            rep.phase(f"gguf: writing the LoRA adapter {lora_file}")
+            write_lora_gguf(
+                tmp / lora_file, spec, config, info.adapter_dir, info.adapter_config, name=name, should_stop=should_stop
+            )
+        (tmp / "Modelfile").write_text(mf_text, encoding="utf-8")
+        if origin["kind"] == "gguf" and lora_file:
+            # The base's own GGUF file plus the LoRA file: the small way to run it in Ollama.
+            base_gguf = str(Path(origin["gguf"]).resolve())
+            lora_mf, _ = modelfile(base_gguf, tokenizer, template, name=name + "-lora", adapter_file=lora_file)
+            (tmp / "Modelfile.lora").write_text(lora_mf, encoding="utf-8")
+        if cfg_file is not None:
+            shutil.copy2(cfg_file, tmp / "config.yaml")
+        files = {fname: f"the merged model, {t.upper()} ({spec.name} architecture)" for t, fname in model_files.items()}
+        if lora_file:
+            files[lora_file] = "the adapter alone, as a GGUF LoRA file"
+        files["Modelfile"] = f"Ollama recipe for {main_file} with the chat template and stop tokens"
+        files["config.yaml"] = "the QLoRA Studio run configuration"
+        write_card(tmp, build_card(info, "gguf", notes=notes, files=files, usage=_usage(name, main_file, lora_file)))
+        rep.check()
+
+    path = write_atomic_folder(out, write, replace=overwrite)
+    rep.phase(f"gguf: done: {path}")
+    return path

@@ -1,0 +1,310 @@
+"""Generation for trying a fine-tune: the quantized base with the adapter on (tuned) or off (base).
+
+One model is loaded (the base in 4 bit, as in training, plus the LoRA adapter); the base
+model's answer comes from the same weights inside peft's ``disable_adapter()`` context, so
+the only difference between the two answers is the adapter.
+
+Tokens are sampled here, one at a time with a KV cache, rather than through
+``model.generate``: each step can hand its text to a callback (streaming), check a cancel
+flag, and two answers can be interleaved step by step (:meth:`ChatModel.compare`). Both
+answers of a comparison draw from random generators seeded alike, so with the same seed
+they differ only where the models do.
+
+No Qt here: the desktop app calls this from a worker thread and passes a ``should_stop``
+callable that reads its cancel flag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_engine.errors import QLoRAError
+
+Messages = list[dict[str, str]]
+StopCheck = Callable[[], bool] | None
+
+# End-of-turn tokens of common chat templates; generation also stops at these when the
+# tokenizer knows them as special tokens and the template writes them.
+_TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest answer in tokens."})
+    temperature: float = field(
+        default=0.7, metadata={"help": "Sampling temperature; 0 always takes the most likely token (greedy)."}
+    )
+    top_p: float = field(
+        default=0.9, metadata={"help": "Sample only from the most likely tokens whose probabilities add up to this."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the sampler: the same seed gives the same answer."})
+    system: str | None = field(default=None, metadata={"help": "Optional system message put before the prompt."})
+    raw: bool = field(
+        default=False,
+        metadata={"help": "Send the prompt as plain text, without the chat template (for text-only fine-tunes)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise QLoRAError(f"max_new_tokens: {self.max_new_tokens} is not allowed; use at least 1.")
+        if self.temperature < 0:
+            raise QLoRAError(f"temperature: {self.temperature} is not allowed; use 0 (greedy) or a positive number.")
+        if not 0 < self.top_p <= 1:
+            raise QLoRAError(f"top_p: {self.top_p} is not allowed; use a value in (0, 1].")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    """'eos' (the model ended its answer), 'length' (max_new_tokens reached) or 'cancelled'."""
+    prompt_tokens: int
+    elapsed: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.elapsed if self.elapsed > 0 else 0.0
+
+
+class _Stream:
+    """One answer being generated: its KV cache, sampler and the text handed out so far."""
+
+    def __init__(self, chat: ChatModel, prompt_ids: list[int], settings: GenerationSettings, adapter: bool) -> None:
+        self.chat = chat
+        self.settings = settings
+        self.adapter = adapter
+        self.prompt_ids = prompt_ids
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.cache: Any = None
+        self.next_input = torch.tensor([prompt_ids], device=chat.device)
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.finish_reason: str | None = None
+        self.t0 = time.perf_counter()
+        self.elapsed = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @torch.no_grad()
+    def step(self) -> str:
+        """Generate one token; return the new text it completes (may be '' mid-character)."""
+        t = time.perf_counter()
+        with self.chat.adapter_enabled(self.adapter):
+            kw = {self.chat.cache_arg: self.cache}
+            out = self.chat.model(input_ids=self.next_input, use_cache=True, logits_to_keep=1, **kw)
+        self.cache = getattr(out, self.chat.cache_arg, None)
+        token = _sample(out.logits[0, -1], self.settings, self.generator)
+        self.elapsed += time.perf_counter() - t
+        if token in self.chat.stop_ids:
+            self.finish_reason = "eos"
+            return self._flush()
+        self.ids.append(token)
+        self.next_input = torch.tensor([[token]], device=self.chat.device)
+        if len(self.ids) >= self.settings.max_new_tokens:
+            self.finish_reason = "length"
+            return self._flush()
+        return self._new_text(final=False)
+
+    def cancel(self) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
+    def _flush(self) -> str:
+        return self._new_text(final=True)
+
+    def _new_text(self, *, final: bool) -> str:
+        text = self.chat.tokenizer.decode(self.ids, skip_special_tokens=True)
+        # A multi-byte character split over tokens decodes to U+FFFD until its last byte comes.
+        if not final and text.endswith("\ufffd"):
+            return ""
+        if not text.startswith(self.emitted):  # the decoder re-spaced earlier text: hand out only what is new
+            self.emitted = text
+            return ""
+        new = text[len(self.emitted) :]
+        self.emitted = text
+        return new
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text=self.emitted,
+            token_ids=list(self.ids),
+            finish_reason=self.finish_reason or "cancelled",
+            prompt_tokens=len(self.prompt_ids),
+            elapsed=self.elapsed,
+        )
+
+
+def _sample(logits: torch.Tensor, s: GenerationSettings, generator: torch.Generator) -> int:
+    logits = logits.float().cpu()  # the sampler's generator lives on the CPU; one small copy per token
+    if s.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / s.temperature, dim=-1)
+    if s.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < s.top_p
+        sorted_probs = sorted_probs * keep
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class ChatModel:
+    """A run's base model in 4 bit with its adapter, ready to answer prompts with the adapter on or off."""
+
+    def __init__(self, model: Any, tokenizer: Any, template: str, *, info: Any = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.info = info
+        self.device = next(model.parameters()).device
+        self.stop_ids = _stop_ids(model, tokenizer, template)
+        # transformers 5.x renamed the KV-cache argument (and output field) from past_key_values to cache.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, source: str | Path, *, device: str | None = None, sink: Any = None) -> ChatModel:
+        """Load a run folder, an exported adapter folder or a checkpoint folder (base in 4 bit + adapter).
+
+        Args:
+            source: the run folder (``runs/name``), its ``adapter/`` or a ``checkpoints/step-N`` folder.
+            device: 'auto', 'cuda' or 'cpu'; None takes the run's ``train.device``.
+            sink: receives ``PhaseChanged`` events while loading.
+        """
+        from peft import PeftModel
+
+        from qlora_engine import models
+        from qlora_engine.data.encode import resolve_template
+        from qlora_engine.events import PhaseChanged
+        from qlora_engine.export.source import load_run, resolve_base
+
+        info = load_run(source)
+        cfg = info.config
+        emit = sink.emit if sink is not None else (lambda e: None)
+        dev = models.pick_device(device or cfg.train.device)
+        dtype = models.pick_compute_dtype(cfg.quant.compute_dtype, dev)
+        emit(PhaseChanged(phase="resolving", detail=cfg.model.ref))
+        folder = resolve_base(info, sink=sink)
+        tokenizer = models.load_tokenizer(info.adapter_dir, trust_remote_code=cfg.model.trust_remote_code)
+        emit(PhaseChanged(phase="loading_model", detail=f"{folder} in 4-bit {cfg.quant.quant_type} on {dev}"))
+        base = models.load_quantized_model(cfg, folder, dev, dtype)
+        model = PeftModel.from_pretrained(base, str(info.adapter_dir), is_trainable=False)
+        model.eval()
+        template, _ = resolve_template(tokenizer, cfg.data.chat_template)
+        emit(PhaseChanged(phase="done", detail="model ready"))
+        return cls(model, tokenizer, template, info=info)
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str | Messages, settings: GenerationSettings) -> list[int]:
+        """Token ids of a prompt: a user message (or a conversation) through the chat template, or raw text."""
+        if settings.raw:
+            text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+            return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        messages: Messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if settings.system and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": settings.system})
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=True
+        )
+        # The template writes any BOS itself (as in training), so the tokenizer adds none.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @contextlib.contextmanager
+    def adapter_enabled(self, enabled: bool) -> Iterator[None]:
+        if enabled:
+            yield
+        else:
+            with self.model.disable_adapter():
+                yield
+
+    # -- generating ------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Messages,
+        settings: GenerationSettings | None = None,
+        *,
+        adapter: bool = True,
+        on_text: Callable[[str], None] | None = None,
+        should_stop: StopCheck = None,
+    ) -> GenerationResult:
+        """One answer, streamed to ``on_text`` piece by piece; ``should_stop()`` True cancels it."""
+        settings = settings or GenerationSettings()
+        stream = _Stream(self, self.prompt_ids(prompt, settings), settings, adapter)
+        while not stream.done:
+            if should_stop is not None and should_stop():
+                stream.cancel()
+                break
+            piece = stream.step()
+            if piece and on_text is not None:
+                on_text(piece)
+        return stream.result()
+
+    def compare(
+        self,
+        prompt: str | Messages,
+        settings: GenerationSettings | None = None,
+        *,
+        on_text: Callable[[str, str], None] | None = None,
+        should_stop: StopCheck = None,
+    ) -> dict[str, GenerationResult]:
+        """The base's and the tuned model's answers, generated in turns, one token each.
+
+        ``on_text(side, piece)`` gets each new piece, side being 'base' or 'tuned'.
+        Returns ``{'base': result, 'tuned': result}``.
+        """
+        settings = settings or GenerationSettings()
+        ids = self.prompt_ids(prompt, settings)
+        streams = {"base": _Stream(self, ids, settings, False), "tuned": _Stream(self, ids, settings, True)}
+        while not all(s.done for s in streams.values()):
+            if should_stop is not None and should_stop():
+                for s in streams.values():
+                    s.cancel()
+                break
+            for side, s in streams.items():
+                if s.done:
+                    continue
+                piece = s.step()
+                if piece and on_text is not None:
+                    on_text(side, piece)
+        return {side: s.result() for side, s in streams.items()}
+
+    def close(self) -> None:
+        """Drop the model (and its GPU memory)."""
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _stop_ids(model: Any, tokenizer: Any, template: str) -> set[int]:
+    """EOS, the generation config's end tokens, and the template's end-of-turn token."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    for t in eos if isinstance(eos, (list, tuple)) else [eos]:
+        if t is not None:
+            ids.add(int(t))
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or []) | set(tokenizer.get_added_vocab())
+    for marker in _TURN_ENDS:
+        if marker in specials and marker in template:
+            tid = tokenizer.convert_tokens_to_ids(marker)
+            if isinstance(tid, int) and tid >= 0:
+                ids.add(tid)
+    return ids

@@ -1,0 +1,60 @@
+"""Shared by the export and generation tests (no tests here): one trained chat run per session.
+
+The run is trained once into the session's temporary folder and reused by every module that
+asks for it, so the adapter, merged, GGUF and generation tests all look at the same adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATS = [
+    ("What is the capital of France?", "Paris."),
+    ("Count to five.", "1 2 3 4 5"),
+    ("Translate good morning to French.", "Bonjour."),
+]
+PROBE = [[5, 17, 40, 99, 3, 200, 7, 88, 120, 64, 11, 250]]
+"""Token ids fed to every model whose logits are compared (valid for the tiny tokenizer)."""
+
+
+def trained_chat_run(tmp_path_factory, model_dir: Path) -> Path:
+    """The tiny Llama trained (4-bit NF4 + LoRA, CPU) on three chats until it answers them and stops."""
+    from qlora_engine.config import TrainConfig, apply_overrides
+    from qlora_engine.events import ListSink
+    from qlora_engine.train import run
+
+    root = tmp_path_factory.getbasetemp() / "export-chat-run"
+    run_dir = root / "run"
+    if (run_dir / "adapter" / "adapter_model.safetensors").is_file():
+        return run_dir
+    root.mkdir(exist_ok=True)
+    data = root / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in CHATS]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = apply_overrides(
+        TrainConfig(),
+        [
+            f"model.ref={model_dir}",
+            f"data.path={data}",
+            f"data.validation_path={data}",
+            f"output.dir={run_dir}",
+            "train.max_steps=20",
+            "train.micro_batch_size=3",
+            "train.gradient_accumulation_steps=1",
+            "train.save_steps=null",
+            "train.gradient_checkpointing=false",
+            "optim.learning_rate=2e-2",
+            "optim.warmup_steps=0",
+            "optim.scheduler=constant",
+        ],
+    )
+    run(cfg, ListSink())
+    return run_dir
+
+
+def tiny_tokenizer():
+    """The tiny ChatML tokenizer the tiny Llama uses (tests/tiny.py)."""
+    from tiny import build_tokenizer
+
+    return build_tokenizer()
