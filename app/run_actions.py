@@ -181,6 +181,7 @@ class RunActions(QObject):
         self.view.show_record(rec, "replay")
         self.view.title.setText(f"Run: {Path(run_dir).name} (from history)")
         self.view.set_summary(_record_summary(rec))
+        self.window.result_page.set_run(Path(run_dir))
         self.window.show_page("run")
 
     def load_run_config(self, run_dir: Path) -> None:
@@ -222,6 +223,7 @@ class RunActions(QObject):
         self.error_shown.emit(self.dialog)
 
     def _on_ended(self, state: str) -> None:
+        self.window.result_page.set_run(self.controller.run_dir)
         self.window.history.refresh()
         self.window.update_run_summary()
         if self.window._close_after_run:

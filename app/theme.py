@@ -82,8 +82,11 @@ def style_sheet(scheme: str) -> str:
 def apply_theme(app: QApplication, mode: str = "system") -> str:
     """Apply 'light', 'dark' or 'system' (follow the desktop); returns the scheme applied."""
     scheme = system_scheme() if mode == "system" else mode
-    app.setStyle("Fusion")
+    if app.style().name().lower() != "fusion":
+        app.setStyle("Fusion")
     app.setPalette(dark_palette() if scheme == "dark" else app.style().standardPalette())
-    app.setStyleSheet(style_sheet(scheme))
+    sheet = style_sheet(scheme)
+    if app.styleSheet() != sheet:  # re-polishing every widget costs a good fraction of a second
+        app.setStyleSheet(sheet)
     app.setProperty("qlora_scheme", scheme)
     return scheme

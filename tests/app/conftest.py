@@ -101,6 +101,7 @@ def make_window(qtbot, studio_home):
             w.runs.dialog.close()
         w._close_after_run = False
         w.close()
+        w.deleteLater()
 
 
 @pytest.fixture
