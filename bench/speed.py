@@ -103,7 +103,7 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -118,6 +118,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--extra", default="", help="engine overrides for every case, ';'-separated")
+    ap.add_argument(
+        "--variants", default="", help="engine variants, '|'-separated, each a ';'-separated override list "
+        "('' is the default config); every case runs every variant"
+    )
     ap.add_argument("--worker", choices=["engine", "baseline"])
     ap.add_argument("--seq", type=int)
     ap.add_argument("--mbs", type=int)
@@ -152,11 +156,14 @@ def main() -> None:
     results = []
     for case in args.cases.split(","):
         seq, mbs = (int(x) for x in case.split("x"))
-        stacks = ["engine"] if args.no_baseline else ["hf-baseline", "engine"]
-        for stack in stacks:
+        variants = args.variants.split("|") if args.variants else [args.extra]
+        runs = [("engine", v) for v in variants]
+        if not args.no_baseline:
+            runs.insert(0, ("hf-baseline", ""))
+        for stack, variant in runs:
             worker = "engine" if stack == "engine" else "baseline"
             cmd = [sys.executable, __file__, "--worker", worker, "--shape", args.shape, "--seq", str(seq),
-                   "--mbs", str(mbs), "--steps", str(args.steps), "--extra", args.extra]
+                   "--mbs", str(mbs), "--steps", str(args.steps), "--extra", variant]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             res = json.loads(lines[-1][7:]) if lines else dict(stack=stack, seq=seq, mbs=mbs,
@@ -164,14 +171,16 @@ def main() -> None:
             print(json.dumps(res), flush=True)
             results.append(res)
 
-    print(f"\n{'stack':<12} {'seq x mbs':<10} {'tok/s':>8} {'alloc GiB':>10} {'reserved GiB':>13} {'estimate GiB':>13}")
+    print(f"\n{'stack':<40} {'seq x mbs':<10} {'tok/s':>8} {'alloc GiB':>10} {'reserved GiB':>13} {'estimate GiB':>13}")
     for r in results:
         est = (r.get("estimate") or {}).get("total_gib", "")
-        print(f"{r['stack']:<12} {str(r['seq']) + ' x ' + str(r['mbs']):<10} {r.get('tok_s', 'ERR'):>8} "
+        name = r["stack"] + (" " + " ".join(r["extra"]) if r.get("extra") else "")
+        print(f"{name:<40} {str(r['seq']) + ' x ' + str(r['mbs']):<10} {r.get('tok_s', 'ERR'):>8} "
               f"{r.get('peak_alloc_gib', ''):>10} {r.get('peak_reserved_gib', ''):>13} {est:>13}")
     record = dict(date=datetime.date.today().isoformat(), card=card, shape=args.shape, versions=versions(),
                   extra=extra, results=results)
-    name = f"{record['date']}-{card.replace(' ', '-')}-speed{'-' + args.shape if args.shape != 'llama3-8b' else ''}.json"
+    stamp = datetime.datetime.now().strftime("%H%M")
+    name = f"{record['date']}-{card.replace(' ', '-')}-speed-{args.shape}-{stamp}.json"
     for folder in filter(None, [HERE / "results", Path(os.environ["OUT"]) if os.environ.get("OUT") else None]):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(json.dumps(record, indent=1))

@@ -1,0 +1,128 @@
+"""Same math: the engine's fast path and the plain Hugging Face stack on the same weights and batch.
+
+    python bench/same_math.py [--shape llama3-8b] [--seq 2048] [--mbs 2] [--variant "train.kernels=liger"]
+
+Both models get the same LoRA initialisation (peft's, from the same seed) and then the same
+random, non-zero B matrices (peft starts B at zero, which would make every A gradient zero
+and the comparison empty). One forward and backward on the same random batch; prints the two
+losses, their relative difference, and the relative error of the LoRA gradients
+(||g_engine - g_hf|| / ||g_hf|| over all of them, and the worst single tensor). Goal
+(speed issue): loss within 1%, gradients within 1e-2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+
+def seeded_b(model) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    for name, p in sorted(model.named_parameters()):
+        if "lora_B" in name:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            key = name.replace("base_model.model.", "")
+            out[key] = p.grad.detach().float().cpu()
+    return out
+
+
+def hf_side(path: str, ids: torch.Tensor, seed: int):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    m = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map={"": 0}, dtype=torch.bfloat16,
+                                             attn_implementation="sdpa")
+    m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True,
+                                        gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(seed)
+    m = get_peft_model(m, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"]))
+    seeded_b(m)
+    m.train()
+    x = ids.cuda()
+    loss = m(input_ids=x, labels=x).loss
+    loss.backward()
+    return float(loss), lora_grads(m)
+
+
+def engine_side(path: str, ids: torch.Tensor, seed: int, variant: list[str]):
+    from qlora_engine.config import TrainConfig, apply_overrides
+    from qlora_engine.data import PreparedData, collate
+    from qlora_engine.events import ListSink
+    from qlora_engine.train import Trainer
+
+    cfg = apply_overrides(TrainConfig(), [f"model.ref={path}", "data.path=synthetic", f"train.seed={seed}",
+                                          "output.dir=/tmp/same-math", "lora.rank=16", "lora.alpha=16",
+                                          f"data.max_length={ids.shape[1]}", *variant])
+    samples = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
+    trainer = Trainer(cfg, ListSink(), data=PreparedData(train=samples, validation=None, report={}, fingerprint="x"))
+    trainer.setup()
+    seeded_b(trainer.model)
+    batch = {k: v.cuda() for k, v in collate(samples, trainer.tokenizer.pad_token_id).items()}
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    loss = trainer.model(**batch, use_cache=False, num_items_in_batch=torch.tensor(n, device="cuda")).loss
+    loss.backward()
+    return float(loss), lora_grads(trainer.model), trainer.kernels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--mbs", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--variant", default="", help="engine overrides, ';'-separated")
+    ap.add_argument("--side", choices=["hf", "engine"])
+    args = ap.parse_args()
+    path = f"/tmp/ckpt-{args.shape}"
+    vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+    ids = torch.randint(0, vocab, (args.mbs, args.seq), generator=torch.Generator().manual_seed(7))
+    grads_file = Path(f"/tmp/same-math-{args.side or 'x'}.pt")
+    if args.side == "hf":
+        loss, grads = hf_side(path, ids, args.seed)
+        torch.save({"loss": loss, "grads": grads}, grads_file)
+        return
+    if args.side == "engine":
+        loss, grads, kernels = engine_side(path, ids, args.seed, [v for v in args.variant.split(";") if v])
+        torch.save({"loss": loss, "grads": grads, "kernels": kernels}, grads_file)
+        return
+    import subprocess
+
+    for side in ("hf", "engine"):  # separate processes: liger patches transformers process-wide
+        subprocess.run([sys.executable, __file__, "--side", side, "--shape", args.shape, "--seq", str(args.seq),
+                        "--mbs", str(args.mbs), "--seed", str(args.seed), "--variant", args.variant], check=True)
+    hf = torch.load("/tmp/same-math-hf.pt", weights_only=True)
+    en = torch.load("/tmp/same-math-engine.pt", weights_only=True)
+    keys = sorted(set(hf["grads"]) & set(en["grads"]))
+    missing = sorted(set(hf["grads"]) ^ set(en["grads"]))
+    diff = sum(float((en["grads"][k] - hf["grads"][k]).pow(2).sum()) for k in keys) ** 0.5
+    norm = sum(float(hf["grads"][k].pow(2).sum()) for k in keys) ** 0.5
+    worst = max(keys, key=lambda k: float((en["grads"][k] - hf["grads"][k]).norm() / (hf["grads"][k].norm() + 1e-30)))
+    worst_err = float((en["grads"][worst] - hf["grads"][worst]).norm() / (hf["grads"][worst].norm() + 1e-30))
+    res = dict(case="same-math", variant=args.variant, kernels=en["kernels"], seq=args.seq, mbs=args.mbs,
+               loss_hf=hf["loss"], loss_engine=en["loss"], loss_rel_diff=abs(en["loss"] - hf["loss"]) / abs(hf["loss"]),
+               grad_rel_err=diff / norm, worst_tensor=worst, worst_tensor_rel_err=worst_err, tensors=len(keys),
+               unmatched=missing[:5])
+    print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
