@@ -161,6 +161,12 @@ class TrainSettings:
     eval_steps: int | None = _f(None, "Evaluate on the validation set every N steps (and at the end); None: only at the end.")
     save_steps: int | None = _f(100, "Write a resumable checkpoint every N optimizer steps; None: only at the end.")
     save_total_limit: int | None = _f(3, "Keep only the newest N checkpoints; None keeps all.")
+    kernels: Literal["auto", "liger", "none"] = _f(
+        "auto",
+        "Fused GPU kernels (Liger Kernel: a fused linear + cross-entropy that never materializes the logits, "
+        "fused RMSNorm, RoPE and SwiGLU) for supported architectures. 'auto' uses them on CUDA when "
+        "liger-kernel is installed (pip install 'qlora-studio[gpu]'); 'none' runs the plain transformers code.",
+    )
     device: Literal["auto", "cuda", "cpu"] = _f(
         "auto", "Where to train. 'auto' takes the first CUDA GPU and falls back to the CPU (slow, for tests and demos)."
     )
@@ -338,6 +344,9 @@ def _construct(cls: type, values: dict[str, Any]) -> Any:
                 pass
         if isinstance(v, int) and not isinstance(v, bool) and tp is float:
             v = float(v)
+        # YAML reads `layers: 3` or `revision: 1234` as numbers; take them as the text they are.
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and _type_ok("x", tp) and not _type_ok(v, tp):
+            v = str(v)
         fixed[k] = v
     return cls(**fixed)
 

@@ -370,6 +370,35 @@ def load_quantized_model(cfg: TrainConfig, folder: Path, device: torch.device, d
     return model
 
 
+def apply_fused_kernels(model: torch.nn.Module, choice: str, device: torch.device) -> str:
+    """Swap in Liger Kernel's fused operations where asked for and possible; returns what was used.
+
+    Call on the base model before LoRA wrapping. The fused linear + cross-entropy computes
+    the loss chunk by chunk from the hidden states, so the ``tokens x vocabulary`` logits
+    (and their fp32 copies in the loss) never exist: with a 128k vocabulary that is most of
+    the activation memory at moderate sequence lengths.
+    """
+    if choice == "none":
+        return "none"
+    model_type = getattr(model.config, "model_type", "")
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+    except ImportError as e:
+        if choice == "liger":
+            raise ConfigError(
+                "train.kernels: 'liger' needs the liger-kernel package; install it with "
+                "pip install 'qlora-studio[gpu]', or set train.kernels to auto or none."
+            ) from e
+        return "none"
+    if device.type != "cuda" or model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        if choice == "liger":
+            where = "a CUDA GPU" if device.type != "cuda" else f"a supported architecture (not {model_type!r})"
+            raise ConfigError(f"train.kernels: 'liger' needs {where}; set train.kernels to auto or none.")
+        return "none"
+    _apply_liger_kernel_to_instance(model=model)
+    return "liger"
+
+
 def resolve_target_modules(lora: LoraSettings, linear: list[str], attn: list[str], mlp: list[str]) -> list[str]:
     targets = lora.target_modules
     if len(targets) == 1 and targets[0] in LORA_PRESETS:
@@ -438,6 +467,8 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers turns input gradients on itself when it enables checkpointing; take them off.
+    model.disable_input_require_grads()
 
 
 def model_facts(model: torch.nn.Module) -> dict[str, Any]:

@@ -108,6 +108,7 @@ class Trainer:
 
         emit(PhaseChanged(phase="loading_model", detail=f"{folder} in 4-bit {cfg.quant.quant_type} on {self.device}"))
         base = models.load_quantized_model(cfg, folder, self.device, self.dtype)
+        self.kernels = models.apply_fused_kernels(base, cfg.train.kernels, self.device)
         torch.manual_seed(cfg.train.seed)  # the LoRA init depends on the seed only
         self.model = models.wrap_with_lora(base, cfg)
         if cfg.train.gradient_checkpointing:
@@ -122,7 +123,7 @@ class Trainer:
             self._load_checkpoint(resume_from)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(self.run_dir / "config.yaml")
-        self.facts = models.model_facts(self.model)
+        self.facts = {**models.model_facts(self.model), "kernels": self.kernels}
         emit(
             RunStarted(
                 run_dir=str(self.run_dir),

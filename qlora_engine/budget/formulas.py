@@ -94,15 +94,12 @@ def optimizer_state_bytes(sizes: list[int], optimizer: str) -> tuple[int, int, i
 
 # Whether the engine's gradient checkpointing makes the embedding output require grad, so
 # that the backward pass runs through (and recomputes) every block down to the first one.
-# ``models.enable_gradient_checkpointing`` no longer calls ``enable_input_require_grads``
-# itself, so that the backward pass would stop at the lowest adapted layer; but transformers'
-# ``activation_checkpointing_enable`` (5.x; read in 5.24) calls it anyway for every model whose
-# main input is ``input_ids``, so today every block is still kept and recomputed. (The engine
-# would need ``model.disable_input_require_grads()`` after enabling checkpointing.)
-# tests/engine/test_budget.py checks this on the engine's real code path and fails when it
-# changes; the formulas for False (the engine's intent) are tested there too, and
-# bench/budget_accuracy.py records what the GPU's transformers does.
-CHECKPOINTING_INPUT_GRADS = True
+# transformers' ``activation_checkpointing_enable`` turns input gradients on for every model
+# whose main input is ``input_ids``; ``models.enable_gradient_checkpointing`` turns them off
+# again, so the backward pass stops at the lowest adapted layer. tests/engine/test_budget.py
+# checks this on the engine's real code path and fails when it changes; the formulas for True
+# are tested there too, and bench/budget_accuracy.py records what the GPU's transformers does.
+CHECKPOINTING_INPUT_GRADS = False
 
 
 @dataclass(frozen=True)

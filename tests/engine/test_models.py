@@ -117,3 +117,14 @@ def test_dora_and_rslora_switches_reach_peft(tiny_cfg):
     assert peft_cfg.use_dora and peft_cfg.use_rslora
     assert any("lora_magnitude_vector" in n for n, _ in trainer.model.named_parameters())
     trainer.cleanup()
+
+
+def test_fused_kernels_are_optional_and_refused_clearly_where_impossible(tiny_cfg):
+    trainer = Trainer(tiny_cfg("train.kernels=auto", "lora.layers=1"), ListSink())
+    trainer.setup()
+    assert trainer.facts["kernels"] == "none"  # no CUDA here: auto falls back to plain transformers
+    # with checkpointing and only block 1 adapted, nothing below it needs a gradient
+    assert not trainer.model.get_input_embeddings()._forward_hooks
+    trainer.cleanup()
+    with pytest.raises(ConfigError, match="train.kernels: 'liger' needs"):
+        Trainer(tiny_cfg("train.kernels=liger"), ListSink()).setup()
