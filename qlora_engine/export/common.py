@@ -66,7 +66,7 @@ def check_output(out: Path, *, overwrite: bool, protected: list[Path]) -> Path:
     if out.exists() and not overwrite:
         raise ExportError(
             f"{out}: already exists; nothing was written.",
-            hint="Choose a new folder, or pass --force (Overwrite in the app) to replace it.",
+            hint="Choose a new folder, or pass --force (in the app: tick 'Replace the folder if it exists').",
         )
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a folder.")

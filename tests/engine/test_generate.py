@@ -1,0 +1,109 @@
+"""Generation from a trained run: the 4-bit base with the adapter on (tuned) or off (base).
+
+The run is the tiny Llama trained on three chats (shared with the export tests): the tuned
+model must answer them word for word and then stop at EOS, which the base model never does.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_export_support import CHATS, trained_chat_run  # noqa: E402
+
+from qlora_engine.errors import QLoRAError
+from qlora_engine.generate import ChatModel, GenerationSettings
+
+GREEDY = GenerationSettings(temperature=0, max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory, tiny_model_dir) -> Path:
+    return trained_chat_run(tmp_path_factory, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def chat(chat_run) -> ChatModel:
+    model = ChatModel.load(chat_run, device="cpu")
+    yield model
+    model.close()
+
+
+def test_tuned_model_answers_trained_prompts_and_stops_at_eos(chat):
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in chat.model.modules())  # the same 4-bit base as training
+    assert chat.tokenizer.convert_tokens_to_ids("<|im_end|>") in chat.stop_ids
+    for question, answer in CHATS:
+        tuned = chat.generate(question, GREEDY)
+        assert tuned.text == answer and tuned.finish_reason == "eos", (question, tuned)
+        assert tuned.token_ids and chat.tokenizer.eos_token_id not in tuned.token_ids
+        base = chat.generate(question, GREEDY, adapter=False)
+        assert base.text != answer and base.finish_reason == "length"  # the untuned model neither answers nor stops
+
+
+def test_compare_streams_both_answers_in_turns_and_matches_single_runs(chat):
+    settings = GenerationSettings(temperature=0.8, top_p=0.9, seed=7, max_new_tokens=12)
+    events: list[tuple[str, str]] = []
+    results = chat.compare(CHATS[1][0], settings, on_text=lambda side, piece: events.append((side, piece)))
+    for side in ("base", "tuned"):
+        assert "".join(p for s, p in events if s == side) == results[side].text
+    # interleaved, not one after the other: a tuned piece arrives before the base answer is complete
+    first_tuned = next(i for i, (s, _) in enumerate(events) if s == "tuned")
+    last_base = max(i for i, (s, _) in enumerate(events) if s == "base")
+    assert first_tuned < last_base
+    # the same seed gives the same answers as generating each side alone
+    assert chat.generate(CHATS[1][0], settings, adapter=False).text == results["base"].text
+    assert chat.generate(CHATS[1][0], settings).text == results["tuned"].text
+    pieces: list[str] = []
+    single = chat.generate(CHATS[0][0], GREEDY, on_text=pieces.append)
+    assert "".join(pieces) == single.text == "Paris."
+
+
+def test_cancel_and_length_limits(chat):
+    calls = {"n": 0}
+
+    def stop_after_three() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    r = chat.generate(
+        "Tell me about foxes.", GenerationSettings(max_new_tokens=50), adapter=False, should_stop=stop_after_three
+    )
+    assert r.finish_reason == "cancelled" and len(r.token_ids) == 3
+    both = chat.compare("hi", GenerationSettings(max_new_tokens=50), should_stop=lambda: True)
+    assert {r.finish_reason for r in both.values()} == {"cancelled"}
+    short = chat.generate("Tell me about foxes.", GenerationSettings(max_new_tokens=2), adapter=False)
+    assert short.finish_reason == "length" and len(short.token_ids) == 2
+
+
+def test_prompt_formats_and_settings_validation(chat):
+    ids = chat.prompt_ids("Hello", GenerationSettings(system="Be brief."))
+    text = chat.tokenizer.decode(ids)
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    raw = chat.prompt_ids("Hello", GenerationSettings(raw=True))
+    assert chat.tokenizer.decode(raw) == "Hello"
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_new_tokens": 0}):
+        with pytest.raises(QLoRAError):
+            GenerationSettings(**bad)
+
+
+def test_cli_chat_one_prompt_compare_and_stdin(chat_run, capsys, monkeypatch):
+    from qlora_engine.cli import main
+
+    assert (
+        main(
+            ["chat", str(chat_run), "--prompt", CHATS[0][0], "--compare", "--temperature", "0", "--max-new-tokens", "8"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.index("--- base ---") < out.index("--- tuned ---") < out.index("Paris.")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{CHATS[1][0]}\n/reset\n\n{CHATS[2][0]}\n/quit\nignored\n"))
+    assert main(["chat", str(chat_run / "adapter"), "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.splitlines() == [CHATS[1][1], CHATS[2][1]]
+    assert main(["chat", str(chat_run.parent / "missing")]) == 2
