@@ -32,8 +32,8 @@ from app.config_model import SECTIONS, ConfigModel, section_fields
 from app.history import HistoryPage
 from app.pages.adapter_page import AdapterPage
 from app.pages.data_page import DataPage
+from app.pages.export_page import TryExportPage
 from app.pages.model_page import ModelPage
-from app.pages.result_page import ResultPage
 from app.pages.training_page import TrainingPage
 from app.run_actions import RunActions
 from app.run_view import RunView
@@ -72,7 +72,7 @@ class MainWindow(QMainWindow):
         self.adapter_page = AdapterPage(m)
         self.training_page = TrainingPage(m)
         self.run_view = RunView()
-        self.result_page = ResultPage()
+        self.result_page = TryExportPage()
         self.history = HistoryPage(self.history_tasks)
         self.pages = {
             "model": self.model_page,
@@ -408,4 +408,5 @@ class MainWindow(QMainWindow):
             self.runs.dialog.close()
         for tasks in (self.inspect_tasks, self.budget_tasks, self.history_tasks):
             tasks.shutdown()
+        self.result_page.shutdown()  # cancels an answer or export in progress, frees the Try model
         event.accept()
