@@ -74,6 +74,33 @@ def compute_budget(cfg: TrainConfig, gpu: gpu_facts.GpuInfo | None, data_stats: 
     return {"estimate": est, "advice": advice, "gpu_bytes": gpu_bytes, "help": help_text}
 
 
+class WrappingButton(QPushButton):
+    """A push button whose text wraps (a suggestion is a sentence, the panel is narrow)."""
+
+    def __init__(self, text: str, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.label = QLabel(text, self)
+        self.label.setWordWrap(True)
+        self.label.setAttribute(Qt.WidgetAttribute.WA_TransparentForMouseEvents)
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(8, 5, 8, 5)
+        lay.addWidget(self.label)
+        self.setAccessibleName(text)
+
+    def text(self) -> str:  # noqa: D102 - the wrapped label holds the text
+        return self.label.text()
+
+    def sizeHint(self):  # noqa: N802 - Qt's name
+        hint = super().sizeHint()
+        width = max(self.width(), 200)
+        hint.setHeight(self.label.heightForWidth(width - 16) + 12)
+        return hint
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        super().resizeEvent(event)
+        self.setMinimumHeight(self.label.heightForWidth(max(self.width() - 16, 50)) + 12)
+
+
 class StackedBar(QWidget):
     """One horizontal bar of components (bytes) with the card's capacity marked."""
 
@@ -286,7 +313,7 @@ class BudgetPanel(QFrame):
             b.deleteLater()
         self.suggestion_buttons = []
         for s in suggestions:
-            b = QPushButton(s.description)
+            b = WrappingButton(s.description)
             b.setObjectName("suggestion")
             b.setToolTip("Apply: " + ", ".join(s.overrides))
             b.clicked.connect(lambda _=False, o=list(s.overrides): self.apply(o))

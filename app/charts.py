@@ -42,6 +42,7 @@ class RunCharts(QWidget):
         lay.addWidget(self.view)
         self.plots: dict[str, pg.PlotItem] = {}
         self.curves: dict[str, pg.PlotDataItem] = {}
+        self._plot_of: dict[str, pg.PlotItem] = {}
         self._overlays: list[pg.PlotDataItem] = []
         self._drawn_version = -1
 
@@ -89,15 +90,30 @@ class RunCharts(QWidget):
     def _curve(self, plot: pg.PlotItem, name: str, symbol: str | None = None, width: int = 2) -> pg.PlotDataItem:
         pen = pg.mkPen(COLORS[name], width=width)
         kw = {"symbol": symbol, "symbolSize": 7, "symbolBrush": COLORS[name], "symbolPen": None} if symbol else {}
-        c = plot.plot([], [], pen=pen, name=name, **kw)
+        c = plot.plot([], [], pen=pen, **kw)  # named in the legend once it has data (_legend)
+        c.opts["name"] = name
         self.curves[name] = c
+        self._plot_of[name] = plot
         return c
+
+    def _legend(self, plot: pg.PlotItem, curve: pg.PlotDataItem, has_data: bool) -> None:
+        """Only series with data appear in a legend (a CPU run has no GPU memory lines)."""
+        legend = plot.legend
+        if legend is None:
+            return
+        listed = any(item is curve for item, _label in legend.items)
+        if has_data and not listed:
+            legend.addItem(curve, curve.opts["name"])
+        elif not has_data and listed:
+            legend.removeItem(curve)
 
     # -- drawing ---------------------------------------------------------------------------
     def clear(self) -> None:
-        for c in self.curves.values():
+        for name, c in self.curves.items():
             c.setData([], [])
+            self._legend(self._plot_of[name], c, False)
         self.estimate_line.setVisible(False)
+        self.vram_note.setVisible(False)
         self.set_overlays({})
         self._drawn_version = -1
 
@@ -113,12 +129,15 @@ class RunCharts(QWidget):
         ):
             xs, ys = rec.series(attr)
             self.curves[name].setData(np.asarray(xs, float), _finite(ys))
+        self._legend(self.loss, self.curves["train loss"], bool(rec.steps))
         xs, ys = rec.eval_series()
         self.curves["eval loss"].setData(np.asarray(xs, float), _finite(ys))
+        self._legend(self.loss, self.curves["eval loss"], bool(xs))
         mem = rec.memory_series()
         for name in ("GPU used (NVML)", "this run (NVML)", "torch allocated", "torch reserved"):
             x, y = mem.get(name, ([], []))
             self.curves[name].setData(np.asarray(x, float), np.asarray(y, float))
+            self._legend(self.vram, self.curves[name], bool(x))
         peak = rec.estimate_peak
         if peak is not None:
             self.estimate_line.setValue(peak / 2**30)
@@ -128,7 +147,7 @@ class RunCharts(QWidget):
             self.estimate_line.setVisible(False)
         on_cpu = rec.started is not None and str(rec.started.device).lower().startswith("cpu")
         if on_cpu and not mem:
-            self.vram_note.setText("training on the CPU: no GPU memory to measure")
+            self.vram_note.setText("CPU run: no GPU memory")
             self.vram_note.setPos(0.5, (peak / 2**30) * 0.8 if peak else 0.5)
         self.vram_note.setVisible(on_cpu and not mem)
 

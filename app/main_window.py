@@ -117,12 +117,17 @@ class MainWindow(QMainWindow):
         cv.addWidget(self.stack, 1)
         cv.addWidget(self.flow_bar)
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
-        self.splitter.addWidget(self.nav)
         self.splitter.addWidget(center)
         self.splitter.addWidget(self.budget)
-        self.splitter.setStretchFactor(1, 1)
-        self.splitter.setCollapsible(1, False)
-        self.setCentralWidget(self.splitter)
+        self.splitter.setStretchFactor(0, 1)
+        self.splitter.setCollapsible(0, False)
+        body = QWidget()
+        row = QHBoxLayout(body)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.setSpacing(0)
+        row.addWidget(self.nav)
+        row.addWidget(self.splitter, 1)
+        self.setCentralWidget(body)
 
         self.path_label = QLabel()
         self.statusBar().addPermanentWidget(self.path_label)
@@ -376,7 +381,7 @@ class MainWindow(QMainWindow):
             self.restoreGeometry(geometry)
         else:
             self.resize(1360, 860)
-        state = self.settings.value("window/splitter")
+        state = self.settings.value("window/splitter-v2")
         if isinstance(state, QByteArray):
             self.splitter.restoreState(state)
 
@@ -402,7 +407,7 @@ class MainWindow(QMainWindow):
             event.ignore()
             return
         self.settings.setValue("window/geometry", self.saveGeometry())
-        self.settings.setValue("window/splitter", self.splitter.saveState())
+        self.settings.setValue("window/splitter-v2", self.splitter.saveState())
         self.settings.sync()
         if self.runs.dialog is not None:
             self.runs.dialog.close()
