@@ -146,15 +146,15 @@ def vocab_metadata(
         if tok is None:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-        elif tok in added:
-            tokens.append(tok)
-            types.append(gguf.TokenType.CONTROL if added[tok].special else gguf.TokenType.USER_DEFINED)
-        elif spm and _BYTE_TOKEN.match(tok):
+        elif spm and _BYTE_TOKEN.match(tok):  # byte fallback pieces, however the tokenizer lists them
             tokens.append(tok)
             types.append(gguf.TokenType.BYTE)
         elif spm and tok == tokenizer.unk_token:
             tokens.append(tok)
             types.append(gguf.TokenType.UNKNOWN)
+        elif tok in added:
+            tokens.append(tok)
+            types.append(gguf.TokenType.CONTROL if added[tok].special else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(tok)
             types.append(gguf.TokenType.NORMAL)

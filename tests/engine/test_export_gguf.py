@@ -219,36 +219,45 @@ def fake_run(tmp_path: Path, model, tokenizer, target_modules: list[str], base_r
     peft_model.save_pretrained(run_dir / "adapter")
     tokenizer.save_pretrained(run_dir / "adapter")
     cfg = apply_overrides(
-        TrainConfig(), [f"model.ref={json.dumps(base_ref)}", f"data.path={tmp_path / 'none.jsonl'}", f"output.dir={run_dir}"]
+        TrainConfig(),
+        [f"model.ref={json.dumps(base_ref)}", f"data.path={tmp_path / 'none.jsonl'}", f"output.dir={run_dir}"],
     )
     cfg.save(run_dir / "config.yaml")
     return run_dir, peft_model
 
 
-def test_qwen2_exports_without_the_llama_row_reordering(tmp_path):
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_models_round_trip(family, tmp_path):
+    """Qwen2: its own llama.cpp architecture, Q/K/V biases, no row reordering. Mistral: runs as 'llama' in llama.cpp."""
+    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = tiny_tokenizer()
     torch.manual_seed(1)
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-            initializer_range=0.1,
-        )
+    shape = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.1,
     )
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True))
+    else:
+        model = MistralForCausalLM(MistralConfig(**shape, tie_word_embeddings=False, sliding_window=128))
     run_dir, _ = fake_run(tmp_path, model, tok, ["q_proj", "k_proj", "v_proj", "o_proj"])
     out = export(run_dir, "gguf", tmp_path / "gguf", gguf_types=["f16"])
     r = gguf.GGUFReader(str(out / "run-f16.gguf"))
-    assert field(r, "general.architecture") == "qwen2"
     names = {t.name for t in r.tensors}
-    assert "blk.0.attn_q.bias" in names and "output.weight" not in names  # tied embeddings: llama.cpp reuses token_embd
+    if family == "qwen2":
+        assert field(r, "general.architecture") == "qwen2"
+        assert "blk.0.attn_q.bias" in names and "output.weight" not in names  # tied: llama.cpp reuses token_embd
+    else:
+        assert field(r, "general.architecture") == "llama" and names == expected_names(2)
+    lora = gguf.GGUFReader(str(out / "run-lora.gguf"))
+    assert {t.name.rpartition(".")[0] for t in lora.tensors} <= names
     merged, _, _ = merge(load_run(run_dir), rep=Reporter())
     back = AutoModelForCausalLM.from_pretrained(out, gguf_file="run-f16.gguf", dtype=torch.float32)
     with torch.no_grad():
@@ -296,3 +305,52 @@ def test_smollm2_gguf_export_from_a_gguf_only_base(smollm2_gguf, smollm2_dir, tm
         ref, got = tuned(ids).logits, back(ids).logits
     assert (got - ref).abs().max() < 2e-2 * ref.abs().max()
     assert (got[0, -1].argmax() == ref[0, -1].argmax()).item()
+
+
+def test_sentencepiece_style_vocabulary_llama2_mistral(tmp_path):
+    """Llama 2 / Mistral 7B / TinyLlama tokenizers: BPE with byte fallback, written as llama.cpp's 'llama' vocabulary."""
+    from tiny import CORPUS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    spm = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    spm.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    spm.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=420, special_tokens=pieces, show_progress=False))
+    spm.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.1,
+    )
+    run_dir, tuned = fake_run(tmp_path, LlamaForCausalLM(config), tok, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    out = export(run_dir, "gguf", tmp_path / "gguf", gguf_types=["f16"], gguf_lora=False)
+    r = gguf.GGUFReader(str(out / "run-f16.gguf"))
+    assert field(r, "tokenizer.ggml.model") == "llama" and "tokenizer.ggml.merges" not in r.fields
+    assert field(r, "tokenizer.ggml.add_bos_token") is True and field(r, "tokenizer.ggml.add_space_prefix") is True
+    types = field(r, "tokenizer.ggml.token_type")
+    assert types[:3] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    assert set(types[3:259]) == {gguf.TokenType.BYTE} and set(types[259:]) == {gguf.TokenType.NORMAL}
+    scores = field(r, "tokenizer.ggml.scores")
+    assert scores[300] > scores[400]  # earlier merges rank higher, as sentencepiece's scores do
+    back = AutoTokenizer.from_pretrained(out, gguf_file="run-f16.gguf")
+    ref = AutoTokenizer.from_pretrained(run_dir / "adapter")
+    for text in ("The quick brown fox jumps over the lazy dog.", "  two leading spaces", "naïve 123 ✓ Bonjour."):
+        assert back(text)["input_ids"] == ref(text)["input_ids"], text
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file="run-f16.gguf", dtype=torch.float32)
+    ids = ref("What is the capital of France?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        got, want = model(ids).logits, tuned(ids).logits
+    assert (got - want).abs().max() < 5e-3 * want.abs().max()

@@ -18,7 +18,7 @@ from test_export_support import CHATS, trained_chat_run  # noqa: E402
 from qlora_engine.errors import QLoRAError
 from qlora_engine.generate import ChatModel, GenerationSettings
 
-GREEDY = GenerationSettings(temperature=0, max_new_tokens=24)
+GREEDY = GenerationSettings(temperature=0, max_new_tokens=16)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_tuned_model_answers_trained_prompts_and_stops_at_eos(chat):
         tuned = chat.generate(question, GREEDY)
         assert tuned.text == answer and tuned.finish_reason == "eos", (question, tuned)
         assert tuned.token_ids and chat.tokenizer.eos_token_id not in tuned.token_ids
-        base = chat.generate(question, GREEDY, adapter=False)
+        base = chat.generate(question, GenerationSettings(temperature=0, max_new_tokens=10), adapter=False)
         assert base.text != answer and base.finish_reason == "length"  # the untuned model neither answers nor stops
 
 
