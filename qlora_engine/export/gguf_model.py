@@ -62,7 +62,8 @@ SUPPORTED = {
 def arch_spec(config: Any) -> ArchSpec:
     """The GGUF layout of a model config, or a clear "not supported yet" error."""
     archs = getattr(config, "architectures", None) or []
-    arch = archs[0] if archs else type(config).__name__
+    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    arch = archs[0] if archs else by_type.get(getattr(config, "model_type", ""), type(config).__name__)
     spec = SUPPORTED.get(arch)
     if spec is None:
         raise ModelError(

@@ -354,3 +354,30 @@ def test_sentencepiece_style_vocabulary_llama2_mistral(tmp_path):
     with torch.no_grad():
         got, want = model(ids).logits, tuned(ids).logits
     assert (got - want).abs().max() < 5e-3 * want.abs().max()
+
+
+def test_llama3_rope_scaling_is_written_as_llama_cpp_rope_freqs():
+    """Llama 3.1/3.2 scale RoPE per frequency; llama.cpp divides its frequencies by the rope_freqs tensor."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from qlora_engine.export.gguf_model import llama3_rope_factors
+
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=1024, rope_parameters=rope)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    np.testing.assert_allclose(llama3_rope_factors(config), (plain / scaled).numpy(), rtol=1e-5)
+    spec = arch_spec(config)
+    plan = plan_model_tensors(spec, config, [], "f16")
+    assert [t.name for t in plan] == ["rope_freqs.weight"]
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}
+    with pytest.raises(ModelError, match="longrope"):
+        arch_spec(config)
