@@ -85,7 +85,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return text
 
     if args.prompt is not None:
-        turn([{"role": "user", "content": args.prompt}])
+        try:
+            turn([{"role": "user", "content": args.prompt}])
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+            return 130
         return 0
     interactive = sys.stdin.isatty()
     if interactive:

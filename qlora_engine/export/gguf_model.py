@@ -186,11 +186,18 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], out_type: str) -> gguf.G
     return qtype
 
 
-def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+def encode(data: np.ndarray, qtype: gguf.GGMLQuantizationType, name: str = "") -> np.ndarray:
     if qtype == gguf.GGMLQuantizationType.F32:
         return data.astype(np.float32, copy=False)
     if qtype == gguf.GGMLQuantizationType.F16:
-        return data.astype(np.float16)
+        with np.errstate(over="ignore"):
+            out = data.astype(np.float16)
+        if not np.isfinite(out).all() and np.isfinite(data).all():
+            raise ModelError(
+                f"GGUF export: {name} has weights beyond float16's range (+-65504); an F16 file would hold infinities.",
+                hint="Export Q8_0 only (--gguf-types q8_0), whose blocks keep their own scale.",
+            )
+        return out
     return gguf.quants.quantize(data.astype(np.float32, copy=False), qtype)
 
 
@@ -259,7 +266,7 @@ def write_gguf(
         for i, t in enumerate(plan):
             if should_stop is not None and should_stop():
                 raise ExportCancelled("export cancelled; nothing was written.")
-            data = encode(t.load(), t.qtype)
+            data = encode(t.load(), t.qtype, t.name)
             w.write_tensor_data(data)
             if progress is not None:
                 progress(i + 1, len(plan), t.name)

@@ -381,3 +381,13 @@ def test_llama3_rope_scaling_is_written_as_llama_cpp_rope_freqs():
     config.rope_parameters = {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}
     with pytest.raises(ModelError, match="longrope"):
         arch_spec(config)
+
+
+def test_f16_refuses_weights_it_cannot_hold():
+    from qlora_engine.export.gguf_model import encode
+
+    big = np.full((2, 32), 1e6, dtype=np.float32)
+    with pytest.raises(ModelError, match="float16's range"):
+        encode(big, gguf.GGMLQuantizationType.F16, "blk.0.ffn_down.weight")
+    q = encode(big, gguf.GGMLQuantizationType.Q8_0)
+    np.testing.assert_allclose(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0), big, rtol=1e-3)
