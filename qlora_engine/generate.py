@@ -89,7 +89,6 @@ class _Stream:
         self.ids: list[int] = []
         self.emitted = ""
         self.finish_reason: str | None = None
-        self.t0 = time.perf_counter()
         self.elapsed = 0.0
 
     @property
@@ -103,7 +102,8 @@ class _Stream:
         with self.chat.adapter_enabled(self.adapter):
             kw = {self.chat.cache_arg: self.cache}
             out = self.chat.model(input_ids=self.next_input, use_cache=True, logits_to_keep=1, **kw)
-        self.cache = getattr(out, self.chat.cache_arg, None)
+        cache = getattr(out, self.chat.cache_arg, None)
+        self.cache = cache if cache is not None else getattr(out, "past_key_values", None)
         token = _sample(out.logits[0, -1], self.settings, self.generator)
         self.elapsed += time.perf_counter() - t
         if token in self.chat.stop_ids:
