@@ -60,12 +60,13 @@ class _StatusSink:
         self._emit = emit
 
     def emit(self, event: Event) -> None:
-        if isinstance(event, PhaseChanged):
-            self._emit(
-                {"loading_model": "Loading the model in 4 bit …", "resolving": "Finding the base model …"}.get(
-                    event.phase, ""
-                )
-            )
+        text = {
+            "resolving": "Finding the base model …",
+            "converting": "Converting the GGUF base model once (cached afterwards) …",
+            "loading_model": "Loading the model in 4 bit …",
+        }.get(getattr(event, "phase", ""))
+        if isinstance(event, PhaseChanged) and text:
+            self._emit(text)
 
     def close(self) -> None:
         pass
