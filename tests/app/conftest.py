@@ -102,6 +102,10 @@ def make_window(qtbot, studio_home):
         w._close_after_run = False
         w.close()
         w.deleteLater()
+    # destroy the windows now, not during the next test's event loop (a probe would see it)
+    from PySide6.QtCore import QCoreApplication, QEvent
+
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
 
 
 @pytest.fixture
