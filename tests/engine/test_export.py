@@ -252,3 +252,20 @@ def test_cli_export_refuses_an_existing_folder_then_replaces_it_with_force(chat_
     assert "already exists" in err and "--force" in err
     assert main(["export", str(chat_run), "--format", "adapter", "--out", str(out), "--force"]) == 0
     assert main(["export", str(tmp_path / "nope"), "--format", "adapter", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_exports_carry_the_chat_template_the_run_trained_with(chat_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    info = load_run(chat_run)
+    info.config = apply_overrides(info.config, [f"data.chat_template={template}"])
+    assert info.config.data.chat_template == template
+    out = export(info, "adapter", tmp_path / "adapter")
+    assert AutoTokenizer.from_pretrained(out).chat_template == template
+    # without an override, the tokenizer's own template (the one the data went through) is kept
+    plain = export(chat_run, "adapter", tmp_path / "plain")
+    assert (
+        AutoTokenizer.from_pretrained(plain).chat_template
+        == AutoTokenizer.from_pretrained(chat_run / "adapter").chat_template
+    )
