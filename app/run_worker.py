@@ -51,6 +51,22 @@ def engine_command(
     return cmd
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill the engine and anything it started (its own process group on POSIX)."""
+    if os.name == "posix":
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # start_new_session made its pid the group id
+            return
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        proc.kill()
+    except ProcessLookupError:
+        pass
+
+
 class RunWorker(QObject):
     """Lives in its own QThread; ``run()`` owns the child process from start to exit.
 
@@ -132,7 +148,7 @@ class RunWorker(QObject):
             self.proc = proc
             aborted = self._aborted
         if aborted:
-            proc.kill()
+            _kill_tree(proc)
         self.started.emit(proc.pid)
         log = open(self.log_path, "a", encoding="utf-8") if self.log_path else None  # noqa: SIM115
         err_thread = threading.Thread(target=self._drain_stderr, args=(proc, log), name="engine-stderr", daemon=True)
@@ -195,7 +211,7 @@ class RunWorker(QObject):
             self._aborted = True
             proc = self.proc
         if proc is not None and proc.poll() is None:
-            proc.kill()
+            _kill_tree(proc)
 
     @property
     def pid(self) -> int | None:
