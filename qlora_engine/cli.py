@@ -151,7 +151,21 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"config: {config_path}", file=sys.stderr)
     done = run(cfg, TextSink(sys.stderr), resume=True if (cfg.output_dir / "checkpoints").exists() else None)
     print(f"\ndone: adapter in {done.adapter_dir}; train more with: qlora-engine train {config_path} --resume", file=sys.stderr)
+    if args.compare:
+        _show_before_after(cfg.output_dir, "What is the colour of grass?")
     return 0
+
+
+def _show_before_after(run_dir: Path, question: str) -> None:
+    """The base model's and the tuned model's answer to a question the training data did not hold."""
+    from qlora_engine.generate import ChatModel, GenerationSettings
+
+    print(f"\nasking both models (greedy): {question}", file=sys.stderr)
+    chat = ChatModel.load(run_dir)
+    answers = chat.compare(question, GenerationSettings(max_new_tokens=32, temperature=0))
+    chat.close()
+    for side in ("base", "tuned"):
+        print(f"  {side:>5}: {answers[side].text.strip()}", file=sys.stderr)
 
 
 # -- the parser ------------------------------------------------------------------------------------
@@ -192,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("quickstart", help="download the 135M demo model and train a short run on sample data")
     s.add_argument("--output-dir", default="runs/quickstart")
     s.add_argument("--steps", type=int, default=30)
+    s.add_argument("--no-compare", dest="compare", action="store_false", help="skip the before/after answers")
     s.set_defaults(func=cmd_quickstart)
 
     # Subcommands of other modules register here (one line each).
