@@ -74,33 +74,6 @@ def compute_budget(cfg: TrainConfig, gpu: gpu_facts.GpuInfo | None, data_stats: 
     return {"estimate": est, "advice": advice, "gpu_bytes": gpu_bytes, "help": help_text}
 
 
-class WrappingButton(QPushButton):
-    """A push button whose text wraps (a suggestion is a sentence, the panel is narrow)."""
-
-    def __init__(self, text: str, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.label = QLabel(text, self)
-        self.label.setWordWrap(True)
-        self.label.setAttribute(Qt.WidgetAttribute.WA_TransparentForMouseEvents)
-        lay = QHBoxLayout(self)
-        lay.setContentsMargins(8, 5, 8, 5)
-        lay.addWidget(self.label)
-        self.setAccessibleName(text)
-
-    def text(self) -> str:  # noqa: D102 - the wrapped label holds the text
-        return self.label.text()
-
-    def sizeHint(self):  # noqa: N802 - Qt's name
-        hint = super().sizeHint()
-        width = max(self.width(), 200)
-        hint.setHeight(self.label.heightForWidth(width - 16) + 12)
-        return hint
-
-    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt's name
-        super().resizeEvent(event)
-        self.setMinimumHeight(self.label.heightForWidth(max(self.width() - 16, 50)) + 12)
-
-
 class StackedBar(QWidget):
     """One horizontal bar of components (bytes) with the card's capacity marked."""
 
@@ -167,6 +140,7 @@ class BudgetPanel(QFrame):
         self.error: str | None = None
         self.gpus: list[gpu_facts.GpuInfo] = []
         self.suggestion_buttons: list[QPushButton] = []
+        self._suggestion_cards: list[QFrame] = []
         self.setMinimumWidth(290)
         self.setMaximumWidth(380)
 
@@ -309,15 +283,26 @@ class BudgetPanel(QFrame):
                 item.widget().deleteLater()
 
     def _set_suggestions(self, suggestions: list[Any]) -> None:
-        for b in self.suggestion_buttons:
-            b.deleteLater()
+        """One card per suggestion: the sentence (wrapped: the panel is narrow) and an Apply button."""
+        for card in self._suggestion_cards:
+            card.deleteLater()
+        self._suggestion_cards = []
         self.suggestion_buttons = []
         for s in suggestions:
-            b = WrappingButton(s.description)
-            b.setObjectName("suggestion")
+            card = QFrame()
+            card.setObjectName("suggestion")
+            lay = QHBoxLayout(card)
+            lay.setContentsMargins(8, 6, 6, 6)
+            text = QLabel(s.description)
+            text.setWordWrap(True)
+            b = QPushButton("Apply")
             b.setToolTip("Apply: " + ", ".join(s.overrides))
+            b.setAccessibleName(f"Apply: {s.description}")
             b.clicked.connect(lambda _=False, o=list(s.overrides): self.apply(o))
-            self.suggest_box.addWidget(b)
+            lay.addWidget(text, 1)
+            lay.addWidget(b, 0, Qt.AlignmentFlag.AlignVCenter)
+            self.suggest_box.addWidget(card)
+            self._suggestion_cards.append(card)
             self.suggestion_buttons.append(b)
         self.suggest_title.setVisible(bool(suggestions))
 

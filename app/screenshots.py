@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     w.show_page("data")
     wait(lambda: w.data_page.report is not None and bool(w.data_page.report.get("lengths")))
     shot("2-data")
+    w.data_page.scroll.ensureWidgetVisible(w.data_page.histogram, 0, 40)
+    shot("2b-data-lengths")
     w.show_page("adapter")
     shot("3-adapter")
     w.show_page("training")
