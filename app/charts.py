@@ -101,7 +101,7 @@ class RunCharts(QWidget):
         legend = plot.legend
         if legend is None:
             return
-        listed = any(item is curve for item, _label in legend.items)
+        listed = any(getattr(sample, "item", sample) is curve for sample, _label in legend.items)
         if has_data and not listed:
             legend.addItem(curve, curve.opts["name"])
         elif not has_data and listed:

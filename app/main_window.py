@@ -143,6 +143,8 @@ class MainWindow(QMainWindow):
         m.path_changed.connect(lambda *_: self._update_title())
         m.errors_changed.connect(self.update_run_summary)
 
+        self.runs.controller.state_changed.connect(self._update_side_panel)
+        self.runs.run_started.connect(self._update_side_panel)
         self._build_menus()
         if demo_model == "find":
             from qlora_engine.demo import find_demo_model
@@ -240,9 +242,7 @@ class MainWindow(QMainWindow):
             return
         self.stack.setCurrentIndex(row)
         key = PAGES[row][0]
-        idle_run_page = key == "run" and self.runs.controller.state == "idle" and self.runs.replaying is None
-        configuring = key in CONFIG_PAGES or idle_run_page
-        self.budget.setVisible(configuring)
+        self._update_side_panel()
         self.flow_bar.setVisible(key in CONFIG_PAGES)
         self.back_button.setEnabled(row > 0)
         self.next_button.setText("Go to Run →" if key == "training" else "Next →")
@@ -250,6 +250,12 @@ class MainWindow(QMainWindow):
             self.update_run_summary()
         if key == "history":
             self.history.refresh()
+
+    def _update_side_panel(self, *_args) -> None:
+        """The budget panel is in view while configuring (and on a run page with nothing to show yet)."""
+        key = self.current_page
+        idle_run_page = key == "run" and self.runs.controller.state == "idle" and self.runs.replaying is None
+        self.budget.setVisible(key in CONFIG_PAGES or idle_run_page)
 
     def _step(self, delta: int) -> None:
         self.nav.setCurrentRow(max(0, min(self.nav.currentRow() + delta, len(PAGES) - 1)))

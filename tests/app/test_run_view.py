@@ -71,6 +71,10 @@ def test_normal_run_draws_every_step(qtbot, window, tmp_path, events_dir):
     assert "finished at step 12" in log and "replay engine: starting" in log
     assert window.runs.dialog is None
     assert window.current_page == "run"
+    assert window.budget.isHidden()  # the run page shows the run, not the configuration
+    view.charts.draw(view.record, force=True)
+    assert [label.text for _, label in view.charts.loss.legend.items] == ["train loss"]  # no eval in this run
+    assert view.charts.vram.legend.items == []  # a CPU run: no memory series
 
 
 def test_out_of_memory_shows_one_error_dialog(qtbot, window, tmp_path, events_dir):
