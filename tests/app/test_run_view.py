@@ -17,6 +17,7 @@ from PySide6.QtWidgets import QApplication
 
 from app.history import scan, summarize
 from app.run_record import RunRecord
+from qlora_engine.config import TrainConfig
 from qlora_engine.events import RunFailed, StepMetrics, read_events
 
 REPLAY = Path(__file__).with_name("replay_engine.py")
@@ -191,7 +192,19 @@ def test_history_lists_runs_and_redraws_one(qtbot, window, tmp_path, events_dir)
     xs, _ = window.run_view.charts.curves["train loss"].getData()
     assert len(xs) == 12
     assert "from history" in window.run_view.title.text()
-    # overlay two runs' loss curves
+    # overlay the runs' loss curves
     window.history.table.selectAll()
     window.history.compare_button.click()
     assert window.run_view.charts.overlay_count == 3
+    # a finished run's configuration goes back into the form, pointed at a fresh folder
+    started = RunRecord.from_dir(runs / "normal").started
+    TrainConfig.from_dict(started.config).save(runs / "normal" / "config.yaml")
+    window.show_page("history")
+    window.history.table.clearSelection()
+    window.history.select_path(runs / "normal")
+    assert window.history.load_button.isEnabled()
+    window.history.load_button.click()
+    cfg = window.config_model.config
+    assert cfg.train.max_steps == started.config["train"]["max_steps"]
+    assert cfg.output.dir == str(runs / "normal-2")
+    assert window.current_page == "model"
