@@ -309,33 +309,11 @@ def test_smollm2_gguf_export_from_a_gguf_only_base(smollm2_gguf, smollm2_dir, tm
 
 def test_sentencepiece_style_vocabulary_llama2_mistral(tmp_path):
     """Llama 2 / Mistral 7B / TinyLlama tokenizers: BPE with byte fallback, written as llama.cpp's 'llama' vocabulary."""
-    from tiny import CORPUS
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from test_export_support import spm_llama, spm_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spm = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    spm.decoder = decoders.Sequence(
-        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    spm.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=420, special_tokens=pieces, show_progress=False))
-    spm.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        initializer_range=0.1,
-    )
-    run_dir, tuned = fake_run(tmp_path, LlamaForCausalLM(config), tok, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    tok = spm_tokenizer()
+    run_dir, tuned = fake_run(tmp_path, spm_llama(tok), tok, ["q_proj", "k_proj", "v_proj", "o_proj"])
     out = export(run_dir, "gguf", tmp_path / "gguf", gguf_types=["f16"], gguf_lora=False)
     r = gguf.GGUFReader(str(out / "run-f16.gguf"))
     assert field(r, "tokenizer.ggml.model") == "llama" and "tokenizer.ggml.merges" not in r.fields

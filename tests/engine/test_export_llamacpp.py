@@ -148,3 +148,23 @@ def test_llama_cpp_runs_the_smollm2_export(probe, smollm2_gguf, smollm2_dir, tmp
     delta_cpp, delta_peft = lora_q4 - plain_q4, want - want_base
     cos = torch.nn.functional.cosine_similarity(delta_cpp, delta_peft, dim=0)
     assert cos > 0.9 and delta_peft.abs().max() > 0.5
+
+
+def test_llama_cpp_reads_the_sentencepiece_style_vocabulary(probe, tmp_path):
+    """Llama 2 / Mistral-style vocabularies: llama.cpp merges by our scores into the same tokens."""
+    from test_export_gguf import fake_run
+    from test_export_support import spm_llama, spm_tokenizer
+
+    tok = spm_tokenizer()
+    run_dir, tuned = fake_run(tmp_path, spm_llama(tok), tok, ["q_proj", "v_proj"])
+    out = export(run_dir, "gguf", tmp_path / "gguf", gguf_types=["f16"])
+    # (Leading spaces are left out: Hugging Face's Metaspace and sentencepiece disagree there, by design.)
+    for text in (
+        "The quick brown fox jumps over the lazy dog.",
+        "naïve 123 ✓ Bonjour.",
+        "What is the capital of France?",
+    ):
+        got = run_probe(probe, out / "run-f16.gguf", text=text)
+        assert got["tokens"] == tok(text)["input_ids"], text
+    want = last_logits(tuned, got["tokens"])
+    assert (torch.tensor(got["logits"]) - want).abs().max() < 5e-3 * want.abs().max()
