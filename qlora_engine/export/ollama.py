@@ -176,6 +176,14 @@ def stop_tokens(fmt: TurnFormat | None, tokenizer: Any) -> list[str]:
     return stops
 
 
+def _adds_bos(tokenizer: Any) -> bool:
+    try:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:
+        return False
+    return bool(ids) and ids[0] == getattr(tokenizer, "bos_token_id", None)
+
+
 def modelfile(
     model_file: str, tokenizer: Any, template: str | None, *, name: str, adapter_file: str | None = None
 ) -> tuple[str, list[str]]:
@@ -195,6 +203,9 @@ def modelfile(
             )
 
         fmt = derive_turn_format(render, bos)
+        if fmt is not None and bos and fmt.lead == bos and _adds_bos(tokenizer):
+            # The runtime tokenizer adds BOS itself (tokenizer.ggml.add_bos_token): writing it again would double it.
+            fmt.lead = ""
         if fmt is None:
             warnings.append(
                 "the chat template could not be rewritten as an Ollama (Go) template; the Modelfile has no TEMPLATE "

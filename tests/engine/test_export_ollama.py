@@ -207,10 +207,19 @@ def test_a_template_that_folds_the_system_text_into_a_user_turn_gets_no_template
 class FakeTokenizer:
     """Just what the Modelfile writer asks of a tokenizer; rendering goes through our compiled templates."""
 
-    def __init__(self, template: str, bos: str, eos: str, specials: list[str]) -> None:
+    def __init__(self, template: str, bos: str, eos: str, specials: list[str], adds_bos: bool = False) -> None:
         self.render = jinja(template, bos, eos)
+        self.adds_bos = adds_bos
         self.bos_token, self.eos_token = bos, eos
         self.all_special_tokens = specials
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [ord(c) for c in text]
+        return {"input_ids": ([0] if add_special_tokens and self.adds_bos else []) + ids}
+
+    @property
+    def bos_token_id(self) -> int:
+        return 0
 
     def get_added_vocab(self) -> dict[str, int]:
         return {t: i for i, t in enumerate(self.all_special_tokens)}
@@ -233,6 +242,10 @@ def test_modelfile_lines_and_stop_tokens():
     assert text.count('TEMPLATE """') == 1 and text.rstrip().endswith('"')
     stops = [json.loads(line.split(" ", 2)[2]) for line in lines if line.startswith("PARAMETER stop ")]
     assert stops[:2] == ["<|end_of_text|>", "<|eot_id|>"] and "<|start_header_id|>" in stops
+    assert '{{- "<|begin_of_text|>" }}' in text  # the template writes BOS, the tokenizer does not add one
+    tok.adds_bos = True
+    text_bos, _ = modelfile("m-q8_0.gguf", tok, LLAMA3_LIKE, name="m")
+    assert "<|begin_of_text|>" not in text_bos.split("PARAMETER")[0]  # the runtime adds BOS: not twice
 
     tok2 = FakeTokenizer(LLAMA2_LIKE, "<s>", "</s>", ["<s>", "</s>"])
     text2, warnings2 = modelfile("m.gguf", tok2, LLAMA2_LIKE, name="m")
