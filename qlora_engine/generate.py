@@ -190,7 +190,7 @@ class ChatModel:
         from qlora_engine import models
         from qlora_engine.data.encode import resolve_template
         from qlora_engine.events import PhaseChanged
-        from qlora_engine.export.source import load_run, resolve_base
+        from qlora_engine.export.source import load_run, resolve_base, tokenizer_dir
 
         info = load_run(source)
         cfg = info.config
@@ -199,7 +199,7 @@ class ChatModel:
         dtype = models.pick_compute_dtype(cfg.quant.compute_dtype, dev)
         emit(PhaseChanged(phase="resolving", detail=cfg.model.ref))
         folder = resolve_base(info, sink=sink)
-        tokenizer = models.load_tokenizer(info.adapter_dir, trust_remote_code=cfg.model.trust_remote_code)
+        tokenizer = models.load_tokenizer(tokenizer_dir(info), trust_remote_code=cfg.model.trust_remote_code)
         emit(PhaseChanged(phase="loading_model", detail=f"{folder} in 4-bit {cfg.quant.quant_type} on {dev}"))
         base = models.load_quantized_model(cfg, folder, dev, dtype)
         model = PeftModel.from_pretrained(base, str(info.adapter_dir), is_trainable=False)

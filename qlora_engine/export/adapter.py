@@ -15,7 +15,7 @@ from typing import Any
 from qlora_engine.checkpoint import write_atomic_folder
 from qlora_engine.export.card import build_card, write_card
 from qlora_engine.export.common import Reporter, adapter_b_stats, check_output, copy_files, untrained_note
-from qlora_engine.export.source import RunInfo, is_hub_id
+from qlora_engine.export.source import RunInfo, is_hub_id, tokenizer_dir
 
 
 def training_template(info: RunInfo, tokenizer: Any) -> str | None:
@@ -73,7 +73,8 @@ def export_adapter(
     if note := untrained_note(stats):
         notes.append(note)
         rep.log(note, "warning")
-    tokenizer = AutoTokenizer.from_pretrained(info.adapter_dir)
+    tok_dir = tokenizer_dir(info)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     template = training_template(info, tokenizer)
     if not info.has_config:
         notes.append("no config.yaml was found with this adapter, so the hyperparameters below are not the run's.")
@@ -81,14 +82,18 @@ def export_adapter(
 
     def write(tmp: Path) -> None:
         rep.phase("adapter: copying the adapter and tokenizer")
-        copy_files(info.adapter_dir, tmp, skip={"README.md", "config.yaml"})
+        # A checkpoint folder also holds the trainer's state: only the adapter and tokenizer files go out.
+        copy_files(
+            info.adapter_dir, tmp, skip={"README.md", "config.yaml", "trainer_state.json", "qlora_checkpoint.json"}
+        )
         acfg = json.loads((tmp / "adapter_config.json").read_text(encoding="utf-8"))
         if is_hub_id(info.config.model.ref) and acfg.get("base_model_name_or_path") != info.config.model.ref:
             # Name the base by its hub id, so the adapter loads on another machine too.
             acfg["base_model_name_or_path"] = info.config.model.ref
             (tmp / "adapter_config.json").write_text(json.dumps(acfg, indent=2), encoding="utf-8")
-        if template and template != getattr(tokenizer, "chat_template", None):
-            tokenizer.chat_template = template
+        if tok_dir != info.adapter_dir or (template and template != getattr(tokenizer, "chat_template", None)):
+            if template:
+                tokenizer.chat_template = template
             tokenizer.save_pretrained(tmp)
         if cfg_file is not None:
             shutil.copy2(cfg_file, tmp / "config.yaml")

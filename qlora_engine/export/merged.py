@@ -19,7 +19,7 @@ from qlora_engine.errors import ModelError
 from qlora_engine.export.adapter import config_source, training_template, usage_snippet
 from qlora_engine.export.card import build_card, write_card
 from qlora_engine.export.common import Reporter, adapter_b_stats, check_output, untrained_note
-from qlora_engine.export.source import RunInfo, base_origin, resolve_base
+from qlora_engine.export.source import RunInfo, base_origin, resolve_base, tokenizer_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -121,7 +121,7 @@ def load_export_tokenizer(info: RunInfo) -> Any:
     """The tokenizer the run trained with, carrying the chat template its data went through."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(info.adapter_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(info))
     template = training_template(info, tok)
     if template:
         tok.chat_template = template

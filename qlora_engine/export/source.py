@@ -193,6 +193,16 @@ def resolve_base(info: RunInfo, *, sink: Any = None) -> Path:
     )
 
 
+def tokenizer_dir(info: RunInfo, *, sink: Any = None) -> Path:
+    """Where the run's tokenizer is: the adapter folder (final adapters carry it), the run's final
+    adapter (a checkpoint folder has none), or the base model's folder."""
+    candidates = [info.adapter_dir] + ([info.run_dir / "adapter"] if info.run_dir else [])
+    for folder in candidates:
+        if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
+            return folder
+    return resolve_base(info, sink=sink)
+
+
 def base_origin(folder: Path) -> dict[str, Any]:
     """Where the base folder's weights came from: {'kind': 'safetensors'|'gguf'|'prequantized', ...}."""
     source = folder / "qlora_source.json"

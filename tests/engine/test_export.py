@@ -218,6 +218,10 @@ def test_sources_run_adapter_checkpoint_and_exported_adapter(chat_run, tmp_path)
     for src in (chat_run, chat_run / "adapter", ckpt):
         info = load_run(src)
         assert info.run_dir == chat_run and info.has_config and info.facts.finished
+    from_ckpt = export(ckpt, "adapter", tmp_path / "from-checkpoint")  # a checkpoint has no tokenizer of its own
+    names = {p.name for p in from_ckpt.iterdir()}
+    assert {"adapter_model.safetensors", "tokenizer.json", "config.yaml"} <= names
+    assert not names & {"optimizer.pt", "rng.pt", "scheduler.pt", "trainer_state.json", "qlora_checkpoint.json"}
     exported = export(chat_run, "adapter", tmp_path / "exp")
     info = load_run(exported)
     assert (

@@ -104,6 +104,7 @@ def test_cli_chat_one_prompt_compare_and_stdin(chat_run, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.index("--- base ---") < out.index("--- tuned ---") < out.index("Paris.")
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{CHATS[1][0]}\n/reset\n\n{CHATS[2][0]}\n/quit\nignored\n"))
-    assert main(["chat", str(chat_run / "adapter"), "--temperature", "0"]) == 0
+    checkpoint = sorted((chat_run / "checkpoints").iterdir())[-1]  # no tokenizer there: the run's is used
+    assert main(["chat", str(checkpoint), "--temperature", "0"]) == 0
     assert capsys.readouterr().out.splitlines() == [CHATS[1][1], CHATS[2][1]]
     assert main(["chat", str(chat_run.parent / "missing")]) == 2
