@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     wait(lambda: not w.runs.running, timeout_s=900)
     w.run_view.redraw()
     shot("5-run")
+    w.show_page("result")
+    shot("6-try-export")
     w.show_page("history")
     wait(lambda: bool(w.history.runs), timeout_s=30)
     shot("7-history")
