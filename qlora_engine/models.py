@@ -208,7 +208,7 @@ def remote_code_error(ref: str) -> ModelError:
     )
 
 
-def _module_names(config: Any, trust_remote_code: bool) -> tuple[int, list[str], list[str], list[str], int]:
+def _module_names(config: Any, trust_remote_code: bool) -> tuple[str, int, list[str], list[str], list[str], int]:
     """Build the model on the meta device (no memory, no weights) to list its linear layers."""
     from transformers import AutoModelForCausalLM
 
@@ -228,7 +228,7 @@ def _module_names(config: Any, trust_remote_code: bool) -> tuple[int, list[str],
                 mlp.append(short)
     n_params = sum(p.numel() for p in model.parameters())
     layers = _decoder_layers(model)
-    return n_params, linear, attn, mlp, len(layers) if layers is not None else 0
+    return type(model).__name__, n_params, linear, attn, mlp, len(layers) if layers is not None else 0
 
 
 def _decoder_layers(model: torch.nn.Module):
@@ -270,8 +270,10 @@ def inspect_model(ref: str, *, trust_remote_code: bool = False, revision: str | 
         problems.append("weights are only in pickle files (.bin/.pt); QLoRA Studio loads safetensors or GGUF only")
     elif fmt == "none":
         problems.append("no weight files (*.safetensors) in the folder")
+    # A GGUF file's config names no architecture class: the class built from it does.
+    arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     try:
-        n_params, linear, attn, mlp, n_layers = _module_names(config, trust_remote_code)
+        arch, n_params, linear, attn, mlp, n_layers = _module_names(config, trust_remote_code)
     except Exception as e:  # an architecture transformers cannot build: still report what we know
         problems.append(f"could not build the architecture to list its layers: {e}")
         n_params, linear, attn, mlp = 0, [], [], []
@@ -280,7 +282,7 @@ def inspect_model(ref: str, *, trust_remote_code: bool = False, revision: str | 
     return ModelInfo(
         ref=ref,
         local_path=str(local) if local else None,
-        architecture=(getattr(config, "architectures", None) or [type(config).__name__])[0],
+        architecture=arch,
         model_type=getattr(config, "model_type", "unknown"),
         num_parameters=n_params,
         num_layers=n_layers,

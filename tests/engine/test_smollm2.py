@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
 def test_gguf_inspects_without_converting(smollm2_gguf):
     info = inspect_model(str(smollm2_gguf))
     assert info.model_type == "llama" and info.num_layers == 30 and info.hidden_size == 576
+    assert info.architecture == "LlamaForCausalLM"
     assert info.has_chat_template and info.weights_format == "gguf"
     assert 130e6 < info.num_parameters < 140e6
 
