@@ -7,9 +7,11 @@ gradients and optimizer state, activations, logits and loss, CUDA context, alloc
 :func:`fit` finds the largest micro-batch and sequence length for a card and the single
 changes that make an over-budget run fit.
 
-Modules: ``spec`` (model facts from config.json), ``formulas`` (byte counts, each argued from
-the code of bitsandbytes, peft, transformers and torch), ``estimate`` (the breakdown),
-``fit`` (search and suggestions), ``units`` (GPU sizes), ``cli`` (``qlora-engine estimate``).
+Modules: ``spec`` (model facts from config.json), ``formulas`` (what autograd keeps, each byte
+count argued from the code of bitsandbytes, peft, transformers, torch and liger-kernel),
+``timeline`` (one block replayed tensor by tensor: where the peaks are), ``kernels`` (whether
+the run gets Liger Kernel's fused kernels), ``estimate`` (the breakdown), ``fit`` (search and
+suggestions), ``units`` (GPU sizes), ``cli`` (``qlora-engine estimate``).
 """
 
 from qlora_engine.budget.cli import add_cli, estimate_main

@@ -82,6 +82,8 @@ def render(est: Any, advice: Any = None) -> str:
         f"checkpointing {'on' if d['gradient_checkpointing'] else 'off'}, "
         f"{d['lora_parameters']:,} LoRA parameters"
     )
+    if d.get("kernels"):
+        lines.append(f"kernels: {d['kernels']} ({d.get('kernels_reason', '')})")
     width = max(len(k) for k in est.components)
     for name, value in est.components.items():
         share = value / est.total if est.total else 0
@@ -99,7 +101,8 @@ def render(est: Any, advice: Any = None) -> str:
     if est.approximate:
         lines.append("approximate: " + "; ".join(est.reasons))
     for note in est.notes:
-        lines.append(f"note: {note}")
+        if not note.startswith("kernels: "):  # shown above
+            lines.append(f"note: {note}")
     if advice is not None:
         lines.append(
             f"largest micro-batch that fits: {advice.max_micro_batch_size}; "

@@ -3,21 +3,27 @@
 The peak of a QLoRA step is one of a few moments, and the estimate computes each:
 
 * ``loss_backward``: the backward of the cross-entropy, when the fp32 log-softmax and its two
-  gradients exist together (the peak of large-vocabulary models; the trainer has already
-  dropped the compute-dtype logits);
-* ``loss_forward``: the forward of the loss (the logits, their fp32 copy and the log-softmax);
-* ``block_backward``: a decoder block's backward, with that block's saved activations
-  (recomputed, under gradient checkpointing) and the backward's temporaries;
+  gradients exist together (the peak of large-vocabulary models without fused kernels; the
+  trainer has already dropped the compute-dtype logits);
+* ``loss_forward``: the forward of the loss (the logits, their fp32 copy and the log-softmax;
+  with Liger's fused linear + cross-entropy, one chunk of logits);
+* ``block_backward``: a decoder block's backward; under gradient checkpointing it begins by
+  recomputing the block's forward, whose LoRA temporaries are the peak of a Liger run
+  (``timeline`` replays a block tensor by tensor);
+* ``block_forward``: a block's forward without checkpointing, with every lower block's
+  saved tensors alive;
 * ``optimizer_step``: the optimizer's update (only torch's AdamW has temporaries).
 
-What is alive at every moment (weights, LoRA weights and gradients, optimizer state) is
-added to the largest. ``total`` is what the process needs on the card: the peak that torch's
-caching allocator reserves, the CUDA context outside it, and the paged optimizer state that
-lives in managed memory (and can move to CPU RAM).
+What is alive at every moment (weights, LoRA weights, resident optimizer state) is added to
+the largest, with the LoRA gradients that exist at that moment (none before the first
+backward of a step unless micro-batches accumulate). ``total`` is what the process needs on
+the card: the peak that torch's caching allocator reserves, the CUDA context outside it, and
+the paged optimizer state that lives in managed memory (and can move to CPU RAM).
 
-What the caching allocator reserves beyond what is allocated depends on its mode, which the
-estimate reads from the environment the way the engine will run (:func:`allocator_mode`):
-the engine turns on expandable segments unless ``PYTORCH_CUDA_ALLOC_CONF`` is set.
+Which code runs is read the way the engine will decide it: fused Liger kernels for 'auto'
+when liger-kernel is installed and the architecture is supported (``kernels``), and the
+caching allocator's mode from the environment (:func:`allocator_mode`; the engine turns on
+expandable segments unless ``PYTORCH_CUDA_ALLOC_CONF`` is set).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qlora_engine.budget import formulas as fm
+from qlora_engine.budget import timeline as tl
+from qlora_engine.budget.kernels import LIGER_MODEL_TYPES, KernelChoice, resolve_kernels
 from qlora_engine.budget.spec import LinearShape, ModelSpec, spec_from_config, spec_from_ref
 from qlora_engine.config import LORA_PRESETS, TrainConfig, parse_layers, validate
 from qlora_engine.errors import ConfigError
@@ -42,14 +50,20 @@ CALIBRATION: dict[str, Any] = {
     # Memory the CUDA driver holds for the process outside torch's allocator: the context and
     # the kernel modules loaded so far (torch, cuBLAS, flash attention, bitsandbytes).
     "cuda_context": 640 * MiB,
+    # cuBLAS's workspaces, which torch takes from its caching allocator: one per thread that
+    # runs matmuls (the training thread and autograd's device thread), 32 MiB each on Hopper.
+    # Measured as the intercept of peak allocated against the formulas on the H200 points below
+    # (62-73 MB with and without Liger).
+    "cublas_workspace": 64 * MiB,
     # Reserved minus allocated, by allocator mode: fixed + fragmentation x (the peak's dynamic
     # part: activations, logits and loss, transients) + logits_fragmentation x 4TV when the
     # loss is the peak. "measured": whether the numbers were fitted on a card.
     "allocator": {
         "fixed_segments": {
             "measured": True,
-            # cuBLAS/cuBLASLt workspaces and partly used 2 MiB small-pool segments.
-            "fixed": 96 * MiB,
+            # Partly used 2 MiB small-pool segments (cuBLAS's workspaces, in the first fit, are
+            # now counted as allocated: CALIBRATION["cublas_workspace"]).
+            "fixed": 32 * MiB,
             # Blocks the caching allocator keeps but cannot reuse, as a share of the dynamic part.
             "fragmentation": 0.02,
             # Without expandable segments the allocator holds about this many extra
@@ -66,16 +80,26 @@ CALIBRATION: dict[str, Any] = {
             ),
         },
         "expandable_segments": {
-            "measured": False,
-            # NOT YET MEASURED: a conservative allowance. Expandable segments grow a segment in
-            # place (mapping 2 MiB pages) instead of stranding split blocks, so reserved should
-            # stay near allocated. Until a card says otherwise: more fixed overhead and
-            # fragmentation than the measured mode, no logits term; the estimate's ``high``
-            # reaches up to what the measured mode would reserve.
-            "fixed": 256 * MiB,
-            "fragmentation": 0.05,
+            "measured": True,
+            # Expandable segments grow one segment in place, but a freed block inside it is
+            # reused only by a request that fits (likely: long-lived tensors, such as the block
+            # inputs checkpointing keeps, land between temporaries and leave holes smaller than
+            # the next wide one), so reserved ends about a sixth of the peak's dynamic part
+            # above allocated, with and without Liger. Fitted (these two constants only: the formulas are not fitted)
+            # to the engine on an H200, Llama-3-8B shape, LoRA r=16 on all linear layers,
+            # checkpointing, paged AdamW 8-bit: with Liger at 2048x4, 8192x1, 32768x1 and
+            # 131072x1 tokens (slack 0.61, 0.62, 3.35, 11.71 GiB) and without at 2048x4 and
+            # 8192x1 (2.84, 2.74 GiB). Least squares wanted a negative fixed part; 0 and 0.17
+            # leave every point within -2.2%..+1.7% of reserved (tests/engine/test_budget_liger.py).
+            "fixed": 0,
+            "fragmentation": 0.17,
             "logits_fragmentation": 0.0,
-            "source": "not yet measured (a conservative allowance); run bench/budget_accuracy.py to fit it",
+            "source": (
+                "fitted to the engine on an H200 with expandable segments (bench/results/"
+                "2026-11-27-NVIDIA-H200-speed-llama3-8b-0948.json and 2026-11-27-NVIDIA-H200-long-context.jsonl: "
+                "Llama-3-8B shape, Liger 2048x4, 8192x1, 32768x1, 131072x1 and kernels=none 2048x4, 8192x1); "
+                "refit with bench/budget_accuracy.py"
+            ),
         },
     },
 }
@@ -130,10 +154,10 @@ COMPONENT_HELP = {
     "quant_constants": "per-block scales (absmax) of the 4-bit weights, double-quantized",
     "unquantized_weights": "embeddings, lm_head and norms, kept in the compute dtype",
     "lora_weights": "the trainable adapters (fp32)",
-    "lora_grads": "their gradients (fp32)",
+    "lora_grads": "their gradients (fp32), as many as exist at the peak",
     "optimizer_state": "AdamW's two moments per adapter weight",
-    "activations": "what the forward pass keeps for the backward pass, and the backward's temporaries",
-    "logits_loss": "the logits over the whole vocabulary and the fp32 loss buffers",
+    "activations": "what the forward pass keeps for the backward pass, the temporaries of the moment, cuBLAS workspaces",
+    "logits_loss": "the logits over the whole vocabulary and the fp32 loss buffers (one chunk with Liger's fused loss)",
     "cuda_context": "the CUDA driver's context and kernels, outside PyTorch's allocator",
     "allocator_slack": "memory PyTorch's caching allocator reserves beyond what is in use",
 }
@@ -235,6 +259,19 @@ def _data_shape(cfg: TrainConfig, data_stats: dict[str, Any] | None, notes: list
     return seq, mask
 
 
+def kernels_for(cfg: TrainConfig, spec: ModelSpec, installed: bool | None = None) -> KernelChoice:
+    """What ``models.apply_fused_kernels`` will do for this run (see ``kernels.resolve_kernels``).
+
+    The budget plans for a CUDA card unless ``train.device`` is 'cpu'. 'liger' where the engine
+    would refuse it (a CPU run, an architecture liger does not patch) is the same ConfigError.
+    """
+    choice = resolve_kernels(cfg.train.kernels, spec.model_type, cuda=cfg.train.device != "cpu", installed=installed)
+    if cfg.train.kernels == "liger" and not choice.liger:
+        where = "a CUDA GPU" if cfg.train.device == "cpu" else f"a supported architecture (not {spec.model_type!r})"
+        raise ConfigError(f"train.kernels: 'liger' needs {where}; set train.kernels to auto or none.")
+    return choice
+
+
 def estimate_from_spec(
     cfg: TrainConfig,
     spec: ModelSpec,
@@ -242,8 +279,13 @@ def estimate_from_spec(
     gpu_bytes: int | None = None,
     gpu_name: str | None = None,
     data_stats: dict[str, Any] | None = None,
+    liger_installed: bool | None = None,
 ) -> VramEstimate:
-    """The estimate for a config and an already-read model spec (pure arithmetic, no I/O)."""
+    """The estimate for a config and an already-read model spec (pure arithmetic, no I/O).
+
+    ``liger_installed``: whether liger-kernel is importable where the run will be (None: look
+    it up on this machine), which decides what ``train.kernels: auto`` runs.
+    """
     reasons = list(spec.reasons)
     notes: list[str] = []
     if not spec.usable:
@@ -257,6 +299,8 @@ def estimate_from_spec(
     layers = adapted_layers(cfg, spec)
     L = spec.num_layers
     seq, mask = _data_shape(cfg, data_stats, notes)
+    kern = kernels_for(cfg, spec, liger_installed)
+    notes.append(f"kernels: {kern.kernels} ({kern.reason})")
     shape = fm.StepShape(
         batch=cfg.train.micro_batch_size,
         seq=seq,
@@ -269,6 +313,9 @@ def estimate_from_spec(
         dropout=cfg.lora.dropout > 0,
         dora=cfg.lora.use_dora,
         input_grads=cfg.train.gradient_checkpointing and fm.CHECKPOINTING_INPUT_GRADS,
+        kernels=kern.kernels,
+        loss=kern.loss if kern.liger else "plain",
+        norm_in_place=kern.norm_in_place,
     )
     if spec.max_position_embeddings and shape.seq > spec.max_position_embeddings:
         notes.append(
@@ -284,49 +331,69 @@ def estimate_from_spec(
 
     # -- adapters, gradients, optimizer ---------------------------------------------------
     sizes = [n for lin in adapted for n in fm.lora_tensor_sizes(lin, cfg.lora.rank, cfg.lora.use_dora)]
+    block_sizes = sizes
     sizes = sizes * len(layers)
     lora_params = sum(sizes)
     lora_bytes = 4 * lora_params  # peft keeps adapters in fp32 (autocast_adapter_dtype=True)
+    block_grads = 4 * sum(block_sizes)  # one adapted block's LoRA gradients
     opt_resident, opt_paged, opt_transient = fm.optimizer_state_bytes(sizes, cfg.optim.optimizer)
+    accumulating = cfg.train.gradient_accumulation_steps > 1
 
-    # -- activations and logits at each candidate peak -----------------------------------
+    def grads_from(j: int) -> int:
+        """LoRA gradients alive during block j's backward: those of the blocks from j up (the
+        gradients are set to None after every optimizer step), or all of them from the second
+        micro-batch of an accumulating step on."""
+        return lora_bytes if accumulating else block_grads * sum(1 for i in layers if i >= j)
+
+    all_grads = lora_bytes if accumulating else 0  # before the first backward of a step
+
+    # -- activations at each candidate peak ----------------------------------------------
     T = shape.tokens
-    if shape.checkpointing:
-        # Each block that takes part in the backward keeps its input; one block at a time is
-        # recomputed, from the top down (the largest recomputed block sets the peak).
-        kept, _ = fm.checkpointed_blocks(spec, shape, adapted, set(layers))
-        flow = [(h, g) for h, g in fm.grad_flow(L, set(layers), shape.input_grads) if h or g]
-        block_now = max(
-            (
-                fm.block_saved(spec, shape, adapted if here else [], grad)
-                + fm.block_backward_workspace(spec, shape, adapted if here else [])
-                for here, grad in flow
-            ),
-            default=0,
-        )
-    else:
-        kept = fm.blocks_saved(spec, shape, adapted, set(layers))
-        block_now = fm.block_backward_workspace(spec, shape, adapted if L - 1 in layers else [])
+    hidden = e * T * spec.hidden_size  # one hidden state (a block's input, a gradient)
+    flow = fm.grad_flow(L, set(layers), shape.input_grads)
+    traces = {
+        j: tl.block_trace(spec, shape, adapted if here else [], grad) for j, (here, grad) in enumerate(flow) if here or grad
+    }  # fmt: skip
     shared = fm.shared_saved(spec, shape)
     final = fm.final_saved(spec, shape)
-    loss_bwd, loss_fwd = fm.logits_bytes(spec, shape)
-    # The trainer drops the model output before backward(): no logits outlive the loss.
-    phases = {
-        "loss_backward": (kept + shared + final, loss_bwd, 0),
-        "loss_forward": (kept + shared + final, loss_fwd, 0),
-        "block_backward": (kept + shared + block_now, 0, 0),
-        "optimizer_step": (shared, 0, opt_transient),
-    }
+    loss_bwd, loss_fwd = fm.loss_bytes(spec, shape)
+    if not kern.liger or kern.loss != "fused_linear_cross_entropy":
+        loss_fwd += hidden  # the final norm's output, held by the model's forward while the loss runs
+    phases: dict[str, tuple[int, int, int, int]] = {}  # activations, logits/loss, LoRA grads, optimizer
+    if shape.checkpointing:
+        # Each block that takes part in the backward keeps its input; they are recomputed one at
+        # a time from the top down, and each one's input is let go after its backward.
+        held = len(traces) * hidden
+        phases["block_backward"] = max(
+            (((k + 1) * hidden + shared + tr.backward_peak, 0, grads_from(j), 0) for k, (j, tr) in enumerate(traces.items())),
+            key=sum, default=(0, 0, 0, 0),
+        )  # fmt: skip
+    else:
+        below = 0
+        fwd, bwd = [], []
+        for j, tr in traces.items():
+            embeds = hidden if j > 0 else 0  # LlamaModel.forward keeps inputs_embeds to its end
+            fwd.append((below + embeds + shared + tr.forward_peak, 0, all_grads, 0))
+            bwd.append((below + shared + tr.backward_peak, 0, grads_from(j), 0))
+            below += tr.saved
+        held = below
+        phases["block_forward"] = max(fwd, key=sum, default=(0, 0, 0, 0))
+        phases["block_backward"] = max(bwd, key=sum, default=(0, 0, 0, 0))
+    phases["loss_backward"] = (held + shared + final, loss_bwd, all_grads, 0)
+    phases["loss_forward"] = (held + shared + final, loss_fwd, all_grads, 0)
+    phases["optimizer_step"] = (shared, 0, lora_bytes, opt_transient)
     peak_phase = max(phases, key=lambda k: sum(phases[k]))
-    activations, logits, opt_extra = phases[peak_phase]
+    activations, logits, grads_now, opt_extra = phases[peak_phase]
+    workspace = CALIBRATION["cublas_workspace"]
+    activations += workspace
 
-    static = packed + consts + unquant + 2 * lora_bytes + opt_resident
-    dynamic = activations + logits + opt_extra
+    static = packed + consts + unquant + lora_bytes + opt_resident
+    dynamic = activations + logits + grads_now + opt_extra
     allocated = static + dynamic
 
     # -- what the caching allocator adds -------------------------------------------------
     mode = allocator_mode()
-    loss_peak = peak_phase.startswith("loss")
+    loss_peak = peak_phase.startswith("loss") and kern.loss != "fused_linear_cross_entropy"
     logits_fp32 = 4 * T * spec.vocab_size
     # Every persistent tensor is rounded up to 512 bytes (a 4-bit layer has six).
     rounding = 512 * (6 * L * len(spec.block_linears) + 3 * len(sizes))
@@ -343,7 +410,7 @@ def estimate_from_spec(
         "quant_constants": consts,
         "unquantized_weights": unquant,
         "lora_weights": lora_bytes,
-        "lora_grads": lora_bytes,
+        "lora_grads": grads_now,
         "optimizer_state": opt_resident + opt_paged + opt_extra,
         "activations": activations,
         "logits_loss": logits,
@@ -376,8 +443,14 @@ def estimate_from_spec(
             f"{opt_paged / MiB:.0f} MiB of optimizer state is paged: it can move to CPU RAM if VRAM runs short"
         )
     if peak_phase.startswith("loss") and logits > activations:
+        hint = (
+            "; Liger's fused loss (train.kernels) avoids them"
+            if spec.model_type in LIGER_MODEL_TYPES and not kern.liger
+            else ""
+        )
         notes.append(
-            "the logits and loss over the whole vocabulary dominate the peak; a shorter sequence or smaller micro-batch helps most"
+            "the logits and loss over the whole vocabulary dominate the peak; a shorter sequence or smaller "
+            f"micro-batch helps most{hint}"
         )
 
     details = {
@@ -391,6 +464,10 @@ def estimate_from_spec(
         "attention_mask": shape.mask,
         "gradient_checkpointing": shape.checkpointing,
         "compute_bytes": e,
+        "kernels": kern.kernels,
+        "kernels_requested": kern.requested,
+        "kernels_reason": kern.reason,
+        "loss": shape.loss,
         "quantized_parameters": quantized_params,
         "lora_parameters": lora_params,
         "adapted_layers": len(layers),

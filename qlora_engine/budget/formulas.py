@@ -1,7 +1,9 @@
 """Byte counts of one QLoRA training step, each written from what the libraries actually allocate.
 
 Sources read for each formula (versions: bitsandbytes 0.50, peft 0.21, transformers 5.24,
-torch 2.13); the comments say what was read and why the formula is what it is.
+torch 2.13, liger-kernel 0.8.5); the comments say what was read and why the formula is what it
+is. What autograd keeps is here; the order in which a step allocates and frees, which decides
+the peaks, is in ``timeline``.
 
 Notation: ``T = micro_batch * seq`` tokens in the longest micro-batch, ``h`` hidden size,
 ``i`` intermediate size, ``a``/``kv`` attention/key-value heads, ``d`` head dim, ``V``
@@ -124,6 +126,17 @@ class StepShape:
     input_grads: bool = False
     """The embedding output requires grad (``enable_input_require_grads`` is in effect), so the
     first block's input needs a gradient even where that block has no adapter."""
+    kernels: str = "none"
+    """'liger' when Liger Kernel's RMSNorm, RoPE and gated-MLP kernels replace transformers' code."""
+    loss: str = "plain"
+    """'plain' (transformers' ForCausalLMLoss over the logits), 'fused_linear_cross_entropy'
+    (liger's chunked lm_head + loss) or 'cross_entropy' (liger's loss over materialized logits)."""
+    norm_in_place: bool = True
+    """Liger's RMSNorm backward writes dX over dY (False for Gemma 2/3: a new dX)."""
+
+    @property
+    def liger(self) -> bool:
+        return self.kernels == "liger"
 
     @property
     def tokens(self) -> int:
@@ -135,6 +148,13 @@ def _norm_saved(T: int, width: int) -> int:
     # element), plus rsqrt's output (one fp32 per row). The final `weight * x.to(dtype)` saves
     # nothing: the weight is frozen, and autograd only keeps what a needed gradient uses.
     return 4 * T * width + 4 * T
+
+
+def _liger_norm_saved(T: int, width: int, elem: int, input_alive: bool) -> int:
+    # LigerRMSNormFunction.forward (ops/rms_norm.py) saves its input X as it came (the compute
+    # dtype, a view of the same storage) and RSTD, one fp32 per row (casting modes 'llama' and
+    # 'gemma'). X costs nothing extra when something else keeps that tensor alive anyway.
+    return (0 if input_alive else elem * T * width) + 4 * T
 
 
 def lora_saved(lin: LinearShape, s: StepShape, input_grad: bool = True) -> int:
@@ -215,13 +235,27 @@ def block_saved(spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input
                 seen_fp32 = True
         return kept, x_grad or any(lin.name in names for lin in lins)
 
-    norm = _norm_saved(T, h)
-    saved = norm if input_grad else 0
+    if s.liger:
+        # The block's input is kept by checkpointing (non-reentrant: the recomputation reads
+        # the same tensor); without checkpointing only this norm keeps it. Every other norm's
+        # input (the residual sums, o_proj's output) is a tensor of its own.
+        norm = _liger_norm_saved(T, h, e, input_alive=False)
+        saved = _liger_norm_saved(T, h, e, input_alive=s.checkpointing) if input_grad else 0
+    else:
+        norm = _norm_saved(T, h)
+        saved = norm if input_grad else 0
     kept, qkv_grad = linears("attn_in", input_grad)
     saved += kept
     if qkv_grad:
         saved += attention_core_saved(spec, s)
-        if spec.head_norms:
+        if len(group("attn_in")) == 1 and not s.mask and s.attn != "eager":
+            # Phi-3's fused qkv_proj: flash attention keeps v, a view into the fused output, and
+            # with it the whole output (q and k went on as rotated copies).
+            saved += e * T * (spec.num_heads + spec.num_kv_heads) * spec.head_dim
+        if spec.head_norms and s.liger:  # X is q_proj's / k_proj's output, kept alive by this
+            saved += _liger_norm_saved(T * spec.num_heads, spec.head_dim, e, False)
+            saved += _liger_norm_saved(T * spec.num_kv_heads, spec.head_dim, e, False)
+        elif spec.head_norms:
             saved += _norm_saved(T * spec.num_heads, spec.head_dim) + _norm_saved(T * spec.num_kv_heads, spec.head_dim)
     kept, attn_grad = linears("o_in", qkv_grad)
     saved += kept
@@ -236,9 +270,16 @@ def block_saved(spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input
     gate_up = group("mlp_in")
     gate_grad = mid_grad or any(lin.name in names and lin.name != "up_proj" for lin in gate_up)
     up_grad = mid_grad or any(lin.name in names and lin.name != "gate_proj" for lin in gate_up)
-    # Gated MLP: act(gate) keeps gate's output; act * up keeps up (for act's gradient) and act
-    # (for up's gradient).
-    saved += e * T * i * (2 * gate_grad + up_grad)
+    if s.liger:
+        # LigerSiLUMulFunction (ops/swiglu.py; GeGLU alike) saves both of its inputs, gate's
+        # and up's outputs, whenever either needs a gradient (its backward overwrites them
+        # with the two gradients). Phi-3's fused gate_up output is split by chunk() and made
+        # contiguous first: two copies of the same size.
+        saved += 2 * e * T * i if (gate_grad or up_grad) else 0
+    else:
+        # Gated MLP: act(gate) keeps gate's output; act * up keeps up (for act's gradient) and
+        # act (for up's gradient).
+        saved += e * T * i * (2 * gate_grad + up_grad)
     kept, down_grad = linears("down_in", gate_grad or up_grad)
     saved += kept
     if down_grad and extra_norms > 1:
@@ -291,23 +332,6 @@ def checkpointed_blocks(
     return kept, recomputed
 
 
-def block_backward_workspace(spec: ModelSpec, s: StepShape, adapted: list[LinearShape]) -> int:
-    """Peak of the temporaries of one block's backward pass, beyond what the block saved.
-
-    The gradient arriving from above and the one accumulating for the residual (2 x e x T x h);
-    at the widest adapted layer, lora_A's fp32 input gradient (4 bytes/element) and its cast to
-    the compute dtype plus the base layer's input gradient (e each); and the dequantized weight
-    bitsandbytes builds for its input gradient (e x in x out, plus its absmax in fp32). Without
-    an adapter on the MLP, the widest temporaries are the three T x i gradients of act * up.
-    """
-    T, e = s.tokens, s.elem
-    lora_term = max(((4 + 2 * e) * T * lin.in_features for lin in adapted), default=0)
-    mlp_term = 3 * e * T * spec.intermediate_size
-    biggest = max(spec.block_linears, key=lambda lin: lin.numel)
-    dequant = e * biggest.numel + 4 * ceil_div(biggest.numel, BLOCKSIZE)
-    return 2 * e * T * spec.hidden_size + max(lora_term, mlp_term) + dequant
-
-
 def shared_saved(spec: ModelSpec, s: StepShape) -> int:
     """Tensors of one forward pass that all blocks share.
 
@@ -325,7 +349,10 @@ def shared_saved(spec: ModelSpec, s: StepShape) -> int:
 
 
 def final_saved(spec: ModelSpec, s: StepShape) -> int:
-    """The final norm keeps its fp32 input; lm_head (frozen, not adapted) keeps nothing."""
+    """The final norm keeps its fp32 input (Liger's: the last block's output itself); lm_head
+    (frozen, not adapted) keeps nothing, and neither does liger's fused loss beyond its result."""
+    if s.liger:
+        return _liger_norm_saved(s.tokens, spec.hidden_size, s.elem, input_alive=False)
     return _norm_saved(s.tokens, spec.hidden_size)
 
 
@@ -348,3 +375,40 @@ def logits_bytes(spec: ModelSpec, s: StepShape) -> tuple[int, int]:
     upcast = 0 if e == 4 else 4 * TV
     forward = e * TV + upcast + 4 * TV + softcap
     return backward + softcap, forward
+
+
+def flce_chunk_rows(tokens: int, hidden: int, vocab: int) -> int:
+    """Rows of the logits chunk liger's fused linear + cross-entropy materializes at a time.
+
+    ops/fused_linear_cross_entropy.py: ``inc_factor = cdiv(V, H)`` (chunk_mem_const 1),
+    ``chunk_size = min(next_power_of_2(cdiv(BT, inc_factor)), BT)``: about ``BT x H`` logits.
+    """
+    inc = ceil_div(vocab, hidden)
+    rows = ceil_div(tokens, inc)
+    return min(1 << (rows - 1).bit_length(), tokens)
+
+
+def loss_bytes(spec: ModelSpec, s: StepShape) -> tuple[int, int]:
+    """(backward-of-loss peak, forward-of-loss peak) above what the blocks and the final norm keep.
+
+    Plain: :func:`logits_bytes`. Liger's fused linear + cross-entropy (LigerForCausalLMLoss ->
+    fused_linear_cross_entropy_forward): the logits are never whole. In the forward, next to the
+    final norm's output (its input, ``e x T x h``), it allocates ``grad_input = zeros_like``
+    (``e x T x h``), the fp32 per-token loss (4T) and the label mask (T), and one buffer for a
+    chunk of logits (``e x chunk x V``, reused for every chunk; the cross-entropy kernel writes
+    the logits' gradient over it and ``grad_input`` rows are filled by ``mm(out=...)``). lm_head
+    is frozen, so no ``grad_weight`` is made. It saves only ``grad_input``; its backward scales
+    it in place, and liger's RMSNorm backward writes dX over it: the backward peak is that one
+    ``e x T x h`` tensor. Liger's plain cross-entropy (Granite's default) keeps transformers'
+    fp32 upcast of the logits and writes the gradient over it: 4TV kept, the bf16 logits (eTV)
+    beside it in the forward and the gradient cast back (eTV) in the backward.
+    """
+    T, h, e = s.tokens, spec.hidden_size, s.elem
+    if s.loss == "fused_linear_cross_entropy":
+        chunk = flce_chunk_rows(T, h, spec.vocab_size)
+        forward = e * T * h + e * T * h + 4 * T + T + e * chunk * spec.vocab_size
+        return e * T * h, forward
+    if s.loss == "cross_entropy":
+        TV = T * spec.vocab_size
+        return 4 * TV + e * TV, e * TV + 4 * TV + 4 * T
+    return logits_bytes(spec, s)

@@ -16,6 +16,9 @@
   record (torch.utils.checkpoint._CheckpointFrame, a private API: if torch renames it, these
   tests fail loudly); the loss's forward and backward peaks, from the profiler's record of
   every CPU allocation. If the engine changes what the step keeps, these tests fail.
+* Peaks: the same allocation record, cut at the start of each block's backward, against
+  ``timeline``'s replay of the block (with checkpointing, the recomputation and the backward;
+  without, the backward and the forward with every lower block's saved tensors alive).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from qlora_engine import models
 from qlora_engine.budget import estimate, model_spec
 from qlora_engine.budget import formulas as fm
+from qlora_engine.budget import timeline as tl
 from qlora_engine.budget.estimate import adapted_linears
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.events import ListSink
@@ -169,10 +173,15 @@ def _storage(t: torch.Tensor) -> tuple[int, int]:
 # A tensor of this many bytes, made and freed at once, marks a moment in the CPU allocation
 # timeline (kineto's memory events come in allocation order; no real tensor here has these sizes).
 _MARKS = {"lm_head": 777_001, "backward": 777_003, "lm_head_grad": 777_005}
+_BLOCK_MARK = 778_001  # + 2 x block index: the gradient of that block's output has arrived
 
 
 def _mark(name: str) -> None:
     torch.empty(_MARKS[name], dtype=torch.uint8)
+
+
+def _mark_block(i: int) -> None:
+    torch.empty(_BLOCK_MARK + 2 * i, dtype=torch.uint8)  # returns None: the gradient is unchanged
 
 
 class StepProbe:
@@ -203,7 +212,7 @@ class StepProbe:
         layers = self.base.model.layers
         for i, layer in enumerate(layers):
             layer.register_forward_pre_hook(partial(self._enter_block, i), with_kwargs=True)
-            layer.register_forward_hook(lambda *a: setattr(self, "zone", "head"))
+            layer.register_forward_hook(partial(self._leave_block, i))
         self.base.model.rotary_emb.register_forward_hook(self._rope)
         self.base.lm_head.register_forward_pre_hook(self._lm_head_in)
         self.base.lm_head.register_forward_hook(self._lm_head_out)
@@ -214,6 +223,12 @@ class StepProbe:
         self.zone = i
         if len(self.block_input_grad) < len(self.base.model.layers):  # the first forward only
             self.block_input_grad.append((args[0] if args else kwargs["hidden_states"]).requires_grad)
+
+    def _leave_block(self, i, module, args, out) -> None:
+        self.zone = "head"
+        out = out[0] if isinstance(out, tuple) else out
+        if out.requires_grad:  # (a recomputed output is thrown away: its hook never fires)
+            out.register_hook(lambda grad: _mark_block(i))
 
     def _rope(self, module, args, out) -> None:
         self.shared |= {_storage(t)[0] for t in out}
@@ -289,6 +304,26 @@ class StepProbe:
             if e.name() == "[memory]"
         ]  # fmt: skip
 
+    def block_peaks(self) -> tuple[dict[int, int], int]:
+        """({block: the peak of its backward above the level where it began}, the peak of the
+        first forward above the step's start), for the last micro-batch's backward."""
+        level, rises, start, forward, in_forward = 0, {}, None, 0, True
+        blocks = {_BLOCK_MARK + 2 * i: i for i in range(len(self.base.model.layers))}
+        for n in self.allocations:
+            if abs(n) in blocks or abs(n) in _MARKS.values():
+                if n > 0 and n in blocks:
+                    start = (blocks[n], level)
+                    rises[blocks[n]] = 0
+                elif n == _MARKS["lm_head"]:
+                    in_forward, start = False, None
+                continue
+            level += n
+            if in_forward:
+                forward = max(forward, level)
+            if start is not None:
+                rises[start[0]] = max(rises[start[0]], level - start[1])
+        return rises, forward
+
     def loss_peaks(self) -> tuple[int, int]:
         """(forward, backward) peaks of the last micro-batch's loss above the level where each
         began: from lm_head's input to the backward's start, and from there to lm_head's
@@ -310,7 +345,7 @@ class StepProbe:
         return peaks[i] - levels[i], peaks[i + 1] - levels[i + 1]
 
 
-def engine_step(folder, overrides, samples, *, input_grads_hook: bool = True) -> tuple[StepProbe, TrainConfig]:
+def engine_step(folder, overrides, samples, *, input_grads: bool = False) -> tuple[StepProbe, TrainConfig]:
     from qlora_engine.data import PreparedData
 
     cfg = config_for(
@@ -323,8 +358,8 @@ def engine_step(folder, overrides, samples, *, input_grads_hook: bool = True) ->
     trainer.setup()
     trainer.save_checkpoint = lambda: None  # measure the step, not the files
     trainer.save_adapter = lambda: None
-    if not input_grads_hook:  # what the engine means to do: the backward stops at the lowest adapter
-        trainer.model.disable_input_require_grads()
+    if input_grads:  # not the engine's choice: to test the formulas for CHECKPOINTING_INPUT_GRADS = True
+        trainer.model.enable_input_require_grads()
     probe = StepProbe(trainer)
     probe.run()
     return probe, cfg
@@ -343,25 +378,26 @@ def probe_samples(kind: str, b: int, s: int, n: int) -> list[dict]:
     return out
 
 
-# name: (overrides, data kind, whether transformers' enable_input_require_grads hook stays)
+# name: (overrides, data kind, whether input gradients are forced on: the engine turns them
+# off, so that the backward pass stops at the lowest adapter; forcing them tests the formulas
+# for CHECKPOINTING_INPUT_GRADS = True, every block down to the first one recomputed)
 STEP_CASES = {
-    "plain": ((), "fixed", True),
-    "plain-accumulating": (("train.gradient_accumulation_steps=2",), "fixed", True),
-    "padding": ((), "padding", True),
-    "packed": (("data.packing=true",), "packed", True),
-    "attention-only+dropout": (("lora.target_modules=[attention]", "lora.dropout=0.1"), "fixed", True),
-    "mlp-only": (("lora.target_modules=[mlp]",), "fixed", True),
-    "v-only+dropout": (("lora.target_modules=[v_proj]", "lora.dropout=0.05"), "fixed", True),
-    "up-only": (("lora.target_modules=[up_proj]",), "fixed", True),
-    "middle-layer": (("lora.layers='1'", "lora.rank=4"), "fixed", True),
-    "checkpointing": (("train.gradient_checkpointing=true",), "fixed", True),
-    "checkpointing+padding": (("train.gradient_checkpointing=true",), "padding", True),
-    "checkpointing+middle-layer": (("train.gradient_checkpointing=true", "lora.layers='1'"), "fixed", True),
-    "checkpointing+top-layer": (("train.gradient_checkpointing=true", "lora.layers='2'", "lora.target_modules=[mlp]"), "fixed", True),
-    # The engine's intent (no input grads): the formulas for CHECKPOINTING_INPUT_GRADS = False.
-    "checkpointing-no-input-grads": (("train.gradient_checkpointing=true",), "fixed", False),
-    "checkpointing-no-input-grads+middle-layer": (("train.gradient_checkpointing=true", "lora.layers='1'"), "fixed", False),
-    "checkpointing-no-input-grads+top-layer": (("train.gradient_checkpointing=true", "lora.layers='2'"), "fixed", False),
+    "plain": ((), "fixed", False),
+    "plain-accumulating": (("train.gradient_accumulation_steps=2",), "fixed", False),
+    "padding": ((), "padding", False),
+    "packed": (("data.packing=true",), "packed", False),
+    "attention-only+dropout": (("lora.target_modules=[attention]", "lora.dropout=0.1"), "fixed", False),
+    "mlp-only": (("lora.target_modules=[mlp]",), "fixed", False),
+    "v-only+dropout": (("lora.target_modules=[v_proj]", "lora.dropout=0.05"), "fixed", False),
+    "up-only": (("lora.target_modules=[up_proj]",), "fixed", False),
+    "middle-layer": (("lora.layers='1'", "lora.rank=4"), "fixed", False),
+    "checkpointing": (("train.gradient_checkpointing=true",), "fixed", False),
+    "checkpointing+padding": (("train.gradient_checkpointing=true",), "padding", False),
+    "checkpointing+middle-layer": (("train.gradient_checkpointing=true", "lora.layers='1'"), "fixed", False),
+    "checkpointing+top-layer": (("train.gradient_checkpointing=true", "lora.layers='2'", "lora.target_modules=[mlp]"), "fixed", False),
+    "checkpointing+input-grads": (("train.gradient_checkpointing=true",), "fixed", True),
+    "checkpointing+input-grads+middle-layer": (("train.gradient_checkpointing=true", "lora.layers='1'"), "fixed", True),
+    "checkpointing+input-grads+top-layer": (("train.gradient_checkpointing=true", "lora.layers='2'"), "fixed", True),
 }  # fmt: skip
 
 
@@ -370,16 +406,16 @@ def test_saved_activation_bytes_equal_what_the_engines_step_keeps(case, three_la
     """Per block, the bytes autograd keeps in the trainer's real step (and, with checkpointing,
     what each recomputed block keeps) equal the formulas; nothing keeps the logits through
     the backward pass; the loss's forward and backward peaks equal logits_bytes."""
-    overrides, kind, hook = STEP_CASES[case]
+    overrides, kind, forced = STEP_CASES[case]
     b, s = 2, 64  # s a multiple of 32: CUDA's memory-efficient kernel pads its log-sum-exp to 32 rows
-    probe, cfg = engine_step(three_layer_dir, overrides, probe_samples(kind, b, s, 4), input_grads_hook=hook)
+    probe, cfg = engine_step(three_layer_dir, overrides, probe_samples(kind, b, s, 4), input_grads=forced)
 
     spec = model_spec(LlamaConfig.from_pretrained(three_layer_dir))
     ckpt = cfg.train.gradient_checkpointing
     shape = fm.StepShape(
         batch=b, seq=s, elem=2, checkpointing=ckpt, mask=kind != "fixed", packed=kind == "packed", attn="sdpa",
         rank=cfg.lora.rank, dropout=cfg.lora.dropout > 0, dora=False, dropout_mask_bytes=4,
-        input_grads=ckpt and (fm.CHECKPOINTING_INPUT_GRADS if hook else False),
+        input_grads=ckpt and (forced or fm.CHECKPOINTING_INPUT_GRADS),
     )  # fmt: skip
     est = estimate(cfg, data_stats={"min": 40 if kind == "padding" else s, "max": s})
     assert est.details["checkpointing_input_grads"] == (ckpt and fm.CHECKPOINTING_INPUT_GRADS)
@@ -423,11 +459,42 @@ def test_saved_activation_bytes_equal_what_the_engines_step_keeps(case, three_la
     # level), once nll_loss's backward has released its labels and total weight.
     assert 0 <= bwd_peak - (loss_bwd - 4 * T * V - 8 * T - 4) <= 64
 
+    # The peaks of the blocks, as the timeline replays them.
+    rises, forward = probe.block_peaks()
+    traces = {i: tl.block_trace(spec, shape, adapted if here else [], grad) for i, (here, grad) in enumerate(flow)
+              if here or grad}  # fmt: skip
+    assert set(rises) == set(traces)
+    lora = {i: 4 * sum(n for lin in adapted for n in fm.lora_tensor_sizes(lin, shape.rank, False)) if here else 0
+            for i, (here, _) in enumerate(flow)}  # fmt: skip
+    for i, tr in traces.items():
+        predicted = tr.backward_peak - 2 * T * h - (0 if ckpt else tr.saved)  # the rise above the gradient's arrival
+        if ckpt:
+            # Beyond the replay: the CPU generator's state (5,056 bytes) that checkpointing saves
+            # around the recomputation, and a few of bitsandbytes' small CPU temporaries.
+            assert 0 <= rises[i] - predicted <= 8192, (i, rises[i], predicted)
+        else:
+            # Beyond the replay: the LoRA weights' gradients made in this block's backward
+            # (the estimate counts them separately, a whole block's worth).
+            assert 0 <= rises[i] - predicted <= lora[i] + 64, (i, rises[i], predicted)
+    if not ckpt and cfg.train.gradient_accumulation_steps == 1:
+        below, predicted = 0, 0
+        for i, tr in traces.items():
+            embeds = 2 * T * h if i else 0  # LlamaModel.forward holds inputs_embeds to its end
+            predicted = max(predicted, below + embeds + fm.shared_saved(spec, shape) + tr.forward_peak)
+            below += tr.saved
+        # A block whose MLP has no adapter peaks at a bare 4-bit matmul, where bitsandbytes' CPU
+        # kernel makes about 20 KB of temporaries the CUDA path (the replay) does not.
+        mlp_adapted = any(lin.role == "mlp" for lin in adapted) and cfg.lora.layers is None
+        slack = 64 if mlp_adapted else 24_576
+        assert -1024 <= forward - predicted <= slack, (forward, predicted)
+
 
 def test_the_engine_keeps_its_input_grads_choice(three_layer_dir):
     """models.enable_gradient_checkpointing: whether the embedding output requires grad equals
-    fm.CHECKPOINTING_INPUT_GRADS. If this fails, the engine (or transformers) changed what the
-    backward pass reaches: flip the constant (its formulas are tested both ways above)."""
+    fm.CHECKPOINTING_INPUT_GRADS (False: transformers turns input gradients on with
+    checkpointing, the engine turns them off again). If this fails, the engine (or
+    transformers) changed what the backward pass reaches: flip the constant (its formulas are
+    tested both ways above, the True side with input gradients forced on)."""
     cfg = config_for(three_layer_dir, "train.gradient_checkpointing=true", "lora.layers='2'")
     model = models.wrap_with_lora(load_4bit(cfg, three_layer_dir), cfg)
     models.enable_gradient_checkpointing(model)

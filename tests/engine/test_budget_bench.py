@@ -1,6 +1,6 @@
 """bench/budget_accuracy.py works with the current engine, without a GPU.
 
-The GPU run itself is the lead's (one call, ~8 minutes); these tests make sure that call is
+The GPU run itself is the lead's (one call, ~7 minutes); these tests make sure that call is
 not wasted: the cases span the issue's axes, the dry run builds every case's config and
 prediction and its worker command, and a smoke run sends one tiny case through the whole
 chain (driver, checkpoint subprocess, worker subprocess, the engine's Trainer) on the CPU.
@@ -39,6 +39,10 @@ def test_the_cases_span_the_issues_axes(bench):
     assert {1, 4} <= {c[2] for c in cases}
     assert {True, False} == {c[3] for c in cases}
     assert {"paged_adamw_8bit", "paged_adamw_32bit"} <= {c[4] for c in cases}
+    # The engine's defaults (train.kernels auto: Liger on the GPU), and the plain code on both shapes.
+    plain = [c for c in cases if "train.kernels=none" in c[6]]
+    assert 2 <= len(plain) <= len(bench.CASES) // 3 and {c[0] for c in plain} == {"llama3-8b", "llama-1b"}
+    assert not any("train.kernels=liger" in c[6] for c in cases)
 
 
 def test_dry_run_builds_every_case_without_a_gpu(bench, tmp_path, monkeypatch):
@@ -53,8 +57,9 @@ def test_dry_run_builds_every_case_without_a_gpu(bench, tmp_path, monkeypatch):
         assert f"--worker {r['case']}" in r["worker"]
         assert r["fits_h100_80gb"]  # every case runs on either card the lead may get
         assert 0 < r["predicted_allocated_gib"] < r["predicted_reserved_gib"] < r["predicted_total_gib"]
+        assert r["kernels"] == ("none" if "train.kernels=none" in r["extra"] else "liger")
     plan = next(line for line in lines if line.startswith("# rough plan"))
-    assert float(plan.split()[3]) < 8.0  # minutes
+    assert float(plan.split()[3]) <= 7.0  # minutes
     assert any("expandable_segments" in line for line in lines if line.startswith("# budget allocator"))
 
 
@@ -72,7 +77,9 @@ def test_smoke_run_goes_through_the_engine_on_the_cpu(tmp_path):
     # The worker saw the engine's allocator default, and the budget assumed the same mode.
     assert res["allocator"]["alloc_conf_seen"] == "expandable_segments:True"
     assert res["allocator"]["budget_mode"] == "expandable_segments"
-    # The backward pass reached the first block exactly as the budget assumes.
+    # The backward pass reached the first block exactly as the budget assumes, and the kernels
+    # are the ones the budget assumed (on the CPU: none).
     assert res["first_block_input_requires_grad"] == res["budget_assumes_input_grads"]
-    assert record["calibration"]["allocator"]["expandable_segments"]["measured"] is False
+    assert res["kernels"]["applied"] == res["kernels"]["budget"] == "none"
+    assert record["calibration"]["allocator"]["expandable_segments"]["measured"] is True
     assert record["not_run"] == []

@@ -1,0 +1,621 @@
+"""The order in which one decoder block allocates and frees: where its peaks are.
+
+``formulas`` says what autograd keeps; the peak of a step also depends on what is alive
+for a moment next to it. This module replays one block, tensor by tensor, in the order the
+code runs (transformers' Llama decoder layer, peft's 4-bit LoRA layer, bitsandbytes'
+MatMul4Bit, SDPA; or Liger Kernel's RMSNorm, RoPE and SwiGLU), on a :class:`Tape` that
+counts live bytes: its forward, and its backward, which under non-reentrant checkpointing
+starts by recomputing the forward (up to the last tensor the backward needs: torch's early
+stop) when the first saved tensor is unpacked.
+
+What the replay found that a sum of saved tensors misses: in peft's LoRA forward,
+``lora_B(lora_A(x)) * scaling`` holds lora_B's fp32 output and its scaled copy at once
+(8 bytes x tokens x out_features), and for gate_proj/up_proj that is the widest tensor of
+the block. Under checkpointing the recomputation of the top block reaches it with the
+block's saved tensors, the incoming gradient and lora_B's gradient of down_proj (where the
+recomputation was triggered) alive: that moment is the peak of a Liger run (checked on an
+H200 to 0.01% of the per-token slope; see CALIBRATION) and of the plain one at small
+vocabularies (tests/engine/test_budget.py replays it against the engine's step on the CPU).
+
+Moments that are never the peak of a Llama-shaped block are modelled more coarsely, and say
+so: the plain RMSNorm's backward, RoPE's backward, eager attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from qlora_engine.budget.formulas import BLOCKSIZE, StepShape
+from qlora_engine.budget.spec import LinearShape, ModelSpec, ceil_div
+
+
+class _Stop(Exception):
+    """Non-reentrant checkpointing's early stop: every saved tensor has been recomputed."""
+
+
+class Tape:
+    """Live bytes over time. A tensor lives while a Python frame holds it (``free`` lets go)
+    or an autograd node saved it (``save(node, ...)``; ``release(node)`` when that node ran)."""
+
+    def __init__(self) -> None:
+        self.size: dict[str, int] = {}
+        self.frame: set[str] = set()
+        self.holders: dict[str, set[str]] = {}
+        self.nodes: dict[str, list[str]] = {}
+        self.level = 0
+        self.peak = 0
+        self.saves = 0
+        self.stop_after: int | None = None
+        self.on_unpack: Callable[[], None] | None = None
+
+    def external(self, name: str) -> str:
+        """A tensor that lives outside the block anyway (the checkpoint keeps the block's input)."""
+        self.size[name] = 0
+        self.frame.add(name)
+        return name
+
+    def new(self, name: str, nbytes: int) -> str:
+        if name in self.size:
+            raise ValueError(f"{name} allocated twice")
+        self.size[name] = nbytes
+        self.frame.add(name)
+        self.level += nbytes
+        self.peak = max(self.peak, self.level)
+        return name
+
+    def spike(self, nbytes: int) -> None:
+        """A temporary that comes and goes inside one call (a dequantized weight, a workspace)."""
+        self.peak = max(self.peak, self.level + nbytes)
+
+    def _forget(self, name: str) -> None:
+        if name in self.size and name not in self.frame and not self.holders.get(name):
+            self.level -= self.size.pop(name)
+            self.holders.pop(name, None)
+
+    def free(self, *names: str | None) -> None:
+        """The frames let go of these (a name rebound, a call returned); saved tensors stay."""
+        for name in names:
+            if name is not None:
+                self.frame.discard(name)
+                self._forget(name)
+
+    def save(self, node: str, *names: str | None) -> None:
+        """Autograd node ``node`` keeps these tensors for its backward."""
+        for name in names:
+            if name is None or name not in self.size:
+                continue
+            self.holders.setdefault(name, set()).add(node)
+            self.nodes.setdefault(node, []).append(name)
+            self.saves += 1
+            if self.stop_after is not None and self.saves >= self.stop_after:
+                raise _Stop
+
+    def unpack(self) -> None:
+        """The backward reads a saved tensor; under checkpointing the first read recomputes."""
+        if self.on_unpack is not None:
+            hook, self.on_unpack = self.on_unpack, None
+            hook()
+
+    def release(self, *nodes: str) -> None:
+        """These backward nodes ran: autograd drops what they saved."""
+        for node in nodes:
+            for name in self.nodes.pop(node, []):
+                self.holders.get(name, set()).discard(node)
+                self._forget(name)
+
+    def hold(self, name: str) -> None:
+        """A frame (a gradient buffer) takes hold of an existing tensor: liger's backward
+        writes gradients over the tensors it saved and returns them."""
+        if name in self.size:
+            self.frame.add(name)
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(self.size[n] for n in self.size if self.holders.get(n))
+
+
+@dataclass(frozen=True)
+class BlockTrace:
+    """One block's memory, in bytes, each relative to what lives outside the block.
+
+    ``saved``: what autograd keeps after the block's forward (its input too, when only the
+    block keeps it). ``forward_peak``: the peak of its forward without checkpointing, counting
+    its input (alive in the caller) and what it saves as it goes. ``backward_peak``: the peak
+    of its backward, counting the incoming gradient and the saved tensors (without
+    checkpointing from the start; with checkpointing from the recomputation on, which is
+    part of it). ``recompute_peak``: the recomputation's own peak, before the gradient and
+    what was in flight when it began (checkpointing only).
+    """
+
+    saved: int
+    forward_peak: int
+    backward_peak: int
+    recompute_peak: int = 0
+
+
+def _out(lin: LinearShape, adapted: set[str]) -> str:
+    return f"{lin.name}.out" if lin.name in adapted else f"{lin.name}.base"
+
+
+class _Block:
+    """One decoder block's forward and backward on a tape (see the module docstring)."""
+
+    def __init__(self, spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input_grad: bool) -> None:
+        self.spec, self.s = spec, s
+        self.names = {lin.name for lin in adapted}
+        self.xg = input_grad
+        self.T, self.e = s.tokens, s.elem
+        self.group: dict[str, list[LinearShape]] = {}
+        for lin in spec.block_linears:
+            self.group.setdefault(lin.input_group, []).append(lin)
+        self.fused = len(self.group["attn_in"]) == 1
+        anyg = {g: any(lin.name in self.names for lin in lins) for g, lins in self.group.items()}
+        # Which tensors need a gradient (formulas.block_saved follows the same rules).
+        self.qkv_grad = self.xg or anyg.get("attn_in", False)
+        self.attn_grad = self.qkv_grad or anyg.get("o_in", False)
+        self.mid_grad = self.xg or self.attn_grad
+        mlp = self.group["mlp_in"]
+        self.gate_grad = self.mid_grad or any(lin.name in self.names and lin.name != "up_proj" for lin in mlp)
+        self.up_grad = self.mid_grad or any(lin.name in self.names and lin.name != "gate_proj" for lin in mlp)
+        self.down_in_grad = self.gate_grad or self.up_grad
+        self.down_out_grad = self.down_in_grad or anyg.get("down_in", False)
+        self.extra_norms = spec.norms_per_block - 2
+
+    # -- pieces ------------------------------------------------------------------------------------
+
+    def dequant(self, lin: LinearShape) -> int:
+        """bitsandbytes 0.50's 4-bit matmul past 1536 rows on CUDA (``_dequant_linear_fallback``)
+        and always on the CPU (``_gemm_4bit_default_impl``), and its backward's
+        ``dequantize_4bit``: the weight in the compute dtype and the nested absmax decoded to
+        fp32 (twice: before and after adding the offset)."""
+        return self.e * lin.numel + 8 * ceil_div(lin.numel, BLOCKSIZE)
+
+    def norm(self, t: Tape, x: str, rows: int, width: int, need: bool, p: str) -> str:
+        e = self.e
+        if self.s.liger:
+            # LigerRMSNormFunction: Y and RSTD; X (as it came) and RSTD saved.
+            y = t.new(f"{p}.y", e * rows * width)
+            rs = t.new(f"{p}.rs", 4 * rows)
+            if need:
+                t.save(p, x, rs)
+            t.free(rs)
+            return y
+        # LlamaRMSNorm: h = x.to(fp32); var = h.pow(2).mean(-1); h = h * rsqrt(var + eps);
+        # weight * h.to(dtype). pow and the product save h, the product saves rsqrt's output.
+        h32 = x if e == 4 else t.new(f"{p}.h32", 4 * rows * width)
+        pw = t.new(f"{p}.pow", 4 * rows * width)
+        var = t.new(f"{p}.var", 4 * rows)
+        t.free(pw)
+        ve = t.new(f"{p}.ve", 4 * rows)
+        rs = t.new(f"{p}.rs", 4 * rows)
+        t.free(ve)
+        if need:
+            t.save(p, h32, rs)
+        hn = t.new(f"{p}.hn", 4 * rows * width)
+        t.free(rs, None if h32 == x else h32)
+        hb = hn if e == 4 else t.new(f"{p}.hb", e * rows * width)
+        y = t.new(f"{p}.y", e * rows * width)
+        t.free(hb, hn, var)
+        return y
+
+    def norm_backward(self, t: Tape, gin: str, rows: int, width: int, p: str, shared: bool = False) -> str:
+        """The gradient of a norm's input from its output's; ``gin`` is let go unless ``shared``
+        (a residual's gradient, still needed: Gemma 2/3's extra norms, which liger therefore
+        runs out of place)."""
+        t.unpack()
+        if self.s.liger and self.s.norm_in_place and not shared:  # dX written over dY
+            t.release(p)
+            return gin
+        if not self.s.liger:
+            # Coarse: fp32 gradients of h and of pow's input with their temporaries, about four
+            # fp32 copies of the input at once; never the peak of a Llama-shaped block.
+            t.spike(16 * rows * width)
+        gx = t.new(f"{p}.gx", self.e * rows * width)
+        t.release(p)
+        if not shared:
+            t.free(gin)
+        return gx
+
+    def linear(self, t: Tape, lin: LinearShape, x: str, xg: bool) -> str:
+        """peft's Linear4bit.forward (bitsandbytes' alone when not adapted); returns its output."""
+        s, T, e = self.s, self.T, self.e
+        o, n, p = lin.out_features, lin.in_features, lin.name
+        base = t.new(f"{p}.base", e * T * o)
+        t.spike(self.dequant(lin))
+        if lin.name not in self.names:
+            return base
+        res = t.new(f"{p}.res", e * T * o)  # result = result.clone()
+        t.free(base)
+        x32 = x if e == 4 else t.new(f"{p}.x32", 4 * T * n)  # _cast_input_dtype
+        xin = x32
+        if s.dropout:
+            mask = t.new(f"{p}.mask", s.dropout_mask_bytes * T * n)
+            xin = t.new(f"{p}.xd", 4 * T * n)
+            if xg:
+                t.save(f"{p}.drop", mask)
+            t.free(mask, None if x32 == x else x32)
+        t.save(f"{p}.lora_A", xin)
+        a = t.new(f"{p}.A", 4 * T * s.rank)
+        t.save(f"{p}.lora_B", a)
+        b = t.new(f"{p}.B", 4 * T * o)
+        if s.dora:  # roughly: one more kept fp32 product the size of the output
+            t.save(f"{p}.dora", t.new(f"{p}.dora", 4 * T * o))
+        sc = t.new(f"{p}.sc", 4 * T * o)  # lora_B(...) * scaling: both fp32 outputs alive here
+        t.free(b)
+        ob = sc if e == 4 else t.new(f"{p}.ob", e * T * o)  # .to(expected_dtype)
+        t.free(sc)
+        out = t.new(f"{p}.out", e * T * o)  # result + output
+        t.free(res, ob, a, f"{p}.dora", None if xin == x else xin)
+        return out
+
+    def linear_backward(self, t: Tape, lin: LinearShape, g: str, need: bool, last_use: bool = False) -> str | None:
+        """The backward of :meth:`linear` from its output's gradient ``g`` (the caller lets it
+        go; ``last_use``: nothing else holds it, so it goes as soon as the graph is done with
+        it); returns the input's gradient, or None when the input needs none."""
+        s, T, e = self.s, self.T, self.e
+        o, n, p = lin.out_features, lin.in_features, lin.name
+        gx = None
+        if lin.name in self.names:
+            # Newer nodes first: the LoRA branch runs before the base matmul.
+            g1 = g if e == 4 else t.new(f"{p}.g1", 4 * T * o)  # .to(expected_dtype)'s backward
+            if last_use and not need and g1 != g:
+                t.free(g)  # the base matmul needs no gradient: only the LoRA branch read it
+            g2 = t.new(f"{p}.g2", 4 * T * o)  # * scaling
+            t.free(None if g1 == g else g1)
+            t.unpack()  # lora_B's MmBackward reads lora_A's output
+            ga = t.new(f"{p}.gA", 4 * T * s.rank)
+            t.free(g2)
+            t.release(f"{p}.lora_B", f"{p}.dora")
+            if need:
+                gx32 = t.new(f"{p}.gx32", 4 * T * n)
+                t.free(ga)
+                t.release(f"{p}.lora_A")
+                if s.dropout:
+                    gd = t.new(f"{p}.gd", 4 * T * n)
+                    t.free(gx32)
+                    t.release(f"{p}.drop")
+                    gx32 = gd
+                gx = gx32 if e == 4 else t.new(f"{p}.gx", e * T * n)
+                t.free(None if gx == gx32 else gx32)
+            else:
+                t.free(ga)
+                t.release(f"{p}.lora_A", f"{p}.drop")
+        if need:
+            gb = t.new(f"{p}.gb", e * T * n)
+            t.spike(self.dequant(lin))
+            gx = self.accumulate(t, gx, gb)
+        return gx
+
+    @staticmethod
+    def accumulate(t: Tape, into: str | None, g: str | None) -> str | None:
+        """A second gradient of the same tensor is added into the first, in place."""
+        if into is None:
+            return g
+        t.free(g)
+        return into
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def forward(self, t: Tape, x: str) -> str:
+        spec, T, e = self.spec, self.T, self.e
+        h, a, kv, d = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+        y1 = self.norm(t, x, T, h, self.xg, "n1")
+        outs = [self.linear(t, lin, y1, self.xg) for lin in self.group["attn_in"]]
+        q, k, v = outs * 3 if self.fused else outs  # a fused qkv_proj: three views of one output
+        if spec.head_norms:
+            q, k = self.norm(t, q, T * a, d, self.qkv_grad, "qn"), self.norm(t, k, T * kv, d, self.qkv_grad, "kn")
+            t.free(*outs[:2])  # (liger's norm saved them)
+        q0, k0 = q, k
+        q, k = self.rope(t, q, k)
+        if q != q0 and not self.fused:
+            t.free(q0, k0)  # query_states and key_states rebound to the rotated copies
+        attn = self.attention(t, q, k, v)
+        t.free(q, k, v, q0, k0, *outs)
+        [o_lin] = self.group["o_in"]
+        o = self.linear(t, o_lin, attn, self.qkv_grad)
+        t.free(attn, y1)
+        if self.extra_norms > 0:  # Gemma 2/3: post_attention_layernorm of the attention's output
+            o, o_in = self.norm(t, o, T, h, self.attn_grad, "n_pa"), o
+            t.free(o_in)
+        hmid = t.new("hmid", e * T * h)  # residual + attention
+        t.free(o)
+        y2 = self.norm(t, hmid, T, h, self.mid_grad, "n2")
+        c = self.mlp(t, y2)
+        m = self.linear(t, self.group["down_in"][0], c, self.down_in_grad)
+        t.free(c, y2)
+        if self.extra_norms > 1:  # Gemma 2/3: post_feedforward_layernorm
+            m, m_in = self.norm(t, m, T, h, self.down_out_grad, "n_pf"), m
+            t.free(m_in)
+        out = t.new("out", e * T * h)
+        t.free(m, hmid)
+        return out
+
+    def rope(self, t: Tape, q: str, k: str) -> tuple[str, str]:
+        spec, T, e = self.spec, self.T, self.e
+        sizes = ((q, spec.num_heads), (k, spec.num_kv_heads))
+        if self.s.liger:
+            if not self.fused:
+                return q, k  # rotated in place; keeps only cos/sin, which all layers share
+            # views into qkv_proj's output are not contiguous: rope_forward copies them first
+            return tuple(t.new(f"{name}.{i}.c", e * T * heads * spec.head_dim) for i, (name, heads) in enumerate(sizes))
+        out = []
+        for i, (name, heads) in enumerate(sizes):  # q * cos + rotate_half(q) * sin
+            size, p = e * T * heads * spec.head_dim, f"{name}.{i}"
+            c1 = t.new(f"{p}.cos", size)
+            neg = t.new(f"{p}.neg", size // 2)
+            cat = t.new(f"{p}.cat", size)
+            t.free(neg)
+            c2 = t.new(f"{p}.sin", size)
+            t.free(cat)
+            out.append(t.new(f"{p}.rope", size))
+            t.free(c1, c2)
+        return out[0], out[1]
+
+    def attention(self, t: Tape, q: str, k: str, v: str) -> str:
+        spec, s, T, e = self.spec, self.s, self.T, self.e
+        a, kv, d, b, n = spec.num_heads, spec.num_kv_heads, spec.head_dim, s.batch, s.seq
+        need = self.qkv_grad
+        if s.attn == "eager" or s.mask:
+            k2, v2 = k, v
+            if kv < a:  # repeat_kv copies k and v to every head
+                k2, v2 = t.new("k.rep", e * T * a * d), t.new("v.rep", e * T * a * d)
+            if s.attn == "eager":
+                w = t.new("attn.scores", e * b * a * n * n)
+                p32 = t.new("attn.softmax", 4 * b * a * n * n)
+                t.free(w)
+                w2 = t.new("attn.probs", e * b * a * n * n)
+                o = t.new("attn.o", e * T * a * d)
+                if need:
+                    t.save("attn", q, k2, v2, p32, w2)
+                out = t.new("attn.out", e * T * a * d)  # transpose(1, 2).contiguous()
+                t.free(p32, w2, o, k2, v2)
+                return out
+            # The memory-efficient kernel; SDPA makes the boolean mask additive, in the compute dtype.
+            m = t.new("attn.mask", e * b * n * n)
+            out = t.new("attn.out", e * T * a * d)
+            lse = t.new("attn.lse", 4 * b * a * ceil_div(n, 32) * 32)
+            if need:
+                t.save("attn", q, k2, v2, out, lse, m)
+            t.free(m, lse, k2, v2)
+            return out
+        # Flash attention (no mask; GQA inside the kernel): the output and the fp32 log-sum-exp.
+        out = t.new("attn.out", e * T * a * d)
+        lse = t.new("attn.lse", 4 * T * a)
+        if need:
+            t.save("attn", q, k, v, out, lse)
+        t.free(lse)
+        return out
+
+    def mlp(self, t: Tape, y2: str) -> str:
+        T, e, i = self.T, self.e, self.spec.intermediate_size
+        lins = self.group["mlp_in"]
+        any_grad = self.gate_grad or self.up_grad
+        if len(lins) == 1:  # Phi-3: gate_up_proj, then chunk(2)
+            gu = self.linear(t, lins[0], y2, self.mid_grad)
+            if self.s.liger:  # ensure_contiguous copies the two halves
+                ga, up = t.new("gate.c", e * T * i), t.new("up.c", e * T * i)
+                t.free(gu)
+                c = t.new("act.c", e * T * i)
+                if any_grad:
+                    t.save("act", ga, up)
+                t.free(ga, up)
+                return c
+            act = t.new("act.s", e * T * i)  # silu of the gate half (a view keeps gu alive)
+            if self.gate_grad:
+                t.save("act.silu", gu)
+                t.save("act.mul", gu)
+            if self.up_grad:
+                t.save("act.mul", act)
+            c = t.new("act.c", e * T * i)
+            t.free(gu, act)
+            return c
+        gate, up_lin = lins
+        if self.s.liger:  # down_proj(LigerSiLUMulFunction(gate_proj(x), up_proj(x)))
+            g = self.linear(t, gate, y2, self.mid_grad)
+            u = self.linear(t, up_lin, y2, self.mid_grad)
+            c = t.new("act.c", e * T * i)
+            if any_grad:
+                t.save("act", g, u)
+            t.free(g, u)
+            return c
+        # down_proj(act_fn(gate_proj(x)) * up_proj(x)): silu keeps its input, the product both.
+        g = self.linear(t, gate, y2, self.mid_grad)
+        act = t.new("act.s", e * T * i)
+        if self.gate_grad:
+            t.save("act.silu", g)
+        t.free(g)
+        u = self.linear(t, up_lin, y2, self.mid_grad)
+        if self.gate_grad:
+            t.save("act.mul", u)
+        if self.up_grad:
+            t.save("act.mul", act)
+        c = t.new("act.c", e * T * i)
+        t.free(act, u)
+        return c
+
+    # -- backward ----------------------------------------------------------------------------------
+
+    def backward(self, t: Tape, g: str) -> str | None:
+        """From the gradient of the block's output to its input's (None when not needed)."""
+        T, e, h = self.T, self.e, self.spec.hidden_size
+        # out = hmid + mlp: one gradient for both; the residual's part waits in its buffer.
+        gm = g
+        if self.extra_norms > 1 and self.down_out_grad:
+            gm = self.norm_backward(t, g, T, h, "n_pf", shared=True)
+        down = self.group["down_in"][0]
+        gc = self.linear_backward(t, down, gm, self.down_in_grad) if self.down_out_grad else None
+        t.free(None if gm == g else gm)
+        if not self.mid_grad:  # the residual needs no gradient: only the MLP's branch read it
+            t.free(g)
+        gy2 = self.mlp_backward(t, gc)
+        if gy2 is not None:
+            g = self.accumulate(t, g, self.norm_backward(t, gy2, T, h, "n2"))
+        go = g
+        if self.extra_norms > 0 and self.attn_grad:
+            go = self.norm_backward(t, g, T, h, "n_pa", shared=True)
+        [o_lin] = self.group["o_in"]
+        gattn = self.linear_backward(t, o_lin, go, self.qkv_grad) if self.attn_grad else None
+        t.free(None if go == g else go)
+        if not self.xg:  # nor does the block's input
+            t.free(g)
+        gy1 = None
+        if gattn is not None and self.qkv_grad:
+            grads = self.attention_backward(t, gattn)
+            lins = self.group["attn_in"]
+            if self.fused:
+                gqkv = t.new("g.qkv", e * T * lins[0].out_features)  # cat of the three
+                t.free(*grads)
+                grads = [gqkv]
+            for lin, gl in zip(reversed(lins), reversed(grads), strict=True):
+                gy1 = self.accumulate(t, gy1, self.linear_backward(t, lin, gl, self.xg, last_use=True))
+                t.free(gl)
+        if not self.xg:
+            t.free(g, gy1)
+            return None
+        gx = self.norm_backward(t, gy1, T, h, "n1") if gy1 is not None else None
+        return self.accumulate(t, g, gx)
+
+    def mlp_backward(self, t: Tape, gc: str | None) -> str | None:
+        T, e, i = self.T, self.e, self.spec.intermediate_size
+        if gc is None:
+            return None
+        lins = self.group["mlp_in"]
+        t.unpack()
+        if len(lins) == 1:  # Phi-3: the two halves' gradients are joined into one tensor
+            if self.s.liger:
+                t.hold("gate.c")
+                t.hold("up.c")
+                t.release("act")
+                t.free(gc)
+                ggu = t.new("g.gu", 2 * e * T * i)
+                t.free("gate.c", "up.c")
+            else:
+                gs, gu = t.new("g.act", e * T * i), t.new("g.up", e * T * i)
+                t.free(gc)
+                t.release("act.mul")
+                gg = t.new("g.gate", e * T * i)
+                t.free(gs)
+                t.release("act.silu")
+                ggu = t.new("g.gu", 2 * e * T * i)
+                t.free(gg, gu)
+            gy2 = self.linear_backward(t, lins[0], ggu, self.mid_grad, last_use=True)
+            t.free(ggu)
+            return gy2
+        gate, up_lin = lins
+        gate_out, up_out = _out(gate, self.names), _out(up_lin, self.names)
+        if self.s.liger:  # the kernel writes d(gate) and d(up) over the saved gate and up outputs
+            t.hold(gate_out)
+            t.hold(up_out)
+            t.release("act")
+            t.free(gc)
+            gg = gate_out if self.gate_grad else None
+            gu = up_out if self.up_grad else None
+            t.free(None if self.gate_grad else gate_out, None if self.up_grad else up_out)
+        else:
+            gs = t.new("g.act", e * T * i) if self.gate_grad else None  # dc * up
+            gu = t.new("g.up", e * T * i) if self.up_grad else None  # dc * act
+            t.free(gc)
+            t.release("act.mul")
+            gg = None
+        gy2 = None
+        # up_proj's nodes are newer than silu's: up first, then the activation and gate.
+        if gu is not None:
+            gy2 = self.accumulate(t, gy2, self.linear_backward(t, up_lin, gu, self.mid_grad, last_use=True))
+            t.free(gu)
+        if not self.s.liger and gs is not None:
+            gg = t.new("g.gate", e * T * i)
+            t.free(gs)
+            t.release("act.silu")
+        if gg is not None:
+            gy2 = self.accumulate(t, gy2, self.linear_backward(t, gate, gg, self.mid_grad, last_use=True))
+            t.free(gg)
+        return gy2
+
+    def attention_backward(self, t: Tape, gattn: str) -> list[str]:
+        spec, s, T, e = self.spec, self.s, self.T, self.e
+        a, kv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        t.unpack()
+        gq = t.new("g.q", e * T * a * d)
+        if s.attn == "eager" or s.mask or kv == a:
+            gk, gv = t.new("g.k", e * T * a * d), t.new("g.v", e * T * a * d)
+            t.spike(4 * T * a * d)  # fp32 accumulation; eager and memory-efficient, about as much
+            if kv < a:  # back through repeat_kv
+                gk2, gv2 = t.new("g.k2", e * T * kv * d), t.new("g.v2", e * T * kv * d)
+                t.free(gk, gv)
+                gk, gv = gk2, gv2
+        else:
+            # FlashAttention-2's mha_bwd with GQA: dk/dv for every head, summed per group after;
+            # dq accumulated in fp32, and softmax_d.
+            gk, gv = t.new("g.k", e * T * kv * d), t.new("g.v", e * T * kv * d)
+            gke, gve = t.new("g.k.exp", e * T * a * d), t.new("g.v.exp", e * T * a * d)
+            t.spike(4 * T * a * d + 4 * T * a)
+            t.free(gke, gve)
+        t.release("attn")
+        t.free(gattn)
+        if not s.liger:  # back through RoPE: about two temporaries the size of each gradient
+            t.spike(2 * e * T * a * d)
+        if spec.head_norms:
+            gq = self.norm_backward(t, gq, T * a, d, "qn")
+            gk = self.norm_backward(t, gk, T * kv, d, "kn")
+        return [gq, gk, gv]
+
+
+def _trace(spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input_grad: bool) -> BlockTrace:
+    blk = _Block(spec, s, adapted, input_grad)
+    g_bytes = s.elem * s.tokens * spec.hidden_size
+    if s.checkpointing:
+        # The recomputation saves what the forward saves; the dry run counts those saves (for
+        # the early stop) and measures the recomputation's own peak.
+        dry = Tape()
+        blk.forward(dry, dry.external("x"))
+        saved, saves = dry.saved_bytes, dry.saves
+        rec = Tape()
+        rec.stop_after = saves
+        try:
+            blk.forward(rec, rec.external("x"))
+        except _Stop:
+            pass
+        t = Tape()
+        t.external("x")  # the checkpoint keeps the block's input
+        g = t.new("g", g_bytes)
+
+        def recompute() -> None:
+            before = set(t.frame)
+            t.stop_after, t.saves = saves, 0
+            try:
+                blk.forward(t, "x")
+            except _Stop:
+                pass
+            t.stop_after = None
+            t.free(*(n for n in list(t.frame) if n not in before))
+
+        t.on_unpack = recompute
+        blk.backward(t, g)
+        return BlockTrace(saved=saved, forward_peak=0, backward_peak=t.peak, recompute_peak=rec.peak)
+    t = Tape()
+    t.new("x", g_bytes)  # the caller's hidden_states
+    out = blk.forward(t, "x")
+    forward_peak = t.peak
+    t.free("x", out)  # the next block holds its input; this one keeps it only if it saved it
+    saved = t.saved_bytes
+    t.peak = t.level
+    blk.backward(t, t.new("g", g_bytes))
+    return BlockTrace(saved=saved, forward_peak=forward_peak, backward_peak=t.peak)
+
+
+_CACHE: dict[tuple, BlockTrace] = {}
+
+
+def block_trace(spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input_grad: bool) -> BlockTrace:
+    """The :class:`BlockTrace` of one block (cached: an estimate asks for a few kinds of block,
+    and the fit search asks for many estimates)."""
+    shape = (spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.intermediate_size,
+             spec.block_linears, spec.norms_per_block, spec.head_norms)  # fmt: skip
+    key = (shape, s, tuple(adapted), input_grad)
+    hit = _CACHE.get(key)
+    if hit is None:
+        if len(_CACHE) > 1024:
+            _CACHE.clear()
+        hit = _CACHE[key] = _trace(spec, s, adapted, input_grad)
+    return hit

@@ -1,0 +1,339 @@
+"""The budget with Liger Kernel: which kernels a run gets, and the formulas against the H200.
+
+Liger's kernels need triton and a GPU, so they cannot run here. What is tested instead:
+
+* The kernel choice: ``budget.kernels.resolve_kernels`` (through the estimate) against the
+  engine's own ``models.apply_fused_kernels``, run with a stand-in ``liger_kernel`` module, for
+  every ``train.kernels`` value, CUDA or CPU, supported architecture or not, liger installed or
+  not. They differ in one place, on purpose: 'liger' without the package installed here is
+  assumed (the run may be on another machine; the engine refuses to start without it).
+* The budget's copy of liger-kernel 0.8.5's tables (the model types it patches, what each
+  family's ``apply_liger_kernel_to_*`` replaces by default, the fused loss's chunk size) against
+  the wheel's source, where the wheel is at hand (``.whl/``, carried to the GPU runs).
+* The formulas against the engine's measurements on an H200 (bench/results, bench/NOTES.md):
+  Llama-3-8B shape, LoRA r=16 on all linear layers, checkpointing, paged AdamW 8-bit,
+  expandable segments; with Liger at 2048x4, 8192x1, 32768x1 and 131072x1 tokens and without
+  at 2048x4 and 8192x1. The formulas were not fitted to these points. Two constants were
+  measured from them: the cuBLAS workspaces (the intercept of allocated, 64 MiB) and the
+  expandable-segments slack (0.17 x the peak's dynamic part, no fixed part), as CALIBRATION
+  says.
+* The two independent writings of what a block keeps (``formulas.block_saved``'s closed form
+  and ``timeline``'s replay) agree, with and without Liger, across families and options.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import re
+import statistics
+import sys
+import types
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from qlora_engine import models
+from qlora_engine.budget import estimate, fit, model_spec
+from qlora_engine.budget import formulas as fm
+from qlora_engine.budget import kernels as kn
+from qlora_engine.budget.cli import render
+from qlora_engine.budget.estimate import CALIBRATION, estimate_from_spec
+from qlora_engine.budget.timeline import block_trace
+from qlora_engine.config import TrainConfig, apply_overrides
+from qlora_engine.errors import ConfigError
+
+GiB = 1 << 30
+ROOT = Path(__file__).resolve().parents[2]
+LIGER_WHEEL = next(iter(sorted((ROOT / ".whl").glob(f"liger_kernel-{kn.VERSION}-*.whl"))), None)
+
+LLAMA3_8B = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+}
+
+
+def cfg_with(*overrides: str) -> TrainConfig:
+    return apply_overrides(TrainConfig(), list(overrides))
+
+
+@pytest.fixture(autouse=True)
+def engine_allocator(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)  # the engine's default: expandable
+
+
+# -- which kernels -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stand_in_liger(monkeypatch):
+    """Install (or hide) a ``liger_kernel`` whose table is the budget's copy and whose patch
+    function records the model it was given; returns a function to pick installed or not."""
+    applied: list = []
+
+    def install(installed: bool) -> list:
+        names = ["liger_kernel", "liger_kernel.transformers", "liger_kernel.transformers.monkey_patch"]
+        if not installed:
+            for name in names:
+                monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+            return applied
+        mods = {name: types.ModuleType(name) for name in names}
+        mp = mods[names[2]]
+        mp.MODEL_TYPE_TO_APPLY_LIGER_FN = dict.fromkeys(kn.LIGER_MODEL_TYPES)
+        mp._apply_liger_kernel_to_instance = lambda model: applied.append(model)
+        for name, mod in mods.items():
+            monkeypatch.setitem(sys.modules, name, mod)
+        return applied
+
+    return install
+
+
+MODEL_TYPES = {"llama": LLAMA3_8B, "granite": {**LLAMA3_8B, "model_type": "granite"}}
+MODEL_TYPES["mystery"] = {**LLAMA3_8B, "model_type": "mystery-net"}
+
+
+@pytest.mark.parametrize("choice, device, model_type, installed", list(itertools.product(
+    ["auto", "liger", "none"], ["cuda", "cpu"], list(MODEL_TYPES), [True, False],
+)))  # fmt: skip
+def test_the_budget_assumes_the_kernels_the_engine_applies(stand_in_liger, choice, device, model_type, installed):
+    applied = stand_in_liger(installed)
+    config = MODEL_TYPES[model_type]
+    base = SimpleNamespace(config=SimpleNamespace(model_type=config["model_type"]))
+    try:
+        engine: str | type = models.apply_fused_kernels(base, choice, torch.device(device))
+    except ConfigError:
+        engine = ConfigError
+    assert (engine == "liger") == bool(applied)
+
+    cfg = cfg_with(f"train.kernels={choice}", f"train.device={device}", "data.max_length=512")
+    try:
+        est = estimate_from_spec(cfg, model_spec(config), liger_installed=installed)
+        budget: str | type = est.details["kernels"]
+    except ConfigError:
+        budget = ConfigError
+    if choice == "liger" and not installed and engine is ConfigError and budget == "liger":
+        # The one difference: planning on a machine without liger for a run that will have it.
+        assert "not installed here" in est.details["kernels_reason"]
+        return
+    assert budget == engine
+    if budget is not ConfigError:
+        note = next(n for n in est.notes if n.startswith("kernels: "))
+        assert note == f"kernels: {budget} ({est.details['kernels_reason']})"
+        assert est.details["kernels_requested"] == choice
+
+
+def test_auto_looks_for_liger_on_this_machine(monkeypatch):
+    for found in (True, False):
+        monkeypatch.setattr(kn.importlib.util, "find_spec", lambda name, found=found: object() if found else None)
+        est = estimate(cfg_with("data.max_length=512"), LLAMA3_8B)
+        assert est.details["kernels"] == ("liger" if found else "none")
+        assert ("not installed" in est.details["kernels_reason"]) is not found
+
+
+def test_the_kernel_choice_is_shown():
+    est = estimate_from_spec(cfg_with("data.max_length=2048"), model_spec(LLAMA3_8B), liger_installed=True)
+    text = render(est)
+    assert "kernels: liger ('auto' on CUDA with liger-kernel installed: Liger Kernel for llama)" in text
+    assert not est.approximate  # the choice is a note, not a reason to widen the range
+
+
+def _liger_source(path: str) -> str:
+    with zipfile.ZipFile(LIGER_WHEEL) as whl:
+        return whl.read(path).decode()
+
+
+@pytest.mark.skipif(LIGER_WHEEL is None, reason=f"liger_kernel-{kn.VERSION} wheel not in .whl/")
+def test_the_copied_tables_match_liger_0_8_5():
+    tree = ast.parse(_liger_source("liger_kernel/transformers/monkey_patch.py"))
+    table = next(
+        n.value for n in ast.walk(tree)
+        if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "MODEL_TYPE_TO_APPLY_LIGER_FN"
+    )  # fmt: skip
+    assert {k.value for k in table.keys} == kn.LIGER_MODEL_TYPES
+    defaults = {}
+    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("apply_liger_kernel_to_")):
+        args = fn.args.args[-len(fn.args.defaults) :] if fn.args.defaults else []
+        defaults[fn.name] = {a.arg: getattr(d, "value", None) for a, d in zip(args, fn.args.defaults, strict=True)}
+    for model_type in (
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "phi3",
+        "smollm3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "granite",
+    ):
+        d = defaults[f"apply_liger_kernel_to_{model_type}"]
+        choice = kn.resolve_kernels("liger", model_type, cuda=True, installed=True)
+        expected = "fused_linear_cross_entropy" if d["fused_linear_cross_entropy"] else "cross_entropy"
+        assert choice.loss == expected, model_type
+        assert d["rope"] and d["rms_norm"] and (d.get("swiglu") or d.get("geglu")), model_type
+    source = _liger_source("liger_kernel/transformers/monkey_patch.py")
+    for model_type in ("gemma2", "gemma3_text"):  # their norms run out of place (a new dX)
+        body = source[source.index(f"def apply_liger_kernel_to_{model_type}(") :][:3000]
+        assert "in_place=False" in body and not kn.resolve_kernels("liger", model_type, cuda=True).norm_in_place
+
+
+def test_the_fused_loss_chunk_is_liger_s():
+    # liger's own comment: BT = 4096*4, V = 32000, H = 4096 ==> inc_factor = 8, chunk_size = 2048
+    assert fm.flce_chunk_rows(4096 * 4, 4096, 32000) == 2048
+    assert fm.flce_chunk_rows(8192, 4096, 128256) == 256  # cdiv(128256, 4096) = 32 -> 8192 / 32
+    assert fm.flce_chunk_rows(100, 4096, 128256) == 4  # next power of two of cdiv(100, 32)
+    assert fm.flce_chunk_rows(3, 4096, 4096) == 3  # never more rows than tokens
+
+
+@pytest.mark.skipif(LIGER_WHEEL is None, reason=f"liger_kernel-{kn.VERSION} wheel not in .whl/")
+def test_the_fused_loss_chunk_rule_is_read_from_the_source():
+    source = _liger_source("liger_kernel/ops/fused_linear_cross_entropy.py")
+    assert "inc_factor = triton.cdiv(V, chunk_mem_const * H)" in source
+    assert "chunk_size = triton.next_power_of_2(triton.cdiv(BT, inc_factor))" in source
+    assert "chunk_size = min(chunk_size, BT)" in source
+    assert re.search(r"grad_weight = torch.zeros_like\(weight, device=device\) if weight_needs_grad else None", source)
+
+
+# -- the formulas against the H200 --------------------------------------------------------------
+
+# (train.kernels, seq, micro-batch, peak allocated GiB, peak reserved GiB): the engine on an
+# NVIDIA H200 (torch 2.11, transformers 5.17, peft 0.21, bitsandbytes 0.50.2, liger-kernel
+# 0.8.5; bench/results/2026-11-27-NVIDIA-H200-speed-llama3-8b-0948.json and -long-context.jsonl).
+H200 = [
+    ("liger", 2048, 4, 10.10, 10.71),
+    ("liger", 8192, 1, 10.11, 10.73),
+    ("liger", 32768, 1, 23.73, 27.08),
+    ("liger", 131072, 1, 78.20, 89.91),
+    ("none", 2048, 4, 19.44, 22.28),
+    ("none", 8192, 1, 19.44, 22.18),
+]
+
+
+def _h200_estimate(kernels: str, seq: int, mbs: int):
+    cfg = cfg_with(
+        f"data.max_length={seq}", f"train.micro_batch_size={mbs}", "train.gradient_accumulation_steps=1",
+        "train.gradient_checkpointing=true", "lora.rank=16", "lora.alpha=16", "lora.target_modules=[all-linear]",
+        "optim.optimizer=paged_adamw_8bit", f"train.kernels={kernels}",
+    )  # fmt: skip
+    return estimate_from_spec(cfg, model_spec(LLAMA3_8B), data_stats={"min": seq, "max": seq}, liger_installed=True)
+
+
+@pytest.mark.parametrize("kernels, seq, mbs, allocated, reserved", H200)
+def test_the_formulas_reproduce_the_h200_runs(kernels, seq, mbs, allocated, reserved):
+    est = _h200_estimate(kernels, seq, mbs)
+    d = est.details
+    assert d["kernels"] == kernels and d["allocator"] == "expandable_segments" and d["allocator_calibrated"]
+    # Liger: the top block's recomputation (LoRA's fp32 temporaries of up_proj) under the 32
+    # kept block inputs; plain: the loss's fp32 buffers.
+    assert d["peak_phase"] == ("block_backward" if kernels == "liger" else "loss_backward")
+    # The reported values have two decimals: 0.005 GiB of rounding on top of 0.3%.
+    assert d["torch_allocated"] / GiB == pytest.approx(allocated, rel=0.003, abs=0.006)
+    err = 100 * (d["torch_reserved"] / GiB - reserved) / reserved
+    assert -2.5 <= err <= 2.5  # the issue's goal is +-7%, never more than 5% under
+
+
+def test_the_h200_runs_meet_the_issue_s_goals():
+    errs = []
+    for kernels, seq, mbs, _, reserved in H200:
+        errs.append(100 * (_h200_estimate(kernels, seq, mbs).details["torch_reserved"] / GiB - reserved) / reserved)
+    assert max(abs(e) for e in errs) <= 7 and statistics.median(abs(e) for e in errs) <= 3 and min(errs) >= -5
+
+
+def test_the_liger_peak_grows_like_the_h200_s():
+    # Per token at long context: 32 kept block inputs (2 x 4096 bytes each) and the top block's
+    # recomputation peak, against the H200's slope between 32k and 131k tokens (594,960 bytes).
+    a, b = _h200_estimate("liger", 32768, 1), _h200_estimate("liger", 131072, 1)
+    slope = (b.details["torch_allocated"] - a.details["torch_allocated"]) / (131072 - 32768)
+    assert slope == pytest.approx((78.20 - 23.73) * GiB / (131072 - 32768), rel=0.001)
+    spec = model_spec(LLAMA3_8B)
+    tops = [
+        block_trace(spec, fm.StepShape(batch=1, seq=n, elem=2, checkpointing=True, mask=False, packed=False,
+                                       attn="sdpa", rank=16, dropout=False, dora=False, kernels="liger",
+                                       loss="fused_linear_cross_entropy"), list(spec.block_linears), True)
+        for n in (32768, 65536)
+    ]  # fmt: skip
+    per_token = (tops[1].backward_peak - tops[0].backward_peak) // 32768
+    assert per_token == 332_296 and tops[0].saved == 242_248 * 32768
+    # kept inputs + the top block's peak + the batch (32) + RoPE's cos/sin (512) per token
+    assert 32 * 2 * 4096 + per_token + 32 + 512 == pytest.approx(slope, rel=0.0001)
+
+
+def test_the_calibration_says_what_was_fitted():
+    exp = CALIBRATION["allocator"]["expandable_segments"]
+    assert exp["measured"] and exp["fixed"] == 0 and exp["fragmentation"] == 0.17
+    assert "H200" in exp["source"] and CALIBRATION["cublas_workspace"] == 64 << 20
+
+
+# -- Liger's estimate as a whole -----------------------------------------------------------------
+
+
+def test_liger_takes_the_logits_out_of_the_peak():
+    plain = _h200_estimate("none", 2048, 4)
+    liger = _h200_estimate("liger", 2048, 4)
+    assert plain.components["logits_loss"] == 12 * 2048 * 4 * LLAMA3_8B["vocab_size"]
+    assert liger.components["logits_loss"] == 0 and liger.details["loss"] == "fused_linear_cross_entropy"
+    assert liger.details["phases"]["loss_forward"] < liger.details["phases"]["block_backward"]
+    assert liger.total < 0.6 * plain.total
+    assert not any("dominate" in n for n in liger.notes) and any("Liger" in n for n in plain.notes if "dominate" in n)
+
+
+@pytest.mark.parametrize(
+    "field, values",
+    [("train.micro_batch_size", [1, 2, 4, 8]), ("data.max_length", [256, 1024, 4096]), ("lora.rank", [4, 16, 64, 256])],
+)
+@pytest.mark.parametrize("ckpt", [True, False])
+def test_more_of_anything_costs_more_with_liger(field, values, ckpt):
+    spec = model_spec(LLAMA3_8B)
+    totals = [
+        estimate_from_spec(cfg_with(f"{field}={v}", f"train.gradient_checkpointing={ckpt}", "train.kernels=liger"),
+                           spec, liger_installed=True).total
+        for v in values
+    ]  # fmt: skip
+    assert totals == sorted(totals) and len(set(totals)) == len(totals)
+
+
+def test_fit_with_liger_reaches_long_contexts(monkeypatch):
+    monkeypatch.setattr(kn, "liger_installed", lambda: True)
+    cfg = cfg_with(
+        "train.micro_batch_size=1", "train.gradient_accumulation_steps=1", "optim.optimizer=paged_adamw_8bit"
+    )
+    advice = fit(cfg, 80 * GiB, {**LLAMA3_8B, "max_position_embeddings": 1 << 20})
+    # The H200 trained 131,072 tokens in 89.9 GiB reserved: an 80 GiB card holds somewhat less.
+    assert 100_000 < advice.max_sequence_length < 131_072
+    assert advice.estimate.details["kernels"] == "liger"
+
+
+# -- two writings of what a block keeps ------------------------------------------------------------
+
+_SMALL = {"architectures": ["X"], "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 704,
+          "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"])
+def test_the_closed_form_and_the_replay_keep_the_same_bytes(family):
+    spec = model_spec({**_SMALL, "model_type": family})
+    names = spec.linear_names()
+    targets = [names, [n for n in names if n[0] in "qkvo"], [names[-1]], [names[1]], ["o_proj"]]
+    for kernels, ckpt, mask, dropout, chosen, grad, attn in itertools.product(
+        ["none", "liger"], [True, False], [False, True], [False, True], targets, [True, False], ["sdpa", "eager"]
+    ):
+        s = fm.StepShape(
+            batch=2, seq=64, elem=2, checkpointing=ckpt, mask=mask, packed=False, attn=attn, rank=8, dropout=dropout,
+            dora=False, kernels=kernels, loss="fused_linear_cross_entropy" if kernels == "liger" else "plain",
+            norm_in_place=family not in ("gemma2", "gemma3_text"),
+        )  # fmt: skip
+        adapted = [lin for lin in spec.block_linears if lin.name in chosen]
+        trace = block_trace(spec, s, adapted, grad)
+        assert trace.saved == fm.block_saved(spec, s, adapted, grad), (kernels, ckpt, mask, dropout, chosen, grad, attn)
+        assert trace.backward_peak >= trace.saved and (ckpt or trace.forward_peak >= trace.saved)
