@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtCore import QCoreApplication
     from PySide6.QtWidgets import QApplication
 
+    from app import crash
     from app.main_window import MainWindow
     from app.settings import open_settings
     from app.theme import apply_theme
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     QCoreApplication.setOrganizationName("QLoRA Studio")
     QCoreApplication.setApplicationName("qlora-studio")
     qapp = QApplication.instance() or QApplication(sys.argv[:1])
+    crash.install()
     settings = open_settings()
     mode = args.look or str(settings.value("look/mode", "system"))
     apply_theme(qapp, mode)
