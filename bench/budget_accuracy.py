@@ -5,6 +5,9 @@
                                     [--alloc-conf expandable_segments:False]
     python bench/budget_accuracy.py --dry-run      # the cases, their predictions and commands; no GPU
     python bench/budget_accuracy.py --smoke        # one tiny case through the whole chain, on the CPU
+    python bench/budget_accuracy.py --recheck bench/results/<date>-<card>-budget.json
+                                                   # the recorded cases re-estimated by the current
+                                                   # budget against their measurements; no GPU
 
 Builds random-weight checkpoints of two shapes (BENCHMARKS.md's Llama-3-8B and a ~1B Llama,
 both through ``save_pretrained`` as real safetensors), then runs every case through the
@@ -330,6 +333,59 @@ def run_case(name: str, workdir: Path, steps: int, device: str = "cuda") -> dict
     return res
 
 
+# -- a recorded run against the current budget ----------------------------------------------------
+
+
+def recheck(record: dict) -> list[dict]:
+    """The record's measured cases with their predictions recomputed by the budget as it is now.
+
+    The estimate needs only the config (the shapes' config.json as in SHAPES, the synthetic data's
+    lengths), so this runs anywhere; each case is estimated under the allocator setting its worker
+    saw and with liger-kernel assumed installed, as on the GPU. A case whose definition or
+    kernels no longer match what was run is an error, not a silently different comparison.
+    """
+    out = []
+    for r in record["results"]:
+        if "measured" not in r:
+            out.append(r)
+            continue
+        shape, seq, mbs, ckpt, optimizer, kind, _ = ALL_CASES[r["case"]]
+        ran = (r["shape"], r["seq"], r["micro_batch"], r["checkpointing"], r["optimizer"], r["data"])
+        if ran != (shape, seq, mbs, ckpt, optimizer, kind):
+            raise ValueError(f"{r['case']}: the case is now {ALL_CASES[r['case']][:6]}, the record ran {ran}")
+        saved = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+        conf = r["allocator"]["alloc_conf_seen"]
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf if conf is not None else ""
+        try:
+            _, _, est = case_estimate(r["case"], Path("/nonexistent"), r["steps"], liger_installed=True)
+        finally:
+            if saved is None:
+                os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+            else:
+                os.environ["PYTORCH_CUDA_ALLOC_CONF"] = saved
+        d = est.details
+        if d["kernels"] != r["kernels"]["applied"] or d["allocator"] != r["allocator"]["budget_mode"]:
+            raise ValueError(f"{r['case']}: the budget now assumes {d['kernels']}/{d['allocator']}, the run had "
+                             f"{r['kernels']['applied']}/{r['allocator']['budget_mode']}")  # fmt: skip
+        m = r["measured"]
+        pred_reserved, pred_allocated = d["torch_reserved"], d["torch_allocated"]
+        pred_outside = est.components["cuda_context"] + d["paged_optimizer_bytes"]
+        meas_reserved, meas_allocated = m["peak_reserved_gib"] * GiB, m["peak_allocated_gib"] * GiB
+        predicted = dict(
+            r["predicted"], torch_reserved_gib=gib(pred_reserved), torch_allocated_gib=gib(pred_allocated),
+            outside_torch_gib=gib(pred_outside), total_gib=gib(est.total), low_gib=gib(est.low),
+            high_gib=gib(est.high), peak_phase=d["peak_phase"], static_gib=gib(d["static_bytes"]),
+            dynamic_gib=gib(d["dynamic_bytes"]), slack_gib=gib(est.components["allocator_slack"]),
+        )  # fmt: skip
+        out.append(dict(
+            r, predicted=predicted,
+            reserved_error_pct=round(100 * (pred_reserved - meas_reserved) / meas_reserved, 2),
+            allocated_error_pct=round(100 * (pred_allocated - meas_allocated) / meas_allocated, 2),
+            in_range=est.low - pred_outside <= meas_reserved <= est.high - pred_outside,
+        ))  # fmt: skip
+    return out
+
+
 # -- the driver ------------------------------------------------------------------------------------
 
 
@@ -360,15 +416,16 @@ def check_imports(gpu: bool = True) -> None:
 
 def fit_slack(results: list[dict]) -> dict:
     """Least-squares fit of the measured slack (reserved - allocated), per allocator mode, to the
-    estimate's form: fixed + fragmentation x dynamic + logits_fragmentation x 4TV (loss peaks
-    only). The inputs of CALIBRATION["allocator"][mode] after a run; read before pasting."""
+    estimate's form: fixed + fragmentation x dynamic (fragmentation_without_checkpointing for
+    runs without checkpointing) + logits_fragmentation x 4TV (plain loss peaks only). The inputs of CALIBRATION["allocator"][mode] after a run; read before pasting."""
     by_mode: dict[str, list[dict]] = {}
     for r in results:
         if "measured" in r:
             by_mode.setdefault(r["allocator"]["budget_mode"], []).append(r)
     out = {}
     for mode, rs in by_mode.items():
-        rows = [(1.0, r["predicted"]["dynamic_gib"],
+        rows = [(1.0, r["predicted"]["dynamic_gib"] if r["checkpointing"] else 0.0,
+                 0.0 if r["checkpointing"] else r["predicted"]["dynamic_gib"],
                  r["predicted"]["logits_fp32_gib"] if r["predicted"]["peak_phase"].startswith("loss") else 0.0)
                 for r in rs]  # fmt: skip
         y = [r["measured"]["slack_gib"] for r in rs]
@@ -377,9 +434,10 @@ def fit_slack(results: list[dict]) -> dict:
             import numpy as np
 
             a = np.array(rows)
-            cols = [c for c in range(3) if a[:, c].any()] if len(rs) >= 3 else [0]
+            cols = [c for c in range(4) if a[:, c].any()] if len(rs) >= 4 else [0]
             coef, *_ = np.linalg.lstsq(a[:, cols], np.array(y), rcond=None)
-            named = dict.fromkeys(("fixed_gib", "fragmentation", "logits_fragmentation"), 0.0)
+            names = ("fixed_gib", "fragmentation", "fragmentation_without_checkpointing", "logits_fragmentation")
+            named = dict.fromkeys(names, 0.0)
             for c, v in zip(cols, coef, strict=True):
                 named[list(named)[c]] = round(float(v), 4)
             fit["fit"] = named
@@ -528,12 +586,22 @@ def main() -> None:
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--dry-run", action="store_true", help="print cases, predictions and commands; run nothing")
     ap.add_argument("--smoke", action="store_true", help="run one tiny case through the whole chain on the CPU")
+    ap.add_argument("--recheck", metavar="RECORD", help="re-estimate a recorded run's cases with the current budget")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     ap.add_argument("--make-checkpoint", help=argparse.SUPPRESS)
     args = ap.parse_args()
     workdir = Path(args.workdir)
 
+    if args.recheck:
+        record = json.loads(Path(args.recheck).read_text())
+        results = recheck(record)
+        print(f"# {args.recheck} ({record['card']}), re-estimated by the current budget")
+        print(table(results))
+        summary = summarize(results)
+        print("\n" + json.dumps({"summary": summary, "goals": GOALS}))
+        print(json.dumps({"slack_fit": fit_slack(results)}))
+        sys.exit(0 if summary.get("goals_met") else 1)
     if args.list:
         for name, spec in CASES.items():
             print(name, spec)

@@ -7,29 +7,28 @@ Liger's kernels need triton and a GPU, so they cannot run here. What is tested i
   every ``train.kernels`` value, CUDA or CPU, supported architecture or not, liger installed or
   not. They differ in one place, on purpose: 'liger' without the package installed here is
   assumed (the run may be on another machine; the engine refuses to start without it).
-* The budget's copy of liger-kernel 0.8.5's tables (the model types it patches, what each
-  family's ``apply_liger_kernel_to_*`` replaces by default, the fused loss's chunk size) against
-  the wheel's source, where the wheel is at hand (``.whl/``, carried to the GPU runs).
+* The fused loss's chunk size against the worked example in liger-kernel 0.8.5's own source
+  comment. (The wheel is not in CI, so the budget's copy of liger's tables in ``kernels`` is
+  not re-read from it here; the GPU runs, which install it, check the choice end to end:
+  ``kernels_as_assumed`` in bench/budget_accuracy.py's records.)
 * The formulas against the engine's measurements on an H200 (bench/results, bench/NOTES.md):
   Llama-3-8B shape, LoRA r=16 on all linear layers, checkpointing, paged AdamW 8-bit,
   expandable segments; with Liger at 2048x4, 8192x1, 32768x1 and 131072x1 tokens and without
-  at 2048x4 and 8192x1. The formulas were not fitted to these points. Two constants were
-  measured from them: the cuBLAS workspaces (the intercept of allocated, 64 MiB) and the
-  expandable-segments slack (0.17 x the peak's dynamic part, no fixed part), as CALIBRATION
-  says.
+  at 2048x4 and 8192x1. The formulas were not fitted to these points. The cuBLAS workspaces
+  (the intercept of allocated, 64 MiB) were measured from them, and the expandable-segments
+  slack was fitted on them together with the 14 cases of
+  bench/results/2026-11-27-NVIDIA-H200-budget.json (tests/engine/test_budget_recorded.py), as
+  CALIBRATION says.
 * The two independent writings of what a block keeps (``formulas.block_saved``'s closed form
   and ``timeline``'s replay) agree, with and without Liger, across families and options.
 """
 
 from __future__ import annotations
 
-import ast
 import itertools
-import re
 import statistics
 import sys
 import types
-import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -48,7 +47,6 @@ from qlora_engine.errors import ConfigError
 
 GiB = 1 << 30
 ROOT = Path(__file__).resolve().parents[2]
-LIGER_WHEEL = next(iter(sorted((ROOT / ".whl").glob(f"liger_kernel-{kn.VERSION}-*.whl"))), None)
 
 LLAMA3_8B = {
     "model_type": "llama",
@@ -148,61 +146,12 @@ def test_the_kernel_choice_is_shown():
     assert not est.approximate  # the choice is a note, not a reason to widen the range
 
 
-def _liger_source(path: str) -> str:
-    with zipfile.ZipFile(LIGER_WHEEL) as whl:
-        return whl.read(path).decode()
-
-
-@pytest.mark.skipif(LIGER_WHEEL is None, reason=f"liger_kernel-{kn.VERSION} wheel not in .whl/")
-def test_the_copied_tables_match_liger_0_8_5():
-    tree = ast.parse(_liger_source("liger_kernel/transformers/monkey_patch.py"))
-    table = next(
-        n.value for n in ast.walk(tree)
-        if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "MODEL_TYPE_TO_APPLY_LIGER_FN"
-    )  # fmt: skip
-    assert {k.value for k in table.keys} == kn.LIGER_MODEL_TYPES
-    defaults = {}
-    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("apply_liger_kernel_to_")):
-        args = fn.args.args[-len(fn.args.defaults) :] if fn.args.defaults else []
-        defaults[fn.name] = {a.arg: getattr(d, "value", None) for a, d in zip(args, fn.args.defaults, strict=True)}
-    for model_type in (
-        "llama",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "phi3",
-        "smollm3",
-        "gemma",
-        "gemma2",
-        "gemma3_text",
-        "granite",
-    ):
-        d = defaults[f"apply_liger_kernel_to_{model_type}"]
-        choice = kn.resolve_kernels("liger", model_type, cuda=True, installed=True)
-        expected = "fused_linear_cross_entropy" if d["fused_linear_cross_entropy"] else "cross_entropy"
-        assert choice.loss == expected, model_type
-        assert d["rope"] and d["rms_norm"] and (d.get("swiglu") or d.get("geglu")), model_type
-    source = _liger_source("liger_kernel/transformers/monkey_patch.py")
-    for model_type in ("gemma2", "gemma3_text"):  # their norms run out of place (a new dX)
-        body = source[source.index(f"def apply_liger_kernel_to_{model_type}(") :][:3000]
-        assert "in_place=False" in body and not kn.resolve_kernels("liger", model_type, cuda=True).norm_in_place
-
-
 def test_the_fused_loss_chunk_is_liger_s():
     # liger's own comment: BT = 4096*4, V = 32000, H = 4096 ==> inc_factor = 8, chunk_size = 2048
     assert fm.flce_chunk_rows(4096 * 4, 4096, 32000) == 2048
     assert fm.flce_chunk_rows(8192, 4096, 128256) == 256  # cdiv(128256, 4096) = 32 -> 8192 / 32
     assert fm.flce_chunk_rows(100, 4096, 128256) == 4  # next power of two of cdiv(100, 32)
     assert fm.flce_chunk_rows(3, 4096, 4096) == 3  # never more rows than tokens
-
-
-@pytest.mark.skipif(LIGER_WHEEL is None, reason=f"liger_kernel-{kn.VERSION} wheel not in .whl/")
-def test_the_fused_loss_chunk_rule_is_read_from_the_source():
-    source = _liger_source("liger_kernel/ops/fused_linear_cross_entropy.py")
-    assert "inc_factor = triton.cdiv(V, chunk_mem_const * H)" in source
-    assert "chunk_size = triton.next_power_of_2(triton.cdiv(BT, inc_factor))" in source
-    assert "chunk_size = min(chunk_size, BT)" in source
-    assert re.search(r"grad_weight = torch.zeros_like\(weight, device=device\) if weight_needs_grad else None", source)
 
 
 # -- the formulas against the H200 --------------------------------------------------------------
@@ -271,8 +220,10 @@ def test_the_liger_peak_grows_like_the_h200_s():
 
 def test_the_calibration_says_what_was_fitted():
     exp = CALIBRATION["allocator"]["expandable_segments"]
-    assert exp["measured"] and exp["fixed"] == 0 and exp["fragmentation"] == 0.17
-    assert "H200" in exp["source"] and CALIBRATION["cublas_workspace"] == 64 << 20
+    assert exp["measured"] and exp["fixed"] == 80 << 20 and exp["logits_fragmentation"] == 0
+    assert (exp["fragmentation"], exp["fragmentation_without_checkpointing"]) == (0.16, 0.06)
+    assert "H200" in exp["source"] and "2026-11-27-NVIDIA-H200-budget.json" in exp["source"]
+    assert CALIBRATION["cublas_workspace"] == 64 << 20
 
 
 # -- Liger's estimate as a whole -----------------------------------------------------------------
