@@ -109,6 +109,18 @@ CASES: dict[str, tuple] = {
     ),
 }  # fmt: skip
 
+# Held out: never used to fit the calibration constants (run with --cases to check them).
+HOLDOUT_CASES: dict[str, tuple] = {
+    "8b-4096x2-ckpt-p8-r64": ("llama3-8b", 4096, 2, True, "paged_adamw_8bit", "fixed", ["lora.rank=64"]),
+    "8b-16384x1-ckpt-p8": ("llama3-8b", 16384, 1, True, "paged_adamw_8bit", "fixed", []),
+    "8b-1024x4-nockpt-p8-attn": (
+        "llama3-8b", 1024, 4, False, "paged_adamw_8bit", "fixed", ["lora.target_modules=[attention]"],
+    ),
+    "1b-4096x2-ckpt-p8-mlp": ("llama-1b", 4096, 2, True, "paged_adamw_8bit", "fixed", ["lora.target_modules=[mlp]"]),
+    "1b-1024x8-nockpt-p8-none": ("llama-1b", 1024, 8, False, "paged_adamw_8bit", "fixed", ["train.kernels=none"]),
+    "1b-2048x2-ckpt-adamw-padded-r8": ("llama-1b", 2048, 2, True, "adamw", "padded", ["lora.rank=8"]),
+}  # fmt: skip
+
 SMOKE_CASES: dict[str, tuple] = {
     "smoke-tiny-64x2-ckpt": ("tiny", 64, 2, True, "adamw", "padded", []),
 }  # fmt: skip
@@ -626,7 +638,7 @@ def main() -> None:
         args.steps = min(args.steps, 2)
     else:
         shapes = [s for s in args.shapes.split(",") if s]
-        names = [n for n in (args.cases.split(",") if args.cases else CASES) if n and CASES[n][0] in shapes]
+        names = [n for n in (args.cases.split(",") if args.cases else CASES) if n and ALL_CASES[n][0] in shapes]
         device = "cuda"
     if args.dry_run:
         dry_run(names, args, workdir)
@@ -692,7 +704,7 @@ def main() -> None:
         sys.exit(1)
 
 
-ALL_CASES = {**CASES, **SMOKE_CASES}
+ALL_CASES = {**CASES, **HOLDOUT_CASES, **SMOKE_CASES}
 
 if __name__ == "__main__":
     main()
