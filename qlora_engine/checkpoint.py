@@ -93,13 +93,13 @@ def checkpoint_name(step: int) -> str:
 
 def write_marker(folder: Path, meta: dict[str, Any]) -> None:
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER}
-    (folder / MARKER).write_text(json.dumps({"complete": True, "files": files, **meta}, indent=1))
+    (folder / MARKER).write_text(json.dumps({"complete": True, "files": files, **meta}, indent=1), encoding="utf-8")
 
 
 def is_complete(folder: Path) -> bool:
     """True if ``folder`` holds a checkpoint this engine finished writing, with every file intact."""
     try:
-        marker = json.loads((folder / MARKER).read_text())
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
     if not marker.get("complete"):
@@ -142,7 +142,7 @@ def load_state(folder: Path) -> dict[str, Any]:
             f"{folder}: not a complete checkpoint written by QLoRA Studio (missing or mismatched {MARKER}).",
             hint="Resume from another checkpoint; `--resume` without a path picks the newest complete one.",
         )
-    return json.loads((folder / STATE).read_text())
+    return json.loads((folder / STATE).read_text(encoding="utf-8"))
 
 
 def torch_load_own(folder: Path, name: str) -> Any:
@@ -176,6 +176,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl+C there: ask the process table instead
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -202,7 +213,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 try:
-                    other = json.loads(self.path.read_text() or "{}")
+                    other = json.loads(self.path.read_text(encoding="utf-8") or "{}")
                 except (OSError, json.JSONDecodeError):
                     other = {}
                 same_host = other.get("host") == me["host"]

@@ -139,9 +139,9 @@ def gguf_to_folder(path: Path, *, sink: Any = None) -> Path:
         # The saved weights are plain bf16: drop the GGUF quantization note from the config,
         # or a later 4-bit load would see two quantization configs.
         config_file = tmp / "config.json"
-        config = json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text(encoding="utf-8"))
         config.pop("quantization_config", None)
-        config_file.write_text(json.dumps(config, indent=2))
+        config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
         tok.save_pretrained(tmp)
         (tmp / "qlora_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
         tmp.rename(target)

@@ -347,7 +347,7 @@ class Trainer:
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(ckpt.rng_state(), tmp / "rng.pt")
-            (tmp / ckpt.STATE).write_text(json.dumps(state, indent=1, default=str))
+            (tmp / ckpt.STATE).write_text(json.dumps(state, indent=1, default=str), encoding="utf-8")
             ckpt.write_marker(tmp, {"step": self.step})
 
         path = ckpt.write_atomic_folder(self.ckpt_dir / ckpt.checkpoint_name(self.step), write, replace=True)
