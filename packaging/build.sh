@@ -19,6 +19,7 @@
 #   BUILD_DIR    venv, PyInstaller's work folder and the smoke test's files (default build/frozen)
 #   DIST_DIR     outputs (default dist)
 #   KEEP_VENV=1  reuse BUILD_DIR/venv if it exists (a quicker rebuild; not a clean build)
+#   SKIP_FREEZE=1  keep DIST_DIR/qlora-studio as it is and only smoke-test and pack it again
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,12 +60,17 @@ WHEEL="$(ls "$DIST_DIR"/qlora_studio-"$VERSION"-*.whl)"
 "$VPY" -c 'import torch, bitsandbytes; print("torch", torch.__version__, "cuda", torch.version.cuda, "| bitsandbytes", bitsandbytes.__version__)' 2>/dev/null
 
 # -- 3. the frozen app ------------------------------------------------------------------------------
-say "PyInstaller (several minutes)"
-rm -rf "$APP_DIR" "$DIST_DIR"/qlora-studio-"$VERSION"-*.tar.gz
-# run outside the checkout, so the analysis finds the installed wheel and not the source folders
-( cd "$BUILD_DIR" && "$VENV/bin/pyinstaller" --noconfirm --clean --log-level WARN \
-    --distpath "$DIST_DIR" --workpath "$BUILD_DIR/work" "$ROOT/packaging/qlora-studio.spec" ) \
-    > "$BUILD_DIR/pyinstaller.log" 2>&1 || { tail -40 "$BUILD_DIR/pyinstaller.log"; exit 1; }
+rm -f "$DIST_DIR"/qlora-studio-"$VERSION"-*.tar.gz
+if [[ "${SKIP_FREEZE:-}" == 1 && -x "$APP" ]]; then
+    say "keeping the frozen app in $APP_DIR (SKIP_FREEZE=1)"
+else
+    say "PyInstaller (several minutes)"
+    rm -rf "$APP_DIR"
+    # run outside the checkout, so the analysis finds the installed wheel and not the source folders
+    ( cd "$BUILD_DIR" && "$VENV/bin/pyinstaller" --noconfirm --clean --log-level WARN \
+        --distpath "$DIST_DIR" --workpath "$BUILD_DIR/work" "$ROOT/packaging/qlora-studio.spec" ) \
+        > "$BUILD_DIR/pyinstaller.log" 2>&1 || { tail -40 "$BUILD_DIR/pyinstaller.log"; exit 1; }
+fi
 
 # the desktop integration travels with the folder (install-desktop.sh points Exec at this copy)
 cp "$ROOT/packaging/qlora-studio.desktop" "$ROOT/packaging/install-desktop.sh" "$APP_DIR/"
@@ -83,7 +89,7 @@ export QT_QPA_PLATFORM=offscreen HF_HUB_OFFLINE=1
 grep -q "usage" "$SMOKE/engine-help.txt"
 echo "engine --help: ok"
 
-# start-up: from exec to the main window shown (then it closes); the first run reads the files cold
+# start-up, measured from outside: exec, the main window shown (and styled), closed, exited
 for run in first second; do
     t0="$(now)"
     QLORA_STUDIO_HOME="$SMOKE/home-$run" "$APP" --smoke-test --only window > "$SMOKE/startup-$run.txt" 2>&1
@@ -91,7 +97,7 @@ for run in first second; do
     grep -q '^OK$' "$SMOKE/startup-$run.txt"
     declare "STARTUP_${run}=$("$VPY" -c "print(f'{$t1 - $t0:.1f}')")"
 done
-echo "start-up to the window shown and closed: ${STARTUP_first}s (first), ${STARTUP_second}s (second)"
+echo "start-up (exec to window shown, closed and exited): ${STARTUP_first}s and ${STARTUP_second}s"
 
 set +e
 QLORA_STUDIO_HOME="$SMOKE/home" "$APP" --smoke-test --train "$SMOKE/tiny-llama" --screenshot "$SMOKE/window.png" > "$SMOKE/smoke.txt" 2>&1
@@ -130,11 +136,11 @@ fi
     echo "wheel: $(basename "$WHEEL") $(du -h "$WHEEL" | cut -f1)"
     echo "frozen folder: $(du -sh "$APP_DIR" | cut -f1) in $(find "$APP_DIR" -type f | wc -l) files"
     [[ -f "$TARBALL" && $SMOKE_RC -eq 0 ]] && echo "tarball: $(basename "$TARBALL") $(du -h "$TARBALL" | cut -f1)"
-    echo "start-up to window shown: ${STARTUP_first}s first run, ${STARTUP_second}s second run"
+    echo "start-up (exec to window shown, closed and exited), two runs: ${STARTUP_first}s, ${STARTUP_second}s"
     echo "X11 (Xvfb): $X11"
     [[ -z "$UNBUNDLED" ]] || echo "X11 plugin libraries not bundled (missing on the build machine): $UNBUNDLED"
     echo "smoke test:"
-    grep -E '^(ok|FAIL|OK|FAILED)' "$SMOKE/smoke.txt" | sed 's/^/  /'
+    grep -E '^(ok|FAIL|OK|FAILED)' "$SMOKE/smoke.txt" | sed 's/^/  /' || echo "  (no result: see $SMOKE/smoke.txt)"
 } > "$RESULT"
 say "result ($RESULT)"
 cat "$RESULT"
