@@ -6,6 +6,18 @@ import argparse
 import sys
 
 
+def collect_garbage_on_gui_thread():
+    """Run Python's cycle collector only on the GUI thread, from a 1 s timer (pyqtgraph's collector).
+
+    Automatic collection runs in whichever thread happens to allocate; when that is one of our
+    worker threads (a model load, an export, a generation) and the garbage holds Qt objects of
+    the GUI thread, Qt destroys them from the wrong thread, which can crash the process.
+    """
+    from pyqtgraph.util.garbage_collector import GarbageCollector
+
+    return GarbageCollector(interval=1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--engine"]:
@@ -30,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     QCoreApplication.setApplicationName("qlora-studio")
     qapp = QApplication.instance() or QApplication(sys.argv[:1])
     crash.install()
+    collector = collect_garbage_on_gui_thread()  # noqa: F841 - its timer lives as long as the app
     settings = open_settings()
     mode = args.look or str(settings.value("look/mode", "system"))
     apply_theme(qapp, mode)

@@ -54,6 +54,19 @@ def studio_home(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def gui_thread_gc(qapp):
+    """Collect cycles on the GUI thread only, as the app does (app.main.collect_garbage_on_gui_thread)."""
+    import gc
+
+    from app.main import collect_garbage_on_gui_thread
+
+    collector = collect_garbage_on_gui_thread()
+    yield collector
+    collector.timer.stop()
+    gc.enable()
+
+
+@pytest.fixture(autouse=True)
 def no_leaks(qapp):
     """Fail a test that leaves a QThread running or an engine process alive (and clean up after it)."""
     before = set(_live_children())
