@@ -116,13 +116,13 @@ def cmd_inspect_model(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Fetch the demo model, train a short run on the bundled sample data, show before/after."""
+    import torch
+
     from qlora_engine import resources
     from qlora_engine.config import TrainConfig, apply_overrides
     from qlora_engine.demo import fetch_demo_model
     from qlora_engine.events import TextSink
     from qlora_engine.train import run
-
-    import torch
 
     gguf = fetch_demo_model(log=lambda m: print(m, file=sys.stderr))
     out = Path(args.output_dir)

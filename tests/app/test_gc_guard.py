@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import gc
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
-from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QApplication
 
 
 class _Cyclic:
@@ -37,21 +38,25 @@ def test_cycles_made_anywhere_are_freed_on_the_gui_thread(qtbot, gui_thread_gc):
     assert all(seen)
 
 
-def test_the_app_installs_the_collector(studio_home, monkeypatch):
-    from app import main as app_main
-
-    state = {}
-
-    def look_and_quit() -> None:
-        state["automatic_gc"] = gc.isenabled()
-        for w in QApplication.topLevelWidgets():
-            w.close()
-        QApplication.quit()
-
-    gc.enable()
-    QTimer.singleShot(200, look_and_quit)
-    try:
-        assert app_main.main([]) == 0
-    finally:
-        gc.enable()
-    assert state == {"automatic_gc": False}
+def test_the_app_installs_the_collector(studio_home):
+    # In a child process: main() runs the application's event loop to its end, which would
+    # leave this test process's QApplication closing.
+    probe = textwrap.dedent("""
+        import gc, sys
+        from PySide6.QtCore import QTimer
+        from PySide6.QtWidgets import QApplication
+        from app import main as app_main
+        seen = []
+        def look_and_quit():
+            seen.append(gc.isenabled())
+            for w in QApplication.topLevelWidgets():
+                w.close()
+            QApplication.quit()
+        QApplication([])
+        QTimer.singleShot(200, look_and_quit)
+        rc = app_main.main([])
+        print("automatic gc:", seen, "exit:", rc)
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
+    assert "automatic gc: [False] exit: 0" in out.stdout, out.stdout + out.stderr
