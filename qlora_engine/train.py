@@ -5,9 +5,13 @@ recipe has four parts that read top to bottom: :meth:`Trainer.setup` (load, quan
 wrap, data, optimizer), :meth:`Trainer.train` (the loop), :meth:`Trainer.save_checkpoint`
 and :meth:`Trainer.cleanup`.
 
-Data order is a pure function of (seed, epoch): micro-batch ``k`` is slice ``k % n`` of the
-permutation of epoch ``k // n``. The data position of a checkpoint is therefore just its
-step, and a resumed run sees exactly the batches an uninterrupted run would have seen.
+Data order is a pure function of the seed: the run reads one stream of samples, epoch after
+epoch, each epoch a permutation seeded by (seed, epoch), and micro-batch ``k`` is samples
+``k*b .. (k+1)*b`` of that stream (``b`` = micro_batch_size). An optimizer step therefore
+sees the same samples however its batch (micro_batch_size x gradient_accumulation_steps) is
+split, the data position of a checkpoint is just its step, and a resumed run sees exactly
+the batches an uninterrupted run would have seen, also after an out-of-memory fix that
+split the batch into smaller micro-batches.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import random
 import time
 import traceback
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -75,6 +80,7 @@ class Trainer:
         self.run_dir = cfg.output_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.data = data
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its sample order), the one in use
         self.step = 0
         self.last_loss: float | None = None
         self.last_eval_loss: float | None = None
@@ -99,12 +105,11 @@ class Trainer:
             self.data = prepare_data(cfg, self.tokenizer, self.sink)
         if not self.data.train:
             raise QLoRAError(f"{cfg.data.path}: no training samples left after preparation.")
-        self.batches_per_epoch = math.ceil(len(self.data.train) / cfg.train.micro_batch_size)
-        ga = cfg.train.gradient_accumulation_steps
+        self.samples_per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
         if cfg.train.max_steps is not None:
             self.total_steps = cfg.train.max_steps
         else:
-            self.total_steps = max(1, math.ceil(cfg.train.epochs * self.batches_per_epoch / ga))
+            self.total_steps = max(1, math.ceil(cfg.train.epochs * len(self.data.train) / self.samples_per_step))
 
         emit(PhaseChanged(phase="loading_model", detail=f"{folder} in 4-bit {cfg.quant.quant_type} on {self.device}"))
         base = models.load_quantized_model(cfg, folder, self.device, self.dtype)
@@ -162,8 +167,9 @@ class Trainer:
             "quant": asdict(c.quant),
             "lora": {k: v for k, v in asdict(c.lora).items() if k != "dropout"},
             "data.fingerprint": self.data.fingerprint,
-            "train.micro_batch_size": c.train.micro_batch_size,
-            "train.gradient_accumulation_steps": c.train.gradient_accumulation_steps,
+            # the batch of a step, not its split into micro-batches (see the module docstring)
+            "train.micro_batch_size x gradient_accumulation_steps": c.train.micro_batch_size
+            * c.train.gradient_accumulation_steps,
             "train.seed": c.train.seed,
         }
 
@@ -199,17 +205,24 @@ class Trainer:
     def micro_batch(self, k: int) -> dict[str, torch.Tensor]:
         """Micro-batch number ``k`` of the whole run (see the module docstring)."""
         bs, n = self.cfg.train.micro_batch_size, len(self.data.train)
-        epoch, j = divmod(k, self.batches_per_epoch)
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=gen)[j * bs : (j + 1) * bs].tolist()
-        return collate([self.data.train[i] for i in order], self.tokenizer.pad_token_id)
+        rows = []
+        for i in range(k * bs, (k + 1) * bs):
+            epoch, j = divmod(i, n)
+            rows.append(self.data.train[self._epoch_order(epoch)[j]])
+        return collate(rows, self.tokenizer.pad_token_id)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if self._order[0] != epoch:
+            gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.data.train), generator=gen).tolist())
+        return self._order[1]
 
     def train(self) -> RunFinished:
         cfg, emit = self.cfg, self.sink.emit
         ga = cfg.train.gradient_accumulation_steps
         emit(PhaseChanged(phase="training", detail=f"steps {self.step + 1}-{self.total_steps}"))
         t_start = time.perf_counter()
-        step_times: list[float] = []
+        step_times: deque[float] = deque(maxlen=20)  # for the ETA
         stopped = False
         while self.step < self.total_steps:
             self.control.wait_if_paused()
@@ -250,19 +263,18 @@ class Trainer:
             dt = time.perf_counter() - t0
             step_times.append(dt)
             if self.step % cfg.train.logging_steps == 0 or self.step == self.total_steps:
-                recent = step_times[-20:]
                 emit(
                     StepMetrics(
                         step=self.step,
                         total_steps=self.total_steps,
-                        epoch=self.step * ga / self.batches_per_epoch,
+                        epoch=self.step * self.samples_per_step / len(self.data.train),
                         loss=loss,
                         learning_rate=lr,
                         grad_norm=float(grad_norm),
                         tokens=n_tokens,
                         tokens_per_second=n_tokens / dt if dt > 0 else 0.0,
                         elapsed=time.perf_counter() - t_start,
-                        eta=sum(recent) / len(recent) * (self.total_steps - self.step),
+                        eta=sum(step_times) / len(step_times) * (self.total_steps - self.step),
                         cuda_allocated=_cuda_mem(self.device, "max_memory_allocated"),
                         cuda_reserved=_cuda_mem(self.device, "max_memory_reserved"),
                     )

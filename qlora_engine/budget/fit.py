@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,7 +162,10 @@ def _suggestions(cfg: TrainConfig, probe: _Probe, current: VramEstimate, advice:
         )
     mbs = advice.max_micro_batch_size
     if 1 <= mbs < tr.micro_batch_size:
-        ga = math.ceil(tr.micro_batch_size * tr.gradient_accumulation_steps / mbs)
+        # a divisor of the step's batch, so the steps see the same samples and a run can resume
+        batch = tr.micro_batch_size * tr.gradient_accumulation_steps
+        mbs = max(d for d in range(1, mbs + 1) if batch % d == 0)
+        ga = batch // mbs
         offer(
             f"Micro-batch {mbs} with {ga} accumulation steps (same effective batch, slower)",
             [f"train.micro_batch_size={mbs}", f"train.gradient_accumulation_steps={ga}"],

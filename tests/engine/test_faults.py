@@ -165,6 +165,37 @@ def test_out_of_memory_names_fixes_that_apply_and_keeps_the_checkpoint(tiny_cfg,
     assert resumed.of(StepMetrics)[0].step == 3
 
 
+def test_an_out_of_memory_fix_that_splits_the_batch_resumes_as_if_nothing_happened(tiny_cfg, tmp_path, monkeypatch):
+    # The fix the budget offers most often: smaller micro-batches, more accumulation, the same
+    # batch per step. The resumed run must see the same samples per step (across an epoch
+    # boundary too: 6 steps x 4 samples > the data) and reach the uninterrupted run's losses.
+    common = ["train.max_steps=6", "train.save_steps=2", "lora.dropout=0.0"]
+    straight = ListSink()
+    run(tiny_cfg(*common, "train.micro_batch_size=4", f"output.dir={tmp_path / 'straight'}"), straight)
+
+    cfg = tiny_cfg(*common, "train.micro_batch_size=4", f"output.dir={tmp_path / 'oom'}")
+    real = Trainer.micro_batch
+
+    def micro_batch(self, k):
+        if self.step == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, k)
+
+    monkeypatch.setattr(Trainer, "micro_batch", micro_batch)
+    first = ListSink()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run(cfg, first)
+    monkeypatch.undo()
+    split = apply_overrides(cfg, ["train.micro_batch_size=2", "train.gradient_accumulation_steps=2"])
+    resumed = ListSink()
+    run(split, resumed, resume=True)
+    assert [e.step for e in resumed.of(StepMetrics)] == [3, 4, 5, 6]
+    assert losses(first)[:2] + losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
+    with pytest.raises(ResumeError, match="gradient_accumulation_steps: checkpoint has 4, config has 6"):
+        run(apply_overrides(cfg, ["train.micro_batch_size=3", "train.gradient_accumulation_steps=2",
+                                  "train.max_steps=8"]), ListSink(), resume=True)
+
+
 def test_out_of_memory_fixes_come_from_the_budget_and_apply(tmp_path):
     # An 8B-shaped model (config only: the budget never reads weights) on an 80 GiB card.
     folder = tmp_path / "llama-8b-shape"
