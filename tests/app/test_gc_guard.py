@@ -9,7 +9,6 @@ import textwrap
 import threading
 
 
-
 class _Cyclic:
     """Garbage only the cycle collector frees; records which thread freed it."""
 
@@ -57,6 +56,11 @@ def test_the_app_installs_the_collector(studio_home):
         rc = app_main.main([])
         print("automatic gc:", seen, "exit:", rc)
     """)
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "QT_QPA_PLATFORM": "offscreen"},
+    )
     assert "automatic gc: [False] exit: 0" in out.stdout, out.stdout + out.stderr
