@@ -7,8 +7,11 @@ message names the file, line or field at fault. Nothing here may crash with a tr
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +33,10 @@ class Case:
 
 def cfg_file(tmp: Path, model: Path | str, *overrides: str, data: Path | None = None) -> str:
     data = data or write(tmp / "train.jsonl", '{"text": "hello there"}\n{"text": "general kenobi"}\n')
-    cfg = apply_overrides(TrainConfig(), [f"model.ref={model}", f"data.path={data}", f"output.dir={tmp / 'run'}",
-                                          "train.max_steps=1", *overrides])
+    cfg = apply_overrides(
+        TrainConfig(),
+        [f"model.ref={model}", f"data.path={data}", f"output.dir={tmp / 'run'}", "train.max_steps=1", *overrides],
+    )
     path = tmp / "run.yaml"
     cfg.save(path)
     return str(path)
@@ -56,6 +61,39 @@ def train_with(*overrides: str) -> Callable[[Path, Path], list[str]]:
 
 def train_data(name: str, text: str | bytes, *overrides: str) -> Callable[[Path, Path], list[str]]:
     return lambda tmp, model: ["train", cfg_file(tmp, model, *overrides, data=write(tmp / name, text))]
+
+
+ROW = '{"text": "hello there"}\n'
+
+
+def train_zip(name: str, members: dict[str, str]) -> Callable[[Path, Path], list[str]]:
+    """Train on a zip holding ``members`` (names stored as given, '..' and all)."""
+
+    def build(tmp: Path, model: Path) -> list[str]:
+        path = tmp / name
+        with zipfile.ZipFile(path, "w") as zf:
+            for member, text in members.items():
+                zf.writestr(member, text)
+        return ["train", cfg_file(tmp, model, data=path)]
+
+    return build
+
+
+def train_tar_with(kind: bytes, linkname: str = "") -> Callable[[Path, Path], list[str]]:
+    """Train on a tar whose member 'data' is a link or special file, followed by a data file through it."""
+
+    def build(tmp: Path, model: Path) -> list[str]:
+        path = tmp / "evil.tar"
+        with tarfile.open(path, "w") as tf:
+            odd = tarfile.TarInfo("data")
+            odd.type, odd.linkname = kind, linkname
+            tf.addfile(odd)
+            rows = tarfile.TarInfo("data/rows.jsonl")
+            rows.size = len(ROW)
+            tf.addfile(rows, io.BytesIO(ROW.encode()))
+        return ["train", cfg_file(tmp, model, data=path)]
+
+    return build
 
 
 def model_folder(edit: Callable[[Path], None]) -> Callable[[Path, Path], list[str]]:
@@ -113,8 +151,11 @@ CASES = [
     Case("no weights at all", model_folder(lambda f: (f / "model.safetensors").unlink()), ("no weight files",)),
     Case("remote code needed", model_folder(remote_code), ("trust_remote_code",)),
     Case("gguf file missing", lambda tmp, m: ["train", cfg_file(tmp, tmp / "x.gguf")], ("x.gguf", "not found")),
-    Case("hub id offline", lambda tmp, m: ["train", cfg_file(tmp, "no-such-org/no-such-model")],
-         ("could not be downloaded", "offline")),
+    Case(
+        "hub id offline",
+        lambda tmp, m: ["train", cfg_file(tmp, "no-such-org/no-such-model")],
+        ("could not be downloaded", "offline"),
+    ),
     Case("unknown target module", train_with("lora.target_modules=[qkv_proj]"), ("qkv_proj", "q_proj")),
     Case("layers past the model", train_with("lora.layers=0-40"), ("lora.layers", "2 layers")),
     Case("inspect pickle-only", lambda tmp, m: ["inspect-model", str(_pickled(tmp, m))], ("pickle",), 3),
@@ -128,18 +169,51 @@ CASES = [
     Case("too many bad rows", train_data("d.jsonl", '{"text": "ok"}\n' + '{"text": ""}\n' * 9), ("d.jsonl",)),
     Case("CSV header only", train_data("d.csv", "text\n"), ("d.csv",)),
     Case("format forced wrong", train_data("d.jsonl", '{"text": "hi"}\n', "data.format=alpaca"), ("d.jsonl",)),
+    # -- data archives ----------------------------------------------------------------------
+    Case(
+        "archive member climbs out",
+        train_zip("evil.zip", {"../../evil.jsonl": ROW}),
+        ("evil.zip", "refused to extract member '../../evil.jsonl'", "climbs out"),
+    ),
+    Case(
+        "archive member absolute",
+        train_zip("evil.zip", {"/qlora-evil/rows.jsonl": ROW}),
+        ("evil.zip", "'/qlora-evil/rows.jsonl'", "absolute path"),
+    ),
+    Case("archive symlink member", train_tar_with(tarfile.SYMTYPE, "/etc"), ("evil.tar", "'data'", "symbolic link")),
+    Case(
+        "archive hardlink member", train_tar_with(tarfile.LNKTYPE, "/etc/passwd"), ("evil.tar", "'data'", "hard link")
+    ),
+    Case("archive fifo member", train_tar_with(tarfile.FIFOTYPE), ("evil.tar", "'data'", "fifo")),
+    Case(
+        "archive with several data sets",
+        train_zip("many.zip", {"a.jsonl": ROW, "b.csv": "text\nhi\n"}),
+        ("many.zip", "a.jsonl, b.csv", "point data.path at one of them"),
+    ),
+    Case(
+        "archive without data",
+        train_zip("docs.zip", {"README.md": "hi", "paper.pdf": "%PDF"}),
+        ("docs.zip", "no data file", "paper.pdf"),
+    ),
+    Case("archive damaged", train_data("cut.zip", b"PK\x03\x04\x14\x00"), ("cut.zip", "not a readable")),
     # -- resuming ---------------------------------------------------------------------------
-    Case("resume with nothing saved", lambda tmp, m: ["train", cfg_file(tmp, m), "--resume"],
-         ("no complete checkpoint",)),
-    Case("resume from a non-checkpoint", lambda tmp, m: ["train", cfg_file(tmp, m), "--resume", str(tmp)],
-         ("not a complete checkpoint",)),
+    Case(
+        "resume with nothing saved", lambda tmp, m: ["train", cfg_file(tmp, m), "--resume"], ("no complete checkpoint",)
+    ),
+    Case(
+        "resume from a non-checkpoint",
+        lambda tmp, m: ["train", cfg_file(tmp, m), "--resume", str(tmp)],
+        ("not a complete checkpoint",),
+    ),
     # -- command-line arguments -----------------------------------------------------------
     Case("unknown command", lambda tmp, m: ["trian", "x.yaml"], ("invalid choice",)),
     Case("train without config", lambda tmp, m: ["train"], ("config",)),
     Case("events bad choice", lambda tmp, m: ["train", "x.yaml", "--events", "json"], ("--events",)),
-    Case("init over an existing file", lambda tmp, m: ["init", "--model", "m", "--data", "d",
-                                                       "-o", str(write(tmp / "run.yaml", "x: 1\n"))],
-         ("already exists",)),
+    Case(
+        "init over an existing file",
+        lambda tmp, m: ["init", "--model", "m", "--data", "d", "-o", str(write(tmp / "run.yaml", "x: 1\n"))],
+        ("already exists",),
+    ),
     Case("estimate nonsense GPU size", lambda tmp, m: ["estimate", cfg_file(tmp, m), "--gpu", "lots"], ("lots",)),
 ]
 
@@ -149,6 +223,12 @@ def _pickled(tmp: Path, model: Path) -> Path:
     shutil.copytree(model, folder)
     pickle_only(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """Archives are extracted into the engine's cache: keep it inside the test's folder."""
+    monkeypatch.setenv("QLORA_STUDIO_CACHE", str(tmp_path / "cache"))
 
 
 def test_the_table_is_large_enough():

@@ -3,7 +3,7 @@
 One function, :func:`inspect_data`, serves the CLI, the desktop app's data page and the VRAM
 budget: detected format and evidence, rows read and skipped (why, where), and with a
 tokenizer the token-length statistics and the first samples rendered as text with the
-trained part marked. It writes nothing.
+trained part marked. It writes nothing, except that an archive is extracted once into the cache.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from qlora_engine.data import archives
 from qlora_engine.errors import DataError
 
 FILE_KINDS = {
@@ -40,7 +41,10 @@ FILE_KINDS = {
     ".text": "text",
     ".md": "text",
 }
-ACCEPTED_FILES = "JSONL, JSON, CSV, TSV, Parquet, plain text (.txt), a datasets.save_to_disk folder or a hub dataset id"
+ACCEPTED_FILES = (
+    "JSONL, JSON, CSV, TSV, Parquet, plain text (.txt), one of those in a .zip or tar archive, "
+    "a datasets.save_to_disk folder or a hub dataset id"
+)
 _BOMS = {b"\xff\xfe": "UTF-16 LE", b"\xfe\xff": "UTF-16 BE"}
 
 
@@ -95,20 +99,51 @@ class Source:
 
 
 def open_source(spec: str, path: Path, *, subset: str | None = None, split: str = "train") -> Source:
-    """Open ``path`` (``spec`` as resolved against the config folder); a hub id if no such path."""
+    """Open ``path`` (``spec`` as resolved against the config folder); a hub id if no such path.
+
+    An archive (.zip, .tar, .tar.gz, ...) is checked and extracted once into the engine's cache
+    (see :mod:`qlora_engine.data.archives`); the one data file or saved dataset inside is read,
+    with a label naming both (``train.zip › data/train.jsonl``).
+    """
     if not spec or not spec.strip():
         raise DataError("data.path: no training data chosen; set a file, a folder or a hub dataset id.")
     if path.is_dir():
         return _open_saved(path, split)
     if path.is_file():
-        kind = _file_kind(path)
-        size = path.stat().st_size
-        if size == 0:
+        if path.stat().st_size == 0:
             raise DataError(f"{path}: the file is empty (0 bytes). Accepted inputs: {ACCEPTED_FILES}.")
-        return Source(label=str(path), kind=kind, path=path, size_bytes=size)
+        if archives.is_archive(path):
+            return _open_archive(path, split)
+        return _open_file(path, str(path))
     if _looks_like_path(spec):
         raise DataError(f"{path}: no such file or folder.", hint=f"Accepted inputs: {ACCEPTED_FILES}.")
     return _open_hub(spec, subset, split)
+
+
+def kind_by_name(name: str) -> str | None:
+    """The kind of data a file name says (``train.jsonl.gz``: jsonl), or None."""
+    suffixes = [s.lower() for s in Path(name).suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return FILE_KINDS.get(suffixes[-1]) if suffixes else None
+
+
+def _open_file(path: Path, label: str) -> Source:
+    kind = _file_kind(path, label)
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"{label}: the file is empty (0 bytes). Accepted inputs: {ACCEPTED_FILES}.")
+    return Source(label=label, kind=kind, path=path, size_bytes=size)
+
+
+def _open_archive(archive: Path, split: str) -> Source:
+    folder = archives.extract(archive)
+    inner = archives.data_inside(folder, archive)
+    member = inner.relative_to(folder).as_posix()
+    label = str(archive) if member == "." else f"{archive} › {member}"
+    if inner.is_dir():
+        return _open_saved(inner, split, label)
+    return _open_file(inner, label)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -117,15 +152,13 @@ def _looks_like_path(spec: str) -> bool:
         return True
     if s.count("/") > 1:
         return True
-    return any(s.lower().endswith(ext) or s.lower().endswith(ext + ".gz") for ext in FILE_KINDS)
+    return kind_by_name(s) is not None or s.lower().endswith(archives.ARCHIVE_SUFFIXES)
 
 
-def _file_kind(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    if suffixes and suffixes[-1] in FILE_KINDS:
-        return FILE_KINDS[suffixes[-1]]
+def _file_kind(path: Path, label: str) -> str:
+    kind = kind_by_name(path.name)
+    if kind is not None:
+        return kind
     # No telling extension: look at the first bytes.
     with _open_binary(path) as fh:
         head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
@@ -136,7 +169,7 @@ def _file_kind(path: Path) -> str:
     if head.startswith(b"PAR1"):
         return "parquet"
     raise DataError(
-        f"{path}: unknown file type {path.suffix or '(no extension)'!r}.",
+        f"{label}: unknown file type {path.suffix or '(no extension)'!r}.",
         hint=f"Accepted inputs: {ACCEPTED_FILES}. Rename the file with the extension that fits its content.",
     )
 
@@ -152,11 +185,11 @@ def _raw_position(fh: Any) -> int:
     return (raw or fh).tell()
 
 
-def _check_utf16(path: Path, first: bytes) -> None:
+def _check_utf16(label: str, first: bytes) -> None:
     for bom, name in _BOMS.items():
         if first.startswith(bom):
             raise DataError(
-                f"{path}: the file is encoded as {name}, not UTF-8.",
+                f"{label}: the file is encoded as {name}, not UTF-8.",
                 hint="Save it as UTF-8 (in most editors: Save As, encoding UTF-8) and try again.",
             )
 
@@ -176,7 +209,7 @@ def _binary_lines(src: Source) -> Iterator[tuple[int, bytes]]:
         src._pos = lambda: _raw_position(fh) / max(src.size_bytes or 1, 1) if not fh.closed else 1.0
         for n, line in enumerate(fh, 1):
             if n == 1:
-                _check_utf16(src.path, line)
+                _check_utf16(src.label, line)
                 if line.startswith(b"\xef\xbb\xbf"):
                     line = line[3:]
             yield n, line.rstrip(b"\r\n")
@@ -214,7 +247,7 @@ def _json_rows(src: Source) -> Iterator[Row]:
     assert src.path is not None
     with _open_binary(src.path) as fh:
         data = fh.read()
-    _check_utf16(src.path, data)
+    _check_utf16(src.label, data)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     try:
@@ -302,7 +335,7 @@ def _csv_rows(src: Source) -> Iterator[Row]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # the default (128 KiB) rejects long answers
     with _open_binary(src.path) as raw:
         head = raw.read(4)
-        _check_utf16(src.path, head)
+        _check_utf16(src.label, head)
     with _open_binary(src.path) as raw:
         fh = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
         src._pos = lambda: _raw_position(raw) / max(src.size_bytes or 1, 1) if not raw.closed else 1.0
@@ -402,10 +435,11 @@ def _dataset_rows(src: Source) -> Iterator[Row]:
 # -- datasets: saved folders and hub ids ------------------------------------------------------
 
 
-def _open_saved(path: Path, split: str) -> Source:
+def _open_saved(path: Path, split: str, label: str | None = None) -> Source:
+    label = label or str(path)
     if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         raise DataError(
-            f"{path}: a folder, but not one written by datasets.save_to_disk (no dataset_info.json).",
+            f"{label}: a folder, but not one written by datasets.save_to_disk (no dataset_info.json).",
             hint=f"Point data.path at a data file inside it. Accepted inputs: {ACCEPTED_FILES}.",
         )
     import datasets
@@ -413,9 +447,9 @@ def _open_saved(path: Path, split: str) -> Source:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise DataError(f"{path}: could not read the saved dataset ({type(e).__name__}: {e}).") from None
-    ds = _pick_split(ds, split, str(path))
-    return Source(label=str(path), kind="saved", path=path, dataset=ds)
+        raise DataError(f"{label}: could not read the saved dataset ({type(e).__name__}: {e}).") from None
+    ds = _pick_split(ds, split, label)
+    return Source(label=label, kind="saved", path=path, dataset=ds)
 
 
 def _open_hub(spec: str, subset: str | None, split: str) -> Source:
