@@ -161,17 +161,7 @@ class Trainer:
 
     def _identity(self) -> dict[str, Any]:
         """What must not change between a checkpoint and its resumption."""
-        c = self.cfg
-        return {
-            "model.ref": c.model.ref,
-            "quant": asdict(c.quant),
-            "lora": {k: v for k, v in asdict(c.lora).items() if k != "dropout"},
-            "data.fingerprint": self.data.fingerprint,
-            # the batch of a step, not its split into micro-batches (see the module docstring)
-            "train.micro_batch_size x gradient_accumulation_steps": c.train.micro_batch_size
-            * c.train.gradient_accumulation_steps,
-            "train.seed": c.train.seed,
-        }
+        return {**_setup_identity(self.cfg), "data.fingerprint": self.data.fingerprint}
 
     def _load_checkpoint(self, folder: Path) -> None:
         from peft import set_peft_model_state_dict
@@ -412,6 +402,38 @@ def _vram_estimate(cfg: TrainConfig, data: PreparedData) -> dict[str, Any] | Non
         return budget.estimate(cfg, data_stats=stats).to_dict()
     except Exception:
         return None
+
+
+def _setup_identity(c: TrainConfig) -> dict[str, Any]:
+    """The settings a checkpoint can only be resumed with (the data is checked by its fingerprint)."""
+    return {
+        "model.ref": c.model.ref,
+        "quant": asdict(c.quant),
+        "lora": {k: v for k, v in asdict(c.lora).items() if k != "dropout"},
+        # the batch of a step, not its split into micro-batches (see the module docstring)
+        "train.micro_batch_size x gradient_accumulation_steps": c.train.micro_batch_size
+        * c.train.gradient_accumulation_steps,
+        "train.seed": c.train.seed,
+    }
+
+
+def resume_blockers(before: TrainConfig, after: TrainConfig) -> list[str]:
+    """Why a run checkpointed under ``before`` would not resume under ``after`` (empty: it would).
+
+    Judged from the two configs alone, before loading anything: any change of a data setting
+    counts (a resume then compares the prepared data's fingerprint). The app uses it to offer
+    "apply and resume" or "apply and start a new run" for an out-of-memory fix.
+    """
+
+    def identity(c: TrainConfig) -> dict[str, Any]:
+        data = {f"data.{k}": v for k, v in asdict(c.data).items() if k != "cache"}
+        for key in ("data.path", "data.validation_path"):
+            if data[key] and c.resolve(data[key]).exists():
+                data[key] = str(c.resolve(data[key]).resolve())
+        return {**_setup_identity(c), **data}
+
+    a, b = identity(before), identity(after)
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
 
 
 def oom_fixes(cfg: TrainConfig, data: PreparedData | None, card_bytes: int | None) -> list[dict[str, Any]]:

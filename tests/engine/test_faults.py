@@ -18,7 +18,7 @@ from qlora_engine import checkpoint as ckpt
 from qlora_engine.config import apply_overrides
 from qlora_engine.errors import DiskFullError, ResumeError, TrainingDiverged
 from qlora_engine.events import CheckpointSaved, ListSink, RunFailed, StepMetrics, from_json
-from qlora_engine.train import Trainer, run
+from qlora_engine.train import Trainer, resume_blockers, run
 
 
 def losses(sink):
@@ -187,6 +187,8 @@ def test_an_out_of_memory_fix_that_splits_the_batch_resumes_as_if_nothing_happen
         run(cfg, first)
     monkeypatch.undo()
     split = apply_overrides(cfg, ["train.micro_batch_size=2", "train.gradient_accumulation_steps=2"])
+    assert resume_blockers(cfg, split) == []
+    assert resume_blockers(cfg, apply_overrides(cfg, ["data.max_length=64"])) == ["data.max_length: 1024 -> 64"]
     resumed = ListSink()
     run(split, resumed, resume=True)
     assert [e.step for e in resumed.of(StepMetrics)] == [3, 4, 5, 6]
