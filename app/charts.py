@@ -2,7 +2,9 @@
 
 One ``GraphicsLayoutWidget`` holds all five plots, so a redraw is one scene update. The view
 calls :meth:`RunCharts.draw` with a :class:`RunRecord` at most a few times a second; each
-curve is replaced with ``setData`` (cheap for the few thousand points a run logs).
+curve is replaced with ``setData``. That stays cheap however long the run: the record keeps
+each series under a few thousand points (:mod:`app.series`), and the plots clip to the view
+and downsample to the pixels on top of that.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ class RunCharts(QWidget):
         ):
             xs, ys = rec.series(attr)
             self.curves[name].setData(np.asarray(xs, float), _finite(ys))
-        self._legend(self.loss, self.curves["train loss"], bool(rec.steps))
+        self._legend(self.loss, self.curves["train loss"], rec.has_steps)
         xs, ys = rec.eval_series()
         self.curves["eval loss"].setData(np.asarray(xs, float), _finite(ys))
         self._legend(self.loss, self.curves["eval loss"], bool(xs))

@@ -106,7 +106,7 @@ def summarize(run_dir: str | Path) -> RunSummary:
     rec = RunRecord.from_dir(run_dir)
     status = rec.status
     if status in ("running", "starting", "empty") and not _lock_alive(run_dir):
-        status = "interrupted" if (rec.steps or rec.started) else "empty"
+        status = "interrupted" if (rec.has_steps or rec.started) else "empty"
     elif _lock_alive(run_dir) and status not in ("finished", "stopped"):
         status = "running"
     last = latest_checkpoint(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else None
@@ -118,7 +118,7 @@ def summarize(run_dir: str | Path) -> RunSummary:
         step=rec.step,
         total_steps=rec.total_steps,
         final_loss=rec.finished.final_loss if rec.finished else (rec.latest.loss if rec.latest else None),
-        eval_loss=rec.evals[-1].loss if rec.evals else None,
+        eval_loss=rec.last_eval.loss if rec.last_eval else None,
         model=model,
         started_at=rec.first_time,
         last_checkpoint=last,

@@ -1,18 +1,27 @@
 """Everything known about one run, accumulated from its events (no Qt here).
 
 The run view draws a :class:`RunRecord`; the live path feeds it events one by one from the
-child process, the history path feeds it a whole ``events.jsonl`` at once. Both end in the
-same state, so a replayed run looks exactly like it did live.
+child process, the history path feeds it a run's ``events.jsonl`` line by line. Both end in
+the same state, so a replayed run looks exactly like it did live.
+
+The record keeps what the window draws and the latest values, never the whole stream: every
+chart series is a :class:`~app.series.BoundedSeries` (exact for the first few thousand
+points, then decimated, min/max-preserving), and the log lines and checkpoints are the newest
+few. A run of a million steps takes the same memory as one of ten thousand; its full record
+is the ``events.jsonl`` on disk.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.series import BoundedSeries
 from qlora_engine.events import (
     CheckpointSaved,
     EvalResult,
@@ -23,15 +32,26 @@ from qlora_engine.events import (
     RunFinished,
     RunStarted,
     StepMetrics,
-    read_events,
+    iter_events,
 )
 
+KEPT_LOG_LINES = 2000
+"""The engine's log lines a record keeps (the newest); the log pane holds a few more of its own."""
+KEPT_CHECKPOINTS = 100
 
-@dataclass
-class VramSample:
-    time: float
-    used_bytes: float
-    process_bytes: float | None = None
+STEP_SERIES = ("loss", "learning_rate", "grad_norm", "tokens_per_second")
+"""Step metrics drawn against the step."""
+MEMORY_SERIES = {
+    "vram_used": "GPU used (NVML)",
+    "vram_process": "this run (NVML)",
+    "cuda_allocated": "torch allocated",
+    "cuda_reserved": "torch reserved",
+}
+"""Memory figures drawn against the time (NVML samples, and the engine's own per step), and their labels."""
+
+
+def _new_series() -> dict[str, BoundedSeries]:
+    return {name: BoundedSeries() for name in (*STEP_SERIES, "eval_loss", *MEMORY_SERIES)}
 
 
 @dataclass
@@ -42,21 +62,19 @@ class RunRecord:
     started: RunStarted | None = None
     phase: str = ""
     phase_detail: str = ""
-    steps: list[StepMetrics] = field(default_factory=list)
-    evals: list[EvalResult] = field(default_factory=list)
-    checkpoints: list[CheckpointSaved] = field(default_factory=list)
-    logs: list[LogLine] = field(default_factory=list)
+    latest: StepMetrics | None = None
+    """The newest step's metrics."""
+    last_eval: EvalResult | None = None
+    checkpoints: deque[CheckpointSaved] = field(default_factory=lambda: deque(maxlen=KEPT_CHECKPOINTS))
+    logs: deque[LogLine] = field(default_factory=lambda: deque(maxlen=KEPT_LOG_LINES))
     finished: RunFinished | None = None
     failed: RunFailed | None = None
-    vram: list[VramSample] = field(default_factory=list)
     first_time: float | None = None
     last_time: float | None = None
     version: int = 0
     """Bumped on every change, so a view can skip redrawing what it has already drawn."""
-    _series: dict[str, list[float]] = field(default_factory=dict, repr=False)
-    """Step metrics as columns, appended per step, so a redraw does not walk every event again."""
-
-    SERIES = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second")
+    _series: dict[str, BoundedSeries] = field(default_factory=_new_series, repr=False)
+    """Every drawn series by name: step metrics and eval loss by step, memory by time."""
 
     # -- feeding ---------------------------------------------------------------------------
     def apply(self, e: Event) -> None:
@@ -67,17 +85,18 @@ class RunRecord:
         if isinstance(e, StepMetrics):
             # a resumed run repeats nothing, but a run resumed from an earlier checkpoint
             # than its last logged step re-logs steps: the newer value replaces the older
-            while self.steps and self.steps[-1].step >= e.step:
-                self.steps.pop()
-                for col in self._series.values():
-                    col.pop()
-            self.steps.append(e)
-            for name in self.SERIES:
-                self._series.setdefault(name, []).append(float(getattr(e, name)))
+            for name in STEP_SERIES:
+                col = self._series[name]
+                col.drop_from(e.step)
+                col.append(e.step, getattr(e, name))
+            for name in ("cuda_allocated", "cuda_reserved"):
+                if getattr(e, name) is not None:
+                    self._series[name].append(e.time, getattr(e, name))
+            self.latest = e
         elif isinstance(e, EvalResult):
-            while self.evals and self.evals[-1].step >= e.step:
-                self.evals.pop()
-            self.evals.append(e)
+            self._series["eval_loss"].drop_from(e.step)
+            self._series["eval_loss"].append(e.step, e.loss)
+            self.last_eval = e
         elif isinstance(e, PhaseChanged):
             self.phase, self.phase_detail = e.phase, e.detail
         elif isinstance(e, RunStarted):
@@ -87,9 +106,13 @@ class RunRecord:
             self.finished = None
             self.failed = None
             if e.start_step:
-                self.steps = [s for s in self.steps if s.step <= e.start_step]
-                self.evals = [s for s in self.evals if s.step <= e.start_step]
-                self._series = {n: [float(getattr(s, n)) for s in self.steps] for n in self.SERIES}
+                # steps logged after the checkpoint this run resumes from are done again
+                for name in (*STEP_SERIES, "eval_loss"):
+                    self._series[name].drop_after(e.start_step)
+                if self.latest is not None and self.latest.step > e.start_step:
+                    self.latest = None
+                if self.last_eval is not None and self.last_eval.step > e.start_step:
+                    self.last_eval = None
         elif isinstance(e, CheckpointSaved):
             self.checkpoints.append(e)
         elif isinstance(e, LogLine):
@@ -102,11 +125,15 @@ class RunRecord:
             self.phase = "failed"
 
     def add_vram(self, used_bytes: float, process_bytes: float | None = None, at: float | None = None) -> None:
-        self.vram.append(VramSample(at if at is not None else time.time(), used_bytes, process_bytes))
+        """One NVML sample of the GPU's memory (the whole card's, and this run's if known)."""
+        at = at if at is not None else time.time()
+        self._series["vram_used"].append(at, used_bytes)
+        if process_bytes is not None:
+            self._series["vram_process"].append(at, process_bytes)
         self.version += 1
 
     @classmethod
-    def from_events(cls, events: list[Event], run_dir: Path | None = None) -> RunRecord:
+    def from_events(cls, events: Iterable[Event], run_dir: Path | None = None) -> RunRecord:
         rec = cls(run_dir=run_dir)
         for e in events:
             rec.apply(e)
@@ -114,27 +141,26 @@ class RunRecord:
 
     @classmethod
     def from_dir(cls, run_dir: str | Path) -> RunRecord:
-        """Read a run folder's ``events.jsonl`` (an empty record if there is none yet)."""
+        """Read a run folder's ``events.jsonl`` line by line (an empty record if there is none yet)."""
         run_dir = Path(run_dir)
         path = run_dir / "events.jsonl"
-        events = read_events(path) if path.is_file() else []
-        rec = cls.from_events(events, run_dir)
+        rec = cls.from_events(iter_events(path) if path.is_file() else (), run_dir)
         rec.run_dir = run_dir
         return rec
 
     # -- reading ---------------------------------------------------------------------------
     @property
     def total_steps(self) -> int:
-        if self.steps:
-            return self.steps[-1].total_steps
+        if self.latest is not None:
+            return self.latest.total_steps
         return self.started.total_steps if self.started else 0
 
     @property
     def step(self) -> int:
         if self.finished:
             return self.finished.step
-        if self.steps:
-            return self.steps[-1].step
+        if self.latest is not None:
+            return self.latest.step
         return self.started.start_step if self.started else 0
 
     @property
@@ -144,7 +170,7 @@ class RunRecord:
             return "failed"
         if self.finished is not None:
             return "stopped" if self.finished.stopped_early else "finished"
-        if self.started is None and not self.steps:
+        if self.started is None and self.latest is None:
             return "starting" if self.phase else "empty"
         return "running"
 
@@ -159,40 +185,37 @@ class RunRecord:
                 return float(est[key])
         return None
 
+    @property
+    def has_steps(self) -> bool:
+        return bool(self._series["loss"])
+
+    def kept_points(self) -> int:
+        """Points held over all series (bounded, however long the run)."""
+        return sum(len(s) for s in self._series.values())
+
     def series(self, name: str) -> tuple[list[float], list[float]]:
-        """(steps, values) of one step metric, skipping missing values."""
-        if name in self._series:
-            return self._series["step"], self._series[name]
-        xs, ys = [], []
-        for s in self.steps:
-            v = getattr(s, name)
-            if v is not None:
-                xs.append(float(s.step))
-                ys.append(float(v))
-        return xs, ys
+        """(steps, values) of one step metric (``STEP_SERIES``), decimated once it is long.
+
+        The lists are shared with the record: read them, do not change them.
+        """
+        if name not in STEP_SERIES:
+            raise KeyError(f"no step series {name!r}; one of {', '.join(STEP_SERIES)}")
+        return self._series[name].data()
 
     def eval_series(self) -> tuple[list[float], list[float]]:
-        return [float(e.step) for e in self.evals], [float(e.loss) for e in self.evals]
+        return self._series["eval_loss"].data()
 
     def memory_series(self) -> dict[str, tuple[list[float], list[float]]]:
         """Seconds since the start -> GiB, for NVML samples and the engine's own figures."""
-        t0 = self.first_time or (self.vram[0].time if self.vram else 0.0)
+        first_sample = self._series["vram_used"].data()[0][:1]
+        t0 = self.first_time or (first_sample[0] if first_sample else 0.0)
         gib = float(2**30)
         out: dict[str, tuple[list[float], list[float]]] = {}
-        if self.vram:
-            out["GPU used (NVML)"] = ([v.time - t0 for v in self.vram], [v.used_bytes / gib for v in self.vram])
-            proc = [v for v in self.vram if v.process_bytes is not None]
-            if proc:
-                out["this run (NVML)"] = ([v.time - t0 for v in proc], [v.process_bytes / gib for v in proc])
-        for attr, label in (("cuda_allocated", "torch allocated"), ("cuda_reserved", "torch reserved")):
-            pts = [(s.time - t0, getattr(s, attr) / gib) for s in self.steps if getattr(s, attr) is not None]
-            if pts:
-                out[label] = ([p[0] for p in pts], [p[1] for p in pts])
+        for name, label in MEMORY_SERIES.items():
+            xs, ys = self._series[name].data()
+            if xs:
+                out[label] = ([x - t0 for x in xs], [y / gib for y in ys])
         return out
-
-    @property
-    def latest(self) -> StepMetrics | None:
-        return self.steps[-1] if self.steps else None
 
     @property
     def last_checkpoint(self) -> str | None:

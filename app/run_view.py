@@ -28,6 +28,8 @@ from app.run_record import RunRecord
 from qlora_engine.events import Event, LogLine, RunFailed, RunFinished, RunStarted
 
 REDRAW_MS = 250
+LOG_BLOCKS = 5000
+"""Lines the log pane keeps; older ones scroll out (the run's log file and events.jsonl keep all)."""
 
 STATE_TEXT = {
     "idle": "Ready",
@@ -97,7 +99,7 @@ class RunView(QWidget):
         self.log = QPlainTextEdit()
         self.log.setObjectName("runLog")
         self.log.setReadOnly(True)
-        self.log.setMaximumBlockCount(5000)
+        self.log.setMaximumBlockCount(LOG_BLOCKS)
         self.log.setPlaceholderText("The engine's messages appear here.")
 
         buttons = QHBoxLayout()

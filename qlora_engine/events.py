@@ -12,6 +12,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar, Protocol
@@ -144,19 +145,25 @@ def from_json(line: str) -> Event:
     return from_dict(json.loads(line))
 
 
-def read_events(path: str | Path) -> list[Event]:
-    """All events of an ``events.jsonl`` file; a torn last line (a killed run) is ignored."""
-    out = []
+def iter_events(path: str | Path) -> Iterator[Event]:
+    """The events of an ``events.jsonl`` file one by one (a long run's file need not fit in memory).
+
+    A torn last line (a killed run) and lines that are not events are skipped.
+    """
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             line = line.strip()
             if not line:
                 continue
             try:
-                out.append(from_json(line))
+                yield from_json(line)
             except (json.JSONDecodeError, ValueError, TypeError):
                 continue
-    return out
+
+
+def read_events(path: str | Path) -> list[Event]:
+    """All events of an ``events.jsonl`` file; a torn last line (a killed run) is ignored."""
+    return list(iter_events(path))
 
 
 # -- sinks -------------------------------------------------------------------------------------
