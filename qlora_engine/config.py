@@ -156,6 +156,12 @@ class TrainSettings:
     gradient_checkpointing: bool = _f(
         True, "Recompute activations in the backward pass: about a third slower, far less memory."
     )
+    checkpoint_layers: int | None = _f(
+        None,
+        "With gradient checkpointing: how many decoder layers to checkpoint, counted from the lowest one the "
+        "backward pass reaches; null checkpoints all. Each layer left out is not recomputed (faster) but keeps "
+        "its activations (more memory); `qlora-engine estimate` names the fewest that fit your GPU.",
+    )
     seed: int = _f(42, "Seed for initialisation, data order and dropout; the same seed gives the same run.")
     logging_steps: int = _f(1, "Report step metrics every N optimizer steps.")
     eval_steps: int | None = _f(None, "Evaluate on the validation set every N steps (and at the end); None: only at the end.")
@@ -418,6 +424,12 @@ def validate(cfg: TrainConfig) -> None:
     )
     need(tr.epochs > 0, "train.epochs", tr.epochs, "use a positive number")
     need(tr.max_steps is None or tr.max_steps >= 1, "train.max_steps", tr.max_steps, "use null or at least 1")
+    need(
+        tr.checkpoint_layers is None or tr.checkpoint_layers >= 1,
+        "train.checkpoint_layers",
+        tr.checkpoint_layers,
+        "use null (all layers) or at least 1; turn train.gradient_checkpointing off for none",
+    )
     need(tr.logging_steps >= 1, "train.logging_steps", tr.logging_steps, "use a whole number of at least 1")
     need(tr.eval_steps is None or tr.eval_steps >= 1, "train.eval_steps", tr.eval_steps, "use null or at least 1")
     need(tr.save_steps is None or tr.save_steps >= 1, "train.save_steps", tr.save_steps, "use null or at least 1")

@@ -461,7 +461,14 @@ def wrap_with_lora(model: torch.nn.Module, cfg: TrainConfig):
     return get_peft_model(model, peft_cfg)
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+def enable_gradient_checkpointing(model: torch.nn.Module, layers: int | None = None) -> int:
+    """Checkpoint the decoder layers the backward pass reaches, or only the lowest ``layers`` of them.
+
+    Returns how many layers are checkpointed. A layer is reached from the lowest one holding
+    a trainable (LoRA) weight up; the ones below take no part in the backward pass, so
+    checkpointing them saves and costs nothing. The others keep their activations: faster
+    (no recomputation), more memory (the VRAM budget models both).
+    """
     # Non-reentrant checkpointing works with inputs that need no gradient, so the backward
     # pass stops at the lowest adapted layer (no `enable_input_require_grads`: that would
     # carry gradients down to the embeddings for nothing when only upper layers are adapted).
@@ -471,6 +478,16 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # transformers turns input gradients on itself when it enables checkpointing; take them off.
     model.disable_input_require_grads()
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    trained = [i for i, b in enumerate(blocks) if any(p.requires_grad for p in b.parameters())]
+    first = trained[0] if trained else len(blocks)
+    keep = len(blocks) - first if layers is None else min(layers, len(blocks) - first)
+    for i, block in enumerate(blocks):
+        # the flag transformers' own every_n_layers sets per layer; we choose the layers
+        block.gradient_checkpointing = first <= i < first + keep
+    return keep
 
 
 def model_facts(model: torch.nn.Module) -> dict[str, Any]:

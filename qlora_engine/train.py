@@ -117,7 +117,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the LoRA init depends on the seed only
         self.model = models.wrap_with_lora(base, cfg)
         if cfg.train.gradient_checkpointing:
-            models.enable_gradient_checkpointing(self.model)
+            done = models.enable_gradient_checkpointing(self.model, cfg.train.checkpoint_layers)
+            if cfg.train.checkpoint_layers is not None:
+                note = f"gradient checkpointing on the lowest {done} decoder layers (train.checkpoint_layers)"
+                emit(LogLine(level="info", message=note))
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg.optim, self.params)

@@ -110,6 +110,9 @@ def render(est: Any, advice: Any = None) -> str:
         )
         for s in advice.suggestions:
             lines.append(f"  try: {s.description}   [{' '.join(s.overrides)}]")
+        if advice.faster is not None:
+            f = advice.faster
+            lines.append(f"faster, and still fits: {f.description}   [{' '.join(f.overrides)}]")
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qlora_engine.budget import formulas as fm
@@ -138,13 +138,16 @@ def allocator_mode(environ: Mapping[str, str] | None = None) -> str:
     return "expandable_segments" if expandable else "fixed_segments"
 
 
-def allocator_slack(mode: str, dynamic: int, loss_peak: bool, logits_fp32: int, checkpointing: bool = True) -> int:
+def allocator_slack(mode: str, dynamic: int, loss_peak: bool, logits_fp32: int, checkpointing: float = 1.0) -> int:
     """Reserved minus allocated at the peak, for an allocator mode (see CALIBRATION).
 
-    The share of the dynamic part is ``fragmentation``, or ``fragmentation_without_checkpointing``
-    where the mode has one and the run does not checkpoint."""
+    ``checkpointing``: the share of the blocks that are checkpointed (1: all, 0: none; a bool
+    works). The share of the dynamic part is ``fragmentation`` for all,
+    ``fragmentation_without_checkpointing`` (where the mode has one) for none, and in between
+    in proportion: the holes come from the kept block inputs (not yet measured in between)."""
     c = CALIBRATION["allocator"][mode]
-    share = c["fragmentation"] if checkpointing else c.get("fragmentation_without_checkpointing", c["fragmentation"])
+    without = c.get("fragmentation_without_checkpointing", c["fragmentation"])
+    share = without + (c["fragmentation"] - without) * float(checkpointing)
     slack = int(share * dynamic) + c["fixed"]
     if loss_peak:
         slack += int(c["logits_fragmentation"] * logits_fp32)
@@ -331,6 +334,7 @@ def estimate_from_spec(
         kernels=kern.kernels,
         loss=kern.loss if kern.liger else "plain",
         norm_in_place=kern.norm_in_place,
+        checkpoint_layers=cfg.train.checkpoint_layers if cfg.train.gradient_checkpointing else None,
     )
     if spec.max_position_embeddings and shape.seq > spec.max_position_embeddings:
         notes.append(
@@ -366,34 +370,40 @@ def estimate_from_spec(
     T = shape.tokens
     hidden = e * T * spec.hidden_size  # one hidden state (a block's input, a gradient)
     flow = fm.grad_flow(L, set(layers), shape.input_grads)
+    # The blocks that take part in the backward pass, bottom up, and the ones checkpointed: all,
+    # none, or (train.checkpoint_layers) the lowest few; each traced as it runs.
+    taking_part = [(j, here, grad) for j, (here, grad) in enumerate(flow) if here or grad]
+    n_ckpt = len(taking_part) if shape.checkpoint_layers is None else shape.checkpoint_layers
+    checkpointed = {j for j, _, _ in taking_part[:n_ckpt]} if shape.checkpointing else set()
+    plain = replace(shape, checkpointing=False)
     traces = {
-        j: tl.block_trace(spec, shape, adapted if here else [], grad) for j, (here, grad) in enumerate(flow) if here or grad
-    }  # fmt: skip
+        j: tl.block_trace(spec, shape if j in checkpointed else plain, adapted if here else [], grad)
+        for j, here, grad in taking_part
+    }
     shared = fm.shared_saved(spec, shape)
     final = fm.final_saved(spec, shape)
     loss_bwd, loss_fwd = fm.loss_bytes(spec, shape)
     if not kern.liger or kern.loss != "fused_linear_cross_entropy":
         loss_fwd += hidden  # the final norm's output, held by the model's forward while the loss runs
     phases: dict[str, tuple[int, int, int, int]] = {}  # activations, logits/loss, LoRA grads, optimizer
-    if shape.checkpointing:
-        # Each block that takes part in the backward keeps its input; they are recomputed one at
-        # a time from the top down, and each one's input is let go after its backward.
-        held = len(traces) * hidden
-        phases["block_backward"] = max(
-            (((k + 1) * hidden + shared + tr.backward_peak, 0, grads_from(j), 0) for k, (j, tr) in enumerate(traces.items())),
-            key=sum, default=(0, 0, 0, 0),
-        )  # fmt: skip
-    else:
-        below = 0
-        fwd, bwd = [], []
-        for j, tr in traces.items():
+    # A checkpointed block keeps only its input through the step; in the backward it is
+    # recomputed (from the top down, one at a time) and its input let go after its backward.
+    # A block that is not checkpointed keeps what its forward saved until its backward.
+    below = 0
+    fwd, bwd = [], []
+    for j, tr in traces.items():
+        if j in checkpointed:
+            bwd.append((below + hidden + shared + tr.backward_peak, 0, grads_from(j), 0))
+            below += hidden
+        else:
             embeds = hidden if j > 0 else 0  # LlamaModel.forward keeps inputs_embeds to its end
             fwd.append((below + embeds + shared + tr.forward_peak, 0, all_grads, 0))
             bwd.append((below + shared + tr.backward_peak, 0, grads_from(j), 0))
             below += tr.saved
-        held = below
-        phases["block_forward"] = max(fwd, key=sum, default=(0, 0, 0, 0))
-        phases["block_backward"] = max(bwd, key=sum, default=(0, 0, 0, 0))
+    held = below
+    if fwd:
+        phases["block_forward"] = max(fwd, key=sum)
+    phases["block_backward"] = max(bwd, key=sum, default=(0, 0, 0, 0))
     phases["loss_backward"] = (held + shared + final, loss_bwd, all_grads, 0)
     phases["loss_forward"] = (held + shared + final, loss_fwd, all_grads, 0)
     phases["optimizer_step"] = (shared, 0, lora_bytes, opt_transient)
@@ -412,7 +422,13 @@ def estimate_from_spec(
     logits_fp32 = 4 * T * spec.vocab_size
     # Every persistent tensor is rounded up to 512 bytes (a 4-bit layer has six).
     rounding = 512 * (6 * L * len(spec.block_linears) + 3 * len(sizes))
-    slack = allocator_slack(mode, dynamic, loss_peak, logits_fp32, shape.checkpointing) + rounding
+    ckpt_share = len(checkpointed) / len(traces) if traces else float(shape.checkpointing)
+    if 0 < ckpt_share < 1:
+        notes.append(
+            f"{len(checkpointed)} of {len(traces)} layers checkpointed: the allocator's slack is interpolated "
+            "between the measured all and none"
+        )
+    slack = allocator_slack(mode, dynamic, loss_peak, logits_fp32, ckpt_share) + rounding
     torch_reserved = allocated + slack
     context = CALIBRATION["cuda_context"]
     total = torch_reserved + context + opt_paged
@@ -436,7 +452,7 @@ def estimate_from_spec(
     high = total + int(0.05 * dynamic + 0.02 * static)
     if not calibrated:
         # Until this mode is measured, the range reaches up to the measured mode's slack.
-        measured = allocator_slack("fixed_segments", dynamic, loss_peak, logits_fp32, shape.checkpointing) + rounding
+        measured = allocator_slack("fixed_segments", dynamic, loss_peak, logits_fp32, ckpt_share) + rounding
         high = max(high, total - slack + measured + int(0.05 * dynamic))
     if reasons:
         low, high = min(low, int(0.8 * total)), max(high, int(1.3 * total))

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from qlora_engine.budget.estimate import VramEstimate, estimate_from_spec, resolve_spec
+from qlora_engine.budget.estimate import VramEstimate, adapted_layers, estimate_from_spec, resolve_spec
 from qlora_engine.budget.spec import ModelSpec
 from qlora_engine.budget.units import format_bytes
 from qlora_engine.config import TrainConfig, validate
@@ -42,6 +42,9 @@ class FitAdvice:
     max_sequence_length: int
     """Largest data.max_length that fits with everything else unchanged, assuming samples fill it (0: none)."""
     suggestions: list[Suggestion] = field(default_factory=list)
+    faster: Suggestion | None = None
+    """For a run that fits with gradient checkpointing: the least checkpointing that still fits
+    with the estimate's upper bound (fewer checkpointed layers, or none), which runs faster."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +54,7 @@ class FitAdvice:
             "max_micro_batch_size": self.max_micro_batch_size,
             "max_sequence_length": self.max_sequence_length,
             "suggestions": [s.to_dict() for s in self.suggestions],
+            "faster": self.faster.to_dict() if self.faster else None,
         }
 
 
@@ -130,7 +134,50 @@ def fit(
     )
     if not current.fits and spec.usable:
         advice.suggestions = _suggestions(cfg, probe, current, advice)
+    if current.fits and spec.usable and cfg.train.gradient_checkpointing:
+        advice.faster = _less_checkpointing(cfg, probe, current)
     return advice
+
+
+def _reached_layers(cfg: TrainConfig, spec: ModelSpec) -> int:
+    """Decoder layers the backward pass reaches: from the lowest adapted one up."""
+    layers = adapted_layers(cfg, spec)
+    return spec.num_layers - min(layers) if layers else 0
+
+
+def _fewest_checkpointed(cfg: TrainConfig, probe: _Probe, ok: Any) -> int | None:
+    """The fewest checkpointed layers (0: checkpointing off) for which ``ok(estimate)`` holds."""
+    n = _reached_layers(cfg, probe.spec)
+
+    def variant(k: int) -> TrainConfig:
+        if k == 0:
+            return _variant(cfg, train__gradient_checkpointing=False, train__checkpoint_layers=None)
+        return _variant(cfg, train__gradient_checkpointing=True, train__checkpoint_layers=None if k >= n else k)
+
+    left_out = _largest(lambda m: ok(probe(variant(n - m))), 0, n)  # more checkpointing never needs more
+    return None if left_out < 0 else n - left_out
+
+
+def _checkpoint_change(k: int, n: int) -> tuple[str, list[str]]:
+    if k == 0:
+        return "Gradient checkpointing off (about a third faster)", ["train.gradient_checkpointing=false"]
+    return (
+        f"Checkpoint only the lowest {k} of {n} layers (the rest are not recomputed: faster)",
+        ["train.gradient_checkpointing=true", f"train.checkpoint_layers={k}"],
+    )
+
+
+def _less_checkpointing(cfg: TrainConfig, probe: _Probe, current: VramEstimate) -> Suggestion | None:
+    n = _reached_layers(cfg, probe.spec)
+    now = n if cfg.train.checkpoint_layers is None else min(cfg.train.checkpoint_layers, n)
+    k = _fewest_checkpointed(cfg, probe, lambda est: est.high <= probe.gpu_bytes)
+    if k is None or k >= now:
+        return None
+    description, overrides = _checkpoint_change(k, n)
+    est = probe(_variant(cfg, train__gradient_checkpointing=k > 0, train__checkpoint_layers=k or None))
+    return Suggestion(
+        f"{description}: {format_bytes(est.total)} instead of {format_bytes(current.total)}", overrides, est.total
+    )
 
 
 def _suggestions(cfg: TrainConfig, probe: _Probe, current: VramEstimate, advice: FitAdvice) -> list[Suggestion]:
@@ -144,11 +191,22 @@ def _suggestions(cfg: TrainConfig, probe: _Probe, current: VramEstimate, advice:
             out.append(Suggestion(f"{description}: {format_bytes(est.total)} instead of {was}", overrides, est.total))
 
     tr, lo = cfg.train, cfg.lora
-    if not tr.gradient_checkpointing:
+    n = _reached_layers(cfg, probe.spec)
+    now = n if tr.checkpoint_layers is None else min(tr.checkpoint_layers, n)
+    if 0 < now < n or not tr.gradient_checkpointing:  # some layers are not checkpointed
+        k = _fewest_checkpointed(cfg, probe, lambda est: bool(est.fits))
+        if k is not None and 0 < k < n and (k > now or not tr.gradient_checkpointing):
+            description, overrides = _checkpoint_change(k, n)
+            offer(description, overrides, _variant(cfg, train__gradient_checkpointing=True, train__checkpoint_layers=k))
+    if not tr.gradient_checkpointing or 0 < now < n:
         offer(
-            "Turn on gradient checkpointing (about a third slower)",
-            ["train.gradient_checkpointing=true"],
-            _variant(cfg, train__gradient_checkpointing=True),
+            "Checkpoint every layer (about a third slower)"
+            if tr.gradient_checkpointing
+            else "Turn on gradient checkpointing (about a third slower)",
+            ["train.gradient_checkpointing=true", "train.checkpoint_layers=null"]
+            if tr.gradient_checkpointing
+            else ["train.gradient_checkpointing=true"],
+            _variant(cfg, train__gradient_checkpointing=True, train__checkpoint_layers=None),
         )
     if cfg.optim.optimizer != "paged_adamw_8bit":
         offer(

@@ -133,6 +133,9 @@ class StepShape:
     (liger's chunked lm_head + loss) or 'cross_entropy' (liger's loss over materialized logits)."""
     norm_in_place: bool = True
     """Liger's RMSNorm backward writes dX over dY (False for Gemma 2/3: a new dX)."""
+    checkpoint_layers: int | None = None
+    """Under checkpointing, how many of the blocks the backward pass reaches are checkpointed
+    (the lowest ones); None: all of them. The others keep their activations."""
 
     @property
     def liger(self) -> bool:

@@ -1,0 +1,125 @@
+"""train.checkpoint_layers: checkpoint only the lowest layers the backward pass reaches.
+
+The engine part runs a real 4-layer NF4 Llama on the CPU; the budget part checks what the
+VRAM estimate and the fit advice make of it (the Llama-3-8B shape, config only).
+"""
+
+from __future__ import annotations
+
+import pytest
+from tiny import build_tiny_llama
+
+from qlora_engine.budget import estimate, fit
+from qlora_engine.config import TrainConfig, apply_overrides
+from qlora_engine.errors import ConfigError
+from qlora_engine.events import ListSink, LogLine, StepMetrics
+from qlora_engine.train import Trainer, run
+
+GiB = 1 << 30
+LLAMA3_8B = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+}
+STATS = {"max": 2048, "longest_sequence": 2048}
+
+
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-4"), layers=4)
+
+
+def checkpointed(trainer: Trainer) -> list[bool]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m.gradient_checkpointing for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], [True, True, True, True]),
+        (["train.checkpoint_layers=2"], [True, True, False, False]),
+        (["train.checkpoint_layers=9"], [True, True, True, True]),
+        # only layers 2-3 adapted: the backward pass starts at layer 2, so counting starts there
+        (["train.checkpoint_layers=1", "lora.layers=2-3"], [False, False, True, False]),
+    ],
+)
+def test_the_lowest_reached_layers_are_checkpointed(tiny_cfg, four_layers, overrides, expected):
+    trainer = Trainer(tiny_cfg(f"model.ref={four_layers}", *overrides), ListSink())
+    trainer.setup()
+    try:
+        assert checkpointed(trainer) == expected
+    finally:
+        trainer.cleanup()
+
+
+def test_partial_checkpointing_is_the_same_math(tiny_cfg, four_layers, tmp_path):
+    def losses(name: str, *overrides: str) -> tuple[list[float], ListSink]:
+        sink = ListSink()
+        run(tiny_cfg(f"model.ref={four_layers}", "train.max_steps=4", f"output.dir={tmp_path / name}", *overrides), sink)
+        return [e.loss for e in sink.of(StepMetrics)], sink
+
+    every, _ = losses("all")
+    half, sink = losses("half", "train.checkpoint_layers=2")
+    none, _ = losses("none", "train.gradient_checkpointing=false")
+    assert half == pytest.approx(every, rel=1e-5) and half == pytest.approx(none, rel=1e-5)
+    assert any("checkpointing on the lowest 2 decoder layers" in e.message for e in sink.of(LogLine))
+
+
+def test_zero_layers_is_refused_with_the_way_to_turn_it_off():
+    with pytest.raises(ConfigError, match=r"train.checkpoint_layers.*gradient_checkpointing off"):
+        apply_overrides(TrainConfig(), ["train.checkpoint_layers=0"])
+
+
+def cfg_8b(*overrides: str) -> TrainConfig:
+    base = ["data.path=x", "data.max_length=2048", "train.micro_batch_size=4", "train.kernels=liger"]
+    return apply_overrides(TrainConfig(), base + list(overrides))
+
+
+def test_each_checkpointed_layer_saves_memory_between_none_and_all():
+    def total(*overrides: str) -> int:
+        return estimate(cfg_8b(*overrides), LLAMA3_8B, data_stats=STATS).total
+
+    every = total("train.gradient_checkpointing=true")
+    none = total("train.gradient_checkpointing=false")
+    partial = [total("train.gradient_checkpointing=true", f"train.checkpoint_layers={k}") for k in (1, 8, 16, 24, 31)]
+    assert none > partial[0] and all(a > b for a, b in zip(partial, partial[1:], strict=False))
+    # leaving out only the top layer costs about nothing: its activations are live in its backward either way
+    assert abs(partial[-1] - every) < 0.25 * GiB
+    assert total("train.checkpoint_layers=32") == total("train.checkpoint_layers=99") == every
+    # one more layer kept, about one layer's saved activations more (Llama-3-8B at 2048 x 4: ~1.8 GiB)
+    step = (partial[2] - partial[3]) / 8
+    assert 1.0 * GiB < step < 3.0 * GiB
+
+
+def test_fit_offers_partial_checkpointing_first_and_it_fits():
+    cfg = cfg_8b("train.gradient_checkpointing=false")
+    advice = fit(cfg, 40 * GiB, LLAMA3_8B, data_stats=STATS)
+    assert not advice.fits
+    first = advice.suggestions[0]
+    assert first.overrides[0] == "train.gradient_checkpointing=true" and first.overrides[1].startswith(
+        "train.checkpoint_layers="
+    )
+    k = int(first.overrides[1].split("=")[1])
+    assert 0 < k < 32
+    assert estimate(apply_overrides(cfg, first.overrides), LLAMA3_8B, gpu_bytes=40 * GiB, data_stats=STATS).fits
+    one_fewer = apply_overrides(cfg, ["train.gradient_checkpointing=true", f"train.checkpoint_layers={k - 1}"])
+    assert not estimate(one_fewer, LLAMA3_8B, gpu_bytes=40 * GiB, data_stats=STATS).fits  # the fewest that fit
+
+
+@pytest.mark.parametrize(("card", "off"), [(40, False), (80, True)])
+def test_a_run_with_room_is_told_how_to_run_faster(card, off):
+    advice = fit(cfg_8b(), card * GiB, LLAMA3_8B, data_stats=STATS)
+    assert advice.fits and advice.faster is not None
+    changed = apply_overrides(cfg_8b(), advice.faster.overrides)
+    assert changed.train.gradient_checkpointing is not off
+    est = estimate(changed, LLAMA3_8B, gpu_bytes=card * GiB, data_stats=STATS)
+    assert est.high <= card * GiB  # with the estimate's margin, not at the edge
+    assert fit(cfg_8b(), 12 * GiB, LLAMA3_8B, data_stats=STATS).faster is None  # no room: nothing to offer
