@@ -1,14 +1,24 @@
-"""The one dialog for a failed run: the message for the user, a copyable traceback, the log's path."""
+"""The one dialog for a failed run: the message for the user, a copyable traceback, the log's path.
+
+A run that ran out of GPU memory also lists the budget's fixes, each with a button that
+applies it: "Apply and resume from step N" when the run's checkpoint fits the changed
+configuration, else "Apply and start a new run" with the reason. The dialog only draws the
+choices (:class:`app.failure_fixes.FixChoice`) and says which one was clicked; the run
+actions carry it out.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import QUrl
+from PySide6.QtCore import Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices, QGuiApplication
 from PySide6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
+    QFrame,
+    QGridLayout,
+    QGroupBox,
     QLabel,
     QPlainTextEdit,
     QPushButton,
@@ -16,10 +26,19 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.failure_fixes import FixChoice
 from qlora_engine.events import RunFailed
 
 
 class RunErrorDialog(QDialog):
+    """A failed run: what went wrong, what to change, the details.
+
+    Signals:
+        fix_chosen(FixChoice): the user clicked a fix's button (the dialog then closes).
+    """
+
+    fix_chosen = Signal(object)
+
     def __init__(
         self, failure: RunFailed, log_path: str | None = None, run_dir: str | None = None, parent: QWidget | None = None
     ) -> None:
@@ -27,7 +46,7 @@ class RunErrorDialog(QDialog):
         self.setObjectName("runErrorDialog")
         self.setWindowTitle("The run failed")
         self.failure = failure
-        self.resize(720, 480)
+        self.resize(720, 560 if failure.fixes else 480)
 
         headline = QLabel(f"<b>{_escape(failure.message)}</b>")
         headline.setObjectName("errorMessage")
@@ -35,11 +54,28 @@ class RunErrorDialog(QDialog):
         headline.setTextFormat(headline.textFormat().RichText)
         lay = QVBoxLayout(self)
         lay.addWidget(headline)
-        if failure.hint:
+        if failure.hint and not failure.fixes:  # with fixes, the hint only repeats them
             hint = QLabel(failure.hint)
             hint.setObjectName("errorHint")
             hint.setWordWrap(True)
             lay.addWidget(hint)
+        self.fix_choices: list[FixChoice] = []
+        self.fix_buttons: list[QPushButton] = []
+        self.fix_box = QGroupBox("Change and try again")
+        self.fix_box.setObjectName("errorFixes")
+        self._fix_layout = QVBoxLayout(self.fix_box)
+        self.fix_status = QLabel("Checking which of these changes can continue the run from its checkpoint…")
+        self.fix_status.setObjectName("hint")
+        self.fix_status.setWordWrap(True)
+        self._fix_layout.addWidget(self.fix_status)
+        self._fix_rows: list[QWidget] = []
+        for fix in failure.fixes or []:  # the descriptions at once; the buttons once judged
+            pending = QLabel(str(fix.get("description", "")))
+            pending.setWordWrap(True)
+            self._fix_layout.addWidget(pending)
+            self._fix_rows.append(pending)
+        self.fix_box.setVisible(bool(failure.fixes))
+        lay.addWidget(self.fix_box)
         facts = []
         if failure.step:
             facts.append(f"Step reached: {failure.step}")
@@ -75,11 +111,61 @@ class RunErrorDialog(QDialog):
         buttons.accepted.connect(self.accept)
         lay.addWidget(buttons)
 
+    def set_fix_choices(self, choices: list[FixChoice]) -> None:
+        """Show the judged fixes: one row each, its description, its button, why a new run if it is one."""
+        for row in self._fix_rows:
+            self._fix_layout.removeWidget(row)
+            row.hide()
+            row.deleteLater()
+        self._fix_rows = []
+        self.fix_status.hide()
+        self.fix_choices = list(choices)
+        self.fix_buttons = []
+        for choice in self.fix_choices:
+            card = QFrame()
+            card.setObjectName("suggestion")  # drawn as the budget panel's suggestions
+            grid = QGridLayout(card)
+            grid.setContentsMargins(6, 4, 6, 4)
+            text = QLabel(choice.description)
+            text.setObjectName("fixDescription")
+            text.setWordWrap(True)
+            grid.addWidget(text, 0, 0)
+            if choice.reason:
+                reason = QLabel(choice.reason)
+                reason.setObjectName("hint")
+                reason.setWordWrap(True)
+                grid.addWidget(reason, 1, 0)
+            button = QPushButton(choice.label)
+            button.setObjectName("fixButton")
+            button.setEnabled(choice.config is not None)
+            tip = "Changes " + ", ".join(choice.overrides)
+            if choice.resumable:
+                tip += f"; the run continues with step {choice.resume_step + 1} from its checkpoint"
+            button.setToolTip(tip)
+            button.setAccessibleName(f"{choice.label}: {choice.description}")
+            button.clicked.connect(lambda _=False, c=choice: self.choose_fix(c))
+            grid.addWidget(button, 0, 1, 2, 1, Qt.AlignmentFlag.AlignVCenter)
+            grid.setColumnStretch(0, 1)
+            self._fix_layout.addWidget(card)
+            self._fix_rows.append(card)
+            self.fix_buttons.append(button)
+        self.fix_box.setVisible(bool(self.fix_choices))
+
+    def set_fix_error(self, message: str) -> None:
+        """The fixes could not be judged: say so where they would be."""
+        self.fix_status.setText(f"The fixes could not be checked: {message}")
+
+    def choose_fix(self, choice: FixChoice) -> None:
+        self.fix_chosen.emit(choice)
+        self.accept()
+
     def details_text(self) -> str:
         f = self.failure
         parts = [f"{f.error_type}: {f.message}"]
         if f.hint:
             parts.append(f"Hint: {f.hint}")
+        for fix in f.fixes or []:
+            parts.append(f"Fix: {fix.get('description', '')} ({', '.join(fix.get('overrides') or [])})")
         parts.append(self.facts.text())
         parts.append(f.traceback or "")
         return "\n\n".join(p for p in parts if p)

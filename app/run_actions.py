@@ -12,16 +12,21 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from PySide6.QtWidgets import QMessageBox, QWidget
 
 from app.error_dialog import RunErrorDialog
+from app.failure_fixes import FixChoice, judge_fixes, keep_config_before_fix
 from app.history import HistoryPage
 from app.run_controller import RunController, absolute_config, holds_run, next_free_dir
 from app.run_record import RunRecord
 from app.run_view import RunView
 from app.settings import add_known_run, workspace_dir
+from app.tasks import import_ml_stack
 from qlora_engine.config import ConfigError, TrainConfig, apply_overrides, check_ready
 from qlora_engine.events import RunFailed
 
 CLOSE_GRACE_MS = 120_000
 """How long closing the window waits for a stopped run to save before ending it."""
+
+FIXES_TASK = "failure-fixes"
+"""The background job that judges a failed run's fixes (on the window's history task runner)."""
 
 
 class RunActions(QObject):
@@ -53,6 +58,8 @@ class RunActions(QObject):
         history.load_config_requested.connect(self.load_run_config)
         history.resume_requested.connect(self.resume)
         history.compare_requested.connect(self.compare)
+        window.history_tasks.finished.connect(self._on_fixes_judged)
+        window.history_tasks.failed.connect(self._on_fixes_failed)
 
     @property
     def running(self) -> bool:
@@ -216,11 +223,97 @@ class RunActions(QObject):
 
     # -- endings ---------------------------------------------------------------------------
     def show_failure(self, failure: RunFailed, log_path: str) -> None:
-        run_dir = str(self.controller.run_dir) if self.controller.run_dir else None
-        self.dialog = RunErrorDialog(failure, log_path or None, run_dir, self.window)
+        run_dir = self.controller.run_dir
+        self.dialog = RunErrorDialog(failure, log_path or None, str(run_dir) if run_dir else None, self.window)
+        self.dialog.fix_chosen.connect(self.apply_fix)
         self.dialog.setModal(False)
         self.dialog.show()
+        if failure.fixes and run_dir is not None:
+            # judging a fix imports the trainer module (torch): seconds if nothing imported it yet
+            started = self.controller.record.started
+            config = dict(started.config) if started is not None and started.config else None
+
+            def judge() -> tuple[RunFailed, list[FixChoice]]:
+                import_ml_stack()
+                return failure, judge_fixes(failure, run_dir, config)
+
+            self.window.history_tasks.submit(FIXES_TASK, judge)
         self.error_shown.emit(self.dialog)
+
+    def _on_fixes_judged(self, key: str, result: object) -> None:
+        if key != FIXES_TASK:
+            return
+        failure, choices = result
+        if self.dialog is not None and self.dialog.failure is failure:
+            self.dialog.set_fix_choices(choices)
+
+    def _on_fixes_failed(self, key: str, exc: Exception, _tb: str) -> None:
+        if key == FIXES_TASK and self.dialog is not None:
+            self.dialog.set_fix_error(str(exc))
+
+    # -- out-of-memory fixes ---------------------------------------------------------------
+    def apply_fix(self, choice: FixChoice) -> bool:
+        """Apply a fix of a failed run and run again: the same run from its checkpoint, or a new run.
+
+        Resumable: the run folder's ``config.yaml`` becomes the changed configuration (the one
+        from before is kept beside it, see :func:`keep_config_before_fix`) and the run
+        continues exactly as the history's "Resume" does. Otherwise a new run in a fresh
+        folder starts with the changed configuration; the failed run is left as it is. Where
+        the form holds the failed run's configuration, it takes the change too, so the budget
+        and the training page show what runs.
+        """
+        if self.running:
+            self.tell("A run is in progress", "Stop the current run before applying a fix to another.")
+            return False
+        if choice.config is None or choice.before is None:
+            self.tell("Cannot apply this change", choice.reason or choice.description)
+            return False
+        run_dir = Path(choice.run_dir)
+        changes = ", ".join(choice.overrides)
+        form_holds_run = self._form_holds(choice.before)
+        if choice.resumable:
+            try:
+                kept = keep_config_before_fix(run_dir, choice.before)
+                choice.config.save(run_dir / "config.yaml")  # what the history's resume launches
+            except OSError as e:
+                self.tell("Could not change the run's configuration", f"{run_dir / 'config.yaml'}: {e}")
+                return False
+            if form_holds_run:
+                self.window.config_model.apply_overrides(list(choice.overrides))
+            if not self.resume(run_dir):
+                return False
+            self.view.append_text(
+                f"Applied {changes} ({choice.description}); continuing from the checkpoint at step "
+                f"{choice.resume_step}. The configuration from before the change is kept in {kept.name}."
+            )
+            self.window.statusBar().showMessage(f"Applied {changes}; {run_dir.name} continues", 8000)
+            return True
+        fresh = next_free_dir(run_dir.resolve())
+        model = self.window.config_model
+        if form_holds_run:
+            model.apply_overrides(list(choice.overrides))
+            model.set_value("output", "dir", str(fresh))
+        else:
+            if not self.window.maybe_save_changes():
+                return False
+            cfg = absolute_config(choice.config)
+            cfg.output.dir = str(fresh)
+            cfg.base_dir = fresh.parent
+            model.reset(cfg)
+            model._set_dirty(True)
+        if not self.start():
+            self.window.statusBar().showMessage(f"The changed configuration is in the form; new runs go to {fresh}")
+            return False
+        self.view.append_text(
+            f"New run with {changes} ({choice.description}): {choice.reason} "
+            f"The failed run {run_dir.name} is left as it was."
+        )
+        return True
+
+    def _form_holds(self, cfg: TrainConfig) -> bool:
+        """True if the form's configuration is the one this run was launched with (paths made absolute)."""
+        model = self.window.config_model
+        return model.valid and absolute_config(model.config) == absolute_config(cfg)
 
     def _on_ended(self, state: str) -> None:
         self.window.result_page.set_run(self.controller.run_dir)
