@@ -78,7 +78,8 @@ def write_atomic_folder(target: Path, write: Callable[[Path], None], *, replace:
             kept = f"{target} is unchanged" if target.exists() else f"nothing was written to {target}"
             raise DiskFullError(
                 f"The disk is full: writing {target.name} into {target.parent} failed; {kept}.",
-                hint=f"Free space on the disk holding {target.parent} (or choose another folder), then resume.",
+                hint=f"Free space on the disk holding {target.parent} (or choose another folder), then try again: "
+                "a run resumes from its last complete checkpoint.",
             ) from e
         raise
     except BaseException:

@@ -103,10 +103,12 @@ def test_resume_gives_the_same_losses_and_adapter(tiny_cfg, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
 
 
-def test_resume_refuses_a_changed_lora_shape(tiny_cfg):
+def test_resume_refuses_a_changed_lora_shape_or_model(tiny_cfg, tiny_model_no_template_dir):
     run(tiny_cfg("train.max_steps=2"), ListSink())
     with pytest.raises(ResumeError, match=r"lora.*rank"):
         run(tiny_cfg("train.max_steps=4", "lora.rank=4"), ListSink(), resume=True)
+    with pytest.raises(ResumeError, match=r"model.ref: checkpoint has .*config has .*tiny-llama-plain"):
+        run(tiny_cfg("train.max_steps=4", f"model.ref={tiny_model_no_template_dir}"), ListSink(), resume=True)
 
 
 def test_a_finished_run_folder_is_never_overwritten(tiny_cfg):
