@@ -213,7 +213,7 @@ class DataPage(Page):
             self,
             "Choose training data",
             str(self.model.base_dir or Path.home()),
-            "Data (*.jsonl *.json *.csv *.tsv *.parquet *.txt);;All files (*)",
+            "Data (*.jsonl *.json *.csv *.tsv *.parquet *.txt *.gz *.zip *.tar *.tgz *.tar.bz2 *.tar.xz);;All files (*)",
         )
         if path:
             self.model.set_value("data", "path", path)

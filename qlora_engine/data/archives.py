@@ -154,7 +154,10 @@ def data_inside(folder: Path, archive: Path) -> Path:
     if found:
         raise DataError(
             f"{archive}: holds {len(found)} data sets; cannot tell which to train on: {listing(found)}.",
-            hint=f"It is extracted in {folder}: point data.path at one of them there, e.g. data.path={found[0]}",
+            hint=(
+                f"Extract it into a folder of your own and point data.path at one of them (e.g. "
+                f"{found[0].relative_to(folder).as_posix()}); the copy in {folder} is a cache and may be removed."
+            ),
         )
     contents = f"{len(nested + other)} other files: {listing(nested + other)}" if nested or other else "no files"
     message = f"{archive}: no data file of an accepted kind inside; it holds {contents}."

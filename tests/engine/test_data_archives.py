@@ -330,7 +330,7 @@ def test_a_zip_that_understates_a_size_writes_no_more_than_it_declares(tmp_path)
 # -- what is inside ------------------------------------------------------------------------------------
 
 
-def test_several_data_files_are_listed_with_the_folder_to_pick_from(tmp_path):
+def test_several_data_files_are_listed_and_the_user_told_to_extract_and_pick_one(tmp_path):
     archive = make_zip(
         tmp_path / "many.zip", {f"part{i:02}.jsonl": ROWS for i in range(12)} | {"extra/dev.csv": "text\nx\n"}
     )
@@ -340,7 +340,8 @@ def test_several_data_files_are_listed_with_the_folder_to_pick_from(tmp_path):
     msg = str(e.value)
     assert msg.startswith(f"{archive}: holds 13 data sets; cannot tell which to train on: part00.jsonl, part01.jsonl")
     assert msg.endswith("part09.jsonl and 3 more.") and "dev.csv" not in msg
-    assert f"extracted in {folder}: point data.path at one of them" in e.value.hint
+    assert "Extract it into a folder of your own and point data.path at one of them (e.g. part00.jsonl)" in e.value.hint
+    assert f"the copy in {folder} is a cache" in e.value.hint
     picked = folder / "part03.jsonl"
     assert open_path(picked).label == str(picked)
 
