@@ -50,6 +50,10 @@ PALETTE = [
 ]
 
 
+FIT_TITLE = "To make it fit, click a change:"
+FASTER_TITLE = "Faster, and it still fits (with the estimate's margin):"
+
+
 def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / GIB:.2f} GiB"
 
@@ -173,7 +177,7 @@ class BudgetPanel(QFrame):
         self.reasons = QLabel("")
         self.reasons.setObjectName("hint")
         self.reasons.setWordWrap(True)
-        self.suggest_title = QLabel("To make it fit, click a change:")
+        self.suggest_title = QLabel(FIT_TITLE)
         self.suggest_title.setObjectName("suggestTitle")
         self.suggest_box = QVBoxLayout()
         suggest_holder = QWidget()
@@ -282,8 +286,9 @@ class BudgetPanel(QFrame):
             if item.widget():
                 item.widget().deleteLater()
 
-    def _set_suggestions(self, suggestions: list[Any]) -> None:
+    def _set_suggestions(self, suggestions: list[Any], title: str = FIT_TITLE) -> None:
         """One card per suggestion: the sentence (wrapped: the panel is narrow) and an Apply button."""
+        self.suggest_title.setText(title)
         for card in self._suggestion_cards:
             card.deleteLater()
         self._suggestion_cards = []
@@ -362,17 +367,21 @@ class BudgetPanel(QFrame):
                 self.status.setText(f"Does not fit: {gib(total - capacity)} over this card{approx}.")
             self._set_state("ok" if fits else "over")
             suggestions = list(getattr(advice, "suggestions", []) or []) if not fits else []
+            faster = getattr(advice, "faster", None) if fits else None
         else:
             self.headline.setText(gib(total))
             self.status.setText("Training on the CPU: no VRAM limit, but slow (fine for tests and demos)." + approx)
             self._set_state("cpu")
-            suggestions = []
+            suggestions, faster = [], None
         low, high = getattr(est, "low", None), getattr(est, "high", None)
         if low and high:
             self.status.setText(
                 self.status.text() + f"\nExpected peak between {low / GIB:.2f} and {high / GIB:.2f} GiB."
             )
-        self._set_suggestions(suggestions)
+        if faster is not None:
+            self._set_suggestions([faster], FASTER_TITLE)
+        else:
+            self._set_suggestions(suggestions)
         self.largest.setText(_largest_text(advice))
         reasons = list(getattr(est, "reasons", []) or [])
         self.reasons.setText("\n".join(f"• {r}" for r in reasons[:6]))

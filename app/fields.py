@@ -62,9 +62,11 @@ NONE_TEXT = {
     ("train", "eval_steps"): "at the end only",
     ("train", "save_steps"): "at the end only",
     ("train", "save_total_limit"): "keep all",
+    ("train", "checkpoint_layers"): "all layers",
 }
 
 SUFFIX = {
+    ("train", "checkpoint_layers"): " layers",
     ("train", "eval_steps"): " steps",
     ("train", "save_steps"): " steps",
     ("train", "logging_steps"): " steps",

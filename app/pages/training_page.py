@@ -36,6 +36,7 @@ class TrainingPage(Page):
                 ("data", "max_length"),
                 ("data", "packing"),
                 ("train", "gradient_checkpointing"),
+                ("train", "checkpoint_layers"),
             ],
         )
         self.effective = QLabel()

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from app.budget_panel import FASTER_TITLE
 from qlora_engine.gpu import GpuInfo
 
 SMALL_CARD = GpuInfo(index=0, name="Test GPU 1 GiB", total_bytes=2**30, free_bytes=2**30, used_bytes=0, uuid="GPU-test")
@@ -63,8 +64,24 @@ def test_over_budget_turns_red_and_a_suggestion_applies(qtbot, window, tiny_mode
         section, name = key.split(".")
         assert str(getattr(getattr(cfg, section), name)) == value
     assert panel.property("state") == "ok"
-    assert not panel.suggestion_buttons
+    faster = panel.result["advice"].faster  # a fitting run is offered at most the one faster change
+    assert len(panel.suggestion_buttons) == (faster is not None)
     assert "Largest micro-batch that fits" in panel.largest.text()
+
+
+def test_a_run_with_room_is_offered_less_checkpointing(qtbot, window, tiny_model_dir):
+    panel = window.budget
+    panel.set_gpus([SMALL_CARD])
+    with_model(qtbot, window, tiny_model_dir)
+    assert window.config_model.config.train.gradient_checkpointing
+    assert panel.property("state") == "ok" and panel.suggest_title.text() == FASTER_TITLE
+    (button,) = panel.suggestion_buttons
+    assert panel.result["advice"].faster.overrides == ["train.gradient_checkpointing=false"]
+    with qtbot.waitSignal(panel.updated, timeout=10_000):
+        button.click()
+    assert not window.config_model.config.train.gradient_checkpointing
+    assert panel.property("state") == "ok" and not panel.suggestion_buttons
+    assert not panel.suggest_title.isVisibleTo(panel)
 
 
 def test_estimate_follows_each_change_within_100_ms(qtbot, window, tiny_model_dir):
