@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from tiny import LLAMA3_8B
 
 from qlora_engine import budget
 from qlora_engine.budget import (
@@ -27,20 +28,6 @@ from qlora_engine.events import ListSink, RunStarted
 from qlora_engine.train import run
 
 GiB = 1 << 30
-
-LLAMA3_8B = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 8192,
-    "rope_theta": 500000.0,
-}
-
 
 def cfg_with(*overrides: str) -> TrainConfig:
     return apply_overrides(TrainConfig(), list(overrides))

@@ -34,6 +34,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import LLAMA3_8B
 
 from qlora_engine import models
 from qlora_engine.budget import estimate, fit, model_spec
@@ -47,20 +48,6 @@ from qlora_engine.errors import ConfigError
 
 GiB = 1 << 30
 ROOT = Path(__file__).resolve().parents[2]
-
-LLAMA3_8B = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 8192,
-    "rope_theta": 500000.0,
-}
-
 
 def cfg_with(*overrides: str) -> TrainConfig:
     return apply_overrides(TrainConfig(), list(overrides))

@@ -25,6 +25,18 @@ def losses(sink):
     return [e.loss for e in sink.of(StepMetrics)]
 
 
+def out_of_memory_at_step(step: int, monkeypatch) -> None:
+    """Make the first micro-batch of optimizer step ``step`` raise CUDA's out-of-memory error."""
+    real = Trainer.micro_batch
+
+    def micro_batch(self, k):
+        if self.step == step - 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, k)
+
+    monkeypatch.setattr(Trainer, "micro_batch", micro_batch)
+
+
 COMMON = ["train.max_steps=8", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2", "lora.dropout=0.1",
           "train.save_steps=2", "train.save_total_limit=null"]
 
@@ -143,14 +155,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_cfg, m
 def test_out_of_memory_names_fixes_that_apply_and_keeps_the_checkpoint(tiny_cfg, monkeypatch):
     cfg = tiny_cfg(*COMMON, "train.max_steps=6", "train.gradient_checkpointing=false", "optim.optimizer=adamw",
                    "train.micro_batch_size=3", "train.gradient_accumulation_steps=1")
-    real = Trainer.micro_batch
-
-    def micro_batch(self, k):
-        if self.step == 3:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, k)
-
-    monkeypatch.setattr(Trainer, "micro_batch", micro_batch)
+    out_of_memory_at_step(4, monkeypatch)
     sink = ListSink()
     with pytest.raises(torch.cuda.OutOfMemoryError):
         run(cfg, sink)
@@ -174,14 +179,7 @@ def test_an_out_of_memory_fix_that_splits_the_batch_resumes_as_if_nothing_happen
     run(tiny_cfg(*common, "train.micro_batch_size=4", f"output.dir={tmp_path / 'straight'}"), straight)
 
     cfg = tiny_cfg(*common, "train.micro_batch_size=4", f"output.dir={tmp_path / 'oom'}")
-    real = Trainer.micro_batch
-
-    def micro_batch(self, k):
-        if self.step == 3:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, k)
-
-    monkeypatch.setattr(Trainer, "micro_batch", micro_batch)
+    out_of_memory_at_step(4, monkeypatch)
     first = ListSink()
     with pytest.raises(torch.cuda.OutOfMemoryError):
         run(cfg, first)

@@ -7,7 +7,7 @@ VRAM estimate and the fit advice make of it (the Llama-3-8B shape, config only).
 from __future__ import annotations
 
 import pytest
-from tiny import build_tiny_llama
+from tiny import LLAMA3_8B, build_tiny_llama
 
 from qlora_engine.budget import estimate, fit
 from qlora_engine.config import TrainConfig, apply_overrides
@@ -16,17 +16,6 @@ from qlora_engine.events import ListSink, LogLine, StepMetrics
 from qlora_engine.train import Trainer, run
 
 GiB = 1 << 30
-LLAMA3_8B = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 8192,
-}
 STATS = {"max": 2048, "longest_sequence": 2048}
 
 
