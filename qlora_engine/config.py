@@ -162,6 +162,12 @@ class TrainSettings:
         "backward pass reaches; null checkpoints all. Each layer left out is not recomputed (faster) but keeps "
         "its activations (more memory); `qlora-engine estimate` names the fewest that fit your GPU.",
     )
+    offload_activations: bool = _f(
+        False,
+        "With gradient checkpointing on a GPU: keep each checkpointed layer's input in pinned CPU RAM instead of "
+        "VRAM, copied back for the backward pass. Frees layers x tokens x hidden size x 2 bytes of VRAM (what "
+        "limits very long contexts) for a slower step and that much host RAM.",
+    )
     seed: int = _f(42, "Seed for initialisation, data order and dropout; the same seed gives the same run.")
     logging_steps: int = _f(1, "Report step metrics every N optimizer steps.")
     eval_steps: int | None = _f(None, "Evaluate on the validation set every N steps (and at the end); None: only at the end.")

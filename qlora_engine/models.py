@@ -8,6 +8,7 @@ GGUF files are dequantized once by transformers and cached as a safetensors fold
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -461,19 +462,30 @@ def wrap_with_lora(model: torch.nn.Module, cfg: TrainConfig):
     return get_peft_model(model, peft_cfg)
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module, layers: int | None = None) -> int:
+def enable_gradient_checkpointing(model: torch.nn.Module, layers: int | None = None, offload: bool = False) -> int:
     """Checkpoint the decoder layers the backward pass reaches, or only the lowest ``layers`` of them.
 
     Returns how many layers are checkpointed. A layer is reached from the lowest one holding
     a trainable (LoRA) weight up; the ones below take no part in the backward pass, so
     checkpointing them saves and costs nothing. The others keep their activations: faster
-    (no recomputation), more memory (the VRAM budget models both).
+    (no recomputation), more memory (the VRAM budget models both). ``offload`` keeps the
+    checkpointed inputs in pinned host memory (transformers' ``offload``, torch's
+    ``save_on_cpu`` around each checkpoint).
     """
     # Non-reentrant checkpointing works with inputs that need no gradient, so the backward
     # pass stops at the lowest adapted layer (no `enable_input_require_grads`: that would
     # carry gradients down to the embeddings for nothing when only upper layers are adapted).
-    if hasattr(model, "activation_checkpointing_enable"):  # the name in newer transformers 5.x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"offload": True} if offload else {}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # the name in newer transformers 5.x
+    if offload and (enable is None or "offload" not in inspect.signature(enable).parameters):
+        import transformers
+
+        raise ConfigError(
+            f"train.offload_activations: transformers {transformers.__version__} cannot offload checkpointed "
+            "activations; upgrade transformers or turn it off."
+        )
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False}, **kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # transformers turns input gradients on itself when it enables checkpointing; take them off.
@@ -483,7 +495,9 @@ def enable_gradient_checkpointing(model: torch.nn.Module, layers: int | None = N
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     trained = [i for i, b in enumerate(blocks) if any(p.requires_grad for p in b.parameters())]
     first = trained[0] if trained else len(blocks)
-    keep = len(blocks) - first if layers is None else min(layers, len(blocks) - first)
+    if layers is None:  # all, as transformers set them
+        return len(blocks) - first
+    keep = min(layers, len(blocks) - first)
     for i, block in enumerate(blocks):
         # the flag transformers' own every_n_layers sets per layer; we choose the layers
         block.gradient_checkpointing = first <= i < first + keep

@@ -117,7 +117,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the LoRA init depends on the seed only
         self.model = models.wrap_with_lora(base, cfg)
         if cfg.train.gradient_checkpointing:
-            done = models.enable_gradient_checkpointing(self.model, cfg.train.checkpoint_layers)
+            offload = cfg.train.offload_activations and self.device.type == "cuda"
+            if cfg.train.offload_activations and not offload:
+                emit(LogLine(level="info", message="train.offload_activations: nothing to move on the CPU; ignored"))
+            done = models.enable_gradient_checkpointing(self.model, cfg.train.checkpoint_layers, offload=offload)
             if cfg.train.checkpoint_layers is not None:
                 note = f"gradient checkpointing on the lowest {done} decoder layers (train.checkpoint_layers)"
                 emit(LogLine(level="info", message=note))

@@ -335,6 +335,7 @@ def estimate_from_spec(
         loss=kern.loss if kern.liger else "plain",
         norm_in_place=kern.norm_in_place,
         checkpoint_layers=cfg.train.checkpoint_layers if cfg.train.gradient_checkpointing else None,
+        offload=cfg.train.gradient_checkpointing and cfg.train.offload_activations,
     )
     if spec.max_position_embeddings and shape.seq > spec.max_position_embeddings:
         notes.append(
@@ -386,15 +387,16 @@ def estimate_from_spec(
     if not kern.liger or kern.loss != "fused_linear_cross_entropy":
         loss_fwd += hidden  # the final norm's output, held by the model's forward while the loss runs
     phases: dict[str, tuple[int, int, int, int]] = {}  # activations, logits/loss, LoRA grads, optimizer
-    # A checkpointed block keeps only its input through the step; in the backward it is
-    # recomputed (from the top down, one at a time) and its input let go after its backward.
-    # A block that is not checkpointed keeps what its forward saved until its backward.
+    # A checkpointed block keeps only its input through the step (in host memory when
+    # offloaded); in the backward it is recomputed (from the top down, one at a time, its input
+    # back on the GPU) and its input let go after its backward. A block that is not
+    # checkpointed keeps what its forward saved until its backward.
     below = 0
     fwd, bwd = [], []
     for j, tr in traces.items():
         if j in checkpointed:
             bwd.append((below + hidden + shared + tr.backward_peak, 0, grads_from(j), 0))
-            below += hidden
+            below += 0 if shape.offload else hidden
         else:
             embeds = hidden if j > 0 else 0  # LlamaModel.forward keeps inputs_embeds to its end
             fwd.append((below + embeds + shared + tr.forward_peak, 0, all_grads, 0))
@@ -423,6 +425,12 @@ def estimate_from_spec(
     # Every persistent tensor is rounded up to 512 bytes (a 4-bit layer has six).
     rounding = 512 * (6 * L * len(spec.block_linears) + 3 * len(sizes))
     ckpt_share = len(checkpointed) / len(traces) if traces else float(shape.checkpointing)
+    host_activations = len(checkpointed) * hidden if shape.offload else 0
+    if host_activations:
+        notes.append(
+            f"{host_activations / GiB:.1f} GiB of checkpointed activations in pinned CPU RAM (offload_activations; "
+            "not yet measured on a GPU)"
+        )
     if 0 < ckpt_share < 1:
         notes.append(
             f"{len(checkpointed)} of {len(traces)} layers checkpointed: the allocator's slack is interpolated "
@@ -494,6 +502,8 @@ def estimate_from_spec(
         "tokens": T,
         "attention_mask": shape.mask,
         "gradient_checkpointing": shape.checkpointing,
+        "checkpointed_layers": len(checkpointed),
+        "host_activation_bytes": host_activations,
         "compute_bytes": e,
         "kernels": kern.kernels,
         "kernels_requested": kern.requested,

@@ -214,6 +214,14 @@ def _suggestions(cfg: TrainConfig, probe: _Probe, current: VramEstimate, advice:
             ["optim.optimizer=paged_adamw_8bit"],
             _variant(cfg, optim__optimizer="paged_adamw_8bit"),
         )
+    if tr.gradient_checkpointing and not tr.offload_activations:
+        variant = _variant(cfg, train__offload_activations=True)
+        host = probe(variant).details.get("host_activation_bytes", 0)
+        offer(
+            f"Keep the checkpointed activations in CPU RAM ({format_bytes(host)} of it; slower steps)",
+            ["train.offload_activations=true"],
+            variant,
+        )
     if cfg.model.attn_implementation == "eager":
         offer(
             "Use SDPA attention", ["model.attn_implementation=sdpa"], _variant(cfg, model__attn_implementation="sdpa")

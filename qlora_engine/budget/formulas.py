@@ -136,6 +136,9 @@ class StepShape:
     checkpoint_layers: int | None = None
     """Under checkpointing, how many of the blocks the backward pass reaches are checkpointed
     (the lowest ones); None: all of them. The others keep their activations."""
+    offload: bool = False
+    """Checkpointed blocks keep their input in pinned host memory, not on the GPU; each comes
+    back for its block's recomputation."""
 
     @property
     def liger(self) -> bool:

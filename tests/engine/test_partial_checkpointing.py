@@ -1,4 +1,5 @@
-"""train.checkpoint_layers: checkpoint only the lowest layers the backward pass reaches.
+"""train.checkpoint_layers (checkpoint only the lowest layers the backward pass reaches) and
+train.offload_activations (their inputs in CPU RAM).
 
 The engine part runs a real 4-layer NF4 Llama on the CPU; the budget part checks what the
 VRAM estimate and the fit advice make of it (the Llama-3-8B shape, config only).
@@ -7,8 +8,10 @@ VRAM estimate and the fit advice make of it (the Llama-3-8B shape, config only).
 from __future__ import annotations
 
 import pytest
+import torch
 from tiny import LLAMA3_8B, build_tiny_llama
 
+from qlora_engine import models
 from qlora_engine.budget import estimate, fit
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.errors import ConfigError
@@ -38,6 +41,7 @@ def checkpointed(trainer: Trainer) -> list[bool]:
         (["train.checkpoint_layers=9"], [True, True, True, True]),
         # only layers 2-3 adapted: the backward pass starts at layer 2, so counting starts there
         (["train.checkpoint_layers=1", "lora.layers=2-3"], [False, False, True, False]),
+        (["lora.layers=2-3"], [True, True, True, True]),  # all: as transformers sets them (nothing below runs backward)
     ],
 )
 def test_the_lowest_reached_layers_are_checkpointed(tiny_cfg, four_layers, overrides, expected):
@@ -65,6 +69,67 @@ def test_partial_checkpointing_is_the_same_math(tiny_cfg, four_layers, tmp_path)
 def test_zero_layers_is_refused_with_the_way_to_turn_it_off():
     with pytest.raises(ConfigError, match=r"train.checkpoint_layers.*gradient_checkpointing off"):
         apply_overrides(TrainConfig(), ["train.checkpoint_layers=0"])
+
+
+@pytest.mark.parametrize("layers", [None, 1])
+def test_offloaded_checkpoints_go_through_host_memory_with_the_same_math(tiny_cfg, four_layers, monkeypatch, layers):
+    # On the GPU transformers wraps each checkpoint in torch's save_on_cpu (pinned host
+    # memory); this CPU has no pinned allocator, so the same hooks are recorded here with a
+    # plain CPU copy: what goes through them, and that the step computes the same.
+    import transformers.modeling_utils
+
+    packed: list[tuple[int, ...]] = []
+
+    class RecordingSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory: bool, device_type: str) -> None:
+            def pack(t):
+                packed.append(tuple(t.shape))
+                return t.device, t.detach().to("cpu", copy=True)
+
+            super().__init__(pack, lambda p: p[1].to(p[0]))
+
+    def step(offload: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        trainer = Trainer(tiny_cfg(f"model.ref={four_layers}", "train.gradient_checkpointing=false"), ListSink())
+        trainer.setup()
+        models.enable_gradient_checkpointing(trainer.model, layers, offload=offload)
+        loss = trainer.model(**trainer.micro_batch(0), use_cache=False).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        trainer.cleanup()
+        return float(loss), grads
+
+    monkeypatch.setattr(transformers.modeling_utils, "save_on_cpu", RecordingSaveOnCpu)
+    plain_loss, plain_grads = step(offload=False)
+    assert packed == []
+    loss, grads = step(offload=True)
+    batch, hidden = 3, 64  # tiny_cfg's micro-batch, the tiny model's hidden size
+    assert len(packed) == (4 if layers is None else layers)  # each checkpointed layer's input, once
+    assert all(len(shape) == 3 and shape[0] == batch and shape[2] == hidden for shape in packed)
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_offload_is_ignored_on_the_cpu_and_said(tiny_cfg):
+    sink = ListSink()
+    run(tiny_cfg("train.max_steps=1", "train.offload_activations=true"), sink)
+    assert any("offload_activations: nothing to move on the CPU" in e.message for e in sink.of(LogLine))
+
+
+def test_the_budget_moves_offloaded_checkpoints_off_the_gpu():
+    def est(*overrides: str):
+        cfg = cfg_8b("data.max_length=32768", "train.micro_batch_size=1", *overrides)
+        return estimate(cfg, LLAMA3_8B, data_stats={"max": 32768, "longest_sequence": 32768})
+
+    on_gpu, off = est(), est("train.offload_activations=true")
+    kept = 32 * 2 * 32768 * 4096  # 32 layer inputs of 32k tokens x 4096 in bf16: 8 GiB
+    assert off.details["host_activation_bytes"] == kept and on_gpu.details["host_activation_bytes"] == 0
+    moved = on_gpu.components["activations"] - off.components["activations"]
+    assert kept - 2 * GiB < moved <= kept  # all but the block being recomputed
+    assert any("CPU RAM" in n for n in off.notes)
+    advice = fit(cfg_8b("data.max_length=32768", "train.micro_batch_size=1"), 24 * GiB, LLAMA3_8B,
+                 data_stats={"max": 32768, "longest_sequence": 32768})
+    assert "train.offload_activations=true" in [o for s in advice.suggestions for o in s.overrides]
 
 
 def cfg_8b(*overrides: str) -> TrainConfig:
