@@ -8,6 +8,12 @@ and the comparison empty). One forward and backward on the same random batch; pr
 losses, their relative difference, and the relative error of the LoRA gradients
 (||g_engine - g_hf|| / ||g_hf|| over all of them, and the worst single tensor). Goal
 (speed issue): loss within 1%, gradients within 1e-2.
+
+Both sides compute in bf16, along different paths (the baseline upcasts the residual stream
+to fp32, the engine keeps it in bf16), so neither is the exact answer. A third process, the
+reference, runs the engine's code with fp32 compute on the same NF4 weights and batch
+(``quant.compute_dtype=float32``, no fused kernels); the JSON line also gives each side's
+error against it (``*_vs_fp32``), which says which of the two is nearer the true gradient.
 """
 
 from __future__ import annotations
@@ -90,7 +96,8 @@ def main() -> None:
     ap.add_argument("--mbs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--variant", default="", help="engine overrides, ';'-separated")
-    ap.add_argument("--side", choices=["hf", "engine"])
+    ap.add_argument("--side", choices=["hf", "engine", "reference"])
+    ap.add_argument("--no-reference", action="store_true", help="skip the fp32 reference")
     args = ap.parse_args()
     path = f"/tmp/ckpt-{args.shape}"
     vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
@@ -100,28 +107,47 @@ def main() -> None:
         loss, grads = hf_side(path, ids, args.seed)
         torch.save({"loss": loss, "grads": grads}, grads_file)
         return
-    if args.side == "engine":
-        loss, grads, kernels = engine_side(path, ids, args.seed, [v for v in args.variant.split(";") if v])
+    if args.side in ("engine", "reference"):
+        variant = [v for v in args.variant.split(";") if v]
+        if args.side == "reference":
+            variant = ["quant.compute_dtype=float32", "train.kernels=none"]
+        loss, grads, kernels = engine_side(path, ids, args.seed, variant)
         torch.save({"loss": loss, "grads": grads, "kernels": kernels}, grads_file)
         return
     import subprocess
 
-    for side in ("hf", "engine"):  # separate processes: liger patches transformers process-wide
+    sides = ["hf", "engine"] + ([] if args.no_reference else ["reference"])
+    for side in sides:  # separate processes: liger patches transformers process-wide
         subprocess.run([sys.executable, __file__, "--side", side, "--shape", args.shape, "--seq", str(args.seq),
                         "--mbs", str(args.mbs), "--seed", str(args.seed), "--variant", args.variant], check=True)
-    hf = torch.load("/tmp/same-math-hf.pt", weights_only=True)
-    en = torch.load("/tmp/same-math-engine.pt", weights_only=True)
-    keys = sorted(set(hf["grads"]) & set(en["grads"]))
-    missing = sorted(set(hf["grads"]) ^ set(en["grads"]))
-    diff = sum(float((en["grads"][k] - hf["grads"][k]).pow(2).sum()) for k in keys) ** 0.5
-    norm = sum(float(hf["grads"][k].pow(2).sum()) for k in keys) ** 0.5
-    worst = max(keys, key=lambda k: float((en["grads"][k] - hf["grads"][k]).norm() / (hf["grads"][k].norm() + 1e-30)))
-    worst_err = float((en["grads"][worst] - hf["grads"][worst]).norm() / (hf["grads"][worst].norm() + 1e-30))
+    got = {side: torch.load(f"/tmp/same-math-{side}.pt", weights_only=True) for side in sides}
+    hf, en = got["hf"], got["engine"]
     res = dict(case="same-math", variant=args.variant, kernels=en["kernels"], seq=args.seq, mbs=args.mbs,
                loss_hf=hf["loss"], loss_engine=en["loss"], loss_rel_diff=abs(en["loss"] - hf["loss"]) / abs(hf["loss"]),
-               grad_rel_err=diff / norm, worst_tensor=worst, worst_tensor_rel_err=worst_err, tensors=len(keys),
-               unmatched=missing[:5])
+               **compare(en["grads"], hf["grads"]))
+    if "reference" in got:
+        ref = got["reference"]
+        res["loss_fp32"] = ref["loss"]
+        for name, side in (("engine", en), ("hf", hf)):
+            res[f"loss_{name}_vs_fp32"] = abs(side["loss"] - ref["loss"]) / abs(ref["loss"])
+            res.update({f"{k}_{name}_vs_fp32": v for k, v in compare(side["grads"], ref["grads"]).items()
+                        if k in ("grad_rel_err", "worst_tensor_rel_err")})
     print(json.dumps(res), flush=True)
+
+
+def compare(grads: dict[str, torch.Tensor], against: dict[str, torch.Tensor]) -> dict:
+    """Relative error of ``grads`` against ``against``: over all LoRA tensors, and the worst one."""
+    keys = sorted(set(grads) & set(against))
+    unmatched = sorted(set(grads) ^ set(against))
+
+    def rel(k: str) -> float:
+        return float((grads[k] - against[k]).norm() / (against[k].norm() + 1e-30))
+
+    diff = sum(float((grads[k] - against[k]).pow(2).sum()) for k in keys) ** 0.5
+    norm = sum(float(against[k].pow(2).sum()) for k in keys) ** 0.5
+    worst = max(keys, key=rel)
+    return dict(grad_rel_err=diff / norm, worst_tensor=worst, worst_tensor_rel_err=rel(worst), tensors=len(keys),
+                unmatched=unmatched[:5])
 
 
 if __name__ == "__main__":
