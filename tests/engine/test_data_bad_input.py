@@ -9,33 +9,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from data_support import make_cfg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
 
-from qlora_engine.config import TrainConfig, validate
 from qlora_engine.data import IGNORE_INDEX, inspect_data, prepare_data
 from qlora_engine.data.cache import cache_root
 from qlora_engine.errors import DataError
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QLORA_STUDIO_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-def make_cfg(path, **data) -> TrainConfig:
-    cfg = TrainConfig()
-    cfg.data.path = str(path)
-    for k, v in data.items():
-        setattr(cfg.data, k, v)
-    validate(cfg)
-    return cfg
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def cache_entries() -> list[Path]:

@@ -6,36 +6,20 @@ import json
 from pathlib import Path
 
 import pytest
+from data_support import make_cfg
 from transformers import AutoTokenizer
 
-from qlora_engine.config import TrainConfig, validate
 from qlora_engine.data import IGNORE_INDEX, collate, prepare_data
 
 CHAT = [json.loads(line) for line in (Path(__file__).parents[1] / "data" / "chat.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QLORA_STUDIO_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")
 def plain_tok(tiny_model_no_template_dir):
     return AutoTokenizer.from_pretrained(tiny_model_no_template_dir)
-
-
-def make_cfg(path, **data) -> TrainConfig:
-    cfg = TrainConfig()
-    cfg.data.path = str(path)
-    for k, v in data.items():
-        setattr(cfg.data, k, v)
-    validate(cfg)
-    return cfg
 
 
 def chatml_by_hand(tok, messages):

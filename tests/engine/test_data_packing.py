@@ -5,30 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM
+from data_support import make_cfg
+from transformers import LlamaForCausalLM
 
-from qlora_engine.config import TrainConfig, validate
 from qlora_engine.data import IGNORE_INDEX, collate, count_tokens, prepare_data
 from qlora_engine.data.store import SampleBuilder, pack
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QLORA_STUDIO_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_model_dir):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-def make_cfg(path, **data) -> TrainConfig:
-    cfg = TrainConfig()
-    cfg.data.path = str(path)
-    for k, v in data.items():
-        setattr(cfg.data, k, v)
-    validate(cfg)
-    return cfg
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def random_set(seed: int, n: int, max_len: int):
