@@ -12,6 +12,7 @@ from types import TracebackType
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from app.settings import logs_dir
+from qlora_engine.events import redact
 
 
 def crash_log() -> Path:
@@ -20,7 +21,7 @@ def crash_log() -> Path:
 
 def report(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> Path:
     """Append the traceback to the crash log, tell the user (if a window can), return the log's path."""
-    text = "".join(traceback.format_exception(exc_type, exc, tb))
+    text = redact("".join(traceback.format_exception(exc_type, exc, tb)))
     path = crash_log()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
@@ -30,7 +31,7 @@ def report(exc_type: type[BaseException], exc: BaseException, tb: TracebackType 
         QMessageBox.critical(
             QApplication.activeWindow(),
             "QLoRA Studio: unexpected error",
-            f"Something went wrong inside the app: {exc_type.__name__}: {exc}\n\n"
+            f"Something went wrong inside the app: {redact(f'{exc_type.__name__}: {exc}')}\n\n"
             f"Your runs are not affected (they run in their own process). The details were written to\n{path}\n"
             "Please include that file if you report the problem.",
         )

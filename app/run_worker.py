@@ -29,7 +29,7 @@ from pathlib import Path
 from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
 
 from app.tasks import track
-from qlora_engine.events import from_dict
+from qlora_engine.events import from_dict, redact
 
 BATCH = 50
 """Most events the GUI thread handles in one turn of its event loop."""
@@ -187,7 +187,7 @@ class RunWorker(QObject):
         for line in proc.stderr:
             self._stderr_tail.append(line)
             if log:
-                log.write(line)
+                log.write(redact(line))
                 log.flush()
             self._put("output", line.rstrip("\n"))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_engine.errors import QLoRAError
+from qlora_engine.events import redact
 
 
 def _print_json(obj: Any) -> None:
@@ -17,9 +18,9 @@ def _print_json(obj: Any) -> None:
 
 
 def _fail(e: QLoRAError) -> int:
-    print(f"error: {e}", file=sys.stderr)
+    print(redact(f"error: {e}"), file=sys.stderr)
     if getattr(e, "hint", None):
-        print(f"hint: {e.hint}", file=sys.stderr)
+        print(redact(f"hint: {e.hint}"), file=sys.stderr)
     return 2
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import sys
 import threading
 import time
@@ -22,6 +24,21 @@ def _now() -> float:
     return time.time()
 
 
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
+_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
+
+
+def redact(text: str) -> str:
+    """``text`` with hub tokens replaced by ``hf_***``: the values of the token variables set
+    now, and anything shaped like a Hugging Face token. Everything the engine and the app
+    write (events, logs, crash reports) goes through it."""
+    for name in TOKEN_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if len(value) >= 8:
+            text = text.replace(value, "hf_***")
+    return _TOKEN_PATTERN.sub("hf_***", text)
+
+
 @dataclass(frozen=True)
 class Event:
     kind: ClassVar[str] = "event"
@@ -31,7 +48,7 @@ class Event:
         return {"event": self.kind, **dataclasses.asdict(self)}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), default=str, allow_nan=True)
+        return redact(json.dumps(self.to_dict(), default=str, allow_nan=True))
 
 
 @dataclass(frozen=True)
@@ -272,7 +289,7 @@ class TextSink:
                 msg += f"\n  fix: {fix['description']}: " + " ".join(fix["overrides"])
         else:
             msg = e.to_json()
-        print(msg, file=self.stream, flush=True)
+        print(redact(msg), file=self.stream, flush=True)
 
     def close(self) -> None:
         pass

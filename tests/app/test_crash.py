@@ -44,3 +44,18 @@ def test_ctrl_c_is_not_swallowed(monkeypatch, tmp_path):
     crash.install()
     sys.excepthook(KeyboardInterrupt, KeyboardInterrupt(), None)
     assert seen == [KeyboardInterrupt] and not crash.crash_log().exists()
+
+
+def test_a_hub_token_in_an_error_never_reaches_the_crash_log_or_the_dialog(monkeypatch, tmp_path):
+    secret = "hf_CrAsHtOkEn0123456789abcdefghijkl"
+    monkeypatch.setenv("QLORA_STUDIO_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_TOKEN", secret)
+    shown = []
+    monkeypatch.setattr(QMessageBox, "critical", lambda parent, title, text: shown.append(text))
+    try:
+        raise RuntimeError(f"401 for https://huggingface.co/x?token={secret}")
+    except RuntimeError as e:
+        log = crash.report(type(e), e, e.__traceback__)
+    content = log.read_text()
+    assert secret not in content and "token=hf_***" in content
+    assert secret not in shown[0] and "hf_***" in shown[0]

@@ -278,4 +278,14 @@ def test_hub_tokens_never_reach_the_files_a_run_writes(tiny_cfg, tmp_path):
         assert secret.encode() not in p.read_bytes(), p
     saved = ListSink()
     assert not saved.events  # (the in-process sink is untouched by the subprocess)
+
+    # a token inside an error (here a path someone pasted it into) is masked wherever it is written
+    bad = tmp_path / "bad.yaml"
+    apply_overrides(cfg, [f"data.path={tmp_path / secret}.jsonl", f"output.dir={tmp_path / 'bad-run'}"]).save(bad)
+    failed = subprocess.run([sys.executable, "-m", "qlora_engine", "train", str(bad), "--events", "-"],
+                            capture_output=True, text=True, env=env)
+    assert failed.returncode != 0 and "hf_***" in failed.stdout
+    assert secret not in failed.stdout and secret not in failed.stderr
+    for p in (tmp_path / "bad-run").rglob("*"):
+        assert not p.is_file() or secret.encode() not in p.read_bytes(), p
     assert any(isinstance(e, CheckpointSaved) for e in map(from_json, out.stdout.splitlines()))
