@@ -22,8 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from qlora_engine.errors import DiskFullError, ResumeError, RunLockedError
 
 MARKER = "qlora_checkpoint.json"
@@ -150,6 +148,8 @@ def torch_load_own(folder: Path, name: str) -> Any:
     """Load a torch file from a checkpoint folder the engine wrote (checked), tensors and plain data only."""
     if not is_complete(folder):
         raise ResumeError(f"{folder}: refusing to load {name}: this folder was not written completely by QLoRA Studio.")
+    import torch  # here, not at the top: the app reads checkpoint folders without needing torch
+
     return torch.load(folder / name, map_location="cpu", weights_only=True)
 
 
@@ -157,6 +157,8 @@ def torch_load_own(folder: Path, name: str) -> Any:
 
 
 def rng_state() -> dict[str, Any]:
+    import torch
+
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -164,6 +166,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     torch.set_rng_state(state["torch"])

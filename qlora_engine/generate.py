@@ -22,11 +22,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from qlora_engine.errors import QLoRAError
+
+if TYPE_CHECKING:
+    import torch
 
 Messages = list[dict[str, str]]
 StopCheck = Callable[[], bool] | None
@@ -79,6 +80,8 @@ class _Stream:
     """One answer being generated: its KV cache, sampler and the text handed out so far."""
 
     def __init__(self, chat: ChatModel, prompt_ids: list[int], settings: GenerationSettings, adapter: bool) -> None:
+        import torch
+
         self.chat = chat
         self.settings = settings
         self.adapter = adapter
@@ -95,11 +98,12 @@ class _Stream:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    @torch.no_grad()
     def step(self) -> str:
         """Generate one token; return the new text it completes (may be '' mid-character)."""
+        import torch
+
         t = time.perf_counter()
-        with self.chat.adapter_enabled(self.adapter):
+        with torch.no_grad(), self.chat.adapter_enabled(self.adapter):
             kw = {self.chat.cache_arg: self.cache}
             out = self.chat.model(input_ids=self.next_input, use_cache=True, logits_to_keep=1, **kw)
         cache = getattr(out, self.chat.cache_arg, None)
@@ -146,6 +150,8 @@ class _Stream:
 
 
 def _sample(logits: torch.Tensor, s: GenerationSettings, generator: torch.Generator) -> int:
+    import torch
+
     logits = logits.float().cpu()  # the sampler's generator lives on the CPU; one small copy per token
     if s.temperature == 0:
         return int(torch.argmax(logits))
@@ -286,6 +292,8 @@ class ChatModel:
 
     def close(self) -> None:
         """Drop the model (and its GPU memory)."""
+        import torch
+
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
