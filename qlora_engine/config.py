@@ -168,6 +168,12 @@ class TrainSettings:
         "VRAM, copied back for the backward pass. Frees layers x tokens x hidden size x 2 bytes of VRAM (what "
         "limits very long contexts) for a slower step and that much host RAM.",
     )
+    mlp_chunk_tokens: int | None = _f(
+        None,
+        "Run each decoder layer's MLP over the sequence in chunks of this many tokens, each chunk recomputed in "
+        "the backward pass: its wide intermediates (tokens x intermediate size) exist for one chunk at a time. "
+        "For very long contexts (100k+ tokens); costs one more MLP forward per step. null: off.",
+    )
     seed: int = _f(42, "Seed for initialisation, data order and dropout; the same seed gives the same run.")
     logging_steps: int = _f(1, "Report step metrics every N optimizer steps.")
     eval_steps: int | None = _f(None, "Evaluate on the validation set every N steps (and at the end); None: only at the end.")
@@ -430,6 +436,12 @@ def validate(cfg: TrainConfig) -> None:
     )
     need(tr.epochs > 0, "train.epochs", tr.epochs, "use a positive number")
     need(tr.max_steps is None or tr.max_steps >= 1, "train.max_steps", tr.max_steps, "use null or at least 1")
+    need(
+        tr.mlp_chunk_tokens is None or tr.mlp_chunk_tokens >= 64,
+        "train.mlp_chunk_tokens",
+        tr.mlp_chunk_tokens,
+        "use null (off) or at least 64 tokens (4096 is a good start)",
+    )
     need(
         tr.checkpoint_layers is None or tr.checkpoint_layers >= 1,
         "train.checkpoint_layers",

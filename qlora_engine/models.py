@@ -504,6 +504,38 @@ def enable_gradient_checkpointing(model: torch.nn.Module, layers: int | None = N
     return keep
 
 
+def tile_mlps(model: torch.nn.Module, chunk: int) -> int:
+    """Run every decoder layer's MLP over the sequence in chunks of ``chunk`` tokens.
+
+    Each chunk runs under non-reentrant checkpointing, which keeps only the chunk's input: its
+    gate, up and activation outputs (tokens x intermediate size each) are freed after the
+    chunk and recomputed, one chunk at a time, in the backward pass. The MLP acts on each
+    token alone, so the result is the same (with LoRA dropout, the masks are drawn per chunk:
+    the same distribution, other draws). Without gradients (evaluation, generation) the MLP
+    runs whole. Returns how many MLPs were tiled.
+    """
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    def tiled(inner: Any) -> Any:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if not torch.is_grad_enabled() or x.shape[-2] <= chunk:
+                return inner(x)
+            pieces = [checkpoint(inner, piece, use_reentrant=False) for piece in x.split(chunk, dim=-2)]
+            return torch.cat(pieces, dim=-2)
+
+        return forward
+
+    mlps = [b.mlp for b in model.modules() if isinstance(b, GradientCheckpointingLayer) and hasattr(b, "mlp")]
+    if not mlps:
+        raise ConfigError(
+            f"train.mlp_chunk_tokens: {type(model).__name__} has no decoder-layer MLP to tile; set it to null."
+        )
+    for mlp in mlps:
+        mlp.forward = tiled(mlp.forward)
+    return len(mlps)
+
+
 def model_facts(model: torch.nn.Module) -> dict[str, Any]:
     import bitsandbytes as bnb
 

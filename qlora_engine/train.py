@@ -116,6 +116,9 @@ class Trainer:
         self.kernels = models.apply_fused_kernels(base, cfg.train.kernels, self.device)
         torch.manual_seed(cfg.train.seed)  # the LoRA init depends on the seed only
         self.model = models.wrap_with_lora(base, cfg)
+        if cfg.train.mlp_chunk_tokens:
+            tiled = models.tile_mlps(self.model, cfg.train.mlp_chunk_tokens)
+            emit(LogLine(level="info", message=f"{tiled} MLPs run in chunks of {cfg.train.mlp_chunk_tokens} tokens"))
         if cfg.train.gradient_checkpointing:
             offload = cfg.train.offload_activations and self.device.type == "cuda"
             if cfg.train.offload_activations and not offload:

@@ -1,11 +1,14 @@
-"""train.checkpoint_layers (checkpoint only the lowest layers the backward pass reaches) and
-train.offload_activations (their inputs in CPU RAM).
+"""The memory switches: train.checkpoint_layers (checkpoint only the lowest layers the backward
+pass reaches), train.offload_activations (their inputs in CPU RAM) and train.mlp_chunk_tokens
+(the MLP over the sequence in chunks).
 
 The engine part runs a real 4-layer NF4 Llama on the CPU; the budget part checks what the
 VRAM estimate and the fit advice make of it (the Llama-3-8B shape, config only).
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -130,6 +133,52 @@ def test_the_budget_moves_offloaded_checkpoints_off_the_gpu():
     advice = fit(cfg_8b("data.max_length=32768", "train.micro_batch_size=1"), 24 * GiB, LLAMA3_8B,
                  data_stats={"max": 32768, "longest_sequence": 32768})
     assert "train.offload_activations=true" in [o for s in advice.suggestions for o in s.overrides]
+
+
+@pytest.mark.parametrize("ckpt", [True, False])
+def test_chunked_mlps_compute_the_same_and_keep_no_wide_intermediates(tiny_cfg, four_layers, tmp_path, ckpt):
+    long = tmp_path / "long.jsonl"  # samples of a few hundred tokens: several chunks of 64
+    rows = [" ".join(f"word{i * 7 + j} is number {j}." for j in range(40)) for i in range(6)]
+    long.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+
+    def step(*overrides: str) -> tuple[float, dict[str, torch.Tensor], list[tuple[int, ...]]]:
+        cfg = tiny_cfg(f"model.ref={four_layers}", f"data.path={long}", "data.max_length=400",
+                       f"train.gradient_checkpointing={ckpt}", "lora.dropout=0.0", *overrides)
+        trainer = Trainer(cfg, ListSink())
+        trainer.setup()
+        batch = trainer.micro_batch(0)
+        kept: list[tuple[int, ...]] = []  # what autograd keeps of the forward, outside any checkpoint
+
+        def pack(t):
+            kept.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = trainer.model(**batch, use_cache=False).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        assert batch["input_ids"].shape[1] > 3 * 64
+        trainer.cleanup()
+        return float(loss), grads, kept
+
+    # (no LoRA dropout: chunked, its masks are drawn per chunk: the same distribution, other draws)
+    whole_loss, whole_grads, whole_kept = step()
+    loss, grads, kept = step("train.mlp_chunk_tokens=64")
+    assert loss == pytest.approx(whole_loss, rel=1e-6)
+    for name, g in whole_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6)
+    wide = 128  # the tiny model's intermediate size (2 x hidden)
+    if not ckpt:  # the plain run keeps the MLP's wide tensors; chunked, nothing that wide is kept
+        assert any(s and s[-1] == wide for s in whole_kept)
+    assert not any(s and s[-1] == wide for s in kept)
+
+
+def test_chunking_applies_only_when_the_sequence_is_longer_than_a_chunk(tiny_cfg):
+    sink = ListSink()
+    run(tiny_cfg("train.max_steps=1", "train.mlp_chunk_tokens=4096"), sink)
+    assert any("MLPs run in chunks of 4096 tokens" in e.message for e in sink.of(LogLine))
+    with pytest.raises(ConfigError, match=r"train.mlp_chunk_tokens.*at least 64"):
+        apply_overrides(TrainConfig(), ["train.mlp_chunk_tokens=8"])
 
 
 def cfg_8b(*overrides: str) -> TrainConfig:
