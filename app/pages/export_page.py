@@ -13,12 +13,10 @@ interface of the page it replaces.
 from __future__ import annotations
 
 import shlex
-import threading
-import traceback
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QObject, QThread, QUrl, Signal, Slot
+from PySide6.QtCore import QUrl, Signal, Slot
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -37,7 +35,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.pages.try_page import TryPage, has_adapter
-from app.tasks import import_ml_stack, track
+from app.tasks import JobWorker, SignalSink, WorkerThread, import_ml_stack
 from qlora_engine.events import Event, LogLine, PhaseChanged
 
 FORMATS = {
@@ -59,45 +57,23 @@ FORMATS = {
 }
 
 
-class _SignalSink:
-    def __init__(self, emit: Any) -> None:
-        self._emit = emit
-
-    def emit(self, event: Event) -> None:
-        self._emit(event)
-
-    def close(self) -> None:
-        pass
-
-
-class ExportWorker(QObject):
+class ExportWorker(JobWorker):
     event = Signal(object)
     done = Signal(str)
-    failed = Signal(str, str, str)
-    """message, hint, traceback ('' for errors written for the user)."""
     cancelled = Signal()
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cancel = threading.Event()
 
     @Slot(str, str, str, object)
     def run(self, source: str, fmt: str, out: str, options: dict) -> None:
-        from qlora_engine.errors import QLoRAError
         from qlora_engine.export import ExportCancelled, export
 
         try:
             import_ml_stack()
-            path = export(
-                source, fmt, out, sink=_SignalSink(self.event.emit), should_stop=self.cancel.is_set, **options
-            )
+            path = export(source, fmt, out, sink=SignalSink(self.event.emit), should_stop=self.cancel.is_set, **options)
             self.done.emit(str(path))
         except ExportCancelled:
             self.cancelled.emit()
-        except QLoRAError as e:
-            self.failed.emit(str(e), e.hint or "", "")
-        except Exception as e:  # shown with its traceback for a bug report
-            self.failed.emit(f"{type(e).__name__}: {e}", "", traceback.format_exc())
+        except Exception as e:
+            self.report_failure(e)
 
 
 class ExportPage(QWidget):
@@ -113,8 +89,7 @@ class ExportPage(QWidget):
         self.busy = False
         self.last_export: Path | None = None
         self._out_edited = False
-        self._thread: QThread | None = None
-        self._worker: ExportWorker | None = None
+        self._jobs = WorkerThread("export", ExportWorker, self._connect_worker)
 
         self.run_label = QLabel("Finish a run (or open one from the history) to export it.")
         self.run_label.setObjectName("hint")
@@ -286,37 +261,28 @@ class ExportPage(QWidget):
 
     # -- the worker thread ----------------------------------------------------------------------
 
-    def _ensure_worker(self) -> ExportWorker:
-        if self._worker is None:
-            self._thread = track(QThread())
-            self._thread.setObjectName("export")
-            self._worker = ExportWorker()
-            self._worker.moveToThread(self._thread)
-            self._request.connect(self._worker.run)
-            self._worker.event.connect(self._on_event)
-            self._worker.done.connect(self._on_done)
-            self._worker.failed.connect(self._on_failed)
-            self._worker.cancelled.connect(self._on_cancelled)
-            self._thread.finished.connect(self._worker.deleteLater)
-            self._thread.start()
-        return self._worker
+    @property
+    def _worker(self) -> ExportWorker | None:
+        """The worker, once the first export has started its thread."""
+        return self._jobs.worker
+
+    def _connect_worker(self, worker: ExportWorker) -> None:
+        self._request.connect(worker.run)
+        worker.event.connect(self._on_event)
+        worker.done.connect(self._on_done)
+        worker.failed.connect(self._on_failed)
+        worker.cancelled.connect(self._on_cancelled)
 
     def shutdown(self, timeout_ms: int = 120_000) -> bool:
         """Cancel a running export and end the thread. True if it ended in time."""
-        if self._thread is None:
-            return True
-        self._worker.cancel.set()
-        self._thread.quit()
-        ended = self._thread.wait(timeout_ms)
-        self._thread = None
-        self._worker = None
+        ended = self._jobs.stop(timeout_ms)
         self.busy = False
         return ended
 
     def start(self) -> None:
         if self.busy or not self.export_button.isEnabled():
             return
-        worker = self._ensure_worker()
+        worker = self._jobs.ensure()
         worker.cancel.clear()
         self.busy = True
         self.error.setText("")

@@ -11,12 +11,10 @@ between prompts and is dropped when another run is chosen or the page shuts down
 from __future__ import annotations
 
 import dataclasses
-import threading
-import traceback
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
+from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtGui import QKeySequence, QShortcut, QTextCursor
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -34,7 +32,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.tasks import import_ml_stack, track
+from app.tasks import JobWorker, SignalSink, WorkerThread, import_ml_stack
 from qlora_engine.events import Event, PhaseChanged
 from qlora_engine.generate import GenerationSettings
 
@@ -53,11 +51,8 @@ def setting_help(name: str) -> str:
     return next(f.metadata.get("help", "") for f in dataclasses.fields(GenerationSettings) if f.name == name)
 
 
-class _StatusSink:
+class _StatusSink(SignalSink):
     """Turns the loader's phase events into status text for the page."""
-
-    def __init__(self, emit: Any) -> None:
-        self._emit = emit
 
     def emit(self, event: Event) -> None:
         text = {
@@ -68,11 +63,8 @@ class _StatusSink:
         if isinstance(event, PhaseChanged) and text:
             self._emit(text)
 
-    def close(self) -> None:
-        pass
 
-
-class TryWorker(QObject):
+class TryWorker(JobWorker):
     """Lives on the try thread: loads a run's model once, answers prompts with it."""
 
     status = Signal(str)
@@ -80,19 +72,14 @@ class TryWorker(QObject):
     piece = Signal(str, str)
     finished = Signal(object)
     """``{'base': GenerationResult, 'tuned': GenerationResult}`` (one side only without comparison)."""
-    failed = Signal(str, str, str)
-    """message, hint, traceback ('' for errors written for the user)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.cancel = threading.Event()
         self.chat: Any = None
         self.source: str | None = None
 
     @Slot(str, object, object, bool)
     def answer(self, source: str, prompt: Any, settings: GenerationSettings, compare: bool) -> None:
-        from qlora_engine.errors import QLoRAError
-
         try:
             import_ml_stack()
             if self.chat is None or self.source != source:
@@ -116,10 +103,8 @@ class TryWorker(QObject):
                 )
                 results = {"tuned": r}
             self.finished.emit(results)
-        except QLoRAError as e:
-            self.failed.emit(str(e), e.hint or "", "")
-        except Exception as e:  # shown in the page, with the traceback for a bug report
-            self.failed.emit(f"{type(e).__name__}: {e}", "", traceback.format_exc())
+        except Exception as e:
+            self.report_failure(e)
 
     @Slot()
     def unload(self) -> None:
@@ -141,8 +126,7 @@ class TryPage(QWidget):
         super().__init__(parent)
         self.run_dir: Path | None = None
         self.busy = False
-        self._thread: QThread | None = None
-        self._worker: TryWorker | None = None
+        self._jobs = WorkerThread("try-model", TryWorker, self._connect_worker)
 
         self.run_label = QLabel("Finish a run (or open one from the history) to try it.")
         self.run_label.setObjectName("hint")
@@ -242,33 +226,25 @@ class TryPage(QWidget):
 
     # -- the worker thread ----------------------------------------------------------------------
 
-    def _ensure_worker(self) -> TryWorker:
-        if self._worker is None:
-            self._thread = track(QThread())
-            self._thread.setObjectName("try-model")
-            self._worker = TryWorker()
-            self._worker.moveToThread(self._thread)
-            self._request.connect(self._worker.answer)
-            self._unload.connect(self._worker.unload)
-            self._worker.status.connect(self.status.setText)
-            self._worker.loaded.connect(lambda text: self.run_label.setText(f"Model: {text}"))
-            self._worker.piece.connect(self._on_piece)
-            self._worker.finished.connect(self._on_finished)
-            self._worker.failed.connect(self._on_failed)
-            self._thread.finished.connect(self._worker.deleteLater)
-            self._thread.start()
-        return self._worker
+    @property
+    def _worker(self) -> TryWorker | None:
+        """The worker, once the first prompt has started its thread."""
+        return self._jobs.worker
+
+    def _connect_worker(self, worker: TryWorker) -> None:
+        self._request.connect(worker.answer)
+        self._unload.connect(worker.unload)
+        worker.status.connect(self.status.setText)
+        worker.loaded.connect(lambda text: self.run_label.setText(f"Model: {text}"))
+        worker.piece.connect(self._on_piece)
+        worker.finished.connect(self._on_finished)
+        worker.failed.connect(self._on_failed)
 
     def shutdown(self, timeout_ms: int = 60_000) -> bool:
         """Cancel any answer, free the model, end the thread. True if it ended in time."""
-        if self._thread is None:
-            return True
-        self._worker.cancel.set()
-        self._unload.emit()
-        self._thread.quit()
-        ended = self._thread.wait(timeout_ms)
-        self._thread = None
-        self._worker = None
+        if self._worker is not None:
+            self._unload.emit()  # queued: frees the model once the answer in progress has seen the cancel
+        ended = self._jobs.stop(timeout_ms)
         self.busy = False
         return ended
 
@@ -301,7 +277,7 @@ class TryPage(QWidget):
         prompt = self.prompt.toPlainText().strip()
         if self.busy or not prompt or not self._has_adapter():
             return
-        worker = self._ensure_worker()
+        worker = self._jobs.ensure()
         worker.cancel.clear()
         for side in SIDES:
             self.panes[side].clear()
