@@ -336,6 +336,7 @@ def estimate_from_spec(
         norm_in_place=kern.norm_in_place,
         checkpoint_layers=cfg.train.checkpoint_layers if cfg.train.gradient_checkpointing else None,
         offload=cfg.train.gradient_checkpointing and cfg.train.offload_activations,
+        mlp_chunk=cfg.train.mlp_chunk_tokens,
     )
     if spec.max_position_embeddings and shape.seq > spec.max_position_embeddings:
         notes.append(

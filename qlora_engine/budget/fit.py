@@ -222,6 +222,13 @@ def _suggestions(cfg: TrainConfig, probe: _Probe, current: VramEstimate, advice:
             ["train.offload_activations=true"],
             variant,
         )
+    chunk = 4096
+    if (tr.mlp_chunk_tokens is None or tr.mlp_chunk_tokens > chunk) and cfg.data.max_length > chunk:
+        offer(
+            f"Run the MLPs in chunks of {chunk} tokens (one more MLP forward per step)",
+            [f"train.mlp_chunk_tokens={chunk}"],
+            _variant(cfg, train__mlp_chunk_tokens=chunk),
+        )
     if cfg.model.attn_implementation == "eager":
         offer(
             "Use SDPA attention", ["model.attn_implementation=sdpa"], _variant(cfg, model__attn_implementation="sdpa")

@@ -139,6 +139,13 @@ class StepShape:
     offload: bool = False
     """Checkpointed blocks keep their input in pinned host memory, not on the GPU; each comes
     back for its block's recomputation."""
+    mlp_chunk: int | None = None
+    """The MLP runs over the sequence in chunks of this many tokens (each under non-reentrant
+    checkpointing: only the chunk's input is kept; recomputed chunk by chunk in the backward)."""
+
+    @property
+    def mlp_chunked(self) -> bool:
+        return self.mlp_chunk is not None and self.mlp_chunk < self.seq
 
     @property
     def liger(self) -> bool:

@@ -24,7 +24,7 @@ so: the plain RMSNorm's backward, RoPE's backward, eager attention.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from qlora_engine.budget.formulas import BLOCKSIZE, StepShape
 from qlora_engine.budget.spec import LinearShape, ModelSpec, ceil_div
@@ -143,6 +143,7 @@ class _Block:
 
     def __init__(self, spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input_grad: bool) -> None:
         self.spec, self.s = spec, s
+        self.adapted = adapted
         self.names = {lin.name for lin in adapted}
         self.xg = input_grad
         self.T, self.e = s.tokens, s.elem
@@ -321,9 +322,13 @@ class _Block:
         hmid = t.new("hmid", e * T * h)  # residual + attention
         t.free(o)
         y2 = self.norm(t, hmid, T, h, self.mid_grad, "n2")
-        c = self.mlp(t, y2)
-        m = self.linear(t, self.group["down_in"][0], c, self.down_in_grad)
-        t.free(c, y2)
+        if self.s.mlp_chunked:
+            m = self.chunked_mlp(t, y2)
+            t.free(y2)
+        else:
+            c = self.mlp(t, y2)
+            m = self.linear(t, self.group["down_in"][0], c, self.down_in_grad)
+            t.free(c, y2)
         if self.extra_norms > 1:  # Gemma 2/3: post_feedforward_layernorm
             m, m_in = self.norm(t, m, T, h, self.down_out_grad, "n_pf"), m
             t.free(m_in)
@@ -434,6 +439,40 @@ class _Block:
         t.free(act, u)
         return c
 
+    def chunk_block(self) -> _Block:
+        """This block at the size of one MLP chunk (the same rows of every sequence in the batch)."""
+        return _Block(self.spec, replace(self.s, seq=self.s.mlp_chunk, mlp_chunk=None), self.adapted, self.xg)
+
+    def chunked_mlp(self, t: Tape, y2: str) -> str:
+        """The MLP chunk by chunk: one chunk's gate, up, activation and down projection live at a
+        time (what they would save is dropped by the chunk's checkpoint: counted as a spike
+        anyway, a little high); the output is whole, and only the input is kept."""
+        sub, ct = self.chunk_block(), Tape()
+        c = sub.mlp(ct, ct.external("y2"))
+        sub.linear(ct, sub.group["down_in"][0], c, sub.down_in_grad)
+        t.spike(ct.peak)
+        m = t.new("m.chunked", self.e * self.T * self.spec.hidden_size)
+        if self.down_out_grad:
+            t.save("mlp.chunks", y2)
+        return m
+
+    def chunked_mlp_backward(self, t: Tape, gm: str) -> str | None:
+        """Each chunk recomputed and differentiated in turn (its peak a spike); the input's gradient
+        is whole (None when it needs none)."""
+        t.unpack()
+        sub, ct = self.chunk_block(), Tape()
+        c = sub.mlp(ct, ct.external("y2"))
+        m = sub.linear(ct, sub.group["down_in"][0], c, sub.down_in_grad)
+        ct.free(m, c)
+        g = ct.new("g", self.e * sub.T * self.spec.hidden_size)
+        gc = sub.linear_backward(ct, sub.group["down_in"][0], g, sub.down_in_grad)
+        ct.free(g)
+        sub.mlp_backward(ct, gc)
+        t.spike(ct.peak)
+        gy2 = t.new("g.y2", self.e * self.T * self.spec.hidden_size) if self.mid_grad else None
+        t.release("mlp.chunks")
+        return gy2
+
     # -- backward ----------------------------------------------------------------------------------
 
     def backward(self, t: Tape, g: str) -> str | None:
@@ -444,11 +483,17 @@ class _Block:
         if self.extra_norms > 1 and self.down_out_grad:
             gm = self.norm_backward(t, g, T, h, "n_pf", shared=True)
         down = self.group["down_in"][0]
-        gc = self.linear_backward(t, down, gm, self.down_in_grad) if self.down_out_grad else None
-        t.free(None if gm == g else gm)
-        if not self.mid_grad:  # the residual needs no gradient: only the MLP's branch read it
-            t.free(g)
-        gy2 = self.mlp_backward(t, gc)
+        if self.s.mlp_chunked:
+            gy2 = self.chunked_mlp_backward(t, gm) if self.down_out_grad else None
+            t.free(None if gm == g else gm)
+            if not self.mid_grad:
+                t.free(g)
+        else:
+            gc = self.linear_backward(t, down, gm, self.down_in_grad) if self.down_out_grad else None
+            t.free(None if gm == g else gm)
+            if not self.mid_grad:  # the residual needs no gradient: only the MLP's branch read it
+                t.free(g)
+            gy2 = self.mlp_backward(t, gc)
         if gy2 is not None:
             g = self.accumulate(t, g, self.norm_backward(t, gy2, T, h, "n2"))
         go = g
