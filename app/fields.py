@@ -63,10 +63,12 @@ NONE_TEXT = {
     ("train", "save_steps"): "at the end only",
     ("train", "save_total_limit"): "keep all",
     ("train", "checkpoint_layers"): "all layers",
+    ("train", "mlp_chunk_tokens"): "off",
 }
 
 SUFFIX = {
     ("train", "checkpoint_layers"): " layers",
+    ("train", "mlp_chunk_tokens"): " tokens",
     ("train", "eval_steps"): " steps",
     ("train", "save_steps"): " steps",
     ("train", "logging_steps"): " steps",

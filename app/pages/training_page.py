@@ -37,6 +37,8 @@ class TrainingPage(Page):
                 ("data", "packing"),
                 ("train", "gradient_checkpointing"),
                 ("train", "checkpoint_layers"),
+                ("train", "offload_activations"),
+                ("train", "mlp_chunk_tokens"),
             ],
         )
         self.effective = QLabel()
