@@ -18,6 +18,15 @@ def collect_garbage_on_gui_thread():
     return GarbageCollector(interval=1.0)
 
 
+def brand(qapp) -> None:
+    """The window icon, and the desktop file the window belongs to (taskbars and docks match them)."""
+    from PySide6.QtGui import QIcon
+    from qlora_engine.resources import path as resource_path
+
+    qapp.setWindowIcon(QIcon(str(resource_path("icons", "qlora-studio.svg"))))
+    qapp.setDesktopFileName("qlora-studio")  # packaging/qlora-studio.desktop
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--engine"]:
@@ -41,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     QCoreApplication.setOrganizationName("QLoRA Studio")
     QCoreApplication.setApplicationName("qlora-studio")
     qapp = QApplication.instance() or QApplication(sys.argv[:1])
+    brand(qapp)
     crash.install()
     collector = collect_garbage_on_gui_thread()  # noqa: F841 - its timer lives as long as the app
     settings = open_settings()
