@@ -51,7 +51,7 @@ PALETTE = [
 
 
 FIT_TITLE = "To make it fit, click a change:"
-FASTER_TITLE = "Faster, and it still fits (with the estimate's margin):"
+FASTER_TITLE = "Faster, and it still fits:"
 
 
 def gib(n: float | None) -> str:
@@ -179,6 +179,7 @@ class BudgetPanel(QFrame):
         self.reasons.setWordWrap(True)
         self.suggest_title = QLabel(FIT_TITLE)
         self.suggest_title.setObjectName("suggestTitle")
+        self.suggest_title.setWordWrap(True)
         self.suggest_box = QVBoxLayout()
         suggest_holder = QWidget()
         suggest_holder.setLayout(self.suggest_box)
@@ -289,6 +290,9 @@ class BudgetPanel(QFrame):
     def _set_suggestions(self, suggestions: list[Any], title: str = FIT_TITLE) -> None:
         """One card per suggestion: the sentence (wrapped: the panel is narrow) and an Apply button."""
         self.suggest_title.setText(title)
+        self.suggest_title.setToolTip(
+            "The change still fits at the top of the estimate's range." if title == FASTER_TITLE else ""
+        )
         for card in self._suggestion_cards:
             card.deleteLater()
         self._suggestion_cards = []

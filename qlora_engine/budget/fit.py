@@ -252,7 +252,7 @@ def _suggestions(cfg: TrainConfig, probe: _Probe, current: VramEstimate, advice:
             break
         rank //= 2
     seq = advice.max_sequence_length
-    if 8 <= seq < cfg.data.max_length:
+    if 64 <= seq < cfg.data.max_length:  # shorter than 64 tokens trains nothing useful
         verb = "drops" if cfg.data.overlong == "drop" else "truncates"
         offer(
             f"Sequences of at most {seq} tokens ({verb} longer samples)",
