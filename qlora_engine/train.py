@@ -114,6 +114,11 @@ class Trainer:
         emit(PhaseChanged(phase="loading_model", detail=f"{folder} in 4-bit {cfg.quant.quant_type} on {self.device}"))
         base = models.load_quantized_model(cfg, folder, self.device, self.dtype)
         self.kernels = models.apply_fused_kernels(base, cfg.train.kernels, self.device)
+        if cfg.train.kernels == "auto" and self.kernels == "none":
+            from qlora_engine.budget.kernels import resolve_kernels
+
+            why = resolve_kernels("auto", getattr(base.config, "model_type", ""), cuda=self.device.type == "cuda").reason
+            emit(LogLine(level="info", message=f"train.kernels auto: no fused kernels ({why})"))
         torch.manual_seed(cfg.train.seed)  # the LoRA init depends on the seed only
         self.model = models.wrap_with_lora(base, cfg)
         if cfg.train.mlp_chunk_tokens:

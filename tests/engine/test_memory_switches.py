@@ -251,3 +251,16 @@ def test_offload_and_mlp_chunks_bring_350k_tokens_under_80_gib_by_the_budget():
                  data_stats={"max": 131072, "longest_sequence": 131072})
     offered = [o for s in advice.suggestions for o in s.overrides]
     assert "train.offload_activations=true" in offered and "train.mlp_chunk_tokens=4096" in offered
+
+
+def test_the_switches_compose(tiny_cfg, four_layers):
+    sink = ListSink()
+    run(tiny_cfg(f"model.ref={four_layers}", "train.max_steps=3", "train.checkpoint_layers=2",
+                 "train.offload_activations=true", "train.mlp_chunk_tokens=64", "train.kernels=auto",
+                 "data.packing=true", "data.max_length=128"), sink)
+    steps = sink.of(StepMetrics)
+    assert [e.step for e in steps] == [1, 2, 3] and all(e.loss == e.loss for e in steps)  # finite, not NaN
+    said = " | ".join(e.message for e in sink.of(LogLine))
+    for switch in ("checkpointing on the lowest 2 decoder layers", "offload_activations: nothing to move on the CPU",
+                   "MLPs run in chunks of 64 tokens", "train.kernels auto: no fused kernels (no fused kernels on the CPU)"):
+        assert switch in said, said
