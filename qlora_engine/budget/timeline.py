@@ -483,16 +483,15 @@ class _Block:
         if self.extra_norms > 1 and self.down_out_grad:
             gm = self.norm_backward(t, g, T, h, "n_pf", shared=True)
         down = self.group["down_in"][0]
-        if self.s.mlp_chunked:
-            gy2 = self.chunked_mlp_backward(t, gm) if self.down_out_grad else None
-            t.free(None if gm == g else gm)
-            if not self.mid_grad:
-                t.free(g)
+        chunked = self.s.mlp_chunked and self.down_out_grad
+        if chunked:  # down_proj's backward and the rest of the MLP's, chunk by chunk
+            gy2 = self.chunked_mlp_backward(t, gm)
         else:
             gc = self.linear_backward(t, down, gm, self.down_in_grad) if self.down_out_grad else None
-            t.free(None if gm == g else gm)
-            if not self.mid_grad:  # the residual needs no gradient: only the MLP's branch read it
-                t.free(g)
+        t.free(None if gm == g else gm)
+        if not self.mid_grad:  # the residual needs no gradient: only the MLP's branch read it
+            t.free(g)
+        if not chunked:
             gy2 = self.mlp_backward(t, gc)
         if gy2 is not None:
             g = self.accumulate(t, g, self.norm_backward(t, gy2, T, h, "n2"))
