@@ -34,7 +34,7 @@ def redact(text: str) -> str:
     write (events, logs, crash reports) goes through it."""
     for name in TOKEN_VARIABLES:
         value = os.environ.get(name, "").strip()
-        if len(value) >= 8:
+        if len(value) >= 16:  # a real token (37 characters), never a short value that could be in a number
             text = text.replace(value, "hf_***")
     return _TOKEN_PATTERN.sub("hf_***", text)
 
