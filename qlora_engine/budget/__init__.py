@@ -10,20 +10,14 @@ changes that make an over-budget run fit.
 Modules: ``spec`` (model facts from config.json), ``formulas`` (what autograd keeps, each byte
 count argued from the code of bitsandbytes, peft, transformers, torch and liger-kernel),
 ``timeline`` (one block replayed tensor by tensor: where the peaks are), ``kernels`` (whether
-the run gets Liger Kernel's fused kernels), ``estimate`` (the breakdown), ``fit`` (search and
+the run gets Liger Kernel's fused kernels), ``allocator`` (measured constants and the CUDA
+caching allocator's slack), ``estimate`` (the breakdown), ``fit`` (search and
 suggestions), ``units`` (GPU sizes), ``cli`` (``qlora-engine estimate``).
 """
 
+from qlora_engine.budget.allocator import CALIBRATION, ENGINE_ALLOC_CONF, allocator_mode
 from qlora_engine.budget.cli import add_cli, estimate_main
-from qlora_engine.budget.estimate import (
-    CALIBRATION,
-    COMPONENTS,
-    ENGINE_ALLOC_CONF,
-    VramEstimate,
-    allocator_mode,
-    estimate,
-    estimate_from_spec,
-)
+from qlora_engine.budget.estimate import COMPONENTS, VramEstimate, estimate, estimate_from_spec
 from qlora_engine.budget.fit import FitAdvice, Suggestion, fit
 from qlora_engine.budget.spec import LinearShape, ModelSpec, model_spec
 from qlora_engine.budget.units import KNOWN_GPUS, format_bytes, parse_gpu_size

@@ -40,8 +40,9 @@ from qlora_engine import models
 from qlora_engine.budget import estimate, fit, model_spec
 from qlora_engine.budget import formulas as fm
 from qlora_engine.budget import kernels as kn
+from qlora_engine.budget.allocator import CALIBRATION
 from qlora_engine.budget.cli import render
-from qlora_engine.budget.estimate import CALIBRATION, estimate_from_spec
+from qlora_engine.budget.estimate import estimate_from_spec
 from qlora_engine.budget.timeline import block_trace
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.errors import ConfigError
