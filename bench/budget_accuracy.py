@@ -54,7 +54,6 @@ import datetime
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -63,69 +62,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))  # also when loaded by path (the tests do)
 
-SHAPES = {
-    "llama3-8b": dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-    ),
-    # TinyLlama-1.1B's shape: a ~1B Llama with a 32k vocabulary, so the cases vary the
-    # vocabulary against the hidden size (the logits dominate Llama-3's peaks).
-    "llama-1b": dict(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=8192, rope_theta=10000.0,
-    ),
-    # --smoke only: the chain on the CPU in seconds (the vocabulary is the tiny tokenizer's).
-    "tiny": dict(
-        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
-    ),
-}  # fmt: skip
+from budget_cases import ALL_CASES, CASES, GOALS, SHAPES, SMOKE_CASES  # noqa: E402
+from budget_report import fit_slack, summarize, table  # noqa: E402
 
-# name: (shape, seq, micro-batch, checkpointing, optimizer, data kind, extra overrides)
-# A spread over the issue's axes, not the full product. Data kinds: "fixed" (every sample
-# exactly seq tokens: no padding, flash attention), "padded" (lengths seq..seq-3, so every
-# micro-batch is padded and a 4-D mask is built), "packed" (two samples per sequence:
-# a block-diagonal mask from position_ids).
-CASES: dict[str, tuple] = {
-    # Llama-3-8B shape: Liger (the default) across lengths, batches, checkpointing and optimizers.
-    "8b-512x4-ckpt-p8": ("llama3-8b", 512, 4, True, "paged_adamw_8bit", "fixed", []),
-    "8b-2048x4-ckpt-p8": ("llama3-8b", 2048, 4, True, "paged_adamw_8bit", "fixed", []),
-    "8b-8192x1-ckpt-p32": ("llama3-8b", 8192, 1, True, "paged_adamw_32bit", "fixed", []),
-    "8b-2048x4-ckpt-p8-padded": ("llama3-8b", 2048, 4, True, "paged_adamw_8bit", "padded", []),
-    "8b-2048x1-nockpt-p8": ("llama3-8b", 2048, 1, False, "paged_adamw_8bit", "fixed", []),
-    "8b-512x4-nockpt-p32": ("llama3-8b", 512, 4, False, "paged_adamw_32bit", "fixed", []),
-    # ... and the plain transformers code, where the 128k-vocabulary loss is the peak.
-    "8b-2048x4-ckpt-p8-none": ("llama3-8b", 2048, 4, True, "paged_adamw_8bit", "fixed", ["train.kernels=none"]),
-    # TinyLlama-1.1B shape (32k vocabulary).
-    "1b-512x4-ckpt-p8": ("llama-1b", 512, 4, True, "paged_adamw_8bit", "fixed", []),
-    "1b-2048x4-ckpt-p32": ("llama-1b", 2048, 4, True, "paged_adamw_32bit", "fixed", []),
-    "1b-8192x1-ckpt-p8": ("llama-1b", 8192, 1, True, "paged_adamw_8bit", "fixed", []),
-    "1b-2048x1-nockpt-p8": ("llama-1b", 2048, 1, False, "paged_adamw_8bit", "fixed", []),
-    "1b-2048x4-ckpt-p8-packed": ("llama-1b", 2048, 4, True, "paged_adamw_8bit", "packed", []),
-    "1b-8192x1-nockpt-adamw-none": ("llama-1b", 8192, 1, False, "adamw", "fixed", ["train.kernels=none"]),
-    "1b-512x4-nockpt-p32-none-ga2": (
-        "llama-1b", 512, 4, False, "paged_adamw_32bit", "fixed", ["train.kernels=none", "train.gradient_accumulation_steps=2"],
-    ),
-}  # fmt: skip
-
-# Held out: never used to fit the calibration constants (run with --cases to check them).
-HOLDOUT_CASES: dict[str, tuple] = {
-    "8b-4096x2-ckpt-p8-r64": ("llama3-8b", 4096, 2, True, "paged_adamw_8bit", "fixed", ["lora.rank=64"]),
-    "8b-16384x1-ckpt-p8": ("llama3-8b", 16384, 1, True, "paged_adamw_8bit", "fixed", []),
-    "8b-1024x4-nockpt-p8-attn": (
-        "llama3-8b", 1024, 4, False, "paged_adamw_8bit", "fixed", ["lora.target_modules=[attention]"],
-    ),
-    "1b-4096x2-ckpt-p8-mlp": ("llama-1b", 4096, 2, True, "paged_adamw_8bit", "fixed", ["lora.target_modules=[mlp]"]),
-    "1b-1024x8-nockpt-p8-none": ("llama-1b", 1024, 8, False, "paged_adamw_8bit", "fixed", ["train.kernels=none"]),
-    "1b-2048x2-ckpt-adamw-padded-r8": ("llama-1b", 2048, 2, True, "adamw", "padded", ["lora.rank=8"]),
-}  # fmt: skip
-
-SMOKE_CASES: dict[str, tuple] = {
-    "smoke-tiny-64x2-ckpt": ("tiny", 64, 2, True, "adamw", "padded", []),
-}  # fmt: skip
-
-GOALS = {"max_abs_pct": 7.0, "median_abs_pct": 3.0, "max_under_pct": 5.0}
 GiB = 1 << 30
 
 
@@ -426,93 +367,6 @@ def check_imports(gpu: bool = True) -> None:
         sys.exit(f"missing on this machine: {', '.join(missing)} (carry their wheels and pip install them first)")
 
 
-def fit_slack(results: list[dict]) -> dict:
-    """Least-squares fit of the measured slack (reserved - allocated), per allocator mode, to the
-    estimate's form: fixed + fragmentation x dynamic (fragmentation_without_checkpointing for
-    runs without checkpointing) + logits_fragmentation x 4TV (plain loss peaks only). The inputs of CALIBRATION["allocator"][mode] after a run; read before pasting."""
-    by_mode: dict[str, list[dict]] = {}
-    for r in results:
-        if "measured" in r:
-            by_mode.setdefault(r["allocator"]["budget_mode"], []).append(r)
-    out = {}
-    for mode, rs in by_mode.items():
-        rows = [(1.0, r["predicted"]["dynamic_gib"] if r["checkpointing"] else 0.0,
-                 0.0 if r["checkpointing"] else r["predicted"]["dynamic_gib"],
-                 r["predicted"]["logits_fp32_gib"] if r["predicted"]["peak_phase"].startswith("loss") else 0.0)
-                for r in rs]  # fmt: skip
-        y = [r["measured"]["slack_gib"] for r in rs]
-        fit: dict = {"cases": len(rs), "measured_slack_gib": dict(zip([r["case"] for r in rs], y, strict=True))}
-        try:
-            import numpy as np
-
-            a = np.array(rows)
-            cols = [c for c in range(4) if a[:, c].any()] if len(rs) >= 4 else [0]
-            coef, *_ = np.linalg.lstsq(a[:, cols], np.array(y), rcond=None)
-            names = ("fixed_gib", "fragmentation", "fragmentation_without_checkpointing", "logits_fragmentation")
-            named = dict.fromkeys(names, 0.0)
-            for c, v in zip(cols, coef, strict=True):
-                named[list(named)[c]] = round(float(v), 4)
-            fit["fit"] = named
-            resid = np.array(y) - a[:, cols] @ coef
-            fit["worst_under_gib"] = round(float(resid.max()), 3)  # the slack the fit misses at worst
-        except Exception as e:  # numpy missing or a degenerate set: the raw numbers are still there
-            fit["fit_error"] = repr(e)
-        out[mode] = fit
-    return out
-
-
-def summarize(results: list[dict]) -> dict:
-    ok = [r for r in results if "reserved_error_pct" in r]
-    failed = sum("error" in r for r in results)
-    errs = [r["reserved_error_pct"] for r in ok]
-    if not errs:
-        return {"cases": 0, "failed_cases": failed}
-    summary = {
-        "cases": len(ok),
-        "failed_cases": failed,
-        "median_abs_error_pct": round(statistics.median(abs(e) for e in errs), 2),
-        "max_abs_error_pct": round(max(abs(e) for e in errs), 2),
-        "worst_under_prediction_pct": round(min(min(errs), 0.0), 2),
-        "allocated_median_abs_error_pct": round(statistics.median(abs(r["allocated_error_pct"]) for r in ok), 2),
-        "allocated_max_abs_error_pct": round(max(abs(r["allocated_error_pct"]) for r in ok), 2),
-        "in_low_high_range": sum(bool(r["in_range"]) for r in ok),
-        "allocator_modes": sorted({r["allocator"]["budget_mode"] for r in ok}),
-        "input_grads_as_assumed": all(
-            r["first_block_input_requires_grad"] == (r["checkpointing"] and r["budget_assumes_input_grads"])
-            for r in ok if r["first_block_input_requires_grad"] is not None
-        ),
-        "kernels_as_assumed": all(r["kernels"]["applied"] == r["kernels"]["budget"] for r in ok),
-        "kernels": sorted({r["kernels"]["applied"] for r in ok}),
-    }  # fmt: skip
-    summary["goals_met"] = (
-        summary["kernels_as_assumed"]
-        and summary["max_abs_error_pct"] <= GOALS["max_abs_pct"]
-        and summary["median_abs_error_pct"] <= GOALS["median_abs_pct"]
-        and -summary["worst_under_prediction_pct"] <= GOALS["max_under_pct"]
-        and summary["failed_cases"] == 0
-    )
-    return summary
-
-
-def table(results: list[dict]) -> str:
-    head = (f"{'case':<30} {'meas res':>9} {'pred res':>9} {'err %':>7} {'meas alloc':>10} {'pred alloc':>10} "
-            f"{'err %':>7} {'slack':>6} {'pred':>6}  peak phase")  # fmt: skip
-    lines = [head, "-" * len(head)]
-    for r in results:
-        if "error" in r:
-            lines.append(f"{r['case']:<30} ERROR {r['error'][:90]}")
-            continue
-        if "measured" not in r:
-            continue
-        m, p = r["measured"], r["predicted"]
-        lines.append(
-            f"{r['case']:<30} {m['peak_reserved_gib']:>9.2f} {p['torch_reserved_gib']:>9.2f} {r['reserved_error_pct']:>+7.1f} "
-            f"{m['peak_allocated_gib']:>10.2f} {p['torch_allocated_gib']:>10.2f} {r['allocated_error_pct']:>+7.1f} "
-            f"{m['slack_gib']:>6.2f} {p['slack_gib']:>6.2f}  {p['peak_phase']}"
-        )
-    return "\n".join(lines)
-
-
 # Rough seconds per case for --dry-run's plan and the deadline: worker start and imports, load
 # and 4-bit quantization, plus the steps at tokens/s seen on an H200 (bench/NOTES.md: Liger
 # 7,250 tok/s with checkpointing at 2048x4, kernels=none 6,366; ~1B: a guess).
@@ -704,7 +558,6 @@ def main() -> None:
         sys.exit(1)
 
 
-ALL_CASES = {**CASES, **HOLDOUT_CASES, **SMOKE_CASES}
 
 if __name__ == "__main__":
     main()
