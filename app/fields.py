@@ -39,6 +39,8 @@ LABELS = {
     ("train", "checkpoint_layers"): "Checkpointed layers",
     ("train", "offload_activations"): "Offload to CPU RAM",
     ("train", "mlp_chunk_tokens"): "MLP in chunks of",
+    ("train", "kernels"): "Fused kernels",
+    ("train", "fast_lora"): "Fast LoRA",
     ("lora", "alpha"): "Alpha",
     ("lora", "use_dora"): "DoRA",
     ("lora", "use_rslora"): "rsLoRA",

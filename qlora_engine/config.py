@@ -185,6 +185,12 @@ class TrainSettings:
         "fused RMSNorm, RoPE and SwiGLU) for supported architectures. 'auto' uses them on CUDA when "
         "liger-kernel is installed (pip install 'qlora-studio[gpu]'); 'none' runs the plain transformers code.",
     )
+    fast_lora: bool = _f(
+        True,
+        "Run the LoRA matmuls in the compute dtype beside the 4-bit matmul (mixed precision, as autocast would) "
+        "instead of peft's fp32 copies of every layer input: faster and lighter. Layers it does not cover "
+        "(LoRA dropout, DoRA, float16) keep peft's path, and the run log says so.",
+    )
     device: Literal["auto", "cuda", "cpu"] = _f(
         "auto", "Where to train. 'auto' takes the first CUDA GPU and falls back to the CPU (slow, for tests and demos)."
     )

@@ -36,7 +36,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 from qlora_engine import checkpoint as ckpt
-from qlora_engine import models
+from qlora_engine import fast_lora, models
 from qlora_engine.config import TrainConfig, check_ready
 from qlora_engine.control import RunControl
 from qlora_engine.data import PreparedData, collate, count_tokens, prepare_data
@@ -121,6 +121,12 @@ class Trainer:
             emit(LogLine(level="info", message=f"train.kernels auto: no fused kernels ({why})"))
         torch.manual_seed(cfg.train.seed)  # the LoRA init depends on the seed only
         self.model = models.wrap_with_lora(base, cfg)
+        self.fast_lora = 0
+        if cfg.train.fast_lora:
+            self.fast_lora, skipped = fast_lora.enable(self.model)
+            if skipped:
+                why = ", ".join(f"{n} for {reason}" for reason, n in skipped.items())
+                emit(LogLine(level="info", message=f"train.fast_lora: peft's LoRA path kept on {why}"))
         if cfg.train.mlp_chunk_tokens:
             tiled = models.tile_mlps(self.model, cfg.train.mlp_chunk_tokens)
             emit(LogLine(level="info", message=f"{tiled} MLPs run in chunks of {cfg.train.mlp_chunk_tokens} tokens"))
@@ -142,7 +148,7 @@ class Trainer:
             self._load_checkpoint(resume_from)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(self.run_dir / "config.yaml")
-        self.facts = {**models.model_facts(self.model), "kernels": self.kernels}
+        self.facts = {**models.model_facts(self.model), "kernels": self.kernels, "fast_lora_layers": self.fast_lora}
         emit(
             RunStarted(
                 run_dir=str(self.run_dir),

@@ -44,6 +44,7 @@ class TrainingPage(Page):
         self.effective = QLabel()
         self.effective.setObjectName("hint")
         box.layout().addWidget(self.effective)
+        self.group("Speed", [("train", "kernels"), ("train", "fast_lora")])
         self.group(
             "Evaluation, checkpoints and reproducibility",
             [("train", n) for n in ("eval_steps", "save_steps", "save_total_limit", "logging_steps", "seed", "device")],
