@@ -24,12 +24,13 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 
-def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str]) -> dict:
+def build_trainer(path: str, seq: int, mbs: int, steps: int, extra: list[str], warmup: int = 3):
+    """The engine's Trainer for one case, set up and fed random tokens; returns (trainer, sink, cfg)."""
     import torch
 
     from qlora_engine.config import TrainConfig, apply_overrides
     from qlora_engine.data import PreparedData
-    from qlora_engine.events import ListSink, StepMetrics
+    from qlora_engine.events import ListSink
     from qlora_engine.train import Trainer
 
     cfg = apply_overrides(
@@ -39,7 +40,7 @@ def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str]) -> 
             "data.path=synthetic",
             f"data.max_length={seq}",
             f"output.dir=/tmp/bench-run-{seq}x{mbs}-{os.getpid()}",
-            f"train.max_steps={steps + 3}",
+            f"train.max_steps={steps + warmup}",
             f"train.micro_batch_size={mbs}",
             "train.gradient_accumulation_steps=1",
             "train.save_steps=null",
@@ -51,7 +52,7 @@ def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str]) -> 
         ],
     )
     gen = torch.Generator().manual_seed(0)
-    n = mbs * (steps + 3)
+    n = mbs * (steps + warmup)
     vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
     samples = []
     for _ in range(n):
@@ -65,8 +66,17 @@ def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str]) -> 
     trainer.setup()
     trainer.save_checkpoint = lambda: None  # measure training, not disk writes
     trainer.save_adapter = lambda: None
+    return trainer, sink, cfg
+
+
+def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str], warmup: int = 3) -> dict:
+    import torch
+
+    from qlora_engine.events import StepMetrics
+
+    trainer, sink, cfg = build_trainer(path, seq, mbs, steps, extra, warmup)
     trainer.train()
-    steps_m = sink.of(StepMetrics)[3:]
+    steps_m = sink.of(StepMetrics)[warmup:]
     tps = sorted(e.tokens_per_second for e in steps_m)
     estimate = None
     try:
@@ -82,6 +92,9 @@ def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str]) -> 
         seq=seq,
         mbs=mbs,
         extra=extra,
+        kernels=trainer.kernels,
+        fast_lora_layers=trainer.fast_lora,
+        step_s=[round(e.tokens / e.tokens_per_second, 3) for e in steps_m if e.tokens_per_second],
         tok_s=round(tps[len(tps) // 2]),
         loss=round(steps_m[-1].loss, 3),
         peak_alloc_gib=round(max(e.cuda_allocated or 0 for e in sink.of(StepMetrics)) / 2**30, 2),
@@ -116,6 +129,8 @@ def main() -> None:
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--cases", default="2048x1,2048x4,8192x1")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3, help="steps run before the measured ones")
+    ap.add_argument("--vram-cap-gib", type=float, help="cap what torch may take of the card (an 80 GB card on a bigger one)")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--extra", default="", help="engine overrides for every case, ';'-separated")
     ap.add_argument(
@@ -130,9 +145,14 @@ def main() -> None:
     extra = [e for e in args.extra.split(";") if e]
 
     if args.worker:
+        if args.vram_cap_gib:
+            import torch
+
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_cap_gib * 2**30 / total))
         try:
             if args.worker == "engine":
-                res = engine_case(path, args.seq, args.mbs, args.steps, extra)
+                res = engine_case(path, args.seq, args.mbs, args.steps, extra, args.warmup)
             else:
                 res = baseline_case(path, args.seq, args.mbs, args.steps)
         except Exception as e:
@@ -140,9 +160,8 @@ def main() -> None:
         print("RESULT " + json.dumps(res), flush=True)
         return
 
-    import torch
-
     import hf_baseline
+    import torch
 
     card = torch.cuda.get_device_name(0)
     print(f"# {card} {versions()}", file=sys.stderr, flush=True)
@@ -163,7 +182,9 @@ def main() -> None:
         for stack, variant in runs:
             worker = "engine" if stack == "engine" else "baseline"
             cmd = [sys.executable, __file__, "--worker", worker, "--shape", args.shape, "--seq", str(seq),
-                   "--mbs", str(mbs), "--steps", str(args.steps), "--extra", variant]
+                   "--mbs", str(mbs), "--steps", str(args.steps), "--warmup", str(args.warmup), "--extra", variant]
+            if args.vram_cap_gib:
+                cmd += ["--vram-cap-gib", str(args.vram_cap_gib)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             res = json.loads(lines[-1][7:]) if lines else dict(stack=stack, seq=seq, mbs=mbs,
@@ -178,7 +199,7 @@ def main() -> None:
         print(f"{name:<40} {str(r['seq']) + ' x ' + str(r['mbs']):<10} {r.get('tok_s', 'ERR'):>8} "
               f"{r.get('peak_alloc_gib', ''):>10} {r.get('peak_reserved_gib', ''):>13} {est:>13}")
     record = dict(date=datetime.date.today().isoformat(), card=card, shape=args.shape, versions=versions(),
-                  extra=extra, results=results)
+                  extra=extra, vram_cap_gib=args.vram_cap_gib, results=results)
     stamp = datetime.datetime.now().strftime("%H%M")
     name = f"{record['date']}-{card.replace(' ', '-')}-speed-{args.shape}-{stamp}.json"
     for folder in filter(None, [HERE / "results", Path(os.environ["OUT"]) if os.environ.get("OUT") else None]):

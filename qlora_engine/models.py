@@ -475,19 +475,19 @@ def enable_gradient_checkpointing(model: torch.nn.Module, layers: int | None = N
     # Non-reentrant checkpointing works with inputs that need no gradient, so the backward
     # pass stops at the lowest adapted layer (no `enable_input_require_grads`: that would
     # carry gradients down to the embeddings for nothing when only upper layers are adapted).
-    kwargs = {"offload": True} if offload else {}
-    enable = getattr(model, "activation_checkpointing_enable", None)  # the name in newer transformers 5.x
-    if offload and (enable is None or "offload" not in inspect.signature(enable).parameters):
+    # The method's name in newer transformers 5.x, else the older one; both take offload= since 5.x.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    key = "activation_checkpointing_kwargs"
+    if enable is None:
+        enable, key = model.gradient_checkpointing_enable, "gradient_checkpointing_kwargs"
+    if offload and "offload" not in inspect.signature(enable).parameters:
         import transformers
 
         raise ConfigError(
             f"train.offload_activations: transformers {transformers.__version__} cannot offload checkpointed "
             "activations; upgrade transformers or turn it off."
         )
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False}, **kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable(**{key: {"use_reentrant": False}}, **({"offload": True} if offload else {}))
     # transformers turns input gradients on itself when it enables checkpointing; take them off.
     model.disable_input_require_grads()
     from transformers.modeling_layers import GradientCheckpointingLayer
