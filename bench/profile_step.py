@@ -100,7 +100,17 @@ def main() -> None:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     marks: list[float] = []
-    with profile(activities=activities, schedule=schedule(wait=0, warmup=args.warmup, active=args.steps)) as prof:
+    kernels: list[tuple[str, float, float]] = []
+
+    def keep_kernels(prof) -> None:  # the events of a cycle exist only inside this callback
+        kernels.extend(
+            (e.name, e.time_range.start, e.time_range.end)
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+        )
+
+    plan = schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1)
+    with profile(activities=activities, schedule=plan, on_trace_ready=keep_kernels) as prof:
         step = trainer.optimizer.step
 
         def step_and_mark(*a, **k):
@@ -114,11 +124,6 @@ def main() -> None:
         trainer.optimizer.step = step_and_mark
         trainer.train()
     wall = marks[-1] - marks[-1 - args.steps]
-    kernels = [
-        (e.name, e.time_range.start, e.time_range.end)
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA
-    ]
     card = torch.cuda.get_device_name(0) if cuda else "cpu"
     res = dict(date=datetime.date.today().isoformat(), card=card, shape=args.shape, seq=args.seq, mbs=args.mbs,
                extra=extra, kernels=trainer.kernels, fast_lora_layers=trainer.fast_lora,
