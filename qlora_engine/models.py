@@ -8,7 +8,6 @@ GGUF files are dequantized once by transformers and cached as a safetensors fold
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -469,25 +468,17 @@ def enable_gradient_checkpointing(model: torch.nn.Module, layers: int | None = N
     a trainable (LoRA) weight up; the ones below take no part in the backward pass, so
     checkpointing them saves and costs nothing. The others keep their activations: faster
     (no recomputation), more memory (the VRAM budget models both). ``offload`` keeps the
-    checkpointed inputs in pinned host memory (transformers' ``offload``, torch's
-    ``save_on_cpu`` around each checkpoint).
+    checkpointed inputs in pinned host memory (:mod:`qlora_engine.offload`).
     """
     # Non-reentrant checkpointing works with inputs that need no gradient, so the backward
     # pass stops at the lowest adapted layer (no `enable_input_require_grads`: that would
     # carry gradients down to the embeddings for nothing when only upper layers are adapted).
-    # The method's name in newer transformers 5.x, else the older one; both take offload= since 5.x.
+    # The method's name in newer transformers 5.x, else the older one.
     enable = getattr(model, "activation_checkpointing_enable", None)
     key = "activation_checkpointing_kwargs"
     if enable is None:
         enable, key = model.gradient_checkpointing_enable, "gradient_checkpointing_kwargs"
-    if offload and "offload" not in inspect.signature(enable).parameters:
-        import transformers
-
-        raise ConfigError(
-            f"train.offload_activations: transformers {transformers.__version__} cannot offload checkpointed "
-            "activations; upgrade transformers or turn it off."
-        )
-    enable(**{key: {"use_reentrant": False}}, **({"offload": True} if offload else {}))
+    enable(**{key: {"use_reentrant": False}})
     # transformers turns input gradients on itself when it enables checkpointing; take them off.
     model.disable_input_require_grads()
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -495,12 +486,16 @@ def enable_gradient_checkpointing(model: torch.nn.Module, layers: int | None = N
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     trained = [i for i, b in enumerate(blocks) if any(p.requires_grad for p in b.parameters())]
     first = trained[0] if trained else len(blocks)
-    if layers is None:  # all, as transformers set them
-        return len(blocks) - first
-    keep = min(layers, len(blocks) - first)
-    for i, block in enumerate(blocks):
-        # the flag transformers' own every_n_layers sets per layer; we choose the layers
-        block.gradient_checkpointing = first <= i < first + keep
+    keep = len(blocks) - first if layers is None else min(layers, len(blocks) - first)
+    if layers is not None:  # else all, as transformers set them (those below `first` never run backward)
+        for i, block in enumerate(blocks):
+            # the flag transformers' own every_n_layers sets per layer; we choose the layers
+            block.gradient_checkpointing = first <= i < first + keep
+    if offload:
+        from qlora_engine.offload import offloaded_checkpoint
+
+        for block in blocks:  # the function transformers' layers call when their flag is on
+            block._gradient_checkpointing_func = offloaded_checkpoint
     return keep
 
 
