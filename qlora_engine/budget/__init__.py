@@ -9,7 +9,8 @@ changes that make an over-budget run fit.
 
 Modules: ``spec`` (model facts from config.json), ``formulas`` (what autograd keeps, each byte
 count argued from the code of bitsandbytes, peft, transformers, torch and liger-kernel),
-``timeline`` (one block replayed tensor by tensor: where the peaks are), ``kernels`` (whether
+``timeline`` (one block replayed tensor by tensor: where the peaks are; its linear layers,
+peft's LoRA forward or ``train.fast_lora``'s, in ``linears``, on ``tape``), ``kernels`` (whether
 the run gets Liger Kernel's fused kernels), ``allocator`` (measured constants and the CUDA
 caching allocator's slack), ``estimate`` (the breakdown), ``fit`` (search and
 suggestions), ``units`` (GPU sizes), ``cli`` (``qlora-engine estimate``).

@@ -70,6 +70,10 @@ CALIBRATION: dict[str, Any] = {
             # long-context points by -10%, and the logits term is not needed once the fraction
             # follows checkpointing. Checked by tests/engine/test_budget_recorded.py; refit with
             # bench/budget_accuracy.py (--recheck recomputes a record's predictions on the CPU).
+            # Every one of these runs took peft's LoRA forward (they predate train.fast_lora);
+            # the same constants are assumed for the fast path until it is refitted. On its one
+            # H200 run so far (bench/results/2026-11-27-NVIDIA-H200-speed-llama3-8b-1406.json,
+            # 2048 x 4 with Liger) they reserve 3% more than was measured.
             "fixed": 80 * MiB,
             "fragmentation": 0.16,
             "fragmentation_without_checkpointing": 0.06,

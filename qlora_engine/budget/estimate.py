@@ -8,8 +8,9 @@ The peak of a QLoRA step is one of a few moments, and the estimate computes each
 * ``loss_forward``: the forward of the loss (the logits, their fp32 copy and the log-softmax;
   with Liger's fused linear + cross-entropy, one chunk of logits);
 * ``block_backward``: a decoder block's backward; under gradient checkpointing it begins by
-  recomputing the block's forward, whose LoRA temporaries are the peak of a Liger run
-  (``timeline`` replays a block tensor by tensor);
+  recomputing the block's forward, whose fp32 LoRA temporaries are the peak of a Liger run on
+  peft's LoRA forward (on ``train.fast_lora``'s, down_proj's input gradients over the
+  recomputed block; ``timeline`` replays a block tensor by tensor);
 * ``block_forward``: a block's forward without checkpointing, with every lower block's
   saved tensors alive;
 * ``optimizer_step``: the optimizer's update (only torch's AdamW has temporaries).
@@ -21,9 +22,11 @@ the card: the peak that torch's caching allocator reserves, the CUDA context out
 the paged optimizer state that lives in managed memory (and can move to CPU RAM).
 
 Which code runs is read the way the engine will decide it: fused Liger kernels for 'auto'
-when liger-kernel is installed and the architecture is supported (``kernels``), and the
-caching allocator's mode from the environment (:func:`allocator_mode`; the engine turns on
-expandable segments unless ``PYTORCH_CUDA_ALLOC_CONF`` is set).
+when liger-kernel is installed and the architecture is supported (``kernels``),
+``train.fast_lora``'s LoRA forward unless dropout, DoRA or float16 leave the layers to peft's
+(``formulas.fast_lora_applies``), and the caching allocator's mode from the environment
+(:func:`allocator_mode`; the engine turns on expandable segments unless
+``PYTORCH_CUDA_ALLOC_CONF`` is set).
 """
 
 from __future__ import annotations
@@ -226,7 +229,17 @@ def estimate_from_spec(
         checkpoint_layers=cfg.train.checkpoint_layers if cfg.train.gradient_checkpointing else None,
         offload=cfg.train.gradient_checkpointing and cfg.train.offload_activations,
         mlp_chunk=cfg.train.mlp_chunk_tokens,
+        fast_lora=fm.fast_lora_applies(
+            cfg.train.fast_lora, cfg.quant.compute_dtype, cfg.lora.dropout, cfg.lora.use_dora
+        ),
     )
+    if shape.fast_lora:
+        notes.append(
+            "train.fast_lora: measured on one GPU run so far; the allocator's slack is fitted on runs without it"
+        )
+    elif cfg.train.fast_lora:
+        why = "LoRA dropout" if cfg.lora.dropout > 0 else "DoRA" if cfg.lora.use_dora else "float16"
+        notes.append(f"train.fast_lora: peft's LoRA path kept for {why} (its fp32 copies are counted)")
     if spec.max_position_embeddings and shape.seq > spec.max_position_embeddings:
         notes.append(
             f"{shape.seq} tokens is longer than the model's context ({spec.max_position_embeddings}); "
@@ -399,6 +412,7 @@ def estimate_from_spec(
         "kernels_requested": kern.requested,
         "kernels_reason": kern.reason,
         "loss": shape.loss,
+        "fast_lora": shape.fast_lora,
         "quantized_parameters": quantized_params,
         "lora_parameters": lora_params,
         "adapted_layers": len(layers),

@@ -142,6 +142,11 @@ class StepShape:
     mlp_chunk: int | None = None
     """The MLP runs over the sequence in chunks of this many tokens (each under non-reentrant
     checkpointing: only the chunk's input is kept; recomputed chunk by chunk in the backward)."""
+    fast_lora: bool = False
+    """The adapted layers run ``train.fast_lora``'s forward (``qlora_engine.fast_lora``: the LoRA
+    matmuls in the compute dtype beside the 4-bit one, the block's last LoRA layer with its
+    LoRA half first); False: peft's own (fp32 copies). Never with dropout, DoRA or float16:
+    those layers keep peft's forward (:func:`fast_lora_applies`)."""
 
     @property
     def mlp_chunked(self) -> bool:
@@ -170,8 +175,16 @@ def _liger_norm_saved(T: int, width: int, elem: int, input_alive: bool) -> int:
     return (0 if input_alive else elem * T * width) + 4 * T
 
 
+def fast_lora_applies(enabled: bool, compute_dtype: str, dropout: float, dora: bool) -> bool:
+    """Whether ``train.fast_lora`` takes the adapted layers' forward, decided from the config as
+    ``fast_lora.why_not`` decides it per layer: not with LoRA dropout, DoRA or float16 compute.
+    'auto' is planned as bf16 (a CUDA card with bf16; older cards get float16 and peft's path)."""
+    return enabled and dropout == 0 and not dora and compute_dtype != "float16"
+
+
 def lora_saved(lin: LinearShape, s: StepShape, input_grad: bool = True) -> int:
-    """What autograd keeps for one adapted linear layer in the forward pass.
+    """What autograd keeps for one adapted linear layer in the forward pass (peft's forward;
+    :func:`fast_lora_saved` for ``train.fast_lora``'s).
 
     peft's Linear4bit.forward casts x to the adapter's fp32 (``_cast_input_dtype``) and runs
     ``lora_B(lora_A(dropout(x))) * scaling``: lora_A keeps its fp32 input (4 bytes per input
@@ -187,6 +200,25 @@ def lora_saved(lin: LinearShape, s: StepShape, input_grad: bool = True) -> int:
         saved += s.dropout_mask_bytes * T * lin.in_features
     if s.dora:
         saved += 4 * T * lin.out_features  # DoRA's extra fp32 product; see the estimate's reasons
+    return saved
+
+
+def fast_lora_saved(lin: LinearShape, s: StepShape, input_grad: bool = True) -> int:
+    """What autograd keeps for one adapted linear layer on ``train.fast_lora``'s path, beside
+    its input.
+
+    qlora_engine.fast_lora casts the adapters once per call: ``a = lora_A.to(dtype)`` (r x in;
+    in fp32 lora_A itself, a parameter) and ``b = (lora_B * scaling).to(dtype)`` (out x r; in
+    fp32 the product, a tensor of its own). ``xa = F.linear(x, a)`` keeps x (the layer's input
+    in the compute dtype, one tensor for every layer that reads it: :func:`block_saved`
+    counts it once per input) and, when x needs a gradient, a; ``addmm(base, xa, b.t())`` (in
+    the block's last LoRA layer ``F.linear(xa, b)``) keeps xa (T x r) and b. The 4-bit matmul
+    keeps nothing, as in peft's path.
+    """
+    T, e, r = s.tokens, s.elem, s.rank
+    saved = e * T * r + e * lin.out_features * r
+    if input_grad and e != 4:
+        saved += e * r * lin.in_features
     return saved
 
 
@@ -231,22 +263,24 @@ def block_saved(spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input
     def group(name: str) -> list[LinearShape]:
         return [lin for lin in spec.block_linears if lin.input_group == name]
 
-    def linears(name: str, x_grad: bool) -> tuple[int, bool]:
-        """(bytes kept by the adapted layers reading this input, whether any output needs grad)."""
-        lins = group(name)
-        kept = 0
-        seen_fp32 = False
-        for lin in lins:
-            if lin.name not in names:
-                continue
-            kept += lora_saved(lin, s, x_grad)
-            if e == 4:
-                # In fp32 the cast to the adapter dtype is a no-op: layers reading the same
-                # input share one saved tensor.
-                if seen_fp32:
-                    kept -= 4 * T * lin.in_features
-                seen_fp32 = True
-        return kept, x_grad or any(lin.name in names for lin in lins)
+    def linears(name: str, x_grad: bool, input_kept: bool = False) -> tuple[int, bool]:
+        """(bytes kept by the adapted layers reading this input, whether any output needs grad).
+
+        ``input_kept``: another node keeps this very input anyway (SDPA its output, o_proj's input)."""
+        lins = [lin for lin in group(name) if lin.name in names]
+        if s.fast_lora:
+            # The input itself, in the compute dtype: one tensor for all the layers reading it.
+            kept = sum(fast_lora_saved(lin, s, x_grad) for lin in lins)
+            if lins and not input_kept:
+                kept += e * T * lins[0].in_features
+        else:
+            kept = sum(lora_saved(lin, s, x_grad) for lin in lins)
+            if e == 4 and lins and not s.dropout:
+                # In fp32 peft's cast to the adapter dtype is a no-op: the layers reading the
+                # same input share one saved tensor (none of their own when it is kept anyway;
+                # with dropout each keeps its own dropped copy).
+                kept -= (len(lins) - (0 if input_kept else 1)) * 4 * T * lins[0].in_features
+        return kept, x_grad or bool(lins)
 
     if s.liger:
         # The block's input is kept by checkpointing (non-reentrant: the recomputation reads
@@ -256,7 +290,10 @@ def block_saved(spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input
         saved = _liger_norm_saved(T, h, e, input_alive=s.checkpointing) if input_grad else 0
     else:
         norm = _norm_saved(T, h)
-        saved = norm if input_grad else 0
+        # In fp32 the upcast is a no-op: the first norm keeps the block's input itself, which
+        # under checkpointing the checkpoint keeps anyway.
+        first = norm - (4 * T * h if e == 4 and s.checkpointing else 0)
+        saved = first if input_grad else 0
     kept, qkv_grad = linears("attn_in", input_grad)
     saved += kept
     if qkv_grad:
@@ -270,7 +307,9 @@ def block_saved(spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input
             saved += _liger_norm_saved(T * spec.num_kv_heads, spec.head_dim, e, False)
         elif spec.head_norms:
             saved += _norm_saved(T * spec.num_heads, spec.head_dim) + _norm_saved(T * spec.num_kv_heads, spec.head_dim)
-    kept, attn_grad = linears("o_in", qkv_grad)
+    # SDPA keeps its output (flash and memory-efficient kernels alike), which is o_proj's input;
+    # eager attention's output is a transposed copy that nothing else keeps.
+    kept, attn_grad = linears("o_in", qkv_grad, input_kept=qkv_grad and s.attn != "eager")
     saved += kept
     extra_norms = spec.norms_per_block - 2  # Gemma 2/3: post-attention and post-feedforward norms
     if attn_grad and extra_norms > 0:

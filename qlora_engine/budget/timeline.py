@@ -2,20 +2,30 @@
 
 ``formulas`` says what autograd keeps; the peak of a step also depends on what is alive
 for a moment next to it. This module replays one block, tensor by tensor, in the order the
-code runs (transformers' Llama decoder layer, peft's 4-bit LoRA layer, bitsandbytes'
-MatMul4Bit, SDPA; or Liger Kernel's RMSNorm, RoPE and SwiGLU), on a :class:`Tape` that
-counts live bytes: its forward, and its backward, which under non-reentrant checkpointing
-starts by recomputing the forward (up to the last tensor the backward needs: torch's early
-stop) when the first saved tensor is unpacked.
+code runs (transformers' Llama decoder layer and SDPA, or Liger Kernel's RMSNorm, RoPE and
+SwiGLU; the linear layers, bitsandbytes' MatMul4Bit with peft's LoRA forward or
+``train.fast_lora``'s, in ``linears``), on a :class:`Tape` that counts live bytes: its
+forward, and its backward, which under non-reentrant checkpointing starts by recomputing the
+forward (up to the last tensor the backward needs: torch's early stop) when the first saved
+tensor is unpacked.
 
-What the replay found that a sum of saved tensors misses: in peft's LoRA forward,
-``lora_B(lora_A(x)) * scaling`` holds lora_B's fp32 output and its scaled copy at once
-(8 bytes x tokens x out_features), and for gate_proj/up_proj that is the widest tensor of
-the block. Under checkpointing the recomputation of the top block reaches it with the
-block's saved tensors, the incoming gradient and lora_B's gradient of down_proj (where the
-recomputation was triggered) alive: that moment is the peak of a Liger run (checked on an
-H200 to 0.01% of the per-token slope; see CALIBRATION) and of the plain one at small
-vocabularies (tests/engine/test_budget.py replays it against the engine's step on the CPU).
+What the replay found that a sum of saved tensors misses, on peft's LoRA forward
+(``train.fast_lora`` off, and every GPU measurement so far): ``lora_B(lora_A(x)) * scaling``
+holds lora_B's fp32 output and its scaled copy at once (8 bytes x tokens x out_features),
+and for gate_proj/up_proj that is the widest tensor of the block. Under checkpointing the
+recomputation of the top block reaches it with the block's saved tensors, the incoming
+gradient and lora_B's gradient of down_proj (where the recomputation was triggered) alive:
+that moment is the peak of a Liger run (checked on an H200 to 0.01% of the per-token slope;
+see CALIBRATION) and of the plain one at small vocabularies.
+
+On ``train.fast_lora``'s forward there are no fp32 temporaries, and down_proj's backward
+begins with its 4-bit matmul's input gradient, which reads no saved tensor; the first read
+then recomputes the block up to down_proj's ``x @ A``, before its 4-bit matmul. The peak of
+a Liger run comes right after: the recomputed block's saved tensors, the incoming gradient
+and down_proj's two input gradients (4-bit and LoRA, tokens x intermediate size each) before
+they are summed; at long context with chunked MLPs, the attention's backward. On an H200
+(Llama-3-8B, 2048 x 4 tokens, Liger) the estimate's peak allocated is the measured one to
+0.1%. tests/engine/test_budget.py replays both paths against the engine's step on the CPU.
 
 Moments that are never the peak of a Llama-shaped block are modelled more coarsely, and say
 so: the plain RMSNorm's backward, RoPE's backward, eager attention.
@@ -23,9 +33,11 @@ so: the plain RMSNorm's backward, RoPE's backward, eager attention.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
-from qlora_engine.budget.formulas import BLOCKSIZE, StepShape
+from qlora_engine.budget.formulas import StepShape
+from qlora_engine.budget.linears import Linears
 from qlora_engine.budget.spec import LinearShape, ModelSpec, ceil_div
 from qlora_engine.budget.tape import BlockTrace, EarlyStop, Tape
 
@@ -34,7 +46,7 @@ def _out(lin: LinearShape, adapted: set[str]) -> str:
     return f"{lin.name}.out" if lin.name in adapted else f"{lin.name}.base"
 
 
-class _Block:
+class _Block(Linears):
     """One decoder block's forward and backward on a tape (see the module docstring)."""
 
     def __init__(self, spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input_grad: bool) -> None:
@@ -58,15 +70,10 @@ class _Block:
         self.down_in_grad = self.gate_grad or self.up_grad
         self.down_out_grad = self.down_in_grad or anyg.get("down_in", False)
         self.extra_norms = spec.norms_per_block - 2
+        # fast_lora.enable: the last LoRA layer of the block in module order runs its LoRA half first.
+        self.last = adapted[-1].name if s.fast_lora and adapted else None
 
     # -- pieces ------------------------------------------------------------------------------------
-
-    def dequant(self, lin: LinearShape) -> int:
-        """bitsandbytes 0.50's 4-bit matmul past 1536 rows on CUDA (``_dequant_linear_fallback``)
-        and always on the CPU (``_gemm_4bit_default_impl``), and its backward's
-        ``dequantize_4bit``: the weight in the compute dtype and the nested absmax decoded to
-        fp32 (twice: before and after adding the offset)."""
-        return self.e * lin.numel + 8 * ceil_div(lin.numel, BLOCKSIZE)
 
     def norm(self, t: Tape, x: str, rows: int, width: int, need: bool, p: str) -> str:
         e = self.e
@@ -113,84 +120,6 @@ class _Block:
         if not shared:
             t.free(gin)
         return gx
-
-    def linear(self, t: Tape, lin: LinearShape, x: str, xg: bool) -> str:
-        """peft's Linear4bit.forward (bitsandbytes' alone when not adapted); returns its output."""
-        s, T, e = self.s, self.T, self.e
-        o, n, p = lin.out_features, lin.in_features, lin.name
-        base = t.new(f"{p}.base", e * T * o)
-        t.spike(self.dequant(lin))
-        if lin.name not in self.names:
-            return base
-        res = t.new(f"{p}.res", e * T * o)  # result = result.clone()
-        t.free(base)
-        x32 = x if e == 4 else t.new(f"{p}.x32", 4 * T * n)  # _cast_input_dtype
-        xin = x32
-        if s.dropout:
-            mask = t.new(f"{p}.mask", s.dropout_mask_bytes * T * n)
-            xin = t.new(f"{p}.xd", 4 * T * n)
-            if xg:
-                t.save(f"{p}.drop", mask)
-            t.free(mask, None if x32 == x else x32)
-        t.save(f"{p}.lora_A", xin)
-        a = t.new(f"{p}.A", 4 * T * s.rank)
-        t.save(f"{p}.lora_B", a)
-        b = t.new(f"{p}.B", 4 * T * o)
-        if s.dora:  # roughly: one more kept fp32 product the size of the output
-            t.save(f"{p}.dora", t.new(f"{p}.dora", 4 * T * o))
-        sc = t.new(f"{p}.sc", 4 * T * o)  # lora_B(...) * scaling: both fp32 outputs alive here
-        t.free(b)
-        ob = sc if e == 4 else t.new(f"{p}.ob", e * T * o)  # .to(expected_dtype)
-        t.free(sc)
-        out = t.new(f"{p}.out", e * T * o)  # result + output
-        t.free(res, ob, a, f"{p}.dora", None if xin == x else xin)
-        return out
-
-    def linear_backward(self, t: Tape, lin: LinearShape, g: str, need: bool, last_use: bool = False) -> str | None:
-        """The backward of :meth:`linear` from its output's gradient ``g`` (the caller lets it
-        go; ``last_use``: nothing else holds it, so it goes as soon as the graph is done with
-        it); returns the input's gradient, or None when the input needs none."""
-        s, T, e = self.s, self.T, self.e
-        o, n, p = lin.out_features, lin.in_features, lin.name
-        gx = None
-        if lin.name in self.names:
-            # Newer nodes first: the LoRA branch runs before the base matmul.
-            g1 = g if e == 4 else t.new(f"{p}.g1", 4 * T * o)  # .to(expected_dtype)'s backward
-            if last_use and not need and g1 != g:
-                t.free(g)  # the base matmul needs no gradient: only the LoRA branch read it
-            g2 = t.new(f"{p}.g2", 4 * T * o)  # * scaling
-            t.free(None if g1 == g else g1)
-            t.unpack()  # lora_B's MmBackward reads lora_A's output
-            ga = t.new(f"{p}.gA", 4 * T * s.rank)
-            t.free(g2)
-            t.release(f"{p}.lora_B", f"{p}.dora")
-            if need:
-                gx32 = t.new(f"{p}.gx32", 4 * T * n)
-                t.free(ga)
-                t.release(f"{p}.lora_A")
-                if s.dropout:
-                    gd = t.new(f"{p}.gd", 4 * T * n)
-                    t.free(gx32)
-                    t.release(f"{p}.drop")
-                    gx32 = gd
-                gx = gx32 if e == 4 else t.new(f"{p}.gx", e * T * n)
-                t.free(None if gx == gx32 else gx32)
-            else:
-                t.free(ga)
-                t.release(f"{p}.lora_A", f"{p}.drop")
-        if need:
-            gb = t.new(f"{p}.gb", e * T * n)
-            t.spike(self.dequant(lin))
-            gx = self.accumulate(t, gx, gb)
-        return gx
-
-    @staticmethod
-    def accumulate(t: Tape, into: str | None, g: str | None) -> str | None:
-        """A second gradient of the same tensor is added into the first, in place."""
-        if into is None:
-            return g
-        t.free(g)
-        return into
 
     # -- forward -----------------------------------------------------------------------------------
 
@@ -353,15 +282,19 @@ class _Block:
         return m
 
     def chunked_mlp_backward(self, t: Tape, gm: str) -> str | None:
-        """Each chunk recomputed and differentiated in turn (its peak a spike); the input's gradient
-        is whole (None when it needs none)."""
+        """Each chunk differentiated in turn (its peak a spike): the chunk's checkpoint recomputes
+        it when its backward first reads a saved tensor, up to the last one it saved; the
+        input's gradient is whole (None when it needs none)."""
         t.unpack()
         sub, ct = self.chunk_block(), Tape()
-        c = sub.mlp(ct, ct.external("y2"))
-        m = sub.linear(ct, sub.group["down_in"][0], c, sub.down_in_grad)
-        ct.free(m, c)
+        down = sub.group["down_in"][0]
+
+        def forward(tape: Tape) -> None:
+            sub.linear(tape, down, sub.mlp(tape, tape.external("y2")), sub.down_in_grad)
+
         g = ct.new("g", self.e * sub.T * self.spec.hidden_size)
-        gc = sub.linear_backward(ct, sub.group["down_in"][0], g, sub.down_in_grad)
+        _recompute_on_unpack(ct, forward)
+        gc = sub.linear_backward(ct, down, g, sub.down_in_grad)
         ct.free(g)
         sub.mlp_backward(ct, gc)
         t.spike(ct.peak)
@@ -383,7 +316,10 @@ class _Block:
         if chunked:  # down_proj's backward and the rest of the MLP's, chunk by chunk
             gy2 = self.chunked_mlp_backward(t, gm)
         else:
-            gc = self.linear_backward(t, down, gm, self.down_in_grad) if self.down_out_grad else None
+            # down_proj is the last reader of gm when the residual needs no gradient (or gm is
+            # the extra norm's gradient of its output).
+            last = gm != g or not self.mid_grad
+            gc = self.linear_backward(t, down, gm, self.down_in_grad, last_use=last) if self.down_out_grad else None
         t.free(None if gm == g else gm)
         if not self.mid_grad:  # the residual needs no gradient: only the MLP's branch read it
             t.free(g)
@@ -501,38 +437,44 @@ class _Block:
         return [gq, gk, gv]
 
 
+def _recompute_on_unpack(t: Tape, forward: Callable[[Tape], object]) -> Tape:
+    """Non-reentrant checkpointing on ``t``: the backward's first read of a saved tensor replays
+    ``forward`` (which takes its input as an external tensor) up to the last tensor it saves
+    (torch's early stop); what the replay's frames hold is let go, what it saved stays.
+    Returns the dry run of ``forward`` that counted those saves."""
+    dry = Tape()
+    forward(dry)
+
+    def recompute() -> None:
+        before = set(t.frame)
+        t.stop_after, t.saves = dry.saves, 0
+        try:
+            forward(t)
+        except EarlyStop:
+            pass
+        t.stop_after = None
+        t.free(*(n for n in list(t.frame) if n not in before))
+
+    t.on_unpack = recompute
+    return dry
+
+
 def _trace(spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input_grad: bool) -> BlockTrace:
     blk = _Block(spec, s, adapted, input_grad)
     g_bytes = s.elem * s.tokens * spec.hidden_size
     if s.checkpointing:
-        # The recomputation saves what the forward saves; the dry run counts those saves (for
-        # the early stop) and measures the recomputation's own peak.
-        dry = Tape()
-        blk.forward(dry, dry.external("x"))
-        saved, saves = dry.saved_bytes, dry.saves
-        rec = Tape()
-        rec.stop_after = saves
+        t = Tape()
+        t.external("x")  # the checkpoint keeps the block's input
+        g = t.new("g", g_bytes)
+        dry = _recompute_on_unpack(t, lambda tape: blk.forward(tape, tape.external("x")))
+        rec = Tape()  # the recomputation's own peak
+        rec.stop_after = dry.saves
         try:
             blk.forward(rec, rec.external("x"))
         except EarlyStop:
             pass
-        t = Tape()
-        t.external("x")  # the checkpoint keeps the block's input
-        g = t.new("g", g_bytes)
-
-        def recompute() -> None:
-            before = set(t.frame)
-            t.stop_after, t.saves = saves, 0
-            try:
-                blk.forward(t, "x")
-            except EarlyStop:
-                pass
-            t.stop_after = None
-            t.free(*(n for n in list(t.frame) if n not in before))
-
-        t.on_unpack = recompute
         blk.backward(t, g)
-        return BlockTrace(saved=saved, forward_peak=0, backward_peak=t.peak, recompute_peak=rec.peak)
+        return BlockTrace(saved=dry.saved_bytes, forward_peak=0, backward_peak=t.peak, recompute_peak=rec.peak)
     t = Tape()
     t.new("x", g_bytes)  # the caller's hidden_states
     out = blk.forward(t, "x")
@@ -542,6 +484,16 @@ def _trace(spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input_grad
     t.peak = t.level
     blk.backward(t, t.new("g", g_bytes))
     return BlockTrace(saved=saved, forward_peak=forward_peak, backward_peak=t.peak)
+
+
+def final_norm_peak(spec: ModelSpec, s: StepShape) -> int:
+    """The peak of the model's final norm over the last block's output (counted): the plain
+    RMSNorm's fp32 temporaries, or Liger's output. Never a peak of the step (the logits come
+    right after and are larger), but the last moment of the blocks' forward."""
+    t = Tape()
+    _Block(spec, s, [], False).norm(t, t.new("x", s.elem * s.tokens * spec.hidden_size), s.tokens,
+                                     spec.hidden_size, True, "final")  # fmt: skip
+    return t.peak
 
 
 _CACHE: dict[tuple, BlockTrace] = {}

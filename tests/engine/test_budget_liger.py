@@ -20,7 +20,8 @@ Liger's kernels need triton and a GPU, so they cannot run here. What is tested i
   bench/results/2026-11-27-NVIDIA-H200-budget.json (tests/engine/test_budget_recorded.py), as
   CALIBRATION says.
 * The two independent writings of what a block keeps (``formulas.block_saved``'s closed form
-  and ``timeline``'s replay) agree, with and without Liger, across families and options.
+  and ``timeline``'s replay) agree, with and without Liger, peft's LoRA forward and
+  ``train.fast_lora``'s, across families and options.
 """
 
 from __future__ import annotations
@@ -157,11 +158,12 @@ H200 = [
 ]
 
 
-def _h200_estimate(kernels: str, seq: int, mbs: int):
+def _h200_estimate(kernels: str, seq: int, mbs: int, fast_lora: bool = False):
+    # The runs predate train.fast_lora: they took peft's LoRA forward.
     cfg = cfg_with(
         f"data.max_length={seq}", f"train.micro_batch_size={mbs}", "train.gradient_accumulation_steps=1",
         "train.gradient_checkpointing=true", "lora.rank=16", "lora.alpha=16", "lora.target_modules=[all-linear]",
-        "optim.optimizer=paged_adamw_8bit", f"train.kernels={kernels}",
+        "optim.optimizer=paged_adamw_8bit", f"train.kernels={kernels}", f"train.fast_lora={str(fast_lora).lower()}",
     )  # fmt: skip
     return estimate_from_spec(cfg, model_spec(LLAMA3_8B), data_stats={"min": seq, "max": seq}, liger_installed=True)
 
@@ -171,6 +173,7 @@ def test_the_formulas_reproduce_the_h200_runs(kernels, seq, mbs, allocated, rese
     est = _h200_estimate(kernels, seq, mbs)
     d = est.details
     assert d["kernels"] == kernels and d["allocator"] == "expandable_segments" and d["allocator_calibrated"]
+    assert not d["fast_lora"]
     # Liger: the top block's recomputation (LoRA's fp32 temporaries of up_proj) under the 32
     # kept block inputs; plain: the loss's fp32 buffers.
     assert d["peak_phase"] == ("block_backward" if kernels == "liger" else "loss_backward")
@@ -185,6 +188,19 @@ def test_the_h200_runs_meet_the_issue_s_goals():
     for kernels, seq, mbs, _, reserved in H200:
         errs.append(100 * (_h200_estimate(kernels, seq, mbs).details["torch_reserved"] / GiB - reserved) / reserved)
     assert max(abs(e) for e in errs) <= 7 and statistics.median(abs(e) for e in errs) <= 3 and min(errs) >= -5
+
+
+def test_fast_lora_reproduces_the_h200_run():
+    # train.fast_lora on the H200 (bench/results/2026-11-27-NVIDIA-H200-speed-llama3-8b-1406.json,
+    # the engine at 2048 x 4 with Liger; measured after the formulas were written): 9.08 GiB
+    # peak allocated, 9.45 reserved. The allocator's slack is fitted on peft's runs (above)
+    # and not refitted to this one point: within the issue's goals, a little high.
+    est = _h200_estimate("liger", 2048, 4, fast_lora=True)
+    d = est.details
+    assert d["fast_lora"] and d["peak_phase"] == "block_backward"
+    assert d["torch_allocated"] / GiB == pytest.approx(9.08, rel=0.003, abs=0.006)
+    err = 100 * (d["torch_reserved"] / GiB - 9.45) / 9.45
+    assert 0 <= err <= 5
 
 
 def test_the_liger_peak_grows_like_the_h200_s():
@@ -204,6 +220,32 @@ def test_the_liger_peak_grows_like_the_h200_s():
     assert per_token == 332_296 and tops[0].saved == 242_248 * 32768
     # kept inputs + the top block's peak + the batch (32) + RoPE's cos/sin (512) per token
     assert 32 * 2 * 4096 + per_token + 32 + 512 == pytest.approx(slope, rel=0.0001)
+
+
+def test_fast_lora_keeps_only_compute_dtype_inputs_and_x_at_a():
+    # train.fast_lora: per token, the top block keeps each LoRA
+    # input once in bf16 (norm outputs, the SwiGLU output; SDPA keeps o_proj's input anyway)
+    # and x @ A (2 x 16 bytes a layer), not peft's fp32 copies (242,248 bytes above), plus the
+    # rank-wide bf16 copies of A and B (2.5 MiB a block, whatever the length).
+    spec = model_spec(LLAMA3_8B)
+    shape = dict(batch=1, elem=2, checkpointing=True, mask=False, packed=False, attn="sdpa", rank=16, dropout=False,
+                 dora=False, kernels="liger", loss="fused_linear_cross_entropy", fast_lora=True)  # fmt: skip
+    tops = [block_trace(spec, fm.StepShape(seq=n, **shape), list(spec.block_linears), True) for n in (32768, 65536)]
+    inputs = 2 * (4096 + 4096 + 14336)  # q/k/v's, gate/up's and down_proj's
+    liger = 4 + 2 * 4096 + 4 + 2 * 2 * 14336  # the norms' rstd and second input, SwiGLU's two inputs
+    attention = 2 * 4096 + 2 * 2 * 1024 + 2 * 4096 + 4 * 32  # q, k, v, output, log-sum-exp
+    per_token = inputs + liger + attention + 7 * 2 * 16
+    assert per_token == 131_432 and tops[0].saved == per_token * 32768 + 2 * 16 * sum(
+        lin.in_features + lin.out_features for lin in spec.block_linears
+    )
+    # The top block's backward peak: down_proj's two input gradients over the recomputed block
+    # (the recomputation stops before down_proj's 4-bit matmul), not up_proj's fp32 temporaries.
+    assert (tops[1].backward_peak - tops[0].backward_peak) // 32768 == 196_968  # peft's: 332,296
+    fast, peft = _h200_estimate("liger", 2048, 4, fast_lora=True), _h200_estimate("liger", 2048, 4)
+    assert fast.details["fast_lora"] and fast.details["peak_phase"] == "block_backward"
+    assert fast.components["activations"] < 0.8 * peft.components["activations"]  # 3.6 GiB, 4.6 with peft's
+    assert peft.total - fast.total > GiB
+    assert any("train.fast_lora" in n and "one GPU run" in n for n in fast.notes)
 
 
 def test_the_calibration_says_what_was_fitted():
@@ -244,13 +286,19 @@ def test_more_of_anything_costs_more_with_liger(field, values, ckpt):
 
 def test_fit_with_liger_reaches_long_contexts(monkeypatch):
     monkeypatch.setattr(kn, "liger_installed", lambda: True)
-    cfg = cfg_with(
-        "train.micro_batch_size=1", "train.gradient_accumulation_steps=1", "optim.optimizer=paged_adamw_8bit"
-    )
-    advice = fit(cfg, 80 * GiB, {**LLAMA3_8B, "max_position_embeddings": 1 << 20})
-    # The H200 trained 131,072 tokens in 89.9 GiB reserved: an 80 GiB card holds somewhat less.
-    assert 100_000 < advice.max_sequence_length < 131_072
-    assert advice.estimate.details["kernels"] == "liger"
+
+    def longest(fast_lora: str) -> int:
+        cfg = cfg_with("train.micro_batch_size=1", "train.gradient_accumulation_steps=1",
+                       "optim.optimizer=paged_adamw_8bit", f"train.fast_lora={fast_lora}")  # fmt: skip
+        advice = fit(cfg, 80 * GiB, {**LLAMA3_8B, "max_position_embeddings": 1 << 20})
+        assert advice.estimate.details["kernels"] == "liger"
+        return advice.max_sequence_length
+
+    # The H200 trained 131,072 tokens in 89.9 GiB reserved (peft's LoRA path): an 80 GiB card
+    # holds somewhat less; train.fast_lora drops peft's fp32 copies, so more (not yet measured).
+    peft = longest("false")
+    assert 100_000 < peft < 131_072
+    assert longest("true") > 1.1 * peft
 
 
 # -- two writings of what a block keeps ------------------------------------------------------------
@@ -264,15 +312,18 @@ def test_the_closed_form_and_the_replay_keep_the_same_bytes(family):
     spec = model_spec({**_SMALL, "model_type": family})
     names = spec.linear_names()
     targets = [names, [n for n in names if n[0] in "qkvo"], [names[-1]], [names[1]], ["o_proj"]]
-    for kernels, ckpt, mask, dropout, chosen, grad, attn in itertools.product(
-        ["none", "liger"], [True, False], [False, True], [False, True], targets, [True, False], ["sdpa", "eager"]
-    ):
+    for kernels, ckpt, mask, lora, chosen, grad, attn, elem in itertools.product(
+        ["none", "liger"], [True, False], [False, True], ["peft", "peft+dropout", "fast"], targets, [True, False],
+        ["sdpa", "eager"], [2, 4],
+    ):  # fmt: skip
         s = fm.StepShape(
-            batch=2, seq=64, elem=2, checkpointing=ckpt, mask=mask, packed=False, attn=attn, rank=8, dropout=dropout,
-            dora=False, kernels=kernels, loss="fused_linear_cross_entropy" if kernels == "liger" else "plain",
+            batch=2, seq=64, elem=elem, checkpointing=ckpt, mask=mask, packed=False, attn=attn, rank=8,
+            dropout=lora == "peft+dropout", dora=False, kernels=kernels, fast_lora=lora == "fast",
+            loss="fused_linear_cross_entropy" if kernels == "liger" else "plain",
             norm_in_place=family not in ("gemma2", "gemma3_text"),
         )  # fmt: skip
         adapted = [lin for lin in spec.block_linears if lin.name in chosen]
         trace = block_trace(spec, s, adapted, grad)
-        assert trace.saved == fm.block_saved(spec, s, adapted, grad), (kernels, ckpt, mask, dropout, chosen, grad, attn)
+        case = (kernels, ckpt, mask, lora, chosen, grad, attn, elem)
+        assert trace.saved == fm.block_saved(spec, s, adapted, grad), case
         assert trace.backward_peak >= trace.saved and (ckpt or trace.forward_peak >= trace.saved)

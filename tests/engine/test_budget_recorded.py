@@ -7,6 +7,10 @@ case with the budget as it is now and compares it with the measurements. This te
 the issue's goals on that recomputation: every case within +-7% of peak reserved, median
 |error| <= 3%, never under by more than 5%, and peak allocated within 0.5% (the formulas). It
 fails if the formulas or the calibration drift away from what was measured.
+
+The record predates ``train.fast_lora``: its runs took peft's LoRA forward. The script builds
+each case's config with the engine's defaults, so here every case is re-estimated with
+``train.fast_lora=false`` (:func:`as_recorded`), as it ran.
 """
 
 from __future__ import annotations
@@ -24,12 +28,31 @@ SCRIPT = ROOT / "bench" / "budget_accuracy.py"
 RECORD = ROOT / "bench" / "results" / "2026-11-27-NVIDIA-H200-budget.json"
 
 
+AS_RECORDED = ["train.fast_lora=false"]  # what the record's runs had that today's defaults do not
+
+
+def as_recorded(module) -> None:
+    """Make the loaded script build its cases' configs as the record's runs had them."""
+    from qlora_engine.config import apply_overrides
+
+    built = module.case_config
+    module.case_config = lambda *args, **kwargs: apply_overrides(built(*args, **kwargs), AS_RECORDED)
+
+
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("budget_accuracy", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    as_recorded(module)
     return module
+
+
+def test_the_record_ran_peft_s_lora_path(bench):
+    record = json.loads(RECORD.read_text())
+    assert all("fast_lora" not in json.dumps(r) for r in record["results"])  # before train.fast_lora existed
+    cfg = bench.case_config(record["results"][0]["case"], Path("/nonexistent"), 1)
+    assert cfg.train.fast_lora is False
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +86,19 @@ def test_the_recomputed_budget_meets_the_goals_on_the_h200_record(bench, recheck
 
 
 def test_recheck_on_the_command_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--recheck", str(RECORD)], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    # The script's own main(), with its cases built as the record ran them (see as_recorded).
+    code = "\n".join([
+        "import importlib.util, sys",
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})",
+        "from test_budget_recorded import SCRIPT, as_recorded",
+        "spec = importlib.util.spec_from_file_location('budget_accuracy', SCRIPT)",
+        "module = importlib.util.module_from_spec(spec)",
+        "spec.loader.exec_module(module)",
+        "as_recorded(module)",
+        f"sys.argv = [str(SCRIPT), '--recheck', {str(RECORD)!r}]",
+        "module.main()",
+    ])  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith('{"summary"')))["summary"]
     assert summary["goals_met"] and summary["cases"] == 14
