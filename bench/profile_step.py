@@ -78,9 +78,8 @@ def summarize(kernels: list[tuple[str, float, float]], steps: int, wall_s: float
 
 
 def main() -> None:
-    import hf_baseline
     import torch
-    from speed import build_trainer
+    from speed import build_trainer, prepare_checkpoint
     from torch.profiler import ProfilerActivity, profile, schedule
 
     ap = argparse.ArgumentParser()
@@ -94,7 +93,7 @@ def main() -> None:
     path = f"/tmp/ckpt-{args.shape}"
     cuda = torch.cuda.is_available()
     if cuda:
-        hf_baseline.make_checkpoint(args.shape, path)
+        prepare_checkpoint(args.shape, path)
     extra = [e for e in args.extra.split(";") if e]
     trainer, sink, _ = build_trainer(path, args.seq, args.mbs, args.steps, extra, args.warmup)
 

@@ -100,6 +100,10 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true", help="skip the fp32 reference")
     args = ap.parse_args()
     path = f"/tmp/ckpt-{args.shape}"
+    if args.side is None:  # the parent: the sides below read the checkpoint it makes
+        from speed import prepare_checkpoint
+
+        prepare_checkpoint(args.shape, path)
     vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
     ids = torch.randint(0, vocab, (args.mbs, args.seq), generator=torch.Generator().manual_seed(7))
     grads_file = Path(f"/tmp/same-math-{args.side or 'x'}.pt")

@@ -24,6 +24,18 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 
+def prepare_checkpoint(shape: str, path: str) -> None:
+    """The random-weight checkpoint of ``shape`` at ``path``, with a tokenizer (the engine loads one; random tokens need only its pad id)."""
+    import hf_baseline
+
+    hf_baseline.make_checkpoint(shape, path)
+    if not (Path(path) / "tokenizer_config.json").exists():
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        from tiny import build_tokenizer
+
+        build_tokenizer(Path(path))
+
+
 def build_trainer(path: str, seq: int, mbs: int, steps: int, extra: list[str], warmup: int = 3):
     """The engine's Trainer for one case, set up and fed random tokens; returns (trainer, sink, cfg)."""
     import torch
@@ -160,18 +172,11 @@ def main() -> None:
         print("RESULT " + json.dumps(res), flush=True)
         return
 
-    import hf_baseline
     import torch
 
     card = torch.cuda.get_device_name(0)
     print(f"# {card} {versions()}", file=sys.stderr, flush=True)
-    hf_baseline.make_checkpoint(args.shape, path)
-    if not (Path(path) / "tokenizer_config.json").exists():
-        # The engine loads a tokenizer with the model; random tokens need only its pad id.
-        sys.path.insert(0, str(HERE.parent / "tests"))
-        from tiny import build_tokenizer
-
-        build_tokenizer(Path(path))
+    prepare_checkpoint(args.shape, path)
     results = []
     for case in args.cases.split(","):
         seq, mbs = (int(x) for x in case.split("x"))
