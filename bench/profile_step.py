@@ -45,6 +45,11 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+def is_annotation(event) -> bool:
+    """The profiler's own ranges shown on the GPU timeline (ProfilerStep#3, Optimizer.step#...): not kernels."""
+    return bool(getattr(event, "is_user_annotation", False)) or event.name.startswith("ProfilerStep") or "#" in event.name
+
+
 def busy_us(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of [start, end) intervals."""
     total, end = 0.0, float("-inf")
@@ -105,7 +110,7 @@ def main() -> None:
         kernels.extend(
             (e.name, e.time_range.start, e.time_range.end)
             for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA
+            if e.device_type == torch.autograd.DeviceType.CUDA and not is_annotation(e)
         )
 
     plan = schedule(wait=0, warmup=args.warmup, active=args.steps, repeat=1)
