@@ -31,7 +31,11 @@ The allocator mode is the engine's default (expandable segments) unless ``--allo
 and the value the worker saw. Kernels are the engine's default too (``train.kernels: auto``:
 Liger Kernel on the GPU when liger-kernel is installed, which the driver requires), with a
 few cases at ``train.kernels=none``; each result records what the engine applied
-(``Trainer.kernels``) next to what the budget assumed.
+(``Trainer.kernels``) next to what the budget assumed. So is the LoRA forward
+(``train.fast_lora``, on by default): ``fast_lora_layers`` is the trainer's count of layers on
+the fast path (0: peft's forward), next to the budget's ``predicted.fast_lora``; ``--recheck``
+estimates a record's cases with the path they ran (records without the field predate
+train.fast_lora and ran peft's).
 
 On the GPU, with the wheels carried in ``.whl/`` (bitsandbytes, platformdirs, datasets, dill,
 multiprocess, liger_kernel)::
@@ -125,8 +129,12 @@ def synthetic_data(kind: str, seq: int, n: int, vocab: int) -> tuple[list[dict],
     return samples, stats
 
 
-def case_config(name: str, workdir: Path, steps: int):
-    """The run config of a case (pure: also used by --dry-run, which touches no GPU)."""
+def case_config(name: str, workdir: Path, steps: int, fast_lora: bool | None = None):
+    """The run config of a case (pure: also used by --dry-run, which touches no GPU).
+
+    ``fast_lora``: None leaves ``train.fast_lora`` at the engine's default (a new run);
+    True or False sets it, as a recorded run had it (:func:`recorded_fast_lora`).
+    """
     from qlora_engine.config import TrainConfig, apply_overrides
 
     shape, seq, mbs, ckpt, optimizer, kind, extra = ALL_CASES[name]
@@ -150,24 +158,33 @@ def case_config(name: str, workdir: Path, steps: int):
             "lora.target_modules=[all-linear]",
             f"optim.optimizer={optimizer}",
             *extra,
+            *([] if fast_lora is None else [f"train.fast_lora={'true' if fast_lora else 'false'}"]),
         ],
     )
 
 
+def recorded_fast_lora(result: dict) -> bool:
+    """Whether a recorded case ran ``train.fast_lora``'s LoRA forward: its ``fast_lora_layers``
+    (the trainer's count of layers on the fast path) is above 0. Records without the field
+    predate train.fast_lora: their runs took peft's LoRA forward."""
+    return bool(result.get("fast_lora_layers"))
+
+
 def case_estimate(
     name: str, workdir: Path, steps: int, gpu_bytes: int | None = None, gpu_name: str | None = None,
-    device: str = "cuda", liger_installed: bool | None = None,
+    device: str = "cuda", liger_installed: bool | None = None, fast_lora: bool | None = None,
 ):  # fmt: skip
     """(config, samples, budget estimate) of a case: the estimate from the shape's config alone.
 
     ``liger_installed``: None looks liger-kernel up here (the worker, on the GPU); the dry run
-    passes True, since the GPU run installs the carried wheel.
+    passes True, since the GPU run installs the carried wheel. ``fast_lora``: as in
+    :func:`case_config`.
     """
     from qlora_engine.budget import model_spec
     from qlora_engine.budget.estimate import estimate_from_spec, resolve_spec
 
     shape, seq, mbs, _, _, kind, _ = ALL_CASES[name]
-    cfg = case_config(name, workdir, steps)
+    cfg = case_config(name, workdir, steps, fast_lora)
     if device != "cuda":
         cfg.train.device = "cpu"
         cfg.quant.compute_dtype = "bfloat16"
@@ -252,12 +269,14 @@ def run_case(name: str, workdir: Path, steps: int, device: str = "cuda") -> dict
                        backend=backend),
         kernels=dict(requested=cfg.train.kernels, applied=getattr(trainer, "kernels", None),
                      budget=d["kernels"], budget_reason=d["kernels_reason"], loss=d["loss"]),
+        fast_lora_layers=trainer.fast_lora,  # 0: peft's LoRA forward on every layer (--recheck reads it)
         first_block_input_requires_grad=first_input_grad[0] if first_input_grad else None,
         budget_assumes_input_grads=d["checkpointing_input_grads"],
         predicted=dict(
             torch_reserved_gib=gib(pred_reserved), torch_allocated_gib=gib(pred_allocated),
             outside_torch_gib=gib(pred_outside), total_gib=gib(est.total), low_gib=gib(est.low),
             high_gib=gib(est.high), peak_phase=d["peak_phase"], attention_mask=d["attention_mask"],
+            fast_lora=d["fast_lora"],
             static_gib=gib(d["static_bytes"]), dynamic_gib=gib(d["dynamic_bytes"]),
             slack_gib=gib(est.components["allocator_slack"]),
             logits_fp32_gib=gib(4 * seq * mbs * SHAPES[shape]["vocab_size"] if d["loss"] == "plain" else 0),
@@ -294,8 +313,10 @@ def recheck(record: dict) -> list[dict]:
 
     The estimate needs only the config (the shapes' config.json as in SHAPES, the synthetic data's
     lengths), so this runs anywhere; each case is estimated under the allocator setting its worker
-    saw and with liger-kernel assumed installed, as on the GPU. A case whose definition or
-    kernels no longer match what was run is an error, not a silently different comparison.
+    saw, with liger-kernel assumed installed, as on the GPU, and with the LoRA forward it ran
+    (:func:`recorded_fast_lora`: peft's for records from before train.fast_lora, whatever today's
+    default). A case whose definition, kernels or LoRA path no longer match what was run is an
+    error, not a silently different comparison.
     """
     out = []
     for r in record["results"]:
@@ -310,7 +331,9 @@ def recheck(record: dict) -> list[dict]:
         conf = r["allocator"]["alloc_conf_seen"]
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf if conf is not None else ""
         try:
-            _, _, est = case_estimate(r["case"], Path("/nonexistent"), r["steps"], liger_installed=True)
+            _, _, est = case_estimate(
+                r["case"], Path("/nonexistent"), r["steps"], liger_installed=True, fast_lora=recorded_fast_lora(r)
+            )
         finally:
             if saved is None:
                 os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
@@ -320,6 +343,9 @@ def recheck(record: dict) -> list[dict]:
         if d["kernels"] != r["kernels"]["applied"] or d["allocator"] != r["allocator"]["budget_mode"]:
             raise ValueError(f"{r['case']}: the budget now assumes {d['kernels']}/{d['allocator']}, the run had "
                              f"{r['kernels']['applied']}/{r['allocator']['budget_mode']}")  # fmt: skip
+        if d["fast_lora"] != recorded_fast_lora(r):  # e.g. a case with LoRA dropout, which keeps peft's path
+            raise ValueError(f"{r['case']}: the budget now assumes fast_lora={d['fast_lora']}, the run had "
+                             f"{r.get('fast_lora_layers')} layers on it")  # fmt: skip
         m = r["measured"]
         pred_reserved, pred_allocated = d["torch_reserved"], d["torch_allocated"]
         pred_outside = est.components["cuda_context"] + d["paged_optimizer_bytes"]
@@ -329,6 +355,7 @@ def recheck(record: dict) -> list[dict]:
             outside_torch_gib=gib(pred_outside), total_gib=gib(est.total), low_gib=gib(est.low),
             high_gib=gib(est.high), peak_phase=d["peak_phase"], static_gib=gib(d["static_bytes"]),
             dynamic_gib=gib(d["dynamic_bytes"]), slack_gib=gib(est.components["allocator_slack"]),
+            fast_lora=d["fast_lora"],
         )  # fmt: skip
         out.append(dict(
             r, predicted=predicted,
@@ -402,7 +429,7 @@ def dry_run(names: list[str], args: argparse.Namespace, workdir: Path) -> None:
         total_s += secs
         print(json.dumps(dict(
             case=name, spec=list(ALL_CASES[name][:6]), extra=ALL_CASES[name][6], kernels=d["kernels"],
-            peak_phase=d["peak_phase"],
+            fast_lora=d["fast_lora"], peak_phase=d["peak_phase"],
             predicted_total_gib=gib(est.total), predicted_reserved_gib=gib(d["torch_reserved"]),
             predicted_allocated_gib=gib(d["torch_allocated"]), fits_h100_80gb=est.total <= budget.KNOWN_GPUS["h100"],
             rough_s=round(secs), worker=" ".join(worker_command(name, args, workdir)),

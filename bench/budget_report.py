@@ -65,9 +65,16 @@ def summarize(results: list[dict]) -> dict:
         ),
         "kernels_as_assumed": all(r["kernels"]["applied"] == r["kernels"]["budget"] for r in ok),
         "kernels": sorted({r["kernels"]["applied"] for r in ok}),
+        # The LoRA forward the engine took (layers on train.fast_lora's path) against the budget's;
+        # records from before train.fast_lora have neither (their runs took peft's forward).
+        "fast_lora_as_assumed": all(
+            bool(r["fast_lora_layers"]) == r["predicted"]["fast_lora"]
+            for r in ok if "fast_lora_layers" in r and "fast_lora" in r["predicted"]
+        ),
     }  # fmt: skip
     summary["goals_met"] = (
         summary["kernels_as_assumed"]
+        and summary["fast_lora_as_assumed"]
         and summary["max_abs_error_pct"] <= GOALS["max_abs_pct"]
         and summary["median_abs_error_pct"] <= GOALS["median_abs_pct"]
         and -summary["worst_under_prediction_pct"] <= GOALS["max_under_pct"]

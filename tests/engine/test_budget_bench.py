@@ -58,6 +58,7 @@ def test_dry_run_builds_every_case_without_a_gpu(bench, tmp_path, monkeypatch):
         assert r["fits_h100_80gb"]  # every case runs on either card the lead may get
         assert 0 < r["predicted_allocated_gib"] < r["predicted_reserved_gib"] < r["predicted_total_gib"]
         assert r["kernels"] == ("none" if "train.kernels=none" in r["extra"] else "liger")
+        assert r["fast_lora"]  # the engine's default LoRA forward: no case sets dropout or DoRA
     plan = next(line for line in lines if line.startswith("# rough plan"))
     assert float(plan.split()[3]) <= 7.0  # minutes
     assert any("expandable_segments" in line for line in lines if line.startswith("# budget allocator"))
@@ -81,5 +82,8 @@ def test_smoke_run_goes_through_the_engine_on_the_cpu(tmp_path):
     # are the ones the budget assumed (on the CPU: none).
     assert res["first_block_input_requires_grad"] == res["budget_assumes_input_grads"]
     assert res["kernels"]["applied"] == res["kernels"]["budget"] == "none"
+    # The record says which LoRA forward ran (what --recheck estimates it with): train.fast_lora's
+    # on every adapted layer (7 per block, 2 blocks), as the budget assumed.
+    assert res["fast_lora_layers"] == 14 and res["predicted"]["fast_lora"] is True
     assert record["calibration"]["allocator"]["expandable_segments"]["measured"] is True
     assert record["not_run"] == []

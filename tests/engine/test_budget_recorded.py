@@ -8,9 +8,10 @@ the issue's goals on that recomputation: every case within +-7% of peak reserved
 |error| <= 3%, never under by more than 5%, and peak allocated within 0.5% (the formulas). It
 fails if the formulas or the calibration drift away from what was measured.
 
-The record predates ``train.fast_lora``: its runs took peft's LoRA forward. The script builds
-each case's config with the engine's defaults, so here every case is re-estimated with
-``train.fast_lora=false`` (:func:`as_recorded`), as it ran.
+The record predates ``train.fast_lora``: its runs took peft's LoRA forward, and its results
+have no ``fast_lora_layers``. The script's recheck estimates each case with the LoRA path it
+ran (``recorded_fast_lora``): here ``train.fast_lora=false`` for every case, whatever today's
+default.
 """
 
 from __future__ import annotations
@@ -28,37 +29,49 @@ SCRIPT = ROOT / "bench" / "budget_accuracy.py"
 RECORD = ROOT / "bench" / "results" / "2026-11-27-NVIDIA-H200-budget.json"
 
 
-AS_RECORDED = ["train.fast_lora=false"]  # what the record's runs had that today's defaults do not
-
-
-def as_recorded(module) -> None:
-    """Make the loaded script build its cases' configs as the record's runs had them."""
-    from qlora_engine.config import apply_overrides
-
-    built = module.case_config
-    module.case_config = lambda *args, **kwargs: apply_overrides(built(*args, **kwargs), AS_RECORDED)
-
-
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("budget_accuracy", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    as_recorded(module)
     return module
-
-
-def test_the_record_ran_peft_s_lora_path(bench):
-    record = json.loads(RECORD.read_text())
-    assert all("fast_lora" not in json.dumps(r) for r in record["results"])  # before train.fast_lora existed
-    cfg = bench.case_config(record["results"][0]["case"], Path("/nonexistent"), 1)
-    assert cfg.train.fast_lora is False
 
 
 @pytest.fixture(scope="module")
 def rechecked(bench):
     record = json.loads(RECORD.read_text())
     return record, bench.recheck(record)
+
+
+def test_the_record_is_rechecked_on_peft_s_lora_path(bench, rechecked):
+    record, results = rechecked
+    assert all("fast_lora" not in json.dumps(r) for r in record["results"])  # before train.fast_lora existed
+    assert not any(bench.recorded_fast_lora(r) for r in record["results"])
+    name = record["results"][0]["case"]
+    assert bench.case_config(name, Path("/nonexistent"), 1).train.fast_lora is True  # today's default
+    assert bench.case_config(name, Path("/nonexistent"), 1, fast_lora=False).train.fast_lora is False
+    assert not any(r["predicted"]["fast_lora"] for r in results)
+
+
+def test_a_record_with_fast_lora_layers_is_rechecked_on_the_fast_path(bench, rechecked, monkeypatch):
+    # A record written since train.fast_lora holds the trainer's count of layers on the fast
+    # path: the same measurement, marked as run with it, is estimated with it (lower: no fp32
+    # copies), and a count the budget cannot take (0 where it assumes the fast path) is an error.
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    record, peft = rechecked
+    r = next(r for r in record["results"] if r["case"] == "8b-2048x4-ckpt-p8")
+    [fast] = bench.recheck({"results": [dict(r, fast_lora_layers=224)]})
+    [off] = bench.recheck({"results": [dict(r, fast_lora_layers=0)]})
+    [before] = [p for p in peft if p["case"] == r["case"]]
+    assert fast["predicted"]["fast_lora"] and not off["predicted"]["fast_lora"]
+    assert off["predicted"] == before["predicted"]
+    assert fast["predicted"]["torch_allocated_gib"] < before["predicted"]["torch_allocated_gib"] - 0.5
+    assert bench.summarize([fast, off])["fast_lora_as_assumed"]
+    assert not bench.summarize([dict(fast, fast_lora_layers=0)])["fast_lora_as_assumed"]
+    dropout = (*bench.ALL_CASES[r["case"]][:6], ["lora.dropout=0.05"])  # peft's path, whatever train.fast_lora says
+    monkeypatch.setitem(bench.ALL_CASES, "8b-2048x4-ckpt-p8-dropout", dropout)
+    with pytest.raises(ValueError, match="fast_lora=False, the run had 224 layers"):
+        bench.recheck({"results": [dict(r, case="8b-2048x4-ckpt-p8-dropout", fast_lora_layers=224)]})
 
 
 def test_the_record_is_a_full_run(rechecked):
@@ -86,19 +99,9 @@ def test_the_recomputed_budget_meets_the_goals_on_the_h200_record(bench, recheck
 
 
 def test_recheck_on_the_command_line(tmp_path):
-    # The script's own main(), with its cases built as the record ran them (see as_recorded).
-    code = "\n".join([
-        "import importlib.util, sys",
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})",
-        "from test_budget_recorded import SCRIPT, as_recorded",
-        "spec = importlib.util.spec_from_file_location('budget_accuracy', SCRIPT)",
-        "module = importlib.util.module_from_spec(spec)",
-        "spec.loader.exec_module(module)",
-        "as_recorded(module)",
-        f"sys.argv = [str(SCRIPT), '--recheck', {str(RECORD)!r}]",
-        "module.main()",
-    ])  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--recheck", str(RECORD)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith('{"summary"')))["summary"]
     assert summary["goals_met"] and summary["cases"] == 14
