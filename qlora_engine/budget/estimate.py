@@ -235,7 +235,7 @@ def estimate_from_spec(
     )
     if shape.fast_lora:
         notes.append(
-            "train.fast_lora: measured on one GPU run so far; the allocator's slack is fitted on runs without it"
+            "train.fast_lora: checked on three GPU runs so far; the allocator's slack is fitted on runs without it"
         )
     elif cfg.train.fast_lora:
         why = "LoRA dropout" if cfg.lora.dropout > 0 else "DoRA" if cfg.lora.use_dora else "float16"

@@ -25,7 +25,15 @@ a Liger run comes right after: the recomputed block's saved tensors, the incomin
 and down_proj's two input gradients (4-bit and LoRA, tokens x intermediate size each) before
 they are summed; at long context with chunked MLPs, the attention's backward. On an H200
 (Llama-3-8B, 2048 x 4 tokens, Liger) the estimate's peak allocated is the measured one to
-0.1%. tests/engine/test_budget.py replays both paths against the engine's step on the CPU.
+0.1%; at 131,072 and 350,000 tokens with offloaded activations and 4,096-token MLP chunks (the
+attention's backward), to 0.2%. tests/engine/test_budget.py replays both paths against the
+engine's step on the CPU.
+
+Not replayed: the chunked MLP's input gradients, one per chunk, wait for split's backward,
+which concatenates them, so for a moment after the last chunk the pieces and their
+concatenation (2 x tokens x hidden) are alive where one is counted. In Llama-3-8B's block
+that moment stays gigabytes below the attention's backward, which comes after it
+(tests/engine/test_budget_liger.py checks a bound at 131k and 350k tokens).
 
 Moments that are never the peak of a Llama-shaped block are modelled more coarsely, and say
 so: the plain RMSNorm's backward, RoPE's backward, eager attention.

@@ -19,6 +19,10 @@ Liger's kernels need triton and a GPU, so they cannot run here. What is tested i
   slack was fitted on them together with the 14 cases of
   bench/results/2026-11-27-NVIDIA-H200-budget.json (tests/engine/test_budget_recorded.py), as
   CALIBRATION says.
+* The formulas against the engine's runs with ``train.fast_lora`` (measured after its formulas
+  were written, and not fitted to): 2048x4 with checkpointing, 131072x1 and 350000x1 with
+  offloaded activations and 4,096-token MLP chunks (bench/results/...-speed-llama3-8b-1406,
+  -1412 and -350k.json, read here to check the numbers).
 * The two independent writings of what a block keeps (``formulas.block_saved``'s closed form
   and ``timeline``'s replay) agree, with and without Liger, peft's LoRA forward and
   ``train.fast_lora``'s, across families and options.
@@ -27,6 +31,7 @@ Liger's kernels need triton and a GPU, so they cannot run here. What is tested i
 from __future__ import annotations
 
 import itertools
+import json
 import statistics
 import sys
 import types
@@ -158,12 +163,13 @@ H200 = [
 ]
 
 
-def _h200_estimate(kernels: str, seq: int, mbs: int, fast_lora: bool = False):
-    # The runs predate train.fast_lora: they took peft's LoRA forward.
+def _h200_estimate(kernels: str, seq: int, mbs: int, fast_lora: bool = False, extra: tuple[str, ...] = ()):
+    # fast_lora False for H200's runs (above): they predate train.fast_lora and took peft's LoRA forward.
     cfg = cfg_with(
         f"data.max_length={seq}", f"train.micro_batch_size={mbs}", "train.gradient_accumulation_steps=1",
         "train.gradient_checkpointing=true", "lora.rank=16", "lora.alpha=16", "lora.target_modules=[all-linear]",
         "optim.optimizer=paged_adamw_8bit", f"train.kernels={kernels}", f"train.fast_lora={str(fast_lora).lower()}",
+        *extra,
     )  # fmt: skip
     return estimate_from_spec(cfg, model_spec(LLAMA3_8B), data_stats={"min": seq, "max": seq}, liger_installed=True)
 
@@ -190,17 +196,93 @@ def test_the_h200_runs_meet_the_issue_s_goals():
     assert max(abs(e) for e in errs) <= 7 and statistics.median(abs(e) for e in errs) <= 3 and min(errs) >= -5
 
 
-def test_fast_lora_reproduces_the_h200_run():
-    # train.fast_lora on the H200 (bench/results/2026-11-27-NVIDIA-H200-speed-llama3-8b-1406.json,
-    # the engine at 2048 x 4 with Liger; measured after the formulas were written): 9.08 GiB
-    # peak allocated, 9.45 reserved. The allocator's slack is fitted on peft's runs (above)
-    # and not refitted to this one point: within the issue's goals, a little high.
-    est = _h200_estimate("liger", 2048, 4, fast_lora=True)
+LONG = ("train.offload_activations=true", "train.mlp_chunk_tokens=4096")
+
+# train.fast_lora on the H200 (bench/speed.py: the engine with Liger, paged AdamW 8-bit, r=16 on
+# all linear layers, expandable segments, the Llama-3-8B shape; the long runs under a 78 GiB cap,
+# far above their peaks): (record, seq, micro-batch, overrides, peak allocated GiB, peak
+# reserved GiB, the estimate's reserved error in %). Peaks are the max over steps of torch's
+# per-step max_memory_allocated/reserved: the whole step's. Estimated (total, low-high, GiB):
+# 10.40 (9.64-10.69), 20.55 (18.13-21.27), 44.01 (37.75-45.75).
+FAST_LORA_H200 = [
+    ("2026-11-27-NVIDIA-H200-speed-llama3-8b-1406.json", 2048, 4, (), 9.08, 9.45, +3.0),
+    ("2026-11-27-NVIDIA-H200-speed-llama3-8b-1412.json", 131072, 1, LONG, 17.79, 20.16, -1.4),
+    ("2026-11-27-NVIDIA-H200-speed-llama3-8b-350k.json", 350000, 1, LONG, 38.02, 42.51, +2.0),
+]
+
+
+def _recorded(record: str, seq: int, mbs: int, extra: tuple[str, ...]) -> dict:
+    data = json.loads((ROOT / "bench" / "results" / record).read_text())
+    assert (data["card"], data["shape"], data["versions"]["liger-kernel"]) == ("NVIDIA H200", "llama3-8b", "0.8.5")
+    [r] = [r for r in data["results"]
+           if r["stack"] == "engine" and (r["seq"], r["mbs"], tuple(r["extra"])) == (seq, mbs, extra)]  # fmt: skip
+    return r
+
+
+@pytest.mark.parametrize("record, seq, mbs, extra, allocated, reserved, _", FAST_LORA_H200)
+def test_the_fast_lora_points_are_the_records(record, seq, mbs, extra, allocated, reserved, _):
+    r = _recorded(record, seq, mbs, extra)
+    assert r["kernels"] == "liger" and r["fast_lora_layers"] == 7 * 32  # every adapted layer on the fast path
+    assert (r["peak_alloc_gib"], r["peak_reserved_gib"]) == (allocated, reserved)
+    # The estimate the run recorded is today's, except at 2048 x 4, run before the budget modelled
+    # train.fast_lora: its 11.59 GiB counted peft's path (today's estimate with fast_lora=false).
+    modelled = not record.endswith("-1406.json")
+    assert r["estimate"]["total_gib"] == round(_h200_estimate("liger", seq, mbs, modelled, extra).total / GiB, 2)
+
+
+def test_the_same_run_without_fast_lora_is_the_h200_s_earlier_run():
+    # The 2048 x 4 run with train.fast_lora=false, beside the fast one: peft's LoRA forward on
+    # every layer, and the same peaks as H200's first row (the -0948.json run), which
+    # test_the_formulas_reproduce_the_h200_runs bounds (estimate 10.11 allocated, +0.1%; 10.93
+    # reserved, +2.0%).
+    r = _recorded("2026-11-27-NVIDIA-H200-speed-llama3-8b-1406.json", 2048, 4, ("train.fast_lora=false",))
+    assert r["kernels"] == "liger" and r["fast_lora_layers"] == 0
+    assert (r["peak_alloc_gib"], r["peak_reserved_gib"]) == H200[0][3:] == (10.10, 10.71)
+
+
+@pytest.mark.parametrize("record, seq, mbs, extra, allocated, reserved, reserved_err", FAST_LORA_H200)
+def test_fast_lora_reproduces_the_h200_runs(record, seq, mbs, extra, allocated, reserved, reserved_err):
+    # The formulas: peak allocated to 0.3% (measured 9.08, 17.79, 38.02 GiB; estimated 9.08,
+    # 17.83, 38.06), as on peft's runs above. The allocator's slack is fitted on peft's runs and
+    # not refitted to these three points: reserved +3.0%, -1.4%, +2.0% (estimated 9.73, 19.88,
+    # 43.34 GiB). At 131k tokens it is short by 0.28 GiB: the fitted 16% of the dynamic part
+    # gives 2.05 GiB of slack where the run had 2.37; at 350k it gives 5.29 where the run had
+    # 4.49. Safe side within a small margin: never more than 2.5% under (the issue allows 5%),
+    # at most 5% over.
+    est = _h200_estimate("liger", seq, mbs, True, extra)
     d = est.details
-    assert d["fast_lora"] and d["peak_phase"] == "block_backward"
-    assert d["torch_allocated"] / GiB == pytest.approx(9.08, rel=0.003, abs=0.006)
-    err = 100 * (d["torch_reserved"] / GiB - 9.45) / 9.45
-    assert 0 <= err <= 5
+    assert d["fast_lora"] and d["kernels"] == "liger" and d["allocator"] == "expandable_segments"
+    assert (d["host_activation_bytes"] > 0) == bool(extra)  # the long runs' block inputs in CPU RAM
+    # 2048 x 4: down_proj's two input gradients over the recomputed top block; 131k and 350k:
+    # the attention's backward in the top block.
+    assert d["peak_phase"] == "block_backward"
+    assert d["torch_allocated"] / GiB == pytest.approx(allocated, rel=0.003, abs=0.006)
+    err = 100 * (d["torch_reserved"] / GiB - reserved) / reserved
+    assert err == pytest.approx(reserved_err, abs=0.05)
+    assert -2.5 <= err <= 5
+    # The measured peak with what the estimate puts outside torch (CUDA context, paged
+    # optimizer state) falls in the estimate's range.
+    outside = est.components["cuda_context"] + d["paged_optimizer_bytes"]
+    assert est.low <= reserved * GiB + outside <= est.high
+
+
+@pytest.mark.parametrize("seq", [131072, 350000])
+def test_the_mlp_chunks_concatenated_gradient_is_not_the_peak(seq):
+    # Not replayed (timeline's docstring): the chunked MLP's input gradients, one per chunk,
+    # wait for split's backward, which concatenates them; for a moment after the last chunk the
+    # pieces and the whole gradient (2 x tokens x hidden in bf16) are alive where the replay
+    # counts one. Alive then at most: the incoming gradient, what the recomputed block keeps,
+    # the pieces and their concatenation, 3 x tokens x hidden in all beside the saved tensors;
+    # the block's backward peak (the attention's, after the MLP) is above that by gigabytes
+    # (2.5 GiB at 131k tokens, 6.7 at 350k), so the estimate misses nothing here. The measured
+    # allocated peaks (above, within 0.3%) agree.
+    spec = model_spec(LLAMA3_8B)
+    s = fm.StepShape(batch=1, seq=seq, elem=2, checkpointing=True, mask=False, packed=False, attn="sdpa", rank=16,
+                     dropout=False, dora=False, kernels="liger", loss="fused_linear_cross_entropy", fast_lora=True,
+                     offload=True, mlp_chunk=4096)  # fmt: skip
+    top = block_trace(spec, s, list(spec.block_linears), True)
+    concatenation = top.saved + 3 * 2 * seq * spec.hidden_size
+    assert top.backward_peak - concatenation > 2 * GiB
 
 
 def test_the_liger_peak_grows_like_the_h200_s():
@@ -245,7 +327,7 @@ def test_fast_lora_keeps_only_compute_dtype_inputs_and_x_at_a():
     assert fast.details["fast_lora"] and fast.details["peak_phase"] == "block_backward"
     assert fast.components["activations"] < 0.8 * peft.components["activations"]  # 3.6 GiB, 4.6 with peft's
     assert peft.total - fast.total > GiB
-    assert any("train.fast_lora" in n and "one GPU run" in n for n in fast.notes)
+    assert any("train.fast_lora" in n and "three GPU runs" in n for n in fast.notes)
 
 
 def test_the_calibration_says_what_was_fitted():
