@@ -4,7 +4,7 @@
 
 ``bench/same_math.py`` compares the engine with the plain stack on the GPU, on random weights.
 This runs the engine's code on a trained model (default: SmolLM2-135M-Instruct, the demo
-model, dequantized once into the user cache) and real text (this repository's README), all
+model, dequantized once into the user cache) and real text (default: this repository's README), all
 on the same NF4 weights, batch and LoRA initialisation (B given values), and prints each
 path's LoRA gradient error against the float32 reference:
 
@@ -76,11 +76,12 @@ def main() -> None:
     ap.add_argument("--model", help="a Hugging Face folder; default: the SmolLM2 demo model")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rows", type=int, default=2)
+    ap.add_argument("--text", default=str(HERE.parent / "README.md"), help="a text file to take the tokens from")
     args = ap.parse_args()
     model = Path(args.model) if args.model else demo_model_folder()
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(model)((HERE.parent / "README.md").read_text())["input_ids"]
+    ids = AutoTokenizer.from_pretrained(model)(Path(args.text).read_text())["input_ids"]
     samples = [{"input_ids": ids[i * args.seq:(i + 1) * args.seq]} for i in range(args.rows)]
     for s in samples:
         s["labels"] = s["input_ids"]
@@ -92,7 +93,7 @@ def main() -> None:
         "fast-bf16": dict(overrides=[bf16]),
         "fast-bf16-fp32-head": dict(overrides=[bf16], fp32_head=True),
     }
-    res: dict = {"model": model.name, "seq": args.seq, "rows": args.rows, "loss_fp32": loss_ref}
+    res: dict = {"model": model.name, "text": Path(args.text).name, "seq": args.seq, "rows": args.rows, "loss_fp32": loss_ref}
     got = {}
     for name, how in paths.items():
         loss, g = grads(model, samples, args.seq, how["overrides"], upcast=how.get("upcast", False),

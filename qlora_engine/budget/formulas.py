@@ -207,19 +207,13 @@ def fast_lora_saved(lin: LinearShape, s: StepShape, input_grad: bool = True) -> 
     """What autograd keeps for one adapted linear layer on ``train.fast_lora``'s path, beside
     its input.
 
-    qlora_engine.fast_lora casts the adapters once per call: ``a = lora_A.to(dtype)`` (r x in;
-    in fp32 lora_A itself, a parameter) and ``b = (lora_B * scaling).to(dtype)`` (out x r; in
-    fp32 the product, a tensor of its own). ``xa = F.linear(x, a)`` keeps x (the layer's input
-    in the compute dtype, one tensor for every layer that reads it: :func:`block_saved`
-    counts it once per input) and, when x needs a gradient, a; ``addmm(base, xa, b.t())`` (in
-    the block's last LoRA layer ``F.linear(xa, b)``) keeps xa (T x r) and b. The 4-bit matmul
-    keeps nothing, as in peft's path.
+    ``qlora_engine.fast_lora._LoraProduct`` keeps x (the layer's input in the compute dtype,
+    one tensor for every layer that reads it: :func:`block_saved` counts it once per input),
+    ``x @ A`` (T x r) and the adapter weights split into two compute-dtype halves each
+    (2r x in and out x 2r). The 4-bit matmul keeps nothing, as in peft's path.
     """
     T, e, r = s.tokens, s.elem, s.rank
-    saved = e * T * r + e * lin.out_features * r
-    if input_grad and e != 4:
-        saved += e * r * lin.in_features
-    return saved
+    return e * T * r + e * 2 * r * (lin.in_features + lin.out_features)
 
 
 def attention_core_saved(spec: ModelSpec, s: StepShape) -> int:

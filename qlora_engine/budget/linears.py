@@ -9,11 +9,12 @@ Three ways a layer runs, each replayed in the order its code allocates, saves an
   off, or the layers it does not cover: LoRA dropout, DoRA, float16): the base output
   cloned, the input cast to the adapters' fp32, both LoRA matmuls and the scaling in fp32,
   cast back and added;
-* ``train.fast_lora`` (``qlora_engine.fast_lora``): the adapter weights cast to the compute
-  dtype (rank-wide copies), ``x @ A`` beside the 4-bit matmul and ``addmm`` adding
-  ``(x @ A) @ B^T`` to the base output in one GEMM; in the last LoRA layer of a block the
-  LoRA half first and the base output added in place, so that under non-reentrant
-  checkpointing the recomputation stops (torch's early stop) before that layer's 4-bit matmul.
+* ``train.fast_lora`` (``qlora_engine.fast_lora``): one autograd function for the LoRA half,
+  the adapter weights split into two compute-dtype halves (rank-wide copies), ``x @ A``
+  beside the 4-bit matmul and ``addmm`` adding ``(x @ A) @ B^T`` to the base output in one
+  GEMM; in the last LoRA layer of a block the LoRA half first and the base output added
+  after, so that under non-reentrant checkpointing the recomputation stops (torch's early
+  stop) before that layer's 4-bit matmul.
 
 autograd's generated code saves an op's inputs before the kernel runs (so an early stop at
 a save comes before the op's output exists) and keeps only what a needed gradient reads:
@@ -145,32 +146,36 @@ class Linears:
     # -- train.fast_lora ---------------------------------------------------------------------------
 
     def _fast(self, t: Tape, lin: LinearShape, x: str, xg: bool) -> str:
-        T, e, r = self.T, self.e, self.s.rank
-        o, n, p = lin.out_features, lin.in_features, lin.name
-        # a = lora_A.to(dtype) (in fp32: lora_A itself, a parameter); b = (lora_B * scaling).to(dtype).
-        a = None if e == 4 else t.new(f"{p}.a", e * r * n)
-        b32 = t.new(f"{p}.b32", 4 * o * r)
-        b = b32 if e == 4 else t.new(f"{p}.b", e * o * r)
-        t.free(None if b == b32 else b32)
+        T, e, o, p = self.T, self.e, lin.out_features, lin.name
         if lin.name == self.last:
-            # lora = F.linear(F.linear(x, a), b); base(x).add_(lora). The second linear's saves
-            # are the block's last: a recomputation stops there, before lora and the 4-bit matmul.
-            t.save(f"{p}.lora_A", x, a if xg else None)
-            xa = t.new(f"{p}.xa", e * T * r)
-            t.save(f"{p}.lora_B", xa, b)
-            lora = t.new(f"{p}.lora", e * T * o)
-            t.free(xa)
-            out = t.new(f"{p}.out", e * T * o)  # the 4-bit matmul with the LoRA output alive
+            # lora = _LoraProduct(x, ...); base(x) + lora. The product's saves (packed when it
+            # returns, its output alive) are the block's last: a recomputation stops there,
+            # before the 4-bit matmul.
+            lora = self._product(t, lin, x, None)
+            base = t.new(f"{p}.base", e * T * o)  # the 4-bit matmul with the LoRA output alive
             t.spike(self.dequant(lin))
-            t.free(lora, a, b)  # added in place; the function returns
+            out = t.new(f"{p}.out", e * T * o)  # base + lora
+            t.free(lora, base)
             return out
         base = t.new(f"{p}.base", e * T * o)
         t.spike(self.dequant(lin))
-        t.save(f"{p}.lora_A", x, a if xg else None)  # xa = F.linear(x, a)
+        return self._product(t, lin, x, base)  # addmm(base, ...): a new output, the base output beside it
+
+    def _product(self, t: Tape, lin: LinearShape, x: str, base: str | None) -> str:
+        """``fast_lora._LoraProduct``'s forward: the split weights, x @ A, its output; saves on return."""
+        T, e, r = self.T, self.e, self.s.rank
+        o, n, p = lin.out_features, lin.in_features, lin.name
+        a = t.new(f"{p}.a", e * 2 * r * n)  # lora_A split in two halves (their temporaries: rank-wide, left out)
+        b32 = t.new(f"{p}.b32", 4 * o * r)  # lora_B * scaling, then split
+        b = t.new(f"{p}.b", e * o * 2 * r)
+        t.free(b32)
+        xa2 = t.new(f"{p}.xa2", e * T * 2 * r)
         xa = t.new(f"{p}.xa", e * T * r)
-        t.save(f"{p}.lora_B", xa, b)  # addmm(base, xa, b.t()): a new output, the base output beside it
-        out = t.new(f"{p}.out", e * T * o)
-        t.free(xa, base, a, b)
+        twice = t.new(f"{p}.twice", e * T * 2 * r)
+        out = t.new(f"{p}.lora" if base is None else f"{p}.out", e * T * o)
+        t.free(xa2, twice)  # the forward returned; autograd packs what it saved
+        t.save(f"{p}.product", x, xa, a, b)
+        t.free(xa, a, b, base)
         return out
 
     def _fast_backward(self, t: Tape, lin: LinearShape, g: str, need: bool, last_use: bool) -> str | None:
@@ -178,24 +183,25 @@ class Linears:
         n, p = lin.in_features, lin.name
         gx = None
         if lin.name == self.last and need:
-            # add_'s backward hands g to both halves; the 4-bit matmul's node is the newest and
+            # the sum's backward hands g to both halves; the 4-bit matmul's node is the newest and
             # reads no saved tensor, so its input gradient comes before any recomputation.
             gx = self._base_backward(t, lin, need)
-        # addmm's (or the second linear's) backward: the gradient of x @ A (and of b, rank-wide);
-        # in addmm, g itself is the base output's gradient and waits for the 4-bit matmul.
+        # _LoraProduct's backward: g @ b, the gradient of x @ A, of x (gxa @ a), of A and B
+        # (rank-wide); it hands g on as the base output's gradient, for the 4-bit matmul.
         t.unpack()
+        gb = t.new(f"{p}.g_b", e * T * 2 * r)
         gxa = t.new(f"{p}.gxa", e * T * r)
-        t.release(f"{p}.lora_B")
+        gl = None
+        if need:
+            twice = t.new(f"{p}.gtwice", e * T * 2 * r)
+            gl = t.new(f"{p}.gx", e * T * n)
+            t.free(twice)
+        t.free(gb, gxa)
+        t.release(f"{p}.product")
         if last_use and (lin.name == self.last or not need):
             t.free(g)  # no other reader is left
         if need:
-            gl = t.new(f"{p}.gx", e * T * n)  # gxa @ a; and a's gradient (rank-wide)
-            t.free(gxa)
-            t.release(f"{p}.lora_A")
             gx = self.accumulate(t, gx, gl)
             if lin.name != self.last:
                 gx = self.accumulate(t, gx, self._base_backward(t, lin, need))
-        else:
-            t.free(gxa)
-            t.release(f"{p}.lora_A")
         return gx
