@@ -187,10 +187,10 @@ class TrainSettings:
     )
     fast_lora: bool = _f(
         True,
-        "Run the LoRA matmuls in the compute dtype beside the 4-bit matmul (mixed precision, as autocast would) "
-        "instead of peft's fp32 copies of every layer input: about 1.5x faster and lighter. Off: peft's fp32 "
-        "LoRA, whose gradients stay nearer fp32 in the lowest layers. Layers it does not cover (LoRA dropout, "
-        "DoRA, float16) keep peft's path, and the run log says so.",
+        "Run the LoRA matmuls in the compute dtype beside the 4-bit matmul (the fp32 adapter weights split into "
+        "two bf16 halves, so the gradients stay about as near fp32 as peft's) instead of peft's fp32 copies of "
+        "every layer input: about 1.5x faster and lighter. Off: peft's own path. Layers it does not cover (LoRA "
+        "dropout, DoRA, float16) keep peft's path, and the run log says so.",
     )
     device: Literal["auto", "cuda", "cpu"] = _f(
         "auto", "Where to train. 'auto' takes the first CUDA GPU and falls back to the CPU (slow, for tests and demos)."
