@@ -136,3 +136,24 @@ def test_layers_it_does_not_cover_keep_peft_s_path_and_say_so(four_layers, sampl
     assert len(notes) == 1 and "28" in notes[0] and reason in notes[0]
     loss, grads, _ = step(trainer, samples)
     assert torch.isfinite(torch.tensor(loss)) and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_split_weights_keep_what_rounding_them_to_bfloat16_would_lose():
+    # Two rows of B that bf16 rounds to the same 1.0, and an incoming gradient that takes their
+    # difference: rounded weights make g @ B zero, and with it A's gradient.
+    from qlora_engine.fast_lora import _LoraProduct
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=gen).bfloat16().requires_grad_()
+    A = torch.randn(1, 32, generator=gen).requires_grad_()
+    B = torch.tensor([[1.003], [1.001]], requires_grad=True)
+    g = torch.tensor([1.0, -1.0]).expand(64, 2).bfloat16()
+    assert float((g.float() @ B.detach().bfloat16().float()).abs().max()) == 0.0  # what plain bf16 would see
+    y = _LoraProduct.apply(x, A, B, 2.0, None)
+    y.backward(g)
+    xd, Ad, Bd, gd = x.double(), A.double(), 2.0 * B.double(), g.double()
+    want_a = (gd @ Bd).t() @ xd  # d/dA of sum(g * (x @ A.T @ (2B).T))
+    assert torch.allclose(A.grad.double(), want_a.detach(), rtol=2e-2, atol=1e-4 * want_a.abs().max().item())
+    assert float(A.grad.abs().max()) > 0.05 * float(want_a.abs().max())
+    torch.testing.assert_close(y.double(), (xd @ Ad.t() @ Bd.t()).detach(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(B.grad.double(), (2.0 * gd.t() @ (xd @ Ad.t())).detach(), rtol=1e-2, atol=1e-2)
