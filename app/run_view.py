@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
 
 from app.charts import RunCharts
 from app.run_record import RunRecord
-from qlora_engine.events import Event, LogLine, RunFailed, RunFinished, RunStarted
+from qlora_engine.events import Event, LogLine, RunFailed, RunFinished, RunStarted, speed_paths
 
 REDRAW_MS = 250
 LOG_BLOCKS = 5000
@@ -181,7 +181,8 @@ class RunView(QWidget):
             self.append_text(f"{stamp}  {e.message}", e.level)
         elif isinstance(e, RunStarted):
             where = f"resumed from {e.resumed_from} at step {e.start_step}" if e.resumed_from else "started"
-            self.append_text(f"{stamp}  run {where} on {e.device}: {e.total_steps} steps, folder {e.run_dir}")
+            speed = f"; {speed_paths(e.model)}" if speed_paths(e.model) else ""
+            self.append_text(f"{stamp}  run {where} on {e.device}: {e.total_steps} steps, folder {e.run_dir}{speed}")
         elif isinstance(e, RunFinished):
             how = "stopped and saved" if e.stopped_early else "finished"
             self.append_text(f"{stamp}  {how} at step {e.step} in {fmt_duration(e.elapsed)}; adapter: {e.adapter_dir}")

@@ -148,6 +148,17 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
+def speed_paths(facts: dict[str, Any]) -> str:
+    """Which fast paths a run took, from its RunStarted model facts ('' when they do not say)."""
+    parts = []
+    if facts.get("kernels"):
+        parts.append("Liger kernels" if facts["kernels"] == "liger" else "no fused kernels")
+    if facts.get("fast_lora_layers") is not None:
+        n = facts["fast_lora_layers"]
+        parts.append(f"fast LoRA on {n} layers" if n else "peft's LoRA path")
+    return ", ".join(parts)
+
+
 def from_dict(d: dict[str, Any]) -> Event:
     d = dict(d)
     kind = d.pop("event", None)
@@ -279,6 +290,8 @@ class TextSink:
             msg = f"checkpoint saved: {e.path}"
         elif isinstance(e, RunStarted):
             msg = f"run started in {e.run_dir} on {e.device}: {e.total_steps} steps"
+            if speed_paths(e.model):
+                msg += f" ({speed_paths(e.model)})"
         elif isinstance(e, RunFinished):
             msg = f"finished at step {e.step} in {_fmt_s(e.elapsed)}; adapter: {e.adapter_dir}"
         elif isinstance(e, RunFailed):

@@ -68,6 +68,8 @@ def test_full_run_from_the_form(qtbot, window, tiny_model_dir, text_data, tmp_pa
         qtbot.mouseClick(window.run_view.start_button, Qt.MouseButton.LeftButton)
     loop_probe.stop()
     assert blocker.args == ["finished"], window.run_view.log.toPlainText()
+    # the log says which fast paths the run took (attention adapters: 4 a layer, 2 layers; no GPU kernels)
+    assert "no fused kernels, fast LoRA on 8 layers" in window.run_view.log.toPlainText()
     steps = [e for e in read_events(out / "events.jsonl") if isinstance(e, StepMetrics)]
     assert [s.step for s in steps] == [1, 2, 3, 4, 5, 6]
     window.run_view.redraw()

@@ -157,3 +157,16 @@ def test_split_weights_keep_what_rounding_them_to_bfloat16_would_lose():
     assert float(A.grad.abs().max()) > 0.05 * float(want_a.abs().max())
     torch.testing.assert_close(y.double(), (xd @ Ad.t() @ Bd.t()).detach(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(B.grad.double(), (2.0 * gd.t() @ (xd @ Ad.t())).detach(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize(("overrides", "said"), [([], "fast LoRA on 14 layers"), (["train.fast_lora=false"], "peft's LoRA path")])
+def test_the_terminal_says_which_lora_path_the_run_takes(tiny_cfg, overrides, said):
+    import io
+
+    from qlora_engine.events import MultiSink, TextSink
+    from qlora_engine.train import run
+
+    text = io.StringIO()
+    run(tiny_cfg("train.max_steps=1", *overrides), MultiSink(ListSink(), TextSink(text)))
+    started = [line for line in text.getvalue().splitlines() if "run started" in line]
+    assert len(started) == 1 and started[0].endswith(f"(no fused kernels, {said})")
