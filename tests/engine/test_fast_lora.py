@@ -170,3 +170,36 @@ def test_the_terminal_says_which_lora_path_the_run_takes(tiny_cfg, overrides, sa
     run(tiny_cfg("train.max_steps=1", *overrides), MultiSink(ListSink(), TextSink(text)))
     started = [line for line in text.getvalue().splitlines() if "run started" in line]
     assert len(started) == 1 and started[0].endswith(f"(no fused kernels, {said})")
+
+
+def _tiny_family(path, model_type: str):
+    """A tiny random model of another family, with the tiny Llama's tokenizer."""
+    from tiny import build_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = build_tokenizer(path)
+    extra = {"head_dim": 16} if model_type == "gemma" else {}
+    cfg = AutoConfig.for_model(
+        model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=False, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("model_type", "layers"),
+    [("qwen2", 14), ("gemma", 14), ("phi3", 8)],  # Qwen2: q/k/v with bias; Phi-3: fused qkv_proj and gate_up_proj
+)
+def test_other_families_take_the_fast_path_with_the_same_arithmetic(tmp_path, samples, model_type, layers):
+    model = _tiny_family(tmp_path / model_type, model_type)
+    fast, _ = make_trainer(model, samples, tmp_path, "quant.compute_dtype=float32")
+    assert fast.fast_lora == layers
+    loss_fast, grads_fast, calls = step(fast, samples)
+    plain, _ = make_trainer(model, samples, tmp_path, "quant.compute_dtype=float32", "train.fast_lora=false")
+    loss_plain, grads_plain, _ = step(plain, samples)
+    assert loss_fast == pytest.approx(loss_plain, rel=1e-6)
+    assert rel_err(grads_fast, grads_plain) < 1e-5
+    assert sorted(set(calls.values())) == [1, 2]  # each block's last 4-bit matmul is not recomputed
