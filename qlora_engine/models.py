@@ -491,6 +491,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module, layers: int | None = N
         for i, block in enumerate(blocks):
             # the flag transformers' own every_n_layers sets per layer; we choose the layers
             block.gradient_checkpointing = first <= i < first + keep
+    if offload and not blocks:
+        raise ConfigError(
+            f"train.offload_activations: {type(model).__name__} has no decoder layers that transformers "
+            "checkpoints, so there is nothing to offload; turn it off."
+        )
     if offload:
         from qlora_engine.offload import offloaded_checkpoint
 

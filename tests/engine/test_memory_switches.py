@@ -111,6 +111,19 @@ def test_offloaded_checkpoints_go_through_host_memory_with_the_same_math(tiny_cf
         torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7)
 
 
+def test_offload_on_a_model_without_checkpointed_layers_is_refused():
+    class NoLayers(torch.nn.Module):  # a remote-code model with its own blocks, say
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            pass
+
+        def disable_input_require_grads(self):
+            pass
+
+    assert models.enable_gradient_checkpointing(NoLayers()) == 0
+    with pytest.raises(ConfigError, match=r"offload_activations: NoLayers has no decoder layers.*turn it off"):
+        models.enable_gradient_checkpointing(NoLayers(), offload=True)
+
+
 @pytest.mark.parametrize("nbytes", [0, 2, 1 << 20, (1 << 20) + 6, 350_000 * 4096 * 2, (3 << 30) + (5 << 20) + 4094])
 def test_host_pieces_are_powers_of_two_but_a_last_one_under_a_mib(nbytes):
     sizes = offload.piece_sizes(nbytes)
