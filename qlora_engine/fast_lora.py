@@ -14,9 +14,10 @@ gradients, sums that nearly cancel, can land several times their own size away f
 (measured on SmolLM2 with real text: 583% against peft's 63%; ``bench/same_math_cpu.py``).
 So each weight goes in as two bf16 halves, its rounding and what the rounding lost, side by
 side in one GEMM of twice the rank (``x @ [A_hi; A_lo].T``, ``[xa, xa] @ [B_hi, B_lo].T``):
-the products keep about 16 bits of the weights for the cost of reading the activations
-once, as before (the GEMMs are rank-wide, so twice the rank costs the same time). With
-that the same case measured 39%, nearer fp32 than peft's path. What autograd keeps per layer
+the products keep about 16 bits of the weights and still read the activations once (these
+GEMMs are rank-wide and bound by memory, so twice the rank should cost about the same time;
+not yet measured on a GPU). With that the same case measured 39%, nearer fp32 than peft's
+path. What autograd keeps per layer
 is the bf16 input (which the layers around it keep anyway), the rank-wide ``x @ A`` and the
 split weights.
 
