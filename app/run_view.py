@@ -181,8 +181,9 @@ class RunView(QWidget):
             self.append_text(f"{stamp}  {e.message}", e.level)
         elif isinstance(e, RunStarted):
             where = f"resumed from {e.resumed_from} at step {e.start_step}" if e.resumed_from else "started"
-            speed = f"; {speed_paths(e.model)}" if speed_paths(e.model) else ""
-            self.append_text(f"{stamp}  run {where} on {e.device}: {e.total_steps} steps, folder {e.run_dir}{speed}")
+            speed = speed_paths(e.model)
+            line = f"{stamp}  run {where} on {e.device}: {e.total_steps} steps, folder {e.run_dir}"
+            self.append_text(line + (f"; {speed}" if speed else ""))
         elif isinstance(e, RunFinished):
             how = "stopped and saved" if e.stopped_early else "finished"
             self.append_text(f"{stamp}  {how} at step {e.step} in {fmt_duration(e.elapsed)}; adapter: {e.adapter_dir}")

@@ -31,7 +31,7 @@ KINDS = [
     ("optimizer", ("optimizer", "koptimizer", "adam")),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "sm90_", "sm80_", "splitk")),
-    ("copy / cast", ("copy", "to_copy", "catarray")),
+    ("copy / cast", ("copy", "memcpy", "catarray")),
     ("elementwise / reduce", ("at::native",)),
     ("triton (liger)", ("triton", "_kernel", "liger")),
 ]

@@ -289,9 +289,8 @@ class TextSink:
         elif isinstance(e, CheckpointSaved):
             msg = f"checkpoint saved: {e.path}"
         elif isinstance(e, RunStarted):
-            msg = f"run started in {e.run_dir} on {e.device}: {e.total_steps} steps"
-            if speed_paths(e.model):
-                msg += f" ({speed_paths(e.model)})"
+            speed = speed_paths(e.model)
+            msg = f"run started in {e.run_dir} on {e.device}: {e.total_steps} steps" + (f" ({speed})" if speed else "")
         elif isinstance(e, RunFinished):
             msg = f"finished at step {e.step} in {_fmt_s(e.elapsed)}; adapter: {e.adapter_dir}"
         elif isinstance(e, RunFailed):
