@@ -58,6 +58,9 @@ def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / GIB:.2f} GiB"
 
 
+AUTO_NOTE = "train.gradient_checkpointing auto:"
+
+
 def compute_budget(cfg: TrainConfig, gpu: gpu_facts.GpuInfo | None, data_stats: dict | None) -> dict:
     """Estimate (and fit advice when a card is chosen); runs on the budget thread.
 
@@ -382,6 +385,9 @@ class BudgetPanel(QFrame):
             self.status.setText(
                 self.status.text() + f"\nExpected peak between {low / GIB:.2f} and {high / GIB:.2f} GiB."
             )
+        auto = [n for n in getattr(est, "notes", []) or [] if n.startswith(AUTO_NOTE)]
+        if auto and capacity:  # what train.gradient_checkpointing auto chose for this card
+            self.status.setText(self.status.text() + "\nGradient checkpointing (auto): " + auto[0][len(AUTO_NOTE) :].strip())
         if faster is not None:
             self._set_suggestions([faster], FASTER_TITLE)
         else:

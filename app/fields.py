@@ -71,6 +71,14 @@ NONE_TEXT = {
     ("train", "mlp_chunk_tokens"): "off",
 }
 
+CHOICE_TEXT = {
+    ("train", "gradient_checkpointing"): {
+        "auto": "auto: as few layers as the GPU needs",
+        True: "every layer",
+        False: "off",
+    },
+}
+
 SUFFIX = {
     ("train", "checkpoint_layers"): " layers",
     ("train", "mlp_chunk_tokens"): " tokens",
@@ -93,6 +101,19 @@ def _is_optional(tp: Any) -> tuple[bool, Any]:
         if len(args) == 1 and len(typing.get_args(tp)) == 2:
             return True, args[0]
     return False, tp
+
+
+def _choices(tp: Any) -> list[Any] | None:
+    """The values of a ``Literal`` type, or of ``bool | Literal[...]`` (its words first, then true
+    and false); None for any other type."""
+    if typing.get_origin(tp) is Literal:
+        return list(typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        words = [a for a in args if typing.get_origin(a) is Literal]
+        if len(words) == 1 and set(args) == {bool, words[0]}:
+            return [*typing.get_args(words[0]), True, False]
+    return None
 
 
 def format_float(v: float) -> str:
@@ -139,10 +160,13 @@ class FieldBinding(QObject):
             w = QCheckBox()
             w.toggled.connect(lambda on: self._commit(bool(on)))
             return w
-        if typing.get_origin(base) is Literal:
+        choices = _choices(base)
+        if choices is not None:
             w = QComboBox()
-            for choice in typing.get_args(base):
-                w.addItem(str(choice), choice)
+            text = CHOICE_TEXT.get(key, {})
+            for choice in choices:
+                shown = text.get(choice, ("on" if choice else "off") if isinstance(choice, bool) else str(choice))
+                w.addItem(shown, choice)
             w.currentIndexChanged.connect(lambda _i: self._commit(w.currentData()))
             return w
         if base is int:

@@ -77,7 +77,7 @@ def engine_side(path: str, ids: torch.Tensor, seed: int, variant: list[str]):
 
     cfg = apply_overrides(TrainConfig(), [f"model.ref={path}", "data.path=synthetic", f"train.seed={seed}",
                                           "output.dir=/tmp/same-math", "lora.rank=16", "lora.alpha=16",
-                                          f"data.max_length={ids.shape[1]}", *variant])
+                                          f"data.max_length={ids.shape[1]}", "train.gradient_checkpointing=true", *variant])
     samples = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
     trainer = Trainer(cfg, ListSink(), data=PreparedData(train=samples, validation=None, report={}, fingerprint="x"))
     trainer.setup()

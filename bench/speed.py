@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -36,12 +37,25 @@ def prepare_checkpoint(shape: str, path: str) -> None:
         build_tokenizer(Path(path))
 
 
-def build_trainer(path: str, seq: int, mbs: int, steps: int, extra: list[str], warmup: int = 3):
-    """The engine's Trainer for one case, set up and fed random tokens; returns (trainer, sink, cfg)."""
+def varlen_samples(vocab: int, seq: int, count: int, seed: int = 0) -> list[list[int]]:
+    """``count`` random samples of varied length, like chat fine-tuning data: lengths log-normal
+    around a median of seq/5 (409 tokens at 2048), from 32 tokens up to ``seq``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(seq / 5), 0.8, count), 32, seq).astype(int)
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def build_trainer(path: str, seq: int, mbs: int, steps: int, extra: list[str], warmup: int = 3, varlen: bool = False):
+    """The engine's Trainer for one case, set up and fed random tokens (all ``seq`` long, or of
+    varied length with ``varlen``, packed when the config says so); returns (trainer, sink, cfg)."""
+    import numpy as np
     import torch
 
     from qlora_engine.config import TrainConfig, apply_overrides
     from qlora_engine.data import PreparedData
+    from qlora_engine.data.store import SampleBuilder, pack, token_stats
     from qlora_engine.events import ListSink
     from qlora_engine.train import Trainer
 
@@ -60,17 +74,31 @@ def build_trainer(path: str, seq: int, mbs: int, steps: int, extra: list[str], w
             "lora.alpha=16",
             "lora.target_modules=[all-linear]",
             "optim.optimizer=paged_adamw_8bit",
+            "train.gradient_checkpointing=true",  # the standard case checkpoints; a variant may say auto or false
             *extra,
         ],
     )
     gen = torch.Generator().manual_seed(0)
     n = mbs * (steps + warmup)
     vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
-    samples = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (seq,), generator=gen).tolist()
-        samples.append({"input_ids": ids, "labels": ids})
-    data = PreparedData(train=samples, validation=None, report={}, fingerprint="synthetic")
+    samples: Any = []
+    if varlen:  # enough samples for n rows either way (packed: about five to a row)
+        rows = varlen_samples(vocab, seq, n * (8 if cfg.data.packing else 1))
+        if cfg.data.packing:
+            builder = SampleBuilder()
+            for ids in rows:
+                builder.add(ids, [True] * len(ids))
+            samples = pack(builder.build(), seq)
+        else:
+            samples = [{"input_ids": ids, "labels": ids} for ids in rows]
+        lengths = np.array([len(r) for r in rows])
+        report = {"token_stats": token_stats(lengths, seq)}
+    else:
+        for _ in range(n):
+            ids = torch.randint(0, vocab, (seq,), generator=gen).tolist()
+            samples.append({"input_ids": ids, "labels": ids})
+        report = {}
+    data = PreparedData(train=samples, validation=None, report=report, fingerprint="synthetic")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     sink = ListSink()
@@ -81,12 +109,12 @@ def build_trainer(path: str, seq: int, mbs: int, steps: int, extra: list[str], w
     return trainer, sink, cfg
 
 
-def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str], warmup: int = 3) -> dict:
+def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str], warmup: int = 3, varlen: bool = False) -> dict:
     import torch
 
-    from qlora_engine.events import StepMetrics
+    from qlora_engine.events import LogLine, StepMetrics
 
-    trainer, sink, cfg = build_trainer(path, seq, mbs, steps, extra, warmup)
+    trainer, sink, cfg = build_trainer(path, seq, mbs, steps, extra, warmup, varlen)
     trainer.train()
     steps_m = sink.of(StepMetrics)[warmup:]
     tps = sorted(e.tokens_per_second for e in steps_m)
@@ -94,7 +122,7 @@ def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str], war
     try:
         from qlora_engine import budget
 
-        est = budget.estimate(cfg, data_stats={"max": seq, "p95": seq, "median": seq})
+        est = budget.estimate(cfg, data_stats={"max": seq, "p95": seq, "median": seq}, gpu_bytes=card_bytes())
         estimate = {"total_gib": round(est.total / 2**30, 2), "low_gib": round(est.low / 2**30, 2),
                     "high_gib": round(est.high / 2**30, 2)}
     except Exception as e:  # the budget is optional here
@@ -106,6 +134,9 @@ def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str], war
         extra=extra,
         kernels=trainer.kernels,
         fast_lora_layers=trainer.fast_lora,
+        checkpointed_layers=trainer.checkpointed,
+        checkpointing_notes=[e.message for e in sink.of(LogLine) if "checkpoint" in e.message],
+        varlen=varlen,
         step_s=[round(e.tokens / e.tokens_per_second, 3) for e in steps_m if e.tokens_per_second],
         tok_s=round(tps[len(tps) // 2]),
         loss=round(steps_m[-1].loss, 3),
@@ -114,6 +145,15 @@ def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str], war
         process_peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
         estimate=estimate,
     )
+
+
+def card_bytes() -> int | None:
+    """What the engine's 'auto' sizes the run for (see train._usable_vram): the card, or the cap."""
+    from qlora_engine.train import _usable_vram
+
+    import torch
+
+    return _usable_vram(torch.device("cuda")) if torch.cuda.is_available() else None
 
 
 def baseline_case(path: str, seq: int, mbs: int, steps: int) -> dict:
@@ -144,6 +184,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="steps run before the measured ones")
     ap.add_argument("--vram-cap-gib", type=float, help="cap what torch may take of the card (an 80 GB card on a bigger one)")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--varlen", action="store_true", help="samples of varied length (packing's case), engine only")
     ap.add_argument("--extra", default="", help="engine overrides for every case, ';'-separated")
     ap.add_argument(
         "--variants", default="", help="engine variants, '|'-separated, each a ';'-separated override list "
@@ -164,7 +205,7 @@ def main() -> None:
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_cap_gib * 2**30 / total))
         try:
             if args.worker == "engine":
-                res = engine_case(path, args.seq, args.mbs, args.steps, extra, args.warmup)
+                res = engine_case(path, args.seq, args.mbs, args.steps, extra, args.warmup, args.varlen)
             else:
                 res = baseline_case(path, args.seq, args.mbs, args.steps)
         except Exception as e:
@@ -190,6 +231,8 @@ def main() -> None:
                    "--mbs", str(mbs), "--steps", str(args.steps), "--warmup", str(args.warmup), "--extra", variant]
             if args.vram_cap_gib:
                 cmd += ["--vram-cap-gib", str(args.vram_cap_gib)]
+            if args.varlen:
+                cmd += ["--varlen"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             res = json.loads(lines[-1][7:]) if lines else dict(stack=stack, seq=seq, mbs=mbs,

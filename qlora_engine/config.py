@@ -153,14 +153,18 @@ class TrainSettings:
     )
     epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = _f(None, "Stop after this many optimizer steps; None trains for 'epochs'.")
-    gradient_checkpointing: bool = _f(
-        True, "Recompute activations in the backward pass: about a third slower, far less memory."
+    gradient_checkpointing: bool | Literal["auto"] = _f(
+        "auto",
+        "Recompute activations in the backward pass instead of keeping them: far less memory, a slower step "
+        "(every layer checkpointed: about a third slower). auto: on a GPU, checkpoint only as many layers as the "
+        "card's free memory needs, by the VRAM budget (none when the whole run fits), and every layer if a step "
+        "still runs out of memory; true: every layer (or train.checkpoint_layers); false: none.",
     )
     checkpoint_layers: int | None = _f(
         None,
-        "With gradient checkpointing: how many decoder layers to checkpoint, counted from the lowest one the "
-        "backward pass reaches; null checkpoints all. Each layer left out is not recomputed (faster) but keeps "
-        "its activations (more memory); `qlora-engine estimate` names the fewest that fit your GPU.",
+        "With gradient_checkpointing true: how many decoder layers to checkpoint, counted from the lowest one "
+        "the backward pass reaches; null checkpoints all. Each layer left out is not recomputed (faster) but "
+        "keeps its activations (more memory); gradient_checkpointing auto chooses this for your GPU.",
     )
     offload_activations: bool = _f(
         False,
@@ -454,6 +458,13 @@ def validate(cfg: TrainConfig) -> None:
         "train.checkpoint_layers",
         tr.checkpoint_layers,
         "use null (all layers) or at least 1; turn train.gradient_checkpointing off for none",
+    )
+    need(
+        tr.checkpoint_layers is None or tr.gradient_checkpointing != "auto",
+        "train.checkpoint_layers",
+        tr.checkpoint_layers,
+        "train.gradient_checkpointing auto chooses the layers itself; set this to null, or set "
+        "train.gradient_checkpointing to true to choose them yourself",
     )
     need(tr.logging_steps >= 1, "train.logging_steps", tr.logging_steps, "use a whole number of at least 1")
     need(tr.eval_steps is None or tr.eval_steps >= 1, "train.eval_steps", tr.eval_steps, "use null or at least 1")

@@ -111,6 +111,7 @@ class Trainer:
         else:
             self.total_steps = max(1, math.ceil(cfg.train.epochs * len(self.data.train) / self.samples_per_step))
 
+        card = _usable_vram(self.device)  # before the weights take their share
         emit(PhaseChanged(phase="loading_model", detail=f"{folder} in 4-bit {cfg.quant.quant_type} on {self.device}"))
         base = models.load_quantized_model(cfg, folder, self.device, self.dtype)
         self.kernels = models.apply_fused_kernels(base, cfg.train.kernels, self.device)
@@ -130,13 +131,17 @@ class Trainer:
         if cfg.train.mlp_chunk_tokens:
             tiled = models.tile_mlps(self.model, cfg.train.mlp_chunk_tokens)
             emit(LogLine(level="info", message=f"{tiled} MLPs run in chunks of {cfg.train.mlp_chunk_tokens} tokens"))
-        if cfg.train.gradient_checkpointing:
+        # What runs: the config with train.gradient_checkpointing 'auto' made concrete for this card.
+        self.run_cfg = self._choose_checkpointing(card)
+        self.checkpointed = 0
+        if self.run_cfg.train.gradient_checkpointing:
             offload = cfg.train.offload_activations and self.device.type == "cuda"
             if cfg.train.offload_activations and not offload:
                 emit(LogLine(level="info", message="train.offload_activations: nothing to move on the CPU; ignored"))
-            done = models.enable_gradient_checkpointing(self.model, cfg.train.checkpoint_layers, offload=offload)
+            layers = self.run_cfg.train.checkpoint_layers
+            self.checkpointed = models.enable_gradient_checkpointing(self.model, layers, offload=offload)
             if cfg.train.checkpoint_layers is not None:
-                note = f"gradient checkpointing on the lowest {done} decoder layers (train.checkpoint_layers)"
+                note = f"gradient checkpointing on the lowest {self.checkpointed} decoder layers (train.checkpoint_layers)"
                 emit(LogLine(level="info", message=note))
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -148,7 +153,12 @@ class Trainer:
             self._load_checkpoint(resume_from)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(self.run_dir / "config.yaml")
-        self.facts = {**models.model_facts(self.model), "kernels": self.kernels, "fast_lora_layers": self.fast_lora}
+        self.facts = {
+            **models.model_facts(self.model),
+            "kernels": self.kernels,
+            "fast_lora_layers": self.fast_lora,
+            "checkpointed_layers": self.checkpointed,
+        }
         emit(
             RunStarted(
                 run_dir=str(self.run_dir),
@@ -158,8 +168,54 @@ class Trainer:
                 total_steps=self.total_steps,
                 resumed_from=str(resume_from) if resume_from else None,
                 start_step=self.step,
-                vram_estimate=_vram_estimate(cfg, self.data),
+                vram_estimate=_vram_estimate(self.run_cfg, self.data),
                 data=self.data.report,
+            )
+        )
+
+    def _choose_checkpointing(self, card: int | None) -> TrainConfig:
+        """The run's config with ``train.gradient_checkpointing: auto`` resolved by the VRAM budget.
+
+        ``card``: the bytes this process can have on the GPU (None on the CPU, where 'auto'
+        checkpoints every layer). If the budget cannot model the model, every layer too.
+        """
+        cfg = self.cfg
+        self.auto_checkpointing = cfg.train.gradient_checkpointing == "auto"
+        if not self.auto_checkpointing:
+            return cfg
+        from qlora_engine.budget.estimate import resolve_checkpointing, resolve_spec
+
+        stats = self.data.report.get("token_stats") if isinstance(self.data.report, dict) else None
+        try:
+            spec = resolve_spec(cfg)  # as the budget page reads it
+        except Exception as e:  # the budget is advice: never fail a run over it
+            from qlora_engine.budget.estimate import with_checkpointing
+
+            chosen = with_checkpointing(cfg, 1, 1)
+            note = f"train.gradient_checkpointing auto: every layer checkpointed (the VRAM budget cannot model it: {e})"
+        else:
+            chosen, note = resolve_checkpointing(cfg, spec, card, data_stats=stats)
+        self.sink.emit(LogLine(level="info", message=note or ""))
+        return chosen
+
+    def _checkpoint_every_layer(self) -> None:
+        """After an out-of-memory error under 'auto' with layers left out (:meth:`_auto_can_grow`): checkpoint them all."""
+        from qlora_engine.budget.estimate import with_checkpointing
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        before = self.checkpointed
+        self.run_cfg = with_checkpointing(self.run_cfg, 1, 1)
+        offload = self.cfg.train.offload_activations and self.device.type == "cuda"
+        self.checkpointed = models.enable_gradient_checkpointing(self.model, None, offload=offload)
+        self.facts["checkpointed_layers"] = self.checkpointed
+        self.sink.emit(
+            LogLine(
+                level="warning",
+                message=f"The GPU ran out of memory at step {self.step + 1} with {before} of {self.checkpointed} "
+                "layers checkpointed (train.gradient_checkpointing auto); every layer is checkpointed from "
+                "now on and the step runs again.",
             )
         )
 
@@ -248,17 +304,17 @@ class Trainer:
             # weighs the same however the tokens fall into micro-batches.
             n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
             n_tokens = sum(count_tokens(b, self.tokenizer.pad_token_id) for b in batches)
-            loss_sum = torch.zeros((), device=self.device)
-            for b in batches:
-                b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
-                # Keep only the loss: holding the model output would keep the logits alive
-                # through the backward pass (2 bytes x tokens x vocabulary).
-                # use_cache=False also matters for packed batches: transformers only keeps
-                # attention inside each packed sample (from the position_ids) without a KV cache.
-                n_items = torch.tensor(max(n_labels, 1), device=self.device)
-                micro_loss = self.model(**b, use_cache=False, num_items_in_batch=n_items).loss
-                micro_loss.backward()
-                loss_sum += micro_loss.detach()
+            try:
+                loss_sum = self._forward_backward(batches, n_labels)
+            except torch.cuda.OutOfMemoryError:
+                if not self._auto_can_grow():
+                    raise
+                retry = True  # outside the handler: the traceback holds the step's tensors
+            else:
+                retry = False
+            if retry:
+                self._checkpoint_every_layer()
+                loss_sum = self._forward_backward(batches, n_labels)
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
             loss = float(loss_sum)  # a CPU-GPU sync point, once per optimizer step
@@ -301,6 +357,26 @@ class Trainer:
         if self.data.validation:
             self.evaluate()
         return self._finish(t_start, stopped=stopped, save=True)
+
+    def _forward_backward(self, batches: list[dict[str, torch.Tensor]], n_labels: int) -> torch.Tensor:
+        """Forward and backward of a step's micro-batches (gradients accumulate); the summed loss."""
+        loss_sum = torch.zeros((), device=self.device)
+        n_items = torch.tensor(max(n_labels, 1), device=self.device)
+        for b in batches:
+            b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+            # Keep only the loss: holding the model output would keep the logits alive
+            # through the backward pass (2 bytes x tokens x vocabulary).
+            # use_cache=False also matters for packed batches: transformers only keeps
+            # attention inside each packed sample (from the position_ids) without a KV cache.
+            micro_loss = self.model(**b, use_cache=False, num_items_in_batch=n_items).loss
+            micro_loss.backward()
+            loss_sum += micro_loss.detach()
+        return loss_sum
+
+    def _auto_can_grow(self) -> bool:
+        """Whether 'auto' left layers out of checkpointing that an out-of-memory error can take back."""
+        tr = self.run_cfg.train
+        return self.auto_checkpointing and not (tr.gradient_checkpointing and tr.checkpoint_layers is None)
 
     def _finish(self, t_start: float, *, stopped: bool, save: bool) -> RunFinished:
         adapter_dir = None
@@ -405,6 +481,22 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{device.index or 0} ({torch.cuda.get_device_name(device)})"
     return "cpu"
+
+
+def _usable_vram(device: torch.device) -> int | None:
+    """The GPU memory this process can have: what is free now and what it holds, within any cap
+    set by ``torch.cuda.set_per_process_memory_fraction``, plus its CUDA context (which the budget
+    counts and ``mem_get_info`` already took off); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    from qlora_engine.budget.allocator import CALIBRATION
+
+    free, total = torch.cuda.mem_get_info(device)
+    usable = free + torch.cuda.memory_reserved(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # a cap set on this process
+    if fraction is not None:
+        usable = min(usable, int(fraction(device) * total))
+    return int(usable + CALIBRATION["cuda_context"])
 
 
 def _cuda_mem(device: torch.device, fn: str) -> float | None:

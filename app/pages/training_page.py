@@ -66,7 +66,14 @@ class TrainingPage(Page):
         self.advanced.toggled.connect(self._toggle_advanced)
         self.finish()
         model.changed.connect(self._update_notes)
+        model.changed.connect(self._checkpointing_changed)
         self._update_notes()
+
+    def _checkpointing_changed(self, section: str, name: str) -> None:
+        """A layer count is kept only with "every layer"; auto chooses its own (the config refuses both)."""
+        if (section, name) == ("train", "gradient_checkpointing") and self.model.value(section, name) is not True:
+            if self.model.value("train", "checkpoint_layers") is not None:
+                self.model.set_value("train", "checkpoint_layers", None)
 
     def add_other_settings(self, fields: list[tuple[str, str]]) -> None:
         """Fields no page places by hand (new engine settings): bound generically, never hidden."""
@@ -87,6 +94,11 @@ class TrainingPage(Page):
             f"Effective batch: {mb} × {ga} = {mb * ga} sequences of up to {cfg.data.max_length} tokens per optimizer step."
         )
         self.where.setText(f"The run's files go to {cfg.output_dir}")
+        # The layer count is the user's choice only with "every layer"; auto chooses it, off needs none.
+        layers = self.bindings["train.checkpoint_layers"]
+        mine = self.model.value("train", "gradient_checkpointing") is True
+        layers.editor.setEnabled(mine)
+        layers.label.setEnabled(mine)
 
     def _pick_output(self) -> None:
         start = str(self.model.config.output_dir.parent)

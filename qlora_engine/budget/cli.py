@@ -70,6 +70,12 @@ def estimate_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpointing(d: dict[str, Any]) -> str:
+    n = d.get("checkpointed_layers", 0)
+    what = "off" if not d["gradient_checkpointing"] else f"on ({n} layers)"
+    return f"{what}, chosen by auto" if d.get("checkpointing_auto") else what
+
+
 def render(est: Any, advice: Any = None) -> str:
     """The estimate as a table a person reads in a terminal."""
     d = est.details
@@ -79,7 +85,7 @@ def render(est: Any, advice: Any = None) -> str:
         return "\n".join(lines)
     lines.append(
         f"{d['architecture']}: micro-batch {d['micro_batch_size']} x {d['sequence_length']} tokens, "
-        f"checkpointing {'on' if d['gradient_checkpointing'] else 'off'}, "
+        f"checkpointing {_checkpointing(d)}, "
         f"{d['lora_parameters']:,} LoRA parameters"
     )
     if d.get("kernels"):

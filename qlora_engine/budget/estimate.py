@@ -31,7 +31,9 @@ when liger-kernel is installed and the architecture is supported (``kernels``),
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -182,6 +184,75 @@ def kernels_for(cfg: TrainConfig, spec: ModelSpec, installed: bool | None = None
     return choice
 
 
+def reached_layers(cfg: TrainConfig, spec: ModelSpec) -> int:
+    """Decoder layers the backward pass reaches: from the lowest adapted one up."""
+    layers = adapted_layers(cfg, spec)
+    return spec.num_layers - min(layers) if layers else 0
+
+
+def with_checkpointing(cfg: TrainConfig, k: int, n: int) -> TrainConfig:
+    """A copy of ``cfg`` with the lowest ``k`` of the ``n`` reached layers checkpointed (0: off; n: all)."""
+    new = copy.copy(cfg)
+    new.train = replace(cfg.train, gradient_checkpointing=k > 0, checkpoint_layers=k if 0 < k < n else None)
+    return new
+
+
+def fewest_checkpointed(cfg: TrainConfig, spec: ModelSpec, ok: Callable[[TrainConfig], bool]) -> int | None:
+    """The fewest checkpointed layers (0: checkpointing off) for which ``ok(config)`` holds; None if not even all.
+
+    A binary search: checkpointing one more layer never needs more memory.
+    """
+    n = reached_layers(cfg, spec)
+    if not ok(with_checkpointing(cfg, n, n)):
+        return None
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(with_checkpointing(cfg, mid, n)):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def resolve_checkpointing(
+    cfg: TrainConfig,
+    spec: ModelSpec,
+    gpu_bytes: int | None,
+    *,
+    data_stats: dict[str, Any] | None = None,
+    liger_installed: bool | None = None,
+) -> tuple[TrainConfig, str | None]:
+    """``train.gradient_checkpointing: auto`` made concrete for a card of ``gpu_bytes``: (config, note).
+
+    The fewest checkpointed layers whose estimate, upper bound included, fits the card: none
+    when the whole run fits (the fastest step), every layer when nothing fits or the card is
+    unknown (the least memory). A config that is not 'auto' comes back unchanged, note None.
+    """
+    if cfg.train.gradient_checkpointing != "auto":
+        return cfg, None
+    n = reached_layers(cfg, spec) if spec.usable else 0
+    every = with_checkpointing(cfg, max(n, 1), max(n, 1))
+    if not gpu_bytes or not n:
+        return every, "train.gradient_checkpointing auto: every layer checkpointed (no GPU to size the run for)"
+
+    def ok(variant: TrainConfig) -> bool:
+        est = estimate_from_spec(
+            variant, spec, gpu_bytes=gpu_bytes, data_stats=data_stats, liger_installed=liger_installed
+        )
+        return est.high <= gpu_bytes
+
+    k = fewest_checkpointed(cfg, spec, ok)
+    size = f"{gpu_bytes / GiB:.1f} GiB"
+    if k is None:
+        return every, f"train.gradient_checkpointing auto: every layer checkpointed; even so it may not fit {size}"
+    if k == 0:
+        return with_checkpointing(cfg, 0, n), f"train.gradient_checkpointing auto: off, the run fits {size} without it"
+    what = "every layer" if k >= n else f"the lowest {k} of {n} layers"
+    note = f"train.gradient_checkpointing auto: {what} checkpointed, the fewest that fit {size}"
+    return with_checkpointing(cfg, k, n), note
+
+
 def estimate_from_spec(
     cfg: TrainConfig,
     spec: ModelSpec,
@@ -201,6 +272,10 @@ def estimate_from_spec(
     if not spec.usable:
         comps = dict.fromkeys(COMPONENTS, 0)
         return VramEstimate(comps, 0, 0, 0, gpu_bytes, gpu_name, None, 0, True, reasons, notes, {"usable": False})
+    auto = cfg.train.gradient_checkpointing == "auto"
+    if auto:
+        cfg, note = resolve_checkpointing(cfg, spec, gpu_bytes, data_stats=data_stats, liger_installed=liger_installed)
+        notes.append(note or "")
 
     e = compute_bytes(cfg.quant.compute_dtype)
     if cfg.quant.compute_dtype == "float32":
@@ -406,6 +481,7 @@ def estimate_from_spec(
         "attention_mask": shape.mask,
         "gradient_checkpointing": shape.checkpointing,
         "checkpointed_layers": len(checkpointed),
+        "checkpointing_auto": auto,
         "host_activation_bytes": host_activations,
         "compute_bytes": e,
         "kernels": kern.kernels,

@@ -7,7 +7,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from qlora_engine.budget.estimate import VramEstimate, adapted_layers, estimate_from_spec, resolve_spec
+from qlora_engine.budget.estimate import (
+    VramEstimate,
+    estimate_from_spec,
+    fewest_checkpointed,
+    reached_layers,
+    resolve_checkpointing,
+    resolve_spec,
+    with_checkpointing,
+)
 from qlora_engine.budget.spec import ModelSpec
 from qlora_engine.budget.units import format_bytes
 from qlora_engine.config import TrainConfig, validate
@@ -125,12 +133,19 @@ def fit(
     spec = resolve_spec(cfg, model_config)
     probe = _Probe(spec, gpu_bytes, data_stats)
     current = probe(cfg)
+    search = cfg
+    if cfg.train.gradient_checkpointing == "auto" and spec.usable:
+        # What 'auto' chose is what the suggestions change; the largest batch and sequence are
+        # those that fit with every layer checkpointed, since 'auto' checkpoints as much as it must.
+        cfg = resolve_checkpointing(cfg, spec, gpu_bytes, data_stats=data_stats)[0]
+        n = reached_layers(cfg, spec)
+        search = with_checkpointing(cfg, max(n, 1), max(n, 1))
     advice = FitAdvice(
         fits=bool(current.fits),
         gpu_bytes=gpu_bytes,
         estimate=current,
-        max_micro_batch_size=_max_micro_batch(cfg, probe) if spec.usable else 0,
-        max_sequence_length=_max_sequence(cfg, probe) if spec.usable else 0,
+        max_micro_batch_size=_max_micro_batch(search, probe) if spec.usable else 0,
+        max_sequence_length=_max_sequence(search, probe) if spec.usable else 0,
     )
     if not current.fits and spec.usable:
         advice.suggestions = _suggestions(cfg, probe, current, advice)
@@ -139,23 +154,9 @@ def fit(
     return advice
 
 
-def _reached_layers(cfg: TrainConfig, spec: ModelSpec) -> int:
-    """Decoder layers the backward pass reaches: from the lowest adapted one up."""
-    layers = adapted_layers(cfg, spec)
-    return spec.num_layers - min(layers) if layers else 0
-
-
 def _fewest_checkpointed(cfg: TrainConfig, probe: _Probe, ok: Any) -> int | None:
     """The fewest checkpointed layers (0: checkpointing off) for which ``ok(estimate)`` holds."""
-    n = _reached_layers(cfg, probe.spec)
-
-    def variant(k: int) -> TrainConfig:
-        if k == 0:
-            return _variant(cfg, train__gradient_checkpointing=False, train__checkpoint_layers=None)
-        return _variant(cfg, train__gradient_checkpointing=True, train__checkpoint_layers=None if k >= n else k)
-
-    left_out = _largest(lambda m: ok(probe(variant(n - m))), 0, n)  # more checkpointing never needs more
-    return None if left_out < 0 else n - left_out
+    return fewest_checkpointed(cfg, probe.spec, lambda variant: ok(probe(variant)))
 
 
 def _checkpoint_change(k: int, n: int) -> tuple[str, list[str]]:
@@ -168,7 +169,7 @@ def _checkpoint_change(k: int, n: int) -> tuple[str, list[str]]:
 
 
 def _less_checkpointing(cfg: TrainConfig, probe: _Probe, current: VramEstimate) -> Suggestion | None:
-    n = _reached_layers(cfg, probe.spec)
+    n = reached_layers(cfg, probe.spec)
     now = n if cfg.train.checkpoint_layers is None else min(cfg.train.checkpoint_layers, n)
     k = _fewest_checkpointed(cfg, probe, lambda est: est.high <= probe.gpu_bytes)
     if k is None or k >= now:
@@ -191,7 +192,7 @@ def _suggestions(cfg: TrainConfig, probe: _Probe, current: VramEstimate, advice:
             out.append(Suggestion(f"{description}: {format_bytes(est.total)} instead of {was}", overrides, est.total))
 
     tr, lo = cfg.train, cfg.lora
-    n = _reached_layers(cfg, probe.spec)
+    n = reached_layers(cfg, probe.spec)
     now = n if tr.checkpoint_layers is None else min(tr.checkpoint_layers, n)
     if 0 < now < n or not tr.gradient_checkpointing:  # some layers are not checkpointed
         k = _fewest_checkpointed(cfg, probe, lambda est: bool(est.fits))

@@ -69,11 +69,32 @@ def test_over_budget_turns_red_and_a_suggestion_applies(qtbot, window, tiny_mode
     assert "Largest micro-batch that fits" in panel.largest.text()
 
 
+def test_auto_checkpointing_says_what_it_chose_for_the_card(qtbot, window, tiny_model_dir):
+    panel = window.budget
+    panel.set_gpus([SMALL_CARD])
+    with_model(qtbot, window, tiny_model_dir)
+    assert window.config_model.config.train.gradient_checkpointing == "auto"
+    est = panel.result["estimate"]
+    assert est.details["checkpointing_auto"] and not est.details["gradient_checkpointing"]  # the tiny model: room
+    assert "Gradient checkpointing (auto): off, the run fits 1.0 GiB without it" in panel.status.text()
+    assert panel.property("state") == "ok" and not panel.suggestion_buttons  # nothing faster to offer
+    layers = window.training_page.bindings["train.checkpoint_layers"]
+    assert not layers.editor.isEnabled()  # auto chooses them
+    window.config_model.set_value("train", "gradient_checkpointing", True)
+    assert layers.editor.isEnabled()
+    layers.editor.setValue(1)
+    assert window.config_model.config.train.checkpoint_layers == 1
+    window.config_model.set_value("train", "gradient_checkpointing", "auto")  # the count goes with "every layer"
+    assert window.config_model.valid and window.config_model.config.train.checkpoint_layers is None
+    assert not layers.editor.isEnabled()
+
+
 def test_a_run_with_room_is_offered_less_checkpointing(qtbot, window, tiny_model_dir):
     panel = window.budget
     panel.set_gpus([SMALL_CARD])
     with_model(qtbot, window, tiny_model_dir)
-    assert window.config_model.config.train.gradient_checkpointing
+    with qtbot.waitSignal(panel.updated, timeout=10_000):
+        window.config_model.set_value("train", "gradient_checkpointing", True)  # every layer, the user's choice
     assert panel.property("state") == "ok" and panel.suggest_title.text() == FASTER_TITLE
     (button,) = panel.suggestion_buttons
     assert panel.result["advice"].faster.overrides == ["train.gradient_checkpointing=false"]

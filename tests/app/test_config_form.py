@@ -44,7 +44,10 @@ def test_widgets_write_the_config_and_follow_it(qtbot, window):
     b = all_bindings(window)
     b["lora.rank"].editor.setValue(32)
     b["optim.scheduler"].editor.setCurrentIndex(b["optim.scheduler"].editor.findData("linear"))
-    b["train.gradient_checkpointing"].editor.setChecked(False)
+    ckpt = b["train.gradient_checkpointing"].editor
+    assert [ckpt.itemData(i) for i in range(ckpt.count())] == ["auto", True, False]  # bool | Literal["auto"]
+    assert ckpt.currentData() == "auto" and ckpt.currentText().startswith("auto")
+    ckpt.setCurrentIndex(ckpt.findData(False))
     b["optim.learning_rate"].editor.clear()
     qtbot.keyClicks(b["optim.learning_rate"].editor, "3e-4")
     b["train.max_steps"].editor.setValue(0)  # the "from epochs" entry: None

@@ -74,7 +74,7 @@ def rel_err(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> floa
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["train.gradient_checkpointing=false"], ["train.checkpoint_layers=2"], ["train.mlp_chunk_tokens=64"]],
+    [[], ["train.gradient_checkpointing=false"], ["train.gradient_checkpointing=true", "train.checkpoint_layers=2"], ["train.mlp_chunk_tokens=64"]],
     ids=["checkpointed", "no-checkpointing", "half-checkpointed", "mlp-chunks"],
 )
 def test_float32_is_the_same_arithmetic_as_peft(four_layers, samples, tmp_path, overrides):

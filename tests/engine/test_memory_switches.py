@@ -40,10 +40,10 @@ def checkpointed(trainer: Trainer) -> list[bool]:
     ("overrides", "expected"),
     [
         ([], [True, True, True, True]),
-        (["train.checkpoint_layers=2"], [True, True, False, False]),
-        (["train.checkpoint_layers=9"], [True, True, True, True]),
+        (["train.gradient_checkpointing=true", "train.checkpoint_layers=2"], [True, True, False, False]),
+        (["train.gradient_checkpointing=true", "train.checkpoint_layers=9"], [True, True, True, True]),
         # only layers 2-3 adapted: the backward pass starts at layer 2, so counting starts there
-        (["train.checkpoint_layers=1", "lora.layers=2-3"], [False, False, True, False]),
+        (["train.gradient_checkpointing=true", "train.checkpoint_layers=1", "lora.layers=2-3"], [False, False, True, False]),
         (["lora.layers=2-3"], [True, True, True, True]),  # all: as transformers sets them (nothing below runs backward)
     ],
 )
@@ -63,7 +63,7 @@ def test_partial_checkpointing_is_the_same_math(tiny_cfg, four_layers, tmp_path)
         return [e.loss for e in sink.of(StepMetrics)], sink
 
     every, _ = losses("all")
-    half, sink = losses("half", "train.checkpoint_layers=2")
+    half, sink = losses("half", "train.gradient_checkpointing=true", "train.checkpoint_layers=2")
     none, _ = losses("none", "train.gradient_checkpointing=false")
     assert half == pytest.approx(every, rel=1e-5) and half == pytest.approx(none, rel=1e-5)
     assert any("checkpointing on the lowest 2 decoder layers" in e.message for e in sink.of(LogLine))
@@ -214,7 +214,8 @@ def test_chunking_applies_only_when_the_sequence_is_longer_than_a_chunk(tiny_cfg
 
 
 def cfg_8b(*overrides: str) -> TrainConfig:
-    base = ["data.path=x", "data.max_length=2048", "train.micro_batch_size=4", "train.kernels=liger"]
+    base = ["data.path=x", "data.max_length=2048", "train.micro_batch_size=4", "train.kernels=liger",
+            "train.gradient_checkpointing=true"]
     return apply_overrides(TrainConfig(), base + list(overrides))
 
 
@@ -293,7 +294,7 @@ def test_offload_and_mlp_chunks_bring_350k_tokens_under_80_gib_by_the_budget():
 
 def test_the_switches_compose(tiny_cfg, four_layers):
     sink = ListSink()
-    run(tiny_cfg(f"model.ref={four_layers}", "train.max_steps=3", "train.checkpoint_layers=2",
+    run(tiny_cfg(f"model.ref={four_layers}", "train.max_steps=3", "train.gradient_checkpointing=true", "train.checkpoint_layers=2",
                  "train.offload_activations=true", "train.mlp_chunk_tokens=64", "train.kernels=auto",
                  "data.packing=true", "data.max_length=128"), sink)
     steps = sink.of(StepMetrics)
