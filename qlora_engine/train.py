@@ -491,11 +491,12 @@ def _usable_vram(device: torch.device) -> int | None:
         return None
     from qlora_engine.budget.allocator import CALIBRATION
 
-    free, total = torch.cuda.mem_get_info(device)
-    usable = free + torch.cuda.memory_reserved(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    free, total = torch.cuda.mem_get_info(index)
+    usable = free + torch.cuda.memory_reserved(index)
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # a cap set on this process
     if fraction is not None:
-        usable = min(usable, int(fraction(device) * total))
+        usable = min(usable, int(fraction(index) * total))
     return int(usable + CALIBRATION["cuda_context"])
 
 
