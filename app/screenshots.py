@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             break
     shot("4b-budget-over-limit", w.budget)
     m.set_values(
-        {("train", "micro_batch_size"): 4, ("data", "max_length"): 256, ("train", "gradient_checkpointing"): True}
+        {("train", "micro_batch_size"): 4, ("data", "max_length"): 256, ("train", "gradient_checkpointing"): "auto"}
     )
     w.show_page("run")
     shot("5a-run-ready")
