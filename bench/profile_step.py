@@ -6,7 +6,8 @@ Runs the engine's Trainer (as ``bench/speed.py`` does: real load, LoRA, optimize
 tokens) for ``--warmup`` steps, then profiles ``--steps`` steps. Prints, per step: the wall
 time, the time the GPU was busy (the union of kernel intervals: the rest is launch gaps and
 host work), each kind of kernel's share (matrix products, 4-bit dequantization, attention,
-fused Triton kernels, elementwise copies and casts, the optimizer), and the top kernels.
+fused Triton kernels, elementwise copies and casts, the optimizer), the top kernels, and the
+kernels the GPU waited for most (idle time charged to the kernel that ends it).
 Writes ``bench/results/<date>-<card>-profile-<case>.json`` (and to $OUT when set).
 """
 
@@ -61,6 +62,21 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def idle_before(kernels: list[tuple[str, float, float]], steps: int, min_us: float = 2.0, top: int = 15) -> list[dict]:
+    """Where the GPU waits: each idle stretch longer than ``min_us`` (no kernel running), charged
+    to the kernel that ends it. A wait before a kernel is time the host took to launch it (Python,
+    the launch itself, a sync), so the names say which code keeps the GPU waiting."""
+    waits: dict[str, list[float]] = {}
+    end = None
+    for name, a, b in sorted(kernels, key=lambda k: k[1]):
+        if end is not None and a - end > min_us:
+            waits.setdefault(name, []).append(a - end)
+        end = b if end is None else max(end, b)
+    ranked = sorted(waits.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return [dict(next_kernel=n[:120], kind=kind_of(n), waits_per_step=len(w) / steps,
+                 ms_per_step=round(sum(w) / 1e3 / steps, 2)) for n, w in ranked]
+
+
 def summarize(kernels: list[tuple[str, float, float]], steps: int, wall_s: float) -> dict:
     """``kernels``: (name, start_us, end_us) of every GPU kernel in the profiled steps."""
     by_kind: dict[str, float] = {}
@@ -75,10 +91,12 @@ def summarize(kernels: list[tuple[str, float, float]], steps: int, wall_s: float
         wall_ms_per_step=round(wall_s * 1e3 / steps, 1),
         gpu_busy_ms_per_step=round(busy / 1e3 / steps, 1),
         kernel_ms_per_step=round(kernel_us / 1e3 / steps, 1),
+        kernels_per_step=len(kernels) / steps,
         kinds={k: dict(ms_per_step=round(v / 1e3 / steps, 1), share=round(v / kernel_us, 3) if kernel_us else 0)
                for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         top=[dict(name=n[:120], kind=kind_of(n), calls_per_step=len(t) / steps, ms_per_step=round(sum(t) / 1e3 / steps, 2))
              for n, t in top],
+        idle_before=idle_before(kernels, steps),
     )
 
 

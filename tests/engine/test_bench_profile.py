@@ -49,3 +49,13 @@ def test_summary_per_step():
     assert res["wall_ms_per_step"] == 2.0 and res["gpu_busy_ms_per_step"] == 0.8
     assert res["kinds"]["matmul"] == {"ms_per_step": 0.6, "share": 0.75}
     assert res["top"][0] == {"name": "gemm_a", "kind": "matmul", "calls_per_step": 1.0, "ms_per_step": 0.6}
+
+
+def test_idle_time_is_charged_to_the_kernel_that_ends_it():
+    # busy 0-10, idle 10-30 (ended by dequant), overlap 30-50 and 40-45, idle 50-51 (under 2 us), idle 51-60
+    kernels = [("gemm", 0.0, 10.0), ("kDequantizeBlockwise", 30.0, 50.0), ("add", 40.0, 45.0),
+               ("gemm", 50.0 + 1.0, 52.0), ("kDequantizeBlockwise", 60.0, 61.0)]
+    waits = profile_step.idle_before(kernels, steps=1)
+    assert waits == [{"next_kernel": "kDequantizeBlockwise", "kind": "dequant 4-bit", "waits_per_step": 2.0,
+                      "ms_per_step": 0.03}]
+    assert profile_step.summarize(kernels, steps=1, wall_s=1e-4)["kernels_per_step"] == 5
