@@ -183,14 +183,12 @@ class Trainer:
         self.auto_checkpointing = cfg.train.gradient_checkpointing == "auto"
         if not self.auto_checkpointing:
             return cfg
-        from qlora_engine.budget.estimate import resolve_checkpointing, resolve_spec
+        from qlora_engine.budget.estimate import resolve_checkpointing, resolve_spec, with_checkpointing
 
         stats = self.data.report.get("token_stats") if isinstance(self.data.report, dict) else None
         try:
             spec = resolve_spec(cfg)  # as the budget page reads it
         except Exception as e:  # the budget is advice: never fail a run over it
-            from qlora_engine.budget.estimate import with_checkpointing
-
             chosen = with_checkpointing(cfg, 1, 1)
             note = f"train.gradient_checkpointing auto: every layer checkpointed (the VRAM budget cannot model it: {e})"
         else:

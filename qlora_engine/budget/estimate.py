@@ -233,6 +233,8 @@ def resolve_checkpointing(
         return cfg, None
     n = reached_layers(cfg, spec) if spec.usable else 0
     every = with_checkpointing(cfg, max(n, 1), max(n, 1))
+    if not spec.usable:
+        return every, "train.gradient_checkpointing auto: every layer checkpointed (the VRAM budget cannot model it)"
     if not gpu_bytes or not n:
         return every, "train.gradient_checkpointing auto: every layer checkpointed (no GPU to size the run for)"
 

@@ -80,6 +80,17 @@ def test_auto_on_a_big_card_turns_checkpointing_off_and_without_a_card_checkpoin
     assert roomy.total > every.total + 20 * GiB  # what the speed costs: the activations of 32 layers
 
 
+def test_a_model_the_budget_cannot_read_gets_every_layer_checkpointed():
+    from qlora_engine.budget.estimate import resolve_checkpointing
+    from qlora_engine.budget.spec import spec_from_config
+
+    spec = spec_from_config({"model_type": "mystery", "vocab_size": 1000})  # no hidden size, no layer count
+    assert not spec.usable
+    cfg, note = resolve_checkpointing(cfg_8b(), spec, 80 * GiB)
+    assert cfg.train.gradient_checkpointing is True and cfg.train.checkpoint_layers is None
+    assert "cannot model" in note
+
+
 def test_fit_under_auto_searches_with_every_layer_and_offers_nothing_faster():
     auto = fit(cfg_8b(), 24 * GiB, LLAMA3_8B, data_stats=STATS)
     every = fit(cfg_8b("train.gradient_checkpointing=true"), 24 * GiB, LLAMA3_8B, data_stats=STATS)
