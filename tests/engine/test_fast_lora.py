@@ -159,7 +159,14 @@ def test_split_weights_keep_what_rounding_them_to_bfloat16_would_lose():
     torch.testing.assert_close(B.grad.double(), (2.0 * gd.t() @ (xd @ Ad.t())).detach(), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize(("overrides", "said"), [([], "fast LoRA on 14 layers"), (["train.fast_lora=false"], "peft's LoRA path")])
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        ([], "fast LoRA on 14 layers, 2 of 2 layers checkpointed"),
+        (["train.fast_lora=false"], "peft's LoRA path, 2 of 2 layers checkpointed"),
+        (["train.gradient_checkpointing=false"], "fast LoRA on 14 layers, no checkpointing"),
+    ],
+)
 def test_the_terminal_says_which_lora_path_the_run_takes(tiny_cfg, overrides, said):
     import io
 
