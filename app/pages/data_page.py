@@ -22,6 +22,7 @@ from app.pages.base import Page
 from app.tasks import TaskRunner, import_ml_stack
 
 PREVIEW_ROWS = 2000
+PACKING_HINT = 0.3  # suggest packing when this share of the computed tokens would be padding
 """Rows read for the statistics and the histogram (the preview must stay quick on big files)."""
 SHOWN_SAMPLES = 5
 SAME = "(same name)"
@@ -34,6 +35,22 @@ FIELDS = {
     "prompt_completion": ("prompt", "completion"),
 }
 
+
+
+def padding_share(lengths: np.ndarray, micro_batch_size: int, max_length: int, seed: int = 0) -> float:
+    """The share of the tokens an unpacked run computes that are padding.
+
+    Samples (cut to ``max_length``) go into micro-batches of ``micro_batch_size`` in a seeded
+    random order, as training draws them, and each micro-batch is padded to its longest sample
+    (the engine's ``collate``). Packing leaves only the end of each sequence unfilled.
+    """
+    n = np.minimum(np.asarray(lengths, dtype=np.int64), max_length)
+    if n.size == 0 or micro_batch_size < 1:
+        return 0.0
+    n = n[np.random.default_rng(seed).permutation(n.size)]
+    computed = sum(int(n[i : i + micro_batch_size].max()) * len(n[i : i + micro_batch_size])
+                   for i in range(0, n.size, micro_batch_size))  # fmt: skip
+    return 1.0 - int(n.sum()) / computed
 
 class TokenizerCache:
     """Tokenizers by model reference; used from the background thread only."""
@@ -228,7 +245,8 @@ class DataPage(Page):
     def _on_changed(self, section: str, name: str) -> None:
         if section in ("", "data") and name not in ("validation_split", "validation_path", "packing"):
             self._timer.start()
-        if (section, name) == ("data", "max_length") and self.report:
+        redraw = {("data", "max_length"), ("data", "packing"), ("train", "micro_batch_size")}
+        if (section, name) in redraw and self.report:
             self._draw_histogram(self.report)
 
     # -- inspection ------------------------------------------------------------------------
@@ -353,6 +371,13 @@ class DataPage(Page):
             text += f" {over} ({over / lengths.size:.1%}) are longer than {max_len} and would be {policy}d."
         else:
             text += f" All fit in {max_len} tokens."
+        cfg = self.model.config
+        share = padding_share(lengths, cfg.train.micro_batch_size, max_len)
+        if not cfg.data.packing and share >= PACKING_HINT:
+            text += (
+                f" In micro-batches of {cfg.train.micro_batch_size}, {share:.0%} of the tokens computed would be "
+                f"padding; packing puts several samples in each sequence (about {1 / (1 - share):.1f}× less work)."
+            )
         self.stats.setText(text)
 
     # -- column mapping --------------------------------------------------------------------

@@ -6,11 +6,13 @@ import json
 import typing
 from pathlib import Path
 
+import numpy as np
 from PySide6.QtCore import QSize
 from PySide6.QtWidgets import QCheckBox, QComboBox, QFileDialog, QLineEdit, QSpinBox
 
 from app.config_model import SECTIONS, ConfigModel, field_type, section_fields
 from app.main_window import CONFIG_PAGES
+from app.pages.data_page import PACKING_HINT, padding_share
 from qlora_engine.config import TrainConfig, field_help
 
 
@@ -202,6 +204,24 @@ def test_data_page_detects_maps_previews_and_measures(qtbot, window, tiny_model_
     assert page.cut_line.value() == 40
     qtbot.waitUntil(lambda: "longer than 40" in page.stats.text(), timeout=30_000)
     assert isinstance(page.bindings["data.path"].editor, QLineEdit)
+    # one long answer among short ones: in micro-batches of 4 it pads its batch, and packing is offered
+    window.config_model.set_values({("data", "max_length"): 1024, ("train", "micro_batch_size"): 4})
+    share = padding_share(np.asarray(page.report["lengths"]), 4, 1024)
+    assert share >= PACKING_HINT
+    qtbot.waitUntil(lambda: "would be padding" in page.stats.text(), timeout=30_000)
+    assert f"{share:.0%} of the tokens computed" in page.stats.text()
+    window.config_model.set_value("data", "packing", True)
+    assert "would be padding" not in page.stats.text()
+
+
+def test_padding_share_counts_each_micro_batch_padded_to_its_longest_sample():
+    lengths = np.array([10, 2, 2, 2])
+    assert padding_share(lengths, 4, 100) == 1 - 16 / 40
+    assert padding_share(lengths, 4, 4) == 1 - 10 / 16  # cut to max_length first
+    assert padding_share(lengths, 1, 100) == 0.0  # a batch of one is never padded
+    assert padding_share(np.array([5, 5, 5, 5]), 2, 100) == 0.0
+    pairs = padding_share(lengths, 2, 100)  # the long sample pads its partner, whichever it is
+    assert pairs == 1 - 16 / 24
 
 
 def test_unplaced_fields_are_bound_generically(make_window):
