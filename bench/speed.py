@@ -148,12 +148,12 @@ def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str], war
 
 
 def card_bytes() -> int | None:
-    """What the engine's 'auto' sizes the run for (see train._usable_vram): the card, or the cap."""
+    """What the engine's 'auto' sizes the run for (``vram.usable_vram``): the card, or the cap."""
     import torch
 
-    from qlora_engine.train import _usable_vram
+    from qlora_engine.vram import usable_vram
 
-    return _usable_vram(torch.device("cuda")) if torch.cuda.is_available() else None
+    return usable_vram(torch.device("cuda")) if torch.cuda.is_available() else None
 
 
 def baseline_case(path: str, seq: int, mbs: int, steps: int) -> dict:

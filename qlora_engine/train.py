@@ -56,6 +56,7 @@ from qlora_engine.events import (
     StepMetrics,
 )
 from qlora_engine.optim import build_optimizer, build_scheduler
+from qlora_engine.vram import oom_fixes, oom_hint, usable_vram, vram_estimate
 
 
 class Trainer:
@@ -111,7 +112,7 @@ class Trainer:
         else:
             self.total_steps = max(1, math.ceil(cfg.train.epochs * len(self.data.train) / self.samples_per_step))
 
-        card = _usable_vram(self.device)  # before the weights take their share
+        card = usable_vram(self.device)  # before the weights take their share
         emit(PhaseChanged(phase="loading_model", detail=f"{folder} in 4-bit {cfg.quant.quant_type} on {self.device}"))
         base = models.load_quantized_model(cfg, folder, self.device, self.dtype)
         self.kernels = models.apply_fused_kernels(base, cfg.train.kernels, self.device)
@@ -168,7 +169,7 @@ class Trainer:
                 total_steps=self.total_steps,
                 resumed_from=str(resume_from) if resume_from else None,
                 start_step=self.step,
-                vram_estimate=_vram_estimate(self.run_cfg, self.data),
+                vram_estimate=vram_estimate(self.run_cfg, self.data),
                 data=self.data.report,
             )
         )
@@ -183,13 +184,13 @@ class Trainer:
         self.auto_checkpointing = cfg.train.gradient_checkpointing == "auto"
         if not self.auto_checkpointing:
             return cfg
-        from qlora_engine.budget.estimate import resolve_checkpointing, resolve_spec, with_checkpointing
+        from qlora_engine.budget.estimate import every_layer, resolve_checkpointing, resolve_spec
 
         stats = self.data.report.get("token_stats") if isinstance(self.data.report, dict) else None
         try:
             spec = resolve_spec(cfg)  # as the budget page reads it
         except Exception as e:  # the budget is advice: never fail a run over it
-            chosen = with_checkpointing(cfg, 1, 1)
+            chosen = every_layer(cfg)
             note = f"train.gradient_checkpointing auto: every layer checkpointed (the VRAM budget cannot model it: {e})"
         else:
             chosen, note = resolve_checkpointing(cfg, spec, card, data_stats=stats)
@@ -198,13 +199,13 @@ class Trainer:
 
     def _checkpoint_every_layer(self) -> None:
         """After an out-of-memory error under 'auto' with layers left out (:meth:`_auto_can_grow`): checkpoint them all."""
-        from qlora_engine.budget.estimate import with_checkpointing
+        from qlora_engine.budget.estimate import every_layer
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         before = self.checkpointed
-        self.run_cfg = with_checkpointing(self.run_cfg, 1, 1)
+        self.run_cfg = every_layer(self.run_cfg)
         offload = self.cfg.train.offload_activations and self.device.type == "cuda"
         self.checkpointed = models.enable_gradient_checkpointing(self.model, None, offload=offload)
         self.facts["checkpointed_layers"] = self.checkpointed
@@ -481,38 +482,10 @@ def _device_name(device: torch.device) -> str:
     return "cpu"
 
 
-def _usable_vram(device: torch.device) -> int | None:
-    """The GPU memory this process can have: what is free now and what it holds, within any cap
-    set by ``torch.cuda.set_per_process_memory_fraction``, plus its CUDA context (which the budget
-    counts and ``mem_get_info`` already took off); None on the CPU."""
-    if device.type != "cuda":
-        return None
-    from qlora_engine.budget.allocator import CALIBRATION
-
-    index = torch.cuda.current_device() if device.index is None else device.index
-    free, total = torch.cuda.mem_get_info(index)
-    usable = free + torch.cuda.memory_reserved(index)
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # a cap set on this process
-    if fraction is not None:
-        usable = min(usable, int(fraction(index) * total))
-    return int(usable + CALIBRATION["cuda_context"])
-
-
 def _cuda_mem(device: torch.device, fn: str) -> float | None:
     if device.type != "cuda":
         return None
     return float(getattr(torch.cuda, fn)(device))
-
-
-def _vram_estimate(cfg: TrainConfig, data: PreparedData) -> dict[str, Any] | None:
-    """The budget's prediction for the run-started event; never fails the run."""
-    try:
-        from qlora_engine import budget
-
-        stats = data.report.get("token_stats") if isinstance(data.report, dict) else None
-        return budget.estimate(cfg, data_stats=stats).to_dict()
-    except Exception:
-        return None
 
 
 def _setup_identity(c: TrainConfig) -> dict[str, Any]:
@@ -545,37 +518,6 @@ def resume_blockers(before: TrainConfig, after: TrainConfig) -> list[str]:
 
     a, b = identity(before), identity(after)
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
-
-
-def oom_fixes(cfg: TrainConfig, data: PreparedData | None, card_bytes: int | None) -> list[dict[str, Any]]:
-    """Single changes that the budget says would make this run fit (least quality lost first).
-
-    If the estimate exceeds the card, fit the card. If it does not (the estimate was wrong:
-    it is an estimate), ask for a quarter less of the memory the run itself needs, beyond
-    the fixed CUDA context.
-    """
-    try:
-        from qlora_engine import budget
-
-        stats = data.report.get("token_stats") if data is not None and isinstance(data.report, dict) else None
-        est = budget.estimate(cfg, data_stats=stats)
-        fixed = est.components.get("cuda_context", 0)
-        target = card_bytes if card_bytes and est.total > card_bytes else int(fixed + 0.75 * (est.total - fixed))
-        return [s.to_dict() for s in budget.fit(cfg, target, data_stats=stats).suggestions]
-    except Exception:
-        return []
-
-
-def oom_hint(cfg: TrainConfig) -> str:
-    tips = []
-    if not cfg.train.gradient_checkpointing:
-        tips.append("turn on train.gradient_checkpointing")
-    if cfg.train.micro_batch_size > 1:
-        tips.append(f"lower train.micro_batch_size (now {cfg.train.micro_batch_size}) and raise gradient_accumulation_steps")
-    tips.append(f"shorten data.max_length (now {cfg.data.max_length})")
-    if not cfg.optim.optimizer.startswith("paged"):
-        tips.append("use optim.optimizer=paged_adamw_8bit")
-    return "Out of GPU memory. To fit: " + "; or ".join(tips) + ". Then resume from the last checkpoint."
 
 
 def run(

@@ -190,11 +190,26 @@ def reached_layers(cfg: TrainConfig, spec: ModelSpec) -> int:
     return spec.num_layers - min(layers) if layers else 0
 
 
+def variant(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    """A copy of ``cfg`` with ``section__field=value`` changes, without re-validating (fast)."""
+    new = copy.copy(cfg)
+    by_section: dict[str, dict[str, Any]] = {}
+    for key, value in changes.items():
+        section, name = key.split("__")
+        by_section.setdefault(section, {})[name] = value
+    for section, values in by_section.items():
+        setattr(new, section, replace(getattr(cfg, section), **values))
+    return new
+
+
 def with_checkpointing(cfg: TrainConfig, k: int, n: int) -> TrainConfig:
     """A copy of ``cfg`` with the lowest ``k`` of the ``n`` reached layers checkpointed (0: off; n: all)."""
-    new = copy.copy(cfg)
-    new.train = replace(cfg.train, gradient_checkpointing=k > 0, checkpoint_layers=k if 0 < k < n else None)
-    return new
+    return variant(cfg, train__gradient_checkpointing=k > 0, train__checkpoint_layers=k if 0 < k < n else None)
+
+
+def every_layer(cfg: TrainConfig) -> TrainConfig:
+    """A copy of ``cfg`` with every layer checkpointed."""
+    return variant(cfg, train__gradient_checkpointing=True, train__checkpoint_layers=None)
 
 
 def fewest_checkpointed(cfg: TrainConfig, spec: ModelSpec, ok: Callable[[TrainConfig], bool]) -> int | None:
@@ -232,7 +247,7 @@ def resolve_checkpointing(
     if cfg.train.gradient_checkpointing != "auto":
         return cfg, None
     n = reached_layers(cfg, spec) if spec.usable else 0
-    every = with_checkpointing(cfg, max(n, 1), max(n, 1))
+    every = every_layer(cfg)
     if not spec.usable:
         return every, "train.gradient_checkpointing auto: every layer checkpointed (the VRAM budget cannot model it)"
     if not gpu_bytes or not n:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,12 +9,14 @@ from typing import Any
 from qlora_engine.budget.estimate import (
     VramEstimate,
     estimate_from_spec,
+    every_layer,
     fewest_checkpointed,
     reached_layers,
     resolve_checkpointing,
     resolve_spec,
     with_checkpointing,
 )
+from qlora_engine.budget.estimate import variant as _variant
 from qlora_engine.budget.spec import ModelSpec
 from qlora_engine.budget.units import format_bytes
 from qlora_engine.config import TrainConfig, validate
@@ -64,18 +65,6 @@ class FitAdvice:
             "suggestions": [s.to_dict() for s in self.suggestions],
             "faster": self.faster.to_dict() if self.faster else None,
         }
-
-
-def _variant(cfg: TrainConfig, **changes: Any) -> TrainConfig:
-    """A copy of ``cfg`` with ``section__field=value`` changes, without re-validating (fast)."""
-    new = copy.copy(cfg)
-    by_section: dict[str, dict[str, Any]] = {}
-    for key, value in changes.items():
-        section, name = key.split("__")
-        by_section.setdefault(section, {})[name] = value
-    for section, values in by_section.items():
-        setattr(new, section, dataclasses.replace(getattr(cfg, section), **values))
-    return new
 
 
 class _Probe:
@@ -138,8 +127,7 @@ def fit(
         # What 'auto' chose is what the suggestions change; the largest batch and sequence are
         # those that fit with every layer checkpointed, since 'auto' checkpoints as much as it must.
         cfg = resolve_checkpointing(cfg, spec, gpu_bytes, data_stats=data_stats)[0]
-        n = reached_layers(cfg, spec)
-        search = with_checkpointing(cfg, max(n, 1), max(n, 1))
+        search = every_layer(cfg)
     advice = FitAdvice(
         fits=bool(current.fits),
         gpu_bytes=gpu_bytes,
@@ -175,7 +163,7 @@ def _less_checkpointing(cfg: TrainConfig, probe: _Probe, current: VramEstimate) 
     if k is None or k >= now:
         return None
     description, overrides = _checkpoint_change(k, n)
-    est = probe(_variant(cfg, train__gradient_checkpointing=k > 0, train__checkpoint_layers=k or None))
+    est = probe(with_checkpointing(cfg, k, n))
     return Suggestion(
         f"{description}: {format_bytes(est.total)} instead of {format_bytes(current.total)}", overrides, est.total
     )
@@ -198,7 +186,7 @@ def _suggestions(cfg: TrainConfig, probe: _Probe, current: VramEstimate, advice:
         k = _fewest_checkpointed(cfg, probe, lambda est: bool(est.fits))
         if k is not None and 0 < k < n and (k > now or not tr.gradient_checkpointing):
             description, overrides = _checkpoint_change(k, n)
-            offer(description, overrides, _variant(cfg, train__gradient_checkpointing=True, train__checkpoint_layers=k))
+            offer(description, overrides, with_checkpointing(cfg, k, n))
     if not tr.gradient_checkpointing or 0 < now < n:
         offer(
             "Checkpoint every layer (about a third slower)"
@@ -207,7 +195,7 @@ def _suggestions(cfg: TrainConfig, probe: _Probe, current: VramEstimate, advice:
             ["train.gradient_checkpointing=true", "train.checkpoint_layers=null"]
             if tr.gradient_checkpointing
             else ["train.gradient_checkpointing=true"],
-            _variant(cfg, train__gradient_checkpointing=True, train__checkpoint_layers=None),
+            every_layer(cfg),
         )
     if cfg.optim.optimizer != "paged_adamw_8bit":
         offer(

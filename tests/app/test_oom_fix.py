@@ -25,7 +25,8 @@ from qlora_engine.checkpoint import list_checkpoints, write_marker
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.data import PreparedData
 from qlora_engine.events import CheckpointSaved, RunFailed, RunStarted, StepMetrics, read_events
-from qlora_engine.train import oom_fixes, resume_blockers
+from qlora_engine.train import resume_blockers
+from qlora_engine.vram import oom_fixes
 
 HERE = Path(__file__).parent
 REPLAY = HERE / "replay_engine.py"

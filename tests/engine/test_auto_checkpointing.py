@@ -159,7 +159,7 @@ def test_a_card_with_room_for_some_layers_then_an_out_of_memory_step(tiny_cfg, f
     card = highs[2]  # room for two layers' activations, not for four
     fewest = next(k for k, h in enumerate(highs) if h <= card)
     assert 0 < fewest < 4
-    monkeypatch.setattr(train_module, "_usable_vram", lambda device: card)
+    monkeypatch.setattr(train_module, "usable_vram", lambda device: card)
 
     sink = ListSink()
     trainer = Trainer(cfg, sink, data=data)

@@ -207,7 +207,7 @@ def test_out_of_memory_fixes_come_from_the_budget_and_apply(tmp_path):
     }))
     from qlora_engine.config import TrainConfig
     from qlora_engine.data import PreparedData
-    from qlora_engine.train import oom_fixes
+    from qlora_engine.vram import oom_fixes
 
     cfg = apply_overrides(TrainConfig(), [f"model.ref={folder}", "data.path=x", "data.max_length=4096",
                                           "train.micro_batch_size=4", "train.gradient_checkpointing=false"])

@@ -17,7 +17,7 @@ from pathlib import Path
 from qlora_engine import budget
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.events import CheckpointSaved, LogLine, PhaseChanged, RunFailed, RunStarted, StepMetrics
-from qlora_engine.train import oom_hint
+from qlora_engine.vram import oom_hint
 
 SMOLLM2_135M = {
     "architectures": ["LlamaForCausalLM"],
