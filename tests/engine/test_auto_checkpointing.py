@@ -210,3 +210,15 @@ def test_an_out_of_memory_step_with_every_layer_checkpointed_still_fails(tiny_cf
     finally:
         trainer.cleanup()
     assert not any(e.level == "warning" and "ran out of memory" in e.message for e in sink.of(LogLine))
+
+
+def test_the_estimate_command_says_what_auto_chose():
+    from qlora_engine.budget.cli import render
+
+    tight = estimate(cfg_8b(), LLAMA3_8B, gpu_bytes=24 * GiB, data_stats=STATS)
+    k = tight.details["checkpointed_layers"]
+    assert 0 < k < 32 and f"checkpointing on ({k} layers), chosen by auto" in render(tight)
+    roomy = estimate(cfg_8b(), LLAMA3_8B, gpu_bytes=80 * GiB, data_stats=STATS)
+    assert "checkpointing off, chosen by auto" in render(roomy)
+    mine = estimate(cfg_8b("train.gradient_checkpointing=true"), LLAMA3_8B, gpu_bytes=24 * GiB, data_stats=STATS)
+    assert "checkpointing on (32 layers)," in render(mine) and "auto" not in render(mine).splitlines()[0]
