@@ -1,6 +1,6 @@
 """Light and dark looks that follow the system's colour scheme (or the user's choice).
 
-Fusion style with a palette per scheme, plus a small style sheet (``resources/styles/app.qss``)
+Fusion style with a palette per scheme, plus a small style sheet (``qlora_engine/resources/styles/app.qss``)
 whose ``@name`` colours are filled in here. ``QStyleHints.colorSchemeChanged`` re-applies it
 when the system switches.
 """

@@ -138,7 +138,7 @@ def check_window(qapp):
 
     apply_theme(qapp, "light")  # as app/main.py does: Fusion and the bundled style sheet
     if not qapp.styleSheet():
-        raise AssertionError("the style sheet (resources/styles/app.qss) was not applied")
+        raise AssertionError("the style sheet (qlora_engine/resources/styles/app.qss) was not applied")
     window = MainWindow(open_settings())
     window.show()
     handle = window.windowHandle()

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "resources" / "icons" / "qlora-studio.svg"
+SOURCE = ROOT / "qlora_engine" / "resources" / "icons" / "qlora-studio.svg"
 OUT = ROOT / "packaging" / "icons"
 NAME = "qlora-studio"
 

@@ -27,7 +27,7 @@ PACKAGING = ROOT / "packaging"
 SPEC = PACKAGING / "qlora-studio.spec"
 DESKTOP = PACKAGING / "qlora-studio.desktop"
 ICONS = PACKAGING / "icons"
-SVG = ROOT / "resources" / "icons" / "qlora-studio.svg"
+SVG = ROOT / "qlora_engine" / "resources" / "icons" / "qlora-studio.svg"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
