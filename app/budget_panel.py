@@ -58,9 +58,6 @@ def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / GIB:.2f} GiB"
 
 
-AUTO_NOTE = "train.gradient_checkpointing auto:"
-
-
 def compute_budget(cfg: TrainConfig, gpu: gpu_facts.GpuInfo | None, data_stats: dict | None) -> dict:
     """Estimate (and fit advice when a card is chosen); runs on the budget thread.
 
@@ -68,17 +65,19 @@ def compute_budget(cfg: TrainConfig, gpu: gpu_facts.GpuInfo | None, data_stats: 
     this is arithmetic only (a few milliseconds, fit search included).
     """
     import_ml_stack()
-    from qlora_engine import budget
+    from qlora_engine.budget.estimate import COMPONENT_HELP
+    from qlora_engine.plan import advise
 
     gpu_bytes = gpu.total_bytes if gpu is not None else None
     name = gpu.name if gpu is not None else None
-    est = budget.estimate(cfg, gpu_bytes=gpu_bytes, data_stats=data_stats, gpu_name=name)
-    advice = budget.fit(cfg, gpu_bytes, data_stats=data_stats) if gpu_bytes else None
-    try:
-        from qlora_engine.budget.estimate import COMPONENT_HELP as help_text
-    except ImportError:
-        help_text = {}
-    return {"estimate": est, "advice": advice, "gpu_bytes": gpu_bytes, "help": help_text}
+    planned = advise(cfg, gpu_bytes=gpu_bytes, data_stats=data_stats, gpu_name=name)
+    return {
+        "estimate": planned.estimate,
+        "advice": planned.fit,
+        "checkpointing": planned.decision("train.gradient_checkpointing"),
+        "gpu_bytes": gpu_bytes,
+        "help": COMPONENT_HELP,
+    }
 
 
 class StackedBar(QWidget):
@@ -385,9 +384,9 @@ class BudgetPanel(QFrame):
             self.status.setText(
                 self.status.text() + f"\nExpected peak between {low / GIB:.2f} and {high / GIB:.2f} GiB."
             )
-        auto = [n for n in getattr(est, "notes", []) or [] if n.startswith(AUTO_NOTE)]
-        if auto and capacity:  # what train.gradient_checkpointing auto chose for this card
-            self.status.setText(self.status.text() + "\nGradient checkpointing (auto): " + auto[0][len(AUTO_NOTE) :].strip())
+        auto = result.get("checkpointing")
+        if auto is not None and capacity:  # what train.gradient_checkpointing auto chose for this card
+            self.status.setText(self.status.text() + f"\nGradient checkpointing (auto): {auto.summary}, {auto.reason}")
         if faster is not None:
             self._set_suggestions([faster], FASTER_TITLE)
         else:

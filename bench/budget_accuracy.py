@@ -205,7 +205,7 @@ def run_case(name: str, workdir: Path, steps: int, device: str = "cuda") -> dict
 
     from qlora_engine.data import PreparedData
     from qlora_engine.events import ListSink, PhaseChanged, StepMetrics
-    from qlora_engine.train import Trainer  # sets the engine's allocator default, before CUDA starts
+    from qlora_engine.runner import build_trainer  # sets the engine's allocator default, before CUDA starts
 
     cuda = device == "cuda"
     alloc_conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
@@ -243,7 +243,7 @@ def run_case(name: str, workdir: Path, steps: int, device: str = "cuda") -> dict
                 self.outside_torch = (t - f) - torch.cuda.memory_reserved()
 
     sink = Probe()
-    trainer = Trainer(cfg, sink, data=PreparedData(train=samples, validation=None, report={}, fingerprint="synthetic"))
+    trainer = build_trainer(cfg, sink, data=PreparedData(train=samples, validation=None, report={}, fingerprint="synthetic"))
     trainer.setup()
     trainer.save_checkpoint = lambda: None  # measure training, not disk writes
     trainer.save_adapter = lambda: None

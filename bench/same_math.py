@@ -73,13 +73,13 @@ def engine_side(path: str, ids: torch.Tensor, seed: int, variant: list[str]):
     from qlora_engine.config import TrainConfig, apply_overrides
     from qlora_engine.data import PreparedData, collate
     from qlora_engine.events import ListSink
-    from qlora_engine.train import Trainer
+    from qlora_engine.runner import build_trainer
 
     cfg = apply_overrides(TrainConfig(), [f"model.ref={path}", "data.path=synthetic", f"train.seed={seed}",
                                           "output.dir=/tmp/same-math", "lora.rank=16", "lora.alpha=16",
                                           f"data.max_length={ids.shape[1]}", "train.gradient_checkpointing=true", *variant])
     samples = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
-    trainer = Trainer(cfg, ListSink(), data=PreparedData(train=samples, validation=None, report={}, fingerprint="x"))
+    trainer = build_trainer(cfg, ListSink(), data=PreparedData(train=samples, validation=None, report={}, fingerprint="x"))
     trainer.setup()
     seeded_b(trainer.model)
     batch = {k: v.cuda() for k, v in collate(samples, trainer.tokenizer.pad_token_id).items()}

@@ -42,11 +42,11 @@ def grads(model: Path, samples: list[dict], seq: int, overrides: list[str], *, u
     from qlora_engine.config import TrainConfig, apply_overrides
     from qlora_engine.data import PreparedData, collate
     from qlora_engine.events import ListSink
-    from qlora_engine.train import Trainer
+    from qlora_engine.runner import build_trainer
 
     cfg = apply_overrides(TrainConfig(), [f"model.ref={model}", "data.path=synthetic", "output.dir=/tmp/same-math-cpu",
                                           f"data.max_length={seq}", "train.device=cpu", *overrides])
-    trainer = Trainer(cfg, ListSink(), data=PreparedData(train=samples, validation=None, report={}, fingerprint="x"))
+    trainer = build_trainer(cfg, ListSink(), data=PreparedData(train=samples, validation=None, report={}, fingerprint="x"))
     trainer.setup()
     m = trainer.model
     if upcast:  # what prepare_model_for_kbit_training does to every weight that is not 4-bit

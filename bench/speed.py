@@ -3,7 +3,7 @@
     python bench/speed.py [--shape llama3-8b] [--cases 2048x1,2048x4,8192x1] [--steps 8] [--no-baseline]
 
 Builds a random-weight checkpoint of the shape (BENCHMARKS.md's standard case), then runs
-every case through the engine (``qlora_engine.train.Trainer``: the real load, LoRA,
+every case through the engine (``qlora_engine.runner.build_trainer``: the real load, LoRA,
 optimizer and training step, fed random tokens) and through ``bench/hf_baseline.py``, each
 in a fresh subprocess so that peaks do not mix. Prints one JSON line per case, a table
 last, and writes ``bench/results/<date>-<card>-speed.json`` (also to $OUT when set).
@@ -53,11 +53,11 @@ def build_trainer(path: str, seq: int, mbs: int, steps: int, extra: list[str], w
     import numpy as np
     import torch
 
+    from qlora_engine import runner
     from qlora_engine.config import TrainConfig, apply_overrides
     from qlora_engine.data import PreparedData
     from qlora_engine.data.store import SampleBuilder, pack, token_stats
     from qlora_engine.events import ListSink
-    from qlora_engine.train import Trainer
 
     cfg = apply_overrides(
         TrainConfig(),
@@ -102,7 +102,7 @@ def build_trainer(path: str, seq: int, mbs: int, steps: int, extra: list[str], w
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     sink = ListSink()
-    trainer = Trainer(cfg, sink, data=data)
+    trainer = runner.build_trainer(cfg, sink, data=data)
     trainer.setup()
     trainer.save_checkpoint = lambda: None  # measure training, not disk writes
     trainer.save_adapter = lambda: None

@@ -19,9 +19,12 @@ import re
 import shutil
 import socket
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from qlora_engine.config import TrainConfig
+from qlora_engine.decisions import ResumeBlocker
 from qlora_engine.errors import DiskFullError, ResumeError, RunLockedError
 
 MARKER = "qlora_checkpoint.json"
@@ -251,3 +254,38 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+# -- what a checkpoint can be resumed with --------------------------------------------------
+
+
+def setup_identity(c: TrainConfig) -> dict[str, Any]:
+    """The settings a checkpoint can only be resumed with (the data is checked by its fingerprint)."""
+    return {
+        "model.ref": c.model.ref,
+        "quant": asdict(c.quant),
+        "lora": {k: v for k, v in asdict(c.lora).items() if k != "dropout"},
+        # the batch of a step, not its split into micro-batches (see qlora_engine.train's docstring)
+        "train.micro_batch_size x gradient_accumulation_steps": c.train.micro_batch_size
+        * c.train.gradient_accumulation_steps,
+        "train.seed": c.train.seed,
+    }
+
+
+def resume_blockers(before: TrainConfig, after: TrainConfig) -> list[ResumeBlocker]:
+    """Why a run checkpointed under ``before`` would not resume under ``after`` (empty: it would).
+
+    Judged from the two configs alone, before loading anything: any change of a data setting
+    counts (a resume then compares the prepared data's fingerprint). The app uses it to offer
+    "apply and resume" or "apply and start a new run" for an out-of-memory fix.
+    """
+
+    def identity(c: TrainConfig) -> dict[str, Any]:
+        data = {f"data.{k}": v for k, v in asdict(c.data).items() if k != "cache"}
+        for key in ("data.path", "data.validation_path"):
+            if data[key] and c.resolve(data[key]).exists():
+                data[key] = str(c.resolve(data[key]).resolve())
+        return {**setup_identity(c), **data}
+
+    a, b = identity(before), identity(after)
+    return [ResumeBlocker(k, a[k], b[k]) for k in a if a[k] != b[k]]

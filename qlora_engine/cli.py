@@ -18,10 +18,47 @@ def _print_json(obj: Any) -> None:
 
 
 def _fail(e: QLoRAError) -> int:
+    """A user error in a line or two on stderr (:func:`qlora_engine.errors.render`); its exit code."""
     print(redact(f"error: {e}"), file=sys.stderr)
-    if getattr(e, "hint", None):
-        print(redact(f"hint: {e.hint}"), file=sys.stderr)
-    return 2
+    if e.fix:
+        print(redact(f"hint: {e.fix}"), file=sys.stderr)
+    return e.exit_code
+
+
+def _internal_error(e: BaseException, args: argparse.Namespace) -> int:
+    """A bug, not a user error: the traceback goes to a log file, the user reads one line naming it."""
+    import traceback
+
+    from qlora_engine.paths import write_error_log
+
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    log = write_error_log(f"qlora-engine {getattr(args, 'command', '')}\n{text}", getattr(args, "run_dir", None))
+    if getattr(args, "debug", False):
+        print(redact(text), file=sys.stderr, end="")
+    where = f"; details in {log}" if log else ""
+    print(redact(f"error: internal error ({type(e).__name__}: {e}){where}"), file=sys.stderr)
+    print("hint: this is a bug in qlora-engine, not in your input; please report it with that file.", file=sys.stderr)
+    return 1
+
+
+def _emit_failure(args: argparse.Namespace, e: BaseException, log: Path | None = None) -> None:
+    """With ``--events -``, a failure before the run started goes on the event stream too, so the app
+    reads the error's attributes from a ``run_failed`` event, never from stderr text."""
+    if getattr(args, "events", None) != "-":
+        return
+    from qlora_engine.events import RunFailed, StreamSink
+
+    user = e if isinstance(e, QLoRAError) else None
+    StreamSink(sys.stdout).emit(
+        RunFailed(
+            error_type=type(e).__name__,
+            message=str(e) if user else f"internal error ({type(e).__name__}: {e})",
+            traceback="",
+            hint=user.fix if user else None,
+            error=user.to_dict() if user else None,
+            log_file=str(log) if log else None,
+        )
+    )
 
 
 # -- init ------------------------------------------------------------------------------------------
@@ -67,9 +104,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from qlora_engine.config import TrainConfig
     from qlora_engine.control import RunControl
     from qlora_engine.events import StreamSink, TextSink
-    from qlora_engine.train import run
+    from qlora_engine.runner import run
 
-    cfg = TrainConfig.load(args.config, args.overrides)
+    try:
+        cfg = TrainConfig.load(args.config, args.overrides)
+    except QLoRAError as e:
+        _emit_failure(args, e)
+        raise
+    args.run_dir = cfg.output_dir
     control = RunControl()
     _install_sigint(control)
     if args.control_stdin:
@@ -80,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume = True if args.resume == "latest" else args.resume
     try:
         finished = run(cfg, sink, control, resume=resume, force_resume=args.force_resume)
-    except QLoRAError as e:
+    except QLoRAError as e:  # run() already reported it as a run_failed event
         return _fail(e)
     except KeyboardInterrupt:
         print("aborted; the last checkpoint is kept.", file=sys.stderr)
@@ -123,7 +165,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from qlora_engine.config import TrainConfig, apply_overrides
     from qlora_engine.demo import fetch_demo_model
     from qlora_engine.events import TextSink
-    from qlora_engine.train import run
+    from qlora_engine.runner import run
 
     gguf = fetch_demo_model(log=lambda m: print(m, file=sys.stderr))
     out = Path(args.output_dir)
@@ -174,6 +216,7 @@ def _show_before_after(run_dir: Path, question: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlora-engine", description="Headless QLoRA fine-tuning (4-bit NF4 + LoRA).")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of an internal error")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("init", help="write a complete, commented run config")
@@ -211,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_quickstart)
 
     # Subcommands of other modules register here (one line each).
-    for module in ("qlora_engine.data", "qlora_engine.budget", "qlora_engine.export"):
+    for module in ("qlora_engine.data", "qlora_engine.budget.cli", "qlora_engine.export"):
         _register(module, sub)
     return p
 
@@ -231,11 +274,18 @@ def _register(module: str, sub: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error prints its message (exit 2); a bug prints one line naming the
+    log file that holds its traceback (exit 1; ``--debug`` prints the traceback too)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except QLoRAError as e:
         return _fail(e)
+    except KeyboardInterrupt:
+        print("interrupted.", file=sys.stderr)
+        return 130
+    except Exception as e:
+        return _internal_error(e, args)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,119 @@
-"""Errors a user can hit, each with a message written for that user.
+"""Errors a user can hit, as data: what went wrong, where, and what to do.
 
-Internal errors keep their own types and tracebacks; everything here is something the
-user can fix (a bad value, a missing file, a model that needs a switch) and its message
-says what and how.
+Every error here is something the user can act on (a bad value, a missing or damaged file, a
+model that needs a switch, a full disk). Like pydantic's ``ValidationError`` records, each
+carries its parts as attributes, and callers branch on those, never on the text:
+
+- ``what``: the problem in words, for the user;
+- ``field``: the config field path (``lora.rank``), if a field is at fault;
+- ``file`` and ``line``: the file (and 1-based line) at fault;
+- ``checkpoint``: the checkpoint folder at fault;
+- ``fix``: what to do (``hint`` is its older name);
+- ``problems``: every problem found, when a check found several (a config with three bad
+  fields): each a :class:`Problem`, the first one also the error's own ``field``/``what``.
+
+``str(error)`` is :func:`render`: the one place an error becomes text. It leads with the place
+(``file:line: checkpoint: field: what``), so a message reads the same in the terminal, the app
+and the run's log. :meth:`QLoRAError.to_dict` and :func:`from_dict` carry an error across the
+event stream (``RunFailed.error``) and back to its type, so the app gets the attributes, not
+a sentence to parse.
+
+Internal errors (bugs) keep their own types and tracebacks; the CLI writes those to a log file.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong: where (a field, or a file and line) and what, and optionally the fix."""
+
+    what: str
+    field: str | None = None
+    file: str | None = None
+    line: int | None = None
+    fix: str | None = None
+
+    def __str__(self) -> str:
+        return _place(self.file, self.line, None, self.field) + self.what
+
+
+def _place(file: Any, line: int | None, checkpoint: Any, field: str | None) -> str:
+    parts = []
+    if file:
+        parts.append(f"{file}:{line}" if line else str(file))
+    if checkpoint and str(checkpoint) != str(file or ""):
+        parts.append(str(checkpoint))
+    if field:
+        parts.append(field)
+    return "".join(f"{p}: " for p in parts)
+
 
 class QLoRAError(Exception):
-    """Base of the errors a user can act on. ``hint`` is an optional next step."""
+    """Base of the errors a user can act on (see the module docstring for the attributes)."""
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
+    exit_code: ClassVar[int] = 2
+    """What the CLI exits with when this error ends a command."""
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        field: str | None = None,
+        file: Any = None,
+        line: int | None = None,
+        checkpoint: Any = None,
+        fix: str | None = None,
+        hint: str | None = None,
+        problems: list[Problem] | None = None,
+    ) -> None:
+        self.what = what
+        self.field = field
+        self.file = str(file) if file is not None else None
+        self.line = line
+        self.checkpoint = str(checkpoint) if checkpoint is not None else None
+        self.fix = fix if fix is not None else hint
+        self.problems: list[Problem] = list(problems or [])
+        super().__init__(what)
+
+    @property
+    def hint(self) -> str | None:
+        """The older name of :attr:`fix`."""
+        return self.fix
+
+    def __str__(self) -> str:
+        return render(self)
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:  # pickles with its attributes
+        return from_dict, (self.to_dict(),)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": type(self).__name__,
+            "what": self.what,
+            "field": self.field,
+            "file": self.file,
+            "line": self.line,
+            "checkpoint": self.checkpoint,
+            "fix": self.fix,
+            "problems": [asdict(p) for p in self.problems],
+        }
+
+
+def render(e: QLoRAError) -> str:
+    """The one line the user reads first: the place, then what went wrong (and how many more)."""
+    text = _place(e.file, e.line, e.checkpoint, e.field) + e.what
+    more = len(e.problems) - 1
+    if more > 0:
+        text += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return text
 
 
 class ConfigError(QLoRAError, ValueError):
-    """A configuration value is not acceptable; the message names the field and the value."""
+    """A configuration value is not acceptable; ``field`` names it (``problems``: every bad field)."""
 
 
 class ModelError(QLoRAError):
@@ -25,11 +121,11 @@ class ModelError(QLoRAError):
 
 
 class DataError(QLoRAError, ValueError):
-    """The dataset cannot be read or yields no usable rows; the message names the file and line."""
+    """The dataset cannot be read or yields no usable rows; ``file`` and ``line`` name where."""
 
 
 class ResumeError(QLoRAError):
-    """A checkpoint cannot be resumed (missing, incomplete or from a different setup)."""
+    """A checkpoint cannot be resumed (missing, damaged, or from a different setup)."""
 
 
 class RunLockedError(QLoRAError):
@@ -41,4 +137,45 @@ class TrainingDiverged(QLoRAError):
 
 
 class DiskFullError(QLoRAError, OSError):
-    """No space left while writing a checkpoint, an adapter or an export."""
+    """No space left (ENOSPC) or a file-size limit reached (EFBIG) while writing; ``file`` names where."""
+
+
+class ExportError(QLoRAError):
+    """An export cannot be made as asked (the output exists, the format does not fit the model...)."""
+
+
+class ExportCancelled(QLoRAError):
+    """The user cancelled an export; the temporary folder was removed and nothing was written."""
+
+
+ERROR_TYPES: dict[str, type[QLoRAError]] = {
+    cls.__name__: cls
+    for cls in (
+        QLoRAError,
+        ConfigError,
+        ModelError,
+        DataError,
+        ResumeError,
+        RunLockedError,
+        TrainingDiverged,
+        DiskFullError,
+        ExportError,
+        ExportCancelled,
+    )
+}
+
+
+def from_dict(d: dict[str, Any]) -> QLoRAError:
+    """The error that :meth:`QLoRAError.to_dict` wrote, as its type (an unknown type: QLoRAError)."""
+    cls = ERROR_TYPES.get(str(d.get("type")), QLoRAError)
+    problems = [Problem(**p) for p in d.get("problems") or [] if isinstance(p, dict)]
+    err = cls(
+        str(d.get("what", "")),
+        field=d.get("field"),
+        file=d.get("file"),
+        line=d.get("line"),
+        checkpoint=d.get("checkpoint"),
+        fix=d.get("fix"),
+        problems=problems,
+    )
+    return err

@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar, Protocol
 
+from qlora_engine import errors
+from qlora_engine.decisions import Decision
+from qlora_engine.errors import QLoRAError
+
 
 def _now() -> float:
     return time.time()
@@ -65,6 +69,11 @@ class RunStarted(Event):
     vram_estimate: dict[str, Any] | None = None
     """The budget's prediction, so a viewer can draw it beside the measured curve."""
     data: dict[str, Any] | None = None
+    decisions: list[dict[str, Any]] | None = None
+    """The plan's decisions (``qlora_engine.decisions.Decision.to_dict``): every ``auto`` made concrete, with its reason."""
+
+    def decision_list(self) -> list[Decision]:
+        return [Decision.from_dict(d) for d in self.decisions or []]
 
 
 @dataclass(frozen=True)
@@ -133,13 +142,22 @@ class RunFailed(Event):
     kind: ClassVar[str] = "run_failed"
     error_type: str
     message: str
-    """Written for the user: what went wrong and what to do."""
+    """Written for the user: what went wrong (rendered once, by ``qlora_engine.errors.render``)."""
     traceback: str
     step: int | None = None
     last_checkpoint: str | None = None
     hint: str | None = None
     fixes: list[dict[str, Any]] | None = None
     """Changes that would avoid this failure, each ``{"description", "overrides"}`` (out of memory)."""
+    error: dict[str, Any] | None = None
+    """A user error's attributes (``QLoRAError.to_dict``: field, file, line, checkpoint, fix, problems);
+    None for an internal error. Read it through :meth:`user_error`, never by parsing ``message``."""
+    log_file: str | None = None
+    """Where the full traceback was written."""
+
+    def user_error(self) -> QLoRAError | None:
+        """The user error this event reports, as its type with its attributes (None: an internal error)."""
+        return errors.from_dict(self.error) if self.error else None
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
@@ -270,47 +288,61 @@ class MultiSink:
             s.close()
 
 
+def describe(e: Event) -> str:
+    """An event as the line a person reads (the terminal, the app's log pane): the one place
+    events become text. Redacted."""
+    if isinstance(e, StepMetrics):
+        mem = f"  mem {e.cuda_reserved / 2**30:.1f} GiB" if e.cuda_reserved else ""
+        msg = (
+            f"step {e.step}/{e.total_steps}  loss {e.loss:.4f}  lr {e.learning_rate:.2e}  "
+            f"gnorm {e.grad_norm:.3f}  {e.tokens_per_second:,.0f} tok/s  eta {fmt_duration(e.eta)}{mem}"
+        )
+    elif isinstance(e, PhaseChanged):
+        msg = f"[{e.phase}] {e.detail}".rstrip()
+    elif isinstance(e, LogLine):
+        msg = e.message if e.level == "info" else f"{e.level}: {e.message}"
+    elif isinstance(e, EvalResult):
+        msg = f"eval at step {e.step}: loss {e.loss:.4f}"
+    elif isinstance(e, CheckpointSaved):
+        msg = f"checkpoint saved: {e.path}"
+    elif isinstance(e, RunStarted):
+        where = f"resumed from {e.resumed_from} at step {e.start_step}" if e.resumed_from else "started"
+        speed = speed_paths(e.model)
+        msg = f"run {where} in {e.run_dir} on {e.device}: {e.total_steps} steps" + (f" ({speed})" if speed else "")
+        msg += "".join(f"\n  decided: {d}" for d in e.decision_list())
+    elif isinstance(e, RunFinished):
+        how = "stopped and saved" if e.stopped_early else "finished"
+        msg = f"{how} at step {e.step} in {fmt_duration(e.elapsed)}; adapter: {e.adapter_dir}"
+    elif isinstance(e, RunFailed):
+        msg = f"FAILED: {e.message}"
+        if e.hint:
+            msg += f"\nwhat to do: {e.hint}"
+        for fix in e.fixes or []:
+            msg += f"\n  fix: {fix['description']}: " + " ".join(fix["overrides"])
+        if e.log_file:
+            msg += f"\ndetails: {e.log_file}"
+    else:
+        msg = e.to_json()
+    return redact(msg)
+
+
 class TextSink:
-    """Human-readable progress lines for a terminal."""
+    """Human-readable progress lines for a terminal (:func:`describe`)."""
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream or sys.stderr
 
     def emit(self, e: Event) -> None:
-        if isinstance(e, StepMetrics):
-            mem = f"  mem {e.cuda_reserved / 2**30:.1f} GiB" if e.cuda_reserved else ""
-            msg = (
-                f"step {e.step}/{e.total_steps}  loss {e.loss:.4f}  lr {e.learning_rate:.2e}  "
-                f"gnorm {e.grad_norm:.3f}  {e.tokens_per_second:,.0f} tok/s  eta {_fmt_s(e.eta)}{mem}"
-            )
-        elif isinstance(e, PhaseChanged):
-            msg = f"[{e.phase}] {e.detail}".rstrip()
-        elif isinstance(e, LogLine):
-            msg = f"{e.level}: {e.message}"
-        elif isinstance(e, EvalResult):
-            msg = f"eval at step {e.step}: loss {e.loss:.4f}"
-        elif isinstance(e, CheckpointSaved):
-            msg = f"checkpoint saved: {e.path}"
-        elif isinstance(e, RunStarted):
-            speed = speed_paths(e.model)
-            msg = f"run started in {e.run_dir} on {e.device}: {e.total_steps} steps" + (f" ({speed})" if speed else "")
-        elif isinstance(e, RunFinished):
-            msg = f"finished at step {e.step} in {_fmt_s(e.elapsed)}; adapter: {e.adapter_dir}"
-        elif isinstance(e, RunFailed):
-            msg = f"FAILED ({e.error_type}): {e.message}"
-            if e.hint:
-                msg += f"\nhint: {e.hint}"
-            for fix in e.fixes or []:
-                msg += f"\n  fix: {fix['description']}: " + " ".join(fix["overrides"])
-        else:
-            msg = e.to_json()
-        print(redact(msg), file=self.stream, flush=True)
+        print(describe(e), file=self.stream, flush=True)
 
     def close(self) -> None:
         pass
 
 
-def _fmt_s(seconds: float) -> str:
+def fmt_duration(seconds: float | None) -> str:
+    """``1:02:03`` or ``2:03``; ``-`` for an unknown or negative time."""
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "-"
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)

@@ -21,9 +21,8 @@ import math
 import os
 import random
 import time
-import traceback
 from collections import deque
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,90 +36,120 @@ import torch  # noqa: E402
 
 from qlora_engine import checkpoint as ckpt
 from qlora_engine import fast_lora, models
-from qlora_engine.config import TrainConfig, check_ready
+from qlora_engine.config import TrainConfig
 from qlora_engine.control import RunControl
 from qlora_engine.data import PreparedData, collate, count_tokens, prepare_data
-from qlora_engine.errors import QLoRAError, ResumeError, TrainingDiverged
+from qlora_engine.decisions import RunPlan
+from qlora_engine.errors import DataError, QLoRAError, ResumeError, TrainingDiverged
 from qlora_engine.events import (
     CheckpointSaved,
     EvalResult,
     EventSink,
-    JsonlFileSink,
     LogLine,
-    MultiSink,
-    NullSink,
     PhaseChanged,
-    RunFailed,
     RunFinished,
     RunStarted,
     StepMetrics,
 )
 from qlora_engine.optim import build_optimizer, build_scheduler
-from qlora_engine.vram import oom_fixes, oom_hint, usable_vram, vram_estimate
+
+
+@dataclass
+class RunInputs:
+    """What a run reads before its model loads (:func:`prepare_inputs`)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    model_folder: Path
+    tokenizer: Any
+    data: PreparedData
+
+
+def prepare_inputs(cfg: TrainConfig, sink: EventSink, data: PreparedData | None = None) -> RunInputs:
+    """Resolve the device and the model folder, load the tokenizer and prepare the data.
+
+    ``data``: samples already prepared by the caller (benchmarks); None reads ``cfg.data``.
+    """
+    device = models.pick_device(cfg.train.device)
+    dtype = models.pick_compute_dtype(cfg.quant.compute_dtype, device)
+    sink.emit(PhaseChanged(phase="resolving", detail=cfg.model.ref))
+    folder = models.resolve_model(cfg.model.ref, revision=cfg.model.revision, sink=sink)
+    tokenizer = models.load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
+    if data is None:
+        sink.emit(PhaseChanged(phase="preparing_data", detail=cfg.data.path))
+        data = prepare_data(cfg, tokenizer, sink)
+    if not data.train:
+        raise DataError("no training samples left after preparation.", file=cfg.data.path)
+    return RunInputs(device, dtype, folder, tokenizer, data)
+
+
+def find_resume_checkpoint(run_dir: Path, resume: bool | str | Path | None) -> Path | None:
+    """The checkpoint to resume from (``resume`` True: the newest), or None for a new run.
+
+    A new run in a folder that already holds one is refused before anything is written.
+    """
+    ckpt_dir = run_dir / "checkpoints"
+    if not resume:
+        if ckpt.list_checkpoints(ckpt_dir) or (run_dir / "adapter").exists():
+            raise QLoRAError(
+                "this folder already holds a run (checkpoints or an adapter).",
+                file=run_dir,
+                field="output.dir",
+                fix="Continue it with --resume, or set output.dir to a new folder; nothing there was changed.",
+            )
+        return None
+    if resume is True:
+        found = ckpt.latest_checkpoint(ckpt_dir)
+        if found is None:
+            raise ResumeError("no complete checkpoint to resume from.", file=ckpt_dir)
+        return found
+    return Path(resume)
 
 
 class Trainer:
+    """One run of a :class:`~qlora_engine.plan.RunPlan`: the plan says what runs, the trainer runs it."""
+
     def __init__(
         self,
-        cfg: TrainConfig,
+        plan: RunPlan,
+        inputs: RunInputs,
         sink: EventSink,
         control: RunControl | None = None,
         *,
-        resume: bool | str | Path | None = None,
+        resume_from: Path | None = None,
         force_resume: bool = False,
-        data: PreparedData | None = None,
     ) -> None:
-        """``data``: samples already prepared by the caller (benchmarks); None reads ``cfg.data``."""
-        if data is None:
-            check_ready(cfg)
-        self.cfg = cfg
+        self.plan = plan
+        self.cfg = plan.config  # every 'auto' settled; plan.requested is what the user wrote
         self.sink = sink
         self.control = control or RunControl()
-        self.resume = resume
+        self.resume_from = resume_from
         self.force_resume = force_resume
-        self.run_dir = cfg.output_dir
+        self.device, self.dtype = inputs.device, inputs.dtype
+        self.model_folder, self.tokenizer, self.data = inputs.model_folder, inputs.tokenizer, inputs.data
+        self.run_dir = self.cfg.output_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.data = data
+        self.total_steps = plan.total_steps
+        self.samples_per_step = self.cfg.train.micro_batch_size * self.cfg.train.gradient_accumulation_steps
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its sample order), the one in use
         self.step = 0
         self.last_loss: float | None = None
         self.last_eval_loss: float | None = None
         self.last_checkpoint: Path | None = None
+        self.grown = False  # whether an out-of-memory step made every layer checkpointed
 
     # -- setup -------------------------------------------------------------------------------
 
     def setup(self) -> None:
         cfg, emit = self.cfg, self.sink.emit
-        resume_from = self._find_resume_checkpoint()
-        self.device = models.pick_device(cfg.train.device)
-        self.dtype = models.pick_compute_dtype(cfg.quant.compute_dtype, self.device)
         _seed_everything(cfg.train.seed)
-
-        emit(PhaseChanged(phase="resolving", detail=cfg.model.ref))
-        folder = models.resolve_model(cfg.model.ref, revision=cfg.model.revision, sink=self.sink)
-        self.model_folder = folder
-        self.tokenizer = models.load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
-
-        if self.data is None:
-            emit(PhaseChanged(phase="preparing_data", detail=cfg.data.path))
-            self.data = prepare_data(cfg, self.tokenizer, self.sink)
-        if not self.data.train:
-            raise QLoRAError(f"{cfg.data.path}: no training samples left after preparation.")
-        self.samples_per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
-        if cfg.train.max_steps is not None:
-            self.total_steps = cfg.train.max_steps
-        else:
-            self.total_steps = max(1, math.ceil(cfg.train.epochs * len(self.data.train) / self.samples_per_step))
-
-        card = usable_vram(self.device)  # before the weights take their share
-        emit(PhaseChanged(phase="loading_model", detail=f"{folder} in 4-bit {cfg.quant.quant_type} on {self.device}"))
-        base = models.load_quantized_model(cfg, folder, self.device, self.dtype)
+        emit(
+            PhaseChanged(
+                phase="loading_model", detail=f"{self.model_folder} in 4-bit {cfg.quant.quant_type} on {self.device}"
+            )
+        )
+        base = models.load_quantized_model(cfg, self.model_folder, self.device, self.dtype)
         self.kernels = models.apply_fused_kernels(base, cfg.train.kernels, self.device)
-        if cfg.train.kernels == "auto" and self.kernels == "none":
-            from qlora_engine.budget.kernels import resolve_kernels
-
-            why = resolve_kernels("auto", getattr(base.config, "model_type", ""), cuda=self.device.type == "cuda").reason
-            emit(LogLine(level="info", message=f"train.kernels auto: no fused kernels ({why})"))
         torch.manual_seed(cfg.train.seed)  # the LoRA init depends on the seed only
         self.model = models.wrap_with_lora(base, cfg)
         self.fast_lora = 0
@@ -132,16 +161,15 @@ class Trainer:
         if cfg.train.mlp_chunk_tokens:
             tiled = models.tile_mlps(self.model, cfg.train.mlp_chunk_tokens)
             emit(LogLine(level="info", message=f"{tiled} MLPs run in chunks of {cfg.train.mlp_chunk_tokens} tokens"))
-        # What runs: the config with train.gradient_checkpointing 'auto' made concrete for this card.
-        self.run_cfg = self._choose_checkpointing(card)
         self.checkpointed = 0
-        if self.run_cfg.train.gradient_checkpointing:
+        if cfg.train.gradient_checkpointing:
             offload = cfg.train.offload_activations and self.device.type == "cuda"
             if cfg.train.offload_activations and not offload:
                 emit(LogLine(level="info", message="train.offload_activations: nothing to move on the CPU; ignored"))
-            layers = self.run_cfg.train.checkpoint_layers
-            self.checkpointed = models.enable_gradient_checkpointing(self.model, layers, offload=offload)
-            if cfg.train.checkpoint_layers is not None:
+            self.checkpointed = models.enable_gradient_checkpointing(
+                self.model, cfg.train.checkpoint_layers, offload=offload
+            )
+            if self.plan.requested.train.checkpoint_layers is not None:
                 note = f"gradient checkpointing on the lowest {self.checkpointed} decoder layers (train.checkpoint_layers)"
                 emit(LogLine(level="info", message=note))
         self.model.train()
@@ -150,10 +178,10 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
 
         self.resumed_from = None
-        if resume_from is not None:
-            self._load_checkpoint(resume_from)
+        if self.resume_from is not None:
+            self._load_checkpoint(self.resume_from)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.run_dir / "config.yaml")
+        self.plan.requested.save(self.run_dir / "config.yaml")
         self.facts = {
             **models.model_facts(self.model),
             "kernels": self.kernels,
@@ -163,49 +191,25 @@ class Trainer:
         emit(
             RunStarted(
                 run_dir=str(self.run_dir),
-                config=cfg.to_dict(),
+                config=self.plan.requested.to_dict(),
                 model=self.facts,
                 device=_device_name(self.device),
                 total_steps=self.total_steps,
-                resumed_from=str(resume_from) if resume_from else None,
+                resumed_from=str(self.resume_from) if self.resume_from else None,
                 start_step=self.step,
-                vram_estimate=vram_estimate(self.run_cfg, self.data),
+                vram_estimate=self.plan.vram_estimate,
                 data=self.data.report,
+                decisions=[d.to_dict() for d in self.plan.decisions],
             )
         )
 
-    def _choose_checkpointing(self, card: int | None) -> TrainConfig:
-        """The run's config with ``train.gradient_checkpointing: auto`` resolved by the VRAM budget.
-
-        ``card``: the bytes this process can have on the GPU (None on the CPU, where 'auto'
-        checkpoints every layer). If the budget cannot model the model, every layer too.
-        """
-        cfg = self.cfg
-        self.auto_checkpointing = cfg.train.gradient_checkpointing == "auto"
-        if not self.auto_checkpointing:
-            return cfg
-        from qlora_engine.budget.estimate import every_layer, resolve_checkpointing, resolve_spec
-
-        stats = self.data.report.get("token_stats") if isinstance(self.data.report, dict) else None
-        try:
-            spec = resolve_spec(cfg)  # as the budget page reads it
-        except Exception as e:  # the budget is advice: never fail a run over it
-            chosen = every_layer(cfg)
-            note = f"train.gradient_checkpointing auto: every layer checkpointed (the VRAM budget cannot model it: {e})"
-        else:
-            chosen, note = resolve_checkpointing(cfg, spec, card, data_stats=stats)
-        self.sink.emit(LogLine(level="info", message=note or ""))
-        return chosen
-
     def _checkpoint_every_layer(self) -> None:
-        """After an out-of-memory error under 'auto' with layers left out (:meth:`_auto_can_grow`): checkpoint them all."""
-        from qlora_engine.budget.estimate import every_layer
-
+        """After an out-of-memory step when the plan left layers out of checkpointing: checkpoint them all."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         before = self.checkpointed
-        self.run_cfg = every_layer(self.run_cfg)
+        self.grown = True
         offload = self.cfg.train.offload_activations and self.device.type == "cuda"
         self.checkpointed = models.enable_gradient_checkpointing(self.model, None, offload=offload)
         self.facts["checkpointed_layers"] = self.checkpointed
@@ -218,25 +222,9 @@ class Trainer:
             )
         )
 
-    def _find_resume_checkpoint(self) -> Path | None:
-        if not self.resume:
-            existing = ckpt.list_checkpoints(self.ckpt_dir)
-            if existing or (self.run_dir / "adapter").exists():
-                raise QLoRAError(
-                    f"{self.run_dir}: this folder already holds a run (checkpoints or an adapter).",
-                    hint="Continue it with --resume, or set output.dir to a new folder; nothing there was changed.",
-                )
-            return None
-        if self.resume is True:
-            found = ckpt.latest_checkpoint(self.ckpt_dir)
-            if found is None:
-                raise ResumeError(f"{self.ckpt_dir}: no complete checkpoint to resume from.")
-            return found
-        return Path(self.resume)
-
     def _identity(self) -> dict[str, Any]:
         """What must not change between a checkpoint and its resumption."""
-        return {**_setup_identity(self.cfg), "data.fingerprint": self.data.fingerprint}
+        return {**ckpt.setup_identity(self.cfg), "data.fingerprint": self.data.fingerprint}
 
     def _load_checkpoint(self, folder: Path) -> None:
         from peft import set_peft_model_state_dict
@@ -373,9 +361,8 @@ class Trainer:
         return loss_sum
 
     def _auto_can_grow(self) -> bool:
-        """Whether 'auto' left layers out of checkpointing that an out-of-memory error can take back."""
-        tr = self.run_cfg.train
-        return self.auto_checkpointing and not (tr.gradient_checkpointing and tr.checkpoint_layers is None)
+        """Whether the plan left layers out of checkpointing that an out-of-memory error can take back."""
+        return self.plan.oom_fallback is not None and not self.grown
 
     def _finish(self, t_start: float, *, stopped: bool, save: bool) -> RunFinished:
         adapter_dir = None
@@ -486,90 +473,3 @@ def _cuda_mem(device: torch.device, fn: str) -> float | None:
     if device.type != "cuda":
         return None
     return float(getattr(torch.cuda, fn)(device))
-
-
-def _setup_identity(c: TrainConfig) -> dict[str, Any]:
-    """The settings a checkpoint can only be resumed with (the data is checked by its fingerprint)."""
-    return {
-        "model.ref": c.model.ref,
-        "quant": asdict(c.quant),
-        "lora": {k: v for k, v in asdict(c.lora).items() if k != "dropout"},
-        # the batch of a step, not its split into micro-batches (see the module docstring)
-        "train.micro_batch_size x gradient_accumulation_steps": c.train.micro_batch_size
-        * c.train.gradient_accumulation_steps,
-        "train.seed": c.train.seed,
-    }
-
-
-def resume_blockers(before: TrainConfig, after: TrainConfig) -> list[str]:
-    """Why a run checkpointed under ``before`` would not resume under ``after`` (empty: it would).
-
-    Judged from the two configs alone, before loading anything: any change of a data setting
-    counts (a resume then compares the prepared data's fingerprint). The app uses it to offer
-    "apply and resume" or "apply and start a new run" for an out-of-memory fix.
-    """
-
-    def identity(c: TrainConfig) -> dict[str, Any]:
-        data = {f"data.{k}": v for k, v in asdict(c.data).items() if k != "cache"}
-        for key in ("data.path", "data.validation_path"):
-            if data[key] and c.resolve(data[key]).exists():
-                data[key] = str(c.resolve(data[key]).resolve())
-        return {**_setup_identity(c), **data}
-
-    a, b = identity(before), identity(after)
-    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
-
-
-def run(
-    cfg: TrainConfig,
-    sink: EventSink | None = None,
-    control: RunControl | None = None,
-    *,
-    resume: bool | str | Path | None = None,
-    force_resume: bool = False,
-) -> RunFinished:
-    """Train one run. Events go to ``sink`` and to ``<output.dir>/events.jsonl``.
-
-    Errors are reported as a ``RunFailed`` event and then raised.
-    """
-    run_dir = cfg.output_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = ckpt.RunLock(run_dir)
-    lock.acquire()  # raises before anything is written if another run lives here
-    file_sink = JsonlFileSink(run_dir / "events.jsonl")
-    out = MultiSink(file_sink, sink or NullSink())
-    trainer = Trainer(cfg, out, control, resume=resume, force_resume=force_resume)
-    try:
-        trainer.setup()
-        return trainer.train()
-    except BaseException as e:
-        hint = getattr(e, "hint", None)
-        message = str(e)
-        fixes = None
-        if isinstance(e, torch.cuda.OutOfMemoryError):
-            trainer.cleanup()  # give the memory back before anything else runs
-            device = getattr(trainer, "device", None)
-            card = torch.cuda.get_device_properties(device).total_memory if device and device.type == "cuda" else None
-            fixes = oom_fixes(cfg, trainer.data, card)
-            hint = oom_hint(cfg)
-            if fixes:
-                hint = "Out of GPU memory. Changes that fit: " + "; ".join(f["description"] for f in fixes[:3]) + "."
-            message = f"The GPU ran out of memory at step {trainer.step + 1}; the last checkpoint is kept."
-        elif isinstance(e, KeyboardInterrupt):
-            message = "Interrupted; the last checkpoint is kept."
-        out.emit(
-            RunFailed(
-                error_type=type(e).__name__,
-                message=message,
-                traceback=traceback.format_exc(),
-                step=trainer.step,
-                last_checkpoint=str(p) if (p := ckpt.latest_checkpoint(trainer.ckpt_dir)) else None,
-                hint=hint,
-                fixes=fixes,
-            )
-        )
-        raise
-    finally:
-        trainer.cleanup()
-        out.close()
-        lock.release()

@@ -1,5 +1,5 @@
-"""GPU memory around a run: what this process can have, the budget's prediction for the
-run-started event, and what to change after running out (the failure's fixes and hint)."""
+"""GPU memory around a run: what this process can have, and what to change after running out
+(the failure's fixes and hint)."""
 
 from __future__ import annotations
 
@@ -26,17 +26,6 @@ def usable_vram(device: torch.device) -> int | None:
     if fraction is not None:
         usable = min(usable, int(fraction(index) * total))
     return int(usable + CALIBRATION["cuda_context"])
-
-
-def vram_estimate(cfg: TrainConfig, data: PreparedData) -> dict[str, Any] | None:
-    """The budget's prediction for the run-started event; never fails the run."""
-    try:
-        from qlora_engine import budget
-
-        stats = data.report.get("token_stats") if isinstance(data.report, dict) else None
-        return budget.estimate(cfg, data_stats=stats).to_dict()
-    except Exception:
-        return None
 
 
 def oom_fixes(cfg: TrainConfig, data: PreparedData | None, card_bytes: int | None) -> list[dict[str, Any]]:

@@ -13,11 +13,11 @@ count argued from the code of bitsandbytes, peft, transformers, torch and liger-
 peft's LoRA forward or ``train.fast_lora``'s, in ``linears``, on ``tape``), ``kernels`` (whether
 the run gets Liger Kernel's fused kernels), ``allocator`` (measured constants and the CUDA
 caching allocator's slack), ``estimate`` (the breakdown), ``fit`` (search and
-suggestions), ``units`` (GPU sizes), ``cli`` (``qlora-engine estimate``).
+suggestions), ``units`` (GPU sizes), ``cli`` (``qlora-engine estimate``; it plans through ``qlora_engine.plan``, so the package does
+not import it).
 """
 
 from qlora_engine.budget.allocator import CALIBRATION, ENGINE_ALLOC_CONF, allocator_mode
-from qlora_engine.budget.cli import add_cli, estimate_main
 from qlora_engine.budget.estimate import COMPONENTS, VramEstimate, estimate, estimate_from_spec
 from qlora_engine.budget.fit import FitAdvice, Suggestion, fit
 from qlora_engine.budget.spec import LinearShape, ModelSpec, model_spec
@@ -33,11 +33,9 @@ __all__ = [
     "ModelSpec",
     "Suggestion",
     "VramEstimate",
-    "add_cli",
     "allocator_mode",
     "estimate",
     "estimate_from_spec",
-    "estimate_main",
     "fit",
     "format_bytes",
     "model_spec",

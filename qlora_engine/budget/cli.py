@@ -8,7 +8,6 @@ import sys
 from typing import Any
 
 from qlora_engine.budget.estimate import COMPONENT_HELP, GiB
-from qlora_engine.budget.fit import fit
 from qlora_engine.budget.units import format_bytes, parse_gpu_size
 
 
@@ -47,8 +46,8 @@ def _data_stats(cfg: Any) -> dict[str, Any] | None:
 
 
 def estimate_main(args: argparse.Namespace) -> int:
-    from qlora_engine.budget.estimate import estimate
     from qlora_engine.config import TrainConfig
+    from qlora_engine.plan import advise
 
     cfg = TrainConfig.load(args.config, list(args.overrides or []))
     if args.gpu:
@@ -56,8 +55,8 @@ def estimate_main(args: argparse.Namespace) -> int:
     else:
         gpu_bytes, gpu_name = _detect_gpu()
     stats = _data_stats(cfg) if args.data else None
-    est = estimate(cfg, gpu_bytes=gpu_bytes, data_stats=stats, gpu_name=gpu_name)
-    advice = fit(cfg, gpu_bytes, data_stats=stats) if gpu_bytes else None
+    planned = advise(cfg, gpu_bytes=gpu_bytes, data_stats=stats, gpu_name=gpu_name)
+    est, advice = planned.estimate, planned.fit
     if args.json:
         out: dict[str, Any] = {"estimate": est.to_dict()}
         if advice is not None:

@@ -230,46 +230,6 @@ def fewest_checkpointed(cfg: TrainConfig, spec: ModelSpec, ok: Callable[[TrainCo
     return lo
 
 
-def resolve_checkpointing(
-    cfg: TrainConfig,
-    spec: ModelSpec,
-    gpu_bytes: int | None,
-    *,
-    data_stats: dict[str, Any] | None = None,
-    liger_installed: bool | None = None,
-) -> tuple[TrainConfig, str | None]:
-    """``train.gradient_checkpointing: auto`` made concrete for a card of ``gpu_bytes``: (config, note).
-
-    The fewest checkpointed layers whose estimate, upper bound included, fits the card: none
-    when the whole run fits (the fastest step), every layer when nothing fits or the card is
-    unknown (the least memory). A config that is not 'auto' comes back unchanged, note None.
-    """
-    if cfg.train.gradient_checkpointing != "auto":
-        return cfg, None
-    n = reached_layers(cfg, spec) if spec.usable else 0
-    every = every_layer(cfg)
-    if not spec.usable:
-        return every, "train.gradient_checkpointing auto: every layer checkpointed (the VRAM budget cannot model it)"
-    if not gpu_bytes or not n:
-        return every, "train.gradient_checkpointing auto: every layer checkpointed (no GPU to size the run for)"
-
-    def ok(variant: TrainConfig) -> bool:
-        est = estimate_from_spec(
-            variant, spec, gpu_bytes=gpu_bytes, data_stats=data_stats, liger_installed=liger_installed
-        )
-        return est.high <= gpu_bytes
-
-    k = fewest_checkpointed(cfg, spec, ok)
-    size = f"{gpu_bytes / GiB:.1f} GiB"
-    if k is None:
-        return every, f"train.gradient_checkpointing auto: every layer checkpointed; even so it may not fit {size}"
-    if k == 0:
-        return with_checkpointing(cfg, 0, n), f"train.gradient_checkpointing auto: off, the run fits {size} without it"
-    what = "every layer" if k >= n else f"the lowest {k} of {n} layers"
-    note = f"train.gradient_checkpointing auto: {what} checkpointed, the fewest that fit {size}"
-    return with_checkpointing(cfg, k, n), note
-
-
 def estimate_from_spec(
     cfg: TrainConfig,
     spec: ModelSpec,
@@ -289,10 +249,10 @@ def estimate_from_spec(
     if not spec.usable:
         comps = dict.fromkeys(COMPONENTS, 0)
         return VramEstimate(comps, 0, 0, 0, gpu_bytes, gpu_name, None, 0, True, reasons, notes, {"usable": False})
-    auto = cfg.train.gradient_checkpointing == "auto"
-    if auto:
-        cfg, note = resolve_checkpointing(cfg, spec, gpu_bytes, data_stats=data_stats, liger_installed=liger_installed)
-        notes.append(note or "")
+    if cfg.train.gradient_checkpointing == "auto":
+        # The budget estimates a settled config (qlora_engine.plan settles 'auto' for a card);
+        # unsettled, 'auto' is taken at its most frugal: every layer checkpointed.
+        cfg = every_layer(cfg)
 
     e = compute_bytes(cfg.quant.compute_dtype)
     if cfg.quant.compute_dtype == "float32":
@@ -498,7 +458,7 @@ def estimate_from_spec(
         "attention_mask": shape.mask,
         "gradient_checkpointing": shape.checkpointing,
         "checkpointed_layers": len(checkpointed),
-        "checkpointing_auto": auto,
+        "checkpointing_auto": False,
         "host_activation_bytes": host_activations,
         "compute_bytes": e,
         "kernels": kern.kernels,

@@ -12,7 +12,6 @@ from qlora_engine.budget.estimate import (
     every_layer,
     fewest_checkpointed,
     reached_layers,
-    resolve_checkpointing,
     resolve_spec,
     with_checkpointing,
 )
@@ -109,9 +108,17 @@ def fit(
     gpu_bytes: int,
     model_config: Any = None,
     data_stats: dict[str, Any] | None = None,
+    *,
+    auto: bool = False,
 ) -> FitAdvice:
     """How this run sits on a card of ``gpu_bytes``: the largest micro-batch and sequence that
     fit, and, if it does not fit, each single change that makes it fit.
+
+    ``model_config``: a ``config.json`` dict, a ``PretrainedConfig`` or an already-read
+    :class:`ModelSpec`. ``auto``: ``cfg`` is what ``train.gradient_checkpointing: auto`` chose
+    for this card (``qlora_engine.plan``): the largest batch and sequence are then those that fit
+    with every layer checkpointed, since 'auto' checkpoints as much as it must, and nothing
+    faster is offered (auto already checkpoints the fewest layers that fit).
 
     Raises:
         ConfigError: an invalid config value or GPU size.
@@ -119,15 +126,12 @@ def fit(
     validate(cfg)
     if isinstance(gpu_bytes, bool) or not isinstance(gpu_bytes, int) or gpu_bytes <= 0:
         raise ConfigError(f"GPU size: {gpu_bytes!r} is not a positive number of bytes.")
-    spec = resolve_spec(cfg, model_config)
+    spec = model_config if isinstance(model_config, ModelSpec) else resolve_spec(cfg, model_config)
+    if cfg.train.gradient_checkpointing == "auto":  # unsettled: as the estimate takes it, every layer
+        cfg, auto = every_layer(cfg), True
     probe = _Probe(spec, gpu_bytes, data_stats)
     current = probe(cfg)
-    search = cfg
-    if cfg.train.gradient_checkpointing == "auto" and spec.usable:
-        # What 'auto' chose is what the suggestions change; the largest batch and sequence are
-        # those that fit with every layer checkpointed, since 'auto' checkpoints as much as it must.
-        cfg = resolve_checkpointing(cfg, spec, gpu_bytes, data_stats=data_stats)[0]
-        search = every_layer(cfg)
+    search = every_layer(cfg) if auto else cfg
     advice = FitAdvice(
         fits=bool(current.fits),
         gpu_bytes=gpu_bytes,
@@ -137,7 +141,7 @@ def fit(
     )
     if not current.fits and spec.usable:
         advice.suggestions = _suggestions(cfg, probe, current, advice)
-    if current.fits and spec.usable and cfg.train.gradient_checkpointing:
+    if current.fits and spec.usable and cfg.train.gradient_checkpointing and not auto:
         advice.faster = _less_checkpointing(cfg, probe, current)
     return advice
 

@@ -7,16 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qlora_engine.errors import QLoRAError
+from qlora_engine.errors import ExportCancelled, ExportError
 from qlora_engine.events import LogLine, PhaseChanged
 
-
-class ExportError(QLoRAError):
-    """An export cannot be made as asked (the output exists, the format does not fit the model...)."""
-
-
-class ExportCancelled(QLoRAError):
-    """The user cancelled an export; the temporary folder was removed and nothing was written."""
+__all__ = ["ExportCancelled", "ExportError", "Reporter"]
 
 
 class Reporter:

@@ -21,11 +21,10 @@ from app.error_dialog import RunErrorDialog
 from app.failure_fixes import BEFORE_FIX_NAME, fix_choices
 from app.run_controller import absolute_config
 from app.run_worker import engine_command
-from qlora_engine.checkpoint import list_checkpoints, write_marker
+from qlora_engine.checkpoint import list_checkpoints, resume_blockers, write_marker
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.data import PreparedData
 from qlora_engine.events import CheckpointSaved, RunFailed, RunStarted, StepMetrics, read_events
-from qlora_engine.train import resume_blockers
 from qlora_engine.vram import oom_fixes
 
 HERE = Path(__file__).parent

@@ -14,14 +14,16 @@ import pytest
 import torch
 from tiny import LLAMA3_8B, build_tiny_llama
 
-from qlora_engine import train as train_module
+from qlora_engine import vram
 from qlora_engine.budget import estimate, fit
 from qlora_engine.budget.estimate import with_checkpointing
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.data import PreparedData
 from qlora_engine.data.store import token_stats
 from qlora_engine.errors import ConfigError
-from qlora_engine.events import ListSink, LogLine, StepMetrics
+from qlora_engine.events import ListSink, LogLine, RunStarted, StepMetrics
+from qlora_engine.plan import advise, choose_checkpointing
+from qlora_engine.runner import build_trainer
 from qlora_engine.train import Trainer
 
 GiB = 1 << 30
@@ -64,15 +66,17 @@ def test_auto_checkpoints_the_fewest_layers_that_fit_the_card(card_gib):
     cfg = cfg_8b()
     highs = ladder(cfg, card)
     fewest = next(k for k, high in enumerate(highs) if high <= card)  # counted one by one, not searched
-    est = estimate(cfg, LLAMA3_8B, gpu_bytes=card, data_stats=STATS)
+    planned = advise(cfg, LLAMA3_8B, gpu_bytes=card, data_stats=STATS)
+    est = planned.estimate
     assert est.details["checkpointed_layers"] == fewest and est.details["checkpointing_auto"]
     chosen = estimate(with_checkpointing(cfg, fewest, 32), LLAMA3_8B, gpu_bytes=card, data_stats=STATS)
     assert est.total == chosen.total and est.high <= card
-    assert any("gradient_checkpointing auto" in n and f"{card_gib}.0 GiB" in n for n in est.notes)
+    decision = planned.decision("train.gradient_checkpointing")
+    assert decision.requested == "auto" and decision.chosen == fewest and f"{card_gib}.0 GiB" in decision.reason
 
 
 def test_auto_on_a_big_card_turns_checkpointing_off_and_without_a_card_checkpoints_all():
-    roomy = estimate(cfg_8b(), LLAMA3_8B, gpu_bytes=80 * GiB, data_stats=STATS)
+    roomy = advise(cfg_8b(), LLAMA3_8B, gpu_bytes=80 * GiB, data_stats=STATS).estimate
     assert roomy.details["checkpointed_layers"] == 0 and not roomy.details["gradient_checkpointing"]
     unknown = estimate(cfg_8b(), LLAMA3_8B, data_stats=STATS)
     every = estimate(cfg_8b("train.gradient_checkpointing=true"), LLAMA3_8B, data_stats=STATS)
@@ -81,14 +85,13 @@ def test_auto_on_a_big_card_turns_checkpointing_off_and_without_a_card_checkpoin
 
 
 def test_a_model_the_budget_cannot_read_gets_every_layer_checkpointed():
-    from qlora_engine.budget.estimate import resolve_checkpointing
     from qlora_engine.budget.spec import spec_from_config
 
     spec = spec_from_config({"model_type": "mystery", "vocab_size": 1000})  # no hidden size, no layer count
     assert not spec.usable
-    cfg, note = resolve_checkpointing(cfg_8b(), spec, 80 * GiB)
+    cfg, decision = choose_checkpointing(cfg_8b(), spec, 80 * GiB)
     assert cfg.train.gradient_checkpointing is True and cfg.train.checkpoint_layers is None
-    assert "cannot model" in note
+    assert decision.field == "train.gradient_checkpointing" and "cannot model" in decision.reason
 
 
 def test_fit_under_auto_searches_with_every_layer_and_offers_nothing_faster():
@@ -130,17 +133,21 @@ def checkpointed(trainer: Trainer) -> list[bool]:
     return [m.gradient_checkpointing for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def notes(sink: ListSink) -> list[str]:
-    return [e.message for e in sink.of(LogLine)]
+def decided(sink: ListSink, field: str = "train.gradient_checkpointing"):
+    """The run's decision on ``field``, from its run_started event (attributes, not text)."""
+    (started,) = sink.of(RunStarted)
+    return next(d for d in started.decision_list() if d.field == field)
 
 
 def test_on_the_cpu_auto_checkpoints_every_layer_and_says_so(tiny_cfg, four_layers):
     sink = ListSink()
-    trainer = Trainer(tiny_cfg(f"model.ref={four_layers}"), sink)
+    trainer = build_trainer(tiny_cfg(f"model.ref={four_layers}"), sink)
     trainer.setup()
     try:
         assert checkpointed(trainer) == [True] * 4
-        assert any("auto: every layer checkpointed (no GPU" in m for m in notes(sink))
+        decision = decided(sink)
+        assert decision.chosen == 4 and decision.summary == "every layer checkpointed"
+        assert "no GPU" in decision.reason
         assert trainer.facts["checkpointed_layers"] == 4
     finally:
         trainer.cleanup()
@@ -159,14 +166,15 @@ def test_a_card_with_room_for_some_layers_then_an_out_of_memory_step(tiny_cfg, f
     card = highs[2]  # room for two layers' activations, not for four
     fewest = next(k for k, h in enumerate(highs) if h <= card)
     assert 0 < fewest < 4
-    monkeypatch.setattr(train_module, "usable_vram", lambda device: card)
+    monkeypatch.setattr(vram, "usable_vram", lambda device: card)
 
     sink = ListSink()
-    trainer = Trainer(cfg, sink, data=data)
+    trainer = build_trainer(cfg, sink, data=data)
     trainer.setup()
     try:
         assert checkpointed(trainer) == [True] * fewest + [False] * (4 - fewest)
-        assert any(f"auto: the lowest {fewest} of 4 layers checkpointed" in m for m in notes(sink))
+        decision = decided(sink)
+        assert decision.chosen == fewest and decision.summary == f"the lowest {fewest} of 4 layers checkpointed"
         top = [m for m in trainer.model.modules() if type(m).__name__ == "LlamaDecoderLayer"][-1]
         calls, raised = [], []
 
@@ -188,7 +196,7 @@ def test_a_card_with_room_for_some_layers_then_an_out_of_memory_step(tiny_cfg, f
 
     every = ListSink()
     cfg_every = apply_overrides(cfg, ["train.gradient_checkpointing=true", f"output.dir={tmp_path / 'every'}"])
-    reference = Trainer(cfg_every, every, data=long_samples(cfg, 12, 512))
+    reference = build_trainer(cfg_every, every, data=long_samples(cfg, 12, 512))
     reference.setup()
     reference.train()
     reference.cleanup()
@@ -198,7 +206,7 @@ def test_a_card_with_room_for_some_layers_then_an_out_of_memory_step(tiny_cfg, f
 
 def test_an_out_of_memory_step_with_every_layer_checkpointed_still_fails(tiny_cfg, four_layers, tmp_path):
     sink = ListSink()
-    trainer = Trainer(tiny_cfg(f"model.ref={four_layers}", f"output.dir={tmp_path / 'r'}"), sink)
+    trainer = build_trainer(tiny_cfg(f"model.ref={four_layers}", f"output.dir={tmp_path / 'r'}"), sink)
     trainer.setup()
     try:
         def out_of_memory(_module, _args):
@@ -215,10 +223,10 @@ def test_an_out_of_memory_step_with_every_layer_checkpointed_still_fails(tiny_cf
 def test_the_estimate_command_says_what_auto_chose():
     from qlora_engine.budget.cli import render
 
-    tight = estimate(cfg_8b(), LLAMA3_8B, gpu_bytes=24 * GiB, data_stats=STATS)
+    tight = advise(cfg_8b(), LLAMA3_8B, gpu_bytes=24 * GiB, data_stats=STATS).estimate
     k = tight.details["checkpointed_layers"]
     assert 0 < k < 32 and f"checkpointing on ({k} layers), chosen by auto" in render(tight)
-    roomy = estimate(cfg_8b(), LLAMA3_8B, gpu_bytes=80 * GiB, data_stats=STATS)
+    roomy = advise(cfg_8b(), LLAMA3_8B, gpu_bytes=80 * GiB, data_stats=STATS).estimate
     assert "checkpointing off, chosen by auto" in render(roomy)
     mine = estimate(cfg_8b("train.gradient_checkpointing=true"), LLAMA3_8B, gpu_bytes=24 * GiB, data_stats=STATS)
     assert "checkpointing on (32 layers)," in render(mine) and "auto" not in render(mine).splitlines()[0]

@@ -43,7 +43,7 @@ from qlora_engine.budget import timeline as tl
 from qlora_engine.budget.estimate import adapted_linears
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.events import ListSink
-from qlora_engine.train import Trainer
+from qlora_engine.runner import build_trainer
 
 CPU = torch.device("cpu")
 
@@ -358,7 +358,7 @@ def engine_step(folder, overrides, samples, *, input_grads: bool = False) -> tup
         "train.gradient_checkpointing=false",
         f"output.dir={folder / 'runs' / str(time.monotonic_ns())}", *overrides,
     )  # fmt: skip
-    trainer = Trainer(cfg, ListSink(), data=PreparedData(train=samples, validation=None, fingerprint="probe"))
+    trainer = build_trainer(cfg, ListSink(), data=PreparedData(train=samples, validation=None, fingerprint="probe"))
     trainer.setup()
     trainer.save_checkpoint = lambda: None  # measure the step, not the files
     trainer.save_adapter = lambda: None

@@ -25,7 +25,7 @@ from qlora_engine.cli import main as cli_main
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.errors import ConfigError
 from qlora_engine.events import ListSink, RunStarted
-from qlora_engine.train import run
+from qlora_engine.runner import run
 
 GiB = 1 << 30
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from qlora_engine.events import CheckpointSaved, EvalResult, ListSink, RunFinished, StepMetrics, from_json
-from qlora_engine.train import run
+from qlora_engine.runner import run
 
 
 def start(config, *args):

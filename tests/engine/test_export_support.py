@@ -22,7 +22,7 @@ def trained_chat_run(tmp_path_factory, model_dir: Path) -> Path:
     """The tiny Llama trained (4-bit NF4 + LoRA, CPU) on three chats until it answers them and stops."""
     from qlora_engine.config import TrainConfig, apply_overrides
     from qlora_engine.events import ListSink
-    from qlora_engine.train import run
+    from qlora_engine.runner import run
 
     root = tmp_path_factory.getbasetemp() / "export-chat-run"
     run_dir = root / "run"

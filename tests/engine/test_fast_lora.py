@@ -15,6 +15,7 @@ from tiny import build_tiny_llama
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.data import PreparedData, collate
 from qlora_engine.events import ListSink, LogLine
+from qlora_engine.runner import build_trainer
 from qlora_engine.train import Trainer
 
 SEQ = 128
@@ -38,7 +39,7 @@ def make_trainer(model_dir, samples, tmp_path, *overrides: str) -> tuple[Trainer
          *overrides],
     )
     sink = ListSink()
-    trainer = Trainer(cfg, sink, data=PreparedData(train=samples, validation=None, report={}, fingerprint="x"))
+    trainer = build_trainer(cfg, sink, data=PreparedData(train=samples, validation=None, report={}, fingerprint="x"))
     trainer.setup()
     # peft starts B at zero, which would leave every A gradient zero: give B values.
     gen = torch.Generator().manual_seed(1234)
@@ -171,7 +172,7 @@ def test_the_terminal_says_which_lora_path_the_run_takes(tiny_cfg, overrides, sa
     import io
 
     from qlora_engine.events import MultiSink, TextSink
-    from qlora_engine.train import run
+    from qlora_engine.runner import run
 
     text = io.StringIO()
     run(tiny_cfg("train.max_steps=1", *overrides), MultiSink(ListSink(), TextSink(text)))

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from qlora_engine import checkpoint as ckpt
+from qlora_engine.checkpoint import resume_blockers
 from qlora_engine.config import apply_overrides
 from qlora_engine.errors import DiskFullError, ResumeError, TrainingDiverged
 from qlora_engine.events import CheckpointSaved, ListSink, RunFailed, StepMetrics, from_json
-from qlora_engine.train import Trainer, resume_blockers, run
+from qlora_engine.runner import build_trainer, run
+from qlora_engine.train import Trainer
 
 
 def losses(sink):
@@ -72,7 +74,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_
                                      "trainer_state.json", "qlora_checkpoint.json"])
 def test_a_checkpoint_torn_at_any_file_never_becomes_latest(tiny_cfg, monkeypatch, fail_at):
     cfg = tiny_cfg(*COMMON, "train.max_steps=4")
-    trainer = Trainer(cfg, ListSink())
+    trainer = build_trainer(cfg, ListSink())
     trainer.setup()
     trainer.total_steps = 2  # two good steps and a good checkpoint
     trainer.train()
@@ -220,7 +222,7 @@ def test_out_of_memory_fixes_come_from_the_budget_and_apply(tmp_path):
 
 
 def test_nan_loss_stops_within_one_step_naming_the_last_checkpoint(tiny_cfg):
-    trainer = Trainer(tiny_cfg(*COMMON, "train.max_steps=6"), ListSink())
+    trainer = build_trainer(tiny_cfg(*COMMON, "train.max_steps=6"), ListSink())
     trainer.setup()
 
     def poison(module, args, output):

@@ -19,7 +19,8 @@ from qlora_engine.budget import estimate, fit
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.errors import ConfigError
 from qlora_engine.events import ListSink, LogLine, StepMetrics
-from qlora_engine.train import Trainer, run
+from qlora_engine.runner import build_trainer, run
+from qlora_engine.train import Trainer
 
 GiB = 1 << 30
 STATS = {"max": 2048, "longest_sequence": 2048}
@@ -48,7 +49,7 @@ def checkpointed(trainer: Trainer) -> list[bool]:
     ],
 )
 def test_the_lowest_reached_layers_are_checkpointed(tiny_cfg, four_layers, overrides, expected):
-    trainer = Trainer(tiny_cfg(f"model.ref={four_layers}", *overrides), ListSink())
+    trainer = build_trainer(tiny_cfg(f"model.ref={four_layers}", *overrides), ListSink())
     trainer.setup()
     try:
         assert checkpointed(trainer) == expected
@@ -90,7 +91,7 @@ def test_offloaded_checkpoints_go_through_host_memory_with_the_same_math(tiny_cf
             super().__init__(pack, lambda p: offload.from_host(p[3], p[1], p[2], p[0]))
 
     def step(offloaded: bool) -> tuple[float, dict[str, torch.Tensor]]:
-        trainer = Trainer(tiny_cfg(f"model.ref={four_layers}", "train.gradient_checkpointing=false"), ListSink())
+        trainer = build_trainer(tiny_cfg(f"model.ref={four_layers}", "train.gradient_checkpointing=false"), ListSink())
         trainer.setup()
         models.enable_gradient_checkpointing(trainer.model, layers, offload=offloaded)
         loss = trainer.model(**trainer.micro_batch(0), use_cache=False).loss
@@ -176,7 +177,7 @@ def test_chunked_mlps_compute_the_same_and_keep_no_wide_intermediates(tiny_cfg, 
     def step(*overrides: str) -> tuple[float, dict[str, torch.Tensor], list[tuple[int, ...]]]:
         cfg = tiny_cfg(f"model.ref={four_layers}", f"data.path={long}", "data.max_length=400",
                        f"train.gradient_checkpointing={ckpt}", "lora.dropout=0.0", *overrides)
-        trainer = Trainer(cfg, ListSink())
+        trainer = build_trainer(cfg, ListSink())
         trainer.setup()
         batch = trainer.micro_batch(0)
         kept: list[tuple[int, ...]] = []  # what autograd keeps of the forward, outside any checkpoint

@@ -12,7 +12,7 @@ import pytest
 from qlora_engine.errors import ConfigError, ModelError
 from qlora_engine.events import ListSink
 from qlora_engine.models import inspect_model
-from qlora_engine.train import Trainer
+from qlora_engine.runner import build_trainer
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -57,7 +57,7 @@ def test_pickle_only_weights_are_refused(pickle_only_dir, tiny_cfg):
     out = cli("inspect-model", str(pickle_only_dir))
     assert out.returncode == 3 and "pickle" in out.stderr
     with pytest.raises(ModelError, match="pickle") as info:
-        Trainer(tiny_cfg(f"model.ref={pickle_only_dir}"), ListSink()).setup()
+        build_trainer(tiny_cfg(f"model.ref={pickle_only_dir}"), ListSink()).setup()
     assert "safetensors" in info.value.hint
 
 
@@ -87,9 +87,9 @@ def test_missing_paths_are_named(tmp_path):
 
 def test_unknown_target_modules_list_the_real_ones(tiny_cfg):
     with pytest.raises(ConfigError, match=r"\['qkv'\] not in this model.*q_proj"):
-        Trainer(tiny_cfg("lora.target_modules=[qkv]"), ListSink()).setup()
+        build_trainer(tiny_cfg("lora.target_modules=[qkv]"), ListSink()).setup()
     with pytest.raises(ConfigError, match="past the model's 2 layers"):
-        Trainer(tiny_cfg("lora.layers=0-5"), ListSink()).setup()
+        build_trainer(tiny_cfg("lora.layers=0-5"), ListSink()).setup()
 
 
 @pytest.mark.parametrize(
@@ -101,7 +101,7 @@ def test_unknown_target_modules_list_the_real_ones(tiny_cfg):
     ],
 )
 def test_presets_and_layers_choose_the_adapted_modules(tiny_cfg, overrides, expected):
-    trainer = Trainer(tiny_cfg(*overrides), ListSink())
+    trainer = build_trainer(tiny_cfg(*overrides), ListSink())
     trainer.setup()
     adapted = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in adapted} == expected
@@ -111,7 +111,7 @@ def test_presets_and_layers_choose_the_adapted_modules(tiny_cfg, overrides, expe
 
 
 def test_dora_and_rslora_switches_reach_peft(tiny_cfg):
-    trainer = Trainer(tiny_cfg("lora.use_dora=true", "lora.use_rslora=true", "lora.rank=4", "lora.alpha=8"), ListSink())
+    trainer = build_trainer(tiny_cfg("lora.use_dora=true", "lora.use_rslora=true", "lora.rank=4", "lora.alpha=8"), ListSink())
     trainer.setup()
     peft_cfg = trainer.model.peft_config["default"]
     assert peft_cfg.use_dora and peft_cfg.use_rslora
@@ -120,11 +120,11 @@ def test_dora_and_rslora_switches_reach_peft(tiny_cfg):
 
 
 def test_fused_kernels_are_optional_and_refused_clearly_where_impossible(tiny_cfg):
-    trainer = Trainer(tiny_cfg("train.kernels=auto", "lora.layers=1"), ListSink())
+    trainer = build_trainer(tiny_cfg("train.kernels=auto", "lora.layers=1"), ListSink())
     trainer.setup()
     assert trainer.facts["kernels"] == "none"  # no CUDA here: auto falls back to plain transformers
     # with checkpointing and only block 1 adapted, nothing below it needs a gradient
     assert not trainer.model.get_input_embeddings()._forward_hooks
     trainer.cleanup()
     with pytest.raises(ConfigError, match="train.kernels: 'liger' needs"):
-        Trainer(tiny_cfg("train.kernels=liger"), ListSink()).setup()
+        build_trainer(tiny_cfg("train.kernels=liger"), ListSink()).setup()

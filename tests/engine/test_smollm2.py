@@ -9,7 +9,7 @@ from qlora_engine import resources
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.events import ListSink, StepMetrics
 from qlora_engine.models import inspect_model
-from qlora_engine.train import Trainer
+from qlora_engine.runner import build_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_smollm2_quantizes_to_nf4_and_its_loss_falls(smollm2_gguf, smollm2_dir, 
         ],
     )
     sink = ListSink()
-    trainer = Trainer(cfg, sink)
+    trainer = build_trainer(cfg, sink)
     trainer.setup()
     quantized = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 30 * 7 and all(m.weight.quant_state.quant_type == "nf4" for m in quantized)

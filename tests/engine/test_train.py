@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from qlora_engine.control import RunControl
 from qlora_engine.errors import QLoRAError, ResumeError, RunLockedError
 from qlora_engine.events import CheckpointSaved, ListSink, RunFinished, RunStarted, StepMetrics, read_events
-from qlora_engine.train import Trainer, run
+from qlora_engine.runner import build_trainer, run
 
 
 def losses(sink: ListSink) -> list[float]:
@@ -23,7 +23,7 @@ def losses(sink: ListSink) -> list[float]:
 
 
 def test_base_layers_are_real_4bit_nf4(tiny_cfg):
-    trainer = Trainer(tiny_cfg(), ListSink())
+    trainer = build_trainer(tiny_cfg(), ListSink())
     trainer.setup()
     q_layers = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(q_layers) == 2 * 7  # every projection of both blocks
@@ -140,7 +140,7 @@ def test_a_live_lock_refuses_a_second_run_and_a_stale_one_is_cleared(tiny_cfg):
 
 def test_adapter_reloads_in_a_fresh_process_with_the_same_logits(tiny_cfg, tmp_path):
     cfg = tiny_cfg("train.max_steps=10")
-    trainer = Trainer(cfg, ListSink())
+    trainer = build_trainer(cfg, ListSink())
     trainer.setup()
     trainer.train()
     probe = torch.tensor([[5, 17, 42, 99, 7, 3]])

@@ -1,0 +1,145 @@
+"""One run from a config: lock the folder, prepare, plan, train, and report a failure as data.
+
+``run(cfg, sink, control)`` is the one entry point (the CLI, the app's child process and the
+tests call it). It reads top to bottom:
+
+1. the run folder is locked and a resume checkpoint found (or a used folder refused) before
+   anything heavy starts;
+2. :func:`qlora_engine.train.prepare_inputs`: the device, the tokenizer and the data;
+3. :func:`qlora_engine.plan.make_plan`: every ``auto`` settled for this data and card;
+4. :class:`qlora_engine.train.Trainer`: ``setup()`` and ``train()``;
+5. a failure becomes one ``run_failed`` event carrying the error's attributes (a user error's
+   field, file, line and fix; for an out-of-memory step, the budget's fixes), with the
+   traceback written to ``<run>/logs/``; then it is raised again.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+
+import torch
+
+from qlora_engine import checkpoint as ckpt
+from qlora_engine import vram
+from qlora_engine.config import TrainConfig, check_ready
+from qlora_engine.control import RunControl
+from qlora_engine.data import PreparedData
+from qlora_engine.decisions import RunPlan
+from qlora_engine.errors import QLoRAError
+from qlora_engine.events import EventSink, JsonlFileSink, MultiSink, NullSink, RunFailed, RunFinished
+from qlora_engine.paths import write_error_log
+from qlora_engine.plan import make_plan
+from qlora_engine.train import RunInputs, Trainer, find_resume_checkpoint, prepare_inputs
+
+
+def plan_for(cfg: TrainConfig, inputs: RunInputs) -> RunPlan:
+    """The plan of ``cfg`` for the prepared inputs, on the card this process has now."""
+    stats = inputs.data.report.get("token_stats") if isinstance(inputs.data.report, dict) else None
+    return make_plan(
+        cfg,
+        n_train=len(inputs.data.train),
+        data_stats=stats,
+        cuda=inputs.device.type == "cuda",
+        card_bytes=vram.usable_vram(inputs.device),  # before the weights take their share
+        model_config=_model_config(inputs.model_folder),
+    )
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    sink: EventSink,
+    control: RunControl | None = None,
+    *,
+    resume: bool | str | Path | None = None,
+    force_resume: bool = False,
+    data: PreparedData | None = None,
+) -> Trainer:
+    """Steps 1-3 of :func:`run` without the lock: a trainer ready for ``setup()``.
+
+    ``data``: samples already prepared by the caller (benchmarks); None reads ``cfg.data``.
+    """
+    if data is None:
+        check_ready(cfg)
+    resume_from = find_resume_checkpoint(cfg.output_dir, resume)
+    inputs = prepare_inputs(cfg, sink, data)
+    return Trainer(plan_for(cfg, inputs), inputs, sink, control, resume_from=resume_from, force_resume=force_resume)
+
+
+def run(
+    cfg: TrainConfig,
+    sink: EventSink | None = None,
+    control: RunControl | None = None,
+    *,
+    resume: bool | str | Path | None = None,
+    force_resume: bool = False,
+) -> RunFinished:
+    """Train one run. Events go to ``sink`` and to ``<output.dir>/events.jsonl``.
+
+    Errors are reported as a ``RunFailed`` event and then raised.
+    """
+    run_dir = cfg.output_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = ckpt.RunLock(run_dir)
+    try:
+        lock.acquire()  # raises before anything is written if another run lives here
+    except QLoRAError as e:  # another run owns events.jsonl: report on the caller's sink only
+        (sink or NullSink()).emit(_failed(e, None, run_dir))
+        raise
+    out = MultiSink(JsonlFileSink(run_dir / "events.jsonl"), sink or NullSink())
+    trainer: Trainer | None = None
+    try:
+        trainer = build_trainer(cfg, out, control, resume=resume, force_resume=force_resume)
+        trainer.setup()
+        return trainer.train()
+    except BaseException as e:
+        out.emit(_failed(e, trainer, run_dir))
+        raise
+    finally:
+        if trainer is not None:
+            trainer.cleanup()
+        out.close()
+        lock.release()
+
+
+def _failed(e: BaseException, trainer: Trainer | None, run_dir: Path) -> RunFailed:
+    """The ``run_failed`` event of an exception: the error's attributes, never only its text."""
+    tb = traceback.format_exc()
+    step = trainer.step if trainer is not None else 0
+    user = e if isinstance(e, QLoRAError) else None
+    message, hint, fixes = str(e), getattr(e, "fix", None), None
+    if isinstance(e, torch.cuda.OutOfMemoryError) and trainer is not None:
+        trainer.cleanup()  # give the memory back before anything else runs
+        cfg = trainer.plan.requested
+        card = torch.cuda.get_device_properties(trainer.device).total_memory if trainer.device.type == "cuda" else None
+        fixes = vram.oom_fixes(cfg, trainer.data, card)
+        hint = vram.oom_hint(cfg)
+        if fixes:
+            hint = "Out of GPU memory. Changes that fit: " + "; ".join(f["description"] for f in fixes[:3]) + "."
+        message = f"The GPU ran out of memory at step {step + 1}; the last checkpoint is kept."
+    elif isinstance(e, KeyboardInterrupt):
+        message = "Interrupted; the last checkpoint is kept."
+    elif user is None:
+        message = f"internal error ({type(e).__name__}: {e})"
+    log = write_error_log(tb, run_dir) if user is None else None
+    last = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    return RunFailed(
+        error_type=type(e).__name__,
+        message=message,
+        traceback=tb,
+        step=step,
+        last_checkpoint=str(last) if last else None,
+        hint=hint,
+        fixes=fixes,
+        error=user.to_dict() if user else None,
+        log_file=str(log) if log else None,
+    )
+
+
+def _model_config(folder: Path) -> dict | None:
+    """The resolved model folder's ``config.json`` (the planner reads it, not the hub again)."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
