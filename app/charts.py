@@ -67,7 +67,7 @@ class RunCharts(QWidget):
             angle=0,
             movable=False,
             pen=pg.mkPen(COLORS["estimate"], width=2, style=Qt.PenStyle.DashLine),
-            label="predicted peak {value:.2f} GiB",
+            label="predicted peak",
             labelOpts={"position": 0.05, "color": COLORS["estimate"], "anchors": [(0, 1), (0, 1)]},
         )
         self.estimate_line.setVisible(False)
@@ -86,6 +86,9 @@ class RunCharts(QWidget):
         p.setClipToView(True)
         p.setDownsampling(auto=True, mode="peak")
         p.setMenuEnabled(True)
+        # every quantity drawn is >= 0 (loss, rate, norm, tokens/s, GiB, steps, seconds): a chart
+        # with one point must not autoscale around it into negative values
+        p.getViewBox().setLimits(xMin=0, yMin=0)
         self.plots[key] = p
         return p
 
@@ -117,6 +120,8 @@ class RunCharts(QWidget):
         self.estimate_line.setVisible(False)
         self.vram_note.setVisible(False)
         self.set_overlays({})
+        for p in self.plots.values():  # the axes of the run drawn before go too (a zoom, its ranges)
+            p.enableAutoRange()
         self._drawn_version = -1
 
     def draw(self, rec: RunRecord, force: bool = False) -> None:
@@ -143,7 +148,7 @@ class RunCharts(QWidget):
         peak = rec.estimate_peak
         if peak is not None:
             self.estimate_line.setValue(peak / 2**30)
-            self.estimate_line.label.setFormat(f"predicted peak {peak / 2**30:.2f} GiB")
+            self.estimate_line.label.setFormat(f"predicted peak {peak_text(peak)}")
             self.estimate_line.setVisible(True)
         else:
             self.estimate_line.setVisible(False)
@@ -183,6 +188,11 @@ class RunCharts(QWidget):
             p.setTitle(p.titleLabel.text, color=fg.name())
             if p.legend is not None:
                 p.legend.setLabelTextColor(fg)
+
+
+def peak_text(n_bytes: float) -> str:
+    """``1.37 GiB``, or ``35 MiB`` below one GiB (a tiny model's peak is not ``0.00 GiB``)."""
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
 
 
 def _finite(ys: list[float]) -> np.ndarray:

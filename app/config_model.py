@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,6 @@ from typing import Any
 from PySide6.QtCore import QObject, Signal
 
 from qlora_engine.config import ConfigError, TrainConfig, apply_overrides, field_help
-
-_FIELD_RE = re.compile(r"^(?:overrides: )?([a-z_]+)\.([a-z_0-9]+):")
 
 SECTIONS = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("schema_version", "base_dir")]
 
@@ -155,8 +152,9 @@ class ConfigModel(QObject):
     def _rebuild(self) -> None:
         """Build the config from the draft; fields that fail fall back to the last valid value.
 
-        The engine's ``validate`` names the first bad field only, so retry with that field
-        reverted until the rest builds: every bad field gets its own message.
+        The engine's error names its bad fields as attributes (``problems``, or ``field`` when
+        it stops at the first): each bad field is reverted and the build retried until the
+        rest builds, so every bad field gets its own message. The text is only ever shown.
         """
         scratch = copy.deepcopy(self._draft)
         last = {s: v for s, v in self.config.to_dict().items() if s != "schema_version"}
@@ -164,16 +162,17 @@ class ConfigModel(QObject):
         general = None
         for _ in range(64):
             try:
-                cfg = TrainConfig.from_dict(copy.deepcopy(scratch), source="form")
+                cfg = TrainConfig.from_dict(copy.deepcopy(scratch), source="")
             except ConfigError as e:
-                msg = str(e).removeprefix("form: ")
-                m = _FIELD_RE.match(msg)
-                key = f"{m.group(1)}.{m.group(2)}" if m else None
-                if key is None or key in errors or m.group(1) not in scratch or m.group(2) not in scratch[m.group(1)]:
-                    general = msg
+                bad = [(p.field, p.what) for p in e.problems if p.field] or [(e.field, e.what)]
+                known = [(key, what) for key, what in bad if key and _in(scratch, key) and key not in errors]
+                if not known:
+                    general = str(e)
                     break
-                errors[key] = msg.split(": ", 1)[1] if ": " in msg else msg
-                scratch[m.group(1)][m.group(2)] = copy.deepcopy(last[m.group(1)][m.group(2)])
+                for key, what in known:
+                    errors[key] = what
+                    section, name = key.split(".", 1)
+                    scratch[section][name] = copy.deepcopy(last[section][name])
             else:
                 cfg.base_dir = self.config.base_dir
                 self.config = cfg
@@ -182,6 +181,11 @@ class ConfigModel(QObject):
             self.errors = errors
             self.general_error = general
             self.errors_changed.emit()
+
+
+def _in(draft: dict[str, dict[str, Any]], key: str) -> bool:
+    section, _, name = key.partition(".")
+    return name in draft.get(section, {})
 
 
 def _rebase(cfg: TrainConfig, old: Path, new: Path) -> TrainConfig:

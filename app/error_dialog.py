@@ -91,17 +91,28 @@ class RunErrorDialog(QDialog):
         self.facts.setTextInteractionFlags(self.facts.textInteractionFlags().TextSelectableByMouse)
         lay.addWidget(self.facts)
 
-        lay.addWidget(QLabel(f"Details ({failure.error_type}):"))
+        self.details_label = QLabel(f"Details ({failure.error_type}):")
+        lay.addWidget(self.details_label)
         self.traceback = QPlainTextEdit(failure.traceback or "(no traceback)")
         self.traceback.setObjectName("errorTraceback")
         self.traceback.setReadOnly(True)
         self.traceback.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
         lay.addWidget(self.traceback, 1)
+        # an error the user can fix opens with the message and the fix; its details wait behind a click
+        user_error = failure.error is not None
+        self.details_label.setVisible(not user_error)
+        self.traceback.setVisible(not user_error)
+        if user_error:
+            lay.addStretch(1)
 
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         self.copy_button = QPushButton("Copy details")
         self.copy_button.clicked.connect(self.copy_details)
         buttons.addButton(self.copy_button, QDialogButtonBox.ButtonRole.ActionRole)
+        self.details_button = QPushButton("Show details")
+        self.details_button.setVisible(user_error)
+        self.details_button.clicked.connect(self.show_details)
+        buttons.addButton(self.details_button, QDialogButtonBox.ButtonRole.ActionRole)
         folder = Path(log_path).parent if log_path else (Path(run_dir) if run_dir else None)
         if folder is not None:
             open_button = QPushButton("Open log folder")
@@ -110,6 +121,11 @@ class RunErrorDialog(QDialog):
         buttons.rejected.connect(self.reject)
         buttons.accepted.connect(self.accept)
         lay.addWidget(buttons)
+
+    def show_details(self) -> None:
+        self.details_label.show()
+        self.traceback.show()
+        self.details_button.hide()
 
     def set_fix_choices(self, choices: list[FixChoice]) -> None:
         """Show the judged fixes: one row each, its description, its button, why a new run if it is one."""

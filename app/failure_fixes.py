@@ -2,10 +2,12 @@
 
 When a step runs out of GPU memory the engine's ``RunFailed`` carries the budget's fixes,
 each a description and ``section.field=value`` overrides. Whether a fix can continue the
-run is judged from the two configurations alone (``qlora_engine.train.resume_blockers``)
+run is judged from the two configurations alone (``qlora_engine.checkpoint.resume_blockers``,
+typed :class:`~qlora_engine.decisions.ResumeBlocker` values; torch-free)
 and from the checkpoints on disk, before anything is loaded, so the error dialog can say
 "Apply and resume from step N" or "Apply and start a new run" and why. No Qt here: the
-dialog draws these choices and the run actions carry them out.
+dialog draws these choices and the run actions carry them out. Nothing here parses engine text:
+a blocker's field says what changes.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_engine.checkpoint import list_checkpoints
+from qlora_engine.checkpoint import list_checkpoints, resume_blockers
 from qlora_engine.config import ConfigError, TrainConfig, apply_overrides
+from qlora_engine.decisions import ResumeBlocker
 from qlora_engine.events import RunFailed
 
 BEFORE_FIX_NAME = "config.before-fix.yaml"
@@ -88,15 +91,13 @@ def failed_run_config(run_dir: Path, started_config: dict[str, Any] | None = Non
 def judge_fixes(failure: RunFailed, run_dir: Path, started_config: dict[str, Any] | None = None) -> list[FixChoice]:
     """The failure's fixes judged against the run folder's configuration and checkpoints.
 
-    Reads files and imports the trainer module (torch): the window calls it off the GUI thread.
+    Reads the run's config and lists its checkpoints (no torch): the window calls it off the GUI thread.
     """
     return fix_choices(failure, failed_run_config(run_dir, started_config), run_dir)
 
 
 def fix_choices(failure: RunFailed, before: TrainConfig | None, run_dir: Path) -> list[FixChoice]:
     """The failure's fixes, each judged against the failed run's configuration and checkpoints."""
-    from qlora_engine.train import resume_blockers  # imports torch: not at the app's start-up
-
     run_dir = Path(run_dir)
     found = list_checkpoints(run_dir / "checkpoints")
     checkpoint_step = found[-1][0] if found else None  # what a resume (newest complete checkpoint) loads
@@ -126,16 +127,15 @@ def fix_choices(failure: RunFailed, before: TrainConfig | None, run_dir: Path) -
     return out
 
 
-def why_new_run(blockers: list[str]) -> str:
+def why_new_run(blockers: list[ResumeBlocker]) -> str:
     """One line from ``resume_blockers``: what the change touches, so the checkpoint no longer fits."""
-    keys = [b.split(":", 1)[0].strip() for b in blockers]
     things: list[str] = []
-    for key in keys:
-        thing = _WHAT_CHANGES.get(key) or _WHAT_CHANGES.get(key.split(".", 1)[0]) or key
+    for b in blockers:
+        thing = _WHAT_CHANGES.get(b.field) or _WHAT_CHANGES.get(b.section) or b.field
         if thing not in things:
             things.append(thing)
-    readable = [b for b in blockers if b.split(":", 1)[0].strip().startswith("data.")]
-    detail = f" ({'; '.join(readable)})" if readable else ""
+    data = [f"{b.field}: {b.before!r} -> {b.after!r}" for b in blockers if b.section == "data"]
+    detail = f" ({'; '.join(data)})" if data else ""
     return f"It changes {' and '.join(things)}{detail}, so the checkpoint does not fit: a new run starts."
 
 

@@ -281,7 +281,8 @@ class MainWindow(QMainWindow):
             self.budget.set_data_stats(report.get("token_stats"))
 
     def update_run_summary(self) -> None:
-        if self.runs.running or self.runs.replaying is not None:
+        """The Run page's second line: what Start trains now (derived from the form, whatever run is shown)."""
+        if self.runs.running:
             return
         m = self.config_model
         cfg = m.config
@@ -293,8 +294,8 @@ class MainWindow(QMainWindow):
         else:
             steps = f"{cfg.train.max_steps} steps" if cfg.train.max_steps else f"{cfg.train.epochs:g} epochs"
             text = (
-                f"Model {Path(cfg.model.ref).name} · data {Path(cfg.data.path).name} · LoRA rank {cfg.lora.rank} · "
-                f"{steps} · output {cfg.output_dir}"
+                f"Start trains: model {Path(cfg.model.ref).name} · data {Path(cfg.data.path).name} · "
+                f"LoRA rank {cfg.lora.rank} · {steps} · output {cfg.output_dir}"
             )
         self.run_view.set_summary(text)
 

@@ -18,7 +18,6 @@ from app.run_controller import RunController, absolute_config, holds_run, next_f
 from app.run_record import RunRecord
 from app.run_view import RunView
 from app.settings import add_known_run, workspace_dir
-from app.tasks import import_ml_stack
 from qlora_engine.config import ConfigError, TrainConfig, apply_overrides, check_ready
 from qlora_engine.events import RunFailed
 
@@ -83,23 +82,24 @@ class RunActions(QObject):
 
     # -- starting --------------------------------------------------------------------------
     def start(self) -> bool:
-        """Start a run with the form's configuration (after checking it)."""
+        """Start a run with the form's configuration, unless the engine has flagged any of it.
+
+        The checks are the engine's own: the config's validation (the form's field errors),
+        ``check_ready``, and the model and data pages' inspections (the engine's errors about
+        the model and the data chosen now). Nothing already flagged is started; the field at
+        fault is shown. Errors are read by their attributes, never by their text.
+        """
         w = self.window
         model = w.config_model
         if self.running:
             return False
-        if not model.valid:
-            key = next(iter(model.errors), None)
-            w.reveal_field(key)
-            self.tell("Fix the configuration first", f"{key}: {model.errors[key]}" if key else str(model.general_error))
+        problem = self.launch_blocker()
+        if problem is not None:
+            field, title, text = problem
+            w.reveal_field(field)
+            self.tell(title, text)
             return False
         cfg = model.config
-        try:
-            check_ready(cfg)
-        except ConfigError as e:
-            w.reveal_field(str(e).split(":", 1)[0])
-            self.tell("Not ready to train", str(e))
-            return False
         run_dir = cfg.output_dir
         resume = None
         if holds_run(run_dir):
@@ -114,17 +114,36 @@ class RunActions(QObject):
                 cfg = model.config
         return self._launch(cfg, resume=resume)
 
+    def launch_blocker(self) -> tuple[str | None, str, str] | None:
+        """Why Start must not launch the form's configuration now: (field, title, text); None: it may."""
+        w = self.window
+        model = w.config_model
+        if not model.valid:
+            key = next(iter(model.errors), None)
+            return key, "Fix the configuration first", f"{key}: {model.errors[key]}" if key else str(model.general_error)
+        try:
+            check_ready(model.config)
+        except ConfigError as e:
+            return e.field, "Not ready to train", str(e)
+        for page, field in ((w.model_page, "model.ref"), (w.data_page, "data.path")):
+            if page.error is not None:
+                return page.error.field or field, "Fix this first", str(page.error)
+        return None
+
     def _launch(self, cfg: TrainConfig, resume: bool | str | None = None) -> bool:
         w = self.window
         self.replaying = None
-        self.view.charts.set_overlays({})
+        if self.dialog is not None:  # the failure of a run before this one
+            self.dialog.close()
+            self.dialog = None
         try:
-            run_dir = self.controller.start(cfg, resume=resume, gpu=w.budget.selected_gpu())
-        except (ConfigError, RuntimeError, OSError) as e:
+            self.controller.start(cfg, resume=resume, gpu=w.budget.selected_gpu())
+        except (RuntimeError, OSError) as e:
             self.tell("Could not start the run", str(e))
             return False
+        run_dir = self.controller.run_dir
         self.view.show_record(self.controller.record, self.controller.state)
-        self.view.title.setText(f"Run: {run_dir.name}")
+        w.result_page.set_run(run_dir)  # Try and Export follow the run this page shows
         add_known_run(w.settings, run_dir)
         w.show_page("run")
         self.run_started.emit(run_dir)
@@ -185,9 +204,7 @@ class RunActions(QObject):
             return
         rec = RunRecord.from_dir(run_dir)
         self.replaying = Path(run_dir)
-        self.view.show_record(rec, "replay")
-        self.view.title.setText(f"Run: {Path(run_dir).name} (from history)")
-        self.view.set_summary(_record_summary(rec))
+        self.view.show_record(rec, "replay", note=f"from history · {_record_summary(rec)}")
         self.window.result_page.set_run(Path(run_dir))
         self.window.show_page("run")
 
@@ -229,12 +246,10 @@ class RunActions(QObject):
         self.dialog.setModal(False)
         self.dialog.show()
         if failure.fixes and run_dir is not None:
-            # judging a fix imports the trainer module (torch): seconds if nothing imported it yet
             started = self.controller.record.started
             config = dict(started.config) if started is not None and started.config else None
 
-            def judge() -> tuple[RunFailed, list[FixChoice]]:
-                import_ml_stack()
+            def judge() -> tuple[RunFailed, list[FixChoice]]:  # reads files: off the GUI thread
                 return failure, judge_fixes(failure, run_dir, config)
 
             self.window.history_tasks.submit(FIXES_TASK, judge)

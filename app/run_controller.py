@@ -5,6 +5,12 @@ does not depend on the app's working directory), starts the engine child process
 :class:`~app.run_worker.RunProcess`, feeds its events into a :class:`RunRecord`, samples
 the GPU's memory through NVML about twice a second, and turns an engine that died without
 a word (a native crash, a kill) into a ``RunFailed`` the window can show.
+
+Its state is derived (:mod:`app.job_state`): from the run's events first, then from what the
+user asked (stop, abort) and how the child exited. A failure is the engine's ``run_failed``
+event (also for one before the run starts); the child's stderr is only shown, never parsed.
+A resumed run's record starts from the run folder's ``events.jsonl``, so the curve and the
+elapsed time of the part before the resume stay.
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, QTimer, Signal, Slot
 
+import qlora_engine
+from app.job_state import JobFacts, ending_event, state_of
 from app.run_record import RunRecord
 from app.run_worker import RunProcess, engine_command
 from app.settings import data_dir, logs_dir
 from qlora_engine import gpu as gpu_facts
-from qlora_engine.config import TrainConfig, check_ready
-from qlora_engine.events import Event, LogLine, RunFailed
+from qlora_engine.config import TrainConfig
+from qlora_engine.events import Event
 
 VRAM_SAMPLE_MS = 500
 
@@ -92,6 +100,7 @@ class RunController(QObject):
         super().__init__(parent)
         self.process: RunProcess | None = None
         self.record = RunRecord()
+        self.facts = JobFacts()
         self.state = "idle"
         self.gpu: gpu_facts.GpuInfo | None = None
         self.config_path: Path | None = None
@@ -125,12 +134,10 @@ class RunController(QObject):
             config_path: launch this YAML as is (a run folder's own ``config.yaml`` when resuming).
 
         Raises:
-            ConfigError: the configuration is not ready to train (no model or data chosen).
             RuntimeError: a run is already live.
         """
         if self.running:
             raise RuntimeError("a run is already in progress")
-        check_ready(cfg)
         launch = absolute_config(cfg)
         run_dir = Path(launch.output.dir)
         if config_path is None:
@@ -150,7 +157,9 @@ class RunController(QObject):
         cmd = self.command_factory(config_path, resume)
         if getattr(sys, "frozen", False):  # the packaged app runs its own binary in engine mode
             cmd = [sys.executable, "--engine", *cmd[3:]]
-        self.record = RunRecord(run_dir=run_dir)
+        # a resumed run continues its record: the curve and the time before the resume stay
+        self.record = RunRecord.from_dir(run_dir) if resume else RunRecord(run_dir=run_dir)
+        self.facts = JobFacts(launched=True)
         proc = RunProcess(
             cmd, cwd=run_dir.parent if run_dir.parent.is_dir() else None, env=env, log_path=self.log_path, parent=self
         )
@@ -158,7 +167,7 @@ class RunController(QObject):
         proc.output.connect(self.output)
         proc.finished.connect(self._on_finished)
         self.process = proc
-        self._set_state("starting")
+        self._update_state()
         proc.start()
         if gpu is not None:
             self._sampler.start()
@@ -167,12 +176,14 @@ class RunController(QObject):
     def stop(self) -> None:
         """Save and finish at the next step boundary."""
         if self.running:
+            self.facts.stop_requested = True
             self.process.stop()
-            self._set_state("stopping")
+            self._update_state()
 
     def abort(self) -> None:
         """End the engine now; the checkpoints already on disk stay."""
         if self.running:
+            self.facts.abort_requested = True
             self.process.abort()
 
     def save_now(self) -> None:
@@ -186,8 +197,7 @@ class RunController(QObject):
     @Slot(object)
     def _on_event(self, e: Event) -> None:
         self.record.apply(e)
-        if self.state == "starting" and self.record.started is not None:
-            self._set_state("running")
+        self._update_state()
         self.event.emit(e)
         self.updated.emit()
 
@@ -202,57 +212,22 @@ class RunController(QObject):
     @Slot(int, str)
     def _on_finished(self, code: int, stderr_tail: str) -> None:
         self._sampler.stop()
-        rec = self.record
-        proc = self.process
-        if proc is not None and proc.aborted:
-            ckpt = rec.last_checkpoint
-            msg = (
-                f"Aborted. The last checkpoint is kept: {ckpt}"
-                if ckpt
-                else "Aborted before any checkpoint was written."
-            )
-            self._on_event(LogLine(level="warning", message=msg))
-            final = "aborted"
-        elif rec.failed is not None:
-            final = "failed"
-        elif rec.finished is not None:
-            final = "stopped" if rec.finished.stopped_early else "finished"
-        else:
-            final = "failed"
-            self._on_event(
-                RunFailed(
-                    error_type="EngineExited",
-                    message=_exit_message(code, stderr_tail),
-                    traceback=stderr_tail or "(the engine wrote nothing to stderr)",
-                    step=rec.step or None,
-                    last_checkpoint=rec.last_checkpoint,
-                )
-            )
+        self.facts.exit_code = code
+        closing = ending_event(self.record, self.facts, stderr_tail)
+        if closing is not None:
+            self._on_event(closing)
         self.updated.emit()
-        self._set_state(final)
-        if final == "failed":
-            self.failed.emit(rec.failed, str(self.log_path) if self.log_path else "")
-        self.ended.emit(final)
+        self._update_state()
+        if self.state == "failed":
+            self.failed.emit(self.record.failed, str(self.log_path) if self.log_path else "")
+        self.ended.emit(self.state)
 
-    def _set_state(self, state: str) -> None:
+    def _update_state(self) -> None:
+        state = state_of(self.record, self.facts)
         if state != self.state:
             self.state = state
             self.state_changed.emit(state)
 
 
-def _exit_message(code: int, stderr_tail: str) -> str:
-    last = [ln for ln in stderr_tail.strip().splitlines() if ln.strip()]
-    # the CLI prints user errors as "error: ..." / "hint: ..." on stderr and exits with 2
-    errors = [ln[len("error: ") :] for ln in last if ln.startswith("error: ")]
-    hints = [ln[len("hint: ") :] for ln in last if ln.startswith("hint: ")]
-    if errors:
-        return errors[-1] + (f"\n\n{hints[-1]}" if hints else "")
-    if code < 0 or code in (137, 139, -9, -11):
-        return f"The engine process was ended by the system (exit code {code}), for example out of memory."
-    return f"The engine process ended unexpectedly (exit code {code})."
-
-
 def _package_root() -> str:
-    import qlora_engine
-
     return str(Path(qlora_engine.__file__).resolve().parent.parent)

@@ -71,8 +71,11 @@ class RunRecord:
     failed: RunFailed | None = None
     first_time: float | None = None
     last_time: float | None = None
+    elapsed_before: float = 0.0
+    """Training time of the parts before the newest resume (the engine counts each part from 0)."""
     version: int = 0
     """Bumped on every change, so a view can skip redrawing what it has already drawn."""
+    _stale_latest: StepMetrics | None = field(default=None, repr=False)
     _series: dict[str, BoundedSeries] = field(default_factory=_new_series, repr=False)
     """Every drawn series by name: step metrics and eval loss by step, memory by time."""
 
@@ -100,6 +103,11 @@ class RunRecord:
         elif isinstance(e, PhaseChanged):
             self.phase, self.phase_detail = e.phase, e.detail
         elif isinstance(e, RunStarted):
+            if self.started is not None and not e.resumed_from:
+                self._start_over(e)  # a new run in the same folder: nothing of the old one is its own
+            if e.resumed_from and self.started is not None:
+                self.elapsed_before += self.segment_elapsed
+                self._stale_latest = self.latest  # its elapsed belongs to the part before
             if self.started is None or e.resumed_from:
                 self.started = e
             self.run_dir = Path(e.run_dir)
@@ -123,6 +131,10 @@ class RunRecord:
         elif isinstance(e, RunFailed):
             self.failed = e
             self.phase = "failed"
+
+    def _start_over(self, e: Event) -> None:
+        fresh = RunRecord(run_dir=self.run_dir, first_time=e.time, last_time=e.time, version=self.version)
+        self.__dict__.update(fresh.__dict__)
 
     def add_vram(self, used_bytes: float, process_bytes: float | None = None, at: float | None = None) -> None:
         """One NVML sample of the GPU's memory (the whole card's, and this run's if known)."""
@@ -173,6 +185,22 @@ class RunRecord:
         if self.started is None and self.latest is None:
             return "starting" if self.phase else "empty"
         return "running"
+
+    @property
+    def segment_elapsed(self) -> float:
+        """Seconds of training since the newest (re)start, as the engine reported them."""
+        if self.finished is not None:
+            return self.finished.elapsed
+        if self.latest is None or self.latest is self._stale_latest:
+            return 0.0
+        return self.latest.elapsed
+
+    @property
+    def elapsed(self) -> float | None:
+        """Seconds of training over every part of the run (resumes included); None before a step."""
+        if self.finished is None and (self.latest is None or self.latest is self._stale_latest):
+            return self.elapsed_before or None
+        return self.elapsed_before + self.segment_elapsed
 
     @property
     def estimate_peak(self) -> float | None:

@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
 
 from app.charts import RunCharts
 from app.run_record import RunRecord
-from qlora_engine.events import Event, LogLine, RunFailed, RunFinished, RunStarted, speed_paths
+from qlora_engine.events import Event, LogLine, PhaseChanged, RunFailed, StepMetrics, describe, fmt_duration
 
 REDRAW_MS = 250
 LOG_BLOCKS = 5000
@@ -44,13 +44,8 @@ STATE_TEXT = {
 }
 
 
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds < 0:
-        return "-"
-    s = int(seconds)
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+QUIET_PHASES = ("training", "done")
+"""Phases the log leaves out (the progress bar shows them)."""
 
 
 class RunView(QWidget):
@@ -147,9 +142,14 @@ class RunView(QWidget):
     def set_summary(self, text: str) -> None:
         self.summary.setText(text)
 
-    def show_record(self, record: RunRecord, state: str | None = None) -> None:
-        """Draw another record (a new live run, or a run opened from the history)."""
+    def show_record(self, record: RunRecord, state: str | None = None, note: str = "") -> None:
+        """Draw another record (a new live run, or a run opened from the history).
+
+        Everything drawn for the run shown before goes: curves, axes, log, header.
+        """
         self.record = record
+        name = record.run_dir.name if record.run_dir else ""
+        self.title.setText(f"Run: {name}" + (f" ({note})" if note else "") if name else "Run")
         self.charts.clear()
         self.log.clear()
         for line in record.logs:
@@ -175,26 +175,16 @@ class RunView(QWidget):
             self.log.appendPlainText(text)
 
     def append_event(self, e: Event) -> None:
-        """Log the events a person wants to read (steps are on the charts, not in the log)."""
+        """Log the events a person wants to read (steps are on the charts, not in the log).
+
+        The words are the engine's own (:func:`qlora_engine.events.describe`), as in a terminal.
+        """
+        if isinstance(e, (StepMetrics, PhaseChanged)) and (not isinstance(e, PhaseChanged) or e.phase in QUIET_PHASES):
+            return
         stamp = time.strftime("%H:%M:%S", time.localtime(e.time))
-        if isinstance(e, LogLine):
-            self.append_text(f"{stamp}  {e.message}", e.level)
-        elif isinstance(e, RunStarted):
-            where = f"resumed from {e.resumed_from} at step {e.start_step}" if e.resumed_from else "started"
-            speed = speed_paths(e.model)
-            line = f"{stamp}  run {where} on {e.device}: {e.total_steps} steps, folder {e.run_dir}"
-            self.append_text(line + (f"; {speed}" if speed else ""))
-        elif isinstance(e, RunFinished):
-            how = "stopped and saved" if e.stopped_early else "finished"
-            self.append_text(f"{stamp}  {how} at step {e.step} in {fmt_duration(e.elapsed)}; adapter: {e.adapter_dir}")
-        elif isinstance(e, RunFailed):
-            self.append_text(f"{stamp}  FAILED ({e.error_type}): {e.message}", "error")
-        elif e.kind == "checkpoint":
-            self.append_text(f"{stamp}  checkpoint saved: {e.path}")
-        elif e.kind == "eval":
-            self.append_text(f"{stamp}  eval at step {e.step}: loss {e.loss:.4f}")
-        elif e.kind == "phase" and e.phase not in ("training", "done"):
-            self.append_text(f"{stamp}  [{e.phase}] {e.detail}".rstrip())
+        level = e.level if isinstance(e, LogLine) else "error" if isinstance(e, RunFailed) else "info"
+        text = e.message if isinstance(e, LogLine) else describe(e)
+        self.append_text(f"{stamp}  {text}", level)
 
     def redraw(self) -> None:
         rec = self.record
@@ -209,7 +199,7 @@ class RunView(QWidget):
         if last is not None:
             if self.state in ("running", "stopping", "starting"):
                 parts.append(f"ETA {fmt_duration(last.eta)}")
-            parts.append(f"elapsed {fmt_duration(rec.finished.elapsed if rec.finished else last.elapsed)}")
+            parts.append(f"elapsed {fmt_duration(rec.elapsed)}")
             parts.append(f"loss {last.loss:.4f}")
             parts.append(f"{last.tokens_per_second:,.0f} tok/s")
         self.eta.setText("  ·  ".join(parts))

@@ -235,9 +235,11 @@ class TrainConfig:
         try:
             return cls._from_dict(data, source)
         except ConfigError as e:
-            if not source or str(e).startswith(source):
+            if not source or e.file or str(e).startswith(source):
                 raise
-            raise ConfigError(f"{source}: {e}", hint=e.hint) from None
+            raise ConfigError(
+                e.what, field=e.field, file=source, line=e.line, fix=e.fix, problems=e.problems
+            ) from None
 
     @classmethod
     def _from_dict(cls, data: dict[str, Any], source: str) -> TrainConfig:
@@ -264,7 +266,7 @@ class TrainConfig:
             known = {f.name for f in dataclasses.fields(sub_cls)}
             bad = sorted(set(value) - known)
             if bad:
-                raise ConfigError(f"{name}.{bad[0]}: unknown field; fields of '{name}': {sorted(known)}.")
+                raise ConfigError(f"unknown field; fields of '{name}': {sorted(known)}.", field=f"{name}.{bad[0]}")
             kwargs[name] = _construct(sub_cls, value)
         return cls(**kwargs)
 
@@ -389,13 +391,13 @@ def parse_layers(spec: str | None) -> list[int] | None:
         return None
     spec = str(spec)
     if not _RANGE_RE.match(spec):
-        raise ConfigError(f"lora.layers: {spec!r} is not a layer range; write e.g. '0-11' or '0,2,4-7'.")
+        raise ConfigError(f"{spec!r} is not a layer range; write e.g. '0-11' or '0,2,4-7'.", field="lora.layers")
     out: list[int] = []
     for part in spec.split(","):
         a, _, b = part.partition("-")
         lo, hi = int(a), int(b or a)
         if hi < lo:
-            raise ConfigError(f"lora.layers: range {part.strip()!r} runs backwards; write the lower number first.")
+            raise ConfigError(f"range {part.strip()!r} runs backwards; write the lower number first.", field="lora.layers")
         out.extend(range(lo, hi + 1))
     return sorted(set(out))
 
@@ -411,12 +413,12 @@ def validate(cfg: TrainConfig) -> None:
             value = getattr(obj, f.name)
             if not _type_ok(value, hints[f.name]):
                 raise ConfigError(
-                    f"{section.name}.{f.name}: {value!r} is not allowed; expected {_describe(hints[f.name])}."
+                    f"{value!r} is not allowed; expected {_describe(hints[f.name])}.", field=f"{section.name}.{f.name}"
                 )
 
     def need(cond: bool, name: str, value: Any, allowed: str) -> None:
         if not cond:
-            raise ConfigError(f"{name}: {value!r} is not allowed; {allowed}.")
+            raise ConfigError(f"{value!r} is not allowed; {allowed}.", field=name)
 
     lo, op, tr, da = cfg.lora, cfg.optim, cfg.train, cfg.data
     need(lo.rank >= 1, "lora.rank", lo.rank, "use a whole number of at least 1 (8-64 is typical)")
@@ -484,9 +486,9 @@ def validate(cfg: TrainConfig) -> None:
 def check_ready(cfg: TrainConfig) -> None:
     """Checks that only a config about to train must pass (a draft in the GUI may leave them empty)."""
     if not cfg.model.ref.strip():
-        raise ConfigError("model.ref: no model chosen; set a local folder, a .gguf file or a hub id.")
+        raise ConfigError("no model chosen; set a local folder, a .gguf file or a hub id.", field="model.ref")
     if not cfg.data.path.strip():
-        raise ConfigError("data.path: no training data chosen; set a file, a folder or a hub dataset id.")
+        raise ConfigError("no training data chosen; set a file, a folder or a hub dataset id.", field="data.path")
 
 
 # -- overrides -------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from app.config_model import ConfigModel
 from app.fields import FieldForm, debounce, row
 from app.pages.base import Page
 from app.tasks import TaskRunner, import_ml_stack
+from qlora_engine.errors import DataError, QLoRAError
 
 PREVIEW_ROWS = 2000
 PACKING_HINT = 0.3  # suggest packing when this share of the computed tokens would be padding
@@ -111,6 +112,8 @@ class DataPage(Page):
         self.tasks = tasks
         self.model_ref: str | None = None
         self.report: dict[str, Any] | None = None
+        self.error: QLoRAError | None = None
+        """The engine's error about the data chosen now (Start refuses while there is one)."""
         self.tokenizers = TokenizerCache()
         self.keys: list[str] = []
 
@@ -244,6 +247,7 @@ class DataPage(Page):
 
     def _on_changed(self, section: str, name: str) -> None:
         if section in ("", "data") and name not in ("validation_split", "validation_path", "packing"):
+            self.error = None  # it was about the data before this change
             self._timer.start()
         redraw = {("data", "max_length"), ("data", "packing"), ("train", "micro_batch_size")}
         if (section, name) in redraw and self.report:
@@ -251,6 +255,7 @@ class DataPage(Page):
 
     # -- inspection ------------------------------------------------------------------------
     def inspect_now(self) -> None:
+        self.error = None
         cfg = self.model.config
         if not cfg.data.path.strip():
             self.tasks.cancel("data")
@@ -270,9 +275,10 @@ class DataPage(Page):
             return
         hint = getattr(exc, "hint", None)
         self._show_message(str(exc) + (f"\n{hint}" if hint else ""), error=True)
+        self.error = exc if isinstance(exc, QLoRAError) else None
         cfg = self.model.config
-        if "cannot tell the data format" in str(exc) or "not found; the rows have" in str(exc):
-            self.tasks.submit("data-keys", lambda: raw_keys(cfg))
+        if isinstance(exc, DataError) and exc.field in ("data.format", "data.columns"):
+            self.tasks.submit("data-keys", lambda: raw_keys(cfg))  # offer to map the columns
 
     def _on_keys(self, key: str, keys: object) -> None:
         if key == "data-keys":

@@ -188,7 +188,14 @@ class ExportPage(QWidget):
         return self.format.currentData()
 
     def set_run(self, run_dir: Path | None) -> None:
-        self.run_dir = Path(run_dir) if run_dir else None
+        new = Path(run_dir) if run_dir else None
+        if new != self.run_dir and not self.busy:  # what was said about another run's export goes
+            self.last_export = None
+            for w in (self.phase, self.error, self.log):
+                w.clear()
+            self.progress.setRange(0, 1)
+            self.progress.setValue(0)
+        self.run_dir = new
         self._out_edited = False
         ok = has_adapter(self.run_dir)
         self.run_label.setText(

@@ -15,6 +15,7 @@ from app.config_model import ConfigModel
 from app.fields import debounce, row
 from app.pages.base import Page
 from app.tasks import TaskRunner, import_ml_stack
+from qlora_engine.errors import QLoRAError
 
 
 def fmt_count(n: int | None) -> str:
@@ -61,6 +62,8 @@ class ModelPage(Page):
         super().__init__(model, parent)
         self.tasks = tasks
         self.info = None
+        self.error: QLoRAError | None = None
+        """The engine's error about the model chosen now (Start refuses while there is one)."""
         self._inspected_key: tuple | None = None
 
         self.demo_banner = QFrame()
@@ -160,6 +163,7 @@ class ModelPage(Page):
     def _on_changed(self, section: str, name: str) -> None:
         relevant = section == "" or (section == "model" and name in ("ref", "trust_remote_code", "revision"))
         if relevant and self._key() != self._inspected_key:
+            self.error = None  # it was about the model before this change
             self._inspect_timer.start()
 
     def inspect_now(self) -> None:
@@ -184,6 +188,7 @@ class ModelPage(Page):
         msg = str(exc)
         hint = getattr(exc, "hint", None)
         self._show(None, msg + (f"\n{hint}" if hint else ""), error=True)
+        self.error = exc if isinstance(exc, QLoRAError) else None
 
     def _show(self, info, status: str, error: bool = False) -> None:
         self.info = info

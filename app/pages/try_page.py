@@ -254,6 +254,11 @@ class TryPage(QWidget):
         new = Path(run_dir) if run_dir else None
         if new != self.run_dir and self._worker is not None and not self.busy:
             self._unload.emit()  # free the old run's model now; the new one loads on the first prompt
+        if new != self.run_dir and not self.busy:  # another run's answers are not this run's
+            for side in SIDES:
+                self.panes[side].clear()
+                self.footers[side].clear()
+            self.status.clear()
         self.run_dir = new
         usable = has_adapter(new)
         self.run_label.setText(

@@ -171,6 +171,7 @@ def detect_format(rows: list[dict[str, Any]], label: str) -> tuple[str, dict[str
             f"Accepted formats: {ACCEPTED_FORMATS}.",
             hint="Map your columns to ours with data.columns, e.g. {instruction: question, output: answer}, "
             "or set data.format.",
+            field="data.format",
         )
     best = max(FORMATS, key=lambda f: (fits[f], -FORMATS.index(f)))
     evidence["reason"] = f"{_describe(best)} in {fits[best]} of {len(rows)} rows"

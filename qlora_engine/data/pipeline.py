@@ -105,7 +105,7 @@ class RowReader:
         ]
         if missing:
             seen = sorted({k for r in self._head if r.data is not None for k in r.data})
-            raise DataError(f"{self.src.label}: column {missing[0]} not found; the rows have {seen}.")
+            raise DataError(f"{self.src.label}: column {missing[0]} not found; the rows have {seen}.", field="data.columns")
         if self.dc.format != "auto":
             return self.dc.format, {"given": "data.format", "rows_examined": len(data)}
         return detect_format(data, self.src.label)

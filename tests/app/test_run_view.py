@@ -131,6 +131,11 @@ def test_stop_and_abort_reach_the_child(qtbot, window, tmp_path, events_dir):
     with qtbot.waitSignal(ctl.ended, timeout=20_000) as blocker:
         window.run_view.stop_button.click()
     assert blocker.args == ["stopped"]  # the replay finished as the engine does on "stop"
+    # a run still training (no run_finished yet) is aborted
+    unfinished = tmp_path / "unfinished.jsonl"
+    lines = (events_dir / "normal.jsonl").read_text().splitlines(keepends=True)
+    unfinished.write_text("".join(ln for ln in lines if '"run_finished"' not in ln and '"done"' not in ln))
+    use_replay(window, unfinished, "--hang")
     window.config_model.set_value("output", "dir", str(tmp_path / "runs" / "second"))
     with qtbot.waitSignal(ctl.updated, timeout=20_000):
         window.runs.start()
