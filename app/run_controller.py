@@ -2,7 +2,7 @@
 
 The controller writes the configuration it launches (every path made absolute, so the run
 does not depend on the app's working directory), starts the engine child process through
-:class:`~app.run_worker.RunProcess`, feeds its events into a :class:`RunRecord`, samples
+:class:`~app.run_worker.EngineJob`, feeds its events into a :class:`RunRecord`, samples
 the GPU's memory through NVML about twice a second, and turns an engine that died without
 a word (a native crash, a kill) into a ``RunFailed`` the window can show.
 
@@ -16,18 +16,15 @@ elapsed time of the part before the resume stay.
 from __future__ import annotations
 
 import copy
-import os
 import re
-import sys
 import time
 from pathlib import Path
 
 from PySide6.QtCore import QObject, QTimer, Signal, Slot
 
-import qlora_engine
 from app.job_state import JobFacts, ending_event, state_of
 from app.run_record import RunRecord
-from app.run_worker import RunProcess, engine_command
+from app.run_worker import EngineJob, engine_command, engine_env
 from app.settings import data_dir, logs_dir
 from qlora_engine import gpu as gpu_facts
 from qlora_engine.config import TrainConfig
@@ -98,7 +95,7 @@ class RunController(QObject):
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
-        self.process: RunProcess | None = None
+        self.process: EngineJob | None = None
         self.record = RunRecord()
         self.facts = JobFacts()
         self.state = "idle"
@@ -148,19 +145,16 @@ class RunController(QObject):
         self.run_dir = run_dir
         self.log_path = logs_dir() / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         self.gpu = gpu
-        env = dict(os.environ)
+        env = engine_env()
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu.cuda_visible_id
         elif launch.train.device != "cuda":
             env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU was chosen: keep the child off every GPU
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")]))
         cmd = self.command_factory(config_path, resume)
-        if getattr(sys, "frozen", False):  # the packaged app runs its own binary in engine mode
-            cmd = [sys.executable, "--engine", *cmd[3:]]
         # a resumed run continues its record: the curve and the time before the resume stay
         self.record = RunRecord.from_dir(run_dir) if resume else RunRecord(run_dir=run_dir)
         self.facts = JobFacts(launched=True)
-        proc = RunProcess(
+        proc = EngineJob(
             cmd, cwd=run_dir.parent if run_dir.parent.is_dir() else None, env=env, log_path=self.log_path, parent=self
         )
         proc.event.connect(self._on_event)
@@ -227,7 +221,3 @@ class RunController(QObject):
         if state != self.state:
             self.state = state
             self.state_changed.emit(state)
-
-
-def _package_root() -> str:
-    return str(Path(qlora_engine.__file__).resolve().parent.parent)

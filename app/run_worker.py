@@ -1,4 +1,8 @@
-"""Runs the engine as a child process from a QThread and turns its JSONL stdout into signals.
+"""The job object: one engine child process, its events in, its control lines out, its exit.
+
+Every piece of work that touches weights runs in a child (``python -m qlora_engine ...
+--events -``): training, Try (``chat --serve``) and Export. :class:`EngineJob` owns one such
+child from start to exit; pages observe it through its signals and never touch the process.
 
 Why a child process under the thread (see docs/DESIGN.md): a CUDA out-of-memory error or a native
 crash cannot take the window down, and all VRAM returns to the system when a run ends.
@@ -34,15 +38,33 @@ from qlora_engine.events import from_dict, redact
 BATCH = 50
 """Most events the GUI thread handles in one turn of its event loop."""
 
+TERMINATE = "\x00terminate"
+"""Queued in place of a line when the child is asked to end before it exists."""
+
 CHILDREN: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
 """Every engine process the app started (the tests' leak check reads it)."""
+
+
+def engine_argv(*args: str) -> list[str]:
+    """``python -m qlora_engine ARGS`` for this interpreter (the packaged app: its own binary in engine mode)."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable, "--engine", *args]
+    return [sys.executable, "-m", "qlora_engine", *args]
+
+
+def engine_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: this one, with the engine's package root importable."""
+    env = dict(os.environ if base is None else base)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
 
 
 def engine_command(
     config_path: Path, resume: str | bool | None = None, overrides: list[str] | None = None
 ) -> list[str]:
     """The command line of ``qlora-engine train`` for this interpreter."""
-    cmd = [sys.executable, "-m", "qlora_engine", "train", str(config_path), "--events", "-", "--control-stdin"]
+    cmd = engine_argv("train", str(config_path), "--events", "-", "--control-stdin")
     if resume:
         cmd.append("--resume")
         if isinstance(resume, (str, Path)):
@@ -98,6 +120,7 @@ class RunWorker(QObject):
         self._stderr_tail: deque[str] = deque(maxlen=200)
         self._queue: deque[tuple[str, object]] = deque()
         self._woken = False
+        self._early_input: list[str] = []
 
     def _put(self, kind: str, item: object) -> None:
         with self._lock:
@@ -142,11 +165,15 @@ class RunWorker(QObject):
         except OSError as e:
             self._put("output", f"could not start the engine: {e}")
             self.finished.emit(-1, str(e))
+            QThread.currentThread().quit()
             return
         CHILDREN.add(proc)
         with self._lock:
             self.proc = proc
             aborted = self._aborted
+            early, self._early_input = self._early_input, []
+        for line in early:  # lines sent (or an end asked for) before the child existed, in order
+            self.terminate() if line is TERMINATE else self.send(line)
         if aborted:
             _kill_tree(proc)
         self.started.emit(proc.pid)
@@ -169,6 +196,9 @@ class RunWorker(QObject):
                     except OSError:
                         pass
         self.finished.emit(proc.returncode, "".join(self._stderr_tail))
+        # end this thread's event loop now, so EngineJob.wait() returns even while the GUI thread
+        # blocks in it (the queued ``finished`` is delivered when the GUI thread runs again)
+        QThread.currentThread().quit()
 
     def _handle_stdout(self, line: str) -> None:
         text = line.strip()
@@ -196,6 +226,9 @@ class RunWorker(QObject):
         """Write one control line (``stop``, ``save``, ``abort``) to the child; False if it is gone."""
         with self._lock:
             proc = self.proc
+            if proc is None and not self._aborted:
+                self._early_input.append(command)  # the thread has not started the child yet
+                return True
             if proc is None or proc.poll() is not None or proc.stdin is None or proc.stdin.closed:
                 return False
             try:
@@ -204,6 +237,16 @@ class RunWorker(QObject):
                 return True
             except (BrokenPipeError, OSError, ValueError):
                 return False
+
+    def terminate(self) -> None:
+        """Ask the child to end (SIGTERM): the engine unwinds and removes its temporary folders."""
+        with self._lock:
+            proc = self.proc
+            if proc is None:
+                self._early_input.append(TERMINATE)  # the child is ended as soon as it exists
+                return
+        if proc.poll() is None:
+            proc.terminate()
 
     def kill(self) -> None:
         """End the child now (Abort). Checkpoints already written stay on disk."""
@@ -218,11 +261,13 @@ class RunWorker(QObject):
         return self.proc.pid if self.proc else None
 
 
-class RunProcess(QObject):
-    """The GUI's handle on one engine run: starts the thread and worker, relays their signals.
+class EngineJob(QObject):
+    """The GUI's handle on one engine child process: starts the thread and worker, relays their signals.
 
-    ``stop()`` asks the engine to save and finish at the next step boundary; ``abort()`` ends
-    the process now. ``finished`` fires once, after the thread has ended.
+    ``send(line)`` writes a control line (a training run's ``stop``/``save``, a Try session's
+    JSON request or ``cancel``); ``terminate()`` asks the child to end (an export's Cancel);
+    ``abort()`` ends it now. ``finished(returncode, stderr_tail)`` fires once, after every
+    event the child wrote has been delivered and the thread has ended.
     """
 
     started = Signal(int)
@@ -244,7 +289,7 @@ class RunProcess(QObject):
         self.stop_requested = False
         self.aborted = False
         self._thread = track(QThread())
-        self._thread.setObjectName("engine-run")
+        self._thread.setObjectName(f"engine-{cmd[3] if len(cmd) > 3 else 'job'}")
         self._worker = RunWorker(cmd, cwd, env, log_path)
         self._worker.moveToThread(self._thread)
         self._thread.started.connect(self._worker.run)
@@ -271,6 +316,13 @@ class RunProcess(QObject):
 
     def save_now(self) -> bool:
         return self._worker.send("save")
+
+    def send(self, line: str) -> bool:
+        """Write one line to the child's stdin; False if it is gone."""
+        return self._worker.send(line)
+
+    def terminate(self) -> None:
+        self._worker.terminate()
 
     def abort(self) -> None:
         self.aborted = True

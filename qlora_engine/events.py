@@ -160,9 +160,46 @@ class RunFailed(Event):
         return errors.from_dict(self.error) if self.error else None
 
 
+@dataclass(frozen=True)
+class ChatReady(Event):
+    """``chat --serve``: the model is loaded and the server reads requests."""
+
+    kind: ClassVar[str] = "chat_ready"
+    model: str
+    device: str
+
+
+@dataclass(frozen=True)
+class AnswerPiece(Event):
+    """``chat --serve``: new text of one side's answer to request ``request``."""
+
+    kind: ClassVar[str] = "answer_piece"
+    request: int
+    side: str
+    """'base' (adapter off) or 'tuned'."""
+    text: str
+
+
+@dataclass(frozen=True)
+class AnswerDone(Event):
+    """``chat --serve``: one side's answer is complete."""
+
+    kind: ClassVar[str] = "answer_done"
+    request: int
+    side: str
+    text: str
+    tokens: int
+    tokens_per_second: float
+    finish_reason: str
+    """'eos' (the model ended its answer), 'length' (the token limit) or 'cancelled'."""
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
-    for cls in (RunStarted, PhaseChanged, StepMetrics, EvalResult, CheckpointSaved, LogLine, RunFinished, RunFailed)
+    for cls in (
+        RunStarted, PhaseChanged, StepMetrics, EvalResult, CheckpointSaved, LogLine, RunFinished, RunFailed,
+        ChatReady, AnswerPiece, AnswerDone,
+    )
 }
 
 
@@ -313,6 +350,13 @@ def describe(e: Event) -> str:
     elif isinstance(e, RunFinished):
         how = "stopped and saved" if e.stopped_early else "finished"
         msg = f"{how} at step {e.step} in {fmt_duration(e.elapsed)}; adapter: {e.adapter_dir}"
+    elif isinstance(e, ChatReady):
+        msg = f"model ready: {e.model} on {e.device}"
+    elif isinstance(e, AnswerPiece):
+        msg = e.text
+    elif isinstance(e, AnswerDone):
+        why = {"eos": "ended by the model", "length": "stopped at the token limit"}.get(e.finish_reason, e.finish_reason)
+        msg = f"[{e.side}: {e.tokens} tokens, {e.tokens_per_second:.1f} tok/s, {why}]"
     elif isinstance(e, RunFailed):
         msg = f"FAILED: {e.message}"
         if e.hint:

@@ -1,10 +1,10 @@
 """Export view: write a finished run as an adapter folder, a merged 16-bit model, or GGUF + Modelfile.
 
-It calls the same ``qlora_engine.export.export`` the ``qlora-engine export`` command runs (the
-page shows that command), in a worker on its own ``QThread``; the engine's progress events come
-back as signals. Cancel sets a flag the export checks between steps; the engine then removes
-its temporary folder, so nothing half-written is left and an existing folder is never touched
-unless "Replace" is ticked.
+It runs the very ``qlora-engine export`` command the page shows, as a child process with
+``--events -`` held by one :class:`~app.run_worker.EngineJob` (the window never imports torch);
+its progress events come back as signals, a failure as its ``run_failed`` event. Cancel asks
+the child to end (SIGTERM); the engine then removes its temporary folder, so nothing
+half-written is left and an existing folder is never touched unless "Replace" is ticked.
 
 ``TryExportPage`` puts the Try view and this one under one flow step, with the ``set_run``
 interface of the page it replaces.
@@ -16,7 +16,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QUrl, Signal, Slot
+from PySide6.QtCore import QUrl, Signal
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -35,8 +35,8 @@ from PySide6.QtWidgets import (
 )
 
 from app.pages.try_page import TryPage, has_adapter
-from app.tasks import JobWorker, SignalSink, WorkerThread, import_ml_stack
-from qlora_engine.events import Event, LogLine, PhaseChanged
+from app.run_worker import EngineJob, engine_argv, engine_env
+from qlora_engine.events import Event, LogLine, PhaseChanged, RunFailed
 
 FORMATS = {
     "adapter": (
@@ -57,29 +57,9 @@ FORMATS = {
 }
 
 
-class ExportWorker(JobWorker):
-    event = Signal(object)
-    done = Signal(str)
-    cancelled = Signal()
-
-    @Slot(str, str, str, object)
-    def run(self, source: str, fmt: str, out: str, options: dict) -> None:
-        from qlora_engine.export import ExportCancelled, export
-
-        try:
-            import_ml_stack()
-            path = export(source, fmt, out, sink=SignalSink(self.event.emit), should_stop=self.cancel.is_set, **options)
-            self.done.emit(str(path))
-        except ExportCancelled:
-            self.cancelled.emit()
-        except Exception as e:
-            self.report_failure(e)
-
-
 class ExportPage(QWidget):
-    """Choose a format and a folder, export, watch progress. ``shutdown()`` ends the worker thread."""
+    """Choose a format and a folder, export, watch progress. ``shutdown()`` ends the export's process."""
 
-    _request = Signal(str, str, str, object)
     finished = Signal(str, str)
     """(outcome, detail): ('done', folder), ('failed', message) or ('cancelled', '')."""
 
@@ -89,7 +69,9 @@ class ExportPage(QWidget):
         self.busy = False
         self.last_export: Path | None = None
         self._out_edited = False
-        self._jobs = WorkerThread("export", ExportWorker, self._connect_worker)
+        self.job: EngineJob | None = None
+        self._failure: RunFailed | None = None
+        self._cancelled = False
 
         self.run_label = QLabel("Finish a run (or open one from the history) to export it.")
         self.run_label.setObjectName("hint")
@@ -214,10 +196,12 @@ class ExportPage(QWidget):
         }
 
     def command_line(self) -> str:
-        if self.run_dir is None:
-            return ""
+        """The same export from a terminal (what the page runs, less ``--events -``)."""
+        return shlex.join(["qlora-engine", *self.export_args()]) if self.run_dir is not None else ""
+
+    def export_args(self) -> list[str]:
         o = self.options()
-        args = ["qlora-engine", "export", str(self.run_dir), "--format", self.fmt(), "--out", self.out.text().strip()]
+        args = ["export", str(self.run_dir), "--format", self.fmt(), "--out", self.out.text().strip()]
         if self.fmt() != "adapter" and o["dtype"] != "auto":
             args += ["--dtype", o["dtype"]]
         if self.fmt() == "gguf":
@@ -227,7 +211,7 @@ class ExportPage(QWidget):
                 args.append("--no-lora")
         if o["overwrite"]:
             args.append("--force")
-        return shlex.join(args)
+        return args
 
     def _default_out(self) -> None:
         if self.run_dir is not None and not self._out_edited:
@@ -266,42 +250,41 @@ class ExportPage(QWidget):
         if self.last_export is not None:
             QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.last_export)))
 
-    # -- the worker thread ----------------------------------------------------------------------
-
-    @property
-    def _worker(self) -> ExportWorker | None:
-        """The worker, once the first export has started its thread."""
-        return self._jobs.worker
-
-    def _connect_worker(self, worker: ExportWorker) -> None:
-        self._request.connect(worker.run)
-        worker.event.connect(self._on_event)
-        worker.done.connect(self._on_done)
-        worker.failed.connect(self._on_failed)
-        worker.cancelled.connect(self._on_cancelled)
+    # -- the child process ------------------------------------------------------------------------
 
     def shutdown(self, timeout_ms: int = 120_000) -> bool:
-        """Cancel a running export and end the thread. True if it ended in time."""
-        ended = self._jobs.stop(timeout_ms)
-        self.busy = False
+        """Cancel a running export and wait for its process to end. True if it ended in time."""
+        job = self.job
+        if job is None:
+            return True
+        job.terminate()
+        ended = job.wait(timeout_ms)
+        if not ended:
+            job.abort()
+            ended = job.wait(timeout_ms)
         return ended
 
     def start(self) -> None:
         if self.busy or not self.export_button.isEnabled():
             return
-        worker = self._jobs.ensure()
-        worker.cancel.clear()
         self.busy = True
+        self._failure = None
+        self._cancelled = False
         self.error.setText("")
         self.log.clear()
         self.phase.setText("Starting …")
         self.progress.setRange(0, 0)  # busy: the steps of an export have no common unit
         self._refresh()
-        self._request.emit(str(self.run_dir), self.fmt(), self.out.text().strip(), self.options())
+        self.job = EngineJob(engine_argv(*self.export_args(), "--events", "-"), env=engine_env(), parent=self)
+        self.job.event.connect(self._on_event)
+        self.job.output.connect(self.log.appendPlainText)
+        self.job.finished.connect(self._on_exit)
+        self.job.start()
 
     def cancel(self) -> None:
-        if self._worker is not None and self.busy:
-            self._worker.cancel.set()
+        if self.job is not None and self.busy:
+            self._cancelled = True
+            self.job.terminate()
             self.phase.setText("Cancelling after the current step …")
 
     def _on_event(self, event: Event) -> None:
@@ -310,29 +293,36 @@ class ExportPage(QWidget):
             self.log.appendPlainText(event.detail)
         elif isinstance(event, LogLine):
             self.log.appendPlainText(f"{event.level}: {event.message}")
+        elif isinstance(event, RunFailed):
+            self._failure = event
 
-    def _finish(self, outcome: str, detail: str) -> None:
+    def _on_exit(self, code: int, stderr_tail: str) -> None:
+        """The export's process has ended: done, failed (its run_failed event), or cancelled."""
+        job, self.job = self.job, None
+        if job is not None:
+            job.deleteLater()
         self.busy = False
+        out = self.out.text().strip()
+        if self._failure is not None:
+            f = self._failure
+            self.phase.setText("The export failed; nothing was written.")
+            self.error.setText(f.message + (f"\n{f.hint}" if f.hint else ""))
+            outcome, detail = "failed", f.message
+        elif code == 0:
+            self.last_export = Path(out)
+            self.phase.setText(f"Exported to {out}")
+            outcome, detail = "done", out
+        elif self._cancelled:
+            self.phase.setText("Cancelled; nothing was written.")
+            outcome, detail = "cancelled", ""
+        else:
+            self.phase.setText("The export failed; nothing was written.")
+            self.error.setText(f"The export process ended unexpectedly (exit code {code}); its output is below.")
+            outcome, detail = "failed", f"exit code {code}"
         self.progress.setRange(0, 1)
         self.progress.setValue(1 if outcome == "done" else 0)
         self._refresh()
         self.finished.emit(outcome, detail)
-
-    def _on_done(self, path: str) -> None:
-        self.last_export = Path(path)
-        self.phase.setText(f"Exported to {path}")
-        self._finish("done", path)
-
-    def _on_failed(self, message: str, hint: str, tb: str) -> None:
-        self.phase.setText("The export failed; nothing was written.")
-        self.error.setText(message + (f"\n{hint}" if hint else ""))
-        if tb:
-            self.log.appendPlainText(tb)
-        self._finish("failed", message)
-
-    def _on_cancelled(self) -> None:
-        self.phase.setText("Cancelled; nothing was written.")
-        self._finish("cancelled", "")
 
 
 class TryExportPage(QWidget):

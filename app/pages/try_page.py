@@ -1,20 +1,22 @@
-"""Try view: one prompt, two answers side by side, from the base model and from the tuned model.
+"""Try view: a conversation with the tuned model, and the base model's answers beside it.
 
-Both answers come from one model in memory, the run's base in 4 bit with its adapter
-(``qlora_engine.generate.ChatModel``): the base answer is generated with the adapter disabled.
-The answers stream in token by token, in turns. Loading and generating run in a worker on
-its own ``QThread``; Cancel sets a flag the generation loop checks between tokens (the worker's
-thread is busy in that loop, so a queued call could not reach it). The model stays loaded
-between prompts and is dropped when another run is chosen or the page shuts down.
+The model runs in a child process (``qlora-engine chat RUN --serve --events -``, see
+:mod:`qlora_engine.chat_server`), held by one :class:`~app.run_worker.EngineJob`: the window
+never imports torch, and a model that runs out of memory cannot take the window down. The
+child loads the run's base in 4 bit with its adapter once; each message goes to it as one
+JSON line, and the answers stream back as events. The base side is the same weights with the
+adapter off. Each side keeps its own conversation (the model's chat template, the system
+prompt, the usual generation settings), so a multi-turn chat shows how the two differ.
+Cancel is a ``cancel`` line the child checks between tokens; choosing another run ends the
+child and forgets the conversation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
-from PySide6.QtCore import Qt, Signal, Slot
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QKeySequence, QShortcut, QTextCursor
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -32,12 +34,20 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.tasks import JobWorker, SignalSink, WorkerThread, import_ml_stack
-from qlora_engine.events import Event, PhaseChanged
+from app.run_worker import EngineJob, engine_argv, engine_env
+from qlora_engine.chat_server import request_line
+from qlora_engine.events import AnswerDone, AnswerPiece, ChatReady, Event, PhaseChanged, RunFailed
 from qlora_engine.generate import GenerationSettings
 
 SIDES = {"base": "Base model (adapter off)", "tuned": "Tuned model (adapter on)"}
 FINISH = {"eos": "ended by the model", "length": "stopped at the token limit", "cancelled": "cancelled"}
+LOADING = {
+    "resolving": "Finding the base model …",
+    "converting": "Converting the GGUF base model once (cached afterwards) …",
+    "loading_model": "Loading the model in 4 bit …",
+}
+QUIT_WAIT_MS = 10_000
+"""How long shutting down waits for the child to leave on ``quit`` before ending it."""
 
 
 def has_adapter(path: Path | None) -> bool:
@@ -51,92 +61,32 @@ def setting_help(name: str) -> str:
     return next(f.metadata.get("help", "") for f in dataclasses.fields(GenerationSettings) if f.name == name)
 
 
-class _StatusSink(SignalSink):
-    """Turns the loader's phase events into status text for the page."""
-
-    def emit(self, event: Event) -> None:
-        text = {
-            "resolving": "Finding the base model …",
-            "converting": "Converting the GGUF base model once (cached afterwards) …",
-            "loading_model": "Loading the model in 4 bit …",
-        }.get(getattr(event, "phase", ""))
-        if isinstance(event, PhaseChanged) and text:
-            self._emit(text)
-
-
-class TryWorker(JobWorker):
-    """Lives on the try thread: loads a run's model once, answers prompts with it."""
-
-    status = Signal(str)
-    loaded = Signal(str)
-    piece = Signal(str, str)
-    finished = Signal(object)
-    """``{'base': GenerationResult, 'tuned': GenerationResult}`` (one side only without comparison)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.chat: Any = None
-        self.source: str | None = None
-
-    @Slot(str, object, object, bool)
-    def answer(self, source: str, prompt: Any, settings: GenerationSettings, compare: bool) -> None:
-        try:
-            import_ml_stack()
-            if self.chat is None or self.source != source:
-                self.unload()
-                from qlora_engine.generate import ChatModel
-
-                self.status.emit("Loading the model …")
-                self.chat = ChatModel.load(source, sink=_StatusSink(self.status.emit))
-                self.source = source
-                self.loaded.emit(f"{self.chat.info.config.model.ref} + adapter, on {self.chat.device}")
-            stop = self.cancel.is_set
-            if stop():
-                self.finished.emit({})
-                return
-            self.status.emit("Generating …")
-            if compare:
-                results = self.chat.compare(prompt, settings, on_text=self.piece.emit, should_stop=stop)
-            else:
-                r = self.chat.generate(
-                    prompt, settings, on_text=lambda t: self.piece.emit("tuned", t), should_stop=stop
-                )
-                results = {"tuned": r}
-            self.finished.emit(results)
-        except Exception as e:
-            self.report_failure(e)
-
-    @Slot()
-    def unload(self) -> None:
-        if self.chat is not None:
-            self.chat.close()
-        self.chat = None
-        self.source = None
-
-
 class TryPage(QWidget):
-    """The playground. ``set_run(run_dir)`` chooses the run; ``shutdown()`` ends the worker thread."""
+    """The playground. ``set_run(run_dir)`` chooses the run; ``shutdown()`` ends the model's process."""
 
-    _request = Signal(str, object, object, bool)
-    _unload = Signal()
     answered = Signal(object)
-    """Emitted when an answer (or a comparison) is complete, with the results."""
+    """A message is answered (or cancelled, or failed): ``{side: AnswerDone}`` ({} on a failure)."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.run_dir: Path | None = None
         self.busy = False
-        self._jobs = WorkerThread("try-model", TryWorker, self._connect_worker)
+        self.job: EngineJob | None = None
+        self.job_run: Path | None = None
+        self.conversation: dict[str, list[dict[str, str]]] = {side: [] for side in SIDES}
+        self._request = 0
+        self._waiting: set[str] = set()
+        self._results: dict[str, AnswerDone] = {}
 
         self.run_label = QLabel("Finish a run (or open one from the history) to try it.")
         self.run_label.setObjectName("hint")
         self.run_label.setWordWrap(True)
         self.prompt = QPlainTextEdit()
         self.prompt.setObjectName("tryPrompt")
-        self.prompt.setPlaceholderText("Ask something the fine-tune should answer differently …  (Ctrl+Enter sends)")
+        self.prompt.setPlaceholderText("Write a message …  (Ctrl+Enter sends; the conversation goes on)")
         self.prompt.setMaximumHeight(110)
         self.system = QLineEdit()
-        self.system.setPlaceholderText("optional system message")
+        self.system.setPlaceholderText("optional system prompt")
         self.system.setToolTip(setting_help("system"))
 
         d = GenerationSettings()
@@ -157,6 +107,7 @@ class TryPage(QWidget):
         self.raw = QCheckBox("Plain text (no chat template)")
         self.compare = QCheckBox("Compare with the base model")
         self.compare.setChecked(True)
+        self.compare.toggled.connect(self.new_conversation)  # two sides must have heard the same turns
         for w, name in (
             (self.max_new_tokens, "max_new_tokens"),
             (self.temperature, "temperature"),
@@ -165,7 +116,7 @@ class TryPage(QWidget):
             (self.raw, "raw"),
         ):
             w.setToolTip(setting_help(name))
-        self.compare.setToolTip("Generate the base model's answer too (same weights with the adapter off, same seed).")
+        self.compare.setToolTip("Answer with the base model too (same weights with the adapter off, same seed).")
 
         settings_box = QGroupBox("Settings")
         form = QFormLayout(settings_box)
@@ -177,17 +128,19 @@ class TryPage(QWidget):
         form.addRow(self.raw)
         form.addRow(self.compare)
 
-        self.generate_button = QPushButton("Generate")
+        self.generate_button = QPushButton("Send")
         self.generate_button.setObjectName("primary")
         self.generate_button.clicked.connect(self.generate)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.clicked.connect(self.cancel)
+        self.reset_button = QPushButton("New conversation")
+        self.reset_button.clicked.connect(self.new_conversation)
         self.status = QLabel("")
         self.status.setObjectName("tryStatus")
         self.status.setWordWrap(True)
         buttons = QHBoxLayout()
-        buttons.addWidget(self.generate_button)
-        buttons.addWidget(self.cancel_button)
+        for b in (self.generate_button, self.cancel_button, self.reset_button):
+            buttons.addWidget(b)
         buttons.addWidget(self.status, 1)
         QShortcut(QKeySequence("Ctrl+Return"), self.prompt, activated=self.generate)
 
@@ -198,13 +151,12 @@ class TryPage(QWidget):
             box = QWidget()
             lay = QVBoxLayout(box)
             lay.setContentsMargins(0, 0, 0, 0)
-            heading = QLabel(f"<b>{title}</b>")
             pane = QPlainTextEdit()
             pane.setReadOnly(True)
             pane.setObjectName(f"answer_{side}")
             footer = QLabel("")
             footer.setObjectName("hint")
-            lay.addWidget(heading)
+            lay.addWidget(QLabel(f"<b>{title}</b>"))
             lay.addWidget(pane, 1)
             lay.addWidget(footer)
             answers.addWidget(box)
@@ -212,7 +164,7 @@ class TryPage(QWidget):
 
         top = QHBoxLayout()
         left = QVBoxLayout()
-        left.addWidget(QLabel("Prompt"))
+        left.addWidget(QLabel("Message"))
         left.addWidget(self.prompt)
         left.addLayout(buttons)
         top.addLayout(left, 1)
@@ -224,46 +176,18 @@ class TryPage(QWidget):
         lay.addWidget(answers, 1)
         self._update_buttons()
 
-    # -- the worker thread ----------------------------------------------------------------------
-
-    @property
-    def _worker(self) -> TryWorker | None:
-        """The worker, once the first prompt has started its thread."""
-        return self._jobs.worker
-
-    def _connect_worker(self, worker: TryWorker) -> None:
-        self._request.connect(worker.answer)
-        self._unload.connect(worker.unload)
-        worker.status.connect(self.status.setText)
-        worker.loaded.connect(lambda text: self.run_label.setText(f"Model: {text}"))
-        worker.piece.connect(self._on_piece)
-        worker.finished.connect(self._on_finished)
-        worker.failed.connect(self._on_failed)
-
-    def shutdown(self, timeout_ms: int = 60_000) -> bool:
-        """Cancel any answer, free the model, end the thread. True if it ended in time."""
-        if self._worker is not None:
-            self._unload.emit()  # queued: frees the model once the answer in progress has seen the cancel
-        ended = self._jobs.stop(timeout_ms)
-        self.busy = False
-        return ended
-
-    # -- actions ----------------------------------------------------------------------------------
+    # -- the run --------------------------------------------------------------------------------
 
     def set_run(self, run_dir: Path | None) -> None:
         new = Path(run_dir) if run_dir else None
-        if new != self.run_dir and self._worker is not None and not self.busy:
-            self._unload.emit()  # free the old run's model now; the new one loads on the first prompt
-        if new != self.run_dir and not self.busy:  # another run's answers are not this run's
-            for side in SIDES:
-                self.panes[side].clear()
-                self.footers[side].clear()
+        if new != self.run_dir:  # another run: its model, its conversation
+            self.shutdown()
+            self.new_conversation()
             self.status.clear()
         self.run_dir = new
-        usable = has_adapter(new)
         self.run_label.setText(
-            f"Run: {new}  (the model loads on the first prompt)"
-            if usable
+            f"Run: {new}  (the model loads on the first message)"
+            if has_adapter(new)
             else "Finish a run (or open one from the history) to try it."
         )
         self._update_buttons()
@@ -278,55 +202,129 @@ class TryPage(QWidget):
             raw=self.raw.isChecked(),
         )
 
+    def sides(self) -> list[str]:
+        return ["base", "tuned"] if self.compare.isChecked() else ["tuned"]
+
+    # -- actions ----------------------------------------------------------------------------------
+
     def generate(self) -> None:
-        prompt = self.prompt.toPlainText().strip()
-        if self.busy or not prompt or not self._has_adapter():
+        """Send the message to each side's conversation; the answers stream into the panes."""
+        text = self.prompt.toPlainText().strip()
+        if self.busy or not text or not has_adapter(self.run_dir):
             return
-        worker = self._jobs.ensure()
-        worker.cancel.clear()
-        for side in SIDES:
-            self.panes[side].clear()
-            self.footers[side].setText("")
+        job = self._ensure_job()
+        self._request += 1
+        self._waiting = set(self.sides())
+        self._results = {}
+        for side in self._waiting:
+            self.conversation[side].append({"role": "user", "content": text})
+            self._write(side, ("\n\n" if self.panes[side].toPlainText() else "") + f"You: {text}\n\nModel: ")
+            self.footers[side].clear()
         self.panes["base"].setPlaceholderText("" if self.compare.isChecked() else "(comparison off)")
+        self.prompt.clear()
         self.busy = True
-        self.status.setText("Starting …")
+        self.status.setText("Starting …" if self.job_run is None else "Generating …")
         self._update_buttons()
-        self._request.emit(str(self.run_dir), prompt, self.settings(), self.compare.isChecked())
+        sides = {side: list(self.conversation[side]) for side in self._waiting}
+        job.send(request_line(self._request, sides, dataclasses.asdict(self.settings())))
 
     def cancel(self) -> None:
-        if self._worker is not None and self.busy:
-            self._worker.cancel.set()
+        if self.job is not None and self.busy:
+            self.job.send("cancel")
             self.status.setText("Cancelling …")
 
-    # -- results ----------------------------------------------------------------------------------
+    def new_conversation(self) -> None:
+        """Forget both conversations (the model stays loaded)."""
+        if self.busy:
+            return
+        self.conversation = {side: [] for side in SIDES}
+        for side in SIDES:
+            self.panes[side].clear()
+            self.footers[side].clear()
 
-    def _on_piece(self, side: str, text: str) -> None:
+    def shutdown(self, timeout_ms: int = QUIT_WAIT_MS) -> bool:
+        """End the model's process: ``quit``, then ended if it does not leave in time. True if it is gone."""
+        job, self.job, self.job_run = self.job, None, None
+        self.busy = False
+        self._update_buttons()
+        if job is None:
+            return True
+        job.event.disconnect(self._on_event)
+        job.finished.disconnect(self._on_exit)
+        job.send("cancel")
+        job.send("quit")
+        if not job.wait(timeout_ms):
+            job.abort()
+            job.wait(timeout_ms)
+        return not job.running
+
+    # -- the child --------------------------------------------------------------------------------
+
+    def _ensure_job(self) -> EngineJob:
+        if self.job is None:
+            cmd = engine_argv("chat", str(self.run_dir), "--serve", "--events", "-")
+            self.job = EngineJob(cmd, env=engine_env(), parent=self)
+            self.job.event.connect(self._on_event)
+            self.job.finished.connect(self._on_exit)
+            self.job.start()
+        return self.job
+
+    def _on_event(self, e: Event) -> None:
+        if isinstance(e, PhaseChanged) and e.phase in LOADING:
+            self.status.setText(LOADING[e.phase])
+        elif isinstance(e, ChatReady):
+            self.job_run = self.run_dir
+            self.run_label.setText(f"Model: {e.model} + adapter, on {e.device}")
+            if self.busy:
+                self.status.setText("Generating …")
+        elif isinstance(e, AnswerPiece) and e.request == self._request:
+            self._write(e.side, e.text)
+        elif isinstance(e, AnswerDone) and e.request == self._request:
+            self._on_answer(e)
+        elif isinstance(e, RunFailed):  # the model could not be loaded: the engine's own message
+            self._fail(e.message + (f"\n{e.hint}" if e.hint else ""), e.traceback)
+
+    def _on_answer(self, e: AnswerDone) -> None:
+        self._results[e.side] = e
+        self.conversation[e.side].append({"role": "assistant", "content": e.text})
+        self.footers[e.side].setText(
+            f"{e.tokens} tokens, {e.tokens_per_second:.1f} tok/s, {FINISH.get(e.finish_reason, e.finish_reason)}"
+        )
+        self._waiting.discard(e.side)
+        if self._waiting:
+            return
+        self.busy = False
+        cancelled = any(r.finish_reason == "cancelled" for r in self._results.values())
+        self.status.setText("Cancelled." if cancelled else "Done.")
+        self._update_buttons()
+        self.answered.emit(dict(self._results))
+
+    def _on_exit(self, code: int, stderr_tail: str) -> None:
+        """The child left on its own: a crash, or the end after a ``run_failed`` already shown."""
+        job, self.job, self.job_run = self.job, None, None
+        if job is not None:
+            job.deleteLater()
+        if self.busy:
+            self._fail(f"The model's process ended (exit code {code}).", stderr_tail)
+
+    def _fail(self, message: str, details: str) -> None:
+        for side in self._waiting:  # the unanswered message is not part of the conversation
+            if self.conversation[side] and self.conversation[side][-1]["role"] == "user":
+                self.conversation[side].pop()
+        self._waiting = set()
+        self.busy = False
+        self.status.setText(message)
+        self.status.setToolTip(details or "")
+        self._update_buttons()
+        self.answered.emit({})
+
+    def _write(self, side: str, text: str) -> None:
         pane = self.panes[side]
         pane.moveCursor(QTextCursor.MoveOperation.End)
         pane.insertPlainText(text)
 
-    def _on_finished(self, results: dict) -> None:
-        self.busy = False
-        for side, r in results.items():
-            self.footers[side].setText(
-                f"{len(r.token_ids)} tokens, {r.tokens_per_second:.1f} tok/s, {FINISH.get(r.finish_reason, r.finish_reason)}"
-            )
-        cancelled = any(r.finish_reason == "cancelled" for r in results.values()) or not results
-        self.status.setText("Cancelled." if cancelled else "Done.")
-        self._update_buttons()
-        self.answered.emit(results)
-
-    def _on_failed(self, message: str, hint: str, tb: str) -> None:
-        self.busy = False
-        self.status.setText(message + (f"\n{hint}" if hint else ""))
-        if tb:
-            self.status.setToolTip(tb)
-        self._update_buttons()
-        self.answered.emit({})
-
-    def _has_adapter(self) -> bool:
-        return has_adapter(self.run_dir)
-
     def _update_buttons(self) -> None:
-        self.generate_button.setEnabled(not self.busy and self._has_adapter())
+        ready = has_adapter(self.run_dir)
+        self.generate_button.setEnabled(not self.busy and ready)
         self.cancel_button.setEnabled(self.busy)
+        self.reset_button.setEnabled(not self.busy)

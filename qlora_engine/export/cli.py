@@ -30,7 +30,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     types = [t.strip() for t in args.gguf_types.split(",") if t.strip()]
     _interrupt_on_sigterm()
     try:
-        path = export(
+        path = _reporting_failure(args, lambda: export(
             args.source,
             args.format,
             args.out,
@@ -39,12 +39,26 @@ def cmd_export(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             gguf_types=types,
             gguf_lora=not args.no_lora,
-        )
+        ))
     except KeyboardInterrupt:
         print("export interrupted; nothing was written.", file=sys.stderr)
         return 130
     print(f"exported: {path}", file=sys.stderr)
     return 0
+
+
+def _reporting_failure(args: argparse.Namespace, work: Any) -> Any:
+    """Run ``work()``; with ``--events -`` a user error is also a ``run_failed`` event on stdout
+    (the app reads its attributes from there, never the text on stderr)."""
+    from qlora_engine.errors import QLoRAError
+
+    try:
+        return work()
+    except QLoRAError as e:
+        from qlora_engine.cli import _emit_failure  # the CLI module imports this one: not at import time
+
+        _emit_failure(args, e)
+        raise
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -74,6 +88,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from qlora_engine.events import TextSink
     from qlora_engine.generate import ChatModel
 
+    if args.serve:
+        from qlora_engine.chat_server import serve
+        from qlora_engine.events import StreamSink
+
+        sink = StreamSink(sys.stdout) if args.events == "-" else TextSink(sys.stderr)
+        _interrupt_on_sigterm()
+        chat = _reporting_failure(args, lambda: ChatModel.load(args.source, device=args.device, sink=sink))
+        try:
+            return serve(chat, sys.stdin, sink)
+        except KeyboardInterrupt:
+            return 130
     settings = _settings(args)
     chat = ChatModel.load(args.source, device=args.device, sink=TextSink(sys.stderr))
     sides = [(False, "base"), (True, "tuned")] if args.compare else [(True, None)]
@@ -164,4 +189,8 @@ def add_cli(sub: Any) -> None:
     s.add_argument("--top-p", type=float, default=0.9)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None, help="default: the run's train.device")
+    s.add_argument(
+        "--serve", action="store_true", help="answer JSON requests on stdin, one a line (the app's Try page)"
+    )
+    s.add_argument("--events", choices=["-", "text"], default="text", help="with --serve, '-': JSON event lines on stdout")
     s.set_defaults(func=cmd_chat)

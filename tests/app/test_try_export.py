@@ -18,6 +18,7 @@ from test_export_support import CHATS, trained_chat_run  # noqa: E402
 
 from app.pages.export_page import ExportPage, TryExportPage  # noqa: E402
 from app.pages.try_page import TryPage  # noqa: E402
+from qlora_engine.events import AnswerPiece  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,9 @@ def export_page(qtbot):
     assert page.shutdown()
 
 
-def test_try_streams_base_and_tuned_answers_side_by_side_off_the_gui_thread(qtbot, try_page, chat_run, loop_probe):
+def test_try_streams_base_and_tuned_answers_from_a_child_process_and_goes_on_talking(
+    qtbot, try_page, chat_run, loop_probe
+):
     page = try_page
     assert not page.generate_button.isEnabled()  # no run yet
     page.set_run(chat_run)
@@ -55,25 +58,35 @@ def test_try_streams_base_and_tuned_answers_side_by_side_off_the_gui_thread(qtbo
     loop_probe.start()
     with qtbot.waitSignal(page.answered, timeout=180_000) as done:
         qtbot.mouseClick(page.generate_button, Qt.MouseButton.LeftButton)
-        page._worker.piece.connect(lambda side, text: pieces.append((side, text)))
+        page.job.event.connect(lambda e: pieces.append((e.side, e.text)) if isinstance(e, AnswerPiece) else None)
         assert page.cancel_button.isEnabled() and not page.generate_button.isEnabled()
     loop_probe.stop()
     loop_probe.check()  # loading the model and generating never blocked the window
     results = done.args[0]
-    assert page.panes["tuned"].toPlainText() == "Paris." == results["tuned"].text
-    assert page.panes["base"].toPlainText() == results["base"].text != "Paris."
+    assert results["tuned"].text == "Paris."
+    assert page.panes["tuned"].toPlainText() == f"You: {CHATS[0][0]}\n\nModel: Paris."
+    assert page.panes["base"].toPlainText().endswith(results["base"].text) and results["base"].text != "Paris."
     assert "ended by the model" in page.footers["tuned"].text()
     assert "stopped at the token limit" in page.footers["base"].text()
     assert {s for s, _ in pieces} == {"base", "tuned"} and len(pieces) > 3  # streamed, both sides
     assert page.status.text() == "Done." and page.generate_button.isEnabled()
 
-    # The model stays loaded: a second prompt answers without reloading.
-    page.compare.setChecked(False)
-    page.prompt.setPlainText(CHATS[1][0])
-    with qtbot.waitSignal(page.answered, timeout=60_000) as done:
-        page.generate()
-    assert set(done.args[0]) == {"tuned"} and page.panes["tuned"].toPlainText() == CHATS[1][1]
+    # The model stays loaded, and the conversation goes on: each message carries the turns before it.
+    pid = page.job.pid
+    page.compare.setChecked(False)  # a new conversation, the tuned model alone
+    assert page.panes["tuned"].toPlainText() == "" and page.conversation["tuned"] == []
+    for question, answer in CHATS[1:3]:
+        page.prompt.setPlainText(question)
+        with qtbot.waitSignal(page.answered, timeout=60_000) as done:
+            page.generate()
+        assert set(done.args[0]) == {"tuned"}
+    assert page.job.pid == pid
+    assert [m["role"] for m in page.conversation["tuned"]] == ["user", "assistant"] * 2
+    assert page.conversation["tuned"][0]["content"] == CHATS[1][0]
+    assert page.panes["tuned"].toPlainText().count("You: ") == 2
     assert page.panes["base"].toPlainText() == ""
+    page.new_conversation()
+    assert page.conversation["tuned"] == [] and page.panes["tuned"].toPlainText() == ""
 
 
 def test_try_cancel_stops_both_answers(qtbot, try_page, chat_run):
@@ -83,11 +96,12 @@ def test_try_cancel_stops_both_answers(qtbot, try_page, chat_run):
     page.max_new_tokens.setValue(4000)
     with qtbot.waitSignal(page.answered, timeout=180_000) as done:
         page.generate()
-        qtbot.waitUntil(lambda: page.panes["base"].toPlainText() != "", timeout=120_000)
+        qtbot.waitUntil(lambda: page.panes["base"].toPlainText().split("Model: ", 1)[-1] != "", timeout=120_000)
         qtbot.mouseClick(page.cancel_button, Qt.MouseButton.LeftButton)
     results = done.args[0]
-    assert results["base"].finish_reason == "cancelled" and len(results["base"].token_ids) < 4000
-    assert results["tuned"].finish_reason in ("cancelled", "eos")  # the tuned model may have ended its answer first
+    assert results["base"].finish_reason == "cancelled" and results["base"].tokens < 4000
+    # the tuned side starts after the cancel was seen: cancelled at once, or it ended its answer first
+    assert results["tuned"].finish_reason in ("cancelled", "eos")
     assert page.status.text() == "Cancelled." and "cancelled" in page.footers["base"].text()
     assert page.generate_button.isEnabled()
 
@@ -149,9 +163,9 @@ def test_export_page_gguf_shows_progress_and_cancel_leaves_nothing(qtbot, export
     out = tmp_path / "gguf"
     page.out.setText(str(out))
     phases: list[str] = []
-    page._worker.event.connect(lambda e: phases.append(getattr(e, "detail", "")))
     with qtbot.waitSignal(page.finished, timeout=180_000) as done:
         page.start()
+        page.job.event.connect(lambda e: phases.append(getattr(e, "detail", "")))
         assert page.progress.maximum() == 0  # busy indicator while it runs
     assert done.args[0] == "done"
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "config.yaml", "run-f16.gguf"]
