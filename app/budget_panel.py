@@ -275,7 +275,7 @@ class BudgetPanel(QFrame):
         if key != "budget":
             return
         self.result = None
-        if isinstance(exc, ModuleNotFoundError) and "budget" in str(exc):
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("qlora_engine.budget"):
             self.error = "The VRAM estimator is not installed in this build."
         else:
             self.error = str(exc)

@@ -6,8 +6,8 @@ job for the same key arrives before the old one starts, the old one is dropped, 
 result that is no longer the latest for its key is never delivered. Results come back as
 Qt signals, queued onto the GUI thread.
 
-A page with one long job of its own (trying a model, exporting one) keeps a worker object on
-a :class:`WorkerThread` instead, and stops the job with the worker's ``cancel`` flag.
+Work that touches weights (training, Try, Export) is not a task: it runs in a child process
+(:class:`app.run_worker.EngineJob`).
 
 Every QThread the app starts is registered in :data:`THREADS` so the tests can fail any
 test that leaves one running.
@@ -19,12 +19,9 @@ import threading
 import traceback
 import weakref
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
-
-from qlora_engine.errors import QLoRAError
-from qlora_engine.events import Event
 
 _import_lock = threading.Lock()
 
@@ -50,88 +47,6 @@ THREADS: weakref.WeakSet[QThread] = weakref.WeakSet()
 def track(thread: QThread) -> QThread:
     THREADS.add(thread)
     return thread
-
-
-class JobWorker(QObject):
-    """A page's worker for its long job (it lives on a :class:`WorkerThread`).
-
-    The job checks :attr:`cancel` between its steps. The GUI thread sets the flag; a queued
-    call could not reach the worker, whose thread is busy in the job and not in its event loop.
-    A job that fails says so with :meth:`report_failure`.
-    """
-
-    failed = Signal(str, str, str)
-    """message, hint, traceback ('' for errors written for the user)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cancel = threading.Event()
-
-    def report_failure(self, error: Exception) -> None:
-        """Emit :attr:`failed`: an error written for the user as it is, any other with its traceback."""
-        if isinstance(error, QLoRAError):
-            self.failed.emit(str(error), error.hint or "", "")
-        else:  # shown in the page with its traceback, for a bug report
-            self.failed.emit(f"{type(error).__name__}: {error}", "", "".join(traceback.format_exception(error)))
-
-
-class SignalSink:
-    """An engine event sink for a job on a worker thread: each event goes to ``emit`` (a worker's signal)."""
-
-    def __init__(self, emit: Callable[[Any], None]) -> None:
-        self._emit = emit
-
-    def emit(self, event: Event) -> None:
-        self._emit(event)
-
-    def close(self) -> None:
-        pass
-
-
-W = TypeVar("W", bound=JobWorker)
-
-
-class WorkerThread(Generic[W]):
-    """A page's worker on its own QThread: made and started on first use, ended by :meth:`stop`.
-
-    The thread is registered with :func:`track`, and the worker is deleted when the thread ends.
-    ``connect(worker)`` wires the new worker's signals and slots to the page.
-    """
-
-    def __init__(self, name: str, make_worker: Callable[[], W], connect: Callable[[W], None]) -> None:
-        self.name = name
-        self._make_worker = make_worker
-        self._connect = connect
-        self.thread: QThread | None = None
-        self.worker: W | None = None
-
-    def ensure(self) -> W:
-        """The worker; the first call (and the first after :meth:`stop`) makes it and starts its thread."""
-        if self.worker is None:
-            thread = track(QThread())
-            thread.setObjectName(self.name)
-            worker = self._make_worker()
-            worker.moveToThread(thread)
-            self._connect(worker)
-            thread.finished.connect(worker.deleteLater)
-            thread.start()
-            self.thread, self.worker = thread, worker
-        return self.worker
-
-    def stop(self, timeout_ms: int) -> bool:
-        """Cancel the job in progress, end the thread and forget it and the worker.
-
-        Returns:
-            True if the thread ended within ``timeout_ms`` (or was never started).
-        """
-        if self.thread is None:
-            return True
-        self.worker.cancel.set()
-        self.thread.quit()
-        ended = self.thread.wait(timeout_ms)
-        self.thread = None
-        self.worker = None
-        return ended
 
 
 class _Worker(QObject):
