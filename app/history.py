@@ -8,6 +8,7 @@ loss curves, show the folder.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from PySide6.QtWidgets import (
 
 from app.run_record import RunRecord
 from app.tasks import TaskRunner
-from qlora_engine.checkpoint import latest_checkpoint
+from qlora_engine.checkpoint import _pid_alive, latest_checkpoint  # one liveness test, the lock's own
 
 STATUS_TEXT = {
     "finished": "finished",
@@ -69,27 +70,8 @@ def is_run_dir(path: Path) -> bool:
     return (path / "events.jsonl").is_file() or ((path / "config.yaml").is_file() and (path / "checkpoints").is_dir())
 
 
-def _pid_alive(pid: int) -> bool:
-    import os
-
-    if pid <= 0:
-        return False
-    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there; trust the lock file
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
 def _lock_alive(run_dir: Path) -> bool:
-    import json
-
+    """True if the run's lock is held by a live process (the engine's own liveness test)."""
     lock = run_dir / "run.lock"
     if not lock.is_file():
         return False

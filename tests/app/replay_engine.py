@@ -13,6 +13,7 @@ import json
 import sys
 import threading
 import time
+from pathlib import Path
 
 
 def main() -> int:
@@ -21,6 +22,9 @@ def main() -> int:
     p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--exit", type=int, default=0)
     p.add_argument("--hang", action="store_true", help="after the events, wait for stop/abort")
+    p.add_argument(
+        "--write-adapter", action="store_true", help="write run_finished's adapter folder first, as the engine does"
+    )
     args = p.parse_args()
     stop = threading.Event()
 
@@ -39,6 +43,10 @@ def main() -> int:
                 break
             d = json.loads(line)
             step = d.get("step", step) or step
+            if args.write_adapter and d.get("event") == "run_finished" and d.get("adapter_dir"):
+                adapter = Path(d["adapter_dir"])
+                adapter.mkdir(parents=True, exist_ok=True)
+                (adapter / "adapter_config.json").write_text("{}")
             sys.stdout.write(line)
             sys.stdout.flush()
             if args.delay:
