@@ -28,10 +28,13 @@ from PySide6.QtWidgets import (
 )
 
 from app.config_model import ConfigModel
+from app.inspector import Inspector
 from app.run_controller import absolute_config
-from app.tasks import TaskRunner, import_ml_stack
 from qlora_engine import gpu as gpu_facts
+from qlora_engine.budget.estimate import VramEstimate
+from qlora_engine.budget.fit import FitAdvice, Suggestion
 from qlora_engine.config import ConfigError, TrainConfig
+from qlora_engine.decisions import Decision
 
 GIB = float(2**30)
 PALETTE = [
@@ -59,24 +62,47 @@ def gib(n: float | None) -> str:
 
 
 def compute_budget(cfg: TrainConfig, gpu: gpu_facts.GpuInfo | None, data_stats: dict | None) -> dict:
-    """Estimate (and fit advice when a card is chosen); runs on the budget thread.
+    """Estimate (and fit advice when a card is chosen), in this process: for tests and scripts.
 
-    ``qlora_engine.budget`` caches the model's facts, so after the first call for a model
-    this is arithmetic only (a few milliseconds, fit search included).
+    The window asks its inspecting child instead (:func:`budget_request`, :func:`budget_from_answer`):
+    reading a model's config goes through transformers, which imports torch.
     """
-    import_ml_stack()
-    from qlora_engine.budget.estimate import COMPONENT_HELP
-    from qlora_engine.plan import advise
+    from qlora_engine.inspect_server import Inspector  # the child's own code, run here
 
-    gpu_bytes = gpu.total_bytes if gpu is not None else None
-    name = gpu.name if gpu is not None else None
-    planned = advise(cfg, gpu_bytes=gpu_bytes, data_stats=data_stats, gpu_name=name)
+    return budget_from_answer(Inspector().answer(budget_request(cfg, gpu, data_stats)))
+
+
+def budget_request(cfg: TrainConfig, gpu: gpu_facts.GpuInfo | None, data_stats: dict | None) -> dict:
+    """The inspecting child's ``budget`` request for this configuration and card."""
     return {
-        "estimate": planned.estimate,
-        "advice": planned.fit,
-        "checkpointing": planned.decision("train.gradient_checkpointing"),
-        "gpu_bytes": gpu_bytes,
-        "help": COMPONENT_HELP,
+        "kind": "budget",
+        "config": cfg.to_dict(),
+        "base_dir": str(cfg.base_dir) if cfg.base_dir else None,
+        "gpu_bytes": gpu.total_bytes if gpu is not None else None,
+        "gpu_name": gpu.name if gpu is not None else None,
+        "data_stats": data_stats,
+    }
+
+
+def budget_from_answer(answer: dict) -> dict:
+    """The child's plain answer as the estimate, the advice and the decision the panel draws."""
+    advice = answer.get("advice")
+    if advice is not None:
+        advice = FitAdvice(
+            **{
+                **advice,
+                "estimate": VramEstimate(**advice["estimate"]),
+                "suggestions": [Suggestion(**x) for x in advice.get("suggestions") or []],
+                "faster": Suggestion(**advice["faster"]) if advice.get("faster") else None,
+            }
+        )
+    auto = answer.get("checkpointing")
+    return {
+        "estimate": VramEstimate(**answer["estimate"]),
+        "advice": advice,
+        "checkpointing": Decision.from_dict(auto) if auto else None,
+        "gpu_bytes": answer.get("gpu_bytes"),
+        "help": answer.get("help") or {},
     }
 
 
@@ -136,7 +162,7 @@ class BudgetPanel(QFrame):
     updated = Signal()
     gpu_changed = Signal(object)
 
-    def __init__(self, model: ConfigModel, tasks: TaskRunner, parent: QWidget | None = None) -> None:
+    def __init__(self, model: ConfigModel, tasks: Inspector, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setObjectName("budgetPanel")
         self.model = model
@@ -262,11 +288,11 @@ class BudgetPanel(QFrame):
             self.tasks.cancel("budget")
             self._draw_empty("Choose a model to see its memory estimate.")
             return
-        cfg, stats = absolute_config(cfg), self.data_stats
-        self.tasks.submit("budget", lambda: compute_budget(cfg, g, stats))
+        self.tasks.submit("budget", budget_request(absolute_config(cfg), g, self.data_stats))
 
-    def _on_result(self, key: str, result: object) -> None:
+    def _on_result(self, key: str, answer: object) -> None:
         if key == "budget":
+            result = budget_from_answer(answer)
             self.result, self.error = result, None
             self._draw(result)
             self.updated.emit()

@@ -30,6 +30,7 @@ from app import settings as app_settings
 from app.budget_panel import BudgetPanel
 from app.config_model import SECTIONS, ConfigModel, section_fields
 from app.history import HistoryPage
+from app.inspector import Inspector
 from app.pages.adapter_page import AdapterPage
 from app.pages.data_page import DataPage
 from app.pages.export_page import TryExportPage
@@ -61,8 +62,8 @@ class MainWindow(QMainWindow):
         self._close_after_run = False
         self.config_model = ConfigModel()
         self.config_model.config.base_dir = app_settings.workspace_dir()
-        self.inspect_tasks = TaskRunner("inspect", self)
-        self.budget_tasks = TaskRunner("budget", self)
+        # questions about the model, the data and the budget go to one child that may import torch
+        self.inspect_tasks = self.budget_tasks = Inspector(self)
         self.history_tasks = TaskRunner("history", self)
 
         # pages
@@ -418,7 +419,7 @@ class MainWindow(QMainWindow):
         self.settings.sync()
         if self.runs.dialog is not None:
             self.runs.dialog.close()
-        for tasks in (self.inspect_tasks, self.budget_tasks, self.history_tasks):
-            tasks.shutdown()
+        self.inspect_tasks.shutdown()
+        self.history_tasks.shutdown()
         self.result_page.shutdown()  # cancels an answer or export in progress, frees the Try model
         event.accept()

@@ -23,23 +23,6 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
-_import_lock = threading.Lock()
-
-
-def import_ml_stack() -> None:
-    """Import transformers (and resolve the lazy names we use) once, under a lock.
-
-    transformers imports its submodules lazily on first attribute access, and two threads
-    doing that at the same time can see a half-initialized module ("cannot import name
-    'AutoConfig'"). Every background job that touches the ML stack calls this first.
-    """
-    with _import_lock:
-        import transformers
-
-        for name in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM", "PreTrainedTokenizerFast"):
-            getattr(transformers, name)
-
-
 THREADS: weakref.WeakSet[QThread] = weakref.WeakSet()
 """Every QThread started by the app (the leak check in tests/app/conftest.py reads it)."""
 

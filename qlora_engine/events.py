@@ -194,11 +194,35 @@ class AnswerDone(Event):
     """'eos' (the model ended its answer), 'length' (the token limit) or 'cancelled'."""
 
 
+@dataclass(frozen=True)
+class InspectResult(Event):
+    """``inspect-serve``: the answer to request ``request`` (plain JSON data)."""
+
+    kind: ClassVar[str] = "inspect_result"
+    request: int
+    result: Any
+
+
+@dataclass(frozen=True)
+class InspectFailed(Event):
+    """``inspect-serve``: request ``request`` failed; a user error's attributes are in ``error``."""
+
+    kind: ClassVar[str] = "inspect_failed"
+    request: int
+    error_type: str
+    message: str
+    error: dict[str, Any] | None = None
+    traceback: str = ""
+
+    def user_error(self) -> QLoRAError | None:
+        return errors.from_dict(self.error) if self.error else None
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (
         RunStarted, PhaseChanged, StepMetrics, EvalResult, CheckpointSaved, LogLine, RunFinished, RunFailed,
-        ChatReady, AnswerPiece, AnswerDone,
+        ChatReady, AnswerPiece, AnswerDone, InspectResult, InspectFailed,
     )
 }
 

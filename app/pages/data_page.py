@@ -18,8 +18,8 @@ from PySide6.QtWidgets import QComboBox, QFileDialog, QFormLayout, QLabel, QPush
 
 from app.config_model import ConfigModel
 from app.fields import FieldForm, debounce, row
+from app.inspector import Inspector
 from app.pages.base import Page
-from app.tasks import TaskRunner, import_ml_stack
 from qlora_engine.errors import DataError, QLoRAError
 
 PREVIEW_ROWS = 2000
@@ -53,51 +53,9 @@ def padding_share(lengths: np.ndarray, micro_batch_size: int, max_length: int, s
                    for i in range(0, n.size, micro_batch_size))  # fmt: skip
     return 1.0 - int(n.sum()) / computed
 
-class TokenizerCache:
-    """Tokenizers by model reference; used from the background thread only."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, bool], Any] = {}
-
-    def get(self, ref: str, trust_remote_code: bool) -> Any:
-        key = (ref, trust_remote_code)
-        if key not in self._cache:
-            from qlora_engine.data.inspect import load_tokenizer_for
-
-            self._cache.clear()  # one model at a time is enough
-            self._cache[key] = load_tokenizer_for(ref, trust_remote_code=trust_remote_code)
-        return self._cache[key]
-
-
-def inspect_for_page(cfg, tokenizers: TokenizerCache | None, model_ref: str | None) -> dict[str, Any]:
-    """The data report the page draws, with the token lengths for the histogram."""
-    import_ml_stack()
-    from qlora_engine.data import inspect_data
-
-    tokenizer = tokenizers.get(model_ref, cfg.model.trust_remote_code) if (tokenizers and model_ref) else None
-    report = inspect_data(cfg, tokenizer, samples=PREVIEW_ROWS if tokenizer else SHOWN_SAMPLES, max_rows=PREVIEW_ROWS)
-    samples = report.get("samples") or []
-    if tokenizer is not None and "lengths" not in report:
-        report["lengths"] = [int(s["tokens"]) for s in samples if "tokens" in s]
-    report["samples"] = samples[:SHOWN_SAMPLES]
-    return report
-
-
-def raw_keys(cfg) -> list[str]:
-    """Column names of the first rows, for mapping when the format cannot be detected."""
-    try:
-        from qlora_engine.data.sources import open_source
-
-        src = open_source(cfg.data.path, cfg.resolve(cfg.data.path), subset=cfg.data.subset, split=cfg.data.split)
-        keys: dict[str, None] = {}
-        for i, r in enumerate(src.rows()):
-            if isinstance(getattr(r, "data", None), dict):
-                keys.update(dict.fromkeys(r.data))
-            if i >= 50:
-                break
-        return list(keys)
-    except Exception:
-        return []
+def data_request(kind: str, cfg: Any) -> dict[str, Any]:
+    """A question about the configuration's data for the inspecting child (it tokenizes; torch)."""
+    return {"kind": kind, "config": cfg.to_dict(), "base_dir": str(cfg.base_dir) if cfg.base_dir else None}
 
 
 class DataPage(Page):
@@ -107,14 +65,13 @@ class DataPage(Page):
         "from the rows: plain text, instruction (Alpaca), chat messages, ShareGPT conversations, or prompt/completion."
     )
 
-    def __init__(self, model: ConfigModel, tasks: TaskRunner, parent: QWidget | None = None) -> None:
+    def __init__(self, model: ConfigModel, tasks: Inspector, parent: QWidget | None = None) -> None:
         super().__init__(model, parent)
         self.tasks = tasks
         self.model_ref: str | None = None
         self.report: dict[str, Any] | None = None
         self.error: QLoRAError | None = None
         """The engine's error about the data chosen now (Start refuses while there is one)."""
-        self.tokenizers = TokenizerCache()
         self.keys: list[str] = []
 
         _box, form = self.group("Training data")
@@ -261,10 +218,12 @@ class DataPage(Page):
             self.tasks.cancel("data")
             self._show_message("Choose a data file to see what it holds.")
             return
-        ref = self.model_ref
-        tokenizers = self.tokenizers
         self.detected.setText(f"Reading {cfg.data.path} …")
-        self.tasks.submit("data", lambda: inspect_for_page(cfg, tokenizers, ref))
+        self.tasks.submit(
+            "data",
+            {**data_request("data", cfg), "model_ref": self.model_ref, "samples": PREVIEW_ROWS,
+             "shown": SHOWN_SAMPLES, "max_rows": PREVIEW_ROWS},
+        )  # fmt: skip
 
     def _on_result(self, key: str, report: object) -> None:
         if key == "data":
@@ -278,7 +237,7 @@ class DataPage(Page):
         self.error = exc if isinstance(exc, QLoRAError) else None
         cfg = self.model.config
         if isinstance(exc, DataError) and exc.field in ("data.format", "data.columns"):
-            self.tasks.submit("data-keys", lambda: raw_keys(cfg))  # offer to map the columns
+            self.tasks.submit("data-keys", data_request("keys", cfg))  # offer to map the columns
 
     def _on_keys(self, key: str, keys: object) -> None:
         if key == "data-keys":

@@ -1,20 +1,21 @@
 """Model page: choose the base model (folder, .gguf file or hub id) and see what it is.
 
 The facts come from ``qlora_engine.models.inspect_model``, which reads config and tokenizer
-files only; it runs in the background because a hub id may have to fetch them first.
+files only; the window's inspecting child runs it (it imports torch, the window does not).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel, QPushButton, QWidget
 
 from app.config_model import ConfigModel
 from app.fields import debounce, row
+from app.inspector import Inspector
 from app.pages.base import Page
-from app.tasks import TaskRunner, import_ml_stack
 from qlora_engine.errors import QLoRAError
 
 
@@ -25,13 +26,6 @@ def fmt_count(n: int | None) -> str:
         if n >= div:
             return f"{n / div:.3g}{unit}"
     return str(n)
-
-
-def inspect(ref: str, trust_remote_code: bool, revision: str | None):
-    import_ml_stack()
-    from qlora_engine.models import inspect_model
-
-    return inspect_model(ref, trust_remote_code=trust_remote_code, revision=revision)
 
 
 class ModelPage(Page):
@@ -58,7 +52,7 @@ class ModelPage(Page):
         ("linear_modules", "Linear layers"),
     ]
 
-    def __init__(self, model: ConfigModel, tasks: TaskRunner, parent: QWidget | None = None) -> None:
+    def __init__(self, model: ConfigModel, tasks: Inspector, parent: QWidget | None = None) -> None:
         super().__init__(model, parent)
         self.tasks = tasks
         self.info = None
@@ -176,11 +170,11 @@ class ModelPage(Page):
             return
         resolved = str(self.model.config.resolve(ref)) if self.model.config.resolve(ref).exists() else ref
         self.status.setText(f"Reading {ref} …")
-        self.tasks.submit("model", lambda: inspect(resolved, trust, revision))
+        self.tasks.submit("model", {"kind": "model", "ref": resolved, "trust_remote_code": trust, "revision": revision})
 
     def _on_result(self, key: str, info: object) -> None:
-        if key == "model":
-            self._show(info, "")
+        if key == "model":  # the engine's ModelInfo as plain data: read by attribute, as the dataclass
+            self._show(SimpleNamespace(**info), "")
 
     def _on_failed(self, key: str, exc: Exception, _tb: str) -> None:
         if key != "model":
