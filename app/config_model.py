@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -190,8 +191,6 @@ def _in(draft: dict[str, dict[str, Any]], key: str) -> bool:
 
 def _rebase(cfg: TrainConfig, old: Path, new: Path) -> TrainConfig:
     """Keep relative paths pointing at the same files when the config moves to another folder."""
-    import os
-
     out = copy.deepcopy(cfg)
     for section, name in (("data", "path"), ("data", "validation_path"), ("output", "dir"), ("model", "ref")):
         value = getattr(getattr(out, section), name)

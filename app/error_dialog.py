@@ -9,6 +9,7 @@ actions carry it out.
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QUrl, Signal
@@ -191,6 +192,4 @@ class RunErrorDialog(QDialog):
 
 
 def _escape(text: str) -> str:
-    import html
-
     return html.escape(text).replace("\n", "<br>")

@@ -82,7 +82,9 @@ def ending_event(record: RunRecord, facts: JobFacts, stderr_tail: str) -> LogLin
         ckpt = record.last_checkpoint
         return LogLine(
             level="warning",
-            message=f"Aborted. The last checkpoint is kept: {ckpt}" if ckpt else "Aborted before any checkpoint was written.",
+            message=f"Aborted. The last checkpoint is kept: {ckpt}"
+            if ckpt
+            else "Aborted before any checkpoint was written.",
         )
     code = facts.exit_code
     if code < 0 or code in SIGNAL_DEATHS:

@@ -20,6 +20,7 @@ from app.run_view import RunView
 from app.settings import add_known_run, workspace_dir
 from qlora_engine.config import ConfigError, TrainConfig, apply_overrides, check_ready
 from qlora_engine.events import RunFailed
+from qlora_engine.resources import path as resource_path
 
 CLOSE_GRACE_MS = 120_000
 """How long closing the window waits for a stopped run to save before ending it."""
@@ -172,8 +173,6 @@ class RunActions(QObject):
     # -- the demo --------------------------------------------------------------------------
     def start_demo(self, gguf: Path) -> bool:
         """One click: the demo model on the bundled sample data, a short run, started at once."""
-        from qlora_engine.resources import path as resource_path
-
         out = (
             next_free_dir(workspace_dir() / "runs" / "demo")
             if (workspace_dir() / "runs" / "demo").exists()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -76,8 +77,6 @@ def engine_command(
 def _kill_tree(proc: subprocess.Popen) -> None:
     """Kill the engine and anything it started (its own process group on POSIX)."""
     if os.name == "posix":
-        import signal
-
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # start_new_session made its pid the group id
             return

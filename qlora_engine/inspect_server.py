@@ -73,7 +73,9 @@ class Inspector:
         if kind == "model":
             from qlora_engine.models import inspect_model
 
-            info = inspect_model(req["ref"], trust_remote_code=bool(req.get("trust_remote_code")), revision=req.get("revision"))
+            info = inspect_model(
+                req["ref"], trust_remote_code=bool(req.get("trust_remote_code")), revision=req.get("revision")
+            )
             return info.to_dict()
         if kind == "data":
             from qlora_engine.data import inspect_data
@@ -81,7 +83,9 @@ class Inspector:
             cfg = _config(req)
             ref = req.get("model_ref")
             tok = self.tokenizer(ref, cfg.model.trust_remote_code) if ref else None
-            report = inspect_data(cfg, tok, samples=int(req["samples"] if tok else req["shown"]), max_rows=int(req["max_rows"]))
+            report = inspect_data(
+                cfg, tok, samples=int(req["samples"] if tok else req["shown"]), max_rows=int(req["max_rows"])
+            )
             samples = report.get("samples") or []
             if tok is not None and "lengths" not in report:
                 report["lengths"] = [int(s["tokens"]) for s in samples if "tokens" in s]
@@ -104,7 +108,10 @@ class Inspector:
             from qlora_engine.plan import advise
 
             planned = advise(
-                _config(req), gpu_bytes=req.get("gpu_bytes"), data_stats=req.get("data_stats"), gpu_name=req.get("gpu_name")
+                _config(req),
+                gpu_bytes=req.get("gpu_bytes"),
+                data_stats=req.get("data_stats"),
+                gpu_name=req.get("gpu_name"),
             )
             decision = planned.decision("train.gradient_checkpointing")
             return {
@@ -147,6 +154,8 @@ def cmd_inspect_serve(args: Any) -> int:
 
 
 def add_cli(sub: Any) -> None:
-    s = sub.add_parser("inspect-serve", help="answer JSON questions about models, data and the budget on stdin (the app)")
+    s = sub.add_parser(
+        "inspect-serve", help="answer JSON questions about models, data and the budget on stdin (the app)"
+    )
     s.add_argument("--events", choices=["-"], default="-", help="JSON event lines on stdout (the only mode)")
     s.set_defaults(func=cmd_inspect_serve)

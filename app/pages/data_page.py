@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QComboBox, QFileDialog, QFormLayout, QLabel, QPushButton, QTextBrowser, QWidget
 
 from app.config_model import ConfigModel
@@ -169,8 +170,6 @@ class DataPage(Page):
 
     def apply_palette(self) -> None:
         """The histogram follows the window's light or dark look."""
-        from PySide6.QtGui import QPalette
-
         pal = self.palette()
         self.histogram.setBackground(pal.color(QPalette.ColorRole.Base))
         fg = pal.color(QPalette.ColorRole.Text)

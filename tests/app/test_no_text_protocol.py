@@ -125,8 +125,6 @@ def test_a_failed_engine_is_read_from_its_event_never_from_stderr(qtbot, window,
 def test_no_app_module_parses_engine_text():
     """A guard for the review: no regex or split over an error's text or stderr in the app."""
     root = Path(__file__).resolve().parents[2] / "app"
-    suspicious = ("_FIELD_RE", 'startswith("error: ")', "split(\":\", 1)[0]", "in str(exc)", "in str(e)")
-    found = [
-        f"{p.name}: {needle}" for p in root.rglob("*.py") for needle in suspicious if needle in p.read_text()
-    ]
+    suspicious = ("_FIELD_RE", 'startswith("error: ")', 'split(":", 1)[0]', "in str(exc)", "in str(e)")
+    found = [f"{p.name}: {needle}" for p in root.rglob("*.py") for needle in suspicious if needle in p.read_text()]
     assert found == []

@@ -118,7 +118,9 @@ def test_abort_while_training_is_aborted(qtbot, window, tmp_path):
         window.run_view.abort_button.click()
     assert ended.args == ["aborted"] and window.run_view.state_label.text() == "Aborted"
     assert window.runs.dialog is None  # an abort the user asked for is not a failure
-    assert window.result_page.try_page.run_dir == run_dir and not window.result_page.try_page.generate_button.isEnabled()
+    assert (
+        window.result_page.try_page.run_dir == run_dir and not window.result_page.try_page.generate_button.isEnabled()
+    )
 
 
 def test_resume_keeps_the_curve_and_the_time_before_it(qtbot, window, tmp_path):

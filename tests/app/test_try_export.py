@@ -75,7 +75,7 @@ def test_try_streams_base_and_tuned_answers_from_a_child_process_and_goes_on_tal
     pid = page.job.pid
     page.compare.setChecked(False)  # a new conversation, the tuned model alone
     assert page.panes["tuned"].toPlainText() == "" and page.conversation["tuned"] == []
-    for question, answer in CHATS[1:3]:
+    for question, _ in CHATS[1:3]:
         page.prompt.setPlainText(question)
         with qtbot.waitSignal(page.answered, timeout=60_000) as done:
             page.generate()
