@@ -62,8 +62,10 @@ class MainWindow(QMainWindow):
         self._close_after_run = False
         self.config_model = ConfigModel()
         self.config_model.config.base_dir = app_settings.workspace_dir()
-        # questions about the model, the data and the budget go to one child that may import torch
-        self.inspect_tasks = self.budget_tasks = Inspector(self)
+        # questions about the model and data, and the budget, go to children that may import torch;
+        # the budget has its own, so an estimate never waits behind a model or data inspection
+        self.inspect_tasks = Inspector(self)
+        self.budget_tasks = Inspector(self)
         self.history_tasks = TaskRunner("history", self)
 
         # pages
@@ -419,7 +421,7 @@ class MainWindow(QMainWindow):
         self.settings.sync()
         if self.runs.dialog is not None:
             self.runs.dialog.close()
-        self.inspect_tasks.shutdown()
-        self.history_tasks.shutdown()
+        for tasks in (self.inspect_tasks, self.budget_tasks, self.history_tasks):
+            tasks.shutdown()
         self.result_page.shutdown()  # cancels an answer or export in progress, frees the Try model
         event.accept()
