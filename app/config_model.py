@@ -145,6 +145,10 @@ class ConfigModel(QObject):
         return p
 
     # -- internals -------------------------------------------------------------------------
+    def mark_dirty(self) -> None:
+        """The configuration differs from its file (a run's configuration loaded into the form)."""
+        self._set_dirty(True)
+
     def _set_dirty(self, dirty: bool) -> None:
         if dirty != self.dirty:
             self.dirty = dirty

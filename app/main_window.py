@@ -148,6 +148,7 @@ class MainWindow(QMainWindow):
 
         self.runs.controller.state_changed.connect(self._update_side_panel)
         self.runs.run_started.connect(self._update_side_panel)
+        self.runs.run_ended.connect(self._on_run_ended)
         self._build_menus()
         if demo_model == "find":
             from qlora_engine.demo import find_demo_model
@@ -301,6 +302,12 @@ class MainWindow(QMainWindow):
                 f"LoRA rank {cfg.lora.rank} · {steps} · output {cfg.output_dir}"
             )
         self.run_view.set_summary(text)
+
+    def _on_run_ended(self, _state: str) -> None:
+        self.history.refresh()
+        self.update_run_summary()
+        if self._close_after_run:
+            QTimer.singleShot(0, self.close)
 
     def _start_demo(self) -> None:
         if self.demo_model is not None and self.maybe_save_changes():

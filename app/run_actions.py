@@ -35,6 +35,8 @@ class RunActions(QObject):
     error_shown = Signal(object)
     """The error dialog was opened (tests close it)."""
     run_started = Signal(object)
+    run_ended = Signal(str)
+    """The run's child process is gone; its final state (the window refreshes what shows runs)."""
 
     def __init__(self, window, view: RunView, history: HistoryPage) -> None:
         super().__init__(window)
@@ -220,7 +222,7 @@ class RunActions(QObject):
         cfg = apply_overrides(absolute_config(cfg), [f"output.dir={fresh}"])
         cfg.base_dir = fresh.parent
         self.window.config_model.reset(cfg)
-        self.window.config_model._set_dirty(True)
+        self.window.config_model.mark_dirty()
         self.window.statusBar().showMessage(
             f"Loaded the configuration of {Path(run_dir).name}; new runs go to {fresh}", 8000
         )
@@ -314,7 +316,7 @@ class RunActions(QObject):
             cfg.output.dir = str(fresh)
             cfg.base_dir = fresh.parent
             model.reset(cfg)
-            model._set_dirty(True)
+            model.mark_dirty()
         if not self.start():
             self.window.statusBar().showMessage(f"The changed configuration is in the form; new runs go to {fresh}")
             return False
@@ -331,10 +333,7 @@ class RunActions(QObject):
 
     def _on_ended(self, state: str) -> None:
         self.window.result_page.set_run(self.controller.run_dir)
-        self.window.history.refresh()
-        self.window.update_run_summary()
-        if self.window._close_after_run:
-            QTimer.singleShot(0, self.window.close)
+        self.run_ended.emit(state)
 
     def stop_for_close(self, parent: QWidget) -> None:
         """Closing during a run: stop it (it saves), and end it if it has not exited in time."""

@@ -257,7 +257,8 @@ def test_out_of_memory_fix_resumes_the_real_run_from_its_checkpoint(
     assert resumed == [1, 2, 3, 4]  # steps 1-2 before the failure, 3-4 after the fix
     window.run_view.redraw()
     xs, ys = window.run_view.charts.curves["train loss"].getData()
-    assert list(xs) == [3, 4] and all(y == y for y in ys)  # the live chart: the resumed steps, finite losses
+    # the live chart: the steps before the failure stay, the resumed ones follow, finite losses
+    assert list(xs) == [1, 2, 3, 4] and all(y == y for y in ys)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
     # the run folder says what it ran with, and what it ran with before the fix

@@ -108,7 +108,8 @@ def test_stop_mid_run_then_resume_from_history(qtbot, window, tiny_model_dir, te
     assert rec.step == 10
     window.run_view.redraw()
     xs, _ = window.run_view.charts.curves["train loss"].getData()
-    assert list(xs) == list(range(stopped_at + 1, 11))
+    assert list(xs) == list(range(1, 11))  # the curve before the stop stays; the resumed steps follow
+    assert rec.elapsed > rec.segment_elapsed > 0  # and so does the training time before it
     assert (out / "adapter").is_dir()
 
 
