@@ -74,17 +74,18 @@ class Inspector(QObject):
         return self._latest.get(key, -1) > 0
 
     def shutdown(self, timeout_ms: int = QUIT_WAIT_MS) -> bool:
-        """End the child: ``quit``, then ended if it does not leave in time. True if it is gone."""
+        """End the child now. True if it is gone.
+
+        It writes nothing anywhere, so ending it mid-answer loses nothing; waiting for it to
+        finish importing the ML stack (seconds) would only hold up closing the window.
+        """
         self._closed = True
         self._pending.clear()
         job, self.job = self.job, None
         if job is None:
             return True
-        job.send("quit")
-        if not job.wait(timeout_ms):
-            job.abort()
-            job.wait(timeout_ms)
-        return not job.running
+        job.abort()
+        return job.wait(timeout_ms)
 
     # -- the child ------------------------------------------------------------------------------
 
