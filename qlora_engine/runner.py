@@ -23,12 +23,12 @@ import torch
 
 from qlora_engine import checkpoint as ckpt
 from qlora_engine import vram
-from qlora_engine.config import TrainConfig, check_ready
+from qlora_engine.config import TrainConfig, check_output_dir, check_ready, run_warnings
 from qlora_engine.control import RunControl
 from qlora_engine.data import PreparedData
 from qlora_engine.decisions import RunPlan
-from qlora_engine.errors import QLoRAError
-from qlora_engine.events import EventSink, JsonlFileSink, MultiSink, NullSink, RunFailed, RunFinished
+from qlora_engine.errors import ConfigError, QLoRAError
+from qlora_engine.events import EventSink, JsonlFileSink, LogLine, MultiSink, NullSink, RunFailed, RunFinished
 from qlora_engine.paths import write_error_log
 from qlora_engine.plan import make_plan
 from qlora_engine.train import RunInputs, Trainer, find_resume_checkpoint, prepare_inputs
@@ -36,7 +36,7 @@ from qlora_engine.train import RunInputs, Trainer, find_resume_checkpoint, prepa
 
 def plan_for(cfg: TrainConfig, inputs: RunInputs) -> RunPlan:
     """The plan of ``cfg`` for the prepared inputs, on the card this process has now."""
-    stats = inputs.data.report.get("token_stats") if isinstance(inputs.data.report, dict) else None
+    stats = inputs.data.token_stats
     return make_plan(
         cfg,
         n_train=len(inputs.data.train),
@@ -64,7 +64,10 @@ def build_trainer(
         check_ready(cfg)
     resume_from = find_resume_checkpoint(cfg.output_dir, resume)
     inputs = prepare_inputs(cfg, sink, data)
-    return Trainer(plan_for(cfg, inputs), inputs, sink, control, resume_from=resume_from, force_resume=force_resume)
+    plan = plan_for(cfg, inputs)
+    for problem in run_warnings(cfg, plan.total_steps, len(inputs.data.train)):
+        sink.emit(LogLine(level="warning", message=str(problem)))
+    return Trainer(plan, inputs, sink, control, resume_from=resume_from, force_resume=force_resume)
 
 
 def run(
@@ -79,8 +82,13 @@ def run(
 
     Errors are reported as a ``RunFailed`` event and then raised.
     """
-    run_dir = cfg.output_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = check_output_dir(cfg)  # an existing file or a read-only place: refused before anything is written
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"the run folder cannot be made ({e.strerror or e}); nothing was written.", field="output.dir", file=run_dir
+        ) from None
     lock = ckpt.RunLock(run_dir)
     try:
         lock.acquire()  # raises before anything is written if another run lives here
