@@ -365,7 +365,7 @@ class TrainConfig:
                 )
             )
         hints = hints_of(cls)
-        sections = [f.name for f in dataclasses.fields(cls) if f.name not in ("schema_version", "base_dir")]
+        sections = [f.name for f in dataclasses.fields(cls) if f.name != "schema_version" and not f.metadata.get("internal")]
         kwargs = {}
         for name in names:
             if not isinstance(name, str):
@@ -415,6 +415,7 @@ class TrainConfig:
         if overrides:
             cfg = apply_overrides(cfg, overrides)
         cfg.base_dir = p.resolve().parent
+        cfg.source_file = p
         return cfg
 
     def save(self, path: str | Path) -> None:
@@ -426,6 +427,9 @@ class TrainConfig:
 
     # -- paths -------------------------------------------------------------------------
     base_dir: Path | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
+    source_file: ClassVar[Path | None] = None
+    """The YAML file this config was read from, set per instance by :meth:`load` (errors found
+    later still name it); not a dataclass field, so it is no section and never written."""
 
     def resolve(self, path: str) -> Path:
         """A path from the config, relative to the config file's folder (or the working directory)."""
@@ -508,12 +512,15 @@ def validate(cfg: TrainConfig) -> None:
 
 def check_ready(cfg: TrainConfig) -> None:
     """Checks that only a config about to train must pass (a draft in the GUI may leave them empty)."""
+    src = str(cfg.source_file) if cfg.source_file else None
     problems = []
     if not cfg.model.ref.strip():
-        problems.append(Problem("no model chosen; set a local folder, a .gguf file or a hub id.", field="model.ref"))
+        problems.append(
+            Problem("no model chosen; set a local folder, a .gguf file or a hub id.", field="model.ref", file=src)
+        )
     if not cfg.data.path.strip():
         problems.append(
-            Problem("no training data chosen; set a file, a folder or a hub dataset id.", field="data.path")
+            Problem("no training data chosen; set a file, a folder or a hub dataset id.", field="data.path", file=src)
         )
     raise_problems(problems)
 
@@ -603,7 +610,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         data[section][name] = value
     raise_problems(problems)
     new = TrainConfig.from_dict(data, source="")
-    new.base_dir = cfg.base_dir
+    new.base_dir, new.source_file = cfg.base_dir, cfg.source_file
     return new
 
 

@@ -159,10 +159,10 @@ def data_inside(folder: Path, archive: Path) -> Path:
                 f"{found[0].relative_to(folder).as_posix()}); the copy in {folder} is a cache and may be removed."
             ), file=archive)
     contents = f"{len(nested + other)} other files: {listing(nested + other)}" if nested or other else "no files"
-    message = f"{archive}: no data file of an accepted kind inside; it holds {contents}."
+    message = f"no data file of an accepted kind inside; it holds {contents}."
     if nested:
         message += " Archives inside an archive are not extracted."
-    raise DataError(message, hint=f"Accepted inputs: {ACCEPTED_FILES}.")
+    raise DataError(message, hint=f"Accepted inputs: {ACCEPTED_FILES}.", file=archive)
 
 
 # -- reading zip and tar --------------------------------------------------------------------------

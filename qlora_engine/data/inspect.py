@@ -50,7 +50,7 @@ def load_tokenizer_for(ref: str, *, trust_remote_code: bool = False, revision: s
 
         path = Path(ref).expanduser()
         if not path.is_file():
-            raise ModelError(f"{path}: GGUF file not found.")
+            raise ModelError("GGUF file not found.", file=path)
         # The same tokenizer the GGUF conversion saves next to the converted weights.
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         if tok.pad_token_id is None:

@@ -32,7 +32,8 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,21 +73,8 @@ class Workspace:
         """A valid config (tiny model, two rows, one step) plus ``lines`` of ``section.field: value``
         (YAML values) that replace the defaults: the one thing a case makes wrong."""
         data = data if data is not None else self.data()
-        values: dict[str, dict[str, str]] = {
-            "model": {"ref": json.dumps(str(model if model is not None else self.model))},
-            "data": {"path": json.dumps(str(data))},
-            "output": {"dir": json.dumps(str(self.tmp / "run"))},
-            "train": {"device": "cpu"},
-        }
-        if max_steps is not None:
-            values["train"]["max_steps"] = str(max_steps)
-        for line in lines:
-            key, _, value = line.partition(":")
-            section, _, fld = key.strip().partition(".")
-            values.setdefault(section, {})[fld] = value.strip()
-        text = "".join(
-            f"{section}:\n" + "".join(f"  {k}: {v}\n" for k, v in fields.items()) for section, fields in values.items()
-        )
+        model = model if model is not None else self.model
+        text = config_text(*lines, model=model, data=data, out=self.tmp / "run", max_steps=max_steps)
         return self.write(name, text)
 
     def model_copy(self, edit: Callable[[Path], Any] | None = None, name: str = "model") -> Path:
@@ -95,6 +83,38 @@ class Workspace:
         if edit is not None:
             edit(folder)
         return folder
+
+
+def config_text(*lines: str, model: Any = "m", data: Any = "d", out: Any = "o", max_steps: int | None = 1) -> str:
+    """The YAML of :meth:`Workspace.config` (sections model, data, output, train, then new ones)."""
+    values: dict[str, dict[str, str]] = {
+        "model": {"ref": json.dumps(str(model))},
+        "data": {"path": json.dumps(str(data))},
+        "output": {"dir": json.dumps(str(out))},
+        "train": {"device": "cpu"},
+    }
+    if max_steps is not None:
+        values["train"]["max_steps"] = str(max_steps)
+    for line in lines:
+        key, _, value = line.partition(":")
+        section, _, fld = key.strip().partition(".")
+        values.setdefault(section, {})[fld] = value.strip()
+    return "".join(
+        f"{section}:\n" + "".join(f"  {k}: {v}\n" for k, v in fields.items()) for section, fields in values.items()
+    )
+
+
+def line_of(text: str, field_path: str) -> int:
+    """The 1-based line of ``section.field`` (or a bare ``section``) in YAML written by :func:`config_text`."""
+    section, _, fld = field_path.partition(".")
+    rows = text.splitlines()
+    start = rows.index(f"{section}:")
+    if not fld:
+        return start + 1
+    for i in range(start + 1, len(rows)):
+        if rows[i].startswith(f"  {fld}:"):
+            return i + 1
+    raise KeyError(field_path)
 
 
 @dataclass
@@ -122,7 +142,7 @@ class Case:
     timeout: float = 60.0
     check: Callable[[Workspace, Outcome], None] | None = None
     """Further assertions after the run (the run folder's state, a warning's wording)."""
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
