@@ -230,7 +230,8 @@ def _check_utf16(label: str, first: bytes) -> None:
 
 def _decode(line: bytes | None) -> tuple[str | None, str | None]:
     if line is None:
-        return None, f"longer than {MAX_ROW_BYTES >> 20} MiB on one line"
+        size = f"{MAX_ROW_BYTES >> 20} MiB" if MAX_ROW_BYTES >= 1 << 20 else f"{MAX_ROW_BYTES:,} bytes"
+        return None, f"longer than {size} on one line"
     try:
         return line.decode("utf-8"), None
     except UnicodeDecodeError as e:
