@@ -12,7 +12,6 @@ tree: a :class:`ConfigError` (a ``ValueError``) carries every bad field at once 
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,11 @@ import yaml
 from qlora_engine.config_checks import (
     Checks,
     Section,
-    describe,
+    check_output_dir,
     hints_of,
     parse_layers,
     raise_problems,
+    run_warnings,
     show,
     type_ok,
 )
@@ -102,7 +102,9 @@ class LoraSettings(Section):
     SECTION: ClassVar[str] = "lora"
 
     rank: int = _f(16, "LoRA rank r. 8-64 covers most fine-tunes; higher ranks learn more and cost more memory.")
-    alpha: float = _f(16.0, "LoRA scaling numerator; the update is scaled by alpha/rank (alpha/sqrt(rank) with rsLoRA).")
+    alpha: float = _f(
+        16.0, "LoRA scaling numerator; the update is scaled by alpha/rank (alpha/sqrt(rank) with rsLoRA)."
+    )
     dropout: float = _f(0.0, "Dropout on the LoRA input. 0 is fastest and usually fine for short fine-tunes.")
     target_modules: list[str] = _f(
         ["all-linear"],
@@ -125,7 +127,9 @@ class LoraSettings(Section):
             c.need("target_modules", all(m.strip() for m in mods), "a module name cannot be empty")
             presets = [m for m in mods if m in LORA_PRESETS]
             c.need(
-                "target_modules", not presets or len(mods) == 1, f"a preset ({', '.join(LORA_PRESETS)}) must stand alone"
+                "target_modules",
+                not presets or len(mods) == 1,
+                f"a preset ({', '.join(LORA_PRESETS)}) must stand alone",
             )
         if "layers" not in c.bad:
             try:
@@ -139,7 +143,9 @@ class DataConfig(Section):
     SECTION: ClassVar[str] = "data"
     TEXT_LIMITS: ClassVar[dict[str, int]] = {"chat_template": 1 << 20}  # real templates run to ~10k characters
 
-    path: str = _f("", "Training data: a JSONL/JSON/CSV/Parquet/text file, a saved datasets folder, or a hub dataset id.")
+    path: str = _f(
+        "", "Training data: a JSONL/JSON/CSV/Parquet/text file, a saved datasets folder, or a hub dataset id."
+    )
     format: Literal["auto", "text", "alpaca", "chat", "sharegpt", "prompt_completion"] = _f(
         "auto", "Row format. 'auto' detects it from the keys of the rows and reports the evidence."
     )
@@ -161,7 +167,8 @@ class DataConfig(Section):
     validation_split: float = _f(0.0, "Fraction of rows held out for evaluation (0 for none).")
     validation_path: str | None = _f(None, "A separate validation file; overrides validation_split.")
     chat_template: str | None = _f(
-        None, "Jinja chat template to use instead of the tokenizer's own; None uses the tokenizer's (ChatML if it has none)."
+        None,
+        "Jinja chat template to use instead of the tokenizer's own; None uses the tokenizer's (ChatML if it has none).",
     )
     max_bad_fraction: float = _f(
         0.1,
@@ -252,7 +259,9 @@ class TrainSettings(Section):
     )
     seed: int = _f(42, "Seed for initialisation, data order and dropout; the same seed gives the same run.")
     logging_steps: int = _f(1, "Report step metrics every N optimizer steps.")
-    eval_steps: int | None = _f(None, "Evaluate on the validation set every N steps (and at the end); None: only at the end.")
+    eval_steps: int | None = _f(
+        None, "Evaluate on the validation set every N steps (and at the end); None: only at the end."
+    )
     save_steps: int | None = _f(100, "Write a resumable checkpoint every N optimizer steps; None: only at the end.")
     save_total_limit: int | None = _f(3, "Keep only the newest N checkpoints; None keeps all.")
     kernels: Literal["auto", "liger", "none"] = _f(
@@ -365,7 +374,9 @@ class TrainConfig:
                 )
             )
         hints = hints_of(cls)
-        sections = [f.name for f in dataclasses.fields(cls) if f.name != "schema_version" and not f.metadata.get("internal")]
+        sections = [
+            f.name for f in dataclasses.fields(cls) if f.name != "schema_version" and not f.metadata.get("internal")
+        ]
         kwargs = {}
         for name in names:
             if not isinstance(name, str):
@@ -488,7 +499,9 @@ def _located(e: ConfigError, source: str, lines: dict[str, int]) -> ConfigError:
     if not problems:
         return ConfigError(e.what, field=e.field, file=e.file or source or None, line=e.line, fix=e.fix)
     first = problems[0]
-    return ConfigError(first.what, field=first.field, file=first.file, line=first.line, fix=first.fix, problems=problems)
+    return ConfigError(
+        first.what, field=first.field, file=first.file, line=first.line, fix=first.fix, problems=problems
+    )
 
 
 def problems_of(cfg: TrainConfig) -> list[Problem]:
@@ -525,52 +538,6 @@ def check_ready(cfg: TrainConfig) -> None:
     raise_problems(problems)
 
 
-def check_output_dir(cfg: TrainConfig) -> Path:
-    """The run folder, if it is (or can be made) a writable folder; else a ConfigError on ``output.dir``."""
-    out = cfg.output_dir
-    probe = out
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        what = "is a file, not a folder" if probe == out else f"cannot be made: {probe} is a file, not a folder"
-        raise ConfigError(
-            f"{out} {what}; nothing was written.", field="output.dir", file=probe, fix="Name a folder for the run."
-        )
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"{out} cannot be written: {probe} is read-only for this user; nothing was written.",
-            field="output.dir",
-            file=probe,
-            fix="Choose a folder you can write to.",
-        )
-    return out
-
-
-def run_warnings(cfg: TrainConfig, total_steps: int, n_train: int) -> list[Problem]:
-    """Settings that are legal but cannot do what they say for this data (each names its field)."""
-    out = []
-    if cfg.optim.warmup_steps >= total_steps and cfg.optim.warmup_steps > 0:
-        out.append(
-            Problem(
-                f"{cfg.optim.warmup_steps} warmup steps but the run has {total_steps}: the learning rate "
-                f"never reaches optim.learning_rate ({cfg.optim.learning_rate:g}).",
-                field="optim.warmup_steps",
-                fix=f"Use fewer warmup steps than {total_steps} (about a tenth of the run is usual).",
-            )
-        )
-    per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
-    if per_step > n_train > 0:
-        out.append(
-            Problem(
-                f"one optimizer step takes {per_step:,} samples (micro_batch_size x gradient_accumulation_steps) "
-                f"but the data has {n_train:,}: each step sees samples more than once.",
-                field="train.gradient_accumulation_steps",
-                fix=f"Lower it to at most {max(1, n_train // cfg.train.micro_batch_size):,}, or add data.",
-            )
-        )
-    return out
-
-
 # -- overrides -------------------------------------------------------------------------------
 
 
@@ -587,13 +554,17 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
             problems.append(
-                Problem(f"override {show(item)}: write section.field=value, e.g. lora.rank=32.", fix="Check the spelling.")
+                Problem(
+                    f"override {show(item)}: write section.field=value, e.g. lora.rank=32.", fix="Check the spelling."
+                )
             )
             continue
         section, name = parts
         if section not in data or not isinstance(data[section], dict):
             known = sorted(k for k in data if k != "schema_version")
-            problems.append(Problem(f"override {show(item)}: unknown section {section[:60]!r}; known: {known}.", field=section[:60]))
+            problems.append(
+                Problem(f"override {show(item)}: unknown section {section[:60]!r}; known: {known}.", field=section[:60])
+            )
             continue
         if name not in data[section]:
             problems.append(

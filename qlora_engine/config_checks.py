@@ -14,13 +14,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import reprlib
 import types
 import typing
-from typing import Any, ClassVar, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from qlora_engine.errors import ConfigError, Problem
+
+if TYPE_CHECKING:
+    from qlora_engine.config import TrainConfig
 
 MAX_TEXT = 4096
 """Longest path, id or name a config field takes (a longer one is a paste gone wrong)."""
@@ -193,7 +198,9 @@ def raise_problems(problems: list[Problem], *, file: Any = None) -> None:
     if not problems:
         return
     first = problems[0]
-    raise ConfigError(first.what, field=first.field, file=file or first.file, line=first.line, fix=first.fix, problems=problems)
+    raise ConfigError(
+        first.what, field=first.field, file=file or first.file, line=first.line, fix=first.fix, problems=problems
+    )
 
 
 _RANGE_RE = re.compile(r"^\s*\d+\s*(-\s*\d+\s*)?(,\s*\d+\s*(-\s*\d+\s*)?)*$")
@@ -222,3 +229,52 @@ def parse_layers(spec: str | None) -> list[int] | None:
             raise ConfigError(f"layer {hi:,} is past any model (at most {MAX_LAYER:,}).", field="lora.layers")
         out.update(range(lo, hi + 1))
     return sorted(out)
+
+
+# -- checks of a whole config against the machine and the data --------------------------------
+
+
+def check_output_dir(cfg: TrainConfig) -> Path:
+    """The run folder, if it is (or can be made) a writable folder; else a ConfigError on ``output.dir``."""
+    out = cfg.output_dir
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is a file, not a folder" if probe == out else f"cannot be made: {probe} is a file, not a folder"
+        raise ConfigError(
+            f"{out} {what}; nothing was written.", field="output.dir", file=probe, fix="Name a folder for the run."
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{out} cannot be written: {probe} is read-only for this user; nothing was written.",
+            field="output.dir",
+            file=probe,
+            fix="Choose a folder you can write to.",
+        )
+    return out
+
+
+def run_warnings(cfg: TrainConfig, total_steps: int, n_train: int) -> list[Problem]:
+    """Settings that are legal but cannot do what they say for this data (each names its field)."""
+    out = []
+    if cfg.optim.warmup_steps >= total_steps and cfg.optim.warmup_steps > 0:
+        out.append(
+            Problem(
+                f"{cfg.optim.warmup_steps} warmup steps but the run has {total_steps}: the learning rate "
+                f"never reaches optim.learning_rate ({cfg.optim.learning_rate:g}).",
+                field="optim.warmup_steps",
+                fix=f"Use fewer warmup steps than {total_steps} (about a tenth of the run is usual).",
+            )
+        )
+    per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
+    if per_step > n_train > 0:
+        out.append(
+            Problem(
+                f"one optimizer step takes {per_step:,} samples (micro_batch_size x gradient_accumulation_steps) "
+                f"but the data has {n_train:,}: each step sees samples more than once.",
+                field="train.gradient_accumulation_steps",
+                fix=f"Lower it to at most {max(1, n_train // cfg.train.micro_batch_size):,}, or add data.",
+            )
+        )
+    return out

@@ -66,7 +66,9 @@ def read_regular_file(path: Path, *, limit: int, what: str = "config file") -> b
     except IsADirectoryError:
         raise ConfigError(f"is a folder, not a {what}.", file=path) from None
     except PermissionError:
-        raise ConfigError(f"cannot be read (permission denied).", file=path, fix="Check the file's permissions.") from None
+        raise ConfigError(
+            "cannot be read (permission denied).", file=path, fix="Check the file's permissions."
+        ) from None
     except OSError as e:
         raise ConfigError(f"cannot be opened ({e.strerror or e}).", file=path) from None
     try:
@@ -120,7 +122,7 @@ def decode_text(data: bytes, path: Any) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise ConfigError(
-            f"not UTF-8 text (byte 0x{data[e.start:e.start + 1].hex()}).",
+            f"not UTF-8 text (byte 0x{data[e.start : e.start + 1].hex()}).",
             file=path,
             line=line,
             fix="Save the file as UTF-8.",

@@ -48,7 +48,11 @@ def _json_file(path: Path, problems: list[Problem], what: str) -> Any:
         problems.append(Problem(f"{what} is not UTF-8 text (byte {e.start}); the file is damaged.", file=str(path)))
     except json.JSONDecodeError as e:
         problems.append(
-            Problem(f"{what} is not valid JSON ({e.msg} at column {e.colno}); the file is damaged.", file=str(path), line=e.lineno)
+            Problem(
+                f"{what} is not valid JSON ({e.msg} at column {e.colno}); the file is damaged.",
+                file=str(path),
+                line=e.lineno,
+            )
         )
     except RecursionError:
         problems.append(Problem(f"{what} is nested too deeply to read.", file=str(path)))
@@ -61,7 +65,9 @@ def safetensors_names(path: Path) -> tuple[set[str], Problem | None]:
     """The tensor names in a safetensors file's header, or a problem saying why it is damaged."""
 
     def bad(why: str) -> tuple[set[str], Problem]:
-        return set(), Problem(f"damaged safetensors file: {why}.", file=str(path), fix="Download or convert the model again.")
+        return set(), Problem(
+            f"damaged safetensors file: {why}.", file=str(path), fix="Download or convert the model again."
+        )
 
     try:
         size = path.stat().st_size
@@ -134,16 +140,27 @@ def folder_problems(folder: Path, *, config: Any = None, trust_remote_code: bool
         config: the folder's transformers config if already read (None: read it here).
     """
     problems: list[Problem] = []
-    cfg_json = _json_file(folder / "config.json", problems, "config.json") if (folder / "config.json").exists() else None
+    cfg_json = (
+        _json_file(folder / "config.json", problems, "config.json") if (folder / "config.json").exists() else None
+    )
     if not (folder / "config.json").exists():
         problems.append(Problem("no config.json: not a Hugging Face model folder.", file=str(folder)))
     elif cfg_json is not None and not (isinstance(cfg_json, dict) and isinstance(cfg_json.get("model_type"), str)):
-        problems.append(Problem("config.json names no model_type; the file is damaged.", file=str(folder / "config.json")))
-    tokenizer_files = [p for p in folder.iterdir() if p.is_file() and p.name.startswith(("tokenizer", "vocab", "merges", "special_tokens"))]
+        problems.append(
+            Problem("config.json names no model_type; the file is damaged.", file=str(folder / "config.json"))
+        )
+    tokenizer_files = [
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.name.startswith(("tokenizer", "vocab", "merges", "special_tokens"))
+    ]
     for p in tokenizer_files:
         if p.suffix == ".json":
             _json_file(p, problems, p.name)
-    if not any(p.name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model") for p in tokenizer_files):
+    if not any(
+        p.name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+        for p in tokenizer_files
+    ):
         problems.append(
             Problem("no tokenizer files (tokenizer.json, tokenizer.model or vocab.json).", file=str(folder))
         )
@@ -159,11 +176,16 @@ def folder_problems(folder: Path, *, config: Any = None, trust_remote_code: bool
     index = folder / "model.safetensors.index.json"
     if index.exists():
         table = _json_file(index, problems, index.name)
-        wanted = sorted({str(v) for v in (table or {}).get("weight_map", {}).values()}) if isinstance(table, dict) else []
+        wanted = (
+            sorted({str(v) for v in (table or {}).get("weight_map", {}).values()}) if isinstance(table, dict) else []
+        )
         missing_files = [w for w in wanted if not (folder / w).is_file()]
         if missing_files:
             problems.append(
-                Problem(f"the index names weight files that are missing: {', '.join(missing_files[:SHOW])}.", file=str(index))
+                Problem(
+                    f"the index names weight files that are missing: {', '.join(missing_files[:SHOW])}.",
+                    file=str(index),
+                )
             )
     if problems or damaged or not weight_files:
         return problems  # the tensor comparison needs a readable config and whole weight files

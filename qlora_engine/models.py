@@ -73,9 +73,7 @@ def _offline_error(ref: str, exc: Exception) -> ModelError:
     )
 
 
-def resolve_model(
-    ref: str, *, revision: str | None = None, weights: bool = True, sink: Any = None
-) -> Path:
+def resolve_model(ref: str, *, revision: str | None = None, weights: bool = True, sink: Any = None) -> Path:
     """A local folder holding the model: the folder itself, the GGUF conversion, or a hub snapshot.
 
     With ``weights=False`` only config and tokenizer files are fetched (``inspect-model``).
@@ -420,7 +418,9 @@ def apply_fused_kernels(model: torch.nn.Module, choice: str, device: torch.devic
         if choice == "liger":
             raise ConfigError(
                 "'liger' needs the liger-kernel package; install it with "
-                "pip install 'qlora-studio[gpu]', or set train.kernels to auto or none.", field="train.kernels") from e
+                "pip install 'qlora-studio[gpu]', or set train.kernels to auto or none.",
+                field="train.kernels",
+            ) from e
         return "none"
     if device.type != "cuda" or model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         if choice == "liger":
@@ -437,14 +437,17 @@ def resolve_target_modules(lora: LoraSettings, linear: list[str], attn: list[str
         chosen = {"attention": attn, "mlp": mlp, "all-linear": linear}[targets[0]]
         if not chosen:
             raise ConfigError(
-                f"preset {targets[0]!r} matches no layer of this model; "
-                f"its linear layers are {linear}.", field="lora.target_modules")
+                f"preset {targets[0]!r} matches no layer of this model; its linear layers are {linear}.",
+                field="lora.target_modules",
+            )
         return list(chosen)
     unknown = [t for t in targets if t not in linear]
     if unknown:
         raise ConfigError(
             f"{unknown} not in this model; its linear layers are {linear} "
-            f"(or use a preset: {', '.join(LORA_PRESETS)}).", field="lora.target_modules")
+            f"(or use a preset: {', '.join(LORA_PRESETS)}).",
+            field="lora.target_modules",
+        )
     return list(targets)
 
 
@@ -458,7 +461,11 @@ def linear_module_names(model: torch.nn.Module) -> tuple[list[str], list[str], l
         if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit)) and module is not out_emb:
             short = name.rsplit(".", 1)[-1]
             low = name.lower()
-            for lst, ok in ((linear, True), (attn, any(h in low for h in _ATTENTION_HINTS)), (mlp, any(h in low for h in _MLP_HINTS))):
+            for lst, ok in (
+                (linear, True),
+                (attn, any(h in low for h in _ATTENTION_HINTS)),
+                (mlp, any(h in low for h in _MLP_HINTS)),
+            ):
                 if ok and short not in lst:
                     lst.append(short)
     return linear, attn, mlp
@@ -474,7 +481,9 @@ def wrap_with_lora(model: torch.nn.Module, cfg: TrainConfig):
     layers = parse_layers(lora.layers)
     n_layers = len(_decoder_layers(model) or [])
     if layers is not None and max(layers) >= n_layers:
-        raise ConfigError(f"{lora.layers!r} goes past the model's {n_layers} layers (0-{n_layers - 1}).", field="lora.layers")
+        raise ConfigError(
+            f"{lora.layers!r} goes past the model's {n_layers} layers (0-{n_layers - 1}).", field="lora.layers"
+        )
     peft_cfg = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -522,7 +531,9 @@ def enable_gradient_checkpointing(model: torch.nn.Module, layers: int | None = N
     if offload and not blocks:
         raise ConfigError(
             f"{type(model).__name__} has no decoder layers that transformers "
-            "checkpoints, so there is nothing to offload; turn it off.", field="train.offload_activations")
+            "checkpoints, so there is nothing to offload; turn it off.",
+            field="train.offload_activations",
+        )
     if offload:
         from qlora_engine.offload import offloaded_checkpoint
 
@@ -556,7 +567,8 @@ def tile_mlps(model: torch.nn.Module, chunk: int) -> int:
     mlps = [b.mlp for b in model.modules() if isinstance(b, GradientCheckpointingLayer) and hasattr(b, "mlp")]
     if not mlps:
         raise ConfigError(
-            f"{type(model).__name__} has no decoder-layer MLP to tile; set it to null.", field="train.mlp_chunk_tokens")
+            f"{type(model).__name__} has no decoder-layer MLP to tile; set it to null.", field="train.mlp_chunk_tokens"
+        )
     for mlp in mlps:
         mlp.forward = tiled(mlp.forward)
     return len(mlps)

@@ -157,7 +157,9 @@ def data_inside(folder: Path, archive: Path) -> Path:
             hint=(
                 f"Extract it into a folder of your own and point data.path at one of them (e.g. "
                 f"{found[0].relative_to(folder).as_posix()}); the copy in {folder} is a cache and may be removed."
-            ), file=archive)
+            ),
+            file=archive,
+        )
     contents = f"{len(nested + other)} other files: {listing(nested + other)}" if nested or other else "no files"
     message = f"no data file of an accepted kind inside; it holds {contents}."
     if nested:
@@ -183,7 +185,9 @@ class _Reader:
         except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as e:
             raise DataError(
                 f"not a readable zip or tar archive ({e}).",
-                hint="The download may be incomplete or damaged; fetch it again.", file=archive) from None
+                hint="The download may be incomplete or damaged; fetch it again.",
+                file=archive,
+            ) from None
         self._members: list[Any] = []
 
     def __enter__(self) -> _Reader:
@@ -198,9 +202,10 @@ class _Reader:
             return self._check_zip()
         if not hasattr(tarfile, "data_filter"):
             raise DataError(
-                f"tar archives are extracted only with Python's extraction filters "
-                "(Python 3.10.12, 3.11.4 or later).",
-                hint="Update Python, or unpack the archive yourself and point data.path at the data file.", file=self.archive)
+                "tar archives are extracted only with Python's extraction filters (Python 3.10.12, 3.11.4 or later).",
+                hint="Update Python, or unpack the archive yourself and point data.path at the data file.",
+                file=self.archive,
+            )
         return self._check_tar(dest)
 
     def _check_zip(self) -> list[tuple[str, int]]:
@@ -218,7 +223,9 @@ class _Reader:
             if info.flag_bits & 0x1:
                 raise DataError(
                     f"member {info.filename!r} is encrypted (password-protected).",
-                    hint="Unpack the archive yourself with its password and point data.path at the data file.", file=self.archive)
+                    hint="Unpack the archive yourself with its password and point data.path at the data file.",
+                    file=self.archive,
+                )
             self._members.append(info)
             if not info.is_dir():
                 sizes.append((info.filename, info.file_size))
@@ -231,7 +238,9 @@ class _Reader:
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(
                 f"not a readable tar archive ({e}).",
-                hint="The download may be incomplete or damaged; fetch it again.", file=self.archive) from None
+                hint="The download may be incomplete or damaged; fetch it again.",
+                file=self.archive,
+            ) from None
         for m in members:
             why = _name_problem(m.name)
             if why is None and m.issym():
@@ -309,13 +318,17 @@ def _check_size(archive: Path, sizes: list[tuple[str, int]], cache: Path) -> Non
             f"declares {_human(total)} of content in {_human(packed)} ({total / packed:,.0f} times its "
             f"size; largest member {largest!r}, {_human(largest_size)}): a zip bomb, not a data set. "
             "Nothing was extracted.",
-            hint=_REFUSED_HINT, file=archive)
+            hint=_REFUSED_HINT,
+            file=archive,
+        )
     free = shutil.disk_usage(cache).free
     if total > free:
         raise DataError(
             f"unpacks to {_human(total)} (largest member {largest!r}, {_human(largest_size)}), "
             f"more than the {_human(free)} free on the disk of {cache}. Nothing was extracted.",
-            hint="Free some space, or unpack the data file onto a disk with room and point data.path at it.", file=archive)
+            hint="Free some space, or unpack the data file onto a disk with room and point data.path at it.",
+            file=archive,
+        )
 
 
 def _human(n: int) -> str:

@@ -84,9 +84,11 @@ def check_columns(columns: dict[str, str]) -> None:
         if ours not in known:
             raise DataError(
                 f"{ours!r} is not a field we read; map one of {', '.join(known)} to your column name, "
-                f"e.g. {{instruction: question, output: answer}}.", field="data.columns")
+                f"e.g. {{instruction: question, output: answer}}.",
+                field="data.columns",
+            )
         if not isinstance(theirs, str) or not theirs:
-            raise DataError(f"name the column of your data that holds it.", field=f"data.columns.{ours}")
+            raise DataError("name the column of your data that holds it.", field=f"data.columns.{ours}")
 
 
 def map_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
@@ -169,7 +171,9 @@ def detect_format(rows: list[dict[str, Any]], label: str) -> tuple[str, dict[str
             f"cannot tell the data format. The first {len(rows)} rows have the keys {found}. "
             f"Accepted formats: {ACCEPTED_FORMATS}.",
             hint="Map your columns to ours with data.columns, e.g. {instruction: question, output: answer}, "
-            "or set data.format.", file=label)
+            "or set data.format.",
+            file=label,
+        )
     best = max(FORMATS, key=lambda f: (fits[f], -FORMATS.index(f)))
     evidence["reason"] = f"{_describe(best)} in {fits[best]} of {len(rows)} rows"
     return best, evidence

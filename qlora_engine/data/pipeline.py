@@ -106,14 +106,18 @@ class RowReader:
         if not self._head:
             raise DataError(
                 f"no rows found ({_EMPTY_WHY.get(self.src.kind, 'the data set is empty')}). "
-                f"Accepted formats: {ACCEPTED_FORMATS}.", file=self.src.label)
+                f"Accepted formats: {ACCEPTED_FORMATS}.",
+                file=self.src.label,
+            )
         data = [map_columns(r.data, self.dc.columns) for r in self._head if r.data is not None]
         if not data:
             for r in self._head:
                 self.skip(r.where, r.problem or "unreadable")
             raise DataError(
                 f"none of the first {len(self._head)} rows can be read: {self.skipped_summary()}.",
-                hint=f"Accepted formats: {ACCEPTED_FORMATS}.", file=self.src.label)
+                hint=f"Accepted formats: {ACCEPTED_FORMATS}.",
+                file=self.src.label,
+            )
         missing = [
             f"{theirs!r} (data.columns.{ours})"
             for ours, theirs in self.dc.columns.items()
@@ -167,12 +171,16 @@ class RowReader:
             raise DataError(
                 f"no usable rows as {self.format} data; all {bad} rows were skipped: "
                 f"{self.skipped_summary()}. Accepted formats: {ACCEPTED_FORMATS}.",
-                hint="Fix the rows, or set data.format / data.columns if the format was guessed wrong.", file=self.src.label)
+                hint="Fix the rows, or set data.format / data.columns if the format was guessed wrong.",
+                file=self.src.label,
+            )
         if bad / self.rows_read > max_bad_fraction:
             raise DataError(
                 f"{bad} of {self.rows_read} rows ({bad / self.rows_read:.0%}) are unusable, more than "
                 f"data.max_bad_fraction ({max_bad_fraction:.0%}): {self.skipped_summary()}.",
-                hint="Fix those rows, check data.format and data.columns, or raise data.max_bad_fraction.", file=self.src.label)
+                hint="Fix those rows, check data.format and data.columns, or raise data.max_bad_fraction.",
+                file=self.src.label,
+            )
 
 
 @dataclass
@@ -388,7 +396,9 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, sink: EventSink | None = None
         raise DataError(
             f"no training samples left: {main.dropped_overlong} longer than data.max_length "
             f"({dc.max_length}) were dropped, {main.no_answer_left} had no answer left after truncation.",
-            hint="Raise data.max_length or set data.overlong=truncate.", file=src.label)
+            hint="Raise data.max_length or set data.overlong=truncate.",
+            file=src.label,
+        )
     n_train, n_val = len(train_set), len(val_set) if val_set is not None else 0
     if dc.packing:
         sink.emit(PhaseChanged(phase="preparing_data", detail=f"packing {n_train:,} samples"))

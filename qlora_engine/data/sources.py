@@ -23,8 +23,8 @@ import os
 import stat
 import sys
 import zlib
-from contextlib import contextmanager
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -125,13 +125,18 @@ def open_source(spec: str, path: Path, *, subset: str | None = None, split: str 
             return _open_archive(path, split)
         return _open_file(path, str(path))
     if _looks_like_path(spec):
-        raise DataError(f"no such file or folder.", hint=f"Accepted inputs: {ACCEPTED_FILES}.", file=path)
+        raise DataError("no such file or folder.", hint=f"Accepted inputs: {ACCEPTED_FILES}.", file=path)
     return _open_hub(spec, subset, split)
 
 
 def _special_kind(path: Path) -> str:
     mode = path.stat().st_mode
-    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -187,7 +192,9 @@ def _file_kind(path: Path, label: str) -> str:
         return "parquet"
     raise DataError(
         f"unknown file type {path.suffix or '(no extension)'!r}.",
-        hint=f"Accepted inputs: {ACCEPTED_FILES}. Rename the file with the extension that fits its content.", file=label)
+        hint=f"Accepted inputs: {ACCEPTED_FILES}. Rename the file with the extension that fits its content.",
+        file=label,
+    )
 
 
 MAX_ROW_BYTES = 64 << 20
@@ -225,7 +232,9 @@ def _check_utf16(label: str, first: bytes) -> None:
         if first.startswith(bom):
             raise DataError(
                 f"the file is encoded as {name}, not UTF-8.",
-                hint="Save it as UTF-8 (in most editors: Save As, encoding UTF-8) and try again.", file=label)
+                hint="Save it as UTF-8 (in most editors: Save As, encoding UTF-8) and try again.",
+                file=label,
+            )
 
 
 def _decode(line: bytes | None) -> tuple[str | None, str | None]:
@@ -282,9 +291,12 @@ def _jsonl_rows(src: Source) -> Iterator[Row]:
         except json.JSONDecodeError as e:
             raise DataError(
                 f"not valid JSON ({e.msg} at column {e.colno}). Nothing was written.",
-                hint="Each line of a JSONL file must hold one complete JSON object; fix or delete that line.", file=src.label, line=n) from None
+                hint="Each line of a JSONL file must hold one complete JSON object; fix or delete that line.",
+                file=src.label,
+                line=n,
+            ) from None
         except RecursionError:
-            raise DataError(f"JSON nested too deeply to read.", file=src.label, line=n) from None
+            raise DataError("JSON nested too deeply to read.", file=src.label, line=n) from None
         if isinstance(obj, dict):
             yield Row(where, data=obj)
         else:
@@ -305,7 +317,10 @@ def _json_rows(src: Source) -> Iterator[Row]:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(
             f"not UTF-8 text (byte 0x{data[e.start : e.start + 1].hex()}).",
-            hint="Save the file as UTF-8 and try again.", file=src.label, line=line) from None
+            hint="Save the file as UTF-8 and try again.",
+            file=src.label,
+            line=line,
+        ) from None
     del data
     stripped = text.lstrip()
     if not stripped:
@@ -323,12 +338,13 @@ def _json_rows(src: Source) -> Iterator[Row]:
                 return
             raise DataError(f"not valid JSON ({e.msg} at column {e.colno}).", file=src.label, line=e.lineno) from None
         except RecursionError:
-            raise DataError(f"JSON nested too deeply to read.", file=src.label) from None
+            raise DataError("JSON nested too deeply to read.", file=src.label) from None
         yield from _rows_in_object(src, obj)
         return
     if stripped[0] != "[":
         raise DataError(
-            f"expected a JSON array of rows or an object holding one, found {stripped[:20]!r}.", file=src.label, line=1)
+            f"expected a JSON array of rows or an object holding one, found {stripped[:20]!r}.", file=src.label, line=1
+        )
     pos = text.index("[") + 1
     line = text.count("\n", 0, pos) + 1
     item = 0
@@ -339,7 +355,7 @@ def _json_rows(src: Source) -> Iterator[Row]:
             pos += 1
         line += text.count("\n", start, pos)
         if pos >= len(text):
-            raise DataError(f"the JSON array is not closed with ']'.", file=src.label, line=line)
+            raise DataError("the JSON array is not closed with ']'.", file=src.label, line=line)
         if text[pos] == "]":
             break
         item += 1
@@ -348,7 +364,7 @@ def _json_rows(src: Source) -> Iterator[Row]:
         except json.JSONDecodeError as e:
             raise DataError(f"not valid JSON ({e.msg} at column {e.colno}).", file=src.label, line=e.lineno) from None
         except RecursionError:
-            raise DataError(f"JSON nested too deeply to read.", file=src.label, line=line) from None
+            raise DataError("JSON nested too deeply to read.", file=src.label, line=line) from None
         where = f"line {line}"
         if isinstance(obj, dict):
             yield Row(where, data=obj)
@@ -357,7 +373,7 @@ def _json_rows(src: Source) -> Iterator[Row]:
         line += text.count("\n", pos, end)
         pos = end
     if text[pos + 1 :].strip():
-        raise DataError(f"unexpected text after the closing ']'.", file=src.label, line=line)
+        raise DataError("unexpected text after the closing ']'.", file=src.label, line=line)
 
 
 def _rows_in_object(src: Source, obj: dict[str, Any]) -> Iterator[Row]:
@@ -370,7 +386,9 @@ def _rows_in_object(src: Source, obj: dict[str, Any]) -> Iterator[Row]:
         keys = ", ".join(repr(k) for k in lists)
         raise DataError(
             f"the JSON object holds several lists of rows ({keys}); cannot tell which to train on.",
-            hint="Save the rows you want as a JSON array or as JSONL.", file=src.label)
+            hint="Save the rows you want as a JSON array or as JSONL.",
+            file=src.label,
+        )
     key, items = next(iter(lists.items()))
     for i, item in enumerate(items, 1):
         yield Row(f"item {i} of {key!r}", data=item)
@@ -398,7 +416,7 @@ def _csv_rows(src: Source) -> Iterator[Row]:
                 raise DataError(f"the file has no header row. Accepted inputs: {ACCEPTED_FILES}.", file=src.label)
             header = [h.strip() for h in header]
             if any(_has_surrogates(h) for h in header):
-                raise DataError(f"the header is not UTF-8 text; save the file as UTF-8.", file=src.label, line=1)
+                raise DataError("the header is not UTF-8 text; save the file as UTF-8.", file=src.label, line=1)
             line = reader.line_num + 1
             for fields in reader:
                 where, line = f"line {line}", reader.line_num + 1
@@ -498,8 +516,10 @@ def _open_saved(path: Path, split: str, label: str | None = None) -> Source:
     label = label or str(path)
     if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         raise DataError(
-            f"a folder, but not one written by datasets.save_to_disk (no dataset_info.json).",
-            hint=f"Point data.path at a data file inside it. Accepted inputs: {ACCEPTED_FILES}.", file=label)
+            "a folder, but not one written by datasets.save_to_disk (no dataset_info.json).",
+            hint=f"Point data.path at a data file inside it. Accepted inputs: {ACCEPTED_FILES}.",
+            file=label,
+        )
     import datasets
 
     try:

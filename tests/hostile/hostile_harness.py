@@ -24,6 +24,7 @@ Other test files in this folder import the format: ``from hostile_harness import
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -32,7 +33,6 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,7 +229,9 @@ def check_outcome(case: Case, ws: Workspace, outcome: Outcome, before: dict[str,
         first = next((ln for ln in err.splitlines() if ln.startswith("error: ")), "")
         assert first, f"no 'error: ...' line{context}"
         if outcome.error is not None:
-            assert outcome.error["type"] == case.error, f"error type {outcome.error['type']}, expected {case.error}{context}"
+            assert outcome.error["type"] == case.error, (
+                f"error type {outcome.error['type']}, expected {case.error}{context}"
+            )
             if case.field is not None:
                 assert outcome.error["field"] == case.field, f"field {outcome.error['field']!r}{context}"
             if case.file is not None:

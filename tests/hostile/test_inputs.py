@@ -50,9 +50,7 @@ def value_case(name: str, setting: str, *, says=(), field: str | None = None, ma
 
 
 def override_case(name: str, *overrides: str, field: str | None = None, says=()):
-    return Case(
-        name, lambda ws: ["train", str(ws.config()), *overrides], "ConfigError", field=field, says=tuple(says)
-    )
+    return Case(name, lambda ws: ["train", str(ws.config()), *overrides], "ConfigError", field=field, says=tuple(says))
 
 
 def data_case(name: str, filename: str, content: str | bytes, *, line=None, says=(), error="DataError", settings=()):
@@ -87,13 +85,15 @@ def gz(data: bytes) -> bytes:
 
 
 # Rows that do not compress to nothing, so half of their gzip stream is truly half.
-VARIED = "".join(json.dumps({"text": f"row {i} {i * 7919 % 104729} {i ** 3}"}) + "\n" for i in range(400)).encode()
+VARIED = "".join(json.dumps({"text": f"row {i} {i * 7919 % 104729} {i**3}"}) + "\n" for i in range(400)).encode()
 TRUNCATED_GZ = gz(VARIED)[: len(gz(VARIED)) // 2]
 
 
-ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
-) + "model:\n  ref: *i\n"
+ALIAS_BOMB = (
+    "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+    + "model:\n  ref: *i\n"
+)
 
 
 def deep_flow(n: int) -> str:
@@ -255,7 +255,9 @@ CONFIG_FILES = [
     yaml_case("config nested deep (block)", deep_block(200), says=["nested more than 32"]),
     yaml_case("config alias bomb", ALIAS_BOMB, says=["alias bomb"]),
     yaml_case("config alias refers to itself", "lora:\n  target_modules: &a [q_proj, *a]\n", line=2, says=["refers"]),
-    yaml_case("config duplicate section", "lora:\n  rank: 8\nlora:\n  rank: 64\n", line=3, says=["appears twice", "line 1"]),
+    yaml_case(
+        "config duplicate section", "lora:\n  rank: 8\nlora:\n  rank: 64\n", line=3, says=["appears twice", "line 1"]
+    ),
     yaml_case("config duplicate field", "lora:\n  rank: 8\n  rank: 64\n", line=3, says=["'rank' appears twice"]),
     yaml_case("config integer key", "1: x\nmodel:\n  ref: m\n", line=1, says=["'1' is not a name"]),
     yaml_case("config true key", "lora:\n  yes: 1\n", line=2, says=["not a name"]),
@@ -265,7 +267,9 @@ CONFIG_FILES = [
     yaml_case("config two documents", "lora:\n  rank: 8\n---\nlora:\n  rank: 9\n", line=3, says=["single document"]),
     yaml_case("config tab indentation", "lora:\n\trank: 8\n", line=2, says=["not valid YAML"]),
     yaml_case("config unclosed bracket", "lora:\n  target_modules: [q_proj\n", says=["not valid YAML"]),
-    yaml_case("config python object tag", "model: !!python/object/apply:os.system ['true']\n", line=1, says=["never loaded"]),
+    yaml_case(
+        "config python object tag", "model: !!python/object/apply:os.system ['true']\n", line=1, says=["never loaded"]
+    ),
     yaml_case("config is a list", "- a\n- b\n", says=["expected a mapping of sections"]),
     yaml_case("config is a scalar", "just some words\n", says=["expected a mapping of sections", "text"]),
     yaml_case("config unknown section", "modle:\n  ref: x\n", field="modle", line=1, says=["unknown section"]),
@@ -275,7 +279,13 @@ CONFIG_FILES = [
     yaml_case("config schema as text", "schema_version: '1'\n", field="schema_version", says=["'1'"]),
     yaml_case("config empty file", "", field="model.ref", says=["no model chosen"]),
     yaml_case("config only comments", "# nothing here\n", field="model.ref", says=["no model chosen"]),
-    Case("config missing", lambda ws: ["train", str(ws.tmp / "nope.yaml")], "ConfigError", file="nope.yaml", says=("not found",)),
+    Case(
+        "config missing",
+        lambda ws: ["train", str(ws.tmp / "nope.yaml")],
+        "ConfigError",
+        file="nope.yaml",
+        says=("not found",),
+    ),
     Case(
         "config is a folder",
         lambda ws: ["train", str(ws.write("folder.yaml/x", "").parent)],
@@ -283,8 +293,20 @@ CONFIG_FILES = [
         file="folder.yaml",
         says=("is a folder",),
     ),
-    Case("config is /dev/zero", lambda ws: ["train", "/dev/zero"], "ConfigError", file="/dev/zero", says=("character device",)),
-    Case("config is /dev/null", lambda ws: ["train", "/dev/null"], "ConfigError", file="/dev/null", says=("character device",)),
+    Case(
+        "config is /dev/zero",
+        lambda ws: ["train", "/dev/zero"],
+        "ConfigError",
+        file="/dev/zero",
+        says=("character device",),
+    ),
+    Case(
+        "config is /dev/null",
+        lambda ws: ["train", "/dev/null"],
+        "ConfigError",
+        file="/dev/null",
+        says=("character device",),
+    ),
     Case(
         "config is a FIFO (child, must not block)",
         lambda ws: ["train", str(fifo(ws, "run.yaml"))],
@@ -432,16 +454,32 @@ OVERRIDES = [
 DATA = [
     data_case("gzip truncated", "d.jsonl.gz", TRUNCATED_GZ, says=["truncated"]),
     data_case("gzip that is not gzip", "d.jsonl.gz", ROWS, says=["damaged"]),
-    data_case("gzip json array truncated", "d.json.gz", gz(b"[" + VARIED.replace(b"\n", b",") + b"]")[:900], says=["truncated"]),
+    data_case(
+        "gzip json array truncated",
+        "d.json.gz",
+        gz(b"[" + VARIED.replace(b"\n", b",") + b"]")[:900],
+        says=["truncated"],
+    ),
     data_case("parquet damaged page", "d.parquet", damage_middle(parquet_bytes()), says=["Parquet"]),
     data_case("parquet truncated", "d.parquet", parquet_bytes()[:-200], says=["Parquet"]),
     data_case("parquet magic only", "d.parquet", b"PAR1garbagePAR1", says=["not a readable Parquet"]),
     data_case("json array not closed", "d.json", '[{"text": "a"},\n{"text": "b"}\n', line=3, says=["not closed"]),
     data_case("jsonl malformed line", "d.jsonl", '{"text": "ok"}\n{"text": broken\n', line=2, says=["not valid JSON"]),
-    data_case("jsonl nested deep", "d.jsonl", '{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", line=2, says=["nested"]),
+    data_case(
+        "jsonl nested deep",
+        "d.jsonl",
+        '{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n",
+        line=2,
+        says=["nested"],
+    ),
     data_case("utf-16 data", "d.jsonl", ROWS.encode("utf-16"), says=["UTF-16"]),
     data_case("all rows not UTF-8", "d.jsonl", b'{"text": "caf\xe9"}\n' * 3, says=["UTF-8", "line 1"]),
-    data_case("all rows lone surrogates", "d.jsonl", '{"text": "a \\ud800"}\n{"text": "b \\udfff"}\n', says=["lone surrogate", "line 1"]),
+    data_case(
+        "all rows lone surrogates",
+        "d.jsonl",
+        '{"text": "a \\ud800"}\n{"text": "b \\udfff"}\n',
+        says=["lone surrogate", "line 1"],
+    ),
     data_case("empty data file", "d.jsonl", "", says=["empty"]),
     data_case("only blank lines", "d.jsonl", "\n\n\n", says=["no rows"]),
     data_case("csv header only", "d.csv", "text\n", says=["no rows"]),
@@ -510,24 +548,67 @@ DATA = [
 MODELS = [
     model_case("config.json truncated", cut_file("config.json"), file="config.json", says=["not valid JSON"]),
     model_case("config.json a list", damage_file("config.json", "[]"), file="config.json", says=["model_type"]),
-    model_case("config.json binary", damage_file("config.json", b"\xff\xfe\x00garbage"), file="config.json", says=["not UTF-8"]),
+    model_case(
+        "config.json binary", damage_file("config.json", b"\xff\xfe\x00garbage"), file="config.json", says=["not UTF-8"]
+    ),
     model_case("config.json missing", remove("config.json"), file="model", says=["no config.json"]),
     model_case("tokenizer.json truncated", cut_file("tokenizer.json"), file="tokenizer.json", says=["not valid JSON"]),
-    model_case("tokenizer_config.json damaged", damage_file("tokenizer_config.json", "{oops"), file="tokenizer_config.json"),
-    model_case("tokenizer files missing", remove("tokenizer.json", "tokenizer_config.json"), file="model", says=["no tokenizer"]),
-    model_case("safetensors header length huge", header_length_huge, file="model.safetensors", says=["damaged safetensors"]),
-    model_case("safetensors header byte flipped", header_json_flipped, file="model.safetensors", says=["not valid JSON"]),
+    model_case(
+        "tokenizer_config.json damaged", damage_file("tokenizer_config.json", "{oops"), file="tokenizer_config.json"
+    ),
+    model_case(
+        "tokenizer files missing",
+        remove("tokenizer.json", "tokenizer_config.json"),
+        file="model",
+        says=["no tokenizer"],
+    ),
+    model_case(
+        "safetensors header length huge", header_length_huge, file="model.safetensors", says=["damaged safetensors"]
+    ),
+    model_case(
+        "safetensors header byte flipped", header_json_flipped, file="model.safetensors", says=["not valid JSON"]
+    ),
     model_case("safetensors truncated", weights_truncated, file="model.safetensors", says=["outside the file"]),
     model_case("safetensors padded", weights_padded, file="model.safetensors", says=["bytes more"]),
     model_case("safetensors empty", weights_empty, file="model.safetensors", says=["shorter than"]),
-    model_case("embedding weights missing", drop_tensor("model.embed_tokens.weight"), file="model", says=["model.embed_tokens.weight", "random"]),
-    model_case("one layer's weight missing", drop_tensor("model.layers.1.mlp.up_proj.weight"), file="model", says=["up_proj"]),
-    model_case("index names a missing shard", sharded_index_missing_shard, file="model.safetensors.index.json", says=["missing"]),
+    model_case(
+        "embedding weights missing",
+        drop_tensor("model.embed_tokens.weight"),
+        file="model",
+        says=["model.embed_tokens.weight", "random"],
+    ),
+    model_case(
+        "one layer's weight missing", drop_tensor("model.layers.1.mlp.up_proj.weight"), file="model", says=["up_proj"]
+    ),
+    model_case(
+        "index names a missing shard",
+        sharded_index_missing_shard,
+        file="model.safetensors.index.json",
+        says=["missing"],
+    ),
     model_case("pickle-only weights", pickle_only, file="model", says=["pickle"]),
     model_case("no weights at all", remove("model.safetensors"), file="model", says=["no weight files"]),
-    model_case("inspect damaged safetensors", weights_truncated, command="inspect-model", code=3, says=["unusable", "damaged safetensors"]),
-    model_case("inspect missing embeddings", drop_tensor("model.embed_tokens.weight"), command="inspect-model", code=3, says=["unusable", "embed_tokens"]),
-    model_case("inspect damaged tokenizer", cut_file("tokenizer.json"), command="inspect-model", code=3, says=["unusable", "tokenizer.json"]),
+    model_case(
+        "inspect damaged safetensors",
+        weights_truncated,
+        command="inspect-model",
+        code=3,
+        says=["unusable", "damaged safetensors"],
+    ),
+    model_case(
+        "inspect missing embeddings",
+        drop_tensor("model.embed_tokens.weight"),
+        command="inspect-model",
+        code=3,
+        says=["unusable", "embed_tokens"],
+    ),
+    model_case(
+        "inspect damaged tokenizer",
+        cut_file("tokenizer.json"),
+        command="inspect-model",
+        code=3,
+        says=["unusable", "tokenizer.json"],
+    ),
     Case(
         "inspect damaged config.json",
         lambda ws: ["inspect-model", str(ws.model_copy(cut_file("config.json")))],
@@ -566,7 +647,14 @@ WARNINGS = [
         "trains, warning by field and line",
         lambda ws: [
             "train",
-            str(ws.config("optim.warmup_steps: 10", "train.micro_batch_size: 4", "train.gradient_accumulation_steps: 3", data=ws.write("d.jsonl", SURROGATE_ROWS))),
+            str(
+                ws.config(
+                    "optim.warmup_steps: 10",
+                    "train.micro_batch_size: 4",
+                    "train.gradient_accumulation_steps: 3",
+                    data=ws.write("d.jsonl", SURROGATE_ROWS),
+                )
+            ),
         ],
         None,
         says=("lone surrogate", "line 2"),
