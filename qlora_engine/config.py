@@ -12,6 +12,7 @@ tree: a :class:`ConfigError` (a ``ValueError``) carries every bad field at once 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from qlora_engine.config_checks import (
     type_ok,
 )
 from qlora_engine.config_file import ConfigError, load_yaml, read_yaml_file
-from qlora_engine.errors import Problem
+from qlora_engine.errors import DiskFullError, Problem, QLoRAError
 
 SCHEMA_VERSION = 1
 
@@ -430,11 +431,31 @@ class TrainConfig:
         return cfg
 
     def save(self, path: str | Path) -> None:
+        """Write the YAML through a temporary file, so a failed write leaves the old file whole.
+
+        Raises:
+            DiskFullError: no space left (or a file-size limit) while writing.
+            QLoRAError: the place cannot be written (read-only, a file where a folder must be).
+        """
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(self.to_yaml(), encoding="utf-8")
-        tmp.replace(p)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(self.to_yaml(), encoding="utf-8")
+            tmp.replace(p)
+        except OSError as e:
+            if tmp.is_file():
+                tmp.unlink()
+            if e.errno in (errno.ENOSPC, errno.EFBIG):
+                raise DiskFullError(f"no space left to write the config ({e.strerror}).", file=p) from None
+            why = e.strerror or str(e)
+            if isinstance(e, (FileExistsError, NotADirectoryError)):
+                why = "a file stands where a folder must be"
+            raise QLoRAError(
+                f"the config cannot be written ({why}); nothing was changed.",
+                file=p,
+                fix="Choose a folder you can write to.",
+            ) from None
 
     # -- paths -------------------------------------------------------------------------
     base_dir: Path | None = field(default=None, repr=False, compare=False, metadata={"internal": True})

@@ -202,7 +202,7 @@ def run_subprocess(args: list[str], timeout: float, env: dict[str, str] | None =
     for line in proc.stdout.splitlines():
         with contextlib.suppress(ValueError):
             event = json.loads(line)
-            if isinstance(event, dict) and event.get("type") == "run_failed" and event.get("error"):
+            if isinstance(event, dict) and event.get("event") == "run_failed" and event.get("error"):
                 error = event["error"]
     return Outcome(proc.returncode, proc.stdout, proc.stderr, error)
 

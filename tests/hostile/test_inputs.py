@@ -326,6 +326,16 @@ CONFIG_FILES = [
         timeout=60,
     ),
     Case(
+        "config error as a typed run_failed event (child, --events -)",
+        lambda ws: ["train", str(ws.config("lora.rank: 0", "optim.learning_rate: .inf")), "--events", "-"],
+        "ConfigError",
+        field="lora.rank",
+        file="run.yaml",
+        line=11,
+        subprocess=True,
+        check=problems_are("lora.rank", "optim.learning_rate"),
+    ),
+    Case(
         "estimate on a binary config",
         lambda ws: ["estimate", str(ws.write("run.yaml", b"\x00\x01\x02"))],
         "ConfigError",
@@ -448,6 +458,20 @@ OVERRIDES = [
         "ConfigError",
         field="optim.learning_rate",
         check=lambda ws, out: not (ws.tmp / "new.yaml").exists() or pytest.fail("init wrote a bad config"),
+    ),
+    Case(
+        "init into a place that cannot be written",
+        lambda ws: ["init", "--model", "m", "--data", "d", "-o", "/proc/qlora-hostile/run.yaml"],
+        "QLoRAError",
+        file="/proc/qlora-hostile/run.yaml",
+        says=("cannot be written",),
+    ),
+    Case(
+        "init below a file",
+        lambda ws: ["init", "--model", "m", "--data", "d", "-o", str(ws.write("taken", "keep me")) + "/run.yaml"],
+        "QLoRAError",
+        file="taken/run.yaml",
+        says=("a file stands where a folder must be",),
     ),
 ]
 
