@@ -31,8 +31,8 @@ from qlora_engine.config_checks import (
     show,
     type_ok,
 )
-from qlora_engine.config_file import ConfigError, load_yaml, read_yaml_file
-from qlora_engine.errors import DiskFullError, Problem, QLoRAError
+from qlora_engine.config_file import load_yaml, read_yaml_file
+from qlora_engine.errors import ConfigError, DiskFullError, Problem, QLoRAError
 
 SCHEMA_VERSION = 1
 

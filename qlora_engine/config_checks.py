@@ -152,8 +152,6 @@ class Checks:
         low = f"greater than {_num(lo)}" if above else f"at least {_num(lo)}"
         high = f"less than {_num(hi)}" if below else f"at most {_num(hi)}"
         allowed = f"a {'whole ' if whole else ''}number {low} and {high}"
-        if not above and not below:
-            allowed = f"a {'whole ' if whole else ''}number from {_num(lo)} to {_num(hi)}"
         if null is not None:
             allowed = f"null ({null}) or {allowed}"
         if typical:

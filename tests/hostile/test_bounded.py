@@ -89,7 +89,7 @@ def test_every_bad_field_is_one_problem_with_its_path():
     assert fields == ["lora.rank", "lora.dropout", "optim.learning_rate", "nope"]
     assert e.value.field == "lora.rank" and e.value.file == "form"
     assert all(p.file == "form" for p in e.value.problems)
-    assert "from 1 to 4096" in e.value.problems[0].what
+    assert "at least 1 and at most 4096" in e.value.problems[0].what
 
 
 def test_a_section_validates_itself_when_built():

@@ -352,7 +352,7 @@ CONFIG_FILES = [
 ]
 
 VALUES = [
-    value_case("rank zero", "lora.rank: 0", says=["from 1 to 4096"]),
+    value_case("rank zero", "lora.rank: 0", says=["at least 1 and at most 4096"]),
     value_case("rank negative", "lora.rank: -5"),
     value_case("rank huge", "lora.rank: 1000000", says=["4096"]),
     value_case("rank fractional", "lora.rank: 8.5", says=["whole number"]),
@@ -383,11 +383,11 @@ VALUES = [
     value_case("epochs inf", "train.epochs: .inf", says=["not a finite number", "at most 1000"]),
     value_case("epochs minus inf", "train.epochs: -.inf", says=["not a finite number"]),
     value_case("epochs zero", "train.epochs: 0", says=["greater than 0"]),
-    value_case("grad accumulation a billion", "train.gradient_accumulation_steps: 1000000000", says=["from 1 to 4096"]),
+    value_case("grad accumulation a billion", "train.gradient_accumulation_steps: 1000000000", says=["at least 1 and at most 4096"]),
     value_case("micro batch zero", "train.micro_batch_size: 0"),
     value_case("max steps zero", "train.max_steps: 0", max_steps=None),
     value_case("max steps ten billion", "train.max_steps: 10000000000", max_steps=None),
-    value_case("seed negative", "train.seed: -1", says=["from 0 to"]),
+    value_case("seed negative", "train.seed: -1", says=["at least 0 and at most"]),
     value_case("seed past 32 bits", "train.seed: 1099511627776"),
     value_case("save steps zero", "train.save_steps: 0"),
     value_case("logging steps nan", "train.logging_steps: .nan", says=["whole number"]),
@@ -397,7 +397,7 @@ VALUES = [
     value_case("quant type int8", "quant.quant_type: int8", says=["'nf4', 'fp4'"]),
     value_case("compute dtype unknown", "quant.compute_dtype: int4"),
     value_case("attention unknown", "model.attn_implementation: flash9"),
-    value_case("max length tiny", "data.max_length: 4", says=["from 8 to"]),
+    value_case("max length tiny", "data.max_length: 4", says=["at least 8 and at most"]),
     value_case("max length a billion", "data.max_length: 1000000000"),
     value_case("validation split 1.5", "data.validation_split: 1.5"),
     value_case("bad fraction negative", "data.max_bad_fraction: -0.1"),
