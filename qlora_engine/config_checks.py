@@ -20,12 +20,9 @@ import reprlib
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from qlora_engine.errors import ConfigError, Problem
-
-if TYPE_CHECKING:
-    from qlora_engine.config import TrainConfig
 
 MAX_TEXT = 4096
 """Longest path, id or name a config field takes (a longer one is a paste gone wrong)."""
@@ -230,9 +227,10 @@ def parse_layers(spec: str | None) -> list[int] | None:
 
 
 # -- checks of a whole config against the machine and the data --------------------------------
+# These take a TrainConfig (typed Any: this module is below qlora_engine.config, never beside it).
 
 
-def check_output_dir(cfg: TrainConfig) -> Path:
+def check_output_dir(cfg: Any) -> Path:
     """The run folder, if it is (or can be made) a writable folder; else a ConfigError on ``output.dir``."""
     out = cfg.output_dir
     probe = out
@@ -253,7 +251,7 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def run_warnings(cfg: TrainConfig, total_steps: int, n_train: int) -> list[Problem]:
+def run_warnings(cfg: Any, total_steps: int, n_train: int) -> list[Problem]:
     """Settings that are legal but cannot do what they say for this data (each names its field)."""
     out = []
     if cfg.optim.warmup_steps >= total_steps and cfg.optim.warmup_steps > 0:

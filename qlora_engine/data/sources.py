@@ -30,24 +30,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from qlora_engine.data import archives
+from qlora_engine.data.kinds import ACCEPTED_FILES, kind_by_name
 from qlora_engine.errors import DataError
 
-FILE_KINDS = {
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "json",
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".txt": "text",
-    ".text": "text",
-    ".md": "text",
-}
-ACCEPTED_FILES = (
-    "JSONL, JSON, CSV, TSV, Parquet, plain text (.txt), one of those in a .zip or tar archive, "
-    "a datasets.save_to_disk folder or a hub dataset id"
-)
 _BOMS = {b"\xff\xfe": "UTF-16 LE", b"\xfe\xff": "UTF-16 BE"}
 
 
@@ -140,14 +125,6 @@ def _special_kind(path: Path) -> str:
         if test(mode):
             return name
     return "not a regular file"
-
-
-def kind_by_name(name: str) -> str | None:
-    """The kind of data a file name says (``train.jsonl.gz``: jsonl), or None."""
-    suffixes = [s.lower() for s in Path(name).suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    return FILE_KINDS.get(suffixes[-1]) if suffixes else None
 
 
 def _open_file(path: Path, label: str) -> Source:
