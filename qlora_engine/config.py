@@ -187,10 +187,27 @@ class DataConfig(Section):
         c.number("max_length", 8, 1 << 20, typical="512-4096 is typical")
         c.number("validation_split", 0, 1, below=True)
         c.number("max_bad_fraction", 0, 1)
+        if self.chat_template is not None and "chat_template" not in c.bad:
+            problem = _template_problem(self.chat_template)
+            if problem:
+                c.add("chat_template", problem, fix="Fix the template, or set it to null to use the tokenizer's own.")
         if "columns" not in c.bad:
             for ours, theirs in self.columns.items():
                 c.text("columns", ours, 256)
                 c.text("columns", theirs, 256)
+
+
+def _template_problem(template: str) -> str | None:
+    """Why a Jinja chat template does not parse (None: it does). Parsing runs no template code."""
+    import jinja2
+
+    try:  # the extensions transformers' chat templates may use
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols", "jinja2.ext.do"]).parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        if "unknown tag" in (e.message or ""):  # e.g. transformers' own {% generation %} block
+            return None
+        return f"the template is not valid Jinja: {e.message} (template line {e.lineno})"
+    return None
 
 
 @dataclass

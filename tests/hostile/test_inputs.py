@@ -402,6 +402,7 @@ VALUES = [
     value_case("validation split 1.5", "data.validation_split: 1.5"),
     value_case("bad fraction negative", "data.max_bad_fraction: -0.1"),
     value_case("data format unknown", "data.format: xml", says=["'alpaca'"]),
+    value_case("chat template broken", 'data.chat_template: "{% for %}"', says=["not valid Jinja"]),
     value_case("data path with NUL", 'data.path: "a\\0b"', says=["NUL"]),
     value_case("model ref 5000 characters", "model.ref: " + "x" * 5000, says=["at most 4,096"]),
     value_case("columns not a mapping", "data.columns: [text]", says=["a mapping"]),
