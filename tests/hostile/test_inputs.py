@@ -383,7 +383,11 @@ VALUES = [
     value_case("epochs inf", "train.epochs: .inf", says=["not a finite number", "at most 1000"]),
     value_case("epochs minus inf", "train.epochs: -.inf", says=["not a finite number"]),
     value_case("epochs zero", "train.epochs: 0", says=["greater than 0"]),
-    value_case("grad accumulation a billion", "train.gradient_accumulation_steps: 1000000000", says=["at least 1 and at most 4096"]),
+    value_case(
+        "grad accumulation a billion",
+        "train.gradient_accumulation_steps: 1000000000",
+        says=["at least 1 and at most 4096"],
+    ),
     value_case("micro batch zero", "train.micro_batch_size: 0"),
     value_case("max steps zero", "train.max_steps: 0", max_steps=None),
     value_case("max steps ten billion", "train.max_steps: 10000000000", max_steps=None),
