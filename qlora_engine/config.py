@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from qlora_engine import scrub
 from qlora_engine.errors import ConfigError
 
 SCHEMA_VERSION = 1
@@ -45,6 +46,11 @@ class ModelConfig:
         "or a local .gguf file (dequantized once and cached, then quantized to 4 bit).",
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) to use; None takes the default branch.")
+    token: str | None = _f(
+        None,
+        "Hugging Face access token for a gated or private hub model; None uses the HF_TOKEN environment variable "
+        "or `hf auth login`. Never written to any file the engine writes: saved configs, logs and events show hf_***.",
+    )
     trust_remote_code: bool = _f(
         False,
         "Run Python code shipped with the model. Off because that code runs with your user's rights; "
@@ -222,6 +228,7 @@ class TrainConfig:
     schema_version: int = field(default=SCHEMA_VERSION, metadata={"help": "Version of this file's layout."})
 
     def __post_init__(self) -> None:
+        scrub.remember_config(self)  # before validation: its messages are scrubbed too
         validate(self)
 
     # -- conversions -------------------------------------------------------------------
@@ -297,7 +304,7 @@ class TrainConfig:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(self.to_yaml(), encoding="utf-8")
+        tmp.write_text(scrub.scrub(self.to_yaml()), encoding="utf-8")  # a token given in the config: hf_***
         tmp.replace(p)
 
     # -- paths -------------------------------------------------------------------------

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import re
 import sys
 import threading
 import time
@@ -19,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar, Protocol
 
-from qlora_engine import errors
+from qlora_engine import errors, scrub
 from qlora_engine.decisions import Decision
 from qlora_engine.errors import QLoRAError
 
@@ -28,19 +26,13 @@ def _now() -> float:
     return time.time()
 
 
-TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
-_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
+TOKEN_VARIABLES = scrub.TOKEN_VARIABLES
 
 
 def redact(text: str) -> str:
-    """``text`` with hub tokens replaced by ``hf_***``: the values of the token variables set
-    now, and anything shaped like a Hugging Face token. Everything the engine and the app
-    write (events, logs, crash reports) goes through it."""
-    for name in TOKEN_VARIABLES:
-        value = os.environ.get(name, "").strip()
-        if len(value) >= 16:  # a real token (37 characters), never a short value that could be in a number
-            text = text.replace(value, "hf_***")
-    return _TOKEN_PATTERN.sub("hf_***", text)
+    """``text`` with hub tokens replaced by ``hf_***`` (:func:`qlora_engine.scrub.scrub`, the one
+    scrubber every writer goes through)."""
+    return scrub.scrub(text)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,15 +72,38 @@ def _offline_error(ref: str, exc: Exception) -> ModelError:
     )
 
 
+_HUB_URL = re.compile(
+    r"^https?://(?:(?P<cred>[^/@\s]+)@)?(?:www\.)?(?:huggingface\.co|hf\.co)/(?P<repo>[^/?#\s]+/[^/?#\s]+)"
+)
+
+
+def hub_reference(ref: str) -> tuple[str, str | None]:
+    """A hub model URL (``https://[user:TOKEN@]huggingface.co/org/name[?token=TOKEN]``) as its repo id
+    and the token inside it; any other reference unchanged, with no token."""
+    from qlora_engine.scrub import ref_tokens
+
+    m = _HUB_URL.match(ref.strip())
+    if not m:
+        return ref, None
+    tokens = ref_tokens(ref)
+    return m.group("repo"), tokens[-1] if tokens else None
+
+
 def resolve_model(
-    ref: str, *, revision: str | None = None, weights: bool = True, sink: Any = None
+    ref: str, *, revision: str | None = None, weights: bool = True, sink: Any = None, token: str | None = None
 ) -> Path:
     """A local folder holding the model: the folder itself, the GGUF conversion, or a hub snapshot.
 
     With ``weights=False`` only config and tokenizer files are fetched (``inspect-model``).
+    ``token``: a hub token (``model.token``); a hub URL may carry one too (:func:`hub_reference`).
     """
+    from qlora_engine.scrub import is_masked, remember
+
     if not ref or not ref.strip():
         raise ConfigError("model.ref: no model chosen; set a local folder, a .gguf file or a hub id.")
+    ref, ref_token = hub_reference(ref)
+    token = token if token and not is_masked(token) else ref_token
+    remember(token)
     path = Path(ref).expanduser()
     if is_gguf(ref):
         if not path.is_file():
@@ -93,15 +117,15 @@ def resolve_model(
         return path
     if _looks_like_path(ref) or ref.count("/") > 1:
         raise ModelError(f"{path}: no such model folder or file.")
-    return _download(ref, revision=revision, weights=weights)
+    return _download(ref, revision=revision, weights=weights, token=token)
 
 
-def _download(repo_id: str, *, revision: str | None, weights: bool) -> Path:
+def _download(repo_id: str, *, revision: str | None, weights: bool, token: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = HUB_FILES if weights else [p for p in HUB_FILES if p != "*.safetensors"]
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token or None))
     except Exception as e:  # offline, unknown id, gated: all end in the same message
         raise _offline_error(repo_id, e) from e
     if weights:

@@ -16,6 +16,7 @@ tests call it). It reads top to bottom:
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from pathlib import Path
 
@@ -27,10 +28,11 @@ from qlora_engine.config import TrainConfig, check_ready
 from qlora_engine.control import RunControl
 from qlora_engine.data import PreparedData
 from qlora_engine.decisions import RunPlan
-from qlora_engine.errors import QLoRAError
+from qlora_engine.errors import QLoRAError, WriteError
 from qlora_engine.events import EventSink, JsonlFileSink, MultiSink, NullSink, RunFailed, RunFinished
-from qlora_engine.paths import write_error_log
+from qlora_engine.paths import sweep_interrupted, write_error_log
 from qlora_engine.plan import make_plan
+from qlora_engine.scrub import remember_config
 from qlora_engine.train import RunInputs, Trainer, find_resume_checkpoint, prepare_inputs
 
 
@@ -60,9 +62,12 @@ def build_trainer(
 
     ``data``: samples already prepared by the caller (benchmarks); None reads ``cfg.data``.
     """
+    remember_config(cfg)  # a token in the config is masked in everything written from here on
     if data is None:
         check_ready(cfg)
     resume_from = find_resume_checkpoint(cfg.output_dir, resume)
+    if resume_from is not None:  # damage or a changed setup is refused before the model loads
+        ckpt.check_resume(resume_from, cfg, force=force_resume)
     inputs = prepare_inputs(cfg, sink, data)
     return Trainer(plan_for(cfg, inputs), inputs, sink, control, resume_from=resume_from, force_resume=force_resume)
 
@@ -79,14 +84,17 @@ def run(
 
     Errors are reported as a ``RunFailed`` event and then raised.
     """
+    remember_config(cfg)
     run_dir = cfg.output_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     lock = ckpt.RunLock(run_dir)
     try:
+        check_output_dir(run_dir)
         lock.acquire()  # raises before anything is written if another run lives here
     except QLoRAError as e:  # another run owns events.jsonl: report on the caller's sink only
         (sink or NullSink()).emit(_failed(e, None, run_dir))
         raise
+    for folder in (run_dir, run_dir / "checkpoints"):  # what a killed run's writes left behind
+        sweep_interrupted(folder)
     out = MultiSink(JsonlFileSink(run_dir / "events.jsonl"), sink or NullSink())
     trainer: Trainer | None = None
     try:
@@ -101,6 +109,27 @@ def run(
             trainer.cleanup()
         out.close()
         lock.release()
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """Create the run folder, or say why it cannot be (a file in the way, read-only, no permission)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise WriteError("is a file, not a folder; nothing was written.", field="output.dir", file=run_dir,
+                         fix="Set output.dir to a folder (a new one for a new run).")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError:  # a file where a parent folder should be
+        raise WriteError("a file is in the way of this folder; nothing was written.", field="output.dir",
+                         file=run_dir, fix="Set output.dir to a folder you can create.") from None
+    except OSError as e:
+        if ckpt.disk_errno(e) is not None:
+            raise ckpt.disk_full(run_dir, ckpt.disk_errno(e) or 0, 1 << 20) from None
+        raise WriteError(f"cannot be written ({os.strerror(e.errno or 0).lower()}); nothing was written.",
+                         field="output.dir", file=run_dir,
+                         fix="Choose a folder you can write to (or make this one writable).") from None
 
 
 def _failed(e: BaseException, trainer: Trainer | None, run_dir: Path) -> RunFailed:
@@ -119,7 +148,9 @@ def _failed(e: BaseException, trainer: Trainer | None, run_dir: Path) -> RunFail
             hint = "Out of GPU memory. Changes that fit: " + "; ".join(f["description"] for f in fixes[:3]) + "."
         message = f"The GPU ran out of memory at step {step + 1}; the last checkpoint is kept."
     elif isinstance(e, KeyboardInterrupt):
-        message = "Interrupted; the last checkpoint is kept."
+        last = ckpt.latest_checkpoint(run_dir / "checkpoints")
+        kept = f"the last checkpoint is kept: {last}" if last else "no checkpoint was written yet"
+        message = f"aborted at step {step}; {kept}."
     elif user is None:
         message = f"internal error ({type(e).__name__}: {e})"
     log = write_error_log(tb, run_dir) if user is None else None
