@@ -270,12 +270,17 @@ def test_leftovers_of_dead_writers_are_swept_and_live_ones_kept(swept, where, pa
 # -- 5. signals to a live run -------------------------------------------------------------------
 
 
+def kept_text(run_dir: Path) -> str:
+    kept = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    return f"kept: {kept} (continue with --resume)" if kept else "nothing was saved (no checkpoint yet)"
+
+
 def _step(e):
-    return e.get("event") == "step_metrics"
+    return e.get("event") == "step"
 
 
 def _phase(name):
-    return lambda e: e.get("event") == "phase_changed" and e.get("phase") == name
+    return lambda e: e.get("event") == "phase" and e.get("phase") == name
 
 
 SIGNAL_ROWS = {
@@ -292,15 +297,21 @@ SIGNAL_ROWS = {
 
 def _signal_scenario(name: str, folder: Path, model: Path, data: Path) -> dict:
     when, signals, *_ = SIGNAL_ROWS[name]
-    cfg = make_cfg(model, data, folder / "run", "train.max_steps=100000", "train.save_steps=2")
+    # 8 micro-batches a step: a step lasts long enough for the second signal to land inside the run
+    cfg = make_cfg(model, data, folder / "run", "train.max_steps=100000", "train.save_steps=2",
+                   "train.save_total_limit=3", "train.gradient_accumulation_steps=8")
     config = folder / "run.yaml"
     cfg.save(config)
     live = LiveRun(config)
-    live.wait_event(when)
-    for i, signum in enumerate(signals):
-        live.signal(signum)
-        if i + 1 < len(signals):  # the next one only once this one is taken (signals do not queue)
-            live.wait_stderr("stopping after this step and saving")
+    try:
+        live.wait_event(when)
+        for i, signum in enumerate(signals):
+            live.signal(signum)
+            if i + 1 < len(signals):  # the next one only once this one is taken (signals do not queue)
+                live.wait_stderr("stopping after this step and saving")
+    except BaseException:
+        live.proc.kill()
+        raise
     code, stderr = live.finish()
     return {"code": code, "stderr": stderr, "events": live.events, "run": folder / "run", "live": live}
 
@@ -339,24 +350,27 @@ def test_a_signal_stops_or_aborts_cleanly(signalled, name):
         assert "stopped before the first step at step 0; nothing was saved" in r["stderr"]
     else:  # aborted: a run_failed event, the exit names what was kept
         assert last[0]["error_type"] == "Aborted"
-        kept = ckpt.latest_checkpoint(run_dir / "checkpoints")
-        assert f"aborted; kept: {kept} (continue with --resume)" in r["stderr"]
+        assert f"aborted; {kept_text(run_dir)}." in r["stderr"]
         assert "adapter: None" not in r["stderr"]
 
 
 def test_abort_on_the_control_line_exits_non_zero_and_says_what_it_kept(base, tmp_path):
-    cfg = make_cfg(base["model"], base["data"], tmp_path / "run", "train.max_steps=100000", "train.save_steps=2")
+    cfg = make_cfg(base["model"], base["data"], tmp_path / "run", "train.max_steps=100000", "train.save_steps=2",
+                   "train.save_total_limit=2")
     config = tmp_path / "run.yaml"
     cfg.save(config)
     live = LiveRun(config, "--control-stdin", stdin=True)
-    live.wait_event(lambda e: _step(e) and e["step"] >= 3)
-    live.proc.stdin.write("abort\n")
-    live.proc.stdin.flush()
+    try:
+        live.wait_event(lambda e: _step(e) and e["step"] >= 3)
+        live.proc.stdin.write("abort\n")
+        live.proc.stdin.flush()
+    except BaseException:
+        live.proc.kill()
+        raise
     code, stderr = live.finish()
     step = live.of("run_finished")[0]["step"]
-    kept = ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert code == 130
-    assert f"aborted at step {step}; kept: {kept} (continue with --resume)." in stderr
+    assert f"aborted at step {step}; {kept_text(tmp_path / 'run')}." in stderr
     assert "adapter: None" not in stderr and not (tmp_path / "run" / "adapter").exists()
     assert leftovers(tmp_path / "run") == []
 
@@ -493,7 +507,7 @@ def test_an_output_dir_that_is_a_file_exits_2_from_the_cli(base, tmp_path):
     out = subprocess.run([sys.executable, "-m", "qlora_engine", "train", str(config)], env=engine_env(),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert out.stderr.startswith(f"error: {target}: output.dir: is a file, not a folder")
+    assert f"error: {target}: output.dir: is a file, not a folder; nothing was written." in out.stderr
     assert "Traceback" not in out.stderr
 
 
@@ -624,4 +638,6 @@ def test_a_token_given_this_way_is_in_no_byte_written(secrets_sweep, channel):
 def test_the_failed_run_logged_its_error_masked(secrets_sweep):
     failed = [json.loads(line) for line in secrets_sweep["stdout"].splitlines()
               if line.startswith("{") and '"run_failed"' in line]
-    assert failed and all("hf_***@huggingface.co/acme/missing" in f["message"] for f in failed)
+    assert failed and failed[0]["error_type"] == "ModelError" and "'acme/missing'" in failed[0]["message"]
+    events = (secrets_sweep["run"].parent / "failed-run" / "events.jsonl").read_text()
+    assert '"run_failed"' in events and "Traceback" in events  # the traceback was written, scrubbed
