@@ -302,8 +302,9 @@ def damaged(folder: Path, name: str, what: str) -> ResumeError:
         fix = f"Resume from the newest intact checkpoint: --resume {other}"
     else:
         fix = "No other intact checkpoint is left: start a new run (set another output.dir or move this one away)."
-    return ResumeError(f"damaged checkpoint: {name} is {what}; nothing was loaded.", file=folder / name,
-                       checkpoint=folder, fix=fix)
+    return ResumeError(
+        f"damaged checkpoint: {name} is {what}; nothing was loaded.", file=folder / name, checkpoint=folder, fix=fix
+    )
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -361,14 +362,20 @@ def load_state(folder: Path) -> dict[str, Any]:
     """The trainer state of a checkpoint, after checking every file against its manifest."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ResumeError("no such checkpoint folder.", checkpoint=folder,
-                          fix="`--resume` without a path picks the newest complete checkpoint.")
+        raise ResumeError(
+            "no such checkpoint folder.",
+            checkpoint=folder,
+            fix="`--resume` without a path picks the newest complete checkpoint.",
+        )
     bad = verify(folder)
     if bad is not None:
         if bad[0] == MARKER:
             raise ResumeError(
                 f"not a complete checkpoint written by QLoRA Studio ({MARKER} is {bad[1]}); nothing was loaded.",
-                file=folder / MARKER, checkpoint=folder, fix=damaged(folder, *bad).fix)
+                file=folder / MARKER,
+                checkpoint=folder,
+                fix=damaged(folder, *bad).fix,
+            )
         raise damaged(folder, *bad)
     try:
         return json.loads((folder / STATE).read_text(encoding="utf-8"))
@@ -379,8 +386,11 @@ def load_state(folder: Path) -> dict[str, Any]:
 def torch_load_own(folder: Path, name: str) -> Any:
     """Load a torch file from a checkpoint folder the engine wrote (checked), tensors and plain data only."""
     if not is_complete(folder):
-        raise ResumeError(f"refusing to load {name}: this folder was not written completely by QLoRA Studio.",
-                          file=folder / name, checkpoint=folder)
+        raise ResumeError(
+            f"refusing to load {name}: this folder was not written completely by QLoRA Studio.",
+            file=folder / name,
+            checkpoint=folder,
+        )
     import pickle
 
     import torch  # here, not at the top: the app reads checkpoint folders without needing torch

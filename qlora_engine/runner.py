@@ -114,22 +114,33 @@ def run(
 def check_output_dir(run_dir: Path) -> None:
     """Create the run folder, or say why it cannot be (a file in the way, read-only, no permission)."""
     if run_dir.exists() and not run_dir.is_dir():
-        raise WriteError("is a file, not a folder; nothing was written.", field="output.dir", file=run_dir,
-                         fix="Set output.dir to a folder (a new one for a new run).")
+        raise WriteError(
+            "is a file, not a folder; nothing was written.",
+            field="output.dir",
+            file=run_dir,
+            fix="Set output.dir to a folder (a new one for a new run).",
+        )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except FileExistsError:  # a file where a parent folder should be
-        raise WriteError("a file is in the way of this folder; nothing was written.", field="output.dir",
-                         file=run_dir, fix="Set output.dir to a folder you can create.") from None
+        raise WriteError(
+            "a file is in the way of this folder; nothing was written.",
+            field="output.dir",
+            file=run_dir,
+            fix="Set output.dir to a folder you can create.",
+        ) from None
     except OSError as e:
         if ckpt.disk_errno(e) is not None:
             raise ckpt.disk_full(run_dir, ckpt.disk_errno(e) or 0, 1 << 20) from None
-        raise WriteError(f"cannot be written ({os.strerror(e.errno or 0).lower()}); nothing was written.",
-                         field="output.dir", file=run_dir,
-                         fix="Choose a folder you can write to (or make this one writable).") from None
+        raise WriteError(
+            f"cannot be written ({os.strerror(e.errno or 0).lower()}); nothing was written.",
+            field="output.dir",
+            file=run_dir,
+            fix="Choose a folder you can write to (or make this one writable).",
+        ) from None
 
 
 def _failed(e: BaseException, trainer: Trainer | None, run_dir: Path) -> RunFailed:

@@ -135,8 +135,9 @@ def try_mount(where: Path, options: str) -> str | None:
     """Mount a tmpfs at ``where``; None if done, else why not (the test then skips with that reason)."""
     where.mkdir(parents=True, exist_ok=True)
     try:
-        out = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"mount is not available here ({e})"
     if out.returncode != 0:
@@ -152,20 +153,32 @@ def unmount(where: Path) -> None:
 
 
 def engine_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", **extra}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
     return env
 
 
 class LiveRun:
     """``python -m qlora_engine train CONFIG --events -`` in a child process, its events read as they come."""
 
-    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None, stdin: bool = False,
-                 preexec_fn=None) -> None:
+    def __init__(
+        self, config: Path, *args: str, env: dict[str, str] | None = None, stdin: bool = False, preexec_fn=None
+    ) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "qlora_engine", "train", str(config), "--events", "-", *args],
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=env or engine_env(), cwd=str(config.parent), preexec_fn=preexec_fn,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env or engine_env(),
+            cwd=str(config.parent),
+            preexec_fn=preexec_fn,
         )
         self.events: list[dict] = []
         self.stderr: list[str] = []
@@ -225,7 +238,7 @@ class LiveRun:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             raise
-        for q, sink, is_json in ((self._events, self.events, True), (self._stderr, self.stderr, False)):
+        for q, sink in ((self._events, self.events), (self._stderr, self.stderr)):
             while True:
                 try:
                     item = q.get(timeout=5)

@@ -9,7 +9,6 @@ given every way a token can be given, searched for in every byte the engine wrot
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ from faults_support import (  # noqa: E402
     unmount,
     write_data,
 )
+
 from qlora_engine import checkpoint as ckpt  # noqa: E402
 from qlora_engine.errors import DiskFullError, ExportError, ResumeError, WriteError  # noqa: E402
 from qlora_engine.events import CheckpointSaved, ListSink, StepMetrics  # noqa: E402
@@ -73,8 +73,14 @@ def unchanged_but_events(before: dict[str, bytes], after: dict[str, bytes]) -> N
 
 # -- 1. damaged checkpoints --------------------------------------------------------------------
 
-CHECKPOINT_FILES = ["adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng.pt",
-                    "trainer_state.json"]
+CHECKPOINT_FILES = [
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng.pt",
+    "trainer_state.json",
+]
 DAMAGE_ROWS = [(name, how) for name in CHECKPOINT_FILES for how in DAMAGE]
 
 
@@ -172,10 +178,12 @@ CHANGE_ROWS = [
 ]
 
 
-@pytest.mark.parametrize(("override", "field"), CHANGE_ROWS, ids=[r[0].split("=")[0] + "-" + r[0].split("=")[1][:8]
-                                                                 for r in CHANGE_ROWS])
-def test_a_changed_setup_is_refused_before_any_file_is_rewritten(base, tmp_path, tiny_model_no_template_dir,
-                                                                 override, field):
+@pytest.mark.parametrize(
+    ("override", "field"), CHANGE_ROWS, ids=[r[0].split("=")[0] + "-" + r[0].split("=")[1][:8] for r in CHANGE_ROWS]
+)
+def test_a_changed_setup_is_refused_before_any_file_is_rewritten(
+    base, tmp_path, tiny_model_no_template_dir, override, field
+):
     from qlora_engine.runner import run
 
     override = override.replace("OTHER", str(tiny_model_no_template_dir))
@@ -243,8 +251,14 @@ def swept(base, tmp_path_factory):
     run_dir = root / "run"
     shutil.copytree(base["run"], run_dir)
     cache = root / "cache"
-    places = {"run": run_dir, "checkpoints": run_dir / "checkpoints", "cache": cache,
-              "cache/gguf": cache / "gguf", "cache/data": cache / "data", "cache/archives": cache / "archives"}
+    places = {
+        "run": run_dir,
+        "checkpoints": run_dir / "checkpoints",
+        "cache": cache,
+        "cache/gguf": cache / "gguf",
+        "cache/data": cache / "data",
+        "cache/archives": cache / "archives",
+    }
     gone, live = dead_pid(), os.getppid()
     planted = {}
     for where, pattern in SWEEP_ROWS:
@@ -255,8 +269,13 @@ def swept(base, tmp_path_factory):
             planted[(where, pattern, who)] = p
     with pytest.raises(ResumeError):  # the start happens; the changed rank then stops it
         run(make_cfg(base["model"], base["data"], run_dir, "lora.rank=8"), ListSink(), resume=True)
-    out = subprocess.run([sys.executable, "-c", "from qlora_engine.paths import cache_dir; cache_dir()"],
-                         env=engine_env(QLORA_STUDIO_CACHE=str(cache)), capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", "from qlora_engine.paths import cache_dir; cache_dir()"],
+        env=engine_env(QLORA_STUDIO_CACHE=str(cache)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return planted
 
@@ -298,8 +317,15 @@ SIGNAL_ROWS = {
 def _signal_scenario(name: str, folder: Path, model: Path, data: Path) -> dict:
     when, signals, *_ = SIGNAL_ROWS[name]
     # 8 micro-batches a step: a step lasts long enough for the second signal to land inside the run
-    cfg = make_cfg(model, data, folder / "run", "train.max_steps=100000", "train.save_steps=2",
-                   "train.save_total_limit=3", "train.gradient_accumulation_steps=8")
+    cfg = make_cfg(
+        model,
+        data,
+        folder / "run",
+        "train.max_steps=100000",
+        "train.save_steps=2",
+        "train.save_total_limit=3",
+        "train.gradient_accumulation_steps=8",
+    )
     config = folder / "run.yaml"
     cfg.save(config)
     live = LiveRun(config)
@@ -355,8 +381,14 @@ def test_a_signal_stops_or_aborts_cleanly(signalled, name):
 
 
 def test_abort_on_the_control_line_exits_non_zero_and_says_what_it_kept(base, tmp_path):
-    cfg = make_cfg(base["model"], base["data"], tmp_path / "run", "train.max_steps=100000", "train.save_steps=2",
-                   "train.save_total_limit=2")
+    cfg = make_cfg(
+        base["model"],
+        base["data"],
+        tmp_path / "run",
+        "train.max_steps=100000",
+        "train.save_steps=2",
+        "train.save_total_limit=2",
+    )
     config = tmp_path / "run.yaml"
     cfg.save(config)
     live = LiveRun(config, "--control-stdin", stdin=True)
@@ -504,8 +536,13 @@ def test_an_output_dir_that_is_a_file_exits_2_from_the_cli(base, tmp_path):
     target.write_text("not a folder")
     config = tmp_path / "run.yaml"
     make_cfg(base["model"], base["data"], target).save(config)
-    out = subprocess.run([sys.executable, "-m", "qlora_engine", "train", str(config)], env=engine_env(),
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "qlora_engine", "train", str(config)],
+        env=engine_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert f"error: {target}: output.dir: is a file, not a folder; nothing was written." in out.stderr
     assert "Traceback" not in out.stderr
@@ -589,34 +626,62 @@ def secrets_sweep(base, tmp_path_factory):
     (root / "first.yaml").write_text(text.replace("token: null", f"token: {TOKENS['config model.token']}"))
     resume.save(root / "resume.yaml")
     (root / "resume.yaml").write_text(
-        (root / "resume.yaml").read_text().replace("token: null", f"token: {TOKENS['config model.token']}"))
+        (root / "resume.yaml").read_text().replace("token: null", f"token: {TOKENS['config model.token']}")
+    )
     bad = root / "bad.yaml"
-    make_cfg(base["model"], base["data"], root / "failed-run",
-             f"model.ref=https://user:{TOKENS['model ref URL']}@huggingface.co/acme/missing").save(bad)
+    make_cfg(
+        base["model"],
+        base["data"],
+        root / "failed-run",
+        f"model.ref=https://user:{TOKENS['model ref URL']}@huggingface.co/acme/missing",
+    ).save(bad)
     exports = {fmt: root / f"export-{fmt}" for fmt in ("adapter", "merged", "gguf")}
     commands = [
         ("train", ["train", str(root / "first.yaml"), f"model.token={TOKENS['CLI model.token=']}", "--events", "-"]),
         ("resume", ["train", str(root / "resume.yaml"), "--resume"]),
-        *[(f"export {fmt}", ["export", str(run_dir), "--format", fmt, "--out", str(out)])
-          for fmt, out in exports.items()],
+        *[
+            (f"export {fmt}", ["export", str(run_dir), "--format", fmt, "--out", str(out)])
+            for fmt, out in exports.items()
+        ],
         ("failed run", ["train", str(bad), "--events", "-"]),
         ("inspect-model", ["inspect-model", ref, "--json"]),
     ]
     cache = root / "cache"
-    env = engine_env(HF_TOKEN=TOKENS["HF_TOKEN env"], HUGGING_FACE_HUB_TOKEN=TOKENS["HUGGING_FACE_HUB_TOKEN env"],
-                     HF_HUB_CACHE=str(hub), QLORA_STUDIO_CACHE=str(cache))
-    out = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(commands)], env=env, capture_output=True,
-                         text=True, timeout=300, cwd=root)
+    env = engine_env(
+        HF_TOKEN=TOKENS["HF_TOKEN env"],
+        HUGGING_FACE_HUB_TOKEN=TOKENS["HUGGING_FACE_HUB_TOKEN env"],
+        HF_HUB_CACHE=str(hub),
+        QLORA_STUDIO_CACHE=str(cache),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(commands)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
     codes = json.loads(out.stdout.rsplit("CODES ", 1)[1])
     written = every_file(run_dir, root / "failed-run", cache, *exports.values())
-    return {"codes": codes, "stdout": out.stdout, "stderr": out.stderr, "written": written, "run": run_dir,
-            "exports": exports}
+    return {
+        "codes": codes,
+        "stdout": out.stdout,
+        "stderr": out.stderr,
+        "written": written,
+        "run": run_dir,
+        "exports": exports,
+    }
 
 
 def test_the_sweep_ran_every_command(secrets_sweep):
     codes = secrets_sweep["codes"]
     assert {k: v for k, v in codes.items() if k != "failed run"} == {
-        "train": 0, "resume": 0, "export adapter": 0, "export merged": 0, "export gguf": 0, "inspect-model": 0,
+        "train": 0,
+        "resume": 0,
+        "export adapter": 0,
+        "export merged": 0,
+        "export gguf": 0,
+        "inspect-model": 0,
     }, secrets_sweep["stderr"][-3000:]
     assert codes["failed run"] == 2
     written = secrets_sweep["written"]
@@ -636,8 +701,11 @@ def test_a_token_given_this_way_is_in_no_byte_written(secrets_sweep, channel):
 
 
 def test_the_failed_run_logged_its_error_masked(secrets_sweep):
-    failed = [json.loads(line) for line in secrets_sweep["stdout"].splitlines()
-              if line.startswith("{") and '"run_failed"' in line]
+    failed = [
+        json.loads(line)
+        for line in secrets_sweep["stdout"].splitlines()
+        if line.startswith("{") and '"run_failed"' in line
+    ]
     assert failed and failed[0]["error_type"] == "ModelError" and "'acme/missing'" in failed[0]["message"]
     events = (secrets_sweep["run"].parent / "failed-run" / "events.jsonl").read_text()
     assert '"run_failed"' in events and "Traceback" in events  # the traceback was written, scrubbed
