@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_quickstart)
 
     # Subcommands of other modules register here (one line each).
-    for module in ("qlora_engine.data", "qlora_engine.budget.cli", "qlora_engine.export"):
+    for module in ("qlora_engine.data", "qlora_engine.budget.cli", "qlora_engine.export.cli"):
         _register(module, sub)
     return p
 

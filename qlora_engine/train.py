@@ -38,7 +38,7 @@ from qlora_engine import checkpoint as ckpt
 from qlora_engine import fast_lora, models
 from qlora_engine.config import TrainConfig
 from qlora_engine.control import Aborted, RunControl
-from qlora_engine.data import PreparedData, collate, count_tokens, prepare_data
+from qlora_engine.data import IGNORE_INDEX, PreparedData, collate, count_tokens, prepare_data
 from qlora_engine.decisions import RunPlan
 from qlora_engine.errors import DataError, QLoRAError, ResumeError, TrainingDiverged
 from qlora_engine.events import (
@@ -286,7 +286,7 @@ class Trainer:
             batches = [self.micro_batch(self.step * ga + i) for i in range(ga)]
             # Normalize by the label count of the whole optimizer step, so every answer token
             # weighs the same however the tokens fall into micro-batches.
-            n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
             n_tokens = sum(count_tokens(b, self.tokenizer.pad_token_id) for b in batches)
             try:
                 loss_sum = self._forward_backward(batches, n_labels)
@@ -400,7 +400,7 @@ class Trainer:
         total, count = 0.0, 0
         for i in range(0, len(self.data.validation), bs):
             b = collate(self.data.validation[i : i + bs], self.tokenizer.pad_token_id)
-            n = int((b["labels"][:, 1:] != -100).sum())
+            n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
             if n == 0:
                 continue
             b = {k: v.to(self.device) for k, v in b.items()}
