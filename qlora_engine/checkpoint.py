@@ -28,6 +28,8 @@ from typing import Any
 from qlora_engine.config import TrainConfig
 from qlora_engine.decisions import ResumeBlocker
 from qlora_engine.errors import DiskFullError, ResumeError, RunLockedError, WriteError
+from qlora_engine.paths import pid_alive as _pid_alive
+from qlora_engine.paths import sweep_interrupted
 
 MARKER = "qlora_checkpoint.json"
 STATE = "trainer_state.json"
@@ -76,7 +78,6 @@ def write_atomic_folder(
     failure and the newest sibling of the same kind). A folder that cannot be written
     (read-only, no permission) raises :class:`WriteError`.
     """
-    from qlora_engine.paths import sweep_interrupted
     from qlora_engine.scrub import scrub_tree
 
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
@@ -432,31 +433,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # -- the run lock -----------------------------------------------------------------------------
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl+C there: ask the process table instead
-        import ctypes
-
-        kernel32 = ctypes.windll.kernel32
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return False
-        code = ctypes.c_ulong()
-        kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        kernel32.CloseHandle(handle)
-        return code.value == 259  # STILL_ACTIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 class RunLock:

@@ -24,6 +24,32 @@ _INTERRUPTED = (
 _swept: set[str] = set()
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine still runs."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl+C there: ask the process table instead
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def interrupted_pid(name: str) -> int | None:
     """The process id in the name of an engine's temporary folder, or None for any other name."""
     for pattern in _INTERRUPTED:
@@ -40,8 +66,6 @@ def sweep_interrupted(folder: Path) -> list[Path]:
     (a GGUF conversion: hundreds of MB). Only entries whose writer process no longer runs go:
     another live process may be writing right now.
     """
-    from qlora_engine.checkpoint import _pid_alive
-
     folder = Path(folder)
     removed: list[Path] = []
     try:
@@ -50,7 +74,7 @@ def sweep_interrupted(folder: Path) -> list[Path]:
         return removed
     for p in entries:
         pid = interrupted_pid(p.name)
-        if pid is None or pid == os.getpid() or _pid_alive(pid):
+        if pid is None or pid == os.getpid() or pid_alive(pid):
             continue
         try:
             if p.is_dir() and not p.is_symlink():
