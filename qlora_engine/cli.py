@@ -137,6 +137,9 @@ def _install_signals(control: Any) -> dict[str, int]:
             return
         control.request_stop()
         control.request_abort()
+        if state.get("aborting"):  # raised once: a third signal must not interrupt the clean-up (the lock)
+            return
+        state["aborting"] = 1
         print(f"\n{name}: aborting; checkpoints already written are kept.", file=sys.stderr)
         raise Aborted(signum)
 

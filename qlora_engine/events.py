@@ -262,9 +262,25 @@ class JsonlFileSink(StreamSink):
     def __init__(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         super().__init__(open(path, "a", encoding="utf-8"))  # noqa: SIM115 - closed in close()
+        self.path = Path(path)
+        self.failed: OSError | None = None
+
+    def emit(self, event: Event) -> None:
+        """Append the event; if the disk is full, stop writing the file (the error being reported,
+        a full disk, must not be replaced by a second one from its own log)."""
+        if self.failed is not None:
+            return
+        try:
+            super().emit(event)
+        except OSError as e:
+            self.failed = e
+            print(f"warning: {self.path}: events no longer written ({e.strerror or e})", file=sys.stderr)
 
     def close(self) -> None:
-        self.stream.close()
+        try:
+            self.stream.close()
+        except OSError:
+            pass  # the rest could not be written: already said in emit
 
 
 class MultiSink:

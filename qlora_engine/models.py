@@ -172,7 +172,12 @@ def gguf_to_folder(path: Path, *, sink: Any = None) -> Path:
     except FileExistsError:  # another process converted it first
         shutil.rmtree(tmp, ignore_errors=True)
     except Exception as e:
+        from qlora_engine.checkpoint import disk_errno, disk_full, tree_bytes
+
+        code, written = disk_errno(e, target.parent), tree_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if code is not None:  # a full cache disk is not a bad GGUF file
+            raise disk_full(target, code, max(written, path.stat().st_size * 4)) from None
         raise ModelError(f"{path}: could not read this GGUF file ({e}).") from e
     return target
 

@@ -89,26 +89,34 @@ def run(
     lock = ckpt.RunLock(run_dir)
     try:
         check_output_dir(run_dir)
-        lock.acquire()  # raises before anything is written if another run lives here
+        try:
+            lock.acquire()  # raises before anything is written if another run lives here
+        except OSError as e:
+            if ckpt.disk_errno(e, run_dir) is None:
+                raise
+            lock.path.unlink(missing_ok=True)
+            raise ckpt.disk_full(lock.path, ckpt.disk_errno(e, run_dir) or 0, 4096) from None
     except QLoRAError as e:  # another run owns events.jsonl: report on the caller's sink only
         (sink or NullSink()).emit(_failed(e, None, run_dir))
         raise
-    for folder in (run_dir, run_dir / "checkpoints"):  # what a killed run's writes left behind
-        sweep_interrupted(folder)
-    out = MultiSink(JsonlFileSink(run_dir / "events.jsonl"), sink or NullSink())
     trainer: Trainer | None = None
+    out: MultiSink | None = None
     try:
+        for folder in (run_dir, run_dir / "checkpoints"):  # what a killed run's writes left behind
+            sweep_interrupted(folder)
+        out = MultiSink(JsonlFileSink(run_dir / "events.jsonl"), sink or NullSink())
         trainer = build_trainer(cfg, out, control, resume=resume, force_resume=force_resume)
         trainer.setup()
         return trainer.train()
     except BaseException as e:
-        out.emit(_failed(e, trainer, run_dir))
+        (out or sink or NullSink()).emit(_failed(e, trainer, run_dir))
         raise
     finally:
         if trainer is not None:
             trainer.cleanup()
-        out.close()
-        lock.release()
+        if out is not None:
+            out.close()
+        lock.release()  # whatever happened, even a second signal: the folder is free again
 
 
 def check_output_dir(run_dir: Path) -> None:

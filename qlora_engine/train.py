@@ -181,7 +181,12 @@ class Trainer:
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.plan.requested.save(self.run_dir / "config.yaml")
+        try:
+            self.plan.requested.save(self.run_dir / "config.yaml")
+        except OSError as e:
+            if ckpt.disk_errno(e, self.run_dir) is None:
+                raise
+            raise ckpt.disk_full(self.run_dir / "config.yaml", ckpt.disk_errno(e, self.run_dir) or 0, 1 << 16) from None
         self.facts = {
             **models.model_facts(self.model),
             "kernels": self.kernels,

@@ -506,6 +506,21 @@ def test_enospc_on_a_full_tmpfs_while_checkpointing(base, small_tmpfs):
     filler.unlink()
 
 
+def test_a_disk_already_full_at_the_start_is_named_not_a_traceback(base, small_tmpfs):
+    from qlora_engine.runner import run
+
+    filler = small_tmpfs / "filler"
+    with open(filler, "wb") as fh, pytest.raises(OSError) as full:  # fill it to the last block
+        while True:
+            fh.write(b"\0" * 65536)
+    assert full.value.errno == errno.ENOSPC
+    with pytest.raises(DiskFullError) as info:
+        run(make_cfg(base["model"], base["data"], small_tmpfs / "run"), ListSink())
+    assert Path(info.value.file) == small_tmpfs / "run" / "run.lock"
+    assert info.value.what.startswith(f"disk full at {small_tmpfs / 'run' / 'run.lock'}, about ")
+    assert leftovers(small_tmpfs / "run") == []
+
+
 def test_enospc_on_a_full_tmpfs_during_an_adapter_export(base, small_tmpfs):
     from qlora_engine.export import export
 
