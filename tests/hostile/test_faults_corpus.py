@@ -9,6 +9,7 @@ given every way a token can be given, searched for in every byte the engine wrot
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
