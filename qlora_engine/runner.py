@@ -16,7 +16,6 @@ tests call it). It reads top to bottom:
 from __future__ import annotations
 
 import json
-import os
 import traceback
 from pathlib import Path
 
@@ -24,12 +23,12 @@ import torch
 
 from qlora_engine import checkpoint as ckpt
 from qlora_engine import vram
-from qlora_engine.config import TrainConfig, check_ready
+from qlora_engine.config import TrainConfig, check_output_dir, check_ready, run_warnings
 from qlora_engine.control import RunControl
 from qlora_engine.data import PreparedData
 from qlora_engine.decisions import RunPlan
-from qlora_engine.errors import QLoRAError, WriteError
-from qlora_engine.events import EventSink, JsonlFileSink, MultiSink, NullSink, RunFailed, RunFinished
+from qlora_engine.errors import ConfigError, QLoRAError
+from qlora_engine.events import EventSink, JsonlFileSink, LogLine, MultiSink, NullSink, RunFailed, RunFinished
 from qlora_engine.paths import sweep_interrupted, write_error_log
 from qlora_engine.plan import make_plan
 from qlora_engine.scrub import remember_config
@@ -38,7 +37,7 @@ from qlora_engine.train import RunInputs, Trainer, find_resume_checkpoint, prepa
 
 def plan_for(cfg: TrainConfig, inputs: RunInputs) -> RunPlan:
     """The plan of ``cfg`` for the prepared inputs, on the card this process has now."""
-    stats = inputs.data.report.get("token_stats") if isinstance(inputs.data.report, dict) else None
+    stats = inputs.data.token_stats
     return make_plan(
         cfg,
         n_train=len(inputs.data.train),
@@ -69,7 +68,10 @@ def build_trainer(
     if resume_from is not None:  # damage or a changed setup is refused before the model loads
         ckpt.check_resume(resume_from, cfg, force=force_resume)
     inputs = prepare_inputs(cfg, sink, data)
-    return Trainer(plan_for(cfg, inputs), inputs, sink, control, resume_from=resume_from, force_resume=force_resume)
+    plan = plan_for(cfg, inputs)
+    for problem in run_warnings(cfg, plan.total_steps, len(inputs.data.train)):
+        sink.emit(LogLine(level="warning", message=str(problem)))
+    return Trainer(plan, inputs, sink, control, resume_from=resume_from, force_resume=force_resume)
 
 
 def run(
@@ -88,14 +90,18 @@ def run(
     run_dir = cfg.output_dir
     lock = ckpt.RunLock(run_dir)
     try:
-        check_output_dir(run_dir)
+        check_output_dir(cfg)  # an existing file or a read-only place: refused before anything is written
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()  # raises before anything is written if another run lives here
         except OSError as e:
-            if ckpt.disk_errno(e, run_dir) is None:
-                raise
-            lock.path.unlink(missing_ok=True)
-            raise ckpt.disk_full(lock.path, ckpt.disk_errno(e, run_dir) or 0, 4096) from None
+            code = ckpt.disk_errno(e, run_dir if run_dir.is_dir() else None)
+            if code is not None:  # a disk already full at the start
+                lock.path.unlink(missing_ok=True)
+                raise ckpt.disk_full(lock.path, code, 4096) from None
+            raise ConfigError(
+                f"the run folder cannot be made ({e.strerror or e}); nothing was written.", field="output.dir", file=run_dir
+            ) from None
     except QLoRAError as e:  # another run owns events.jsonl: report on the caller's sink only
         (sink or NullSink()).emit(_failed(e, None, run_dir))
         raise
@@ -117,38 +123,6 @@ def run(
         if out is not None:
             out.close()
         lock.release()  # whatever happened, even a second signal: the folder is free again
-
-
-def check_output_dir(run_dir: Path) -> None:
-    """Create the run folder, or say why it cannot be (a file in the way, read-only, no permission)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise WriteError(
-            "is a file, not a folder; nothing was written.",
-            field="output.dir",
-            file=run_dir,
-            fix="Set output.dir to a folder (a new one for a new run).",
-        )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except FileExistsError:  # a file where a parent folder should be
-        raise WriteError(
-            "a file is in the way of this folder; nothing was written.",
-            field="output.dir",
-            file=run_dir,
-            fix="Set output.dir to a folder you can create.",
-        ) from None
-    except OSError as e:
-        if ckpt.disk_errno(e) is not None:
-            raise ckpt.disk_full(run_dir, ckpt.disk_errno(e) or 0, 1 << 20) from None
-        raise WriteError(
-            f"cannot be written ({os.strerror(e.errno or 0).lower()}); nothing was written.",
-            field="output.dir",
-            file=run_dir,
-            fix="Choose a folder you can write to (or make this one writable).",
-        ) from None
 
 
 def _failed(e: BaseException, trainer: Trainer | None, run_dir: Path) -> RunFailed:

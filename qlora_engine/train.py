@@ -203,7 +203,7 @@ class Trainer:
                 resumed_from=str(self.resume_from) if self.resume_from else None,
                 start_step=self.step,
                 vram_estimate=self.plan.vram_estimate,
-                data=self.data.report,
+                data=self.data.report_dict(),
                 decisions=[d.to_dict() for d in self.plan.decisions],
             )
         )

@@ -40,7 +40,7 @@ from faults_support import (  # noqa: E402
 )
 
 from qlora_engine import checkpoint as ckpt  # noqa: E402
-from qlora_engine.errors import DiskFullError, ExportError, ResumeError, WriteError  # noqa: E402
+from qlora_engine.errors import ConfigError, DiskFullError, ExportError, ResumeError, WriteError  # noqa: E402
 from qlora_engine.events import CheckpointSaved, ListSink, StepMetrics  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("private_cache")
@@ -541,9 +541,10 @@ def test_an_output_dir_that_is_a_file_is_named(base, tmp_path):
 
     target = tmp_path / "run"
     target.write_text("not a folder")
-    with pytest.raises(WriteError) as info:
+    with pytest.raises(ConfigError) as info:
         run(make_cfg(base["model"], base["data"], target), ListSink())
     assert info.value.field == "output.dir" and Path(info.value.file) == target
+    assert "is a file, not a folder; nothing was written" in info.value.what
     assert target.read_text() == "not a folder"
 
 
@@ -560,8 +561,8 @@ def test_an_output_dir_that_is_a_file_exits_2_from_the_cli(base, tmp_path):
         timeout=120,
     )
     assert out.returncode == 2
-    assert f"error: {target}: output.dir: is a file, not a folder; nothing was written." in out.stderr
-    assert "Traceback" not in out.stderr
+    assert f"error: {target}: output.dir: {target} is a file, not a folder; nothing was written." in out.stderr
+    assert "Traceback" not in out.stderr and target.read_text() == "not a folder"
 
 
 @pytest.fixture
@@ -577,10 +578,10 @@ def read_only(tmp_path):
 def test_a_read_only_output_dir_is_named(base, read_only):
     from qlora_engine.runner import run
 
-    with pytest.raises(WriteError) as info:
+    with pytest.raises(ConfigError) as info:
         run(make_cfg(base["model"], base["data"], read_only / "run"), ListSink())
-    assert info.value.field == "output.dir" and Path(info.value.file) == read_only / "run"
-    assert "read-only file system" in info.value.what
+    assert info.value.field == "output.dir" and Path(info.value.file) == read_only
+    assert "cannot be written" in info.value.what and not (read_only / "run").exists()
 
 
 def test_an_export_into_a_read_only_folder_is_named(base, read_only):
