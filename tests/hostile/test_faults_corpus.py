@@ -303,6 +303,8 @@ def _phase(name):
     return lambda e: e.get("event") == "phase" and e.get("phase") == name
 
 
+ABORT_LINE = "abort"  # not a signal: the 'abort' control line the desktop app sends on stdin
+
 SIGNAL_ROWS = {
     # name: (when to signal, signals, exit code, adapter expected, outcome event)
     "SIGTERM while training": (_step, [signal.SIGTERM], 0, True, "run_finished"),
@@ -312,6 +314,7 @@ SIGNAL_ROWS = {
     "SIGTERM twice while saving": (_phase("saving"), [signal.SIGTERM, signal.SIGTERM], 143, False, "run_failed"),
     "SIGTERM then Ctrl-C": (_step, [signal.SIGTERM, signal.SIGINT], 130, False, "run_failed"),
     "Ctrl-C then SIGTERM": (_step, [signal.SIGINT, signal.SIGTERM], 143, False, "run_failed"),
+    "abort on the control line": (lambda e: _step(e) and e["step"] >= 3, [ABORT_LINE], 130, False, "run_finished"),
 }
 
 
@@ -329,10 +332,14 @@ def _signal_scenario(name: str, folder: Path, model: Path, data: Path) -> dict:
     )
     config = folder / "run.yaml"
     cfg.save(config)
-    live = LiveRun(config)
+    live = LiveRun(config, *(["--control-stdin"] if ABORT_LINE in signals else []), stdin=ABORT_LINE in signals)
     try:
         live.wait_event(when)
         for i, signum in enumerate(signals):
+            if signum == ABORT_LINE:
+                live.proc.stdin.write("abort\n")
+                live.proc.stdin.flush()
+                continue
             live.signal(signum)
             if i + 1 < len(signals):  # the next one only once this one is taken (signals do not queue)
                 live.wait_stderr("stopping after this step and saving")
@@ -359,7 +366,7 @@ def signalled(base, tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(SIGNAL_ROWS))
 def test_a_signal_stops_or_aborts_cleanly(signalled, name):
-    _, _, code, adapter, outcome = SIGNAL_ROWS[name]
+    _, signals, code, adapter, outcome = SIGNAL_ROWS[name]
     r = signalled[name]
     run_dir = r["run"]
     assert r["code"] == code, r["stderr"]
@@ -369,43 +376,18 @@ def test_a_signal_stops_or_aborts_cleanly(signalled, name):
     last = r["live"].of(outcome)
     assert len(last) == 1, [e["event"] for e in r["events"]][-5:]
     assert (run_dir / "adapter").is_dir() == adapter
-    if outcome == "run_finished" and adapter:  # stopped at a step boundary: saved there, resumable
-        finished = last[0]
-        assert finished["stopped_early"] and checkpoints[-1].name == ckpt.checkpoint_name(finished["step"])
+    assert "adapter: None" not in r["stderr"]
+    if adapter:  # stopped at a step boundary: saved there, resumable
+        assert last[0]["stopped_early"] and checkpoints[-1].name == ckpt.checkpoint_name(last[0]["step"])
+    elif signals == [ABORT_LINE]:  # aborted between steps: exit 130, and it says what it kept
+        assert last[0]["adapter_dir"] is None
+        assert f"aborted at step {last[0]['step']}; {kept_text(run_dir)}." in r["stderr"]
     elif outcome == "run_finished":  # stopped before the first step: nothing to save, and it says so
         assert last[0]["adapter_dir"] is None and checkpoints == []
         assert "stopped before the first step at step 0; nothing was saved" in r["stderr"]
-    else:  # aborted: a run_failed event, the exit names what was kept
+    else:  # aborted by a second signal: a run_failed event, the exit names what was kept
         assert last[0]["error_type"] == "Aborted"
         assert f"aborted; {kept_text(run_dir)}." in r["stderr"]
-        assert "adapter: None" not in r["stderr"]
-
-
-def test_abort_on_the_control_line_exits_non_zero_and_says_what_it_kept(base, tmp_path):
-    cfg = make_cfg(
-        base["model"],
-        base["data"],
-        tmp_path / "run",
-        "train.max_steps=100000",
-        "train.save_steps=2",
-        "train.save_total_limit=2",
-    )
-    config = tmp_path / "run.yaml"
-    cfg.save(config)
-    live = LiveRun(config, "--control-stdin", stdin=True)
-    try:
-        live.wait_event(lambda e: _step(e) and e["step"] >= 3)
-        live.proc.stdin.write("abort\n")
-        live.proc.stdin.flush()
-    except BaseException:
-        live.proc.kill()
-        raise
-    code, stderr = live.finish()
-    step = live.of("run_finished")[0]["step"]
-    assert code == 130
-    assert f"aborted at step {step}; {kept_text(tmp_path / 'run')}." in stderr
-    assert "adapter: None" not in stderr and not (tmp_path / "run" / "adapter").exists()
-    assert leftovers(tmp_path / "run") == []
 
 
 # -- 6. a real full disk ------------------------------------------------------------------------
