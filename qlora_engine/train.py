@@ -52,6 +52,7 @@ from qlora_engine.events import (
     StepMetrics,
 )
 from qlora_engine.optim import build_optimizer, build_scheduler
+from qlora_engine.scrub import scrub_tree
 
 
 @dataclass
@@ -436,6 +437,7 @@ class Trainer:
             ckpt.save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
             ckpt.save_torch(ckpt.rng_state(), tmp / "rng.pt")
             (tmp / ckpt.STATE).write_text(json.dumps(state, indent=1, default=str), encoding="utf-8")
+            scrub_tree(tmp)  # before the manifest: its checksums are of the files as they stay
             ckpt.write_marker(tmp, {"step": self.step})
 
         path = ckpt.write_atomic_folder(self.ckpt_dir / ckpt.checkpoint_name(self.step), write, replace=True)

@@ -708,3 +708,21 @@ def test_the_failed_run_logged_its_error_masked(secrets_sweep):
     assert failed and failed[0]["error_type"] == "ModelError" and "'acme/missing'" in failed[0]["message"]
     events = (secrets_sweep["run"].parent / "failed-run" / "events.jsonl").read_text()
     assert '"run_failed"' in events and "Traceback" in events  # the traceback was written, scrubbed
+
+
+def test_a_token_inside_the_model_path_is_scrubbed_from_checkpoints_that_still_resume(base, tmp_path, monkeypatch):
+    """peft writes the model's path into adapter_config.json and README.md: scrubbed before the
+    manifest is written, so the scrubbed checkpoint still verifies and resumes."""
+    from qlora_engine.runner import run
+
+    token = "ZqPathTokenValue4444555566667777"
+    monkeypatch.setenv("HF_TOKEN", token)
+    model = tmp_path / token / "model"
+    shutil.copytree(base["model"], model)
+    cfg = make_cfg(model, base["data"], tmp_path / "run", "train.max_steps=1")
+    run(cfg, ListSink())
+    sink = ListSink()
+    run(make_cfg(model, base["data"], tmp_path / "run", "train.max_steps=2"), sink, resume=True)
+    assert [e.step for e in sink.of(StepMetrics)] == [2]
+    assert [str(p) for p in every_file(tmp_path / "run") if token.encode() in p.read_bytes()] == []
+    assert "hf_***" in (tmp_path / "run" / "checkpoints" / "step-000001" / "adapter_config.json").read_text()
