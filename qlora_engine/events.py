@@ -319,8 +319,11 @@ def describe(e: Event) -> str:
         msg = f"run {where} in {e.run_dir} on {e.device}: {e.total_steps} steps" + (f" ({speed})" if speed else "")
         msg += "".join(f"\n  decided: {d}" for d in e.decision_list())
     elif isinstance(e, RunFinished):
-        how = "stopped and saved" if e.stopped_early else "finished"
-        msg = f"{how} at step {e.step} in {fmt_duration(e.elapsed)}; adapter: {e.adapter_dir}"
+        if e.adapter_dir is None:  # aborted, or stopped before its first step: no adapter was written
+            msg = f"stopped at step {e.step} in {fmt_duration(e.elapsed)}; no adapter was saved"
+        else:
+            how = "stopped and saved" if e.stopped_early else "finished"
+            msg = f"{how} at step {e.step} in {fmt_duration(e.elapsed)}; adapter: {e.adapter_dir}"
     elif isinstance(e, RunFailed):
         msg = f"FAILED: {e.message}"
         if e.hint:
