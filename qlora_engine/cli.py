@@ -105,8 +105,9 @@ def _install_signals(control: Any) -> dict[str, int]:
     wake_r, wake_w = socket.socketpair()
     for sock in (wake_r, wake_w):
         sock.setblocking(False)
+    old_fd = -1
     try:
-        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     except ValueError:  # not the main thread (an embedding caller): one signal per handler call
         wake_r = None
     state["_sockets"] = (wake_r, wake_w)  # type: ignore[assignment]  # kept alive with the handler
@@ -143,8 +144,19 @@ def _install_signals(control: Any) -> dict[str, int]:
         print(f"\n{name}: aborting; checkpoints already written are kept.", file=sys.stderr)
         raise Aborted(signum)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        """Put back what was there before (a caller running several commands in one process)."""
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        if wake_r is not None:
+            signal.set_wakeup_fd(old_fd)
+        for sock in (wake_r, wake_w):
+            if sock is not None:
+                sock.close()
+
+    state["restore"] = restore  # type: ignore[assignment]
     return state
 
 
@@ -194,6 +206,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _exit_code_of_abort(signum)
     except torch.OutOfMemoryError:  # the run_failed event already says what to change
         return 3
+    finally:
+        signals["restore"]()  # type: ignore[operator]
     if finished.adapter_dir is None or control.abort_requested:
         # aborted ('abort' on stdin), or stopped before a step was taken: nothing new was made
         how = "aborted" if control.abort_requested else "stopped before the first step"
