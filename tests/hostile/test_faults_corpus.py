@@ -726,3 +726,35 @@ def test_a_token_inside_the_model_path_is_scrubbed_from_checkpoints_that_still_r
     assert [e.step for e in sink.of(StepMetrics)] == [2]
     assert [str(p) for p in every_file(tmp_path / "run") if token.encode() in p.read_bytes()] == []
     assert "hf_***" in (tmp_path / "run" / "checkpoints" / "step-000001" / "adapter_config.json").read_text()
+
+
+COALESCE = r"""
+import hashlib, sys
+from qlora_engine.cli import _install_signals
+from qlora_engine.control import Aborted, RunControl
+control = RunControl()
+_install_signals(control)
+print("in C", flush=True)
+try:
+    hashlib.pbkdf2_hmac("sha256", b"p", b"s", 6_000_000)  # seconds in C: Python handlers wait until it returns
+    sum(range(10))
+    print("not aborted", control.stop_requested, flush=True)
+except Aborted:
+    print("aborted", control.abort_requested, flush=True)
+"""
+
+
+def test_two_ctrl_c_during_a_long_c_call_are_two_not_one():
+    """CPython runs a handler once for a signal that arrived twice while the main thread was in C
+    (a long forward pass): the second Ctrl-C used to be swallowed. Counted through the wakeup fd."""
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", COALESCE], env=engine_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "in C"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)  # apart, as a person presses twice; both land while the C call runs
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert out.strip() == "aborted True", err
