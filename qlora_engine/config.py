@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from qlora_engine import scrub
 from qlora_engine.config_checks import (
     Checks,
     Section,
@@ -71,6 +72,11 @@ class ModelConfig(Section):
         "or a local .gguf file (dequantized once and cached, then quantized to 4 bit).",
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) to use; None takes the default branch.")
+    token: str | None = _f(
+        None,
+        "Hugging Face access token for a gated or private hub model; None uses the HF_TOKEN environment variable "
+        "or `hf auth login`. Never written to any file the engine writes: saved configs, logs and events show hf_***.",
+    )
     trust_remote_code: bool = _f(
         False,
         "Run Python code shipped with the model. Off because that code runs with your user's rights; "
@@ -345,6 +351,7 @@ class TrainConfig:
     schema_version: int = field(default=SCHEMA_VERSION, metadata={"help": "Version of this file's layout."})
 
     def __post_init__(self) -> None:
+        scrub.remember_config(self)  # before validation: its messages are scrubbed too
         validate(self)
 
     # -- conversions -------------------------------------------------------------------
@@ -458,7 +465,7 @@ class TrainConfig:
         tmp = p.with_name(p.name + ".tmp")
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(self.to_yaml(), encoding="utf-8")
+            tmp.write_text(scrub.scrub(self.to_yaml()), encoding="utf-8")  # a token given in the config: hf_***
             tmp.replace(p)
         except OSError as e:
             if tmp.is_file():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,13 +74,38 @@ def _offline_error(ref: str, exc: Exception) -> ModelError:
     )
 
 
-def resolve_model(ref: str, *, revision: str | None = None, weights: bool = True, sink: Any = None) -> Path:
+_HUB_URL = re.compile(
+    r"^https?://(?:(?P<cred>[^/@\s]+)@)?(?:www\.)?(?:huggingface\.co|hf\.co)/(?P<repo>[^/?#\s]+/[^/?#\s]+)"
+)
+
+
+def hub_reference(ref: str) -> tuple[str, str | None]:
+    """A hub model URL (``https://[user:TOKEN@]huggingface.co/org/name[?token=TOKEN]``) as its repo id
+    and the token inside it; any other reference unchanged, with no token."""
+    from qlora_engine.scrub import ref_tokens
+
+    m = _HUB_URL.match(ref.strip())
+    if not m:
+        return ref, None
+    tokens = ref_tokens(ref)
+    return m.group("repo"), tokens[-1] if tokens else None
+
+
+def resolve_model(
+    ref: str, *, revision: str | None = None, weights: bool = True, sink: Any = None, token: str | None = None
+) -> Path:
     """A local folder holding the model: the folder itself, the GGUF conversion, or a hub snapshot.
 
     With ``weights=False`` only config and tokenizer files are fetched (``inspect-model``).
+    ``token``: a hub token (``model.token``); a hub URL may carry one too (:func:`hub_reference`).
     """
+    from qlora_engine.scrub import is_masked, remember
+
     if not ref or not ref.strip():
         raise ConfigError("no model chosen; set a local folder, a .gguf file or a hub id.", field="model.ref")
+    ref, ref_token = hub_reference(ref)
+    token = token if token and not is_masked(token) else ref_token
+    remember(token)
     path = Path(ref).expanduser()
     if is_gguf(ref):
         if not path.is_file():
@@ -101,15 +127,15 @@ def resolve_model(ref: str, *, revision: str | None = None, weights: bool = True
         )
     if _looks_like_path(ref) or ref.count("/") > 1:
         raise ModelError("no such model folder or file.", file=path, field="model.ref")
-    return _download(ref, revision=revision, weights=weights)
+    return _download(ref, revision=revision, weights=weights, token=token)
 
 
-def _download(repo_id: str, *, revision: str | None, weights: bool) -> Path:
+def _download(repo_id: str, *, revision: str | None, weights: bool, token: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = HUB_FILES if weights else [p for p in HUB_FILES if p != "*.safetensors"]
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token or None))
     except Exception as e:  # offline, unknown id, gated: all end in the same message
         raise _offline_error(repo_id, e) from e
     if weights:
@@ -157,7 +183,12 @@ def gguf_to_folder(path: Path, *, sink: Any = None) -> Path:
     except FileExistsError:  # another process converted it first
         shutil.rmtree(tmp, ignore_errors=True)
     except Exception as e:
+        from qlora_engine.checkpoint import disk_errno, disk_full, tree_bytes
+
+        code, written = disk_errno(e, target.parent), tree_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if code is not None:  # a full cache disk is not a bad GGUF file
+            raise disk_full(target, code, max(written, path.stat().st_size * 4)) from None
         raise ModelError(f"could not read this GGUF file ({type(e).__name__}: {str(e)[:300]}).", file=path) from e
     return target
 

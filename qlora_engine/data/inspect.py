@@ -265,7 +265,9 @@ def inspect_data_main(args: argparse.Namespace) -> int:
         max_rows=args.max_rows,
     )
     if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+        from qlora_engine.scrub import scrub_data
+
+        print(json.dumps(scrub_data(result), indent=2, ensure_ascii=False, default=str))  # scrubbed like files
     else:
         print_human(result, sys.stdout)
     return 0
