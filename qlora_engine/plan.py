@@ -18,7 +18,7 @@ the trainer (``qlora_engine.train``) imports neither.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qlora_engine.budget.estimate import (
@@ -33,9 +33,11 @@ from qlora_engine.budget.estimate import (
 )
 from qlora_engine.budget.fit import FitAdvice, fit
 from qlora_engine.budget.kernels import resolve_kernels
+from qlora_engine.budget.parallel import per_process
 from qlora_engine.budget.spec import ModelSpec
 from qlora_engine.config import TrainConfig, validate
 from qlora_engine.decisions import Decision, RunPlan
+from qlora_engine.errors import ConfigError
 
 
 def choose_checkpointing(
@@ -137,6 +139,73 @@ def total_steps(cfg: TrainConfig, n_train: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * n_train / per_step))
 
 
+def choose_strategy(
+    cfg: TrainConfig, world_size: int, spec: ModelSpec | None, card_bytes: int | None, data_stats: dict[str, Any] | None
+) -> tuple[str, Decision | None]:
+    """``train.strategy`` made concrete for ``world_size`` processes on cards of ``card_bytes``.
+
+    auto: one process runs alone; several share the batch (DDP) when the whole 4-bit model and
+    its training state fit each card with every layer checkpointed, and shard the model (FSDP)
+    when not. Raises ConfigError for 'single' with several processes.
+    """
+    asked = cfg.train.strategy
+    if asked == "single" and world_size > 1:
+        raise ConfigError(
+            f"'single' runs one process, but {world_size} were started.",
+            field="train.strategy",
+            fix="Set train.strategy to auto, ddp or fsdp, or start one process.",
+        )
+    if asked != "auto":
+        return asked, None
+    if world_size == 1:
+        return "single", Decision("train.strategy", "auto", "single", "one process", "one GPU")
+    if spec is None or not spec.usable or not card_bytes:
+        return "ddp", Decision(
+            "train.strategy", "auto", "ddp", "no GPU size to judge the model by", f"data-parallel over {world_size}"
+        )
+    least = estimate_from_spec(every_layer(cfg), spec, gpu_bytes=card_bytes, data_stats=data_stats)
+    need, size = f"{least.high / GiB:.1f} GiB", f"{card_bytes / GiB:.1f} GiB"
+    if least.high <= card_bytes:
+        return "ddp", Decision(
+            "train.strategy", "auto", "ddp", f"the whole run fits each card ({need} of {size})",
+            f"data-parallel over {world_size} GPUs",
+        )
+    return "fsdp", Decision(
+        "train.strategy", "auto", "fsdp", f"one card cannot hold the run ({need} > {size})",
+        f"sharded over {world_size} GPUs",
+    )
+
+
+def split_batch(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, Decision | None]:
+    """Give each of ``world_size`` processes at least one micro-batch per step, the step's batch unchanged.
+
+    With fewer micro-batches than processes, the step's samples are cut into ``world_size``
+    smaller micro-batches when they divide evenly (the data order does not change: micro-batch
+    ``k`` is samples ``k*b .. (k+1)*b`` of one stream); otherwise a ConfigError says what to set.
+    """
+    tr = cfg.train
+    if world_size <= 1 or tr.gradient_accumulation_steps >= world_size:
+        return cfg, None
+    batch = tr.micro_batch_size * tr.gradient_accumulation_steps
+    if batch % world_size:
+        raise ConfigError(
+            f"a step's batch of {batch} samples (micro_batch_size x gradient_accumulation_steps) cannot be shared "
+            f"by {world_size} processes.",
+            field="train.gradient_accumulation_steps",
+            fix=f"Make micro_batch_size x gradient_accumulation_steps a multiple of {world_size}, "
+            f"e.g. gradient_accumulation_steps={world_size}.",
+        )
+    per = batch // world_size
+    split = replace(cfg, train=replace(tr, micro_batch_size=per, gradient_accumulation_steps=world_size))
+    return split, Decision(
+        "train.micro_batch_size",
+        tr.micro_batch_size,
+        per,
+        f"each of {world_size} processes takes one micro-batch of the step's {batch} samples",
+        f"{per} per process",
+    )
+
+
 def make_plan(
     cfg: TrainConfig,
     *,
@@ -145,6 +214,7 @@ def make_plan(
     cuda: bool,
     card_bytes: int | None,
     model_config: Any = None,
+    world_size: int = 1,
 ) -> RunPlan:
     """Plan one run (see the module docstring).
 
@@ -156,6 +226,7 @@ def make_plan(
         card_bytes: the GPU memory this process can have (None on the CPU: every layer checkpointed).
         model_config: the model's ``config.json`` as a dict or ``PretrainedConfig`` (None: read
             from ``cfg.model.ref``).
+        world_size: processes sharing the run (torchrun's ``WORLD_SIZE``).
     """
     decisions: list[Decision] = []
     try:
@@ -176,13 +247,18 @@ def make_plan(
         tr = config.train
         if not (tr.gradient_checkpointing and tr.checkpoint_layers is None):
             oom_fallback = every_layer(config)
+    strategy, decision = choose_strategy(cfg, world_size, spec, card_bytes, data_stats)
+    config = replace(config, train=replace(config.train, strategy=strategy))
+    decisions += [decision] if decision else []
+    config, decision = split_batch(config, world_size)
+    decisions += [decision] if decision else []
     if cfg.train.kernels == "auto" and spec is not None:
         kernels = resolve_kernels("auto", spec.model_type, cuda=cuda)
         decisions.append(Decision("train.kernels", "auto", kernels.kernels, kernels.reason, kernels.kernels))
     estimate = None
     if spec is not None and spec.usable:
         try:
-            estimate = estimate_from_spec(config, spec, data_stats=data_stats).to_dict()
+            estimate = per_process(estimate_from_spec(config, spec, data_stats=data_stats), strategy, world_size, spec.num_layers).to_dict()
         except Exception:  # advice only
             estimate = None
     return RunPlan(

@@ -18,15 +18,17 @@ from __future__ import annotations
 import json
 import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from qlora_engine import checkpoint as ckpt
-from qlora_engine import vram
+from qlora_engine import models, vram
 from qlora_engine.config import TrainConfig, check_ready
 from qlora_engine.control import RunControl
 from qlora_engine.data import PreparedData
 from qlora_engine.decisions import RunPlan
+from qlora_engine.distributed import World
 from qlora_engine.errors import QLoRAError
 from qlora_engine.events import EventSink, JsonlFileSink, MultiSink, NullSink, RunFailed, RunFinished
 from qlora_engine.paths import write_error_log
@@ -34,7 +36,7 @@ from qlora_engine.plan import make_plan
 from qlora_engine.train import RunInputs, Trainer, find_resume_checkpoint, prepare_inputs
 
 
-def plan_for(cfg: TrainConfig, inputs: RunInputs) -> RunPlan:
+def plan_for(cfg: TrainConfig, inputs: RunInputs, world_size: int = 1) -> RunPlan:
     """The plan of ``cfg`` for the prepared inputs, on the card this process has now."""
     stats = inputs.data.report.get("token_stats") if isinstance(inputs.data.report, dict) else None
     return make_plan(
@@ -44,6 +46,7 @@ def plan_for(cfg: TrainConfig, inputs: RunInputs) -> RunPlan:
         cuda=inputs.device.type == "cuda",
         card_bytes=vram.usable_vram(inputs.device),  # before the weights take their share
         model_config=_model_config(inputs.model_folder),
+        world_size=world_size,
     )
 
 
@@ -55,16 +58,22 @@ def build_trainer(
     resume: bool | str | Path | None = None,
     force_resume: bool = False,
     data: PreparedData | None = None,
+    world: World | None = None,
 ) -> Trainer:
     """Steps 1-3 of :func:`run` without the lock: a trainer ready for ``setup()``.
 
     ``data``: samples already prepared by the caller (benchmarks); None reads ``cfg.data``.
+    ``world``: this process's place in a multi-process run (None: alone).
     """
+    world = world or World()
     if data is None:
         check_ready(cfg)
     resume_from = find_resume_checkpoint(cfg.output_dir, resume)
-    inputs = prepare_inputs(cfg, sink, data)
-    return Trainer(plan_for(cfg, inputs), inputs, sink, control, resume_from=resume_from, force_resume=force_resume)
+    with world.main_first():  # rank 0 downloads and fills the data cache; the others read it
+        inputs = prepare_inputs(cfg, sink, data, world=world)
+    plan = plan_for(cfg, inputs, world.size)
+    world.use(plan.config.train.strategy, inputs.device)
+    return Trainer(plan, inputs, sink, control, resume_from=resume_from, force_resume=force_resume, world=world)
 
 
 def run(
@@ -77,8 +86,13 @@ def run(
 ) -> RunFinished:
     """Train one run. Events go to ``sink`` and to ``<output.dir>/events.jsonl``.
 
-    Errors are reported as a ``RunFailed`` event and then raised.
+    Errors are reported as a ``RunFailed`` event and then raised. Under ``torchrun`` the
+    processes join one run (:mod:`qlora_engine.distributed`): rank 0 holds the lock and writes
+    the events, the other ranks report nothing and write nothing.
     """
+    world = World.from_env()
+    if not world.is_main:
+        return _run_helper(cfg, world, control, resume=resume, force_resume=force_resume)
     run_dir = cfg.output_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = ckpt.RunLock(run_dir)
@@ -90,17 +104,43 @@ def run(
     out = MultiSink(JsonlFileSink(run_dir / "events.jsonl"), sink or NullSink())
     trainer: Trainer | None = None
     try:
-        trainer = build_trainer(cfg, out, control, resume=resume, force_resume=force_resume)
+        world.connect(world.pick_device(models.pick_device(cfg.train.device)))
+        trainer = build_trainer(cfg, out, control, resume=resume, force_resume=force_resume, world=world)
         trainer.setup()
         return trainer.train()
     except BaseException as e:
+        if world.is_collective_failure(e):
+            e = world.failure(e)
+            out.emit(_failed(e, trainer, run_dir))
+            raise e from None
         out.emit(_failed(e, trainer, run_dir))
         raise
     finally:
         if trainer is not None:
             trainer.cleanup()
+        world.close()
         out.close()
         lock.release()
+
+
+def _run_helper(
+    cfg: TrainConfig, world: World, control: RunControl | None, *, resume: Any, force_resume: bool
+) -> RunFinished:
+    """A rank other than 0: the same run, no lock, no events, no files (its errors go to stderr)."""
+    trainer: Trainer | None = None
+    try:
+        world.connect(world.pick_device(models.pick_device(cfg.train.device)))
+        trainer = build_trainer(cfg, NullSink(), control, resume=resume, force_resume=force_resume, world=world)
+        trainer.setup()
+        return trainer.train()
+    except BaseException as e:
+        if world.is_collective_failure(e):
+            raise world.failure(e) from None
+        raise
+    finally:
+        if trainer is not None:
+            trainer.cleanup()
+        world.close()
 
 
 def _failed(e: BaseException, trainer: Trainer | None, run_dir: Path) -> RunFailed:
