@@ -177,32 +177,53 @@ def choose_strategy(
 
 
 def split_batch(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, Decision | None]:
-    """Give each of ``world_size`` processes at least one micro-batch per step, the step's batch unchanged.
+    """Share each step's micro-batches among ``world_size`` processes, the step's batch unchanged.
 
-    With fewer micro-batches than processes, the step's samples are cut into ``world_size``
-    smaller micro-batches when they divide evenly (the data order does not change: micro-batch
-    ``k`` is samples ``k*b .. (k+1)*b`` of one stream); otherwise a ConfigError says what to set.
+    DDP needs at least one micro-batch per process; FSDP the same number on every process (each
+    forward is a collective). When the config's split does not allow it, the step's samples are
+    cut into more, smaller micro-batches: the fewest that work (the data order does not change:
+    micro-batch ``k`` is samples ``k*b .. (k+1)*b`` of one stream). When no split works, a
+    ConfigError says what to set.
     """
     tr = cfg.train
-    if world_size <= 1 or tr.gradient_accumulation_steps >= world_size:
+    fsdp = tr.strategy == "fsdp"
+
+    def ok(ga: int) -> bool:
+        return ga % world_size == 0 if fsdp else ga >= world_size
+
+    if world_size <= 1 or ok(tr.gradient_accumulation_steps):
         return cfg, None
     batch = tr.micro_batch_size * tr.gradient_accumulation_steps
-    if batch % world_size:
+    ga = next((g for g in range(tr.gradient_accumulation_steps, batch + 1) if batch % g == 0 and ok(g)), None)
+    if ga is None:
+        need = "a multiple of" if fsdp else "at least"
         raise ConfigError(
             f"a step's batch of {batch} samples (micro_batch_size x gradient_accumulation_steps) cannot be shared "
             f"by {world_size} processes.",
             field="train.gradient_accumulation_steps",
-            fix=f"Make micro_batch_size x gradient_accumulation_steps a multiple of {world_size}, "
-            f"e.g. gradient_accumulation_steps={world_size}.",
+            fix=f"Make gradient_accumulation_steps {need} {world_size} (e.g. {world_size}).",
         )
-    per = batch // world_size
-    split = replace(cfg, train=replace(tr, micro_batch_size=per, gradient_accumulation_steps=world_size))
+    per = batch // ga
+    split = replace(cfg, train=replace(tr, micro_batch_size=per, gradient_accumulation_steps=ga))
     return split, Decision(
         "train.micro_batch_size",
         tr.micro_batch_size,
         per,
-        f"each of {world_size} processes takes one micro-batch of the step's {batch} samples",
-        f"{per} per process",
+        f"{world_size} processes share each step's {batch} samples as {ga} micro-batches",
+        f"{per} per micro-batch, {ga // world_size if fsdp else ga / world_size:g} per process",
+    )
+
+
+def choose_optimizer(cfg: TrainConfig) -> tuple[TrainConfig, Decision | None]:
+    """FSDP's sharded weights (DTensors) need torch's AdamW: bitsandbytes' optimizers cannot update them."""
+    if cfg.train.strategy != "fsdp" or cfg.optim.optimizer == "adamw":
+        return cfg, None
+    return replace(cfg, optim=replace(cfg.optim, optimizer="adamw")), Decision(
+        "optim.optimizer",
+        cfg.optim.optimizer,
+        "adamw",
+        "bitsandbytes' optimizers cannot update FSDP's sharded weights; AdamW's state is sharded 1/N instead",
+        "adamw",
     )
 
 
@@ -250,8 +271,9 @@ def make_plan(
     strategy, decision = choose_strategy(cfg, world_size, spec, card_bytes, data_stats)
     config = replace(config, train=replace(config.train, strategy=strategy))
     decisions += [decision] if decision else []
-    config, decision = split_batch(config, world_size)
-    decisions += [decision] if decision else []
+    for settle in (lambda c: split_batch(c, world_size), choose_optimizer):
+        config, decision = settle(config)
+        decisions += [decision] if decision else []
     if cfg.train.kernels == "auto" and spec is not None:
         kernels = resolve_kernels("auto", spec.model_type, cuda=cuda)
         decisions.append(Decision("train.kernels", "auto", kernels.kernels, kernels.reason, kernels.kernels))

@@ -58,6 +58,8 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     named = get_optimizer_state_dict(model, optimizer, options=_options())
+    if "param_groups" not in named:  # ranks other than 0 receive nothing (cpu_offload gathers to rank 0)
+        return {}
     order = [fqn for group in named["param_groups"] for fqn in group["params"]]
     index = {fqn: i for i, fqn in enumerate(order)}
     groups, start = [], 0
@@ -70,9 +72,10 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load a whole optimizer state (any strategy wrote it) into a sharded optimizer."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    names = [fqn for group in get_optimizer_state_dict(model, optimizer, options=_options())["param_groups"] for fqn in group["params"]]
+    # The optimizer was built on the trainable parameters in this order (qlora_engine.train).
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
     groups, start = [], 0
     for group in state["param_groups"]:
         n = len(group["params"])
