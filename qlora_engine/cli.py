@@ -105,10 +105,10 @@ def _install_sigint(control: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
+    from qlora_engine import distributed
     from qlora_engine.config import TrainConfig
     from qlora_engine.control import RunControl
     from qlora_engine.events import StreamSink, TextSink
-    from qlora_engine import distributed
     from qlora_engine.runner import run
 
     if args.gpus:  # several GPUs: torchrun starts one process per GPU, each running this command

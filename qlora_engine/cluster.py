@@ -55,7 +55,9 @@ def parse_gpus(spec: str) -> tuple[int, str | None]:
         ) from None
 
 
-def torchrun_args(nproc: int, *, nnodes: str = "1", rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> list[str]:
+def torchrun_args(
+    nproc: int, *, nnodes: str = "1", rdzv_endpoint: str | None = None, rdzv_id: str | None = None
+) -> list[str]:
     """torchrun's own arguments: standalone on one machine, a c10d rendezvous across several."""
     args = [f"--nproc-per-node={nproc}", f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}"]
     if nnodes == "1" and rdzv_endpoint is None:
@@ -112,7 +114,15 @@ def launch_local(args: argparse.Namespace) -> int:
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, said out loud so it does not warn
-    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args(nproc), "-m", "qlora_engine", *train_args(args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *torchrun_args(nproc),
+        "-m",
+        "qlora_engine",
+        *train_args(args),
+    ]
     # Its own session: a terminal's Ctrl-C reaches this launcher only, which stops the run cleanly.
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, env=env, text=True, start_new_session=True)
     send = _control_writer(proc)
@@ -225,7 +235,7 @@ def slurm_script(
         f"if compgen -G {shlex.quote(str(run_dir / 'checkpoints'))}'/step-*/qlora_checkpoint.json' > /dev/null; then RESUME=(--resume); fi",
         "srun --ntasks-per-node=1 --kill-on-bad-exit=1 \\",
         f"  {shlex.quote(py)} -m torch.distributed.run {' '.join(_quote_keep_vars(a) for a in rdzv)} \\",
-        f"  -m qlora_engine train {shlex.quote(str(config))} \"${{RESUME[@]}}\"",
+        f'  -m qlora_engine train {shlex.quote(str(config))} "${{RESUME[@]}}"',
         "",
     ]
     return "\n".join(lines)

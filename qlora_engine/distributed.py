@@ -91,8 +91,10 @@ class World:
     def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0) -> None:
         self.rank, self.size, self.local_rank = rank, size, local_rank
         self.strategy = "single"
-        self.control_group: Any = None  # gloo: the CPU-side collectives (requests, counts), even when NCCL carries gradients
-        self.peers: list[tuple[int, str]] = [(os.getpid(), socket.gethostname())]
+        self.control_group: Any = (
+            None  # gloo: the CPU-side collectives (requests, counts), even when NCCL carries gradients
+        )
+        self.peers: list[tuple[int, str, str]] = [(os.getpid(), socket.gethostname(), "")]
         self._owns_group = False
 
     @classmethod
@@ -107,6 +109,12 @@ class World:
     def connected(self) -> bool:
         """Whether a process group joins this process to the others (DDP or FSDP, of any size)."""
         return self.strategy != "single"
+
+    def processes(self) -> list[dict[str, Any]]:
+        """One record per process of a multi-process run (empty alone): for the run record and the app."""
+        if self.size == 1:
+            return []
+        return [{"rank": r, "pid": pid, "host": host, "device": dev} for r, (pid, host, dev) in enumerate(self.peers)]
 
     # -- starting and ending -------------------------------------------------------------------
 
@@ -131,7 +139,8 @@ class World:
         self._owns_group = True
         self.control_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
         peers: list[Any] = [None] * self.size
-        self._collective(dist.all_gather_object, peers, (os.getpid(), socket.gethostname()), group=self.control_group)
+        me = (os.getpid(), socket.gethostname(), str(device))
+        self._collective(dist.all_gather_object, peers, me, group=self.control_group)
         self.peers = [tuple(p) for p in peers]
 
     def use(self, strategy: str, device: torch.device) -> None:
@@ -204,9 +213,9 @@ class World:
 
             # Only the LoRA weights are trained: DDP neither broadcasts nor watches the frozen
             # 4-bit base (identical on every process, loaded from the same files).
-            model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if not p.requires_grad] + [
-                n for n, _ in model.named_buffers()
-            ]
+            model._ddp_params_and_buffers_to_ignore = [
+                n for n, p in model.named_parameters() if not p.requires_grad
+            ] + [n for n, _ in model.named_buffers()]
             ids = [self.local_rank] if next(iter(model.parameters())).is_cuda else None
             return DistributedDataParallel(model, device_ids=ids)
         if self.strategy == "fsdp":
@@ -285,7 +294,9 @@ class World:
             return full_optimizer_state(model, optimizer)
         return optimizer.state_dict()
 
-    def load_optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    def load_optimizer_state(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
         if self.strategy == "fsdp":
             from qlora_engine.sharding import load_full_optimizer_state
 
@@ -303,10 +314,10 @@ class World:
 
     def failure(self, e: BaseException) -> DistributedError:
         """The error to report when a collective failed: which rank is gone, when this host can tell."""
-        gone = [r for r, (pid, host) in enumerate(self.peers) if host == socket.gethostname() and not _alive(pid)]
+        gone = [r for r, (pid, host, _) in enumerate(self.peers) if host == socket.gethostname() and not _alive(pid)]
         if gone:
             names = ", ".join(f"rank {r} (process {self.peers[r][0]})" for r in gone)
-            what = f"{names} of {self.size} stopped; rank {self.rank} stopped too ({type(e).__name__})."
+            what = f"{names} of {self.size} stopped; rank {self.rank} stopped too."
         else:
             what = (
                 f"another process of the {self.size}-process run stopped or did not answer within "
@@ -326,7 +337,9 @@ class World:
             t for t in (getattr(dist, "DistError", None), getattr(dist, "DistBackendError", None)) if t is not None
         )
         text = str(e)
-        return isinstance(e, dist_errors) or any(k in text for k in ("Gloo", "gloo", "NCCL", "Connection closed", "Connection reset"))
+        return isinstance(e, dist_errors) or any(
+            k in text for k in ("Gloo", "gloo", "NCCL", "Connection closed", "Connection reset")
+        )
 
 
 def _alive(pid: int) -> bool:
@@ -356,7 +369,10 @@ def install_stop_signals(control: RunControl) -> None:
         count["n"] += 1
         if count["n"] == 1:
             if is_main_process():
-                print(f"\n{signal.Signals(signum).name}: stopping all processes after this step and saving ...", file=sys.stderr)
+                print(
+                    f"\n{signal.Signals(signum).name}: stopping all processes after this step and saving ...",
+                    file=sys.stderr,
+                )
             control.request_stop()
         else:
             signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -200,6 +200,7 @@ class Trainer:
             "kernels": self.kernels,
             "fast_lora_layers": self.fast_lora,
             "checkpointed_layers": self.checkpointed,
+            "quant_storage": str(storage).removeprefix("torch."),
         }
         emit(
             RunStarted(
@@ -213,11 +214,9 @@ class Trainer:
                 vram_estimate=self.plan.vram_estimate,
                 data=self.data.report,
                 decisions=[d.to_dict() for d in self.plan.decisions],
+                processes=self.world.processes() or None,
             )
         )
-        if self.world.size > 1:
-            ranks = ", ".join(f"rank {r}: process {pid} on {host}" for r, (pid, host) in enumerate(self.world.peers))
-            emit(LogLine(level="info", message=f"{self.world.size} processes ({cfg.train.strategy}): {ranks}"))
 
     def _checkpoint_every_layer(self) -> None:
         """After an out-of-memory step when the plan left layers out of checkpointing: checkpoint them all."""

@@ -19,7 +19,14 @@ import dataclasses
 
 from qlora_engine.budget.estimate import VramEstimate
 
-SHARDED = ("quantized_weights", "quant_constants", "unquantized_weights", "lora_weights", "lora_grads", "optimizer_state")
+SHARDED = (
+    "quantized_weights",
+    "quant_constants",
+    "unquantized_weights",
+    "lora_weights",
+    "lora_grads",
+    "optimizer_state",
+)
 
 
 def per_process(est: VramEstimate, strategy: str, world_size: int, num_layers: int | None = None) -> VramEstimate:
