@@ -210,7 +210,7 @@ def split_batch(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, Decisio
         tr.micro_batch_size,
         per,
         f"{world_size} processes share each step's {batch} samples as {ga} micro-batches",
-        f"{per} per micro-batch, {ga // world_size if fsdp else ga / world_size:g} per process",
+        f"{ga} micro-batches of {per} over {world_size} processes",
     )
 
 

@@ -29,7 +29,8 @@ def cfg(*overrides: str) -> TrainConfig:
         (1, 4, 3, "fsdp", None),  # FSDP needs equal shares; 4 samples cannot make a multiple of 3
         (2, 3, 2, "fsdp", (1, 6)),  # 6 samples: six micro-batches of one, three per process
         (1, 6, 3, "fsdp", (1, 6)),
-        (3, 1, 2, "ddp", None),  # 3 samples cannot be cut into 2 equal micro-batches
+        (3, 1, 2, "ddp", (1, 3)),  # three micro-batches of one: 2 and 1
+        (1, 1, 2, "ddp", None),  # one sample cannot feed two processes
     ],
 )
 def test_the_step_batch_is_shared_without_changing(mbs, ga, world, strategy, want):
