@@ -110,8 +110,12 @@ def advise(
     data_stats: dict[str, Any] | None = None,
     gpu_name: str | None = None,
     spec: ModelSpec | None = None,
+    world_size: int = 1,
 ) -> Advice:
     """The estimate and fit of ``cfg`` as it would run on a card of ``gpu_bytes`` (``auto`` settled).
+
+    ``world_size``: GPUs sharing the run; the estimate is then one GPU's, for the strategy the
+    run would take (``train.strategy``), and the fit advice is the single-GPU one.
 
     Raises:
         ConfigError: a config value is invalid, or the LoRA targets/layers do not exist.
@@ -125,10 +129,15 @@ def advise(
     if decision is not None:
         est.details["checkpointing_auto"] = True
         est.notes.insert(0, str(decision))
+    decisions = [decision] if decision else []
+    if world_size > 1:
+        strategy, chosen = choose_strategy(cfg, world_size, spec, gpu_bytes, data_stats)
+        est = per_process(est, strategy, world_size, spec.num_layers if spec.usable else None)
+        decisions += [chosen] if chosen else []
     advice = None
     if gpu_bytes:
         advice = fit(resolved, gpu_bytes, spec, data_stats=data_stats, auto=decision is not None)
-    return Advice(est, advice, [decision] if decision else [], resolved)
+    return Advice(est, advice, decisions, resolved)
 
 
 def total_steps(cfg: TrainConfig, n_train: int) -> int:

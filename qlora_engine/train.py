@@ -390,8 +390,12 @@ class Trainer:
         return loss_sum
 
     def _auto_can_grow(self) -> bool:
-        """Whether the plan left layers out of checkpointing that an out-of-memory error can take back."""
-        return self.plan.oom_fallback is not None and not self.grown
+        """Whether the plan left layers out of checkpointing that an out-of-memory error can take back.
+
+        Not with several processes: one process re-running a step alone would fall out of step
+        with the others' gradient exchange; the run fails instead (naming the rank) and resumes.
+        """
+        return self.plan.oom_fallback is not None and not self.grown and self.world.size == 1
 
     def _saved_at_step(self) -> bool:
         return self.last_checkpoint is not None and self.last_checkpoint.name.endswith(f"{self.step:06d}")

@@ -19,6 +19,11 @@ import dataclasses
 
 from qlora_engine.budget.estimate import VramEstimate
 
+COMPONENT_HELP = {
+    "ddp_buckets": "DDP's gradient buckets: a second copy of the LoRA gradients, reduced across GPUs",
+    "gathered_layers": "FSDP: the decoder layers gathered whole for the pass (the one computing, the next prefetched)",
+}
+
 SHARDED = (
     "quantized_weights",
     "quant_constants",
