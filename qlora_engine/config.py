@@ -244,9 +244,9 @@ class TrainConfig:
         try:
             return cls._from_dict(data, source)
         except ConfigError as e:
-            if not source or str(e).startswith(source):
-                raise
-            raise ConfigError(f"{source}: {e}", hint=e.hint) from None
+            if source and e.file is None and not e.what.startswith(source):
+                e.file = source  # the place is an attribute; render() puts it first
+            raise
 
     @classmethod
     def _from_dict(cls, data: dict[str, Any], source: str) -> TrainConfig:
@@ -420,12 +420,12 @@ def validate(cfg: TrainConfig) -> None:
             value = getattr(obj, f.name)
             if not _type_ok(value, hints[f.name]):
                 raise ConfigError(
-                    f"{section.name}.{f.name}: {value!r} is not allowed; expected {_describe(hints[f.name])}."
+                    f"{value!r} is not allowed; expected {_describe(hints[f.name])}.", field=f"{section.name}.{f.name}"
                 )
 
     def need(cond: bool, name: str, value: Any, allowed: str) -> None:
         if not cond:
-            raise ConfigError(f"{name}: {value!r} is not allowed; {allowed}.")
+            raise ConfigError(f"{value!r} is not allowed; {allowed}.", field=name)
 
     lo, op, tr, da = cfg.lora, cfg.optim, cfg.train, cfg.data
     need(lo.rank >= 1, "lora.rank", lo.rank, "use a whole number of at least 1 (8-64 is typical)")

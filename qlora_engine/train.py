@@ -38,7 +38,7 @@ from qlora_engine import checkpoint as ckpt
 from qlora_engine import fast_lora, models
 from qlora_engine.config import TrainConfig
 from qlora_engine.control import RunControl
-from qlora_engine.data import PreparedData, collate, count_tokens, prepare_data
+from qlora_engine.data import IGNORE_INDEX, PreparedData, collate, count_tokens, prepare_data
 from qlora_engine.decisions import RunPlan
 from qlora_engine.distributed import World
 from qlora_engine.errors import DataError, QLoRAError, ResumeError, TrainingDiverged
@@ -316,7 +316,7 @@ class Trainer:
             # Normalize by the label count of the whole optimizer step (every process counts all
             # of it), so every answer token weighs the same however the tokens fall into
             # micro-batches and processes.
-            n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
             n_tokens = sum(count_tokens(b, self.tokenizer.pad_token_id) for b in batches)
             mine = [batches[i] for i in self.world.share(ga)]  # this process's part of the step
             try:
@@ -439,7 +439,7 @@ class Trainer:
         for j in self.world.eval_share(len(starts)):  # several processes: each its share of the batches
             i = starts[j]
             b = collate(self.data.validation[i : i + bs], self.tokenizer.pad_token_id)
-            n = int((b["labels"][:, 1:] != -100).sum())
+            n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
             if n == 0 and self.world.strategy != "fsdp":  # FSDP: every process joins every forward
                 continue
             b = {k: v.to(self.device) for k, v in b.items()}

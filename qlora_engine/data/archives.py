@@ -32,6 +32,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from qlora_engine.data.kinds import ACCEPTED_FILES, kind_by_name
 from qlora_engine.errors import DataError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
@@ -56,8 +57,6 @@ _REFUSED_HINT = (
 
 def is_archive(path: Path) -> bool:
     """True for a zip or tar file: by its name, or by its first bytes when the name says nothing."""
-    from qlora_engine.data.sources import kind_by_name
-
     name = path.name.lower()
     if name.endswith(ARCHIVE_SUFFIXES):
         return True
@@ -121,8 +120,6 @@ def data_inside(folder: Path, archive: Path) -> Path:
     Raises:
         DataError: several candidates (listed, with the folder to pick one from) or none.
     """
-    from qlora_engine.data.sources import ACCEPTED_FILES, kind_by_name
-
     found: list[Path] = []
     nested: list[Path] = []
     other: list[Path] = []

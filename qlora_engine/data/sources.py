@@ -27,24 +27,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from qlora_engine.data import archives
+from qlora_engine.data.kinds import ACCEPTED_FILES, kind_by_name
 from qlora_engine.errors import DataError
 
-FILE_KINDS = {
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "json",
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".txt": "text",
-    ".text": "text",
-    ".md": "text",
-}
-ACCEPTED_FILES = (
-    "JSONL, JSON, CSV, TSV, Parquet, plain text (.txt), one of those in a .zip or tar archive, "
-    "a datasets.save_to_disk folder or a hub dataset id"
-)
 _BOMS = {b"\xff\xfe": "UTF-16 LE", b"\xfe\xff": "UTF-16 BE"}
 
 
@@ -118,14 +103,6 @@ def open_source(spec: str, path: Path, *, subset: str | None = None, split: str 
     if _looks_like_path(spec):
         raise DataError(f"{path}: no such file or folder.", hint=f"Accepted inputs: {ACCEPTED_FILES}.")
     return _open_hub(spec, subset, split)
-
-
-def kind_by_name(name: str) -> str | None:
-    """The kind of data a file name says (``train.jsonl.gz``: jsonl), or None."""
-    suffixes = [s.lower() for s in Path(name).suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    return FILE_KINDS.get(suffixes[-1]) if suffixes else None
 
 
 def _open_file(path: Path, label: str) -> Source:

@@ -188,7 +188,8 @@ def test_an_out_of_memory_fix_that_splits_the_batch_resumes_as_if_nothing_happen
     monkeypatch.undo()
     split = apply_overrides(cfg, ["train.micro_batch_size=2", "train.gradient_accumulation_steps=2"])
     assert resume_blockers(cfg, split) == []
-    assert resume_blockers(cfg, apply_overrides(cfg, ["data.max_length=64"])) == ["data.max_length: 1024 -> 64"]
+    (blocker,) = resume_blockers(cfg, apply_overrides(cfg, ["data.max_length=64"]))
+    assert (blocker.field, blocker.before, blocker.after) == ("data.max_length", 1024, 64)
     resumed = ListSink()
     run(split, resumed, resume=True)
     assert [e.step for e in resumed.of(StepMetrics)] == [3, 4, 5, 6]
