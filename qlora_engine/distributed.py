@@ -314,14 +314,26 @@ class World:
 
     def failure(self, e: BaseException) -> DistributedError:
         """The error to report when a collective failed: which rank is gone, when this host can tell."""
-        gone = [r for r, (pid, host, _) in enumerate(self.peers) if host == socket.gethostname() and not _alive(pid)]
+        here = socket.gethostname()
+
+        def dead() -> list[int]:
+            return [r for r, (pid, host, _) in enumerate(self.peers) if host == here and not _alive(pid)]
+
+        gone = dead()
+        # A killed process closes its sockets before it turns into a zombie: the broken collective
+        # can arrive here first. Give the peer a moment to be seen as gone.
+        deadline = time.monotonic() + 3.0
+        while not gone and time.monotonic() < deadline:
+            time.sleep(0.1)
+            gone = dead()
         if gone:
             names = ", ".join(f"rank {r} (process {self.peers[r][0]})" for r in gone)
             what = f"{names} of {self.size} stopped; rank {self.rank} stopped too."
         else:
             what = (
                 f"another process of the {self.size}-process run stopped or did not answer within "
-                f"{collective_timeout().total_seconds():.0f} s; rank {self.rank} stopped too ({e})."
+                f"{collective_timeout().total_seconds():.0f} s; rank {self.rank} stopped too "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})."
             )
         return DistributedError(
             what,
