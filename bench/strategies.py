@@ -29,9 +29,9 @@ STRATEGIES = ("single", "ddp", "fsdp")
 
 
 def worker(args: argparse.Namespace) -> None:
+    import speed
     import torch
 
-    import speed
     from qlora_engine.events import StepMetrics
 
     extra = [f"train.strategy={args.worker}", "optim.optimizer=adamw", *filter(None, args.extra.split(";"))]
@@ -91,7 +91,7 @@ def main() -> None:
     for r in results[1:]:
         losses = r.get("losses") or []
         if base and len(losses) == len(base):
-            r["max_rel_loss_diff_vs_single"] = max(abs(a - b) / abs(b) for a, b in zip(losses, base))
+            r["max_rel_loss_diff_vs_single"] = max(abs(a - b) / abs(b) for a, b in zip(losses, base, strict=True))
     summary = {
         "shape": args.shape,
         "seq": args.seq,
@@ -100,7 +100,7 @@ def main() -> None:
         "card": _card(),
         "results": results,
     }
-    print(json.dumps({k: r.get("max_rel_loss_diff_vs_single") for k, r in zip(STRATEGIES, results)}))
+    print(json.dumps({k: r.get("max_rel_loss_diff_vs_single") for k, r in zip(STRATEGIES, results, strict=True)}))
     stamp = datetime.date.today().isoformat()
     for folder in filter(None, [HERE / "results", Path(os.environ["OUT"]) if os.environ.get("OUT") else None]):
         folder.mkdir(parents=True, exist_ok=True)
