@@ -105,7 +105,6 @@ class _LoraProduct(torch.autograd.Function):
 
 def _fast_forward(module: Any, original: Any, *, lora_first: bool) -> Any:
     (name,) = module.lora_A.keys()
-    lora_A, lora_B = module.lora_A[name].weight, module.lora_B[name].weight
     base = module.base_layer
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -120,6 +119,8 @@ def _fast_forward(module: Any, original: Any, *, lora_first: bool) -> Any:
         ):
             return original(x, *args, **kwargs)
         scale = module.scaling[name]
+        # Looked up per call: FSDP swaps the parameters (sharded between uses, gathered for this forward).
+        lora_A, lora_B = module.lora_A[name].weight, module.lora_B[name].weight
         if lora_first:
             lora = _LoraProduct.apply(x, lora_A, lora_B, scale, None)  # keeps its tensors: the last the backward needs
             # bitsandbytes keeps nothing, so a recomputation stops before this. Not in place: after
