@@ -319,7 +319,7 @@ class TrainSettings(Section):
         c.number("gradient_accumulation_steps", 1, 4096, typical="1-64 is typical")
         c.number("epochs", 0, 1000, above=True)
         c.number("max_steps", 1, 100_000_000, null="train for 'epochs'")
-        c.number("checkpoint_layers", 1, 100_000, null="all layers")
+        c.number("checkpoint_layers", 1, 100_000, null="all layers", typical="turn train.gradient_checkpointing off for none")
         c.number("mlp_chunk_tokens", 64, 1 << 24, null="off", typical="4096 is a good start")
         c.number("seed", 0, 2**32 - 1)
         c.number("logging_steps", 1, 100_000_000)
