@@ -369,6 +369,9 @@ def load_quantized_model(cfg: TrainConfig, folder: Path, device: torch.device, d
             raise remote_code_error(cfg.model.ref) from e
         raise
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    from qlora_engine import varlen  # packed rows on a GPU: attention per sample, without a mask
+
+    varlen.use_for(model, cfg.data.packing, device)
     return model
 
 

@@ -54,8 +54,14 @@ def test_packed_labels_are_the_samples_labels_but_the_first_token(data_dir, tok)
     assert packed.report["train"]["packing_fill"] == round(len(seq["input_ids"]) / 256, 3)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "qlora_varlen"])
 def test_no_packed_sample_attends_to_another(data_dir, tok, tiny_model_dir, attn):
+    # qlora_varlen: the engine's attention for packed rows on a GPU (qlora_engine.varlen): no mask,
+    # samples cut at their position ids; on the CPU each sample runs alone through SDPA.
+    if attn == "qlora_varlen":
+        from qlora_engine import varlen
+
+        varlen.register()
     model = LlamaForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, dtype=torch.float32).eval()
     plain = prepare_data(make_cfg(data_dir / "chat.jsonl", max_length=100), tok)
     packed = prepare_data(make_cfg(data_dir / "chat.jsonl", max_length=100, packing=True), tok)
