@@ -61,6 +61,12 @@ def main() -> None:
     out: dict = dict(date=datetime.date.today().isoformat(), card=card, shape=args.shape, seq=seq, versions=versions(),
                      checkpointed_layers=trainer.checkpointed, kernels=trainer.kernels, results=[])
 
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+
+        out["torch_varlen_attn"] = True
+    except ImportError:
+        out["torch_varlen_attn"] = False  # varlen.py falls back to SDPA sample by sample
     # 1. The direct dequantization is bitsandbytes' own, bit for bit.
     import bitsandbytes.functional as bnbf
 
@@ -166,7 +172,8 @@ def main() -> None:
         with torch.no_grad():
             losses[attn] = float(model(**batch, use_cache=False).loss)
     out["packed_loss_sdpa_vs_varlen"] = losses
-    print(json.dumps({"dequant_bit_identical": out["dequant_bit_identical"], "packed_loss": losses}), flush=True)
+    print(json.dumps({"dequant_bit_identical": out["dequant_bit_identical"], "packed_loss": losses,
+                      "torch_varlen_attn": out["torch_varlen_attn"]}), flush=True)
 
     stamp = datetime.datetime.now().strftime("%H%M")
     fname = f"{out['date']}-{card.replace(' ', '-')}-ab-{args.shape}-{stamp}.json"
