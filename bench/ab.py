@@ -162,6 +162,29 @@ def main() -> None:
         print(json.dumps(res), flush=True)
         out["results"].append(res)
 
+    # 2b. Where a micro-batch-1 step goes now (profiled: the waits are a map of host work, not of lost time).
+    if cuda and (not only or "profile" in only):
+        from profile_step import summarize
+        from torch.profiler import ProfilerActivity, profile
+
+        set_opt(True)
+        fast_lora.LEAN_4BIT = True
+        set_attn("sdpa")
+        set_ckpt(True)
+        for _ in range(2):
+            one_step(fixed(1))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(2):
+                one_step(fixed(1))
+            wall = time.perf_counter() - t0
+        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("ProfilerStep")]
+        prof_res = summarize(kernels, 2, wall)
+        prof_res.pop("top", None)
+        out["profile_mbs1_new"] = prof_res
+        print(json.dumps({"profile_mbs1_new": prof_res}), flush=True)
+
     # 3. Packed rows: the same loss under SDPA's mask and varlen attention (no gradients: a forward each).
     set_ckpt(True)
     batch = {k: v.to(trainer.device) for k, v in packed(4, 0).items()}
