@@ -140,3 +140,19 @@ def test_an_8bit_state_saved_tensor_by_tensor_loads_into_the_flat_buffer(name):
     steps(flat, flat_ps, range(2, 4))
     for a, b in zip(ps, flat_ps):
         assert torch.equal(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("name", ["paged_adamw_8bit", "paged_adamw_32bit", "adamw"])
+def test_the_budget_counts_the_flat_optimizer_s_state(name):
+    from qlora_engine.budget import formulas
+
+    assert formulas.FLAT_LORA == optim.FLAT
+    ps = _params()
+    opt = optim.build_optimizer(OptimConfig(optimizer=name), ps)
+    sum(p.sum() for p in ps).backward()
+    opt.step()
+    held = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items()
+               if torch.is_tensor(t) and t.dim() >= 1 and not k.startswith("qmap"))
+    resident, paged, _ = formulas.optimizer_state_bytes([p.numel() for p in ps], name)
+    maps = 2 * 256 * 4 if name.endswith("8bit") else 0
+    assert resident + paged - maps == held
