@@ -369,9 +369,6 @@ def load_quantized_model(cfg: TrainConfig, folder: Path, device: torch.device, d
             raise remote_code_error(cfg.model.ref) from e
         raise
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    from qlora_engine import varlen  # packed rows on a GPU: attention per sample, without a mask
-
-    varlen.use_for(model, cfg.data.packing, device)
     return model
 
 
@@ -461,6 +458,9 @@ def wrap_with_lora(model: torch.nn.Module, cfg: TrainConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
+    from qlora_engine import varlen  # packed rows on a GPU: attention per sample, without a mask (training only)
+
+    varlen.use_for(model, cfg.data.packing, next(model.parameters()).device)
     return get_peft_model(model, peft_cfg)
 
 

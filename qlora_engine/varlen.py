@@ -9,7 +9,8 @@ torch's variable-length flash attention (``torch.nn.attention.varlen.varlen_attn
 inside each sample, nothing across, no mask, no masked blocks computed.
 
 Registered with transformers as the attention implementation ``qlora_varlen`` (its mask
-function asks for no mask). Without CUDA (tests) or without ``varlen_attn`` (older torch) the
+function asks for no mask); the trainer switches to it when it wraps the model with LoRA
+(``models.wrap_with_lora``), so generation never sees it. Without CUDA (tests) or without ``varlen_attn`` (older torch) the
 same segments run one by one through SDPA's causal path: the same result, slower.
 """
 
@@ -73,8 +74,14 @@ def attention_forward(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")
-    if attention_mask is not None or position_ids is None or dropout or kwargs.get("softcap") is not None:
-        # padded rows (no packing), or what flash attention does not cover: SDPA as usual
+    same_length = query.shape[2] == key.shape[2]
+    if attention_mask is not None or position_ids is None or dropout or kwargs.get("softcap") is not None or not same_length:
+        # padded rows (no packing), a KV cache, or what flash attention does not cover: SDPA as usual.
+        # The mask asked for (as flash attention's) is the 2D padding mask: make it SDPA's causal 4D one.
+        if attention_mask is not None and attention_mask.dim() == 2 and same_length:
+            s = query.shape[2]
+            causal = torch.ones(s, s, dtype=torch.bool, device=query.device).tril()
+            attention_mask = causal[None, None] & attention_mask[:, None, None, -s:].bool()
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     b, hq, s, d = query.shape
     q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))

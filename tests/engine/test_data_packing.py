@@ -121,3 +121,20 @@ def test_collate_pads_right_and_counts_tokens(tok):
     assert b["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
     assert b["labels"][1].tolist() == [-100, 10, -100, -100]
     assert count_tokens(b, pad_token_id=0) == 6
+
+
+def test_varlen_attention_on_padded_rows_is_sdpa_s(tok, tiny_model_dir):
+    # Rows that are not packed (a padding mask, no position ids) under qlora_varlen take SDPA
+    # with the causal padding mask: the same logits as SDPA's own path on the real tokens.
+    from qlora_engine import varlen
+
+    varlen.register()
+    ours = LlamaForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="qlora_varlen", dtype=torch.float32).eval()
+    sdpa = LlamaForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
+    b = collate([{"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9]}, {"input_ids": [10, 11, 12], "labels": [10, 11, 12]}],
+                tok.pad_token_id)
+    with torch.no_grad():
+        a = ours(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        want = sdpa(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+    torch.testing.assert_close(a[0], want[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a[1, :3], want[1, :3], atol=1e-5, rtol=1e-4)
