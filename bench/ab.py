@@ -53,13 +53,22 @@ def main() -> None:
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
+
     seq = args.seq
     trainer, _, cfg = build_trainer(path, seq, 4, 1, [], warmup=0)
     model, pad = trainer.model, trainer.tokenizer.pad_token_id
     vocab = model.config.vocab_size
     card = torch.cuda.get_device_name(0) if cuda else "cpu"
-    out: dict = dict(date=datetime.date.today().isoformat(), card=card, shape=args.shape, seq=seq, versions=versions(),
-                     checkpointed_layers=trainer.checkpointed, kernels=trainer.kernels, results=[])
+    out: dict = dict(
+        date=datetime.date.today().isoformat(),
+        card=card,
+        shape=args.shape,
+        seq=seq,
+        versions=versions(),
+        checkpointed_layers=trainer.checkpointed,
+        kernels=trainer.kernels,
+        results=[],
+    )
 
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
@@ -150,10 +159,21 @@ def main() -> None:
                     losses.append(loss)
             order = sorted(range(len(times)), key=lambda i: times[i])
             mid = order[len(order) // 2]
-            res = dict(name=name, flat=flat, lean=lean, attention=attn, mbs=mbs, rows=kind, checkpointing=ckpt,
-                       step_s=round(times[mid], 4), tok_s=round(toks[mid] / times[mid]),
-                       tok_s_total=round(sum(toks) / sum(times)), steps=[round(t, 4) for t in times],
-                       loss=round(losses[-1], 4), peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
+            res = dict(
+                name=name,
+                flat=flat,
+                lean=lean,
+                attention=attn,
+                mbs=mbs,
+                rows=kind,
+                checkpointing=ckpt,
+                step_s=round(times[mid], 4),
+                tok_s=round(toks[mid] / times[mid]),
+                tok_s_total=round(sum(toks) / sum(times)),
+                steps=[round(t, 4) for t in times],
+                loss=round(losses[-1], 4),
+                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            )
         except Exception as e:  # one setting failing must not lose the others
             res = dict(name=name, error=f"{type(e).__name__}: {str(e)[:300]}")
             trainer.optimizer.zero_grad(set_to_none=True)
@@ -178,8 +198,11 @@ def main() -> None:
             for _ in range(2):
                 one_step(fixed(1))
             wall = time.perf_counter() - t0
-        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("ProfilerStep")]
+        kernels = [
+            (e.name, e.time_range.start, e.time_range.end)
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("ProfilerStep")
+        ]
         prof_res = summarize(kernels, 2, wall)
         prof_res.pop("top", None)
         out["profile_mbs1_new"] = prof_res
@@ -195,8 +218,16 @@ def main() -> None:
         with torch.no_grad():
             losses[attn] = float(model(**batch, use_cache=False).loss)
     out["packed_loss_sdpa_vs_varlen"] = losses
-    print(json.dumps({"dequant_bit_identical": out["dequant_bit_identical"], "packed_loss": losses,
-                      "torch_varlen_attn": out["torch_varlen_attn"]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "dequant_bit_identical": out["dequant_bit_identical"],
+                "packed_loss": losses,
+                "torch_varlen_attn": out["torch_varlen_attn"],
+            }
+        ),
+        flush=True,
+    )
 
     stamp = datetime.datetime.now().strftime("%H%M")
     fname = f"{out['date']}-{card.replace(' ', '-')}-ab-{args.shape}-{stamp}.json"

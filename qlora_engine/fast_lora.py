@@ -120,7 +120,9 @@ def dequantize(weight: Any) -> torch.Tensor:
     absmax = qs.absmax
     if qs.nested:
         decoded = torch.empty(absmax.shape, dtype=torch.float32, device=absmax.device)
-        ops._dequantize_blockwise_impl(absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32, decoded)
+        ops._dequantize_blockwise_impl(
+            absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32, decoded
+        )
         absmax = decoded.add_(qs.offset)
     out = torch.empty(qs.shape, dtype=qs.dtype, device=weight.device)
     ops._dequantize_4bit_impl(weight, absmax, qs.blocksize, qs.quant_type, qs.dtype, out)
@@ -139,7 +141,9 @@ class _Frozen4bit(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, base: Any) -> torch.Tensor:
         ctx.base = base
         bias = base.bias
-        return torch.nn.functional.linear(x, dequantize(base.weight).to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return torch.nn.functional.linear(
+            x, dequantize(base.weight).to(x.dtype), None if bias is None else bias.to(x.dtype)
+        )
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):

@@ -78,23 +78,23 @@ class FlatGroup:
         first = params[0]
         data = torch.zeros(end, dtype=first.dtype, device=first.device)
         grad = torch.zeros(end, dtype=first.dtype, device=first.device)
-        for p, o in zip(params, self.offsets):
+        for p, o in zip(params, self.offsets, strict=True):
             data[o : o + p.numel()].copy_(p.detach().reshape(-1))
         self.flat = torch.nn.Parameter(data)
         self.flat.grad = grad
-        for p, o in zip(params, self.offsets):
+        for p, o in zip(params, self.offsets, strict=True):
             p.data = data[o : o + p.numel()].view_as(p)
             p.grad = grad[o : o + p.numel()].view_as(p)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [flat[o : o + p.numel()] for p, o in zip(self.params, self.offsets)]
+        return [flat[o : o + p.numel()] for p, o in zip(self.params, self.offsets, strict=True)]
 
     def relink(self) -> None:
         """Point the tensors' gradients at the flat gradient buffer again (after someone set them to None)."""
         grad = self.flat.grad
         if grad is None:
             grad = self.flat.grad = torch.zeros_like(self.flat)
-        for p, o in zip(self.params, self.offsets):
+        for p, o in zip(self.params, self.offsets, strict=True):
             if p.grad is None or p.grad.data_ptr() != grad[o:].data_ptr():
                 if p.grad is not None:  # a gradient autograd made on its own: keep its values
                     grad[o : o + p.numel()].copy_(p.grad.reshape(-1))
@@ -139,7 +139,7 @@ class FlatOptimizerMixin:
         ids = group["params"]
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         order = self._given_order  # the tensors in the order they were given, as the per-tensor state lists them
-        per = {id(p): state_dict["state"].get(pid) for p, pid in zip(order, ids)}
+        per = {id(p): state_dict["state"].get(pid) for p, pid in zip(order, ids, strict=True)}
         state: dict[int, Any] = {}
         for g in self.flat_groups:
             states = [per[id(p)] for p in g.params]
@@ -186,13 +186,13 @@ def zero_codes(device: torch.device) -> dict[str, int]:
 def _concat(vals: list[torch.Tensor], g: FlatGroup, pad: int = 0) -> torch.Tensor:
     """Per-tensor state ``vals`` laid out like ``g``'s flat buffer (elements, or one entry per 256-element block)."""
     total = g.flat.numel()
-    if all(v.numel() == p.numel() for v, p in zip(vals, g.params)):
+    if all(v.numel() == p.numel() for v, p in zip(vals, g.params, strict=True)):
         out = torch.full((total,), pad, dtype=vals[0].dtype, device=g.flat.device)
-        for v, o in zip(vals, g.offsets):
+        for v, o in zip(vals, g.offsets, strict=True):
             out[o : o + v.numel()].copy_(v.reshape(-1))
         return out
     out = torch.zeros(total // ALIGN, dtype=vals[0].dtype, device=g.flat.device)  # blockwise absmax
-    for v, o in zip(vals, g.offsets):
+    for v, o in zip(vals, g.offsets, strict=True):
         out[o // ALIGN : o // ALIGN + v.numel()].copy_(v.reshape(-1))
     return out
 

@@ -47,12 +47,14 @@ def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, s
 
 
-def _segments_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float | None) -> torch.Tensor:
+def _segments_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float | None
+) -> torch.Tensor:
     """The same attention, sample by sample through SDPA (q, k, v: tokens x heads x dim)."""
     rep = q.shape[1] // k.shape[1]
     out = []
     bounds = cu.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
         if rep > 1:
             ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
@@ -75,14 +77,22 @@ def attention_forward(
 
     position_ids = kwargs.get("position_ids")
     same_length = query.shape[2] == key.shape[2]
-    if attention_mask is not None or position_ids is None or dropout or kwargs.get("softcap") is not None or not same_length:
+    if (
+        attention_mask is not None
+        or position_ids is None
+        or dropout
+        or kwargs.get("softcap") is not None
+        or not same_length
+    ):
         # padded rows (no packing), a KV cache, or what flash attention does not cover: SDPA as usual.
         # The mask asked for (as flash attention's) is the 2D padding mask: make it SDPA's causal 4D one.
         if attention_mask is not None and attention_mask.dim() == 2 and same_length:
             s = query.shape[2]
             causal = torch.ones(s, s, dtype=torch.bool, device=query.device).tril()
             attention_mask = causal[None, None] & attention_mask[:, None, None, -s:].bool()
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     b, hq, s, d = query.shape
     q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
     cu, longest = cu_seqlens(position_ids if position_ids.shape[0] == b else position_ids.expand(b, s))

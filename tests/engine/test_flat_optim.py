@@ -52,7 +52,7 @@ def _train(opt_name: str, flat: bool, steps: int = 3) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("name", ["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw"])
 def test_flat_update_is_the_same_arithmetic_as_tensor_by_tensor(name):
-    for a, b in zip(_train(name, flat=False), _train(name, flat=True)):
+    for a, b in zip(_train(name, flat=False), _train(name, flat=True), strict=True):
         assert torch.equal(a, b)
 
 
@@ -63,7 +63,7 @@ def test_tensors_are_views_of_one_buffer_and_gradients_stay_linked():
     assert len(groups) == 2  # the 8-bit tensors, and the small ones held at 32 bits
     assert len(opt.param_groups[0]["params"]) == 2
     for g in groups:
-        for p, o in zip(g.params, g.offsets):
+        for p, o in zip(g.params, g.offsets, strict=True):
             assert o % optim.ALIGN == 0
             assert p.data_ptr() == g.flat[o:].data_ptr() and p.grad.data_ptr() == g.flat.grad[o:].data_ptr()
     sum(p.sum() for p in ps).backward()
@@ -138,7 +138,7 @@ def test_an_8bit_state_saved_tensor_by_tensor_loads_into_the_flat_buffer(name):
     flat = optim.build_optimizer(cfg, flat_ps)
     flat.load_state_dict(saved)
     steps(flat, flat_ps, range(2, 4))
-    for a, b in zip(ps, flat_ps):
+    for a, b in zip(ps, flat_ps, strict=True):
         assert torch.equal(a.detach(), b.detach())
 
 
@@ -151,8 +151,12 @@ def test_the_budget_counts_the_flat_optimizer_s_state(name):
     opt = optim.build_optimizer(OptimConfig(optimizer=name), ps)
     sum(p.sum() for p in ps).backward()
     opt.step()
-    held = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items()
-               if torch.is_tensor(t) and t.dim() >= 1 and not k.startswith("qmap"))
+    held = sum(
+        t.numel() * t.element_size()
+        for s in opt.state.values()
+        for k, t in s.items()
+        if torch.is_tensor(t) and t.dim() >= 1 and not k.startswith("qmap")
+    )
     resident, paged, _ = formulas.optimizer_state_bytes([p.numel() for p in ps], name)
     maps = 2 * 256 * 4 if name.endswith("8bit") else 0
     assert resident + paged - maps == held
