@@ -537,6 +537,9 @@ def wrap_with_lora(model: torch.nn.Module, cfg: TrainConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
+    from qlora_engine import varlen  # packed rows on a GPU: attention per sample, without a mask (training only)
+
+    varlen.use_for(model, cfg.data.packing, next(model.parameters()).device)
     return get_peft_model(model, peft_cfg)
 
 
