@@ -140,12 +140,21 @@ class DiskFullError(QLoRAError, OSError):
     """No space left (ENOSPC) or a file-size limit reached (EFBIG) while writing; ``file`` names where."""
 
 
+class WriteError(QLoRAError):
+    """A folder the engine must write cannot be written (read-only, no permission, a file in the way);
+    ``file`` (and ``field``, for ``output.dir``) name it."""
+
+
 class ExportError(QLoRAError):
     """An export cannot be made as asked (the output exists, the format does not fit the model...)."""
 
 
 class ExportCancelled(QLoRAError):
     """The user cancelled an export; the temporary folder was removed and nothing was written."""
+
+
+class DistributedError(QLoRAError):
+    """A process of a multi-process run died or stopped answering; ``what`` names its rank."""
 
 
 ERROR_TYPES: dict[str, type[QLoRAError]] = {
@@ -159,8 +168,10 @@ ERROR_TYPES: dict[str, type[QLoRAError]] = {
         RunLockedError,
         TrainingDiverged,
         DiskFullError,
+        WriteError,
         ExportError,
         ExportCancelled,
+        DistributedError,
     )
 }
 
