@@ -29,11 +29,12 @@ def reworded(monkeypatch):
     """Every engine error renders as the same sentence, naming no field, file or fix."""
     monkeypatch.setattr(errors, "render", lambda e: REWORDED)
     monkeypatch.setattr(errors.QLoRAError, "__init__", _reworded_init(errors.QLoRAError.__init__))
+    monkeypatch.setattr(errors.Problem, "__init__", _reworded_init(errors.Problem.__init__))  # each bad field's
 
 
 def _reworded_init(real):
-    def init(self, what, **kw):
-        real(self, f"{REWORDED} ({len(what)})", **kw)  # the words change, the attributes stay
+    def init(self, what, *args, **kw):
+        real(self, f"{REWORDED} ({len(what)})", *args, **kw)  # the words change, the attributes stay
 
     return init
 
