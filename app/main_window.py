@@ -420,4 +420,5 @@ class MainWindow(QMainWindow):
         for tasks in (self.inspect_tasks, self.budget_tasks, self.history_tasks):
             tasks.shutdown()
         self.result_page.shutdown()  # cancels an answer or export in progress, frees the Try model
+        self.history.shutdown()  # the TensorBoard servers "Open logs" started
         event.accept()

@@ -208,6 +208,12 @@ class OutputConfig:
         "Run folder: config.yaml, events.jsonl, checkpoints/ and adapter/ go here. Relative paths are taken "
         "from the directory of the config file.",
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = _f(
+        [],
+        "Experiment trackers that also receive the run's metrics: tensorboard (event files in <run>/tensorboard, "
+        "needs the tensorboard package), wandb or mlflow (when installed; they read their own settings and login "
+        "from the environment). Empty: events.jsonl only.",
+    )
 
 
 @dataclass

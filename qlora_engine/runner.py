@@ -31,6 +31,7 @@ from qlora_engine.errors import QLoRAError
 from qlora_engine.events import EventSink, JsonlFileSink, MultiSink, NullSink, RunFailed, RunFinished
 from qlora_engine.paths import write_error_log
 from qlora_engine.plan import make_plan
+from qlora_engine.tracking import tracking_sinks
 from qlora_engine.train import RunInputs, Trainer, find_resume_checkpoint, prepare_inputs
 
 
@@ -75,7 +76,8 @@ def run(
     resume: bool | str | Path | None = None,
     force_resume: bool = False,
 ) -> RunFinished:
-    """Train one run. Events go to ``sink`` and to ``<output.dir>/events.jsonl``.
+    """Train one run. Events go to ``sink``, to ``<output.dir>/events.jsonl`` and to the trackers of
+    ``output.report_to``.
 
     Errors are reported as a ``RunFailed`` event and then raised.
     """
@@ -87,9 +89,11 @@ def run(
     except QLoRAError as e:  # another run owns events.jsonl: report on the caller's sink only
         (sink or NullSink()).emit(_failed(e, None, run_dir))
         raise
-    out = MultiSink(JsonlFileSink(run_dir / "events.jsonl"), sink or NullSink())
+    out = base = MultiSink(JsonlFileSink(run_dir / "events.jsonl"), sink or NullSink())
     trainer: Trainer | None = None
     try:
+        # Trackers (output.report_to) listen to the same stream; a failing one warns on `base` and goes quiet.
+        out = MultiSink(base, *tracking_sinks(cfg.output.report_to, run_dir, report=base))
         trainer = build_trainer(cfg, out, control, resume=resume, force_resume=force_resume)
         trainer.setup()
         return trainer.train()
