@@ -50,19 +50,22 @@ def test_planning_for_a_card_of_another_machine(qtbot, window, tiny_model_dir):
     assert panel.result["gpu_bytes"] == 24564 * 2**20
     assert panel.bar.capacity == 24564 * 2**20
     est = panel.result["estimate"]
-    assert est.components["cuda_context"] > 0 and est.total == cpu_total + est.components["cuda_context"]
+    from qlora_engine.budget.allocator import CALIBRATION
+
+    assert est.components["cuda_context"] == CALIBRATION["cuda_context"] > 0  # it will exist on that card
+    assert est.total > cpu_total
     assert panel.property("state") == "ok" and " of 23.99 GiB" in panel.headline.text()
     assert panel.selected_gpu() is None  # the run itself is not sent to a card this machine lacks
     assert panel.target_gib.isHidden()  # the size box is for "a card of …" only
     with qtbot.waitSignal(panel.updated, timeout=10_000):
-        panel.plan_for(0.5)  # a number: any size, in GiB
+        panel.plan_for(1.5)  # a number: any size, in GiB
     assert not panel.target_gib.isHidden()
-    assert panel.result["gpu_bytes"] == 2**29
+    assert panel.result["gpu_bytes"] == 3 * 2**29
     with qtbot.waitSignal(panel.updated, timeout=10_000):
         window.config_model.set_values({("train", "micro_batch_size"): 64, ("data", "max_length"): 4096})
     assert panel.property("state") == "over" and panel.suggestion_buttons
     panel.refresh_gpus()  # looking for local GPUs again keeps the planned card
-    assert panel.gpu_combo.currentData() == "custom" and panel.planned_card().total_bytes == 2**29
+    assert panel.gpu_combo.currentData() == "custom" and panel.planned_card().total_bytes == 3 * 2**29
 
 
 def test_over_budget_turns_red_and_a_suggestion_applies(qtbot, window, tiny_model_dir):
