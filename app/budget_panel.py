@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QToolButton,
     QVBoxLayout,
@@ -204,11 +205,26 @@ class BudgetPanel(QFrame):
         self.suggest_title = QLabel(FIT_TITLE)
         self.suggest_title.setObjectName("suggestTitle")
         self.suggest_title.setWordWrap(True)
+        self.suggest_title.setVisible(False)  # until there is something to suggest
         self.suggest_box = QVBoxLayout()
         suggest_holder = QWidget()
         suggest_holder.setLayout(self.suggest_box)
 
-        lay = QVBoxLayout(self)
+        # The panel scrolls rather than stretch the window: with a long list of fixes it would
+        # otherwise be taller than a 1280×800 screen at 125% (640 logical px).
+        inner = QWidget()
+        inner.setObjectName("budgetContents")
+        scroll = QScrollArea()
+        scroll.setWidget(inner)
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.viewport().setAutoFillBackground(False)
+        inner.setAutoFillBackground(False)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        lay = QVBoxLayout(inner)
         lay.addWidget(title)
         lay.addLayout(gpu_row)
         lay.addWidget(self.headline)
@@ -250,7 +266,7 @@ class BudgetPanel(QFrame):
             self.gpu_combo.setItemData(0, reason or "no NVIDIA GPU", Qt.ItemDataRole.ToolTipRole)
         self.gpu_combo.insertSeparator(self.gpu_combo.count())
         for gb in TARGET_CARDS_MIB:
-            self.gpu_combo.addItem(f"Plan for a {gb} GB card", f"target:{gb}")
+            self.gpu_combo.addItem(f"Plan for {'an' if gb in (8, 80) else 'a'} {gb} GB card", f"target:{gb}")
         self.gpu_combo.addItem("Plan for a card of …", CUSTOM_CARD)
         if current is not None:
             i = self.gpu_combo.findData(current.index)

@@ -36,7 +36,6 @@ FIELDS = {
 }
 
 
-
 def padding_share(lengths: np.ndarray, micro_batch_size: int, max_length: int, seed: int = 0) -> float:
     """The share of the tokens an unpacked run computes that are padding.
 
@@ -51,6 +50,7 @@ def padding_share(lengths: np.ndarray, micro_batch_size: int, max_length: int, s
     computed = sum(int(n[i : i + micro_batch_size].max()) * len(n[i : i + micro_batch_size])
                    for i in range(0, n.size, micro_batch_size))  # fmt: skip
     return 1.0 - int(n.sum()) / computed
+
 
 class TokenizerCache:
     """Tokenizers by model reference; used from the background thread only."""

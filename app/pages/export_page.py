@@ -120,7 +120,8 @@ class ExportPage(QWidget):
             box.toggled.connect(self._refresh)
             box.setProperty("installed", quantizer)
             box.setToolTip(
-                K_TIPS[t] + (" Quantized by llama.cpp." if quantizer else " Needs llama.cpp: pip install llama-cpp-python.")
+                K_TIPS[t]
+                + (" Quantized by llama.cpp." if quantizer else " Needs llama.cpp: pip install llama-cpp-python.")
             )
         self.f16.setToolTip("16-bit floats: the merged weights almost exactly (2 bytes per weight).")
         self.q8.setToolTip("8-bit blocks of 32 weights: about half the size of F16, very close in quality.")

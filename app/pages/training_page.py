@@ -43,6 +43,7 @@ class TrainingPage(Page):
         )
         self.effective = QLabel()
         self.effective.setObjectName("hint")
+        self.effective.setWordWrap(True)  # long with big numbers: it must not widen the page past a small screen
         box.layout().addWidget(self.effective)
         self.group("Speed", [("train", "kernels"), ("train", "fast_lora")])
         self.group(
@@ -72,7 +73,11 @@ class TrainingPage(Page):
     def _checkpointing_changed(self, section: str, name: str) -> None:
         """A layer count is kept only with "every layer"; auto chooses its own (the config refuses both)."""
         mine = self.model.value("train", "gradient_checkpointing") is True
-        if (section, name) == ("train", "gradient_checkpointing") and not mine and self.model.value("train", "checkpoint_layers"):
+        if (
+            (section, name) == ("train", "gradient_checkpointing")
+            and not mine
+            and self.model.value("train", "checkpoint_layers")
+        ):
             self.model.set_value("train", "checkpoint_layers", None)
 
     def add_other_settings(self, fields: list[tuple[str, str]]) -> None:

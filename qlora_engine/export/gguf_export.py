@@ -18,8 +18,6 @@ from qlora_engine.export.adapter import config_source, training_template
 from qlora_engine.export.card import build_card, write_card
 from qlora_engine.export.common import ExportError, Reporter, adapter_b_stats, check_output, slug, untrained_note
 from qlora_engine.export.gguf_lora import check_adapter_supported, write_lora_gguf
-from qlora_engine.export.gguf_quantize import DESCRIPTIONS as K_DESCRIPTIONS
-from qlora_engine.export.gguf_quantize import K_TYPES, check_available, quantize
 from qlora_engine.export.gguf_model import (
     TYPES,
     arch_spec,
@@ -28,6 +26,8 @@ from qlora_engine.export.gguf_model import (
     state_dict_tensors,
     write_gguf,
 )
+from qlora_engine.export.gguf_quantize import DESCRIPTIONS as K_DESCRIPTIONS
+from qlora_engine.export.gguf_quantize import K_TYPES, check_available, quantize
 from qlora_engine.export.gguf_vocab import source_gguf_pre, vocab_metadata
 from qlora_engine.export.merged import load_export_tokenizer, merge
 from qlora_engine.export.ollama import modelfile
