@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_quickstart)
 
     # Subcommands of other modules register here (one line each).
-    for module in ("qlora_engine.data", "qlora_engine.budget.cli", "qlora_engine.export"):
+    for module in ("qlora_engine.data", "qlora_engine.budget.cli", "qlora_engine.export", "qlora_engine.export.hub"):
         _register(module, sub)
     return p
 
