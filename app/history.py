@@ -506,7 +506,8 @@ class HistoryPage(QWidget):
             return False
         if not self.ask_delete(s, permanently=False):
             return False
-        trashed, _where = QFile.moveToTrash(str(s.path))
+        trashed = QFile.moveToTrash(str(s.path))
+        trashed = trashed[0] if isinstance(trashed, tuple) else trashed  # (ok, path in trash) in some versions
         if not trashed:
             if not self.ask_delete(s, permanently=True):
                 return False
@@ -538,13 +539,18 @@ class HistoryPage(QWidget):
             self._open_when_ready(server)
             return server.url
         folder = path / "logs" if (path / "logs").is_dir() else path
-        QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
+        self.open_url(str(folder))
         return str(folder)
+
+    def open_url(self, url_or_folder: str) -> None:
+        """Hand a URL or a folder to the desktop (replaced in tests)."""
+        url = QUrl(url_or_folder) if "://" in url_or_folder else QUrl.fromLocalFile(url_or_folder)
+        QDesktopServices.openUrl(url)
 
     def _open_when_ready(self, server: TensorBoardServer, tries: int = 120) -> None:
         """Open the browser once TensorBoard answers (it takes a few seconds to start)."""
         if server.ready():
-            QDesktopServices.openUrl(QUrl(server.url))
+            self.open_url(server.url)
             self.info.setText(f"TensorBoard: {server.url}")
         elif tries > 0 and server.alive:
             self.info.setText("Starting TensorBoard…")

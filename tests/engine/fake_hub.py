@@ -52,7 +52,9 @@ class FakeHub:
                 parts = self.path.split("?")[0].strip("/").split("/")
                 if parts[:3] == ["api", "repos", "create"]:
                     req = json.loads(body)
-                    repo = f"{req.get('organization') or 'user'}/{req['name']}" if "/" not in req["name"] else req["name"]
+                    repo = (
+                        f"{req.get('organization') or 'user'}/{req['name']}" if "/" not in req["name"] else req["name"]
+                    )
                     hub.repos[repo] = req
                     return self._send(200, {"url": f"http://{self.headers['Host']}/{repo}", "name": repo, "id": repo})
                 if parts == ["api", "validate-yaml"]:  # the client checks a model card's metadata first
