@@ -449,6 +449,10 @@ class HistoryPage(QWidget):
             value, ok = QInputDialog.getText(self, title, label, QLineEdit.EchoMode.Normal, text)
         return value if ok else None
 
+    def tell(self, title: str, text: str) -> None:
+        """A message the user must read (replaced in tests)."""
+        QMessageBox.warning(self, title, text)
+
     def ask_delete(self, summary: RunSummary, permanently: bool) -> bool:
         """Confirm deleting a run (replaced in tests)."""
         where = "deleted for good" if permanently else "moved to the trash"
@@ -490,7 +494,7 @@ class HistoryPage(QWidget):
         try:
             run_catalog.write_notes(path, notes)
         except OSError as e:
-            QMessageBox.warning(self, "Could not save", f"{path / run_catalog.NOTES_FILE}: {e.strerror or e}")
+            self.tell("Could not save", f"{path / run_catalog.NOTES_FILE}: {e.strerror or e}")
             return
         self.refresh()
 
@@ -502,7 +506,7 @@ class HistoryPage(QWidget):
     def delete_run(self, s: RunSummary) -> bool:
         """Move the run's folder to the trash (or, where there is none, delete it after asking again)."""
         if s.alive:
-            QMessageBox.information(self, "Run in progress", f"{s.display_name} is running: stop it first.")
+            self.tell("Run in progress", f"{s.display_name} is running: stop it first.")
             return False
         if not self.ask_delete(s, permanently=False):
             return False
@@ -514,7 +518,7 @@ class HistoryPage(QWidget):
             try:
                 run_catalog.delete_run(s.path, alive=summarize(s.path).alive)
             except (OSError, ValueError, run_catalog.RunBusyError) as e:
-                QMessageBox.warning(self, "Could not delete", str(e))
+                self.tell("Could not delete", str(e))
                 return False
         self._extra = [p for p in self._extra if p != s.path]
         self.run_deleted.emit(s.path)

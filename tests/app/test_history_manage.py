@@ -84,7 +84,8 @@ def test_title_and_notes_are_kept_with_the_run_and_filtered_on(qtbot, history, r
 
 def test_delete_moves_the_run_away_and_refuses_a_live_one(qtbot, history, runs, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))  # the trash of this test, not the user's
-    asked = []
+    asked, told = [], []
+    history.tell = lambda title, text: told.append(title)
     history.ask_delete = lambda s, permanently: asked.append((s.name, permanently)) or True
     history.select_path(runs / "oom")
     refreshed(qtbot, history, history._delete_selected)
@@ -97,6 +98,7 @@ def test_delete_moves_the_run_away_and_refuses_a_live_one(qtbot, history, runs, 
     live = summarize(runs / "normal")
     assert live.alive
     assert history.delete_run(live) is False and (runs / "normal" / "events.jsonl").is_file()
+    assert told == ["Run in progress"] and len(asked) in (1, 2)  # refused before any question
     with pytest.raises(run_catalog.RunBusyError):
         run_catalog.delete_run(runs / "normal", alive=True)
     with pytest.raises(ValueError):  # never anything that is not a run folder
