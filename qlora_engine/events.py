@@ -176,9 +176,7 @@ def speed_paths(facts: dict[str, Any]) -> str:
         parts.append(f"fast LoRA on {n} layers" if n else "peft's LoRA path")
     if facts.get("checkpointed_layers") is not None:
         n, of = facts["checkpointed_layers"], facts.get("num_layers")
-        parts.append(
-            f"{n} of {of} layers checkpointed" if n and of else "checkpointing on" if n else "no checkpointing"
-        )
+        parts.append(f"{n} of {of} layers checkpointed" if n and of else "checkpointing on" if n else "no checkpointing")
     return ", ".join(parts)
 
 

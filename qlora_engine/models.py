@@ -71,7 +71,9 @@ def _offline_error(ref: str, exc: Exception) -> ModelError:
     )
 
 
-def resolve_model(ref: str, *, revision: str | None = None, weights: bool = True, sink: Any = None) -> Path:
+def resolve_model(
+    ref: str, *, revision: str | None = None, weights: bool = True, sink: Any = None
+) -> Path:
     """A local folder holding the model: the folder itself, the GGUF conversion, or a hub snapshot.
 
     With ``weights=False`` only config and tokenizer files are fetched (``inspect-model``).
@@ -428,11 +430,7 @@ def linear_module_names(model: torch.nn.Module) -> tuple[list[str], list[str], l
         if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit)) and module is not out_emb:
             short = name.rsplit(".", 1)[-1]
             low = name.lower()
-            for lst, ok in (
-                (linear, True),
-                (attn, any(h in low for h in _ATTENTION_HINTS)),
-                (mlp, any(h in low for h in _MLP_HINTS)),
-            ):
+            for lst, ok in ((linear, True), (attn, any(h in low for h in _ATTENTION_HINTS)), (mlp, any(h in low for h in _MLP_HINTS))):
                 if ok and short not in lst:
                     lst.append(short)
     return linear, attn, mlp

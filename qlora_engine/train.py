@@ -170,9 +170,7 @@ class Trainer:
                 self.model, cfg.train.checkpoint_layers, offload=offload
             )
             if self.plan.requested.train.checkpoint_layers is not None:
-                note = (
-                    f"gradient checkpointing on the lowest {self.checkpointed} decoder layers (train.checkpoint_layers)"
-                )
+                note = f"gradient checkpointing on the lowest {self.checkpointed} decoder layers (train.checkpoint_layers)"
                 emit(LogLine(level="info", message=note))
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -283,11 +281,7 @@ class Trainer:
             self.control.wait_if_paused()
             if self.control.abort_requested:
                 stopped = True
-                emit(
-                    LogLine(
-                        level="warning", message=f"aborted at step {self.step}; nothing saved after the last checkpoint"
-                    )
-                )
+                emit(LogLine(level="warning", message=f"aborted at step {self.step}; nothing saved after the last checkpoint"))
                 return self._finish(t_start, stopped=True, save=False)
             t0 = time.perf_counter()
             if self.device.type == "cuda":
@@ -390,9 +384,7 @@ class Trainer:
 
     def _diverged(self, loss: float) -> TrainingDiverged:
         last = ckpt.latest_checkpoint(self.ckpt_dir)
-        fp16 = (
-            " The compute dtype is float16, whose overflow is the usual cause." if self.dtype == torch.float16 else ""
-        )
+        fp16 = " The compute dtype is float16, whose overflow is the usual cause." if self.dtype == torch.float16 else ""
         return TrainingDiverged(
             f"the loss became {loss} at step {self.step + 1}.{fp16} "
             f"Last good checkpoint: {last if last else 'none yet'}.",

@@ -52,9 +52,7 @@ def oom_hint(cfg: TrainConfig) -> str:
     if not cfg.train.gradient_checkpointing:
         tips.append("turn on train.gradient_checkpointing")
     if cfg.train.micro_batch_size > 1:
-        tips.append(
-            f"lower train.micro_batch_size (now {cfg.train.micro_batch_size}) and raise gradient_accumulation_steps"
-        )
+        tips.append(f"lower train.micro_batch_size (now {cfg.train.micro_batch_size}) and raise gradient_accumulation_steps")
     tips.append(f"shorten data.max_length (now {cfg.data.max_length})")
     if not cfg.optim.optimizer.startswith("paged"):
         tips.append("use optim.optimizer=paged_adamw_8bit")

@@ -24,23 +24,16 @@ def test_every_package_on_disk_is_listed_for_the_wheel():
 
 def test_wheel_installs_and_both_commands_answer(tmp_path):
     dist = tmp_path / "dist"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
-        check=True,
-        capture_output=True,
-    )
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
+                    str(ROOT)], check=True, capture_output=True)
     wheel = next(dist.glob("qlora_studio-*.whl"))
     # A fresh environment that borrows the heavy dependencies (torch, transformers, Qt) from
     # this one instead of downloading them: what is tested is our wheel, not PyPI.
     env_dir = tmp_path / "env"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
-    env_site = subprocess.run(
-        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    env_site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
     # A plain path line (not a site dir: this checkout's editable-install hook is not run).
     borrowed = [p for p in map(str, sys.path) if p.endswith("site-packages")]
     (Path(env_site) / "borrowed.pth").write_text("\n".join(borrowed) + "\n")

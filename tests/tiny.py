@@ -69,9 +69,7 @@ def build_tokenizer(path: Path | None = None, vocab_size: int = 384, chat_templa
     return fast
 
 
-def build_tiny_llama(
-    path: Path, *, seed: int = 0, chat_template: bool = True, hidden: int = 64, layers: int = 2
-) -> Path:
+def build_tiny_llama(path: Path, *, seed: int = 0, chat_template: bool = True, hidden: int = 64, layers: int = 2) -> Path:
     """Save a tiny random Llama (+ tokenizer) as a Hugging Face folder at ``path``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

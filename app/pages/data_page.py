@@ -36,6 +36,7 @@ FIELDS = {
 }
 
 
+
 def padding_share(lengths: np.ndarray, micro_batch_size: int, max_length: int, seed: int = 0) -> float:
     """The share of the tokens an unpacked run computes that are padding.
 
@@ -50,7 +51,6 @@ def padding_share(lengths: np.ndarray, micro_batch_size: int, max_length: int, s
     computed = sum(int(n[i : i + micro_batch_size].max()) * len(n[i : i + micro_batch_size])
                    for i in range(0, n.size, micro_batch_size))  # fmt: skip
     return 1.0 - int(n.sum()) / computed
-
 
 class TokenizerCache:
     """Tokenizers by model reference; used from the background thread only."""

@@ -123,12 +123,8 @@ def long_samples(cfg: TrainConfig, n: int, length: int) -> PreparedData:
     vocab = json.loads((cfg.resolve(cfg.model.ref) / "config.json").read_text())["vocab_size"]
     rows = [torch.randint(3, vocab, (length,), generator=gen).tolist() for _ in range(n)]
     report = {"token_stats": token_stats(np.array([length] * n), cfg.data.max_length)}
-    return PreparedData(
-        train=[{"input_ids": r, "labels": r} for r in rows],
-        validation=None,
-        report=report,
-        fingerprint=f"random-{n}x{length}",
-    )
+    return PreparedData(train=[{"input_ids": r, "labels": r} for r in rows], validation=None, report=report,
+                        fingerprint=f"random-{n}x{length}")
 
 
 def checkpointed(trainer: Trainer) -> list[bool]:
@@ -160,14 +156,8 @@ def test_on_the_cpu_auto_checkpoints_every_layer_and_says_so(tiny_cfg, four_laye
 def test_a_card_with_room_for_some_layers_then_an_out_of_memory_step(tiny_cfg, four_layers, tmp_path, monkeypatch):
     """The trainer checkpoints what the budget chose for the card it is told it has; a step that
     still runs out of memory runs again with every layer checkpointed, the same math."""
-    cfg = tiny_cfg(
-        f"model.ref={four_layers}",
-        "train.max_steps=3",
-        f"output.dir={tmp_path / 'auto'}",
-        "data.max_length=512",
-        "train.micro_batch_size=2",
-        "train.gradient_accumulation_steps=2",
-    )
+    cfg = tiny_cfg(f"model.ref={four_layers}", "train.max_steps=3", f"output.dir={tmp_path / 'auto'}",
+                   "data.max_length=512", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2")
     data = long_samples(cfg, 12, 512)
     model_config = json.loads((four_layers / "config.json").read_text())
     stats = data.report["token_stats"]
@@ -219,7 +209,6 @@ def test_an_out_of_memory_step_with_every_layer_checkpointed_still_fails(tiny_cf
     trainer = build_trainer(tiny_cfg(f"model.ref={four_layers}", f"output.dir={tmp_path / 'r'}"), sink)
     trainer.setup()
     try:
-
         def out_of_memory(_module, _args):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (raised by the test)")
 

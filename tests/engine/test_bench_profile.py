@@ -17,10 +17,7 @@ import profile_step  # noqa: E402
         ("nvjet_sm90_tst_320x128_64x3_1x2_h_bz_coopB_TNT", "matmul"),
         ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, ...)", "dequant 4-bit"),
         ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", "attention"),
-        (
-            "void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>",
-            "elementwise / reduce",
-        ),
+        ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>", "elementwise / reduce"),
         ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda", "copy / cast"),
         ("_rms_norm_backward_kernel", "triton (liger)"),
         ("Memcpy DtoD (Device -> Device)", "copy / cast"),
@@ -56,15 +53,9 @@ def test_summary_per_step():
 
 def test_idle_time_is_charged_to_the_kernel_that_ends_it():
     # busy 0-10, idle 10-30 (ended by dequant), overlap 30-50 and 40-45, idle 50-51 (under 2 us), idle 51-60
-    kernels = [
-        ("gemm", 0.0, 10.0),
-        ("kDequantizeBlockwise", 30.0, 50.0),
-        ("add", 40.0, 45.0),
-        ("gemm", 50.0 + 1.0, 52.0),
-        ("kDequantizeBlockwise", 60.0, 61.0),
-    ]
+    kernels = [("gemm", 0.0, 10.0), ("kDequantizeBlockwise", 30.0, 50.0), ("add", 40.0, 45.0),
+               ("gemm", 50.0 + 1.0, 52.0), ("kDequantizeBlockwise", 60.0, 61.0)]
     waits = profile_step.idle_before(kernels, steps=1)
-    assert waits == [
-        {"next_kernel": "kDequantizeBlockwise", "kind": "dequant 4-bit", "waits_per_step": 2.0, "ms_per_step": 0.03}
-    ]
+    assert waits == [{"next_kernel": "kDequantizeBlockwise", "kind": "dequant 4-bit", "waits_per_step": 2.0,
+                      "ms_per_step": 0.03}]
     assert profile_step.summarize(kernels, steps=1, wall_s=1e-4)["kernels_per_step"] == 5

@@ -29,7 +29,6 @@ from qlora_engine.runner import run
 
 GiB = 1 << 30
 
-
 def cfg_with(*overrides: str) -> TrainConfig:
     return apply_overrides(TrainConfig(), list(overrides))
 

@@ -56,7 +56,6 @@ from qlora_engine.errors import ConfigError
 GiB = 1 << 30
 ROOT = Path(__file__).resolve().parents[2]
 
-
 def cfg_with(*overrides: str) -> TrainConfig:
     return apply_overrides(TrainConfig(), list(overrides))
 

@@ -16,11 +16,7 @@ def start(config, *args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "qlora_engine", "train", str(config), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
 
 
@@ -55,20 +51,9 @@ def test_stop_over_stdin_saves_and_resume_continues(tiny_cfg, tmp_path):
 
     # --resume continues from the saved step, with an override on the command line
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qlora_engine",
-            "train",
-            str(config),
-            f"train.max_steps={finished.step + 2}",
-            "--events",
-            "-",
-            "--resume",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, "-m", "qlora_engine", "train", str(config), f"train.max_steps={finished.step + 2}",
+         "--events", "-", "--resume"],
+        capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
     events = [from_json(line) for line in done.stdout.splitlines()]
@@ -94,9 +79,8 @@ def test_refusals_exit_2_before_loading_anything(tiny_cfg, tmp_path):
     tiny_cfg(f"model.ref={tmp_path / 'missing-model'}").save(config)
     out = subprocess.run([sys.executable, "-m", "qlora_engine", "train", str(config)], capture_output=True, text=True)
     assert out.returncode == 2 and "no such model folder" in out.stderr
-    out = subprocess.run(
-        [sys.executable, "-m", "qlora_engine", "train", str(config), "lora.rank=0"], capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, "-m", "qlora_engine", "train", str(config), "lora.rank=0"],
+                         capture_output=True, text=True)
     assert out.returncode == 2 and "lora.rank: 0" in out.stderr
 
 
@@ -104,9 +88,8 @@ def test_failures_are_reported_as_an_event_with_the_traceback(tiny_cfg, tmp_path
     cfg = tiny_cfg(f"model.ref={tmp_path / 'nope'}")
     config = tmp_path / "run.yaml"
     cfg.save(config)
-    out = subprocess.run(
-        [sys.executable, "-m", "qlora_engine", "train", str(config), "--events", "-"], capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, "-m", "qlora_engine", "train", str(config), "--events", "-"],
+                         capture_output=True, text=True)
     events = [json.loads(line) for line in out.stdout.splitlines()]
     failed = [e for e in events if e["event"] == "run_failed"]
     assert failed and failed[0]["error_type"] == "ModelError" and "Traceback" in failed[0]["traceback"]

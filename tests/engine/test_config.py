@@ -15,15 +15,8 @@ from qlora_engine.errors import ConfigError
 def test_yaml_round_trip_keeps_every_field(tmp_path):
     cfg = apply_overrides(
         TrainConfig(),
-        [
-            "model.ref=some/model",
-            "lora.rank=32",
-            "lora.target_modules=[q_proj, v_proj]",
-            "data.columns={text: body}",
-            "optim.learning_rate=3e-4",
-            "train.max_steps=100",
-            "lora.layers=0-3,7",
-        ],
+        ["model.ref=some/model", "lora.rank=32", "lora.target_modules=[q_proj, v_proj]", "data.columns={text: body}",
+         "optim.learning_rate=3e-4", "train.max_steps=100", "lora.layers=0-3,7"],
     )
     path = tmp_path / "run.yaml"
     cfg.save(path)
@@ -131,21 +124,8 @@ def test_parse_layers():
 
 def test_init_writes_a_complete_commented_config(tmp_path, tiny_model_dir):
     out = tmp_path / "run.yaml"
-    cmd = [
-        sys.executable,
-        "-m",
-        "qlora_engine",
-        "init",
-        "--model",
-        str(tiny_model_dir),
-        "--data",
-        "d.jsonl",
-        "--output-dir",
-        str(tmp_path / "runs" / "a"),
-        "-o",
-        str(out),
-        "lora.rank=8",
-    ]
+    cmd = [sys.executable, "-m", "qlora_engine", "init", "--model", str(tiny_model_dir), "--data", "d.jsonl",
+           "--output-dir", str(tmp_path / "runs" / "a"), "-o", str(out), "lora.rank=8"]
     subprocess.run(cmd, check=True, capture_output=True)
     text = out.read_text()
     cfg = TrainConfig.load(out)

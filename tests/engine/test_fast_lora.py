@@ -35,13 +35,8 @@ def samples():
 def make_trainer(model_dir, samples, tmp_path, *overrides: str) -> tuple[Trainer, ListSink]:
     cfg = apply_overrides(
         TrainConfig(),
-        [
-            f"model.ref={model_dir}",
-            "data.path=synthetic",
-            f"output.dir={tmp_path / 'run'}",
-            f"data.max_length={SEQ}",
-            *overrides,
-        ],
+        [f"model.ref={model_dir}", "data.path=synthetic", f"output.dir={tmp_path / 'run'}", f"data.max_length={SEQ}",
+         *overrides],
     )
     sink = ListSink()
     trainer = build_trainer(cfg, sink, data=PreparedData(train=samples, validation=None, report={}, fingerprint="x"))
@@ -80,21 +75,14 @@ def rel_err(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> floa
 
 @pytest.mark.parametrize(
     "overrides",
-    [
-        [],
-        ["train.gradient_checkpointing=false"],
-        ["train.gradient_checkpointing=true", "train.checkpoint_layers=2"],
-        ["train.mlp_chunk_tokens=64"],
-    ],
+    [[], ["train.gradient_checkpointing=false"], ["train.gradient_checkpointing=true", "train.checkpoint_layers=2"], ["train.mlp_chunk_tokens=64"]],
     ids=["checkpointed", "no-checkpointing", "half-checkpointed", "mlp-chunks"],
 )
 def test_float32_is_the_same_arithmetic_as_peft(four_layers, samples, tmp_path, overrides):
     fast, _ = make_trainer(four_layers, samples, tmp_path, "quant.compute_dtype=float32", *overrides)
     assert fast.fast_lora == 4 * 7
     loss_fast, grads_fast, _ = step(fast, samples)
-    plain, _ = make_trainer(
-        four_layers, samples, tmp_path, "quant.compute_dtype=float32", "train.fast_lora=false", *overrides
-    )
+    plain, _ = make_trainer(four_layers, samples, tmp_path, "quant.compute_dtype=float32", "train.fast_lora=false", *overrides)
     assert plain.fast_lora == 0
     loss_plain, grads_plain, _ = step(plain, samples)
     assert loss_fast == pytest.approx(loss_plain, rel=1e-6)
@@ -118,9 +106,7 @@ def test_the_recomputation_stops_before_each_block_s_last_4bit_matmul(four_layer
     def matmuls(*overrides: str) -> dict[str, int]:
         trainer, _ = make_trainer(four_layers, samples, tmp_path, *overrides)
         calls = step(trainer, samples)[2]
-        return {
-            name.split(".layers.")[1].removesuffix(".base_layer"): n for name, n in calls.items() if ".layers." in name
-        }
+        return {name.split(".layers.")[1].removesuffix(".base_layer"): n for name, n in calls.items() if ".layers." in name}
 
     fast = matmuls()
     assert fast["1.mlp.down_proj"] == 1 and fast["1.mlp.up_proj"] == 2 and fast["1.self_attn.o_proj"] == 2
@@ -142,11 +128,7 @@ def test_evaluation_and_disabled_adapters_take_peft_s_path(four_layers, samples,
 
 @pytest.mark.parametrize(
     ("overrides", "reason"),
-    [
-        (["lora.dropout=0.1"], "LoRA dropout"),
-        (["lora.use_dora=true"], "DoRA"),
-        (["quant.compute_dtype=float16"], "float16"),
-    ],
+    [(["lora.dropout=0.1"], "LoRA dropout"), (["lora.use_dora=true"], "DoRA"), (["quant.compute_dtype=float16"], "float16")],
 )
 def test_layers_it_does_not_cover_keep_peft_s_path_and_say_so(four_layers, samples, tmp_path, overrides, reason):
     trainer, sink = make_trainer(four_layers, samples, tmp_path, *overrides)

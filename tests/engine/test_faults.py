@@ -39,14 +39,8 @@ def out_of_memory_at_step(step: int, monkeypatch) -> None:
     monkeypatch.setattr(Trainer, "micro_batch", micro_batch)
 
 
-COMMON = [
-    "train.max_steps=8",
-    "train.micro_batch_size=2",
-    "train.gradient_accumulation_steps=2",
-    "lora.dropout=0.1",
-    "train.save_steps=2",
-    "train.save_total_limit=null",
-]
+COMMON = ["train.max_steps=8", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2", "lora.dropout=0.1",
+          "train.save_steps=2", "train.save_total_limit=null"]
 
 
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
@@ -56,12 +50,8 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_
     cfg = tiny_cfg(*COMMON, "train.max_steps=400", f"output.dir={tmp_path / 'killed'}")
     config = tmp_path / "run.yaml"
     cfg.save(config)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qlora_engine", "train", str(config), "--events", "-"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_engine", "train", str(config), "--events", "-"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     first = []
     for line in proc.stdout:
         e = from_json(line)
@@ -80,17 +70,8 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_
     assert [e.loss for e in first[:4]] == pytest.approx(losses(straight)[:4], abs=1e-6)
 
 
-@pytest.mark.parametrize(
-    "fail_at",
-    [
-        "adapter_model.safetensors",
-        "optimizer.pt",
-        "scheduler.pt",
-        "rng.pt",
-        "trainer_state.json",
-        "qlora_checkpoint.json",
-    ],
-)
+@pytest.mark.parametrize("fail_at", ["adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt",
+                                     "trainer_state.json", "qlora_checkpoint.json"])
 def test_a_checkpoint_torn_at_any_file_never_becomes_latest(tiny_cfg, monkeypatch, fail_at):
     cfg = tiny_cfg(*COMMON, "train.max_steps=4")
     trainer = build_trainer(cfg, ListSink())
@@ -174,14 +155,8 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_cfg, m
 
 
 def test_out_of_memory_names_fixes_that_apply_and_keeps_the_checkpoint(tiny_cfg, monkeypatch):
-    cfg = tiny_cfg(
-        *COMMON,
-        "train.max_steps=6",
-        "train.gradient_checkpointing=false",
-        "optim.optimizer=adamw",
-        "train.micro_batch_size=3",
-        "train.gradient_accumulation_steps=1",
-    )
+    cfg = tiny_cfg(*COMMON, "train.max_steps=6", "train.gradient_checkpointing=false", "optim.optimizer=adamw",
+                   "train.micro_batch_size=3", "train.gradient_accumulation_steps=1")
     out_of_memory_at_step(4, monkeypatch)
     sink = ListSink()
     with pytest.raises(torch.cuda.OutOfMemoryError):
@@ -219,49 +194,25 @@ def test_an_out_of_memory_fix_that_splits_the_batch_resumes_as_if_nothing_happen
     assert [e.step for e in resumed.of(StepMetrics)] == [3, 4, 5, 6]
     assert losses(first)[:2] + losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
     with pytest.raises(ResumeError, match="gradient_accumulation_steps: checkpoint has 4, config has 6"):
-        run(
-            apply_overrides(
-                cfg, ["train.micro_batch_size=3", "train.gradient_accumulation_steps=2", "train.max_steps=8"]
-            ),
-            ListSink(),
-            resume=True,
-        )
+        run(apply_overrides(cfg, ["train.micro_batch_size=3", "train.gradient_accumulation_steps=2",
+                                  "train.max_steps=8"]), ListSink(), resume=True)
 
 
 def test_out_of_memory_fixes_come_from_the_budget_and_apply(tmp_path):
     # An 8B-shaped model (config only: the budget never reads weights) on an 80 GiB card.
     folder = tmp_path / "llama-8b-shape"
     folder.mkdir()
-    (folder / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "vocab_size": 128256,
-                "hidden_size": 4096,
-                "intermediate_size": 14336,
-                "num_hidden_layers": 32,
-                "num_attention_heads": 32,
-                "num_key_value_heads": 8,
-                "max_position_embeddings": 8192,
-                "torch_dtype": "bfloat16",
-            }
-        )
-    )
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "max_position_embeddings": 8192, "torch_dtype": "bfloat16",
+    }))
     from qlora_engine.config import TrainConfig
     from qlora_engine.data import PreparedData
     from qlora_engine.vram import oom_fixes
 
-    cfg = apply_overrides(
-        TrainConfig(),
-        [
-            f"model.ref={folder}",
-            "data.path=x",
-            "data.max_length=4096",
-            "train.micro_batch_size=4",
-            "train.gradient_checkpointing=false",
-        ],
-    )
+    cfg = apply_overrides(TrainConfig(), [f"model.ref={folder}", "data.path=x", "data.max_length=4096",
+                                          "train.micro_batch_size=4", "train.gradient_checkpointing=false"])
     data = PreparedData(train=[], validation=None, report={"token_stats": {"max": 4096, "longest_sequence": 4096}})
     fixes = oom_fixes(cfg, data, card_bytes=80 * 2**30)
     assert fixes
@@ -319,12 +270,8 @@ def test_hub_tokens_never_reach_the_files_a_run_writes(tiny_cfg, tmp_path):
     config = tmp_path / "run.yaml"
     cfg.save(config)
     env = {**os.environ, "HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret}
-    out = subprocess.run(
-        [sys.executable, "-m", "qlora_engine", "train", str(config), "--events", "-"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    out = subprocess.run([sys.executable, "-m", "qlora_engine", "train", str(config), "--events", "-"],
+                         capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert secret not in out.stdout and secret not in out.stderr
     written = [p for p in cfg.output_dir.rglob("*") if p.is_file()]
@@ -337,12 +284,8 @@ def test_hub_tokens_never_reach_the_files_a_run_writes(tiny_cfg, tmp_path):
     # a token inside an error (here a path someone pasted it into) is masked wherever it is written
     bad = tmp_path / "bad.yaml"
     apply_overrides(cfg, [f"data.path={tmp_path / secret}.jsonl", f"output.dir={tmp_path / 'bad-run'}"]).save(bad)
-    failed = subprocess.run(
-        [sys.executable, "-m", "qlora_engine", "train", str(bad), "--events", "-"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    failed = subprocess.run([sys.executable, "-m", "qlora_engine", "train", str(bad), "--events", "-"],
+                            capture_output=True, text=True, env=env)
     assert failed.returncode != 0 and "hf_***" in failed.stdout
     assert secret not in failed.stdout and secret not in failed.stderr
     for p in (tmp_path / "bad-run").rglob("*"):

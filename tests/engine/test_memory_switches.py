@@ -44,10 +44,7 @@ def checkpointed(trainer: Trainer) -> list[bool]:
         (["train.gradient_checkpointing=true", "train.checkpoint_layers=2"], [True, True, False, False]),
         (["train.gradient_checkpointing=true", "train.checkpoint_layers=9"], [True, True, True, True]),
         # only layers 2-3 adapted: the backward pass starts at layer 2, so counting starts there
-        (
-            ["train.gradient_checkpointing=true", "train.checkpoint_layers=1", "lora.layers=2-3"],
-            [False, False, True, False],
-        ),
+        (["train.gradient_checkpointing=true", "train.checkpoint_layers=1", "lora.layers=2-3"], [False, False, True, False]),
         (["lora.layers=2-3"], [True, True, True, True]),  # all: as transformers sets them (nothing below runs backward)
     ],
 )
@@ -63,9 +60,7 @@ def test_the_lowest_reached_layers_are_checkpointed(tiny_cfg, four_layers, overr
 def test_partial_checkpointing_is_the_same_math(tiny_cfg, four_layers, tmp_path):
     def losses(name: str, *overrides: str) -> tuple[list[float], ListSink]:
         sink = ListSink()
-        run(
-            tiny_cfg(f"model.ref={four_layers}", "train.max_steps=4", f"output.dir={tmp_path / name}", *overrides), sink
-        )
+        run(tiny_cfg(f"model.ref={four_layers}", "train.max_steps=4", f"output.dir={tmp_path / name}", *overrides), sink)
         return [e.loss for e in sink.of(StepMetrics)], sink
 
     every, _ = losses("all")
@@ -167,12 +162,8 @@ def test_the_budget_moves_offloaded_checkpoints_off_the_gpu():
     moved = on_gpu.components["activations"] - off.components["activations"]
     assert kept - 2 * GiB < moved <= kept  # all but the block being recomputed
     assert any("CPU RAM" in n for n in off.notes)
-    advice = fit(
-        cfg_8b("data.max_length=32768", "train.micro_batch_size=1"),
-        20 * GiB,
-        LLAMA3_8B,
-        data_stats={"max": 32768, "longest_sequence": 32768},
-    )
+    advice = fit(cfg_8b("data.max_length=32768", "train.micro_batch_size=1"), 20 * GiB, LLAMA3_8B,
+                 data_stats={"max": 32768, "longest_sequence": 32768})
     assert not advice.fits and on_gpu.total > 20 * GiB > off.total
     assert "train.offload_activations=true" in [o for s in advice.suggestions for o in s.overrides]
 
@@ -184,14 +175,8 @@ def test_chunked_mlps_compute_the_same_and_keep_no_wide_intermediates(tiny_cfg, 
     long.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
 
     def step(*overrides: str) -> tuple[float, dict[str, torch.Tensor], list[tuple[int, ...]]]:
-        cfg = tiny_cfg(
-            f"model.ref={four_layers}",
-            f"data.path={long}",
-            "data.max_length=400",
-            f"train.gradient_checkpointing={ckpt}",
-            "lora.dropout=0.0",
-            *overrides,
-        )
+        cfg = tiny_cfg(f"model.ref={four_layers}", f"data.path={long}", "data.max_length=400",
+                       f"train.gradient_checkpointing={ckpt}", "lora.dropout=0.0", *overrides)
         trainer = build_trainer(cfg, ListSink())
         trainer.setup()
         batch = trainer.micro_batch(0)
@@ -230,13 +215,8 @@ def test_chunking_applies_only_when_the_sequence_is_longer_than_a_chunk(tiny_cfg
 
 
 def cfg_8b(*overrides: str) -> TrainConfig:
-    base = [
-        "data.path=x",
-        "data.max_length=2048",
-        "train.micro_batch_size=4",
-        "train.kernels=liger",
-        "train.gradient_checkpointing=true",
-    ]
+    base = ["data.path=x", "data.max_length=2048", "train.micro_batch_size=4", "train.kernels=liger",
+            "train.gradient_checkpointing=true"]
     return apply_overrides(TrainConfig(), base + list(overrides))
 
 
@@ -303,17 +283,11 @@ def test_offload_and_mlp_chunks_bring_350k_tokens_under_80_gib_by_the_budget():
     both = long_context(350_000, "train.offload_activations=true", "train.mlp_chunk_tokens=4096")
     assert plain.total > 160 * GiB and both.total < 80 * GiB
     # Before train.fast_lora (peft's LoRA path, its fp32 copies of every layer's input): more, still under.
-    peft = long_context(
-        350_000, "train.offload_activations=true", "train.mlp_chunk_tokens=4096", "train.fast_lora=false"
-    )
+    peft = long_context(350_000, "train.offload_activations=true", "train.mlp_chunk_tokens=4096", "train.fast_lora=false")
     assert both.total < peft.total < 80 * GiB
     # 160k tokens: over 80 GiB as they are (131,072 fit, with train.fast_lora), under with either switch.
-    advice = fit(
-        cfg_8b("data.max_length=163840", "train.micro_batch_size=1"),
-        80 * GiB,
-        LLAMA3_8B,
-        data_stats={"max": 163840, "longest_sequence": 163840},
-    )
+    advice = fit(cfg_8b("data.max_length=163840", "train.micro_batch_size=1"), 80 * GiB, LLAMA3_8B,
+                 data_stats={"max": 163840, "longest_sequence": 163840})
     assert not advice.fits
     offered = [o for s in advice.suggestions for o in s.overrides]
     assert "train.offload_activations=true" in offered and "train.mlp_chunk_tokens=4096" in offered
@@ -321,27 +295,12 @@ def test_offload_and_mlp_chunks_bring_350k_tokens_under_80_gib_by_the_budget():
 
 def test_the_switches_compose(tiny_cfg, four_layers):
     sink = ListSink()
-    run(
-        tiny_cfg(
-            f"model.ref={four_layers}",
-            "train.max_steps=3",
-            "train.gradient_checkpointing=true",
-            "train.checkpoint_layers=2",
-            "train.offload_activations=true",
-            "train.mlp_chunk_tokens=64",
-            "train.kernels=auto",
-            "data.packing=true",
-            "data.max_length=128",
-        ),
-        sink,
-    )
+    run(tiny_cfg(f"model.ref={four_layers}", "train.max_steps=3", "train.gradient_checkpointing=true", "train.checkpoint_layers=2",
+                 "train.offload_activations=true", "train.mlp_chunk_tokens=64", "train.kernels=auto",
+                 "data.packing=true", "data.max_length=128"), sink)
     steps = sink.of(StepMetrics)
     assert [e.step for e in steps] == [1, 2, 3] and all(e.loss == e.loss for e in steps)  # finite, not NaN
     said = " | ".join(e.message for e in sink.of(LogLine))
-    for switch in (
-        "checkpointing on the lowest 2 decoder layers",
-        "offload_activations: nothing to move on the CPU",
-        "MLPs run in chunks of 64 tokens",
-        "train.kernels auto: no fused kernels (no fused kernels on the CPU)",
-    ):
+    for switch in ("checkpointing on the lowest 2 decoder layers", "offload_activations: nothing to move on the CPU",
+                   "MLPs run in chunks of 64 tokens", "train.kernels auto: no fused kernels (no fused kernels on the CPU)"):
         assert switch in said, said

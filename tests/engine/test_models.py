@@ -111,9 +111,7 @@ def test_presets_and_layers_choose_the_adapted_modules(tiny_cfg, overrides, expe
 
 
 def test_dora_and_rslora_switches_reach_peft(tiny_cfg):
-    trainer = build_trainer(
-        tiny_cfg("lora.use_dora=true", "lora.use_rslora=true", "lora.rank=4", "lora.alpha=8"), ListSink()
-    )
+    trainer = build_trainer(tiny_cfg("lora.use_dora=true", "lora.use_rslora=true", "lora.rank=4", "lora.alpha=8"), ListSink())
     trainer.setup()
     peft_cfg = trainer.model.peft_config["default"]
     assert peft_cfg.use_dora and peft_cfg.use_rslora

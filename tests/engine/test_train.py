@@ -80,15 +80,8 @@ class StopAt:
 def test_resume_gives_the_same_losses_and_adapter(tiny_cfg, tmp_path):
     # Dropout, a paged 8-bit optimizer, accumulation and more than one epoch: every piece of
     # state (RNG, optimizer, scheduler, data position) must come back for the numbers to agree.
-    common = [
-        "train.max_steps=8",
-        "train.micro_batch_size=2",
-        "train.gradient_accumulation_steps=2",
-        "lora.dropout=0.1",
-        "optim.scheduler=cosine",
-        "optim.warmup_steps=2",
-        "train.save_steps=3",
-    ]
+    common = ["train.max_steps=8", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2",
+              "lora.dropout=0.1", "optim.scheduler=cosine", "optim.warmup_steps=2", "train.save_steps=3"]
     straight = ListSink()
     run(tiny_cfg(*common, f"output.dir={tmp_path / 'straight'}"), straight)
 
