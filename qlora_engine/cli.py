@@ -193,10 +193,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     cfg = TrainConfig.load(config_path)
     print(f"config: {config_path}", file=sys.stderr)
     done = run(cfg, TextSink(sys.stderr), resume=True if (cfg.output_dir / "checkpoints").exists() else None)
-    print(
-        f"\ndone: adapter in {done.adapter_dir}; train more with: qlora-engine train {config_path} --resume",
-        file=sys.stderr,
-    )
+    print(f"\ndone: adapter in {done.adapter_dir}; train more with: qlora-engine train {config_path} --resume", file=sys.stderr)
     if args.compare:
         _show_before_after(cfg.output_dir, "What is the colour of grass?")
     return 0
@@ -237,11 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--events", choices=["-", "text"], default="text", help="'-': JSON event lines on stdout")
     s.add_argument("--control-stdin", action="store_true", help="read stop/save/abort lines on stdin")
     s.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        default=None,
-        metavar="CHECKPOINT",
+        "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
         help="continue from the newest checkpoint, or from the given checkpoint folder",
     )
     s.add_argument("--force-resume", action="store_true", help="resume even if the model, LoRA shape or data changed")

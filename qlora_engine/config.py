@@ -73,9 +73,7 @@ class QuantConfig:
 @dataclass
 class LoraSettings:
     rank: int = _f(16, "LoRA rank r. 8-64 covers most fine-tunes; higher ranks learn more and cost more memory.")
-    alpha: float = _f(
-        16.0, "LoRA scaling numerator; the update is scaled by alpha/rank (alpha/sqrt(rank) with rsLoRA)."
-    )
+    alpha: float = _f(16.0, "LoRA scaling numerator; the update is scaled by alpha/rank (alpha/sqrt(rank) with rsLoRA).")
     dropout: float = _f(0.0, "Dropout on the LoRA input. 0 is fastest and usually fine for short fine-tunes.")
     target_modules: list[str] = _f(
         ["all-linear"],
@@ -91,9 +89,7 @@ class LoraSettings:
 
 @dataclass
 class DataConfig:
-    path: str = _f(
-        "", "Training data: a JSONL/JSON/CSV/Parquet/text file, a saved datasets folder, or a hub dataset id."
-    )
+    path: str = _f("", "Training data: a JSONL/JSON/CSV/Parquet/text file, a saved datasets folder, or a hub dataset id.")
     format: Literal["auto", "text", "alpaca", "chat", "sharegpt", "prompt_completion"] = _f(
         "auto", "Row format. 'auto' detects it from the keys of the rows and reports the evidence."
     )
@@ -115,8 +111,7 @@ class DataConfig:
     validation_split: float = _f(0.0, "Fraction of rows held out for evaluation (0 for none).")
     validation_path: str | None = _f(None, "A separate validation file; overrides validation_split.")
     chat_template: str | None = _f(
-        None,
-        "Jinja chat template to use instead of the tokenizer's own; None uses the tokenizer's (ChatML if it has none).",
+        None, "Jinja chat template to use instead of the tokenizer's own; None uses the tokenizer's (ChatML if it has none)."
     )
     max_bad_fraction: float = _f(
         0.1,
@@ -185,9 +180,7 @@ class TrainSettings:
     )
     seed: int = _f(42, "Seed for initialisation, data order and dropout; the same seed gives the same run.")
     logging_steps: int = _f(1, "Report step metrics every N optimizer steps.")
-    eval_steps: int | None = _f(
-        None, "Evaluate on the validation set every N steps (and at the end); None: only at the end."
-    )
+    eval_steps: int | None = _f(None, "Evaluate on the validation set every N steps (and at the end); None: only at the end.")
     save_steps: int | None = _f(100, "Write a resumable checkpoint every N optimizer steps; None: only at the end.")
     save_total_limit: int | None = _f(3, "Keep only the newest N checkpoints; None keeps all.")
     kernels: Literal["auto", "liger", "none"] = _f(
@@ -515,9 +508,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             raise ConfigError(f"override {item!r}: write section.field=value, e.g. lora.rank=32.")
         section, name = parts
         if section not in data or not isinstance(data[section], dict):
-            raise ConfigError(
-                f"override {item!r}: unknown section {section!r}; known: {sorted(k for k in data if k != 'schema_version')}."
-            )
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; known: {sorted(k for k in data if k != 'schema_version')}.")
         if name not in data[section]:
             raise ConfigError(f"override {item!r}: {section} has no field {name!r}; fields: {sorted(data[section])}.")
         try:

@@ -74,9 +74,7 @@ def choose_checkpointing(
         return decided(None, "no GPU to size the run for")
 
     def ok(variant: TrainConfig) -> bool:
-        est = estimate_from_spec(
-            variant, spec, gpu_bytes=gpu_bytes, data_stats=data_stats, liger_installed=liger_installed
-        )
+        est = estimate_from_spec(variant, spec, gpu_bytes=gpu_bytes, data_stats=data_stats, liger_installed=liger_installed)
         return est.high <= gpu_bytes
 
     k = fewest_checkpointed(cfg, spec, ok)

@@ -73,11 +73,7 @@ class TrainingPage(Page):
     def _checkpointing_changed(self, section: str, name: str) -> None:
         """A layer count is kept only with "every layer"; auto chooses its own (the config refuses both)."""
         mine = self.model.value("train", "gradient_checkpointing") is True
-        if (
-            (section, name) == ("train", "gradient_checkpointing")
-            and not mine
-            and self.model.value("train", "checkpoint_layers")
-        ):
+        if (section, name) == ("train", "gradient_checkpointing") and not mine and self.model.value("train", "checkpoint_layers"):
             self.model.set_value("train", "checkpoint_layers", None)
 
     def add_other_settings(self, fields: list[tuple[str, str]]) -> None:
