@@ -1,6 +1,6 @@
 """Runs the engine as a child process from a QThread and turns its JSONL stdout into signals.
 
-Why a child process under the thread (see DESIGN.md): a CUDA out-of-memory error or a native
+Why a child process under the thread (see docs/DESIGN.md): a CUDA out-of-memory error or a native
 crash cannot take the window down, and all VRAM returns to the system when a run ends.
 
 The worker's ``run()`` blocks its thread reading the child's stdout line by line; that is

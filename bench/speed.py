@@ -122,7 +122,8 @@ def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str], war
     try:
         from qlora_engine import budget
 
-        est = budget.estimate(cfg, data_stats={"max": seq, "p95": seq, "median": seq}, gpu_bytes=card_bytes())
+        ran = trainer.plan.config  # what ran: 'auto' settled by the plan for this card
+        est = budget.estimate(ran, data_stats={"max": seq, "p95": seq, "median": seq}, gpu_bytes=card_bytes())
         estimate = {"total_gib": round(est.total / 2**30, 2), "low_gib": round(est.low / 2**30, 2),
                     "high_gib": round(est.high / 2**30, 2)}
     except Exception as e:  # the budget is optional here

@@ -14,7 +14,10 @@ from qlora_engine.events import redact
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    """``--json`` output: scrubbed like every file the engine writes (it is often redirected to one)."""
+    from qlora_engine.scrub import scrub_data
+
+    print(json.dumps(scrub_data(obj), indent=2, default=str))
 
 
 def _fail(e: QLoRAError) -> int:
@@ -82,20 +85,93 @@ def cmd_init(args: argparse.Namespace) -> int:
 # -- train -----------------------------------------------------------------------------------------
 
 
-def _install_sigint(control: Any) -> None:
-    """First Ctrl-C: stop at the next step boundary and save. Second: abort at once."""
-    state = {"count": 0}
+def _install_signals(control: Any) -> dict[str, int]:
+    """The first Ctrl-C or SIGTERM (what ``kill``, systemd and Docker send): stop at the next step
+    boundary, save a checkpoint and the adapter, release the lock. The second of either: abort.
+
+    Python runs a handler once for however many of one signal arrived while the main thread was
+    busy in C code (a long forward pass): two quick Ctrl-C looked like one. The C-level handler
+    writes one byte per signal to the wakeup socket, so counting those bytes counts every signal.
+    The abort is raised as :class:`qlora_engine.control.Aborted` *and* set on ``control``: if the
+    exception lands somewhere that swallows it (a finalizer), the loop still sees the flag at the
+    next step boundary and before saving the adapter.
+    """
+    import socket
+
+    from qlora_engine.control import Aborted
+
+    state = {"count": 0, "signum": 0}
+    counted = (int(signal.SIGINT), int(signal.SIGTERM))
+    wake_r, wake_w = socket.socketpair()
+    for sock in (wake_r, wake_w):
+        sock.setblocking(False)
+    old_fd = -1
+    try:
+        old_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    except ValueError:  # not the main thread (an embedding caller): one signal per handler call
+        wake_r = None
+    state["_sockets"] = (wake_r, wake_w)  # type: ignore[assignment]  # kept alive with the handler
+
+    def arrived() -> int:
+        if wake_r is None:
+            return 1
+        data = b""
+        try:
+            while chunk := wake_r.recv(4096):
+                data += chunk
+        except (BlockingIOError, InterruptedError):
+            pass
+        return sum(1 for b in data if b in counted)
 
     def handler(signum: int, frame: Any) -> None:
-        state["count"] += 1
-        if state["count"] == 1:
-            print("\nstopping after this step and saving (Ctrl-C again to abort) ...", file=sys.stderr)
+        n = arrived()  # 0: this signal was counted by an earlier call that drained its byte
+        if n == 0:
+            return
+        first = state["count"] == 0
+        state["count"] += n
+        state["signum"] = signum
+        name = signal.Signals(signum).name
+        if first and state["count"] == 1:
+            again = "Ctrl-C" if signum == signal.SIGINT else name
+            print(f"\n{name}: stopping after this step and saving ({again} again to abort) ...", file=sys.stderr)
             control.request_stop()
-        else:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
+            return
+        control.request_stop()
+        control.request_abort()
+        if state.get("aborting"):  # raised once: a third signal must not interrupt the clean-up (the lock)
+            return
+        state["aborting"] = 1
+        print(f"\n{name}: aborting; checkpoints already written are kept.", file=sys.stderr)
+        raise Aborted(signum)
 
-    signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        """Put back what was there before (a caller running several commands in one process)."""
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        if wake_r is not None:
+            signal.set_wakeup_fd(old_fd)
+        for sock in (wake_r, wake_w):
+            if sock is not None:
+                sock.close()
+
+    state["restore"] = restore  # type: ignore[assignment]
+    return state
+
+
+def _exit_code_of_abort(signum: int | None) -> int:
+    """128 + the signal's number, as a shell reports a process a signal ended (130 Ctrl-C, 143 SIGTERM)."""
+    return 128 + (signum or signal.SIGINT)
+
+
+def _kept(run_dir: Path) -> str:
+    from qlora_engine.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(run_dir / "checkpoints")
+    if last is None:
+        return "nothing was saved (no checkpoint yet)"
+    return f"kept: {last} (continue with --resume)"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -113,7 +189,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise
     args.run_dir = cfg.output_dir
     control = RunControl()
-    _install_sigint(control)
+    signals = _install_signals(control)
     if args.control_stdin:
         control.listen(sys.stdin)
     sink = StreamSink(sys.stdout) if args.events == "-" else TextSink(sys.stderr)
@@ -124,13 +200,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         finished = run(cfg, sink, control, resume=resume, force_resume=args.force_resume)
     except QLoRAError as e:  # run() already reported it as a run_failed event
         return _fail(e)
-    except KeyboardInterrupt:
-        print("aborted; the last checkpoint is kept.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # a second Ctrl-C / SIGTERM (or the first one before the run began)
+        signum = getattr(e, "signum", None) or signals["signum"] or signal.SIGINT
+        print(f"aborted; {_kept(cfg.output_dir)}.", file=sys.stderr)
+        return _exit_code_of_abort(signum)
     except torch.OutOfMemoryError:  # the run_failed event already says what to change
         return 3
+    finally:
+        signals["restore"]()  # type: ignore[operator]
+    if finished.adapter_dir is None or control.abort_requested:
+        # aborted ('abort' on stdin), or stopped before a step was taken: nothing new was made
+        how = "aborted" if control.abort_requested else "stopped before the first step"
+        print(f"{how} at step {finished.step}; {_kept(cfg.output_dir)}.", file=sys.stderr)
+        return _exit_code_of_abort(signals["signum"] or None)
     if args.events != "-":
-        print(f"adapter: {finished.adapter_dir}", file=sys.stderr)
+        how = "stopped early and saved" if finished.stopped_early else "done"
+        print(f"{how}: adapter: {finished.adapter_dir}", file=sys.stderr)
     return 0
 
 
@@ -254,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_quickstart)
 
     # Subcommands of other modules register here (one line each).
-    for module in ("qlora_engine.data", "qlora_engine.budget.cli", "qlora_engine.export", "qlora_engine.export.hub"):
+    for module in ("qlora_engine.data", "qlora_engine.budget.cli", "qlora_engine.export.cli", "qlora_engine.export.hub"):
         _register(module, sub)
     return p
 

@@ -2,29 +2,54 @@
 
 Every field carries help text (shown as the GUI tooltip and as a comment in the YAML that
 ``qlora-engine init`` writes) and a default chosen for a first QLoRA run on one GPU.
-Choices are ``Literal`` types; :func:`validate` checks every field against its annotation
-and raises :class:`ConfigError` (a ``ValueError``) naming the field, the value and what
-is allowed.
+Choices are ``Literal`` types. Each section validates itself when built (``__post_init__``,
+as peft's configs do; the rules are in its ``_check``) and :func:`validate` checks a whole
+tree: a :class:`ConfigError` (a ``ValueError``) carries every bad field at once in
+``problems``, each naming its field path and what is allowed. Config files are read through
+:mod:`qlora_engine.config_file` (regular files only, size/depth/alias limits, no duplicate keys).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
+import errno
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
-from qlora_engine.errors import ConfigError
+from qlora_engine import scrub
+from qlora_engine.config_checks import (
+    Checks,
+    Section,
+    check_output_dir,
+    hints_of,
+    parse_layers,
+    raise_problems,
+    run_warnings,
+    show,
+    type_ok,
+)
+from qlora_engine.config_file import load_yaml, read_yaml_file
+from qlora_engine.errors import ConfigError, DiskFullError, Problem, QLoRAError
 
 SCHEMA_VERSION = 1
 
 
-__all__ = ["ConfigError", "TrainConfig", "apply_overrides", "check_ready", "field_help", "parse_layers", "validate"]
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "apply_overrides",
+    "check_output_dir",
+    "check_ready",
+    "field_help",
+    "parse_layers",
+    "problems_of",
+    "run_warnings",
+    "validate",
+]
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -38,13 +63,20 @@ LORA_PRESETS = ("attention", "mlp", "all-linear")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
+    SECTION: ClassVar[str] = "model"
+
     ref: str = _f(
         "",
         "The base model: a local Hugging Face folder, a hub id (e.g. 'HuggingFaceTB/SmolLM2-135M-Instruct'), "
         "or a local .gguf file (dequantized once and cached, then quantized to 4 bit).",
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) to use; None takes the default branch.")
+    token: str | None = _f(
+        None,
+        "Hugging Face access token for a gated or private hub model; None uses the HF_TOKEN environment variable "
+        "or `hf auth login`. Never written to any file the engine writes: saved configs, logs and events show hf_***.",
+    )
     trust_remote_code: bool = _f(
         False,
         "Run Python code shipped with the model. Off because that code runs with your user's rights; "
@@ -56,7 +88,9 @@ class ModelConfig:
 
 
 @dataclass
-class QuantConfig:
+class QuantConfig(Section):
+    SECTION: ClassVar[str] = "quant"
+
     quant_type: Literal["nf4", "fp4"] = _f(
         "nf4", "4-bit data type for the frozen base weights. NF4 matches normally distributed weights better than FP4."
     )
@@ -71,9 +105,13 @@ class QuantConfig:
 
 
 @dataclass
-class LoraSettings:
+class LoraSettings(Section):
+    SECTION: ClassVar[str] = "lora"
+
     rank: int = _f(16, "LoRA rank r. 8-64 covers most fine-tunes; higher ranks learn more and cost more memory.")
-    alpha: float = _f(16.0, "LoRA scaling numerator; the update is scaled by alpha/rank (alpha/sqrt(rank) with rsLoRA).")
+    alpha: float = _f(
+        16.0, "LoRA scaling numerator; the update is scaled by alpha/rank (alpha/sqrt(rank) with rsLoRA)."
+    )
     dropout: float = _f(0.0, "Dropout on the LoRA input. 0 is fastest and usually fine for short fine-tunes.")
     target_modules: list[str] = _f(
         ["all-linear"],
@@ -86,10 +124,35 @@ class LoraSettings:
     use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA): sometimes better quality, noticeably slower.")
     use_rslora: bool = _f(False, "Rank-stabilized LoRA: scale by alpha/sqrt(rank), which keeps high ranks stable.")
 
+    def _check(self, c: Checks) -> None:
+        c.number("rank", 1, 4096, typical="8-64 is typical")
+        c.number("alpha", 0, 100_000, above=True, typical="often equal to or twice the rank")
+        c.number("dropout", 0, 1, below=True)
+        if "target_modules" not in c.bad:
+            mods = self.target_modules
+            c.need("target_modules", 0 < len(mods) <= 256, "name at least one module (at most 256) or a preset")
+            c.need("target_modules", all(m.strip() for m in mods), "a module name cannot be empty")
+            presets = [m for m in mods if m in LORA_PRESETS]
+            c.need(
+                "target_modules",
+                not presets or len(mods) == 1,
+                f"a preset ({', '.join(LORA_PRESETS)}) must stand alone",
+            )
+        if "layers" not in c.bad:
+            try:
+                parse_layers(self.layers)
+            except ConfigError as e:
+                c.add("layers", e.what)
+
 
 @dataclass
-class DataConfig:
-    path: str = _f("", "Training data: a JSONL/JSON/CSV/Parquet/text file, a saved datasets folder, or a hub dataset id.")
+class DataConfig(Section):
+    SECTION: ClassVar[str] = "data"
+    TEXT_LIMITS: ClassVar[dict[str, int]] = {"chat_template": 1 << 20}  # real templates run to ~10k characters
+
+    path: str = _f(
+        "", "Training data: a JSONL/JSON/CSV/Parquet/text file, a saved datasets folder, or a hub dataset id."
+    )
     format: Literal["auto", "text", "alpaca", "chat", "sharegpt", "prompt_completion"] = _f(
         "auto", "Row format. 'auto' detects it from the keys of the rows and reports the evidence."
     )
@@ -111,7 +174,8 @@ class DataConfig:
     validation_split: float = _f(0.0, "Fraction of rows held out for evaluation (0 for none).")
     validation_path: str | None = _f(None, "A separate validation file; overrides validation_split.")
     chat_template: str | None = _f(
-        None, "Jinja chat template to use instead of the tokenizer's own; None uses the tokenizer's (ChatML if it has none)."
+        None,
+        "Jinja chat template to use instead of the tokenizer's own; None uses the tokenizer's (ChatML if it has none).",
     )
     max_bad_fraction: float = _f(
         0.1,
@@ -125,9 +189,37 @@ class DataConfig:
         "settings, so the next run on the same data starts at once.",
     )
 
+    def _check(self, c: Checks) -> None:
+        c.number("max_length", 8, 1 << 20, typical="512-4096 is typical")
+        c.number("validation_split", 0, 1, below=True)
+        c.number("max_bad_fraction", 0, 1)
+        if self.chat_template is not None and "chat_template" not in c.bad:
+            problem = _template_problem(self.chat_template)
+            if problem:
+                c.add("chat_template", problem, fix="Fix the template, or set it to null to use the tokenizer's own.")
+        if "columns" not in c.bad:
+            for ours, theirs in self.columns.items():
+                c.text("columns", ours, 256)
+                c.text("columns", theirs, 256)
+
+
+def _template_problem(template: str) -> str | None:
+    """Why a Jinja chat template does not parse (None: it does). Parsing runs no template code."""
+    import jinja2
+
+    try:  # the extensions transformers' chat templates may use
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols", "jinja2.ext.do"]).parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        if "unknown tag" in (e.message or ""):  # e.g. transformers' own {% generation %} block
+            return None
+        return f"the template is not valid Jinja: {e.message} (template line {e.lineno})"
+    return None
+
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
+    SECTION: ClassVar[str] = "optim"
+
     optimizer: Literal["paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"] = _f(
         "paged_adamw_8bit",
         "Optimizer. Paged optimizers move their state to CPU RAM when VRAM runs short instead of crashing; "
@@ -144,9 +236,20 @@ class OptimConfig:
     )
     warmup_steps: int = _f(10, "Optimizer steps of linear warmup from 0 to the peak learning rate.")
 
+    def _check(self, c: Checks) -> None:
+        c.number("learning_rate", 0, 1, above=True, typical="1e-4 to 3e-4 is usual for LoRA")
+        c.number("weight_decay", 0, 10)
+        c.number("adam_beta1", 0, 1, below=True)
+        c.number("adam_beta2", 0, 1, below=True)
+        c.number("adam_epsilon", 0, 1, above=True, below=True, typical="1e-8 is usual")
+        c.number("max_grad_norm", 0, 1e6, typical="0 turns clipping off; 1 is usual")
+        c.number("warmup_steps", 0, 10_000_000)
+
 
 @dataclass
-class TrainSettings:
+class TrainSettings(Section):
+    SECTION: ClassVar[str] = "train"
+
     micro_batch_size: int = _f(1, "Sequences per forward pass. Raise it while memory allows.")
     gradient_accumulation_steps: int = _f(
         4, "Micro-batches per optimizer step; the effective batch is micro_batch_size x this."
@@ -180,7 +283,9 @@ class TrainSettings:
     )
     seed: int = _f(42, "Seed for initialisation, data order and dropout; the same seed gives the same run.")
     logging_steps: int = _f(1, "Report step metrics every N optimizer steps.")
-    eval_steps: int | None = _f(None, "Evaluate on the validation set every N steps (and at the end); None: only at the end.")
+    eval_steps: int | None = _f(
+        None, "Evaluate on the validation set every N steps (and at the end); None: only at the end."
+    )
     save_steps: int | None = _f(100, "Write a resumable checkpoint every N optimizer steps; None: only at the end.")
     save_total_limit: int | None = _f(3, "Keep only the newest N checkpoints; None keeps all.")
     kernels: Literal["auto", "liger", "none"] = _f(
@@ -200,9 +305,30 @@ class TrainSettings:
         "auto", "Where to train. 'auto' takes the first CUDA GPU and falls back to the CPU (slow, for tests and demos)."
     )
 
+    def _check(self, c: Checks) -> None:
+        c.number("micro_batch_size", 1, 65_536)
+        c.number("gradient_accumulation_steps", 1, 4096, typical="1-64 is typical")
+        c.number("epochs", 0, 1000, above=True)
+        c.number("max_steps", 1, 100_000_000, null="train for 'epochs'")
+        c.number("checkpoint_layers", 1, 100_000, null="all layers")
+        c.number("mlp_chunk_tokens", 64, 1 << 24, null="off", typical="4096 is a good start")
+        c.number("seed", 0, 2**32 - 1)
+        c.number("logging_steps", 1, 100_000_000)
+        c.number("eval_steps", 1, 100_000_000, null="only at the end")
+        c.number("save_steps", 1, 100_000_000, null="only at the end")
+        c.number("save_total_limit", 1, 1_000_000, null="keep all")
+        c.need(
+            "checkpoint_layers",
+            self.checkpoint_layers is None or self.gradient_checkpointing != "auto",
+            "train.gradient_checkpointing auto chooses the layers itself; set this to null, or set "
+            "train.gradient_checkpointing to true to choose them yourself",
+        )
+
 
 @dataclass
-class OutputConfig:
+class OutputConfig(Section):
+    SECTION: ClassVar[str] = "output"
+
     dir: str = _f(
         "runs/my-run",
         "Run folder: config.yaml, events.jsonl, checkpoints/ and adapter/ go here. Relative paths are taken "
@@ -214,6 +340,9 @@ class OutputConfig:
         "needs the tensorboard package), wandb or mlflow (when installed; they read their own settings and login "
         "from the environment). Empty: events.jsonl only.",
     )
+
+    def _check(self, c: Checks) -> None:
+        c.need("dir", bool(self.dir.strip()), "name a folder for the run's files")
 
 
 @dataclass
@@ -228,6 +357,7 @@ class TrainConfig:
     schema_version: int = field(default=SCHEMA_VERSION, metadata={"help": "Version of this file's layout."})
 
     def __post_init__(self) -> None:
+        scrub.remember_config(self)  # before validation: its messages are scrubbed too
         validate(self)
 
     # -- conversions -------------------------------------------------------------------
@@ -237,41 +367,71 @@ class TrainConfig:
         return {"schema_version": d.pop("schema_version"), **d}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    def from_dict(
+        cls, data: dict[str, Any], *, source: str = "config", lines: dict[str, int] | None = None
+    ) -> TrainConfig:
+        """Build and validate a config from plain data (what YAML gives).
+
+        Args:
+            data: ``{"lora": {"rank": 8}, ...}``; missing sections and fields keep their defaults.
+            source: where the data came from (a file path, "form"); the error's ``file``.
+            lines: the line of each ``section`` / ``section.field`` key, for the error's ``line``.
+
+        Raises:
+            ConfigError: every bad section and field in ``problems``.
+        """
         try:
-            return cls._from_dict(data, source)
+            return cls._from_dict(data)
         except ConfigError as e:
-            if not source or str(e).startswith(source):
-                raise
-            raise ConfigError(f"{source}: {e}", hint=e.hint) from None
+            raise _located(e, source, lines or {}) from None
 
     @classmethod
-    def _from_dict(cls, data: dict[str, Any], source: str) -> TrainConfig:
+    def _from_dict(cls, data: Any) -> TrainConfig:
         if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}.")
-        data = dict(data)
-        version = data.pop("schema_version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
             raise ConfigError(
-                f"{source}: schema_version {version!r} is not supported (this version reads {SCHEMA_VERSION})."
+                f"expected a mapping of sections (model:, data:, lora:, ...), got {describe_value(data)}."
             )
-        sections = {f.name: f for f in dataclasses.fields(cls) if f.name != "schema_version"}
-        unknown = sorted(set(data) - set(sections))
-        if unknown:
-            raise ConfigError(f"{source}: unknown section(s) {unknown}; known sections: {sorted(sections)}.")
+        problems: list[Problem] = []
+        names = [k for k in data if k != "schema_version"]
+        for k in names:
+            if not isinstance(k, str):
+                problems.append(Problem(f"the key {show(k)} is not a section name; keys must be text"))
+        version = data.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION or type(version) is not int:
+            problems.append(
+                Problem(
+                    f"schema_version {show(version)} is not supported (this version reads {SCHEMA_VERSION}).",
+                    field="schema_version",
+                )
+            )
+        hints = hints_of(cls)
+        sections = [
+            f.name for f in dataclasses.fields(cls) if f.name != "schema_version" and not f.metadata.get("internal")
+        ]
         kwargs = {}
-        hints = typing.get_type_hints(cls)
-        for name, value in data.items():
-            sub_cls = hints[name]
+        for name in names:
+            if not isinstance(name, str):
+                continue
+            if name not in sections:
+                problems.append(Problem(f"unknown section {name[:60]!r}; known sections: {sections}.", field=name))
+                continue
+            value = data[name]
             if value is None:
                 value = {}
             if not isinstance(value, dict):
-                raise ConfigError(f"{name}: expected a mapping of fields, got {value!r}.")
-            known = {f.name for f in dataclasses.fields(sub_cls)}
-            bad = sorted(set(value) - known)
-            if bad:
-                raise ConfigError(f"{name}.{bad[0]}: unknown field; fields of '{name}': {sorted(known)}.")
-            kwargs[name] = _construct(sub_cls, value)
+                problems.append(Problem(f"expected a mapping of fields, got {show(value)}.", field=name))
+                continue
+            sub_cls = hints[name]
+            known = [f.name for f in dataclasses.fields(sub_cls)]
+            bad = [k for k in value if not isinstance(k, str) or k not in known]
+            for k in bad:
+                what = "unknown field" if isinstance(k, str) else f"the key {show(k)} is not a field name"
+                problems.append(Problem(f"{what}; fields of '{name}': {known}.", field=f"{name}.{str(k)[:60]}"))
+            try:
+                kwargs[name] = _construct(sub_cls, {k: v for k, v in value.items() if k not in bad})
+            except ConfigError as e:
+                problems.extend(e.problems or [Problem(e.what, field=e.field)])
+        raise_problems(problems)
         return cls(**kwargs)
 
     def to_yaml(self, *, comments: bool = True) -> str:
@@ -279,35 +439,59 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "config") -> TrainConfig:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML ({e}). Python object tags are never loaded.") from e
-        return cls.from_dict(data or {}, source=source)
+        """A config from YAML text (read with the limits of :mod:`qlora_engine.config_file`)."""
+        data, lines = load_yaml(text, source)
+        return cls.from_dict(data if data is not None else {}, source=source, lines=lines)
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-        """Read a YAML file, apply ``section.field=value`` overrides, validate."""
+        """Read a YAML file, apply ``section.field=value`` overrides, validate.
+
+        Raises:
+            ConfigError: ``file`` (and ``line`` where known) names the place; ``problems`` holds
+                every bad field.
+        """
         p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8-sig")
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: config file not found.") from None
-        cfg = cls.from_yaml(text, source=str(p))
+        data, lines = read_yaml_file(p)
+        cfg = cls.from_dict(data if data is not None else {}, source=str(p), lines=lines)
         if overrides:
             cfg = apply_overrides(cfg, overrides)
         cfg.base_dir = p.resolve().parent
+        cfg.source_file = p
         return cfg
 
     def save(self, path: str | Path) -> None:
+        """Write the YAML through a temporary file, so a failed write leaves the old file whole.
+
+        Raises:
+            DiskFullError: no space left (or a file-size limit) while writing.
+            QLoRAError: the place cannot be written (read-only, a file where a folder must be).
+        """
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(self.to_yaml(), encoding="utf-8")
-        tmp.replace(p)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(scrub.scrub(self.to_yaml()), encoding="utf-8")  # a token given in the config: hf_***
+            tmp.replace(p)
+        except OSError as e:
+            if tmp.is_file():
+                tmp.unlink()
+            if e.errno in (errno.ENOSPC, errno.EFBIG):
+                raise DiskFullError(f"no space left to write the config ({e.strerror}).", file=p) from None
+            why = e.strerror or str(e)
+            if isinstance(e, (FileExistsError, NotADirectoryError)):
+                why = "a file stands where a folder must be"
+            raise QLoRAError(
+                f"the config cannot be written ({why}); nothing was changed.",
+                file=p,
+                fix="Choose a folder you can write to.",
+            ) from None
 
     # -- paths -------------------------------------------------------------------------
     base_dir: Path | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
+    source_file: ClassVar[Path | None] = None
+    """The YAML file this config was read from, set per instance by :meth:`load` (errors found
+    later still name it); not a dataclass field, so it is no section and never written."""
 
     def resolve(self, path: str) -> Path:
         """A path from the config, relative to the config file's folder (or the working directory)."""
@@ -324,200 +508,131 @@ class TrainConfig:
 # -- validation ------------------------------------------------------------------------------
 
 
-def _type_ok(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if origin is dict:
-        k, v = typing.get_args(tp)
-        return isinstance(value, dict) and all(_type_ok(a, k) and _type_ok(b, v) for a, b in value.items())
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
+def describe_value(value: Any) -> str:
+    return {list: "a list", str: "text", int: "a number", float: "a number", bool: "true/false"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _construct(cls: type, values: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(cls)
+    """A section from YAML values, forgiving what YAML reads differently than the user meant."""
+    hints = hints_of(cls)
     fixed = {}
     for k, v in values.items():
         tp = hints[k]
         # YAML reads 1e-4 as a string in YAML 1.1; accept numeric strings for float fields.
-        if isinstance(v, str) and _type_ok(1.0, tp) and not _type_ok(v, tp):
+        if isinstance(v, str) and type_ok(1.0, tp) and not type_ok(v, tp) and len(v) < 64:
             try:
                 v = float(v)
             except ValueError:
                 pass
         if isinstance(v, int) and not isinstance(v, bool) and tp is float:
             v = float(v)
+        # `rank: 16.0` means 16; `rank: 16.5` stays a float and is refused as not whole.
+        if isinstance(v, float) and v.is_integer() and type_ok(1, tp) and not type_ok(1.5, tp):
+            v = int(v)
         # YAML reads `layers: 3` or `revision: 1234` as numbers; take them as the text they are.
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and _type_ok("x", tp) and not _type_ok(v, tp):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and type_ok("x", tp) and not type_ok(v, tp):
             v = str(v)
         fixed[k] = v
     return cls(**fixed)
 
 
-_RANGE_RE = re.compile(r"^\s*\d+\s*(-\s*\d+\s*)?(,\s*\d+\s*(-\s*\d+\s*)?)*$")
+def _located(e: ConfigError, source: str, lines: dict[str, int]) -> ConfigError:
+    """``e`` with the file it came from and the line of each problem's field (or section)."""
+
+    def line_of(p: Problem) -> int | None:
+        if p.line is not None or not p.field:
+            return p.line
+        return lines.get(p.field) or lines.get(p.field.split(".")[0])
+
+    problems = [dataclasses.replace(p, file=p.file or source or None, line=line_of(p)) for p in e.problems]
+    if not problems:
+        return ConfigError(e.what, field=e.field, file=e.file or source or None, line=e.line, fix=e.fix)
+    first = problems[0]
+    return ConfigError(
+        first.what, field=first.field, file=first.file, line=first.line, fix=first.fix, problems=problems
+    )
 
 
-def parse_layers(spec: str | None) -> list[int] | None:
-    """'0-3,6' -> [0, 1, 2, 3, 6]; None -> None (all layers)."""
-    if spec is None:
-        return None
-    spec = str(spec)
-    if not _RANGE_RE.match(spec):
-        raise ConfigError(f"lora.layers: {spec!r} is not a layer range; write e.g. '0-11' or '0,2,4-7'.")
-    out: list[int] = []
-    for part in spec.split(","):
-        a, _, b = part.partition("-")
-        lo, hi = int(a), int(b or a)
-        if hi < lo:
-            raise ConfigError(f"lora.layers: range {part.strip()!r} runs backwards; write the lower number first.")
-        out.extend(range(lo, hi + 1))
-    return sorted(set(out))
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Check every field's type and range; raise ConfigError naming the first bad one."""
+def problems_of(cfg: TrainConfig) -> list[Problem]:
+    """Every bad field of a config tree (sections check themselves; fields may have been set since)."""
+    found: list[Problem] = []
     for section in dataclasses.fields(cfg):
         if section.metadata.get("internal") or section.name == "schema_version":
             continue
         obj = getattr(cfg, section.name)
-        hints = typing.get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if not _type_ok(value, hints[f.name]):
-                raise ConfigError(
-                    f"{section.name}.{f.name}: {value!r} is not allowed; expected {_describe(hints[f.name])}."
-                )
+        if isinstance(obj, Section):
+            found.extend(obj.problems())
+        else:
+            found.append(Problem(f"expected a mapping of fields, got {show(obj)}.", field=section.name))
+    return found
 
-    def need(cond: bool, name: str, value: Any, allowed: str) -> None:
-        if not cond:
-            raise ConfigError(f"{name}: {value!r} is not allowed; {allowed}.")
 
-    lo, op, tr, da = cfg.lora, cfg.optim, cfg.train, cfg.data
-    need(lo.rank >= 1, "lora.rank", lo.rank, "use a whole number of at least 1 (8-64 is typical)")
-    need(lo.alpha > 0, "lora.alpha", lo.alpha, "use a positive number (often equal to or twice the rank)")
-    need(0 <= lo.dropout < 1, "lora.dropout", lo.dropout, "use a value in [0, 1)")
-    need(len(lo.target_modules) > 0, "lora.target_modules", lo.target_modules, "name at least one module or a preset")
-    presets = [m for m in lo.target_modules if m in LORA_PRESETS]
-    need(
-        not presets or len(lo.target_modules) == 1,
-        "lora.target_modules",
-        lo.target_modules,
-        f"a preset ({', '.join(LORA_PRESETS)}) must stand alone",
-    )
-    parse_layers(lo.layers)
-    need(op.learning_rate > 0, "optim.learning_rate", op.learning_rate, "use a positive number such as 2e-4")
-    need(op.weight_decay >= 0, "optim.weight_decay", op.weight_decay, "use 0 or a positive number")
-    need(0 <= op.adam_beta1 < 1, "optim.adam_beta1", op.adam_beta1, "use a value in [0, 1)")
-    need(0 <= op.adam_beta2 < 1, "optim.adam_beta2", op.adam_beta2, "use a value in [0, 1)")
-    need(op.adam_epsilon > 0, "optim.adam_epsilon", op.adam_epsilon, "use a small positive number such as 1e-8")
-    need(op.max_grad_norm >= 0, "optim.max_grad_norm", op.max_grad_norm, "use 0 (off) or a positive number")
-    need(op.warmup_steps >= 0, "optim.warmup_steps", op.warmup_steps, "use 0 or a positive whole number")
-    need(tr.micro_batch_size >= 1, "train.micro_batch_size", tr.micro_batch_size, "use a whole number of at least 1")
-    need(
-        tr.gradient_accumulation_steps >= 1,
-        "train.gradient_accumulation_steps",
-        tr.gradient_accumulation_steps,
-        "use a whole number of at least 1",
-    )
-    need(tr.epochs > 0, "train.epochs", tr.epochs, "use a positive number")
-    need(tr.max_steps is None or tr.max_steps >= 1, "train.max_steps", tr.max_steps, "use null or at least 1")
-    need(
-        tr.mlp_chunk_tokens is None or tr.mlp_chunk_tokens >= 64,
-        "train.mlp_chunk_tokens",
-        tr.mlp_chunk_tokens,
-        "use null (off) or at least 64 tokens (4096 is a good start)",
-    )
-    need(
-        tr.checkpoint_layers is None or tr.checkpoint_layers >= 1,
-        "train.checkpoint_layers",
-        tr.checkpoint_layers,
-        "use null (all layers) or at least 1; turn train.gradient_checkpointing off for none",
-    )
-    need(
-        tr.checkpoint_layers is None or tr.gradient_checkpointing != "auto",
-        "train.checkpoint_layers",
-        tr.checkpoint_layers,
-        "train.gradient_checkpointing auto chooses the layers itself; set this to null, or set "
-        "train.gradient_checkpointing to true to choose them yourself",
-    )
-    need(tr.logging_steps >= 1, "train.logging_steps", tr.logging_steps, "use a whole number of at least 1")
-    need(tr.eval_steps is None or tr.eval_steps >= 1, "train.eval_steps", tr.eval_steps, "use null or at least 1")
-    need(tr.save_steps is None or tr.save_steps >= 1, "train.save_steps", tr.save_steps, "use null or at least 1")
-    need(
-        tr.save_total_limit is None or tr.save_total_limit >= 1,
-        "train.save_total_limit",
-        tr.save_total_limit,
-        "use null (keep all) or at least 1",
-    )
-    need(da.max_length >= 8, "data.max_length", da.max_length, "use at least 8 tokens (512-4096 is typical)")
-    need(0 <= da.validation_split < 1, "data.validation_split", da.validation_split, "use a fraction in [0, 1)")
-    need(0 <= da.max_bad_fraction <= 1, "data.max_bad_fraction", da.max_bad_fraction, "use a fraction in [0, 1]")
-    need(bool(cfg.output.dir.strip()), "output.dir", cfg.output.dir, "name a folder for the run's files")
+def validate(cfg: TrainConfig) -> None:
+    """Check every field of every section; raise one ConfigError holding every problem found."""
+    raise_problems(problems_of(cfg))
 
 
 def check_ready(cfg: TrainConfig) -> None:
     """Checks that only a config about to train must pass (a draft in the GUI may leave them empty)."""
+    src = str(cfg.source_file) if cfg.source_file else None
+    problems = []
     if not cfg.model.ref.strip():
-        raise ConfigError("model.ref: no model chosen; set a local folder, a .gguf file or a hub id.")
+        problems.append(
+            Problem("no model chosen; set a local folder, a .gguf file or a hub id.", field="model.ref", file=src)
+        )
     if not cfg.data.path.strip():
-        raise ConfigError("data.path: no training data chosen; set a file, a folder or a hub dataset id.")
+        problems.append(
+            Problem("no training data chosen; set a file, a folder or a hub dataset id.", field="data.path", file=src)
+        )
+    raise_problems(problems)
 
 
 # -- overrides -------------------------------------------------------------------------------
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Apply ``section.field=value`` strings (values parsed as YAML) and validate the result."""
+    """Apply ``section.field=value`` strings (values parsed as YAML) and validate the result.
+
+    Raises:
+        ConfigError: a malformed or unknown override (its ``field``), or every bad value.
+    """
     data = cfg.to_dict()
+    problems: list[Problem] = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
-            raise ConfigError(f"override {item!r}: write section.field=value, e.g. lora.rank=32.")
+            problems.append(
+                Problem(
+                    f"override {show(item)}: write section.field=value, e.g. lora.rank=32.", fix="Check the spelling."
+                )
+            )
+            continue
         section, name = parts
         if section not in data or not isinstance(data[section], dict):
-            raise ConfigError(f"override {item!r}: unknown section {section!r}; known: {sorted(k for k in data if k != 'schema_version')}.")
+            known = sorted(k for k in data if k != "schema_version")
+            problems.append(
+                Problem(f"override {show(item)}: unknown section {section[:60]!r}; known: {known}.", field=section[:60])
+            )
+            continue
         if name not in data[section]:
-            raise ConfigError(f"override {item!r}: {section} has no field {name!r}; fields: {sorted(data[section])}.")
+            problems.append(
+                Problem(
+                    f"override {show(item)}: {section} has no field {name[:60]!r}; fields: {sorted(data[section])}.",
+                    field=f"{section}.{name[:60]}",
+                )
+            )
+            continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = load_yaml(raw)[0] if raw.strip() else ""
+        except ConfigError:  # not YAML: the text as written (a type problem names it if it must not be text)
             value = raw
         data[section][name] = value
+    raise_problems(problems)
     new = TrainConfig.from_dict(data, source="")
-    new.base_dir = cfg.base_dir
+    new.base_dir, new.source_file = cfg.base_dir, cfg.source_file
     return new
 
 

@@ -88,3 +88,12 @@ class RunControl:
         t = threading.Thread(target=loop, name="control-stdin", daemon=True)
         t.start()
         return t
+
+
+class Aborted(KeyboardInterrupt):
+    """The run was aborted (a second Ctrl-C or SIGTERM, or an 'abort' line): nothing more is saved,
+    every earlier checkpoint stays. ``signum``: the signal that aborted it, if one did."""
+
+    def __init__(self, signum: int | None = None) -> None:
+        super().__init__(signum)
+        self.signum = signum

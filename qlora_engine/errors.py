@@ -140,6 +140,11 @@ class DiskFullError(QLoRAError, OSError):
     """No space left (ENOSPC) or a file-size limit reached (EFBIG) while writing; ``file`` names where."""
 
 
+class WriteError(QLoRAError):
+    """A folder the engine must write cannot be written (read-only, no permission, a file in the way);
+    ``file`` (and ``field``, for ``output.dir``) name it."""
+
+
 class ExportError(QLoRAError):
     """An export cannot be made as asked (the output exists, the format does not fit the model...)."""
 
@@ -159,6 +164,7 @@ ERROR_TYPES: dict[str, type[QLoRAError]] = {
         RunLockedError,
         TrainingDiverged,
         DiskFullError,
+        WriteError,
         ExportError,
         ExportCancelled,
     )

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import re
 import sys
 import threading
 import time
@@ -19,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar, Protocol
 
-from qlora_engine import errors
+from qlora_engine import errors, scrub
 from qlora_engine.decisions import Decision
 from qlora_engine.errors import QLoRAError
 
@@ -28,19 +26,13 @@ def _now() -> float:
     return time.time()
 
 
-TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
-_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
+TOKEN_VARIABLES = scrub.TOKEN_VARIABLES
 
 
 def redact(text: str) -> str:
-    """``text`` with hub tokens replaced by ``hf_***``: the values of the token variables set
-    now, and anything shaped like a Hugging Face token. Everything the engine and the app
-    write (events, logs, crash reports) goes through it."""
-    for name in TOKEN_VARIABLES:
-        value = os.environ.get(name, "").strip()
-        if len(value) >= 16:  # a real token (37 characters), never a short value that could be in a number
-            text = text.replace(value, "hf_***")
-    return _TOKEN_PATTERN.sub("hf_***", text)
+    """``text`` with hub tokens replaced by ``hf_***`` (:func:`qlora_engine.scrub.scrub`, the one
+    scrubber every writer goes through)."""
+    return scrub.scrub(text)
 
 
 @dataclass(frozen=True)
@@ -270,9 +262,25 @@ class JsonlFileSink(StreamSink):
     def __init__(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         super().__init__(open(path, "a", encoding="utf-8"))  # noqa: SIM115 - closed in close()
+        self.path = Path(path)
+        self.failed: OSError | None = None
+
+    def emit(self, event: Event) -> None:
+        """Append the event; if the disk is full, stop writing the file (the error being reported,
+        a full disk, must not be replaced by a second one from its own log)."""
+        if self.failed is not None:
+            return
+        try:
+            super().emit(event)
+        except OSError as e:
+            self.failed = e
+            print(f"warning: {self.path}: events no longer written ({e.strerror or e})", file=sys.stderr)
 
     def close(self) -> None:
-        self.stream.close()
+        try:
+            self.stream.close()
+        except OSError:
+            pass  # the rest could not be written: already said in emit
 
 
 class MultiSink:
@@ -311,8 +319,11 @@ def describe(e: Event) -> str:
         msg = f"run {where} in {e.run_dir} on {e.device}: {e.total_steps} steps" + (f" ({speed})" if speed else "")
         msg += "".join(f"\n  decided: {d}" for d in e.decision_list())
     elif isinstance(e, RunFinished):
-        how = "stopped and saved" if e.stopped_early else "finished"
-        msg = f"{how} at step {e.step} in {fmt_duration(e.elapsed)}; adapter: {e.adapter_dir}"
+        if e.adapter_dir is None:  # aborted, or stopped before its first step: no adapter was written
+            msg = f"stopped at step {e.step} in {fmt_duration(e.elapsed)}; no adapter was saved"
+        else:
+            how = "stopped and saved" if e.stopped_early else "finished"
+            msg = f"{how} at step {e.step} in {fmt_duration(e.elapsed)}; adapter: {e.adapter_dir}"
     elif isinstance(e, RunFailed):
         msg = f"FAILED: {e.message}"
         if e.hint:

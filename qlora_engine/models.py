@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 
 from qlora_engine.config import LORA_PRESETS, LoraSettings, TrainConfig, parse_layers
-from qlora_engine.errors import ConfigError, ModelError
+from qlora_engine.errors import ConfigError, ModelError, QLoRAError
+from qlora_engine.model_check import check_model_folder, folder_problems
 from qlora_engine.paths import cache_dir
 
 SAFE_WEIGHTS = (".safetensors",)
@@ -53,13 +55,14 @@ def check_weights_safe(folder: Path) -> None:
     fmt = weights_format(folder)
     if fmt == "pickle-only":
         raise ModelError(
-            f"{folder}: the weights are only in pickle files (.bin/.pt), which can run arbitrary code when loaded. "
+            "the weights are only in pickle files (.bin/.pt), which can run arbitrary code when loaded. "
             "QLoRA Studio loads safetensors or GGUF only.",
+            file=folder,
             hint="Use a copy of the model in safetensors format (most hub models have one), "
             "or convert it on a machine you trust with `model.save_pretrained(dir, safe_serialization=True)`.",
         )
     if fmt == "none":
-        raise ModelError(f"{folder}: no weight files (*.safetensors) found in this folder.")
+        raise ModelError("no weight files (*.safetensors) found in this folder.", file=folder)
 
 
 def _offline_error(ref: str, exc: Exception) -> ModelError:
@@ -71,41 +74,73 @@ def _offline_error(ref: str, exc: Exception) -> ModelError:
     )
 
 
+_HUB_URL = re.compile(
+    r"^https?://(?:(?P<cred>[^/@\s]+)@)?(?:www\.)?(?:huggingface\.co|hf\.co)/(?P<repo>[^/?#\s]+/[^/?#\s]+)"
+)
+
+
+def hub_reference(ref: str) -> tuple[str, str | None]:
+    """A hub model URL (``https://[user:TOKEN@]huggingface.co/org/name[?token=TOKEN]``) as its repo id
+    and the token inside it; any other reference unchanged, with no token."""
+    from qlora_engine.scrub import ref_tokens
+
+    m = _HUB_URL.match(ref.strip())
+    if not m:
+        return ref, None
+    tokens = ref_tokens(ref)
+    return m.group("repo"), tokens[-1] if tokens else None
+
+
 def resolve_model(
-    ref: str, *, revision: str | None = None, weights: bool = True, sink: Any = None
+    ref: str, *, revision: str | None = None, weights: bool = True, sink: Any = None, token: str | None = None
 ) -> Path:
     """A local folder holding the model: the folder itself, the GGUF conversion, or a hub snapshot.
 
     With ``weights=False`` only config and tokenizer files are fetched (``inspect-model``).
+    ``token``: a hub token (``model.token``); a hub URL may carry one too (:func:`hub_reference`).
     """
+    from qlora_engine.scrub import is_masked, remember
+
     if not ref or not ref.strip():
-        raise ConfigError("model.ref: no model chosen; set a local folder, a .gguf file or a hub id.")
+        raise ConfigError("no model chosen; set a local folder, a .gguf file or a hub id.", field="model.ref")
+    ref, ref_token = hub_reference(ref)
+    token = token if token and not is_masked(token) else ref_token
+    remember(token)
     path = Path(ref).expanduser()
     if is_gguf(ref):
         if not path.is_file():
-            raise ModelError(f"{path}: GGUF file not found.")
+            what = "is not a regular file" if path.exists() else "GGUF file not found"
+            raise ModelError(f"{what}.", file=path, field="model.ref")
         return gguf_to_folder(path, sink=sink) if weights else path
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"{path}: not a Hugging Face model folder (no config.json).")
+            raise ModelError("not a Hugging Face model folder (no config.json).", file=path, field="model.ref")
         if weights:
             check_weights_safe(path)
+            check_model_folder(path)
         return path
+    if path.exists():
+        raise ModelError(
+            "is a file, but not a .gguf file; model.ref takes a model folder, a .gguf file or a hub id.",
+            file=path,
+            field="model.ref",
+        )
     if _looks_like_path(ref) or ref.count("/") > 1:
-        raise ModelError(f"{path}: no such model folder or file.")
-    return _download(ref, revision=revision, weights=weights)
+        raise ModelError("no such model folder or file.", file=path, field="model.ref")
+    return _download(ref, revision=revision, weights=weights, token=token)
 
 
-def _download(repo_id: str, *, revision: str | None, weights: bool) -> Path:
+def _download(repo_id: str, *, revision: str | None, weights: bool, token: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = HUB_FILES if weights else [p for p in HUB_FILES if p != "*.safetensors"]
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token or None))
     except Exception as e:  # offline, unknown id, gated: all end in the same message
         raise _offline_error(repo_id, e) from e
     if weights:
         check_weights_safe(folder)
+        check_model_folder(folder)
     return folder
 
 
@@ -148,8 +183,13 @@ def gguf_to_folder(path: Path, *, sink: Any = None) -> Path:
     except FileExistsError:  # another process converted it first
         shutil.rmtree(tmp, ignore_errors=True)
     except Exception as e:
+        from qlora_engine.checkpoint import disk_errno, disk_full, tree_bytes
+
+        code, written = disk_errno(e, target.parent), tree_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ModelError(f"{path}: could not read this GGUF file ({e}).") from e
+        if code is not None:  # a full cache disk is not a bad GGUF file
+            raise disk_full(target, code, max(written, path.stat().st_size * 4)) from None
+        raise ModelError(f"could not read this GGUF file ({type(e).__name__}: {str(e)[:300]}).", file=path) from e
     return target
 
 
@@ -190,14 +230,21 @@ def read_model_config(ref: str, *, trust_remote_code: bool = False, revision: st
     try:
         if is_gguf(ref):
             if not path.is_file():
-                raise ModelError(f"{path}: GGUF file not found.")
+                raise ModelError("GGUF file not found.", file=path)
             return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         folder = resolve_model(ref, revision=revision, weights=False)
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except ValueError as e:
+    except QLoRAError:
+        raise
+    except Exception as e:  # transformers raises ValueError, OSError, KeyError... for a damaged file
         if "trust_remote_code" in str(e):
             raise remote_code_error(ref) from e
-        raise ModelError(f"{ref}: could not read the model's configuration ({e}).") from e
+        where = path if is_gguf(ref) else path / "config.json"
+        raise ModelError(
+            f"could not read the model's configuration ({type(e).__name__}: {str(e)[:300]}).",
+            file=where,
+            fix="The file is damaged or not a model's; download or convert the model again.",
+        ) from e
 
 
 def remote_code_error(ref: str) -> ModelError:
@@ -270,6 +317,8 @@ def inspect_model(ref: str, *, trust_remote_code: bool = False, revision: str | 
         problems.append("weights are only in pickle files (.bin/.pt); QLoRA Studio loads safetensors or GGUF only")
     elif fmt == "none":
         problems.append("no weight files (*.safetensors) in the folder")
+    if local is not None and local.is_dir():  # the same verdict a run would reach before it loads
+        problems += [str(p) for p in folder_problems(local, config=config, trust_remote_code=trust_remote_code)]
     # A GGUF file's config names no architecture class: the class built from it does.
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     try:
@@ -320,7 +369,7 @@ def pick_device(choice: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     if choice == "cuda":
-        raise ConfigError("train.device: 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'.")
+        raise ConfigError("'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'.", field="train.device")
     return torch.device("cpu")
 
 
@@ -335,7 +384,16 @@ def pick_compute_dtype(choice: str, device: torch.device) -> torch.dtype:
 def load_tokenizer(folder: str | Path, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:  # a damaged tokenizer file fails in many ways, all the user's to fix
+        if "trust_remote_code" in str(e):
+            raise remote_code_error(str(folder)) from e
+        raise ModelError(
+            f"the tokenizer cannot be loaded ({type(e).__name__}: {str(e)[:300]}).",
+            file=folder,
+            fix="The tokenizer files are damaged or missing; download or convert the model again.",
+        ) from e
     if tok.pad_token_id is None:
         # A pad token that is not EOS: padding is masked out of the labels anyway, but an
         # EOS used as pad is easy to mask by mistake. unk is a safe stand-in when present.
@@ -368,6 +426,8 @@ def load_quantized_model(cfg: TrainConfig, folder: Path, device: torch.device, d
         if "trust_remote_code" in str(e):
             raise remote_code_error(cfg.model.ref) from e
         raise
+    except OSError as e:  # a weight file damaged after the pre-load check, or unreadable
+        raise ModelError(f"the weights cannot be loaded ({type(e).__name__}: {str(e)[:300]}).", file=folder) from e
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     return model
 
@@ -388,14 +448,15 @@ def apply_fused_kernels(model: torch.nn.Module, choice: str, device: torch.devic
     except ImportError as e:
         if choice == "liger":
             raise ConfigError(
-                "train.kernels: 'liger' needs the liger-kernel package; install it with "
-                "pip install 'qlora-studio[gpu]', or set train.kernels to auto or none."
+                "'liger' needs the liger-kernel package; install it with "
+                "pip install 'qlora-studio[gpu]', or set train.kernels to auto or none.",
+                field="train.kernels",
             ) from e
         return "none"
     if device.type != "cuda" or model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         if choice == "liger":
             where = "a CUDA GPU" if device.type != "cuda" else f"a supported architecture (not {model_type!r})"
-            raise ConfigError(f"train.kernels: 'liger' needs {where}; set train.kernels to auto or none.")
+            raise ConfigError(f"'liger' needs {where}; set train.kernels to auto or none.", field="train.kernels")
         return "none"
     _apply_liger_kernel_to_instance(model=model)
     return "liger"
@@ -407,15 +468,16 @@ def resolve_target_modules(lora: LoraSettings, linear: list[str], attn: list[str
         chosen = {"attention": attn, "mlp": mlp, "all-linear": linear}[targets[0]]
         if not chosen:
             raise ConfigError(
-                f"lora.target_modules: preset {targets[0]!r} matches no layer of this model; "
-                f"its linear layers are {linear}."
+                f"preset {targets[0]!r} matches no layer of this model; its linear layers are {linear}.",
+                field="lora.target_modules",
             )
         return list(chosen)
     unknown = [t for t in targets if t not in linear]
     if unknown:
         raise ConfigError(
-            f"lora.target_modules: {unknown} not in this model; its linear layers are {linear} "
-            f"(or use a preset: {', '.join(LORA_PRESETS)})."
+            f"{unknown} not in this model; its linear layers are {linear} "
+            f"(or use a preset: {', '.join(LORA_PRESETS)}).",
+            field="lora.target_modules",
         )
     return list(targets)
 
@@ -430,7 +492,11 @@ def linear_module_names(model: torch.nn.Module) -> tuple[list[str], list[str], l
         if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit)) and module is not out_emb:
             short = name.rsplit(".", 1)[-1]
             low = name.lower()
-            for lst, ok in ((linear, True), (attn, any(h in low for h in _ATTENTION_HINTS)), (mlp, any(h in low for h in _MLP_HINTS))):
+            for lst, ok in (
+                (linear, True),
+                (attn, any(h in low for h in _ATTENTION_HINTS)),
+                (mlp, any(h in low for h in _MLP_HINTS)),
+            ):
                 if ok and short not in lst:
                     lst.append(short)
     return linear, attn, mlp
@@ -446,7 +512,9 @@ def wrap_with_lora(model: torch.nn.Module, cfg: TrainConfig):
     layers = parse_layers(lora.layers)
     n_layers = len(_decoder_layers(model) or [])
     if layers is not None and max(layers) >= n_layers:
-        raise ConfigError(f"lora.layers: {lora.layers!r} goes past the model's {n_layers} layers (0-{n_layers - 1}).")
+        raise ConfigError(
+            f"{lora.layers!r} goes past the model's {n_layers} layers (0-{n_layers - 1}).", field="lora.layers"
+        )
     peft_cfg = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -493,8 +561,9 @@ def enable_gradient_checkpointing(model: torch.nn.Module, layers: int | None = N
             block.gradient_checkpointing = first <= i < first + keep
     if offload and not blocks:
         raise ConfigError(
-            f"train.offload_activations: {type(model).__name__} has no decoder layers that transformers "
-            "checkpoints, so there is nothing to offload; turn it off."
+            f"{type(model).__name__} has no decoder layers that transformers "
+            "checkpoints, so there is nothing to offload; turn it off.",
+            field="train.offload_activations",
         )
     if offload:
         from qlora_engine.offload import offloaded_checkpoint
@@ -529,7 +598,7 @@ def tile_mlps(model: torch.nn.Module, chunk: int) -> int:
     mlps = [b.mlp for b in model.modules() if isinstance(b, GradientCheckpointingLayer) and hasattr(b, "mlp")]
     if not mlps:
         raise ConfigError(
-            f"train.mlp_chunk_tokens: {type(model).__name__} has no decoder-layer MLP to tile; set it to null."
+            f"{type(model).__name__} has no decoder-layer MLP to tile; set it to null.", field="train.mlp_chunk_tokens"
         )
     for mlp in mlps:
         mlp.forward = tiled(mlp.forward)

@@ -23,21 +23,22 @@ import torch
 
 from qlora_engine import checkpoint as ckpt
 from qlora_engine import vram
-from qlora_engine.config import TrainConfig, check_ready
+from qlora_engine.config import TrainConfig, check_output_dir, check_ready, run_warnings
 from qlora_engine.control import RunControl
 from qlora_engine.data import PreparedData
 from qlora_engine.decisions import RunPlan
-from qlora_engine.errors import QLoRAError
-from qlora_engine.events import EventSink, JsonlFileSink, MultiSink, NullSink, RunFailed, RunFinished
-from qlora_engine.paths import write_error_log
+from qlora_engine.errors import ConfigError, QLoRAError
+from qlora_engine.events import EventSink, JsonlFileSink, LogLine, MultiSink, NullSink, RunFailed, RunFinished
+from qlora_engine.paths import sweep_interrupted, write_error_log
 from qlora_engine.plan import make_plan
+from qlora_engine.scrub import remember_config
 from qlora_engine.tracking import tracking_sinks
 from qlora_engine.train import RunInputs, Trainer, find_resume_checkpoint, prepare_inputs
 
 
 def plan_for(cfg: TrainConfig, inputs: RunInputs) -> RunPlan:
     """The plan of ``cfg`` for the prepared inputs, on the card this process has now."""
-    stats = inputs.data.report.get("token_stats") if isinstance(inputs.data.report, dict) else None
+    stats = inputs.data.token_stats
     return make_plan(
         cfg,
         n_train=len(inputs.data.train),
@@ -61,11 +62,17 @@ def build_trainer(
 
     ``data``: samples already prepared by the caller (benchmarks); None reads ``cfg.data``.
     """
+    remember_config(cfg)  # a token in the config is masked in everything written from here on
     if data is None:
         check_ready(cfg)
     resume_from = find_resume_checkpoint(cfg.output_dir, resume)
+    if resume_from is not None:  # damage or a changed setup is refused before the model loads
+        ckpt.check_resume(resume_from, cfg, force=force_resume)
     inputs = prepare_inputs(cfg, sink, data)
-    return Trainer(plan_for(cfg, inputs), inputs, sink, control, resume_from=resume_from, force_resume=force_resume)
+    plan = plan_for(cfg, inputs)
+    for problem in run_warnings(cfg, plan.total_steps, len(inputs.data.train)):
+        sink.emit(LogLine(level="warning", message=str(problem)))
+    return Trainer(plan, inputs, sink, control, resume_from=resume_from, force_resume=force_resume)
 
 
 def run(
@@ -81,30 +88,45 @@ def run(
 
     Errors are reported as a ``RunFailed`` event and then raised.
     """
+    remember_config(cfg)
     run_dir = cfg.output_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     lock = ckpt.RunLock(run_dir)
     try:
-        lock.acquire()  # raises before anything is written if another run lives here
+        check_output_dir(cfg)  # an existing file or a read-only place: refused before anything is written
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()  # raises before anything is written if another run lives here
+        except OSError as e:
+            code = ckpt.disk_errno(e, run_dir if run_dir.is_dir() else None)
+            if code is not None:  # a disk already full at the start
+                lock.path.unlink(missing_ok=True)
+                raise ckpt.disk_full(lock.path, code, 4096) from None
+            raise ConfigError(
+                f"the run folder cannot be made ({e.strerror or e}); nothing was written.", field="output.dir", file=run_dir
+            ) from None
     except QLoRAError as e:  # another run owns events.jsonl: report on the caller's sink only
         (sink or NullSink()).emit(_failed(e, None, run_dir))
         raise
-    out = base = MultiSink(JsonlFileSink(run_dir / "events.jsonl"), sink or NullSink())
     trainer: Trainer | None = None
+    out: MultiSink | None = None
     try:
+        for folder in (run_dir, run_dir / "checkpoints"):  # what a killed run's writes left behind
+            sweep_interrupted(folder)
+        out = base = MultiSink(JsonlFileSink(run_dir / "events.jsonl"), sink or NullSink())
         # Trackers (output.report_to) listen to the same stream; a failing one warns on `base` and goes quiet.
         out = MultiSink(base, *tracking_sinks(cfg.output.report_to, run_dir, report=base))
         trainer = build_trainer(cfg, out, control, resume=resume, force_resume=force_resume)
         trainer.setup()
         return trainer.train()
     except BaseException as e:
-        out.emit(_failed(e, trainer, run_dir))
+        (out or sink or NullSink()).emit(_failed(e, trainer, run_dir))
         raise
     finally:
         if trainer is not None:
             trainer.cleanup()
-        out.close()
-        lock.release()
+        if out is not None:
+            out.close()
+        lock.release()  # whatever happened, even a second signal: the folder is free again
 
 
 def _failed(e: BaseException, trainer: Trainer | None, run_dir: Path) -> RunFailed:
@@ -123,7 +145,9 @@ def _failed(e: BaseException, trainer: Trainer | None, run_dir: Path) -> RunFail
             hint = "Out of GPU memory. Changes that fit: " + "; ".join(f["description"] for f in fixes[:3]) + "."
         message = f"The GPU ran out of memory at step {step + 1}; the last checkpoint is kept."
     elif isinstance(e, KeyboardInterrupt):
-        message = "Interrupted; the last checkpoint is kept."
+        last = ckpt.latest_checkpoint(run_dir / "checkpoints")
+        kept = f"the last checkpoint is kept: {last}" if last else "no checkpoint was written yet"
+        message = f"aborted at step {step}; {kept}."
     elif user is None:
         message = f"internal error ({type(e).__name__}: {e})"
     log = write_error_log(tb, run_dir) if user is None else None

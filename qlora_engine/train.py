@@ -37,8 +37,8 @@ import torch  # noqa: E402
 from qlora_engine import checkpoint as ckpt
 from qlora_engine import fast_lora, models
 from qlora_engine.config import TrainConfig
-from qlora_engine.control import RunControl
-from qlora_engine.data import PreparedData, collate, count_tokens, prepare_data
+from qlora_engine.control import Aborted, RunControl
+from qlora_engine.data import IGNORE_INDEX, PreparedData, collate, count_tokens, prepare_data
 from qlora_engine.decisions import RunPlan
 from qlora_engine.errors import DataError, QLoRAError, ResumeError, TrainingDiverged
 from qlora_engine.events import (
@@ -52,6 +52,7 @@ from qlora_engine.events import (
     StepMetrics,
 )
 from qlora_engine.optim import build_optimizer, build_scheduler
+from qlora_engine.scrub import scrub_tree
 
 
 @dataclass
@@ -73,7 +74,7 @@ def prepare_inputs(cfg: TrainConfig, sink: EventSink, data: PreparedData | None 
     device = models.pick_device(cfg.train.device)
     dtype = models.pick_compute_dtype(cfg.quant.compute_dtype, device)
     sink.emit(PhaseChanged(phase="resolving", detail=cfg.model.ref))
-    folder = models.resolve_model(cfg.model.ref, revision=cfg.model.revision, sink=sink)
+    folder = models.resolve_model(cfg.model.ref, revision=cfg.model.revision, sink=sink, token=cfg.model.token)
     tokenizer = models.load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
     if data is None:
         sink.emit(PhaseChanged(phase="preparing_data", detail=cfg.data.path))
@@ -99,7 +100,7 @@ def find_resume_checkpoint(run_dir: Path, resume: bool | str | Path | None) -> P
             )
         return None
     if resume is True:
-        found = ckpt.latest_checkpoint(ckpt_dir)
+        found = ckpt.newest_checkpoint_folder(ckpt_dir)  # damaged: named when it is verified
         if found is None:
             raise ResumeError("no complete checkpoint to resume from.", file=ckpt_dir)
         return found
@@ -181,7 +182,12 @@ class Trainer:
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.plan.requested.save(self.run_dir / "config.yaml")
+        try:
+            self.plan.requested.save(self.run_dir / "config.yaml")
+        except OSError as e:
+            if ckpt.disk_errno(e, self.run_dir) is None:
+                raise
+            raise ckpt.disk_full(self.run_dir / "config.yaml", ckpt.disk_errno(e, self.run_dir) or 0, 1 << 16) from None
         self.facts = {
             **models.model_facts(self.model),
             "kernels": self.kernels,
@@ -198,7 +204,7 @@ class Trainer:
                 resumed_from=str(self.resume_from) if self.resume_from else None,
                 start_step=self.step,
                 vram_estimate=self.plan.vram_estimate,
-                data=self.data.report,
+                data=self.data.report_dict(),
                 decisions=[d.to_dict() for d in self.plan.decisions],
             )
         )
@@ -230,17 +236,10 @@ class Trainer:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        state = ckpt.load_state(folder)
-        diffs = [
-            f"{k}: checkpoint has {state['identity'].get(k)!r}, config has {v!r}"
-            for k, v in self._identity().items()
-            if state["identity"].get(k) != v
-        ]
-        if diffs and not self.force_resume:
-            raise ResumeError(
-                f"{folder}: cannot resume, the setup changed since this checkpoint: " + "; ".join(diffs),
-                hint="Undo the change, start a new run in another output.dir, or pass --force-resume.",
-            )
+        state = ckpt.load_state(folder)  # every file checked against the manifest first
+        changes = ckpt.identity_changes(state.get("identity", {}), self._identity())
+        if changes and not self.force_resume:
+            raise ckpt.changed_setup(folder, changes)
         weights = load_file(folder / "adapter_model.safetensors", device=str(self.device))
         result = set_peft_model_state_dict(self.model, weights)
         if getattr(result, "unexpected_keys", None):
@@ -277,11 +276,15 @@ class Trainer:
         t_start = time.perf_counter()
         step_times: deque[float] = deque(maxlen=20)  # for the ETA
         stopped = False
+        start_step = self.step
         while self.step < self.total_steps:
             self.control.wait_if_paused()
             if self.control.abort_requested:
-                stopped = True
                 emit(LogLine(level="warning", message=f"aborted at step {self.step}; nothing saved after the last checkpoint"))
+                return self._finish(t_start, stopped=True, save=False)
+            if self.control.stop_requested and self.step == start_step:
+                # stopped (SIGTERM, Ctrl-C, 'stop') before the first step: nothing new to save
+                emit(LogLine(level="warning", message=f"stopped before step {self.step + 1}; nothing new to save"))
                 return self._finish(t_start, stopped=True, save=False)
             t0 = time.perf_counter()
             if self.device.type == "cuda":
@@ -289,7 +292,7 @@ class Trainer:
             batches = [self.micro_batch(self.step * ga + i) for i in range(ga)]
             # Normalize by the label count of the whole optimizer step, so every answer token
             # weighs the same however the tokens fall into micro-batches.
-            n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
             n_tokens = sum(count_tokens(b, self.tokenizer.pad_token_id) for b in batches)
             try:
                 loss_sum = self._forward_backward(batches, n_labels)
@@ -369,6 +372,8 @@ class Trainer:
         if save:
             if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:06d}"):
                 self.save_checkpoint()
+            if self.control.abort_requested:  # an abort while saving: the checkpoint stays, no adapter
+                raise Aborted()
             adapter_dir = self.save_adapter()
         event = RunFinished(
             step=self.step,
@@ -401,7 +406,7 @@ class Trainer:
         total, count = 0.0, 0
         for i in range(0, len(self.data.validation), bs):
             b = collate(self.data.validation[i : i + bs], self.tokenizer.pad_token_id)
-            n = int((b["labels"][:, 1:] != -100).sum())
+            n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
             if n == 0:
                 continue
             b = {k: v.to(self.device) for k, v in b.items()}
@@ -428,14 +433,17 @@ class Trainer:
 
         def write(tmp: Path) -> None:
             self.model.save_pretrained(tmp, safe_serialization=True)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            torch.save(ckpt.rng_state(), tmp / "rng.pt")
+            ckpt.save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            ckpt.save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            ckpt.save_torch(ckpt.rng_state(), tmp / "rng.pt")
             (tmp / ckpt.STATE).write_text(json.dumps(state, indent=1, default=str), encoding="utf-8")
+            scrub_tree(tmp)  # before the manifest: its checksums are of the files as they stay
             ckpt.write_marker(tmp, {"step": self.step})
 
         path = ckpt.write_atomic_folder(self.ckpt_dir / ckpt.checkpoint_name(self.step), write, replace=True)
-        ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.save_total_limit)
+        # never the one just written, nor the one this run resumed from (still the only good one of
+        # its line until a newer one exists)
+        ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.save_total_limit, protect=(path, self.resumed_from))
         self.last_checkpoint = path
         self.sink.emit(CheckpointSaved(step=self.step, path=str(path)))
         return path

@@ -38,7 +38,7 @@ def oom_fixes(cfg: TrainConfig, data: PreparedData | None, card_bytes: int | Non
     try:
         from qlora_engine import budget
 
-        stats = data.report.get("token_stats") if data is not None and isinstance(data.report, dict) else None
+        stats = data.token_stats if data is not None else None
         est = budget.estimate(cfg, data_stats=stats)
         fixed = est.components.get("cuda_context", 0)
         target = card_bytes if card_bytes and est.total > card_bytes else int(fixed + 0.75 * (est.total - fixed))

@@ -124,7 +124,7 @@ CASES = [
     Case("unknown section", train_yaml("modle:\n  ref: x\n"), ("run.yaml", "unknown section", "modle")),
     Case("unknown field", train_yaml("lora:\n  rnak: 8\n"), ("run.yaml", "lora.rnak", "unknown field")),
     Case("section not a mapping", train_yaml("lora: 8\n"), ("lora", "expected a mapping")),
-    Case("wrong type", train_yaml("lora:\n  rank: abc\n"), ("lora.rank", "'abc'", "int")),
+    Case("wrong type", train_yaml("lora:\n  rank: abc\n"), ("lora.rank", "'abc'", "whole number")),
     Case("future schema", train_yaml("schema_version: 99\n"), ("schema_version 99",)),
     Case("no model chosen", train_yaml("data:\n  path: d.jsonl\n"), ("model.ref", "no model chosen")),
     Case("no data chosen", train_yaml("model:\n  ref: m\n"), ("data.path", "no training data")),
@@ -161,7 +161,7 @@ CASES = [
     Case("inspect pickle-only", lambda tmp, m: ["inspect-model", str(_pickled(tmp, m))], ("pickle",), 3),
     # -- data files -----------------------------------------------------------------------
     Case("data file missing", lambda tmp, m: ["train", cfg_file(tmp, m, data=tmp / "gone.jsonl")], ("gone.jsonl",)),
-    Case("malformed JSON line", train_data("d.jsonl", '{"text": "ok"}\n{"text": broken\n'), ("d.jsonl", "line 2")),
+    Case("malformed JSON line", train_data("d.jsonl", '{"text": "ok"}\n{"text": broken\n'), ("d.jsonl:2:",)),
     Case("empty file", train_data("d.jsonl", ""), ("d.jsonl", "empty")),
     Case("no usable rows", train_data("d.jsonl", '{"text": ""}\n{"text": "  "}\n'), ("d.jsonl",)),
     Case("unknown format", train_data("d.jsonl", '{"foo": 1, "bar": 2}\n'), ("d.jsonl", "format")),

@@ -61,7 +61,9 @@ def estimate_main(args: argparse.Namespace) -> int:
         out: dict[str, Any] = {"estimate": est.to_dict()}
         if advice is not None:
             out["fit"] = {k: v for k, v in advice.to_dict().items() if k != "estimate"}
-        print(json.dumps(out, indent=2))
+        from qlora_engine.scrub import scrub_data
+
+        print(json.dumps(scrub_data(out), indent=2))  # --json goes to files: scrubbed like them
     else:
         print(render(est, advice))
     if est.fits is False:

@@ -32,6 +32,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from qlora_engine.data.kinds import ACCEPTED_FILES, kind_by_name
 from qlora_engine.errors import DataError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tbz", ".tar.xz", ".txz")
@@ -56,8 +57,6 @@ _REFUSED_HINT = (
 
 def is_archive(path: Path) -> bool:
     """True for a zip or tar file: by its name, or by its first bytes when the name says nothing."""
-    from qlora_engine.data.sources import kind_by_name
-
     name = path.name.lower()
     if name.endswith(ARCHIVE_SUFFIXES):
         return True
@@ -121,8 +120,6 @@ def data_inside(folder: Path, archive: Path) -> Path:
     Raises:
         DataError: several candidates (listed, with the folder to pick one from) or none.
     """
-    from qlora_engine.data.sources import ACCEPTED_FILES, kind_by_name
-
     found: list[Path] = []
     nested: list[Path] = []
     other: list[Path] = []
@@ -153,17 +150,18 @@ def data_inside(folder: Path, archive: Path) -> Path:
 
     if found:
         raise DataError(
-            f"{archive}: holds {len(found)} data sets; cannot tell which to train on: {listing(found)}.",
+            f"holds {len(found)} data sets; cannot tell which to train on: {listing(found)}.",
             hint=(
                 f"Extract it into a folder of your own and point data.path at one of them (e.g. "
                 f"{found[0].relative_to(folder).as_posix()}); the copy in {folder} is a cache and may be removed."
             ),
+            file=archive,
         )
     contents = f"{len(nested + other)} other files: {listing(nested + other)}" if nested or other else "no files"
-    message = f"{archive}: no data file of an accepted kind inside; it holds {contents}."
+    message = f"no data file of an accepted kind inside; it holds {contents}."
     if nested:
         message += " Archives inside an archive are not extracted."
-    raise DataError(message, hint=f"Accepted inputs: {ACCEPTED_FILES}.")
+    raise DataError(message, hint=f"Accepted inputs: {ACCEPTED_FILES}.", file=archive)
 
 
 # -- reading zip and tar --------------------------------------------------------------------------
@@ -183,8 +181,9 @@ class _Reader:
                 self.tar = tarfile.open(archive, "r:*")  # noqa: SIM115 - closed by __exit__
         except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as e:
             raise DataError(
-                f"{archive}: not a readable zip or tar archive ({e}).",
+                f"not a readable zip or tar archive ({e}).",
                 hint="The download may be incomplete or damaged; fetch it again.",
+                file=archive,
             ) from None
         self._members: list[Any] = []
 
@@ -200,9 +199,9 @@ class _Reader:
             return self._check_zip()
         if not hasattr(tarfile, "data_filter"):
             raise DataError(
-                f"{self.archive}: tar archives are extracted only with Python's extraction filters "
-                "(Python 3.10.12, 3.11.4 or later).",
+                "tar archives are extracted only with Python's extraction filters (Python 3.10.12, 3.11.4 or later).",
                 hint="Update Python, or unpack the archive yourself and point data.path at the data file.",
+                file=self.archive,
             )
         return self._check_tar(dest)
 
@@ -220,8 +219,9 @@ class _Reader:
                 raise _refused(self.archive, info.filename, why)
             if info.flag_bits & 0x1:
                 raise DataError(
-                    f"{self.archive}: member {info.filename!r} is encrypted (password-protected).",
+                    f"member {info.filename!r} is encrypted (password-protected).",
                     hint="Unpack the archive yourself with its password and point data.path at the data file.",
+                    file=self.archive,
                 )
             self._members.append(info)
             if not info.is_dir():
@@ -234,8 +234,9 @@ class _Reader:
             members = self.tar.getmembers()  # reads (and decompresses) the whole archive, writes nothing
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(
-                f"{self.archive}: not a readable tar archive ({e}).",
+                f"not a readable tar archive ({e}).",
                 hint="The download may be incomplete or damaged; fetch it again.",
+                file=self.archive,
             ) from None
         for m in members:
             why = _name_problem(m.name)
@@ -266,7 +267,7 @@ class _Reader:
             except tarfile.FilterError as e:
                 raise _refused(self.archive, e.tarinfo.name, str(e)) from None
             except (tarfile.TarError, OSError, EOFError) as e:
-                raise DataError(f"{self.archive}: extracting into {folder} failed ({e}).") from None
+                raise DataError(f"extracting into {folder} failed ({e}).", file=self.archive) from None
             return
         assert self.zip is not None
         for info in self._members:
@@ -279,7 +280,7 @@ class _Reader:
                 with self.zip.open(info) as src, open(target, "wb") as out:
                     shutil.copyfileobj(src, out, 1 << 20)
             except (zipfile.BadZipFile, NotImplementedError, OSError, EOFError) as e:
-                raise DataError(f"{self.archive}: extracting member {info.filename!r} failed ({e}).") from None
+                raise DataError(f"extracting member {info.filename!r} failed ({e}).", file=self.archive) from None
 
 
 def _name_problem(name: str) -> str | None:
@@ -298,7 +299,7 @@ def _parts(name: str) -> list[str]:
 
 
 def _refused(archive: Path, member: str, why: str) -> DataError:
-    return DataError(f"{archive}: refused to extract member {member!r}: {why}.", hint=_REFUSED_HINT)
+    return DataError(f"refused to extract member {member!r}: {why}.", hint=_REFUSED_HINT, file=archive)
 
 
 def _check_size(archive: Path, sizes: list[tuple[str, int]], cache: Path) -> None:
@@ -311,17 +312,19 @@ def _check_size(archive: Path, sizes: list[tuple[str, int]], cache: Path) -> Non
     packed = archive.stat().st_size
     if total > RATIO_FLOOR and total > MAX_RATIO * packed:
         raise DataError(
-            f"{archive}: declares {_human(total)} of content in {_human(packed)} ({total / packed:,.0f} times its "
+            f"declares {_human(total)} of content in {_human(packed)} ({total / packed:,.0f} times its "
             f"size; largest member {largest!r}, {_human(largest_size)}): a zip bomb, not a data set. "
             "Nothing was extracted.",
             hint=_REFUSED_HINT,
+            file=archive,
         )
     free = shutil.disk_usage(cache).free
     if total > free:
         raise DataError(
-            f"{archive}: unpacks to {_human(total)} (largest member {largest!r}, {_human(largest_size)}), "
+            f"unpacks to {_human(total)} (largest member {largest!r}, {_human(largest_size)}), "
             f"more than the {_human(free)} free on the disk of {cache}. Nothing was extracted.",
             hint="Free some space, or unpack the data file onto a disk with room and point data.path at it.",
+            file=archive,
         )
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qlora_engine.data.report import DataReport
 from qlora_engine.data.store import SampleSet
 
 KEEP_ENTRIES = 8  # newest entries kept: a few datasets x settings, without filling the disk
@@ -26,17 +27,17 @@ def cache_root() -> Path:
     return cache_dir() / "data"
 
 
-def load(key: str) -> tuple[SampleSet, SampleSet | None, dict[str, Any]] | None:
+def load(key: str) -> tuple[SampleSet, SampleSet | None, DataReport] | None:
     folder = cache_root() / key
     if not (folder / "report.json").is_file():
         return None
     try:
-        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+        report = DataReport.from_dict(json.loads((folder / "report.json").read_text(encoding="utf-8")))
         train = SampleSet.load(folder, "train")
         validation = SampleSet.load(folder, "validation") if (folder / "validation.ids.npy").exists() else None
         os.utime(folder)  # recently used: pruned last
-    except (OSError, ValueError):
-        shutil.rmtree(folder, ignore_errors=True)  # a damaged entry is rebuilt, never trusted
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        shutil.rmtree(folder, ignore_errors=True)  # a damaged or older entry is rebuilt, never trusted
         return None
     return train, validation, report
 

@@ -6,7 +6,7 @@ will see a conversation at inference. Which characters carry loss is found from 
 template itself: the answer of assistant turn *i* is what the template adds between
 "conversation up to *i* with the generation prompt" and "conversation through *i*", which
 includes the template's end-of-turn marker so the model learns to stop. Tokens that hold any
-character of an answer span carry labels; everything else is -100.
+character of an answer span carry labels; everything else is ``IGNORE_INDEX`` (-100, the value PyTorch's cross entropy skips).
 """
 
 from __future__ import annotations
@@ -77,6 +77,19 @@ class Encoder:
         self._fast_render = self._compile_fast_render()
         self._checked = False
         self.rendered_chats = 0  # conversations that went through the chat template
+        self._max_token_chars: int | None = None
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token can cover (an upper bound, from the vocabulary's longest
+        entry: byte-level and SentencePiece entries are at least as long as the text they stand for)."""
+        if self._max_token_chars is None:
+            try:
+                longest = max((len(t) for t in self.tok.get_vocab()), default=16)
+            except Exception:  # a tokenizer that cannot list its vocabulary: a generous bound
+                longest = 64
+            self._max_token_chars = min(max(longest, 4), 4096)
+        return self._max_token_chars
 
     # -- chat -----------------------------------------------------------------------------
 

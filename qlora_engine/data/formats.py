@@ -83,11 +83,12 @@ def check_columns(columns: dict[str, str]) -> None:
     for ours, theirs in columns.items():
         if ours not in known:
             raise DataError(
-                f"data.columns: {ours!r} is not a field we read; map one of {', '.join(known)} to your column name, "
-                f"e.g. {{instruction: question, output: answer}}."
+                f"{ours!r} is not a field we read; map one of {', '.join(known)} to your column name, "
+                f"e.g. {{instruction: question, output: answer}}.",
+                field="data.columns",
             )
         if not isinstance(theirs, str) or not theirs:
-            raise DataError(f"data.columns.{ours}: name the column of your data that holds it.")
+            raise DataError("name the column of your data that holds it.", field=f"data.columns.{ours}")
 
 
 def map_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
@@ -167,10 +168,11 @@ def detect_format(rows: list[dict[str, Any]], label: str) -> tuple[str, dict[str
     if not fits:
         found = ", ".join(f"{k!r} ({n})" for k, n in keys.most_common(12)) or "no named fields"
         raise DataError(
-            f"{label}: cannot tell the data format. The first {len(rows)} rows have the keys {found}. "
+            f"cannot tell the data format. The first {len(rows)} rows have the keys {found}. "
             f"Accepted formats: {ACCEPTED_FORMATS}.",
             hint="Map your columns to ours with data.columns, e.g. {instruction: question, output: answer}, "
             "or set data.format.",
+            file=label,
         )
     best = max(FORMATS, key=lambda f: (fits[f], -FORMATS.index(f)))
     evidence["reason"] = f"{_describe(best)} in {fits[best]} of {len(rows)} rows"
@@ -285,7 +287,7 @@ def normalize(row: dict[str, Any], fmt: str, train_on_prompt: bool) -> Sample:
             # Conversational prompt/completion: turns in, assistant turns out.
             return _chat(list(prompt) + list(completion), "", train_on_prompt, prompt_turns=len(prompt))
         return PromptCompletion(_text(row, "prompt"), _text(row, "completion"))
-    raise DataError(f"data.format: {fmt!r} is not a format we read; accepted: {', '.join(FORMATS)}.")
+    raise DataError(f"{fmt!r} is not a format we read; accepted: {', '.join(FORMATS)}.", field="data.format")
 
 
 def preview(sample: Sample) -> dict[str, Any]:

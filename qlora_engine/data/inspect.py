@@ -50,7 +50,7 @@ def load_tokenizer_for(ref: str, *, trust_remote_code: bool = False, revision: s
 
         path = Path(ref).expanduser()
         if not path.is_file():
-            raise ModelError(f"{path}: GGUF file not found.")
+            raise ModelError("GGUF file not found.", file=path)
         # The same tokenizer the GGUF conversion saves next to the converted weights.
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         if tok.pad_token_id is None:
@@ -103,8 +103,9 @@ def inspect_data(
     Returns:
         A JSON-serializable dict: ``format``, ``evidence``, ``rows``, ``usable_rows``, ``skipped``,
         ``problems``, ``samples`` and, with a tokenizer, ``token_stats`` (with ``longest_sequence``, the
-        longest sample after the max_length policy), ``overlong`` and ``lengths`` (the full token
-        length of each measured sample, at most 100,000 of them).
+        longest sample after the max_length policy), ``overlong`` and ``lengths`` (the token
+        length of each measured sample, at most 100,000 of them; a sample whose text was cut
+        before tokenizing, ``overlong.cut_before_tokenizing``, counts only what was tokenized).
     """
     sink = sink or NullSink()
     cfg = _config(
@@ -167,6 +168,7 @@ def inspect_data(
             "truncated": tok.truncated,
             "dropped": tok.dropped_overlong,
             "no_answer_left": tok.no_answer_left,
+            "cut_before_tokenizing": tok.cut,
         }
         rendered = []
         for where, enc in tok.first:
@@ -263,7 +265,9 @@ def inspect_data_main(args: argparse.Namespace) -> int:
         max_rows=args.max_rows,
     )
     if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+        from qlora_engine.scrub import scrub_data
+
+        print(json.dumps(scrub_data(result), indent=2, ensure_ascii=False, default=str))  # scrubbed like files
     else:
         print_human(result, sys.stdout)
     return 0

@@ -8,8 +8,10 @@ without a word.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,12 +27,16 @@ from qlora_engine.data.formats import (
     ACCEPTED_FORMATS,
     DETECT_ROWS,
     BadRow,
+    ChatSample,
+    PromptCompletion,
     Sample,
+    TextSample,
     check_columns,
     detect_format,
     map_columns,
     normalize,
 )
+from qlora_engine.data.report import DataReport, OverlongCounts, SetReport
 from qlora_engine.data.sources import Source, open_source
 from qlora_engine.data.store import SampleBuilder, SampleSet, pack, split_indices, token_stats
 from qlora_engine.errors import DataError
@@ -39,6 +45,8 @@ from qlora_engine.events import EventSink, LogLine, NullSink, PhaseChanged
 DATA_FORMAT_VERSION = 1  # bump when the tokens produced for the same input change
 SHOW_WHERE = 5  # places listed per skip reason
 CHUNK = 512  # samples per tokenizer call
+CHUNK_CHARS = 8 << 20  # ...or fewer, so one call never holds more than this much text
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _EMPTY_WHY = {
     "jsonl": "only blank lines",
     "json": "an empty array",
@@ -55,15 +63,26 @@ class PreparedData:
     """Tokenized samples ready for batching.
 
     ``train`` and ``validation`` are sequences of samples; each sample is a dict with
-    ``input_ids`` and ``labels`` (lists of ints, labels -100 where no loss is taken) and, for
+    ``input_ids`` and ``labels`` (lists of ints, labels ``IGNORE_INDEX`` where no loss is taken) and, for
     packed samples, ``position_ids`` that restart at 0 for every sample packed into the
     sequence. ``fingerprint`` changes whenever the data, the tokenizer or a data setting does.
     """
 
     train: SampleSet
     validation: SampleSet | None
-    report: dict[str, Any] = field(default_factory=dict)
+    report: DataReport | None = None
     fingerprint: str = ""
+
+    def report_dict(self) -> dict[str, Any]:
+        """The report as plain JSON data (what events and the cache carry); {} when there is none."""
+        if isinstance(self.report, DataReport):
+            return self.report.to_dict()
+        return dict(self.report or {})  # samples a caller made itself (benchmarks) may carry a dict
+
+    @property
+    def token_stats(self) -> dict[str, Any] | None:
+        """The token-length statistics that size the VRAM estimate, if the data was measured."""
+        return self.report_dict().get("token_stats")
 
 
 class RowReader:
@@ -86,16 +105,18 @@ class RowReader:
                 break
         if not self._head:
             raise DataError(
-                f"{self.src.label}: no rows found ({_EMPTY_WHY.get(self.src.kind, 'the data set is empty')}). "
-                f"Accepted formats: {ACCEPTED_FORMATS}."
+                f"no rows found ({_EMPTY_WHY.get(self.src.kind, 'the data set is empty')}). "
+                f"Accepted formats: {ACCEPTED_FORMATS}.",
+                file=self.src.label,
             )
         data = [map_columns(r.data, self.dc.columns) for r in self._head if r.data is not None]
         if not data:
             for r in self._head:
                 self.skip(r.where, r.problem or "unreadable")
             raise DataError(
-                f"{self.src.label}: none of the first {len(self._head)} rows can be read: {self.skipped_summary()}.",
+                f"none of the first {len(self._head)} rows can be read: {self.skipped_summary()}.",
                 hint=f"Accepted formats: {ACCEPTED_FORMATS}.",
+                file=self.src.label,
             )
         missing = [
             f"{theirs!r} (data.columns.{ours})"
@@ -105,7 +126,7 @@ class RowReader:
         ]
         if missing:
             seen = sorted({k for r in self._head if r.data is not None for k in r.data})
-            raise DataError(f"{self.src.label}: column {missing[0]} not found; the rows have {seen}.")
+            raise DataError(f"column {missing[0]} not found; the rows have {seen}.", file=self.src.label)
         if self.dc.format != "auto":
             return self.dc.format, {"given": "data.format", "rows_examined": len(data)}
         return detect_format(data, self.src.label)
@@ -144,19 +165,21 @@ class RowReader:
     def check(self, max_bad_fraction: float) -> None:
         """No usable rows, or too many broken ones: stop with what was found."""
         if self.rows_read == 0:
-            raise DataError(f"{self.src.label}: no rows found. Accepted formats: {ACCEPTED_FORMATS}.")
+            raise DataError(f"no rows found. Accepted formats: {ACCEPTED_FORMATS}.", file=self.src.label)
         bad = self.skipped_total
         if bad == self.rows_read:
             raise DataError(
-                f"{self.src.label}: no usable rows as {self.format} data; all {bad} rows were skipped: "
+                f"no usable rows as {self.format} data; all {bad} rows were skipped: "
                 f"{self.skipped_summary()}. Accepted formats: {ACCEPTED_FORMATS}.",
                 hint="Fix the rows, or set data.format / data.columns if the format was guessed wrong.",
+                file=self.src.label,
             )
         if bad / self.rows_read > max_bad_fraction:
             raise DataError(
-                f"{self.src.label}: {bad} of {self.rows_read} rows ({bad / self.rows_read:.0%}) are unusable, more than "
+                f"{bad} of {self.rows_read} rows ({bad / self.rows_read:.0%}) are unusable, more than "
                 f"data.max_bad_fraction ({max_bad_fraction:.0%}): {self.skipped_summary()}.",
                 hint="Fix those rows, check data.format and data.columns, or raise data.max_bad_fraction.",
+                file=self.src.label,
             )
 
 
@@ -167,7 +190,42 @@ class Tokenized:
     truncated: int = 0
     dropped_overlong: int = 0
     no_answer_left: int = 0
+    cut: int = 0
     first: list[tuple[str, Encoded]] = field(default_factory=list)
+
+
+def _texts(sample: Sample) -> list[str]:
+    if isinstance(sample, TextSample):
+        return [sample.text]
+    if isinstance(sample, PromptCompletion):
+        return [sample.prompt, sample.completion]
+    return [str(m.get("content", "")) for m in sample.messages]
+
+
+def cut_sample(sample: Sample, limit: int) -> tuple[Sample, bool]:
+    """Every text of ``sample`` cut to ``limit`` characters; whether anything was cut.
+
+    With ``limit`` at least (max_length + 1) x the longest token's characters, a cut text alone
+    is longer than max_length tokens, so the first max_length tokens (all a sample keeps) are
+    the same as without the cut: memory is bounded by max_length, not by the longest line.
+    """
+    if all(len(t) <= limit for t in _texts(sample)):
+        return sample, False
+    if isinstance(sample, TextSample):
+        return TextSample(sample.text[:limit]), True
+    if isinstance(sample, PromptCompletion):
+        return PromptCompletion(sample.prompt[:limit], sample.completion[:limit]), True
+    messages = [{**m, "content": str(m.get("content", ""))[:limit]} for m in sample.messages]
+    return ChatSample(messages, sample.train), True
+
+
+def _surrogate_problem(sample: Sample) -> str | None:
+    """A lone UTF-16 surrogate (JSON's "\\ud800") is not text: no tokenizer can encode it."""
+    for t in _texts(sample):
+        m = _SURROGATE.search(t)
+        if m:
+            return f"holds a lone surrogate (\\u{ord(m.group()):04x}), which is not text"
+    return None
 
 
 def tokenize_rows(
@@ -213,12 +271,21 @@ def tokenize_rows(
                 out.truncated += 1
             builder.add(ids, trained)
 
+    char_limit = (dc.max_length + 1) * encoder.max_token_chars
     batch: list[tuple[str, Sample]] = []
-    for item in reader.samples(limit):
-        batch.append(item)
-        if len(batch) >= CHUNK:
+    batch_chars = 0
+    for where, sample in reader.samples(limit):
+        problem = _surrogate_problem(sample)
+        if problem is not None:
+            reader.skip(where, problem)
+            continue
+        sample, was_cut = cut_sample(sample, char_limit)
+        out.cut += was_cut
+        batch.append((where, sample))
+        batch_chars += sum(len(t) for t in _texts(sample))
+        if len(batch) >= CHUNK or batch_chars >= CHUNK_CHARS:
             flush(batch)
-            batch = []
+            batch, batch_chars = [], 0
             if time.monotonic() - last_report >= PROGRESS_EVERY_S:
                 last_report = time.monotonic()
                 frac = reader.src.fraction_done()
@@ -264,11 +331,9 @@ def open_configured(cfg: TrainConfig, spec: str) -> Source:
     return open_source(spec, cfg.resolve(spec), subset=cfg.data.subset, split=cfg.data.split)
 
 
-def _set_report(s: SampleSet, n_samples: int, max_length: int) -> dict[str, Any]:
-    info = {"samples": n_samples, "sequences": len(s), "tokens": s.num_tokens, "trained_tokens": s.num_trained}
-    if s.packed and len(s):
-        info["packing_fill"] = round(s.num_tokens / (len(s) * max_length), 3)
-    return info
+def _set_report(s: SampleSet, n_samples: int, max_length: int) -> SetReport:
+    fill = round(s.num_tokens / (len(s) * max_length), 3) if s.packed and len(s) else None
+    return SetReport(n_samples, len(s), s.num_tokens, s.num_trained, fill)
 
 
 def prepare_data(cfg: TrainConfig, tokenizer: Any, sink: EventSink | None = None) -> PreparedData:
@@ -285,7 +350,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, sink: EventSink | None = None
         hit = cache.load(fingerprint)
         if hit is not None:
             train, validation, report = hit
-            report["cache"] = "hit"
+            report = dataclasses.replace(report, cache="hit")
             sink.emit(
                 LogLine(
                     level="info", message=f"{src.label}: tokenized data taken from the cache ({len(train):,} sequences)"
@@ -329,9 +394,10 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, sink: EventSink | None = None
         lengths = main.lengths
     if len(train_set) == 0:
         raise DataError(
-            f"{src.label}: no training samples left: {main.dropped_overlong} longer than data.max_length "
+            f"no training samples left: {main.dropped_overlong} longer than data.max_length "
             f"({dc.max_length}) were dropped, {main.no_answer_left} had no answer left after truncation.",
             hint="Raise data.max_length or set data.overlong=truncate.",
+            file=src.label,
         )
     n_train, n_val = len(train_set), len(val_set) if val_set is not None else 0
     if dc.packing:
@@ -340,38 +406,37 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, sink: EventSink | None = None
         val_set = pack(val_set, dc.max_length) if val_set is not None and len(val_set) else val_set
 
     parts = [main] + ([val] if val is not None else [])
-    report: dict[str, Any] = {
-        "source": src.label,
-        "source_kind": src.kind,
-        "validation_source": val_src.label if val_src is not None else None,
-        "format": reader.format,
-        "evidence": reader.evidence,
-        "template": template_source if encoder.rendered_chats else None,
-        "train_on_prompt": dc.train_on_prompt,
-        "rows": sum(r.rows_read for r in readers),
-        "skipped": _merge_skipped(readers),
-        "skipped_total": sum(r.skipped_total for r in readers),
-        "overlong": {
-            "policy": dc.overlong,
-            "max_length": dc.max_length,
-            "truncated": sum(p.truncated for p in parts),
-            "dropped": sum(p.dropped_overlong for p in parts),
-            "no_answer_left": sum(p.no_answer_left for p in parts),
-        },
-        "token_stats": {
+    report = DataReport(
+        source=src.label,
+        source_kind=src.kind,
+        validation_source=val_src.label if val_src is not None else None,
+        format=reader.format,
+        evidence=reader.evidence,
+        template=template_source if encoder.rendered_chats else None,
+        train_on_prompt=dc.train_on_prompt,
+        rows=sum(r.rows_read for r in readers),
+        skipped=_merge_skipped(readers),
+        skipped_total=sum(r.skipped_total for r in readers),
+        overlong=OverlongCounts(
+            policy=dc.overlong,
+            max_length=dc.max_length,
+            truncated=sum(p.truncated for p in parts),
+            dropped=sum(p.dropped_overlong for p in parts),
+            no_answer_left=sum(p.no_answer_left for p in parts),
+            cut_before_tokenizing=sum(p.cut for p in parts),
+        ),
+        token_stats={
             **token_stats(lengths, dc.max_length),
             "longest_sequence": int(max(train_set.lengths.max(initial=0), 0)),
         },
-        "train": _set_report(train_set, n_train, dc.max_length),
-        "validation": _set_report(val_set, n_val, dc.max_length) if val_set is not None else None,
-        "packing": dc.packing,
-        "fingerprint": fingerprint,
-        "cache": "off",
-    }
-    if src.note:
-        report["note"] = src.note
+        train=_set_report(train_set, n_train, dc.max_length),
+        validation=_set_report(val_set, n_val, dc.max_length) if val_set is not None else None,
+        packing=dc.packing,
+        fingerprint=fingerprint,
+        note=src.note or None,
+    )
     if dc.cache:
-        report["cache"] = "written" if cache.save(fingerprint, train_set, val_set, report) else "not written"
+        report.cache = "written" if cache.save(fingerprint, train_set, val_set, report.to_dict()) else "not written"
     _emit_summary(sink, report)
     return PreparedData(train_set, val_set, report, fingerprint)
 
@@ -386,7 +451,8 @@ def _merge_skipped(readers: list[RowReader]) -> dict[str, Any]:
     return out
 
 
-def _emit_summary(sink: EventSink, report: dict[str, Any]) -> None:
+def _emit_summary(sink: EventSink, data_report: DataReport) -> None:
+    report = data_report.to_dict()
     tr, ov, st = report["train"], report["overlong"], report["token_stats"]
     val = report["validation"]
     sink.emit(

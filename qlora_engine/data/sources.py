@@ -20,31 +20,19 @@ import hashlib
 import io
 import json
 import os
+import stat
 import sys
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from qlora_engine.data import archives
+from qlora_engine.data.kinds import ACCEPTED_FILES, kind_by_name
 from qlora_engine.errors import DataError
 
-FILE_KINDS = {
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "json",
-    ".csv": "csv",
-    ".tsv": "tsv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-    ".txt": "text",
-    ".text": "text",
-    ".md": "text",
-}
-ACCEPTED_FILES = (
-    "JSONL, JSON, CSV, TSV, Parquet, plain text (.txt), one of those in a .zip or tar archive, "
-    "a datasets.save_to_disk folder or a hub dataset id"
-)
 _BOMS = {b"\xff\xfe": "UTF-16 LE", b"\xfe\xff": "UTF-16 BE"}
 
 
@@ -106,33 +94,44 @@ def open_source(spec: str, path: Path, *, subset: str | None = None, split: str 
     with a label naming both (``train.zip › data/train.jsonl``).
     """
     if not spec or not spec.strip():
-        raise DataError("data.path: no training data chosen; set a file, a folder or a hub dataset id.")
+        raise DataError("no training data chosen; set a file, a folder or a hub dataset id.", field="data.path")
     if path.is_dir():
         return _open_saved(path, split)
+    if path.exists() and not path.is_file():
+        raise DataError(
+            f"is {_special_kind(path)}, not a data file; only regular files are read.", file=path, field="data.path"
+        )
     if path.is_file():
+        if not os.access(path, os.R_OK):
+            raise DataError("cannot be read (permission denied).", file=path, fix="Check the file's permissions.")
         if path.stat().st_size == 0:
-            raise DataError(f"{path}: the file is empty (0 bytes). Accepted inputs: {ACCEPTED_FILES}.")
+            raise DataError(f"the file is empty (0 bytes). Accepted inputs: {ACCEPTED_FILES}.", file=path)
         if archives.is_archive(path):
             return _open_archive(path, split)
         return _open_file(path, str(path))
     if _looks_like_path(spec):
-        raise DataError(f"{path}: no such file or folder.", hint=f"Accepted inputs: {ACCEPTED_FILES}.")
+        raise DataError("no such file or folder.", hint=f"Accepted inputs: {ACCEPTED_FILES}.", file=path)
     return _open_hub(spec, subset, split)
 
 
-def kind_by_name(name: str) -> str | None:
-    """The kind of data a file name says (``train.jsonl.gz``: jsonl), or None."""
-    suffixes = [s.lower() for s in Path(name).suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    return FILE_KINDS.get(suffixes[-1]) if suffixes else None
+def _special_kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _open_file(path: Path, label: str) -> Source:
     kind = _file_kind(path, label)
     size = path.stat().st_size
     if size == 0:
-        raise DataError(f"{label}: the file is empty (0 bytes). Accepted inputs: {ACCEPTED_FILES}.")
+        raise DataError(f"the file is empty (0 bytes). Accepted inputs: {ACCEPTED_FILES}.", file=label)
     return Source(label=label, kind=kind, path=path, size_bytes=size)
 
 
@@ -160,7 +159,7 @@ def _file_kind(path: Path, label: str) -> str:
     if kind is not None:
         return kind
     # No telling extension: look at the first bytes.
-    with _open_binary(path) as fh:
+    with _damage_is_data_error(label), _open_binary(path) as fh:
         head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if head.startswith(b"{"):
         return "jsonl"
@@ -169,9 +168,29 @@ def _file_kind(path: Path, label: str) -> str:
     if head.startswith(b"PAR1"):
         return "parquet"
     raise DataError(
-        f"{label}: unknown file type {path.suffix or '(no extension)'!r}.",
+        f"unknown file type {path.suffix or '(no extension)'!r}.",
         hint=f"Accepted inputs: {ACCEPTED_FILES}. Rename the file with the extension that fits its content.",
+        file=label,
     )
+
+
+MAX_ROW_BYTES = 64 << 20
+"""Longest line read as one row: far past any sample a model can take, short of exhausting RAM."""
+
+
+@contextmanager
+def _damage_is_data_error(label: str, where: Callable[[], str] = lambda: "") -> Iterator[None]:
+    """A truncated or corrupt compressed file (or a read error) as a DataError naming the file."""
+    try:
+        yield
+    except (EOFError, zlib.error, OSError) as e:
+        at = where()
+        what = "truncated" if isinstance(e, EOFError) else "damaged or unreadable"
+        raise DataError(
+            f"the file is {what}{f' ({at})' if at else ''}: {type(e).__name__}: {str(e)[:200]}.",
+            file=label,
+            fix="Download or copy the file again; nothing was trained.",
+        ) from None
 
 
 def _open_binary(path: Path) -> BinaryIO:
@@ -189,12 +208,16 @@ def _check_utf16(label: str, first: bytes) -> None:
     for bom, name in _BOMS.items():
         if first.startswith(bom):
             raise DataError(
-                f"{label}: the file is encoded as {name}, not UTF-8.",
+                f"the file is encoded as {name}, not UTF-8.",
                 hint="Save it as UTF-8 (in most editors: Save As, encoding UTF-8) and try again.",
+                file=label,
             )
 
 
-def _decode(line: bytes) -> tuple[str | None, str | None]:
+def _decode(line: bytes | None) -> tuple[str | None, str | None]:
+    if line is None:
+        size = f"{MAX_ROW_BYTES >> 20} MiB" if MAX_ROW_BYTES >= 1 << 20 else f"{MAX_ROW_BYTES:,} bytes"
+        return None, f"longer than {size} on one line"
     try:
         return line.decode("utf-8"), None
     except UnicodeDecodeError as e:
@@ -202,12 +225,25 @@ def _decode(line: bytes) -> tuple[str | None, str | None]:
         return None, f"not UTF-8 text (byte 0x{bad} at column {e.start + 1}); save the file as UTF-8"
 
 
-def _binary_lines(src: Source) -> Iterator[tuple[int, bytes]]:
-    """(line number, line without its ending) for every line; BOM removed, progress tracked."""
+def _binary_lines(src: Source) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line without its ending) for every line; BOM removed, progress tracked.
+
+    A line longer than :data:`MAX_ROW_BYTES` comes as None (the caller skips it as a row).
+    """
     assert src.path is not None
-    with _open_binary(src.path) as fh:
+    n = 0
+    with _damage_is_data_error(src.label, lambda: f"at line {n + 1}"), _open_binary(src.path) as fh:
         src._pos = lambda: _raw_position(fh) / max(src.size_bytes or 1, 1) if not fh.closed else 1.0
-        for n, line in enumerate(fh, 1):
+        while True:
+            line = fh.readline(MAX_ROW_BYTES + 1)
+            if not line:
+                return
+            n += 1
+            if len(line) > MAX_ROW_BYTES:  # skip the rest of the line without holding it
+                while line and not line.endswith(b"\n"):
+                    line = fh.readline(1 << 20)
+                yield n, None
+                continue
             if n == 1:
                 _check_utf16(src.label, line)
                 if line.startswith(b"\xef\xbb\xbf"):
@@ -220,7 +256,7 @@ def _binary_lines(src: Source) -> Iterator[tuple[int, bytes]]:
 
 def _jsonl_rows(src: Source) -> Iterator[Row]:
     for n, raw in _binary_lines(src):
-        if not raw.strip():
+        if raw is not None and not raw.strip():
             continue
         where = f"line {n}"
         text, problem = _decode(raw)
@@ -231,11 +267,13 @@ def _jsonl_rows(src: Source) -> Iterator[Row]:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(
-                f"{src.label}, line {n}: not valid JSON ({e.msg} at column {e.colno}). Nothing was written.",
+                f"not valid JSON ({e.msg} at column {e.colno}). Nothing was written.",
                 hint="Each line of a JSONL file must hold one complete JSON object; fix or delete that line.",
+                file=src.label,
+                line=n,
             ) from None
         except RecursionError:
-            raise DataError(f"{src.label}, line {n}: JSON nested too deeply to read.") from None
+            raise DataError("JSON nested too deeply to read.", file=src.label, line=n) from None
         if isinstance(obj, dict):
             yield Row(where, data=obj)
         else:
@@ -245,7 +283,7 @@ def _jsonl_rows(src: Source) -> Iterator[Row]:
 def _json_rows(src: Source) -> Iterator[Row]:
     """A JSON array (items are read one by one, each with its line) or an object holding one."""
     assert src.path is not None
-    with _open_binary(src.path) as fh:
+    with _damage_is_data_error(src.label), _open_binary(src.path) as fh:
         data = fh.read()
     _check_utf16(src.label, data)
     if data.startswith(b"\xef\xbb\xbf"):
@@ -255,13 +293,15 @@ def _json_rows(src: Source) -> Iterator[Row]:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(
-            f"{src.label}, line {line}: not UTF-8 text (byte 0x{data[e.start : e.start + 1].hex()}).",
+            f"not UTF-8 text (byte 0x{data[e.start : e.start + 1].hex()}).",
             hint="Save the file as UTF-8 and try again.",
+            file=src.label,
+            line=line,
         ) from None
     del data
     stripped = text.lstrip()
     if not stripped:
-        raise DataError(f"{src.label}: the file holds only whitespace. Accepted inputs: {ACCEPTED_FILES}.")
+        raise DataError(f"the file holds only whitespace. Accepted inputs: {ACCEPTED_FILES}.", file=src.label)
     decoder = json.JSONDecoder()
     if stripped[0] == "{":
         # Either one object holding a list of rows, or JSON Lines saved with a .json name.
@@ -273,14 +313,14 @@ def _json_rows(src: Source) -> Iterator[Row]:
                 src.kind = "jsonl"
                 yield from _jsonl_rows(src)
                 return
-            raise DataError(f"{src.label}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
+            raise DataError(f"not valid JSON ({e.msg} at column {e.colno}).", file=src.label, line=e.lineno) from None
         except RecursionError:
-            raise DataError(f"{src.label}: JSON nested too deeply to read.") from None
+            raise DataError("JSON nested too deeply to read.", file=src.label) from None
         yield from _rows_in_object(src, obj)
         return
     if stripped[0] != "[":
         raise DataError(
-            f"{src.label}, line 1: expected a JSON array of rows or an object holding one, found {stripped[:20]!r}."
+            f"expected a JSON array of rows or an object holding one, found {stripped[:20]!r}.", file=src.label, line=1
         )
     pos = text.index("[") + 1
     line = text.count("\n", 0, pos) + 1
@@ -292,16 +332,16 @@ def _json_rows(src: Source) -> Iterator[Row]:
             pos += 1
         line += text.count("\n", start, pos)
         if pos >= len(text):
-            raise DataError(f"{src.label}, line {line}: the JSON array is not closed with ']'.")
+            raise DataError("the JSON array is not closed with ']'.", file=src.label, line=line)
         if text[pos] == "]":
             break
         item += 1
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise DataError(f"{src.label}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
+            raise DataError(f"not valid JSON ({e.msg} at column {e.colno}).", file=src.label, line=e.lineno) from None
         except RecursionError:
-            raise DataError(f"{src.label}, line {line}: JSON nested too deeply to read.") from None
+            raise DataError("JSON nested too deeply to read.", file=src.label, line=line) from None
         where = f"line {line}"
         if isinstance(obj, dict):
             yield Row(where, data=obj)
@@ -310,7 +350,7 @@ def _json_rows(src: Source) -> Iterator[Row]:
         line += text.count("\n", pos, end)
         pos = end
     if text[pos + 1 :].strip():
-        raise DataError(f"{src.label}, line {line}: unexpected text after the closing ']'.")
+        raise DataError("unexpected text after the closing ']'.", file=src.label, line=line)
 
 
 def _rows_in_object(src: Source, obj: dict[str, Any]) -> Iterator[Row]:
@@ -322,8 +362,9 @@ def _rows_in_object(src: Source, obj: dict[str, Any]) -> Iterator[Row]:
     if len(lists) > 1:
         keys = ", ".join(repr(k) for k in lists)
         raise DataError(
-            f"{src.label}: the JSON object holds several lists of rows ({keys}); cannot tell which to train on.",
+            f"the JSON object holds several lists of rows ({keys}); cannot tell which to train on.",
             hint="Save the rows you want as a JSON array or as JSONL.",
+            file=src.label,
         )
     key, items = next(iter(lists.items()))
     for i, item in enumerate(items, 1):
@@ -333,10 +374,10 @@ def _rows_in_object(src: Source, obj: dict[str, Any]) -> Iterator[Row]:
 def _csv_rows(src: Source) -> Iterator[Row]:
     assert src.path is not None
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # the default (128 KiB) rejects long answers
-    with _open_binary(src.path) as raw:
+    with _damage_is_data_error(src.label), _open_binary(src.path) as raw:
         head = raw.read(4)
         _check_utf16(src.label, head)
-    with _open_binary(src.path) as raw:
+    with _damage_is_data_error(src.label), _open_binary(src.path) as raw:
         fh = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
         src._pos = lambda: _raw_position(raw) / max(src.size_bytes or 1, 1) if not raw.closed else 1.0
         if src.kind == "tsv":
@@ -349,10 +390,10 @@ def _csv_rows(src: Source) -> Iterator[Row]:
         try:
             header = next(reader, None)
             if header is None:
-                raise DataError(f"{src.label}: the file has no header row. Accepted inputs: {ACCEPTED_FILES}.")
+                raise DataError(f"the file has no header row. Accepted inputs: {ACCEPTED_FILES}.", file=src.label)
             header = [h.strip() for h in header]
             if any(_has_surrogates(h) for h in header):
-                raise DataError(f"{src.label}, line 1: the header is not UTF-8 text; save the file as UTF-8.")
+                raise DataError("the header is not UTF-8 text; save the file as UTF-8.", file=src.label, line=1)
             line = reader.line_num + 1
             for fields in reader:
                 where, line = f"line {line}", reader.line_num + 1
@@ -365,7 +406,7 @@ def _csv_rows(src: Source) -> Iterator[Row]:
                 else:
                     yield Row(where, data=dict(zip(header, fields, strict=True)))
         except csv.Error as e:
-            raise DataError(f"{src.label}, line {reader.line_num}: not valid CSV ({e}).") from None
+            raise DataError(f"not valid CSV ({e}).", file=src.label, line=reader.line_num) from None
 
 
 def _has_surrogates(s: str) -> bool:
@@ -377,18 +418,31 @@ def _has_surrogates(s: str) -> bool:
 
 
 def _parquet_rows(src: Source) -> Iterator[Row]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     assert src.path is not None
     try:
         pf = pq.ParquetFile(src.path)
     except Exception as e:
-        raise DataError(f"{src.label}: not a readable Parquet file ({e}).") from None
+        raise DataError(f"not a readable Parquet file ({e}).", file=src.label) from None
     total = max(pf.metadata.num_rows, 1)
     done = 0
     src._pos = lambda: done / total
-    for batch in pf.iter_batches(batch_size=1024):
-        for obj in batch.to_pylist():
+    batches = pf.iter_batches(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches, None)
+            rows = batch.to_pylist() if batch is not None else None
+        except (pa.ArrowException, OSError, ValueError) as e:  # a damaged page or column chunk
+            raise DataError(
+                f"the Parquet file is damaged after row {done:,} ({type(e).__name__}: {str(e)[:200]}).",
+                file=src.label,
+                fix="Write or copy the file again; nothing was trained.",
+            ) from None
+        if rows is None:
+            return
+        for obj in rows:
             done += 1
             yield Row(f"row {done}", data=obj)
 
@@ -396,7 +450,7 @@ def _parquet_rows(src: Source) -> Iterator[Row]:
 def _text_rows(src: Source) -> Iterator[Row]:
     """Samples separated by blank lines if the file has any, else one sample per line."""
     assert src.path is not None
-    with _open_binary(src.path) as fh:
+    with _damage_is_data_error(src.label), _open_binary(src.path) as fh:
         head = fh.read(1 << 20)
     by_block = b"\n\n" in head.replace(b"\r\n", b"\n").strip()
     src.note = "samples are blocks separated by blank lines" if by_block else "one sample per line"
@@ -439,15 +493,16 @@ def _open_saved(path: Path, split: str, label: str | None = None) -> Source:
     label = label or str(path)
     if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         raise DataError(
-            f"{label}: a folder, but not one written by datasets.save_to_disk (no dataset_info.json).",
+            "a folder, but not one written by datasets.save_to_disk (no dataset_info.json).",
             hint=f"Point data.path at a data file inside it. Accepted inputs: {ACCEPTED_FILES}.",
+            file=label,
         )
     import datasets
 
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise DataError(f"{label}: could not read the saved dataset ({type(e).__name__}: {e}).") from None
+        raise DataError(f"could not read the saved dataset ({type(e).__name__}: {e}).", file=label) from None
     ds = _pick_split(ds, split, label)
     return Source(label=label, kind="saved", path=path, dataset=ds)
 
@@ -476,6 +531,6 @@ def _pick_split(ds: Any, split: str, label: str) -> Any:
 
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise DataError(f"{label}: no split {split!r}; splits: {', '.join(ds)}.", hint="Set data.split.")
+            raise DataError(f"no split {split!r}; splits: {', '.join(ds)}.", hint="Set data.split.", file=label)
         return ds[split]
     return ds

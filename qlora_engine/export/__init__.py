@@ -15,12 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qlora_engine.export.common import ExportCancelled, ExportError
+from qlora_engine.export.common import FORMATS, ExportCancelled, ExportError
 from qlora_engine.export.source import RunInfo, load_run
 
-FORMATS = ("adapter", "merged", "gguf")
-
-__all__ = ["FORMATS", "ExportCancelled", "ExportError", "RunInfo", "add_cli", "export", "load_run"]
+__all__ = ["FORMATS", "ExportCancelled", "ExportError", "RunInfo", "export", "load_run"]
 
 
 def export(
@@ -75,8 +73,3 @@ def export(
         )
     raise ExportError(f"format: {fmt!r} is not an export format; choose one of {', '.join(FORMATS)}.")
 
-
-def add_cli(subparsers: Any) -> None:
-    from qlora_engine.export.cli import add_cli as _add
-
-    _add(subparsers)

@@ -7,7 +7,7 @@ import signal
 import sys
 from typing import Any
 
-from qlora_engine.export import FORMATS
+from qlora_engine.export.common import FORMATS
 
 
 def _interrupt_on_sigterm() -> None:

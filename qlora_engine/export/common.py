@@ -10,7 +10,9 @@ from typing import Any
 from qlora_engine.errors import ExportCancelled, ExportError
 from qlora_engine.events import LogLine, PhaseChanged
 
-__all__ = ["ExportCancelled", "ExportError", "Reporter"]
+__all__ = ["FORMATS", "ExportCancelled", "ExportError", "Reporter"]
+
+FORMATS = ("adapter", "merged", "gguf")
 
 
 class Reporter:

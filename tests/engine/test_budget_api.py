@@ -359,4 +359,4 @@ def test_run_started_carries_the_estimate(tiny_cfg):
 
 
 def test_public_names():
-    assert callable(budget.estimate) and callable(budget.fit) and callable(budget.add_cli)
+    assert callable(budget.estimate) and callable(budget.fit)

@@ -144,7 +144,7 @@ def test_a_saved_dataset_inside_a_zip_is_opened(tmp_path):
 
 def test_a_bad_row_inside_an_archive_names_the_archive_the_member_and_the_line(tmp_path):
     archive = make_zip(tmp_path / "train.zip", {"train.jsonl": '{"text": "ok"}\n{"text": broken\n'})
-    with pytest.raises(DataError, match=r"train\.zip › train\.jsonl, line 2: not valid JSON"):
+    with pytest.raises(DataError, match=r"train\.zip › train\.jsonl:2: not valid JSON"):
         list(open_path(archive).rows())
 
 

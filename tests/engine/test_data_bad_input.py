@@ -28,7 +28,7 @@ def cache_entries() -> list[Path]:
 def test_malformed_json_line_names_the_file_and_line_and_writes_nothing(data_dir, tok):
     with pytest.raises(DataError) as e:
         prepare_data(make_cfg(data_dir / "bad_malformed.jsonl"), tok)
-    assert str(e.value).startswith(f"{data_dir / 'bad_malformed.jsonl'}, line 3: not valid JSON")
+    assert str(e.value).startswith(f"{data_dir / 'bad_malformed.jsonl'}:3: not valid JSON")
     assert "Nothing was written" in str(e.value)
     assert cache_entries() == []
 
@@ -36,7 +36,7 @@ def test_malformed_json_line_names_the_file_and_line_and_writes_nothing(data_dir
 def test_malformed_json_array_names_the_line(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text('[\n  {"text": "a"},\n  {"text": "b"},\n  {"text": "c" "d"}\n]\n')
-    with pytest.raises(DataError, match=r"rows\.json, line 4: not valid JSON"):
+    with pytest.raises(DataError, match=r"rows\.json:4: not valid JSON"):
         inspect_data(path)
 
 
@@ -214,7 +214,7 @@ def _check_outcome(path: Path, tok, **data) -> bool:
         assert any(lab != IGNORE_INDEX for lab in labels)
         if len(ids) < 48:
             assert ids[-1] == tok.eos_token_id
-    json.dumps(prepared.report)
+    json.dumps(prepared.report.to_dict())
     return True
 
 

@@ -136,7 +136,7 @@ def test_cli_inspect_data_text_and_options(data_dir, tiny_model_dir, tmp_path, c
 
 def test_cli_inspect_data_errors_exit_2_with_the_line(data_dir, capsys):
     assert main(["inspect-data", str(data_dir / "bad_malformed.jsonl")]) == 2
-    assert "bad_malformed.jsonl, line 3: not valid JSON" in capsys.readouterr().err
+    assert "bad_malformed.jsonl:3: not valid JSON" in capsys.readouterr().err
     assert main(["inspect-data", str(data_dir / "alpaca.jsonl"), "--column", "nonsense"]) == 2
     assert "write OURS=THEIRS" in capsys.readouterr().err
 

@@ -91,7 +91,7 @@ def test_a_checkpoint_torn_at_any_file_never_becomes_latest(tiny_cfg, monkeypatc
         raise SystemExit(f"killed while writing {name}")
 
     def save(obj, f, *a, **k):
-        if str(f).endswith(fail_at):
+        if str(getattr(f, "name", f)).endswith(fail_at):  # a path, or the file object the engine writes through
             boom(fail_at)
         return real_save(obj, f, *a, **k)
 
@@ -124,7 +124,7 @@ def test_a_checkpoint_with_a_bad_marker_is_refused(tiny_cfg):
     with open(folder / "optimizer.pt", "ab") as fh:  # a file whose size no longer matches the marker
         fh.write(b"x")
     assert ckpt.latest_checkpoint(cfg.output_dir / "checkpoints") is None
-    with pytest.raises(ResumeError, match="not a complete checkpoint"):
+    with pytest.raises(ResumeError, match="damaged checkpoint: optimizer.pt is"):
         run(tiny_cfg(*COMMON, "train.max_steps=4"), ListSink(), resume=str(folder))
 
 
@@ -134,7 +134,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_cfg, m
     calls = {"n": 0}
 
     def save(obj, f, *a, **k):
-        if str(f).endswith("optimizer.pt"):
+        if str(getattr(f, "name", f)).endswith("optimizer.pt"):
             calls["n"] += 1
             if calls["n"] == 2:  # the second checkpoint (step 4)
                 raise OSError(errno.ENOSPC, "No space left on device")
@@ -142,7 +142,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tiny_cfg, m
 
     monkeypatch.setattr(torch, "save", save)
     sink = ListSink()
-    with pytest.raises(DiskFullError, match="disk is full") as info:
+    with pytest.raises(DiskFullError, match="disk full at") as info:
         run(cfg, sink)
     assert "Free space" in info.value.hint
     failed = sink.of(RunFailed)[0]
@@ -188,7 +188,8 @@ def test_an_out_of_memory_fix_that_splits_the_batch_resumes_as_if_nothing_happen
     monkeypatch.undo()
     split = apply_overrides(cfg, ["train.micro_batch_size=2", "train.gradient_accumulation_steps=2"])
     assert resume_blockers(cfg, split) == []
-    assert resume_blockers(cfg, apply_overrides(cfg, ["data.max_length=64"])) == ["data.max_length: 1024 -> 64"]
+    (blocker,) = resume_blockers(cfg, apply_overrides(cfg, ["data.max_length=64"]))
+    assert (blocker.field, blocker.before, blocker.after) == ("data.max_length", 1024, 64)
     resumed = ListSink()
     run(split, resumed, resume=True)
     assert [e.step for e in resumed.of(StepMetrics)] == [3, 4, 5, 6]
@@ -259,7 +260,7 @@ def test_checkpoint_state_never_runs_pickled_code(tiny_cfg, tmp_path):
 
     (folder / "rng.pt").write_bytes(pickle.dumps(Evil()))
     ckpt.write_marker(folder, {"step": 2})  # even with a forged marker, weights_only refuses code
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ResumeError, match="rng.pt holds something other than tensors"):
         run(tiny_cfg(*COMMON, "train.max_steps=4"), ListSink(), resume=True)
     assert not flag.exists()
 
