@@ -18,6 +18,7 @@ from qlora_engine import optim
 from qlora_engine.config import OptimConfig
 from qlora_engine.events import ListSink, StepMetrics
 from qlora_engine.runner import build_trainer
+from qlora_engine.train import Trainer
 
 
 @pytest.fixture
