@@ -270,6 +270,7 @@ def run_case(name: str, workdir: Path, steps: int, device: str = "cuda") -> dict
         kernels=dict(requested=cfg.train.kernels, applied=getattr(trainer, "kernels", None),
                      budget=d["kernels"], budget_reason=d["kernels_reason"], loss=d["loss"]),
         fast_lora_layers=trainer.fast_lora,  # 0: peft's LoRA forward on every layer (--recheck reads it)
+        flat_lora=hasattr(trainer.optimizer, "flat_groups"),  # one flat LoRA buffer (optim.FLAT; --recheck reads it)
         first_block_input_requires_grad=first_input_grad[0] if first_input_grad else None,
         budget_assumes_input_grads=d["checkpointing_input_grads"],
         predicted=dict(
@@ -330,11 +331,16 @@ def recheck(record: dict) -> list[dict]:
         saved = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
         conf = r["allocator"]["alloc_conf_seen"]
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = conf if conf is not None else ""
+        from qlora_engine.budget import formulas
+
+        flat = formulas.FLAT_LORA
+        formulas.FLAT_LORA = bool(r.get("flat_lora", False))  # records from before optim.FLAT: tensor by tensor
         try:
             _, _, est = case_estimate(
                 r["case"], Path("/nonexistent"), r["steps"], liger_installed=True, fast_lora=recorded_fast_lora(r)
             )
         finally:
+            formulas.FLAT_LORA = flat
             if saved is None:
                 os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
             else:

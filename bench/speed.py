@@ -240,6 +240,7 @@ def main() -> None:
                                                                  error=proc.stderr[-600:])
             print(json.dumps(res), flush=True)
             results.append(res)
+            write_record(args, card, extra, results)  # after every case: a call cut short keeps what ran
 
     print(f"\n{'stack':<40} {'seq x mbs':<10} {'tok/s':>8} {'alloc GiB':>10} {'reserved GiB':>13} {'estimate GiB':>13}")
     for r in results:
@@ -247,10 +248,16 @@ def main() -> None:
         name = r["stack"] + (" " + " ".join(r["extra"]) if r.get("extra") else "")
         print(f"{name:<40} {str(r['seq']) + ' x ' + str(r['mbs']):<10} {r.get('tok_s', 'ERR'):>8} "
               f"{r.get('peak_alloc_gib', ''):>10} {r.get('peak_reserved_gib', ''):>13} {est:>13}")
+    write_record(args, card, extra, results)
+
+
+_STAMP = datetime.datetime.now().strftime("%H%M")
+
+
+def write_record(args: Any, card: str, extra: list[str], results: list[dict]) -> None:
     record = dict(date=datetime.date.today().isoformat(), card=card, shape=args.shape, versions=versions(),
                   extra=extra, vram_cap_gib=args.vram_cap_gib, results=results)
-    stamp = datetime.datetime.now().strftime("%H%M")
-    name = f"{record['date']}-{card.replace(' ', '-')}-speed-{args.shape}-{stamp}.json"
+    name = f"{record['date']}-{card.replace(' ', '-')}-speed-{args.shape}-{_STAMP}.json"
     for folder in filter(None, [HERE / "results", Path(os.environ["OUT"]) if os.environ.get("OUT") else None]):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(json.dumps(record, indent=1))

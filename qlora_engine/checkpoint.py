@@ -410,6 +410,20 @@ def torch_load_own(folder: Path, name: str) -> Any:
         ) from None
 
 
+def tensors_fingerprint(tensors: dict[str, Any]) -> str:
+    """A short hash of named tensors (names, dtypes, shapes and bytes): equal only for equal weights."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 # -- RNG --------------------------------------------------------------------------------------
 
 

@@ -49,7 +49,11 @@ def _emit_failure(args: argparse.Namespace, e: BaseException, log: Path | None =
     reads the error's attributes from a ``run_failed`` event, never from stderr text."""
     if getattr(args, "events", None) != "-":
         return
+    from qlora_engine.distributed import is_main_process
     from qlora_engine.events import RunFailed, StreamSink
+
+    if not is_main_process():  # under torchrun, rank 0 alone writes the event stream
+        return
 
     user = e if isinstance(e, QLoRAError) else None
     StreamSink(sys.stdout).emit(
@@ -177,11 +181,16 @@ def _kept(run_dir: Path) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
+    from qlora_engine import distributed
     from qlora_engine.config import TrainConfig
     from qlora_engine.control import RunControl
     from qlora_engine.events import StreamSink, TextSink
     from qlora_engine.runner import run
 
+    if args.gpus:  # several GPUs: torchrun starts one process per GPU, each running this command
+        from qlora_engine.cluster import launch_local
+
+        return launch_local(args)
     try:
         cfg = TrainConfig.load(args.config, args.overrides)
     except QLoRAError as e:
@@ -190,7 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     args.run_dir = cfg.output_dir
     control = RunControl()
     signals = _install_signals(control)
-    if args.control_stdin:
+    if args.control_stdin and distributed.is_main_process():
         control.listen(sys.stdin)
     sink = StreamSink(sys.stdout) if args.events == "-" else TextSink(sys.stderr)
     resume: bool | str | None = None
@@ -323,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the newest checkpoint, or from the given checkpoint folder",
     )
     s.add_argument("--force-resume", action="store_true", help="resume even if the model, LoRA shape or data changed")
+    s.add_argument(
+        "--gpus", metavar="N|0,2",
+        help="train on several GPUs of this machine (one process each, through torchrun): a count, or card numbers",
+    )
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("inspect-model", help="facts about a model from its config and tokenizer (no weights)")
@@ -339,7 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_quickstart)
 
     # Subcommands of other modules register here (one line each).
-    for module in ("qlora_engine.data", "qlora_engine.budget.cli", "qlora_engine.export.cli", "qlora_engine.export.hub"):
+    for module in (
+        "qlora_engine.data",
+        "qlora_engine.budget.cli",
+        "qlora_engine.export.cli",
+        "qlora_engine.export.hub",
+        "qlora_engine.cluster",
+    ):
         _register(module, sub)
     return p
 

@@ -304,13 +304,22 @@ class TrainSettings(Section):
     device: Literal["auto", "cuda", "cpu"] = _f(
         "auto", "Where to train. 'auto' takes the first CUDA GPU and falls back to the CPU (slow, for tests and demos)."
     )
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = _f(
+        "auto",
+        "How several GPUs share the run (start them with --gpus N or torchrun). ddp: every GPU holds the whole "
+        "4-bit model and trains on its share of each step's batch (fastest; each card needs the one-GPU budget). "
+        "fsdp: the 4-bit weights, LoRA weights and optimizer state are sharded over the GPUs (for models that do "
+        "not fit one card). single: one process. auto: single for one process, else ddp when the model fits each "
+        "card and fsdp when it does not. The same run either way: the batch of a step is micro_batch_size x "
+        "gradient_accumulation_steps whatever the number of GPUs.",
+    )
 
     def _check(self, c: Checks) -> None:
         c.number("micro_batch_size", 1, 65_536)
         c.number("gradient_accumulation_steps", 1, 4096, typical="1-64 is typical")
         c.number("epochs", 0, 1000, above=True)
         c.number("max_steps", 1, 100_000_000, null="train for 'epochs'")
-        c.number("checkpoint_layers", 1, 100_000, null="all layers")
+        c.number("checkpoint_layers", 1, 100_000, null="all layers", typical="turn train.gradient_checkpointing off for none")
         c.number("mlp_chunk_tokens", 64, 1 << 24, null="off", typical="4096 is a good start")
         c.number("seed", 0, 2**32 - 1)
         c.number("logging_steps", 1, 100_000_000)

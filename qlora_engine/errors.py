@@ -153,6 +153,10 @@ class ExportCancelled(QLoRAError):
     """The user cancelled an export; the temporary folder was removed and nothing was written."""
 
 
+class DistributedError(QLoRAError):
+    """A process of a multi-process run died or stopped answering; ``what`` names its rank."""
+
+
 ERROR_TYPES: dict[str, type[QLoRAError]] = {
     cls.__name__: cls
     for cls in (
@@ -167,6 +171,7 @@ ERROR_TYPES: dict[str, type[QLoRAError]] = {
         WriteError,
         ExportError,
         ExportCancelled,
+        DistributedError,
     )
 }
 

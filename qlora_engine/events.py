@@ -63,6 +63,8 @@ class RunStarted(Event):
     data: dict[str, Any] | None = None
     decisions: list[dict[str, Any]] | None = None
     """The plan's decisions (``qlora_engine.decisions.Decision.to_dict``): every ``auto`` made concrete, with its reason."""
+    processes: list[dict[str, Any]] | None = None
+    """Several processes (torchrun): one record each, ``rank``, ``pid``, ``host``, ``device``; None alone."""
 
     def decision_list(self) -> list[Decision]:
         return [Decision.from_dict(d) for d in self.decisions or []]
@@ -316,7 +318,8 @@ def describe(e: Event) -> str:
     elif isinstance(e, RunStarted):
         where = f"resumed from {e.resumed_from} at step {e.start_step}" if e.resumed_from else "started"
         speed = speed_paths(e.model)
-        msg = f"run {where} in {e.run_dir} on {e.device}: {e.total_steps} steps" + (f" ({speed})" if speed else "")
+        on = f"{len(e.processes)} processes ({e.device} each)" if e.processes else e.device
+        msg = f"run {where} in {e.run_dir} on {on}: {e.total_steps} steps" + (f" ({speed})" if speed else "")
         msg += "".join(f"\n  decided: {d}" for d in e.decision_list())
     elif isinstance(e, RunFinished):
         if e.adapter_dir is None:  # aborted, or stopped before its first step: no adapter was written

@@ -103,9 +103,77 @@ class _LoraProduct(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, g if ctx.needs_input_grad[4] else None
 
 
+LEAN_4BIT = True
+"""Whether the frozen 4-bit matmul under training takes :class:`_Frozen4bit` (a switch for benchmarks and tests)."""
+
+
+def dequantize(weight: Any) -> torch.Tensor:
+    """The 4-bit ``weight`` (a bitsandbytes ``Params4bit``) in its compute form: the kernels bitsandbytes' own
+    dequantization runs, called straight on CUDA (no op dispatch, no per-call checks); its public path elsewhere."""
+    qs = weight.quant_state
+    if weight.device.type != "cuda":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight, qs)
+    from bitsandbytes.backends.cuda import ops
+
+    absmax = qs.absmax
+    if qs.nested:
+        decoded = torch.empty(absmax.shape, dtype=torch.float32, device=absmax.device)
+        ops._dequantize_blockwise_impl(
+            absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32, decoded
+        )
+        absmax = decoded.add_(qs.offset)
+    out = torch.empty(qs.shape, dtype=qs.dtype, device=weight.device)
+    ops._dequantize_4bit_impl(weight, absmax, qs.blocksize, qs.quant_type, qs.dtype, out)
+    return out
+
+
+class _Frozen4bit(torch.autograd.Function):
+    """``x @ W.T (+ bias)`` for a frozen 4-bit ``W``: what bitsandbytes' ``MatMul4Bit`` computes under training
+    (dequantize, then one GEMM; the input gradient dequantizes again), without its per-call Python.
+
+    Saves no tensor (the weight lives on the module), so a checkpointed block's recomputation
+    still stops before a matmul whose output only the forward needed (module docstring).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, base: Any) -> torch.Tensor:
+        ctx.base = base
+        bias = base.bias
+        return torch.nn.functional.linear(
+            x, dequantize(base.weight).to(x.dtype), None if bias is None else bias.to(x.dtype)
+        )
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return g @ dequantize(ctx.base.weight).to(g.dtype), None
+
+
+def _lean_base_forward(base: Any, original: Any) -> Any:
+    """``base``'s forward (a bitsandbytes ``Linear4bit``): :class:`_Frozen4bit` while training, else its own."""
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if (
+            not LEAN_4BIT
+            or args
+            or kwargs
+            or not torch.is_grad_enabled()
+            or x.dtype != base.compute_dtype
+            or (base.bias is not None and base.bias.requires_grad)
+            or getattr(base.weight.quant_state, "packing_format_for_cpu", False)
+            or base.weight.quant_state.quant_type not in ("nf4", "fp4")
+        ):
+            return original(x, *args, **kwargs)
+        return _Frozen4bit.apply(x, base)
+
+    return forward
+
+
 def _fast_forward(module: Any, original: Any, *, lora_first: bool) -> Any:
     (name,) = module.lora_A.keys()
-    lora_A, lora_B = module.lora_A[name].weight, module.lora_B[name].weight
     base = module.base_layer
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -120,6 +188,8 @@ def _fast_forward(module: Any, original: Any, *, lora_first: bool) -> Any:
         ):
             return original(x, *args, **kwargs)
         scale = module.scaling[name]
+        # Looked up per call: FSDP swaps the parameters (sharded between uses, gathered for this forward).
+        lora_A, lora_B = module.lora_A[name].weight, module.lora_B[name].weight
         if lora_first:
             lora = _LoraProduct.apply(x, lora_A, lora_B, scale, None)  # keeps its tensors: the last the backward needs
             # bitsandbytes keeps nothing, so a recomputation stops before this. Not in place: after
@@ -149,5 +219,7 @@ def enable(model: torch.nn.Module) -> tuple[int, dict[str, int]]:
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
         module.forward = _fast_forward(module, module.forward, lora_first=id(module) in last)
+        base = module.base_layer
+        base.forward = _lean_base_forward(base, base.forward)
         fast += 1
     return fast, skipped

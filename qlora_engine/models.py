@@ -278,6 +278,11 @@ def _module_names(config: Any, trust_remote_code: bool) -> tuple[str, int, list[
     return type(model).__name__, n_params, linear, attn, mlp, len(layers) if layers is not None else 0
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder blocks, lowest first (empty if none are found)."""
+    return list(_decoder_layers(model) or [])
+
+
 def _decoder_layers(model: torch.nn.Module):
     for _, module in model.named_modules():
         layers = getattr(module, "layers", None)
@@ -401,8 +406,14 @@ def load_tokenizer(folder: str | Path, *, trust_remote_code: bool = False):
     return tok
 
 
-def load_quantized_model(cfg: TrainConfig, folder: Path, device: torch.device, dtype: torch.dtype):
-    """Load the base model with its linear layers in 4 bit (bitsandbytes); the rest stays in ``dtype``."""
+def load_quantized_model(
+    cfg: TrainConfig, folder: Path, device: torch.device, dtype: torch.dtype, *, storage: torch.dtype = torch.uint8
+):
+    """Load the base model with its linear layers in 4 bit (bitsandbytes); the rest stays in ``dtype``.
+
+    ``storage``: the dtype the packed 4-bit weights are stored in (``bnb_4bit_quant_storage``):
+    bytes, or the compute dtype for FSDP, which shards tensors of one dtype; the bits are the same.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     qcfg = BitsAndBytesConfig(
@@ -410,7 +421,7 @@ def load_quantized_model(cfg: TrainConfig, folder: Path, device: torch.device, d
         bnb_4bit_quant_type=cfg.quant.quant_type,
         bnb_4bit_use_double_quant=cfg.quant.double_quant,
         bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=storage,
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -526,6 +537,9 @@ def wrap_with_lora(model: torch.nn.Module, cfg: TrainConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
+    from qlora_engine import varlen  # packed rows on a GPU: attention per sample, without a mask (training only)
+
+    varlen.use_for(model, cfg.data.packing, next(model.parameters()).device)
     return get_peft_model(model, peft_cfg)
 
 

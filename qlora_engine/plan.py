@@ -18,7 +18,7 @@ the trainer (``qlora_engine.train``) imports neither.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qlora_engine.budget.estimate import (
@@ -33,9 +33,11 @@ from qlora_engine.budget.estimate import (
 )
 from qlora_engine.budget.fit import FitAdvice, fit
 from qlora_engine.budget.kernels import resolve_kernels
+from qlora_engine.budget.parallel import per_process
 from qlora_engine.budget.spec import ModelSpec
 from qlora_engine.config import TrainConfig, validate
 from qlora_engine.decisions import Decision, RunPlan
+from qlora_engine.errors import ConfigError
 
 
 def choose_checkpointing(
@@ -108,10 +110,13 @@ def advise(
     data_stats: dict[str, Any] | None = None,
     gpu_name: str | None = None,
     spec: ModelSpec | None = None,
+    world_size: int = 1,
     cuda: bool = True,
 ) -> Advice:
     """The estimate and fit of ``cfg`` as it would run on a card of ``gpu_bytes`` (``auto`` settled).
 
+    ``world_size``: GPUs sharing the run; the estimate is then one GPU's, for the strategy the
+    run would take (``train.strategy``), and the fit advice is the single-GPU one.
     ``cuda=False``: the run is on the CPU (no card, no CUDA context counted). A card that is not
     this machine's (planning a run for another box) is just its ``gpu_bytes``.
 
@@ -129,10 +134,15 @@ def advise(
     if decision is not None:
         est.details["checkpointing_auto"] = True
         est.notes.insert(0, str(decision))
+    decisions = [decision] if decision else []
+    if world_size > 1:
+        strategy, chosen = choose_strategy(cfg, world_size, spec, gpu_bytes, data_stats)
+        est = per_process(est, strategy, world_size, spec.num_layers if spec.usable else None)
+        decisions += [chosen] if chosen else []
     advice = None
     if gpu_bytes:
         advice = fit(resolved, gpu_bytes, spec, data_stats=data_stats, auto=decision is not None)
-    return Advice(est, advice, [decision] if decision else [], resolved)
+    return Advice(est, advice, decisions, resolved)
 
 
 def total_steps(cfg: TrainConfig, n_train: int) -> int:
@@ -143,6 +153,94 @@ def total_steps(cfg: TrainConfig, n_train: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * n_train / per_step))
 
 
+def choose_strategy(
+    cfg: TrainConfig, world_size: int, spec: ModelSpec | None, card_bytes: int | None, data_stats: dict[str, Any] | None
+) -> tuple[str, Decision | None]:
+    """``train.strategy`` made concrete for ``world_size`` processes on cards of ``card_bytes``.
+
+    auto: one process runs alone; several share the batch (DDP) when the whole 4-bit model and
+    its training state fit each card with every layer checkpointed, and shard the model (FSDP)
+    when not. Raises ConfigError for 'single' with several processes.
+    """
+    asked = cfg.train.strategy
+    if asked == "single" and world_size > 1:
+        raise ConfigError(
+            f"'single' runs one process, but {world_size} were started.",
+            field="train.strategy",
+            fix="Set train.strategy to auto, ddp or fsdp, or start one process.",
+        )
+    if asked != "auto":
+        return asked, None
+    if world_size == 1:
+        return "single", Decision("train.strategy", "auto", "single", "one process", "one GPU")
+    if spec is None or not spec.usable or not card_bytes:
+        return "ddp", Decision(
+            "train.strategy", "auto", "ddp", "no GPU size to judge the model by", f"data-parallel over {world_size}"
+        )
+    least = estimate_from_spec(every_layer(cfg), spec, gpu_bytes=card_bytes, data_stats=data_stats)
+    need, size = f"{least.high / GiB:.1f} GiB", f"{card_bytes / GiB:.1f} GiB"
+    if least.high <= card_bytes:
+        return "ddp", Decision(
+            "train.strategy", "auto", "ddp", f"the whole run fits each card ({need} of {size})",
+            f"data-parallel over {world_size} GPUs",
+        )
+    return "fsdp", Decision(
+        "train.strategy", "auto", "fsdp", f"one card cannot hold the run ({need} > {size})",
+        f"sharded over {world_size} GPUs",
+    )
+
+
+def split_batch(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, Decision | None]:
+    """Share each step's micro-batches among ``world_size`` processes, the step's batch unchanged.
+
+    DDP needs at least one micro-batch per process; FSDP the same number on every process (each
+    forward is a collective). When the config's split does not allow it, the step's samples are
+    cut into more, smaller micro-batches: the fewest that work (the data order does not change:
+    micro-batch ``k`` is samples ``k*b .. (k+1)*b`` of one stream). When no split works, a
+    ConfigError says what to set.
+    """
+    tr = cfg.train
+    fsdp = tr.strategy == "fsdp"
+
+    def ok(ga: int) -> bool:
+        return ga % world_size == 0 if fsdp else ga >= world_size
+
+    if world_size <= 1 or ok(tr.gradient_accumulation_steps):
+        return cfg, None
+    batch = tr.micro_batch_size * tr.gradient_accumulation_steps
+    ga = next((g for g in range(tr.gradient_accumulation_steps, batch + 1) if batch % g == 0 and ok(g)), None)
+    if ga is None:
+        need = "a multiple of" if fsdp else "at least"
+        raise ConfigError(
+            f"a step's batch of {batch} samples (micro_batch_size x gradient_accumulation_steps) cannot be shared "
+            f"by {world_size} processes.",
+            field="train.gradient_accumulation_steps",
+            fix=f"Make gradient_accumulation_steps {need} {world_size} (e.g. {world_size}).",
+        )
+    per = batch // ga
+    split = replace(cfg, train=replace(tr, micro_batch_size=per, gradient_accumulation_steps=ga))
+    return split, Decision(
+        "train.micro_batch_size",
+        tr.micro_batch_size,
+        per,
+        f"{world_size} processes share each step's {batch} samples as {ga} micro-batches",
+        f"{ga} micro-batches of {per} over {world_size} processes",
+    )
+
+
+def choose_optimizer(cfg: TrainConfig) -> tuple[TrainConfig, Decision | None]:
+    """FSDP's sharded weights (DTensors) need torch's AdamW: bitsandbytes' optimizers cannot update them."""
+    if cfg.train.strategy != "fsdp" or cfg.optim.optimizer == "adamw":
+        return cfg, None
+    return replace(cfg, optim=replace(cfg.optim, optimizer="adamw")), Decision(
+        "optim.optimizer",
+        cfg.optim.optimizer,
+        "adamw",
+        "bitsandbytes' optimizers cannot update FSDP's sharded weights; AdamW's state is sharded 1/N instead",
+        "adamw",
+    )
+
+
 def make_plan(
     cfg: TrainConfig,
     *,
@@ -151,6 +249,7 @@ def make_plan(
     cuda: bool,
     card_bytes: int | None,
     model_config: Any = None,
+    world_size: int = 1,
 ) -> RunPlan:
     """Plan one run (see the module docstring).
 
@@ -162,6 +261,7 @@ def make_plan(
         card_bytes: the GPU memory this process can have (None on the CPU: every layer checkpointed).
         model_config: the model's ``config.json`` as a dict or ``PretrainedConfig`` (None: read
             from ``cfg.model.ref``).
+        world_size: processes sharing the run (torchrun's ``WORLD_SIZE``).
     """
     decisions: list[Decision] = []
     try:
@@ -182,13 +282,19 @@ def make_plan(
         tr = config.train
         if not (tr.gradient_checkpointing and tr.checkpoint_layers is None):
             oom_fallback = every_layer(config)
+    strategy, decision = choose_strategy(cfg, world_size, spec, card_bytes, data_stats)
+    config = replace(config, train=replace(config.train, strategy=strategy))
+    decisions += [decision] if decision else []
+    for settle in (lambda c: split_batch(c, world_size), choose_optimizer):
+        config, decision = settle(config)
+        decisions += [decision] if decision else []
     if cfg.train.kernels == "auto" and spec is not None:
         kernels = resolve_kernels("auto", spec.model_type, cuda=cuda)
         decisions.append(Decision("train.kernels", "auto", kernels.kernels, kernels.reason, kernels.kernels))
     estimate = None
     if spec is not None and spec.usable:
         try:
-            estimate = estimate_from_spec(config, spec, data_stats=data_stats).to_dict()
+            estimate = per_process(estimate_from_spec(config, spec, data_stats=data_stats), strategy, world_size, spec.num_layers).to_dict()
         except Exception:  # advice only
             estimate = None
     return RunPlan(

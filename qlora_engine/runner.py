@@ -18,15 +18,17 @@ from __future__ import annotations
 import json
 import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from qlora_engine import checkpoint as ckpt
-from qlora_engine import vram
+from qlora_engine import models, vram
 from qlora_engine.config import TrainConfig, check_output_dir, check_ready, run_warnings
 from qlora_engine.control import RunControl
 from qlora_engine.data import PreparedData
 from qlora_engine.decisions import RunPlan
+from qlora_engine.distributed import World
 from qlora_engine.errors import ConfigError, QLoRAError
 from qlora_engine.events import EventSink, JsonlFileSink, LogLine, MultiSink, NullSink, RunFailed, RunFinished
 from qlora_engine.paths import sweep_interrupted, write_error_log
@@ -36,7 +38,7 @@ from qlora_engine.tracking import tracking_sinks
 from qlora_engine.train import RunInputs, Trainer, find_resume_checkpoint, prepare_inputs
 
 
-def plan_for(cfg: TrainConfig, inputs: RunInputs) -> RunPlan:
+def plan_for(cfg: TrainConfig, inputs: RunInputs, world_size: int = 1) -> RunPlan:
     """The plan of ``cfg`` for the prepared inputs, on the card this process has now."""
     stats = inputs.data.token_stats
     return make_plan(
@@ -46,6 +48,7 @@ def plan_for(cfg: TrainConfig, inputs: RunInputs) -> RunPlan:
         cuda=inputs.device.type == "cuda",
         card_bytes=vram.usable_vram(inputs.device),  # before the weights take their share
         model_config=_model_config(inputs.model_folder),
+        world_size=world_size,
     )
 
 
@@ -57,22 +60,27 @@ def build_trainer(
     resume: bool | str | Path | None = None,
     force_resume: bool = False,
     data: PreparedData | None = None,
+    world: World | None = None,
 ) -> Trainer:
     """Steps 1-3 of :func:`run` without the lock: a trainer ready for ``setup()``.
 
     ``data``: samples already prepared by the caller (benchmarks); None reads ``cfg.data``.
+    ``world``: this process's place in a multi-process run (None: alone).
     """
     remember_config(cfg)  # a token in the config is masked in everything written from here on
+    world = world or World()
     if data is None:
         check_ready(cfg)
     resume_from = find_resume_checkpoint(cfg.output_dir, resume)
     if resume_from is not None:  # damage or a changed setup is refused before the model loads
         ckpt.check_resume(resume_from, cfg, force=force_resume)
-    inputs = prepare_inputs(cfg, sink, data)
-    plan = plan_for(cfg, inputs)
+    with world.main_first():  # rank 0 downloads and fills the data cache; the others read it
+        inputs = prepare_inputs(cfg, sink, data, world=world)
+    plan = plan_for(cfg, inputs, world.size)
     for problem in run_warnings(cfg, plan.total_steps, len(inputs.data.train)):
         sink.emit(LogLine(level="warning", message=str(problem)))
-    return Trainer(plan, inputs, sink, control, resume_from=resume_from, force_resume=force_resume)
+    world.use(plan.config.train.strategy, inputs.device)
+    return Trainer(plan, inputs, sink, control, resume_from=resume_from, force_resume=force_resume, world=world)
 
 
 def run(
@@ -86,9 +94,14 @@ def run(
     """Train one run. Events go to ``sink``, to ``<output.dir>/events.jsonl`` and to the trackers of
     ``output.report_to``.
 
-    Errors are reported as a ``RunFailed`` event and then raised.
+    Errors are reported as a ``RunFailed`` event and then raised. Under ``torchrun`` the
+    processes join one run (:mod:`qlora_engine.distributed`): rank 0 holds the lock and writes
+    the events, the other ranks report nothing and write nothing.
     """
     remember_config(cfg)
+    world = World.from_env()
+    if not world.is_main:
+        return _run_helper(cfg, world, control, resume=resume, force_resume=force_resume)
     run_dir = cfg.output_dir
     lock = ckpt.RunLock(run_dir)
     try:
@@ -115,18 +128,45 @@ def run(
         out = base = MultiSink(JsonlFileSink(run_dir / "events.jsonl"), sink or NullSink())
         # Trackers (output.report_to) listen to the same stream; a failing one warns on `base` and goes quiet.
         out = MultiSink(base, *tracking_sinks(cfg.output.report_to, run_dir, report=base))
-        trainer = build_trainer(cfg, out, control, resume=resume, force_resume=force_resume)
+        world.connect(world.pick_device(models.pick_device(cfg.train.device)))
+        trainer = build_trainer(cfg, out, control, resume=resume, force_resume=force_resume, world=world)
         trainer.setup()
         return trainer.train()
     except BaseException as e:
-        (out or sink or NullSink()).emit(_failed(e, trainer, run_dir))
+        report = out or sink or NullSink()
+        if world.is_collective_failure(e):
+            e = world.failure(e)
+            report.emit(_failed(e, trainer, run_dir))
+            raise e from None
+        report.emit(_failed(e, trainer, run_dir))
         raise
     finally:
         if trainer is not None:
             trainer.cleanup()
+        world.close()
         if out is not None:
             out.close()
         lock.release()  # whatever happened, even a second signal: the folder is free again
+
+
+def _run_helper(
+    cfg: TrainConfig, world: World, control: RunControl | None, *, resume: Any, force_resume: bool
+) -> RunFinished:
+    """A rank other than 0: the same run, no lock, no events, no files (its errors go to stderr)."""
+    trainer: Trainer | None = None
+    try:
+        world.connect(world.pick_device(models.pick_device(cfg.train.device)))
+        trainer = build_trainer(cfg, NullSink(), control, resume=resume, force_resume=force_resume, world=world)
+        trainer.setup()
+        return trainer.train()
+    except BaseException as e:
+        if world.is_collective_failure(e):
+            raise world.failure(e) from None
+        raise
+    finally:
+        if trainer is not None:
+            trainer.cleanup()
+        world.close()
 
 
 def _failed(e: BaseException, trainer: Trainer | None, run_dir: Path) -> RunFailed:

@@ -40,6 +40,7 @@ from qlora_engine.config import TrainConfig
 from qlora_engine.control import Aborted, RunControl
 from qlora_engine.data import IGNORE_INDEX, PreparedData, collate, count_tokens, prepare_data
 from qlora_engine.decisions import RunPlan
+from qlora_engine.distributed import World
 from qlora_engine.errors import DataError, QLoRAError, ResumeError, TrainingDiverged
 from qlora_engine.events import (
     CheckpointSaved,
@@ -66,12 +67,15 @@ class RunInputs:
     data: PreparedData
 
 
-def prepare_inputs(cfg: TrainConfig, sink: EventSink, data: PreparedData | None = None) -> RunInputs:
+def prepare_inputs(
+    cfg: TrainConfig, sink: EventSink, data: PreparedData | None = None, *, world: World | None = None
+) -> RunInputs:
     """Resolve the device and the model folder, load the tokenizer and prepare the data.
 
     ``data``: samples already prepared by the caller (benchmarks); None reads ``cfg.data``.
+    ``world``: under torchrun, each process takes its own GPU (``cuda:LOCAL_RANK``).
     """
-    device = models.pick_device(cfg.train.device)
+    device = (world or World()).pick_device(models.pick_device(cfg.train.device))
     dtype = models.pick_compute_dtype(cfg.quant.compute_dtype, device)
     sink.emit(PhaseChanged(phase="resolving", detail=cfg.model.ref))
     folder = models.resolve_model(cfg.model.ref, revision=cfg.model.revision, sink=sink, token=cfg.model.token)
@@ -119,6 +123,7 @@ class Trainer:
         *,
         resume_from: Path | None = None,
         force_resume: bool = False,
+        world: World | None = None,
     ) -> None:
         self.plan = plan
         self.cfg = plan.config  # every 'auto' settled; plan.requested is what the user wrote
@@ -126,6 +131,8 @@ class Trainer:
         self.control = control or RunControl()
         self.resume_from = resume_from
         self.force_resume = force_resume
+        # This process's place among those sharing the run (one process: every method is the identity).
+        self.world = world or World()
         self.device, self.dtype = inputs.device, inputs.dtype
         self.model_folder, self.tokenizer, self.data = inputs.model_folder, inputs.tokenizer, inputs.data
         self.run_dir = self.cfg.output_dir
@@ -149,7 +156,9 @@ class Trainer:
                 phase="loading_model", detail=f"{self.model_folder} in 4-bit {cfg.quant.quant_type} on {self.device}"
             )
         )
-        base = models.load_quantized_model(cfg, self.model_folder, self.device, self.dtype)
+        # FSDP shards whole tensors of one dtype: the packed 4-bit weights are stored in the compute dtype.
+        storage = self.dtype if cfg.train.strategy == "fsdp" else torch.uint8
+        base = models.load_quantized_model(cfg, self.model_folder, self.device, self.dtype, storage=storage)
         self.kernels = models.apply_fused_kernels(base, cfg.train.kernels, self.device)
         torch.manual_seed(cfg.train.seed)  # the LoRA init depends on the seed only
         self.model = models.wrap_with_lora(base, cfg)
@@ -174,25 +183,32 @@ class Trainer:
                 note = f"gradient checkpointing on the lowest {self.checkpointed} decoder layers (train.checkpoint_layers)"
                 emit(LogLine(level="info", message=note))
         self.model.train()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg.optim, self.params)
-        self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
-
         self.resumed_from = None
         if self.resume_from is not None:
-            self._load_checkpoint(self.resume_from)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            self.plan.requested.save(self.run_dir / "config.yaml")
-        except OSError as e:
-            if ckpt.disk_errno(e, self.run_dir) is None:
-                raise
-            raise ckpt.disk_full(self.run_dir / "config.yaml", ckpt.disk_errno(e, self.run_dir) or 0, 1 << 16) from None
+            self._load_adapter_weights(self.resume_from)  # before sharding: FSDP splits what is loaded
+        # -- several processes: the module the step calls (DDP around the model, or FSDP sharding it)
+        self.net = self.world.wrap(self.model, decoder_layers=models.decoder_layers(self.model))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # one flat buffer for one process; DDP's buckets and FSDP's shards own the parameters' storage
+        self.optimizer = build_optimizer(cfg.optim, self.params, flat=self.world.strategy == "single")
+        self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
+        if self.resume_from is not None:
+            self._load_training_state(self.resume_from)
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.plan.requested.save(self.run_dir / "config.yaml")
+            except OSError as e:
+                code = ckpt.disk_errno(e, self.run_dir)
+                if code is None:
+                    raise
+                raise ckpt.disk_full(self.run_dir / "config.yaml", code, 1 << 16) from None
         self.facts = {
             **models.model_facts(self.model),
             "kernels": self.kernels,
             "fast_lora_layers": self.fast_lora,
             "checkpointed_layers": self.checkpointed,
+            "quant_storage": str(storage).removeprefix("torch."),
         }
         emit(
             RunStarted(
@@ -206,6 +222,7 @@ class Trainer:
                 vram_estimate=self.plan.vram_estimate,
                 data=self.data.report_dict(),
                 decisions=[d.to_dict() for d in self.plan.decisions],
+                processes=self.world.processes() or None,
             )
         )
 
@@ -232,7 +249,8 @@ class Trainer:
         """What must not change between a checkpoint and its resumption."""
         return {**ckpt.setup_identity(self.cfg), "data.fingerprint": self.data.fingerprint}
 
-    def _load_checkpoint(self, folder: Path) -> None:
+    def _load_adapter_weights(self, folder: Path) -> None:
+        """A checkpoint's adapter weights into the model, after checking it belongs to this setup."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -244,7 +262,11 @@ class Trainer:
         result = set_peft_model_state_dict(self.model, weights)
         if getattr(result, "unexpected_keys", None):
             raise ResumeError(f"{folder}: the adapter does not fit this model ({result.unexpected_keys[:3]} ...).")
-        self.optimizer.load_state_dict(ckpt.torch_load_own(folder, "optimizer.pt"))
+
+    def _load_training_state(self, folder: Path) -> None:
+        """A checkpoint's optimizer, schedule, RNG and step (every process loads the same whole state)."""
+        state = ckpt.load_state(folder)
+        self.world.load_optimizer_state(self.model, self.optimizer, ckpt.torch_load_own(folder, "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.torch_load_own(folder, "scheduler.pt"))
         ckpt.set_rng_state(ckpt.torch_load_own(folder, "rng.pt"))
         self.step = int(state["step"])
@@ -278,24 +300,33 @@ class Trainer:
         stopped = False
         start_step = self.step
         while self.step < self.total_steps:
-            self.control.wait_if_paused()
-            if self.control.abort_requested:
+            # Requests (stop, save, abort, pause) of any process, agreed by all at this boundary.
+            req = self.world.agree(self.control)
+            if req.abort:
                 emit(LogLine(level="warning", message=f"aborted at step {self.step}; nothing saved after the last checkpoint"))
                 return self._finish(t_start, stopped=True, save=False)
-            if self.control.stop_requested and self.step == start_step:
+            if req.stop and self.step == start_step:
                 # stopped (SIGTERM, Ctrl-C, 'stop') before the first step: nothing new to save
                 emit(LogLine(level="warning", message=f"stopped before step {self.step + 1}; nothing new to save"))
                 return self._finish(t_start, stopped=True, save=False)
+            if req.stop:
+                stopped = True
+                break
+            if req.save and not self._saved_at_step():
+                self.save_checkpoint()
+                emit(PhaseChanged(phase="training"))
             t0 = time.perf_counter()
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             batches = [self.micro_batch(self.step * ga + i) for i in range(ga)]
-            # Normalize by the label count of the whole optimizer step, so every answer token
-            # weighs the same however the tokens fall into micro-batches.
+            # Normalize by the label count of the whole optimizer step (every process counts all
+            # of it), so every answer token weighs the same however the tokens fall into
+            # micro-batches and processes.
             n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
             n_tokens = sum(count_tokens(b, self.tokenizer.pad_token_id) for b in batches)
+            mine = [batches[i] for i in self.world.share(ga)]  # this process's part of the step
             try:
-                loss_sum = self._forward_backward(batches, n_labels)
+                loss_sum = self._forward_backward(mine, n_labels)
             except torch.cuda.OutOfMemoryError:
                 if not self._auto_can_grow():
                     raise
@@ -304,10 +335,10 @@ class Trainer:
                 retry = False
             if retry:
                 self._checkpoint_every_layer()
-                loss_sum = self._forward_backward(batches, n_labels)
+                loss_sum = self._forward_backward(mine, n_labels)
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-            loss = float(loss_sum)  # a CPU-GPU sync point, once per optimizer step
+            loss = float(self.world.sum(loss_sum))  # a CPU-GPU sync point, once per optimizer step
             if not math.isfinite(loss):
                 raise self._diverged(loss)
             lr = self.scheduler.get_last_lr()[0]
@@ -337,11 +368,8 @@ class Trainer:
                 )
             if cfg.train.eval_steps and self.step % cfg.train.eval_steps == 0 and self.step < self.total_steps:
                 self.evaluate()
-            if self.control.stop_requested:
-                stopped = self.step < self.total_steps
-                break
             due = cfg.train.save_steps and self.step % cfg.train.save_steps == 0 and self.step < self.total_steps
-            if due or self.control.take_save_request():
+            if due:
                 self.save_checkpoint()
                 emit(PhaseChanged(phase="training"))
         if self.data.validation:
@@ -352,25 +380,36 @@ class Trainer:
         """Forward and backward of a step's micro-batches (gradients accumulate); the summed loss."""
         loss_sum = torch.zeros((), device=self.device)
         n_items = torch.tensor(max(n_labels, 1), device=self.device)
-        for b in batches:
+        for i, b in enumerate(batches):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
-            # Keep only the loss: holding the model output would keep the logits alive
-            # through the backward pass (2 bytes x tokens x vocabulary).
-            # use_cache=False also matters for packed batches: transformers only keeps
-            # attention inside each packed sample (from the position_ids) without a KV cache.
-            micro_loss = self.model(**b, use_cache=False, num_items_in_batch=n_items).loss
-            micro_loss.backward()
+            # Several processes exchange gradients once per step, on each one's last micro-batch.
+            with self.world.accumulating(self.net, last=i == len(batches) - 1):
+                # Keep only the loss: holding the model output would keep the logits alive
+                # through the backward pass (2 bytes x tokens x vocabulary).
+                # use_cache=False also matters for packed batches: transformers only keeps
+                # attention inside each packed sample (from the position_ids) without a KV cache.
+                micro_loss = self.net(**b, use_cache=False, num_items_in_batch=n_items).loss
+                # DDP and FSDP average gradients over processes; the loss is already a share of
+                # the global sum, so the scale (the process count) makes theirs a sum.
+                (micro_loss * self.world.grad_scale).backward()
             loss_sum += micro_loss.detach()
         return loss_sum
 
     def _auto_can_grow(self) -> bool:
-        """Whether the plan left layers out of checkpointing that an out-of-memory error can take back."""
-        return self.plan.oom_fallback is not None and not self.grown
+        """Whether the plan left layers out of checkpointing that an out-of-memory error can take back.
+
+        Not with several processes: one process re-running a step alone would fall out of step
+        with the others' gradient exchange; the run fails instead (naming the rank) and resumes.
+        """
+        return self.plan.oom_fallback is not None and not self.grown and self.world.size == 1
+
+    def _saved_at_step(self) -> bool:
+        return self.last_checkpoint is not None and self.last_checkpoint.name.endswith(f"{self.step:06d}")
 
     def _finish(self, t_start: float, *, stopped: bool, save: bool) -> RunFinished:
         adapter_dir = None
         if save:
-            if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:06d}"):
+            if not self._saved_at_step():
                 self.save_checkpoint()
             if self.control.abort_requested:  # an abort while saving: the checkpoint stays, no adapter
                 raise Aborted()
@@ -403,16 +442,19 @@ class Trainer:
         self.sink.emit(PhaseChanged(phase="evaluating", detail=f"{len(self.data.validation)} samples"))
         self.model.eval()
         bs = self.cfg.train.micro_batch_size
+        starts = range(0, len(self.data.validation), bs)
         total, count = 0.0, 0
-        for i in range(0, len(self.data.validation), bs):
+        for j in self.world.eval_share(len(starts)):  # several processes: each its share of the batches
+            i = starts[j]
             b = collate(self.data.validation[i : i + bs], self.tokenizer.pad_token_id)
             n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-            if n == 0:
+            if n == 0 and self.world.strategy != "fsdp":  # FSDP: every process joins every forward
                 continue
             b = {k: v.to(self.device) for k, v in b.items()}
             total += float(self.model(**b, use_cache=False).loss) * n
             count += n
         self.model.train()
+        total, count = self.world.sum(torch.tensor([total, float(count)], dtype=torch.float64)).tolist()
         loss = total / max(count, 1)
         self.last_eval_loss = loss
         self.sink.emit(EvalResult(step=self.step, loss=loss, tokens=count))
@@ -422,7 +464,16 @@ class Trainer:
     # -- saving --------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
+        """Every process calls it (FSDP gathers the state together); rank 0 alone writes."""
         self.sink.emit(PhaseChanged(phase="saving", detail=f"checkpoint at step {self.step}"))
+        adapter = self.world.adapter_state(self.model)
+        optimizer = self.world.optimizer_state(self.model, self.optimizer)
+        self._check_replicas(adapter)
+        path = self.ckpt_dir / ckpt.checkpoint_name(self.step)
+        if not self.world.is_main:
+            self.world.barrier()  # returns once rank 0 has written the checkpoint
+            self.last_checkpoint = path
+            return path
         state = {
             "step": self.step,
             "total_steps": self.total_steps,
@@ -432,31 +483,58 @@ class Trainer:
         }
 
         def write(tmp: Path) -> None:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            ckpt.save_torch(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            self.model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True)
+            ckpt.save_torch(optimizer, tmp / "optimizer.pt")
             ckpt.save_torch(self.scheduler.state_dict(), tmp / "scheduler.pt")
             ckpt.save_torch(ckpt.rng_state(), tmp / "rng.pt")
             (tmp / ckpt.STATE).write_text(json.dumps(state, indent=1, default=str), encoding="utf-8")
             scrub_tree(tmp)  # before the manifest: its checksums are of the files as they stay
             ckpt.write_marker(tmp, {"step": self.step})
 
-        path = ckpt.write_atomic_folder(self.ckpt_dir / ckpt.checkpoint_name(self.step), write, replace=True)
-        # never the one just written, nor the one this run resumed from (still the only good one of
-        # its line until a newer one exists)
-        ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.save_total_limit, protect=(path, self.resumed_from))
+        try:
+            path = ckpt.write_atomic_folder(path, write, replace=True)
+            # never the one just written, nor the one this run resumed from (still the only good one of
+            # its line until a newer one exists)
+            ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.save_total_limit, protect=(path, self.resumed_from))
+        finally:
+            self.world.barrier()  # the others wait for the write (and learn of its failure by their own error)
         self.last_checkpoint = path
         self.sink.emit(CheckpointSaved(step=self.step, path=str(path)))
         return path
 
-    def save_adapter(self) -> Path:
+    def _check_replicas(self, adapter: dict[str, torch.Tensor]) -> None:
+        """Several processes: every one must hold the same adapter; rank 0 logs their fingerprints."""
+        if self.world.size == 1:
+            return
+        from peft import get_peft_model_state_dict
+
+        ddp = self.world.strategy == "ddp"
+        saved = get_peft_model_state_dict(self.model, state_dict=adapter) if ddp else {}
+        prints = self.world.gather(ckpt.tensors_fingerprint(saved) if ddp else "")
+        if not self.world.is_main or not ddp:
+            return
+        if len(set(prints)) != 1:
+            raise RuntimeError(f"the processes' adapters differ at step {self.step}: {prints}")
+        self.sink.emit(LogLine(level="info", message=f"adapter identical on {len(prints)} processes: {prints[0]}"))
+
+    def save_adapter(self) -> Path | None:
+        """The final adapter, whole (FSDP gathers it); rank 0 writes it, the others get None."""
+        adapter = self.world.adapter_state(self.model)
+        if not self.world.is_main:
+            self.world.barrier()
+            return None
+
         def write(tmp: Path) -> None:
-            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.model.save_pretrained(tmp, state_dict=adapter, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
 
-        return ckpt.write_atomic_folder(self.run_dir / "adapter", write, replace=True)
+        try:
+            return ckpt.write_atomic_folder(self.run_dir / "adapter", write, replace=True)
+        finally:
+            self.world.barrier()
 
     def cleanup(self) -> None:
-        for name in ("optimizer", "scheduler", "model"):
+        for name in ("optimizer", "scheduler", "net", "model"):
             if hasattr(self, name):
                 delattr(self, name)
         if torch.cuda.is_available():

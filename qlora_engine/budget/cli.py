@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from qlora_engine.budget.estimate import COMPONENT_HELP, GiB
+from qlora_engine.budget.parallel import COMPONENT_HELP as PARALLEL_HELP
 from qlora_engine.budget.units import format_bytes, parse_gpu_size
 
 
@@ -22,6 +23,7 @@ def add_cli(sub: Any) -> None:
         help="tokenize the dataset and size activations by its longest sample (slower for large sets)",
     )  # fmt: skip
     s.add_argument("--json", action="store_true", help="print the estimate (and fit advice) as JSON")
+    s.add_argument("--gpus", type=int, default=1, help="GPUs sharing the run: the budget of one of them (ddp or fsdp)")
     s.set_defaults(func=estimate_main)
 
 
@@ -55,7 +57,7 @@ def estimate_main(args: argparse.Namespace) -> int:
     else:
         gpu_bytes, gpu_name = _detect_gpu()
     stats = _data_stats(cfg) if args.data else None
-    planned = advise(cfg, gpu_bytes=gpu_bytes, data_stats=stats, gpu_name=gpu_name)
+    planned = advise(cfg, gpu_bytes=gpu_bytes, data_stats=stats, gpu_name=gpu_name, world_size=args.gpus)
     est, advice = planned.estimate, planned.fit
     if args.json:
         out: dict[str, Any] = {"estimate": est.to_dict()}
@@ -95,7 +97,7 @@ def render(est: Any, advice: Any = None) -> str:
     for name, value in est.components.items():
         share = value / est.total if est.total else 0
         bar = "#" * round(share * 40)
-        lines.append(f"  {name:<{width}}  {format_bytes(value):>10}  {bar:<40}  {COMPONENT_HELP.get(name, '')}")
+        lines.append(f"  {name:<{width}}  {format_bytes(value):>10}  {bar:<40}  {COMPONENT_HELP.get(name) or PARALLEL_HELP.get(name, '')}")
     lines.append(
         f"  {'total':<{width}}  {format_bytes(est.total):>10}  "
         f"(likely {est.low / GiB:.1f}-{est.high / GiB:.1f} GiB; peak during {d['peak_phase'].replace('_', ' ')})"

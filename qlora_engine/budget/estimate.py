@@ -320,9 +320,10 @@ def estimate_from_spec(
         """LoRA gradients alive during block j's backward: those of the blocks from j up (the
         gradients are set to None after every optimizer step), or all of them from the second
         micro-batch of an accumulating step on."""
-        return lora_bytes if accumulating else block_grads * sum(1 for i in layers if i >= j)
+        return lora_bytes if accumulating or fm.FLAT_LORA else block_grads * sum(1 for i in layers if i >= j)
 
-    all_grads = lora_bytes if accumulating else 0  # before the first backward of a step
+    # before the first backward of a step (the flat gradient buffer lives through the run)
+    all_grads = lora_bytes if accumulating or fm.FLAT_LORA else 0
 
     # -- activations at each candidate peak ----------------------------------------------
     T = shape.tokens

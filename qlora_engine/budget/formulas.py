@@ -33,6 +33,12 @@ OFFSET_BYTES = 4  # the fp32 mean subtracted from absmax before nesting (a 0-dim
 MIN_8BIT_SIZE = 4096
 PAGED_MIN_NUMEL = 100_000
 OPT_8BIT_BLOCK = 256
+# qlora_engine.optim.FLAT (not imported here: the budget runs where torch is not): every LoRA
+# weight a view of one flat buffer, each starting on a 256-element block, the tensors under
+# MIN_8BIT_SIZE of an 8-bit optimizer in a second one held at 32 bits; the optimizer sees those
+# one or two tensors, and the gradients are views of a flat buffer that lives through the run.
+FLAT_LORA = True
+
 
 
 def quantized_linear_bytes(numel: int, *, double_quant: bool) -> tuple[int, int]:
@@ -75,11 +81,21 @@ def optimizer_state_bytes(sizes: list[int], optimizer: str) -> tuple[int, int, i
     """
     resident = paged = 0
     eight_bit_used = False
-    for n in sizes:
+    transient = 4 * sum(sizes) if optimizer == "adamw" else 0
+    # (elements, may it take 8-bit state) of each tensor the optimizer sees
+    seen = [(n, n >= MIN_8BIT_SIZE) for n in sizes]
+    if FLAT_LORA and sizes:
+        padded = [(ceil_div(n, OPT_8BIT_BLOCK) * OPT_8BIT_BLOCK, n >= MIN_8BIT_SIZE) for n in sizes]
+        if optimizer.endswith("8bit"):
+            seen = [(sum(p for p, big in padded if big), True), (sum(p for p, big in padded if not big), False)]
+            seen = [(n, big) for n, big in seen if n]
+        else:
+            seen = [(sum(p for p, _ in padded), True)]
+    for n, may_be_8bit in seen:
         if optimizer == "adamw":
             resident += 8 * n
             continue
-        eight = optimizer.endswith("8bit") and n >= MIN_8BIT_SIZE
+        eight = optimizer.endswith("8bit") and may_be_8bit
         state = 2 * n if eight else 8 * n
         if eight:
             eight_bit_used = True
@@ -90,7 +106,6 @@ def optimizer_state_bytes(sizes: list[int], optimizer: str) -> tuple[int, int, i
             resident += state
     if eight_bit_used:
         resident += 2 * 256 * 4  # the signed and unsigned dynamic maps, one copy per optimizer
-    transient = 4 * sum(sizes) if optimizer == "adamw" else 0
     return resident, paged, transient
 
 

@@ -150,6 +150,13 @@ def test_the_fused_loss_chunk_is_liger_s():
 
 # -- the formulas against the H200 --------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _tensor_by_tensor_lora(request, monkeypatch):
+    """The records in this file (bar the flat-buffer one) predate optim.FLAT: estimate them as the engine then ran."""
+    if "flat_buffer" not in request.node.name:
+        monkeypatch.setattr(fm, "FLAT_LORA", False)
+
+
 # (train.kernels, seq, micro-batch, peak allocated GiB, peak reserved GiB): the engine on an
 # NVIDIA H200 (torch 2.11, transformers 5.17, peft 0.21, bitsandbytes 0.50.2, liger-kernel
 # 0.8.5; bench/results/2026-11-27-NVIDIA-H200-speed-llama3-8b-0948.json and -long-context.jsonl).
@@ -410,3 +417,15 @@ def test_the_closed_form_and_the_replay_keep_the_same_bytes(family):
         case = (kernels, ckpt, mask, lora, chosen, grad, attn, elem)
         assert trace.saved == fm.block_saved(spec, s, adapted, grad), case
         assert trace.backward_peak >= trace.saved and (ckpt or trace.forward_peak >= trace.saved)
+
+
+@pytest.mark.parametrize(("seq", "mbs", "allocated", "reserved"), [(2048, 4, 9.20, 9.56), (2048, 1, 6.57, 6.80)])
+def test_the_flat_buffer_engine_on_the_h100_is_predicted(seq, mbs, allocated, reserved):
+    # optim.FLAT (one LoRA buffer, gradients alive through the run), fast_lora, Liger, every layer
+    # checkpointed, on an NVIDIA H100 80GB HBM3 (torch 2.11, transformers 5.17, bnb 0.50.2;
+    # bench/results/2026-12-06-NVIDIA-H100-80GB-HBM3-speed-llama3-8b-0428.json).
+    assert fm.FLAT_LORA
+    d = _h200_estimate("liger", seq, mbs, fast_lora=True).details
+    assert d["torch_allocated"] / GiB == pytest.approx(allocated, rel=0.003, abs=0.006)
+    err = 100 * (d["torch_reserved"] / GiB - reserved) / reserved
+    assert -2.5 <= err <= 3.5  # measured +3.3% and +0.4%; the issue's goal is +-7%

@@ -54,8 +54,14 @@ def test_packed_labels_are_the_samples_labels_but_the_first_token(data_dir, tok)
     assert packed.report["train"]["packing_fill"] == round(len(seq["input_ids"]) / 256, 3)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "qlora_varlen"])
 def test_no_packed_sample_attends_to_another(data_dir, tok, tiny_model_dir, attn):
+    # qlora_varlen: the engine's attention for packed rows on a GPU (qlora_engine.varlen): no mask,
+    # samples cut at their position ids; on the CPU each sample runs alone through SDPA.
+    if attn == "qlora_varlen":
+        from qlora_engine import varlen
+
+        varlen.register()
     model = LlamaForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, dtype=torch.float32).eval()
     plain = prepare_data(make_cfg(data_dir / "chat.jsonl", max_length=100), tok)
     packed = prepare_data(make_cfg(data_dir / "chat.jsonl", max_length=100, packing=True), tok)
@@ -115,3 +121,20 @@ def test_collate_pads_right_and_counts_tokens(tok):
     assert b["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
     assert b["labels"][1].tolist() == [-100, 10, -100, -100]
     assert count_tokens(b, pad_token_id=0) == 6
+
+
+def test_varlen_attention_on_padded_rows_is_sdpa_s(tok, tiny_model_dir):
+    # Rows that are not packed (a padding mask, no position ids) under qlora_varlen take SDPA
+    # with the causal padding mask: the same logits as SDPA's own path on the real tokens.
+    from qlora_engine import varlen
+
+    varlen.register()
+    ours = LlamaForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="qlora_varlen", dtype=torch.float32).eval()
+    sdpa = LlamaForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
+    b = collate([{"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9]}, {"input_ids": [10, 11, 12], "labels": [10, 11, 12]}],
+                tok.pad_token_id)
+    with torch.no_grad():
+        a = ours(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        want = sdpa(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+    torch.testing.assert_close(a[0], want[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a[1, :3], want[1, :3], atol=1e-5, rtol=1e-4)

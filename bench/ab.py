@@ -1,0 +1,240 @@
+"""Engine switches side by side in one process, one model load: what each change buys, unprofiled.
+
+    python bench/ab.py [--shape llama3-8b] [--seq 2048] [--steps 8]
+
+Loads the engine's Trainer once (every layer checkpointed, the standard case) and times the
+training step (the trainer's own ``_forward_backward``, gradient clipping, optimizer and
+scheduler step, as ``Trainer.train`` runs them) under each setting of the switches:
+``optim.FLAT`` (one flat buffer, one optimizer launch), ``fast_lora.LEAN_4BIT`` (bitsandbytes'
+dequantization kernels called directly), ``varlen.VARLEN`` (packed rows without a mask), at
+micro-batch 1 and 4, fixed-length and packed rows, with and without checkpointing. Every
+setting runs ``--steps`` steps after 2 warm-up steps; the median step counts; the first setting
+runs again last, to show the drift. Also checks that the direct dequantization is bit-identical
+to bitsandbytes' own and that packed rows give the same loss under SDPA's mask and varlen attention.
+Prints one JSON line per setting; writes ``bench/results/<date>-<card>-ab-<shape>-<HHMM>.json``
+(and to $OUT when set). Peak memory is only meaningful in ``bench/speed.py`` (a process per case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+
+def main() -> None:
+    import torch
+    from speed import build_trainer, prepare_checkpoint, varlen_samples, versions
+
+    from qlora_engine import fast_lora, optim, varlen
+    from qlora_engine.data import collate, count_tokens
+    from qlora_engine.data.store import SampleBuilder, pack
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--only", default="", help="comma-separated setting names to run (default: all)")
+    ap.add_argument("--model", help="a model folder instead of the shape's random checkpoint (a CPU smoke test)")
+    args = ap.parse_args()
+    path = args.model or f"/tmp/ckpt-{args.shape}"
+    if not args.model:
+        prepare_checkpoint(args.shape, path)
+    cuda = torch.cuda.is_available()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    seq = args.seq
+    trainer, _, cfg = build_trainer(path, seq, 4, 1, [], warmup=0)
+    model, pad = trainer.model, trainer.tokenizer.pad_token_id
+    vocab = model.config.vocab_size
+    card = torch.cuda.get_device_name(0) if cuda else "cpu"
+    out: dict = dict(
+        date=datetime.date.today().isoformat(),
+        card=card,
+        shape=args.shape,
+        seq=seq,
+        versions=versions(),
+        checkpointed_layers=trainer.checkpointed,
+        kernels=trainer.kernels,
+        results=[],
+    )
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+
+        out["torch_varlen_attn"] = True
+    except ImportError:
+        out["torch_varlen_attn"] = False  # varlen.py falls back to SDPA sample by sample
+    # 1. The direct dequantization is bitsandbytes' own, bit for bit.
+    import bitsandbytes.functional as bnbf
+
+    bases = [m.base_layer for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")][:14]
+    out["dequant_bit_identical"] = all(
+        torch.equal(fast_lora.dequantize(b.weight), bnbf.dequantize_4bit(b.weight, b.weight.quant_state)) for b in bases
+    )
+
+    gen = torch.Generator().manual_seed(0)
+
+    def fixed(mbs: int) -> dict:
+        ids = torch.randint(0, vocab, (mbs, seq), generator=gen)
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+    rows = varlen_samples(vocab, seq, 400)
+    builder = SampleBuilder()
+    for ids in rows:
+        builder.add(ids, [True] * len(ids))
+    packed_rows = list(pack(builder.build(), seq))
+
+    def packed(mbs: int, k: int) -> dict:
+        return collate([packed_rows[(k * mbs + i) % len(packed_rows)] for i in range(mbs)], pad)
+
+    def set_opt(flat: bool) -> None:
+        optim.FLAT = flat
+        trainer.optimizer = optim.build_optimizer(cfg.optim, trainer.params)
+        trainer.scheduler = optim.build_scheduler(cfg.optim, trainer.optimizer, 10_000)
+
+    def set_attn(name: str) -> None:
+        model.get_base_model().set_attn_implementation(varlen.register() if name == "varlen" else name)
+
+    blocks = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+    def set_ckpt(on: bool) -> None:
+        for b in blocks:
+            b.gradient_checkpointing = on
+
+    def one_step(batch: dict) -> tuple[float, float, int]:
+        sync()
+        t = time.perf_counter()
+        n_labels = int((batch["labels"][:, 1:] != -100).sum())
+        loss = trainer._forward_backward([batch], n_labels)
+        torch.nn.utils.clip_grad_norm_(trainer.params, 1.0)
+        loss = float(loss)
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - t, loss, count_tokens(batch, pad)
+
+    settings = [
+        # name, flat, lean, attention, mbs, rows, checkpointing
+        ("mbs4-new", True, True, "sdpa", 4, "fixed", True),
+        ("mbs4-old", False, False, "sdpa", 4, "fixed", True),
+        ("mbs1-new", True, True, "sdpa", 1, "fixed", True),
+        ("mbs1-old", False, False, "sdpa", 1, "fixed", True),
+        ("mbs1-flat-only", True, False, "sdpa", 1, "fixed", True),
+        ("mbs1-lean-only", False, True, "sdpa", 1, "fixed", True),
+        ("mbs4-packed-sdpa", True, True, "sdpa", 4, "packed", True),
+        ("mbs4-packed-varlen", True, True, "varlen", 4, "packed", True),
+        ("mbs4-new-no-checkpointing", True, True, "sdpa", 4, "fixed", False),
+        ("mbs4-packed-varlen-no-checkpointing", True, True, "varlen", 4, "packed", False),
+        ("mbs4-new-again", True, True, "sdpa", 4, "fixed", True),
+    ]
+    only = set(filter(None, args.only.split(",")))
+    for name, flat, lean, attn, mbs, kind, ckpt in settings:
+        if only and name not in only:
+            continue
+        set_opt(flat)
+        fast_lora.LEAN_4BIT = lean
+        set_attn(attn)
+        set_ckpt(ckpt)
+        times, toks, losses = [], [], []
+        try:
+            for k in range(2 + args.steps):
+                batch = fixed(mbs) if kind == "fixed" else packed(mbs, k)
+                dt, loss, n = one_step(batch)
+                if k >= 2:
+                    times.append(dt)
+                    toks.append(n)
+                    losses.append(loss)
+            order = sorted(range(len(times)), key=lambda i: times[i])
+            mid = order[len(order) // 2]
+            res = dict(
+                name=name,
+                flat=flat,
+                lean=lean,
+                attention=attn,
+                mbs=mbs,
+                rows=kind,
+                checkpointing=ckpt,
+                step_s=round(times[mid], 4),
+                tok_s=round(toks[mid] / times[mid]),
+                tok_s_total=round(sum(toks) / sum(times)),
+                steps=[round(t, 4) for t in times],
+                loss=round(losses[-1], 4),
+                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            )
+        except Exception as e:  # one setting failing must not lose the others
+            res = dict(name=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+            trainer.optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.empty_cache()
+        print(json.dumps(res), flush=True)
+        out["results"].append(res)
+
+    # 2b. Where a micro-batch-1 step goes now (profiled: the waits are a map of host work, not of lost time).
+    if cuda and (not only or "profile" in only):
+        from profile_step import summarize
+        from torch.profiler import ProfilerActivity, profile
+
+        set_opt(True)
+        fast_lora.LEAN_4BIT = True
+        set_attn("sdpa")
+        set_ckpt(True)
+        for _ in range(2):
+            one_step(fixed(1))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(2):
+                one_step(fixed(1))
+            wall = time.perf_counter() - t0
+        kernels = [
+            (e.name, e.time_range.start, e.time_range.end)
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("ProfilerStep")
+        ]
+        prof_res = summarize(kernels, 2, wall)
+        prof_res.pop("top", None)
+        out["profile_mbs1_new"] = prof_res
+        print(json.dumps({"profile_mbs1_new": prof_res}), flush=True)
+
+    # 3. Packed rows: the same loss under SDPA's mask and varlen attention (no gradients: a forward each).
+    set_ckpt(True)
+    batch = {k: v.to(trainer.device) for k, v in packed(4, 0).items()}
+    fast_lora.LEAN_4BIT = True
+    losses = {}
+    for attn in ("sdpa", "varlen"):
+        set_attn(attn)
+        with torch.no_grad():
+            losses[attn] = float(model(**batch, use_cache=False).loss)
+    out["packed_loss_sdpa_vs_varlen"] = losses
+    print(
+        json.dumps(
+            {
+                "dequant_bit_identical": out["dequant_bit_identical"],
+                "packed_loss": losses,
+                "torch_varlen_attn": out["torch_varlen_attn"],
+            }
+        ),
+        flush=True,
+    )
+
+    stamp = datetime.datetime.now().strftime("%H%M")
+    fname = f"{out['date']}-{card.replace(' ', '-')}-ab-{args.shape}-{stamp}.json"
+    for folder in filter(None, [HERE / "results", Path(os.environ["OUT"]) if os.environ.get("OUT") else None]):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / fname).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
