@@ -16,11 +16,13 @@ from PySide6.QtCore import QRectF, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QPainter, QPalette, QPen
 from PySide6.QtWidgets import (
     QComboBox,
+    QDoubleSpinBox,
     QFrame,
     QGridLayout,
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QToolButton,
     QVBoxLayout,
@@ -53,6 +55,13 @@ PALETTE = [
 ]
 
 
+TARGET_CARDS_MIB = {8: 8188, 12: 12282, 16: 16376, 24: 24564, 48: 49140, 80: 81559}
+"""Cards to plan for on another machine: nominal GB -> the memory NVML reports for the common card of
+that size (the smaller where two differ: RTX 4060 8 GB, 4070 12 GB, 4080 16 GB, 4090 24 GB, RTX A6000
+48 GB, H100 80 GB), so "fits" here means fits there."""
+CUSTOM_CARD = "custom"
+
+
 FIT_TITLE = "To make it fit, click a change:"
 FASTER_TITLE = "Faster, and it still fits:"
 
@@ -80,6 +89,8 @@ def budget_request(cfg: TrainConfig, gpu: gpu_facts.GpuInfo | None, data_stats: 
         "base_dir": str(cfg.base_dir) if cfg.base_dir else None,
         "gpu_bytes": gpu.total_bytes if gpu is not None else None,
         "gpu_name": gpu.name if gpu is not None else None,
+        # no card: the CPU, where no CUDA context exists to count; a planned card counts one
+        "cuda": gpu is not None,
         "data_stats": data_stats,
     }
 
@@ -180,13 +191,26 @@ class BudgetPanel(QFrame):
         title.setObjectName("panelTitle")
         self.gpu_combo = QComboBox()
         self.gpu_combo.setObjectName("gpuSelector")
-        self.gpu_combo.setToolTip("The card to train on; the estimate is compared with its memory")
+        self.gpu_combo.setToolTip(
+            "The card to train on; the estimate is compared with its memory. The 'plan for' entries size the run "
+            "for a card in another machine (this one's GPU, if any, is not used for the estimate)."
+        )
+        self.target_gib = QDoubleSpinBox()
+        self.target_gib.setObjectName("targetCardGib")
+        self.target_gib.setRange(1.0, 1024.0)
+        self.target_gib.setDecimals(1)
+        self.target_gib.setValue(24.0)
+        self.target_gib.setSuffix(" GiB")
+        self.target_gib.setToolTip("The memory of the card to plan for, as nvidia-smi shows it (MiB / 1024)")
+        self.target_gib.setVisible(False)
+        self.target_gib.valueChanged.connect(lambda *_: self._timer.start())
         self.refresh_gpus_button = QToolButton()
         self.refresh_gpus_button.setText("⟳")
         self.refresh_gpus_button.setToolTip("Look for GPUs again (free memory changes as other programs run)")
         self.refresh_gpus_button.clicked.connect(self.refresh_gpus)
         gpu_row = QHBoxLayout()
         gpu_row.addWidget(self.gpu_combo, 1)
+        gpu_row.addWidget(self.target_gib)
         gpu_row.addWidget(self.refresh_gpus_button)
         self.headline = QLabel("-")
         self.headline.setObjectName("budgetHeadline")
@@ -208,11 +232,26 @@ class BudgetPanel(QFrame):
         self.suggest_title = QLabel(FIT_TITLE)
         self.suggest_title.setObjectName("suggestTitle")
         self.suggest_title.setWordWrap(True)
+        self.suggest_title.setVisible(False)  # until there is something to suggest
         self.suggest_box = QVBoxLayout()
         suggest_holder = QWidget()
         suggest_holder.setLayout(self.suggest_box)
 
-        lay = QVBoxLayout(self)
+        # The panel scrolls rather than stretch the window: with a long list of fixes it would
+        # otherwise be taller than a 1280×800 screen at 125% (640 logical px).
+        inner = QWidget()
+        inner.setObjectName("budgetContents")
+        scroll = QScrollArea()
+        scroll.setWidget(inner)
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.viewport().setAutoFillBackground(False)
+        inner.setAutoFillBackground(False)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        lay = QVBoxLayout(inner)
         lay.addWidget(title)
         lay.addLayout(gpu_row)
         lay.addWidget(self.headline)
@@ -243,6 +282,7 @@ class BudgetPanel(QFrame):
     def set_gpus(self, gpus: list[gpu_facts.GpuInfo], reason: str | None = None) -> None:
         """Fill the selector (the first GPU is chosen unless the previous choice is still there)."""
         current = self.selected_gpu()
+        planned = self.gpu_combo.currentData()
         self.gpus = list(gpus)
         self.gpu_combo.blockSignals(True)
         self.gpu_combo.clear()
@@ -251,15 +291,40 @@ class BudgetPanel(QFrame):
         self.gpu_combo.addItem("CPU (no GPU)" if not self.gpus else "CPU", -1)
         if not self.gpus:
             self.gpu_combo.setItemData(0, reason or "no NVIDIA GPU", Qt.ItemDataRole.ToolTipRole)
+        self.gpu_combo.insertSeparator(self.gpu_combo.count())
+        for gb in TARGET_CARDS_MIB:
+            self.gpu_combo.addItem(f"Plan for {'an' if gb in (8, 80) else 'a'} {gb} GB card", f"target:{gb}")
+        self.gpu_combo.addItem("Plan for a card of …", CUSTOM_CARD)
         if current is not None:
             i = self.gpu_combo.findData(current.index)
             self.gpu_combo.setCurrentIndex(max(i, 0))
+        elif isinstance(planned, str):  # a planned card stays chosen when the local GPUs are looked up again
+            self.gpu_combo.setCurrentIndex(max(self.gpu_combo.findData(planned), 0))
         self.gpu_combo.blockSignals(False)
         self._on_gpu_changed()
 
     def selected_gpu(self) -> gpu_facts.GpuInfo | None:
+        """This machine's GPU chosen to train on (None: the CPU, or a card planned for another machine)."""
         index = self.gpu_combo.currentData()
-        return next((g for g in self.gpus if g.index == index), None)
+        return next((g for g in self.gpus if g.index == index), None) if isinstance(index, int) else None
+
+    def planned_card(self) -> gpu_facts.GpuInfo | None:
+        """The card the estimate is compared with: this machine's, or one chosen to plan for (None: CPU)."""
+        data = self.gpu_combo.currentData()
+        if isinstance(data, str):
+            mib = TARGET_CARDS_MIB[int(data.split(":")[1])] if data != CUSTOM_CARD else self.target_gib.value() * 1024
+            size = int(mib * 2**20)
+            name = f"{data.split(':')[1]} GB card" if data != CUSTOM_CARD else f"{size / GIB:g} GiB card"
+            return gpu_facts.GpuInfo(index=-2, name=name, total_bytes=size, free_bytes=size, used_bytes=0)
+        return self.selected_gpu()
+
+    def plan_for(self, gib_or_gb: int | float) -> None:
+        """Choose a card to plan for: a listed size in GB (8, 12, 16, 24, 48, 80) or any size in GiB."""
+        i = self.gpu_combo.findData(f"target:{gib_or_gb}") if gib_or_gb in TARGET_CARDS_MIB else -1
+        if i < 0:
+            self.target_gib.setValue(float(gib_or_gb))
+            i = self.gpu_combo.findData(CUSTOM_CARD)
+        self.gpu_combo.setCurrentIndex(i)
 
     def select_gpu(self, index: int) -> None:
         i = self.gpu_combo.findData(index)
@@ -267,6 +332,7 @@ class BudgetPanel(QFrame):
             self.gpu_combo.setCurrentIndex(i)
 
     def _on_gpu_changed(self, *_args) -> None:
+        self.target_gib.setVisible(self.gpu_combo.currentData() == CUSTOM_CARD)
         self.gpu_changed.emit(self.selected_gpu())
         self._timer.start()
 
@@ -283,7 +349,7 @@ class BudgetPanel(QFrame):
     # -- computing -------------------------------------------------------------------------
     def recompute(self) -> None:
         cfg = self.model.config
-        g = self.selected_gpu()
+        g = self.planned_card()
         if not cfg.model.ref.strip():
             self.tasks.cancel("budget")
             self._draw_empty("Choose a model to see its memory estimate.")
@@ -368,7 +434,8 @@ class BudgetPanel(QFrame):
 
     def _draw(self, result: dict) -> None:
         est, advice, capacity = result["estimate"], result["advice"], result["gpu_bytes"]
-        comps = list(getattr(est, "components", {}).items())
+        # a component that does not exist on this device (the CUDA context of a CPU run) is left out
+        comps = [(k, v) for k, v in getattr(est, "components", {}).items() if v or k != "cuda_context"]
         parts = [(name, float(v), QColor(PALETTE[i % len(PALETTE)])) for i, (name, v) in enumerate(comps)]
         total = float(est.total)
         self.bar.set_parts(parts, capacity, getattr(est, "low", None), getattr(est, "high", None))

@@ -17,19 +17,47 @@ from PySide6.QtWidgets import QVBoxLayout, QWidget
 
 from app.run_record import RunRecord
 
-COLORS = {
-    "train loss": "#3b82f6",
-    "eval loss": "#f97316",
-    "learning rate": "#10b981",
-    "grad norm": "#a855f7",
-    "tokens/s": "#0ea5e9",
-    "GPU used (NVML)": "#ef4444",
-    "this run (NVML)": "#f43f5e",
-    "torch allocated": "#22c55e",
-    "torch reserved": "#eab308",
-    "estimate": "#94a3b8",
+SERIES_COLORS = {
+    # Each line at least 3:1 against the plot's background in its look (WCAG 1.4.11 for graphics; tested):
+    # darker shades on the light look's white, lighter ones on the dark look's near-black.
+    "light": {
+        "train loss": "#2563eb",
+        "eval loss": "#c2410c",
+        "learning rate": "#047857",
+        "grad norm": "#9333ea",
+        "tokens/s": "#0369a1",
+        "GPU used (NVML)": "#dc2626",
+        "this run (NVML)": "#be123c",
+        "torch allocated": "#15803d",
+        "torch reserved": "#a16207",
+        "estimate": "#64748b",
+        "note": "#6b7280",
+    },
+    "dark": {
+        "train loss": "#60a5fa",
+        "eval loss": "#fb923c",
+        "learning rate": "#34d399",
+        "grad norm": "#c084fc",
+        "tokens/s": "#38bdf8",
+        "GPU used (NVML)": "#f87171",
+        "this run (NVML)": "#fb7185",
+        "torch allocated": "#4ade80",
+        "torch reserved": "#facc15",
+        "estimate": "#94a3b8",
+        "note": "#9ca3af",
+    },
 }
-OVERLAY_COLORS = ["#e11d48", "#0d9488", "#7c3aed", "#ca8a04", "#2563eb"]
+OVERLAY_SCHEMES = {
+    "light": ["#e11d48", "#0f766e", "#7c3aed", "#a16207", "#1d4ed8"],
+    "dark": ["#fb7185", "#2dd4bf", "#a78bfa", "#facc15", "#93c5fd"],
+}
+COLORS = SERIES_COLORS["light"]
+OVERLAY_COLORS = OVERLAY_SCHEMES["light"]
+
+
+def scheme_of(background: QColor) -> str:
+    """'dark' when the plot's background is dark (the look in force), else 'light'."""
+    return "dark" if background.lightness() < 128 else "light"
 
 
 class RunCharts(QWidget):
@@ -47,6 +75,7 @@ class RunCharts(QWidget):
         self._plot_of: dict[str, pg.PlotItem] = {}
         self._overlays: list[pg.PlotDataItem] = []
         self._drawn_version = -1
+        self.colors = SERIES_COLORS["light"]
 
         self.loss = self._plot("loss", "Loss", "step", row=0, col=0, colspan=2)
         self.vram = self._plot("vram", "VRAM (GiB)", "seconds", row=0, col=2)
@@ -167,7 +196,8 @@ class RunCharts(QWidget):
                 legend.removeItem(item)
         self._overlays = []
         for i, (name, (xs, ys)) in enumerate(runs.items()):
-            pen = pg.mkPen(OVERLAY_COLORS[i % len(OVERLAY_COLORS)], width=2, style=Qt.PenStyle.DashLine)
+            overlay = OVERLAY_SCHEMES[scheme_of(self.view.backgroundBrush().color())]
+            pen = pg.mkPen(overlay[i % len(overlay)], width=2, style=Qt.PenStyle.DashLine)
             item = self.loss.plot(np.asarray(xs, float), _finite(ys), pen=pen, name=name)
             self._overlays.append(item)
 
@@ -188,6 +218,17 @@ class RunCharts(QWidget):
             p.setTitle(p.titleLabel.text, color=fg.name())
             if p.legend is not None:
                 p.legend.setLabelTextColor(fg)
+                for _sample, label in p.legend.items:  # labels already drawn keep their colour otherwise
+                    label.setText(label.text, color=fg.name())
+        self.colors = SERIES_COLORS[scheme_of(bg)]
+        for name, curve in self.curves.items():
+            curve.setPen(pg.mkPen(self.colors[name], width=curve.opts["pen"].width()))
+            if curve.opts.get("symbol"):
+                curve.setSymbolBrush(self.colors[name])
+        est = self.colors["estimate"]
+        self.estimate_line.setPen(pg.mkPen(est, width=2, style=Qt.PenStyle.DashLine))
+        self.estimate_line.label.setColor(est)
+        self.vram_note.setColor(self.colors["note"])
 
 
 def peak_text(n_bytes: float) -> str:

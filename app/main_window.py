@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
     QMainWindow,
     QMessageBox,
     QPushButton,
+    QSizePolicy,
     QSplitter,
     QStackedWidget,
     QVBoxLayout,
@@ -52,6 +53,26 @@ PAGES = [
     ("history", "History"),
 ]
 CONFIG_PAGES = ("model", "data", "adapter", "training")
+
+
+def fit_to_current_page(stack: QStackedWidget) -> None:
+    """Size the stack by the page in view, not the widest of all pages (which QStackedWidget does).
+
+    Without this, the Try/Export page's width was the minimum of every page, and beside the budget
+    panel the window needed 1,151 px: more than a 1366×768 laptop at 125% offers (1,093).
+    """
+    ignored = QSizePolicy.Policy.Ignored
+    for i in range(stack.count()):
+        page = stack.widget(i)
+        if page is stack.currentWidget():
+            policy = page.property("own_size_policy")
+            if policy is not None:
+                page.setSizePolicy(policy)
+        else:
+            if page.property("own_size_policy") is None:
+                page.setProperty("own_size_policy", page.sizePolicy())
+            page.setSizePolicy(ignored, ignored)
+    stack.updateGeometry()
 
 
 class MainWindow(QMainWindow):
@@ -246,6 +267,7 @@ class MainWindow(QMainWindow):
             return
         self.stack.setCurrentIndex(row)
         key = PAGES[row][0]
+        fit_to_current_page(self.stack)
         self._update_side_panel()
         self.flow_bar.setVisible(key in CONFIG_PAGES)
         self.back_button.setEnabled(row > 0)
@@ -431,4 +453,5 @@ class MainWindow(QMainWindow):
         for tasks in (self.inspect_tasks, self.budget_tasks, self.history_tasks):
             tasks.shutdown()
         self.result_page.shutdown()  # cancels an answer or export in progress, frees the Try model
+        self.history.shutdown()  # the TensorBoard servers "Open logs" started
         event.accept()

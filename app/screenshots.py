@@ -7,6 +7,13 @@ by default) and the bundled sample data, goes through the pages, trains a short 
 this machine's device (the CPU is fine), opens the run history, and saves a PNG of each view.
 Without an NVIDIA GPU the budget panel is shown against a card of ``--card-gib`` GiB, as
 NVML would list it, so the picture shows what the panel does on a GPU machine.
+
+    python -m app.screenshots --looks [--size 1024x640] [--look dark] [--out docs/screenshots/looks]
+
+``--looks`` trains nothing: it opens every page of a window of exactly ``--size`` logical pixels
+(1024 × 640 is a 1280×800 screen at 125%; a 1366×768 one at 125% offers 1,093 × 614 less the
+panel), the run page replaying a recorded run's events so the charts and their legends are drawn,
+and saves one PNG per page in the chosen look, to check by eye what the tests check by number.
 """
 
 from __future__ import annotations
@@ -51,20 +58,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--card-gib", type=float, default=8.0, help="card size for the budget picture when there is no GPU")
     p.add_argument("--look", choices=["light", "dark"], default="light")
+    p.add_argument("--looks", action="store_true", help="every page at --size in --look, a recorded run replayed")
+    p.add_argument("--size", default="1024x640", help="--looks: the window's size in logical pixels, WxH")
     args = p.parse_args(argv)
+    if args.looks:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+        _offscreen(width, height)
+        return looks(args, width, height)
     _offscreen(1920, 1200)
     home = Path(tempfile.mkdtemp(prefix="qlora-shots-"))
     os.environ.setdefault("QLORA_STUDIO_HOME", str(home))
 
     from PySide6.QtCore import QEventLoop, QTimer
     from PySide6.QtWidgets import QApplication
-    from qlora_engine.resources import path as resource_path
 
     from app.main_window import MainWindow
     from app.theme import apply_theme
     from qlora_engine import gpu as gpu_facts
     from qlora_engine.demo import find_demo_model
     from qlora_engine.events import read_events
+    from qlora_engine.resources import path as resource_path
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
     apply_theme(app, args.look)
@@ -165,6 +178,69 @@ def main(argv: list[str] | None = None) -> int:
         w.runs.show_failure(failure, str(home / "data" / "logs" / "smol-oom.log"))
         shot("8-error-dialog", w.runs.dialog)
         w.runs.dialog.close()
+    w.close()
+    return 0
+
+
+def looks(args: argparse.Namespace, width: int, height: int) -> int:
+    """Every page of a ``width`` × ``height`` window in ``args.look``, the run page replaying a recorded run."""
+    import shutil
+
+    from PySide6.QtCore import QEventLoop, QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from qlora_engine.resources import path as resource_path
+
+    home = Path(tempfile.mkdtemp(prefix="qlora-looks-"))
+    os.environ.setdefault("QLORA_STUDIO_HOME", str(home))
+    from app.main_window import PAGES, MainWindow
+    from app.theme import apply_theme
+    from qlora_engine.demo import find_demo_model
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    apply_theme(app, args.look)
+    out = Path(args.out if args.out != "docs/screenshots" else f"docs/screenshots/looks-{width}x{height}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def settle(ms: int = 500) -> None:
+        loop = QEventLoop()
+        QTimer.singleShot(ms, loop.quit)
+        loop.exec()
+
+    w = MainWindow(demo_model=find_demo_model())
+    w.ask_save_changes = lambda: "discard"
+    w.setGeometry(0, 0, width, height)
+    w.show()
+    model = args.model or find_demo_model()
+    if model is not None:
+        w.config_model.set_values(
+            {
+                ("model", "ref"): str(model),
+                ("data", "path"): str(args.data or resource_path("data", "quickstart.jsonl")),
+            }
+        )
+    w.budget.plan_for(8)
+
+    def wait(until, timeout_s: float) -> None:
+        for _ in range(int(timeout_s * 10)):
+            if until():
+                return
+            settle(100)
+
+    wait(lambda: w.budget.result is not None, 120)
+    recorded = Path(__file__).resolve().parents[1] / "tests" / "data" / "events" / "normal.jsonl"
+    for key, _label in PAGES:
+        if key == "run" and recorded.is_file():
+            run_dir = home / "runs" / "recorded-run"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(recorded, run_dir / "events.jsonl")
+            w.runs.open_run(run_dir)
+            w.history.add_folder(run_dir)
+        w.show_page(key)
+        settle(1500 if key in ("model", "data") else 500)
+        name = out / f"{args.look}-{PAGES.index((key, _label)) + 1}-{key}.png"
+        w.grab().save(str(name))
+        print(f"wrote {name}")
     w.close()
     return 0
 

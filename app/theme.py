@@ -10,6 +10,7 @@ from __future__ import annotations
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QGuiApplication, QPalette
 from PySide6.QtWidgets import QApplication
+
 from qlora_engine.resources import path as resource_path
 
 COLORS = {
@@ -24,6 +25,9 @@ COLORS = {
         "panel": "#f3f4f6",
         "banner": "#eff6ff",
         "selected": "#e0e7ff",
+        # a check box's frame: at least 3:1 against the window and the field (WCAG 1.4.11, tested)
+        "check_border": "#6b7280",
+        "check_disabled": "#b6bac2",
     },
     "dark": {
         "text": "#e5e7eb",
@@ -36,6 +40,8 @@ COLORS = {
         "panel": "#1f2937",
         "banner": "#1e293b",
         "selected": "#312e81",
+        "check_border": "#9ca3af",
+        "check_disabled": "#4b5563",
     },
 }
 
@@ -73,6 +79,7 @@ def dark_palette() -> QPalette:
 
 def style_sheet(scheme: str) -> str:
     text = resource_path("styles", "app.qss").read_text(encoding="utf-8")
+    text = text.replace("@check_image", resource_path("styles", "check.svg").as_posix())
     # longest names first, so @accent_hover is not read as @accent + "_hover"
     for name, value in sorted(COLORS[scheme].items(), key=lambda kv: -len(kv[0])):
         text = text.replace(f"@{name}", value)
@@ -90,3 +97,19 @@ def apply_theme(app: QApplication, mode: str = "system") -> str:
         app.setStyleSheet(sheet)
     app.setProperty("qlora_scheme", scheme)
     return scheme
+
+
+def relative_luminance(color: str | QColor) -> float:
+    """WCAG 2 relative luminance of an sRGB colour."""
+    c = QColor(color)
+
+    def channel(v: float) -> float:
+        return v / 12.92 if v <= 0.04045 else ((v + 0.055) / 1.055) ** 2.4
+
+    return 0.2126 * channel(c.redF()) + 0.7152 * channel(c.greenF()) + 0.0722 * channel(c.blueF())
+
+
+def contrast_ratio(a: str | QColor, b: str | QColor) -> float:
+    """WCAG 2 contrast ratio (1 to 21): 4.5 for text, 3 for the parts of a control and for graphics."""
+    la, lb = sorted((relative_luminance(a), relative_luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)

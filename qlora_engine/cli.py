@@ -217,6 +217,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 3
     finally:
         signals["restore"]()  # type: ignore[operator]
+    if not distributed.is_main_process():  # rank 0 alone saves, reports and judges the run's end
+        return 0
     if finished.adapter_dir is None or control.abort_requested:
         # aborted ('abort' on stdin), or stopped before a step was taken: nothing new was made
         how = "aborted" if control.abort_requested else "stopped before the first step"
@@ -353,9 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subcommands of other modules register here (one line each).
     for module in (
-        "qlora_engine.data", "qlora_engine.budget.cli", "qlora_engine.export.cli", "qlora_engine.cluster",
+        "qlora_engine.data",
+        "qlora_engine.budget.cli",
+        "qlora_engine.export.cli",
+        "qlora_engine.export.hub",
+        "qlora_engine.cluster",
         "qlora_engine.inspect_server",
-    ):  # fmt: skip
+    ):
         _register(module, sub)
     return p
 

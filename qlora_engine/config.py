@@ -343,6 +343,12 @@ class OutputConfig(Section):
         "Run folder: config.yaml, events.jsonl, checkpoints/ and adapter/ go here. Relative paths are taken "
         "from the directory of the config file.",
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = _f(
+        [],
+        "Experiment trackers that also receive the run's metrics: tensorboard (event files in <run>/tensorboard, "
+        "needs the tensorboard package), wandb or mlflow (when installed; they read their own settings and login "
+        "from the environment). Empty: events.jsonl only.",
+    )
 
     def _check(self, c: Checks) -> None:
         c.need("dir", bool(self.dir.strip()), "name a folder for the run's files")

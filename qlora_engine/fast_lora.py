@@ -163,6 +163,8 @@ def _lean_base_forward(base: Any, original: Any) -> Any:
             or not torch.is_grad_enabled()
             or x.dtype != base.compute_dtype
             or (base.bias is not None and base.bias.requires_grad)
+            # FSDP gathers the weight as a plain tensor: bitsandbytes' own forward restores its state
+            or getattr(base.weight, "quant_state", None) is None
             or getattr(base.weight.quant_state, "packing_format_for_cpu", False)
             or base.weight.quant_state.quant_type not in ("nf4", "fp4")
         ):

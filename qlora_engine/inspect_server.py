@@ -112,6 +112,7 @@ class Inspector:
                 gpu_bytes=req.get("gpu_bytes"),
                 data_stats=req.get("data_stats"),
                 gpu_name=req.get("gpu_name"),
+                cuda=bool(req.get("cuda", True)),
             )
             decision = planned.decision("train.gradient_checkpointing")
             return {

@@ -43,7 +43,9 @@ def _classes() -> dict[str, Any]:
     }
 
 
-def build_optimizer(cfg: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, params: list[torch.nn.Parameter], *, flat: bool = True) -> torch.optim.Optimizer:
+    """The configured optimizer over ``params``; one flat buffer (:data:`FLAT`) unless ``flat`` is False
+    (DDP and FSDP own the parameters' storage and gradients: their views cannot be re-pointed)."""
     kw = {
         "lr": cfg.learning_rate,
         "betas": (cfg.adam_beta1, cfg.adam_beta2),
@@ -51,7 +53,7 @@ def build_optimizer(cfg: OptimConfig, params: list[torch.nn.Parameter]) -> torch
         "weight_decay": cfg.weight_decay,
     }
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else _classes()[cfg.optimizer]
-    if not FLAT or not params:
+    if not (FLAT and flat) or not params:
         return cls(params, **kw)
     groups = flatten(params, eight_bit=cfg.optimizer.endswith("8bit"))
     flat_cls = type(f"Flat{cls.__name__}", (FlatOptimizerMixin, cls), {})
@@ -126,6 +128,23 @@ class FlatOptimizerMixin:
             g.relink()
         return super().step(closure)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The state laid out tensor by tensor, as a per-tensor optimizer writes it: a checkpoint
+        stays one layout whoever wrote it (one process with the flat buffer, or DDP/FSDP without)."""
+        flat = super().state_dict()
+        (group, *_rest) = flat["param_groups"]
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        order = {id(p): i for i, p in enumerate(self._given_order)}
+        state: dict[int, Any] = {}
+        for g in self.flat_groups:
+            whole = flat["state"].get(index[id(g.flat)])
+            if not whole:
+                continue
+            for p, o in zip(g.params, g.offsets, strict=True):
+                state[order[id(p)]] = _split(whole, g, p, o)
+        new_group = {k: v for k, v in group.items() if k != "params"}
+        return {"state": state, "param_groups": [{**new_group, "params": list(range(len(self._given_order)))}]}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a flat state, or one written tensor by tensor (one group, a state per tensor)."""
         groups = state_dict["param_groups"]
@@ -167,6 +186,24 @@ def _merge(states: list[dict[str, Any]], g: FlatGroup) -> dict[str, Any]:
         else:  # the step count, the 8-bit code maps: the same for every tensor
             merged[key] = first
     return merged
+
+
+def _split(whole: dict[str, Any], g: FlatGroup, p: torch.nn.Parameter, o: int) -> dict[str, Any]:
+    """Tensor ``p``'s part (at offset ``o``) of a flat state: the inverse of :func:`_merge`."""
+    part: dict[str, Any] = {}
+    for key, value in whole.items():
+        if isinstance(value, dict):
+            part[key] = _split(value, g, p, o)
+        elif torch.is_tensor(value) and value.dim() >= 1 and not key.startswith("qmap"):
+            if value.numel() == g.flat.numel():  # one entry per element
+                part[key] = value[o : o + p.numel()].clone().view_as(p)
+            else:  # one entry per 256-element block (blockwise absmax)
+                part[key] = value[o // ALIGN : o // ALIGN + -(-p.numel() // ALIGN)].clone()
+        elif torch.is_tensor(value):  # torch's step count is a tensor it adds to in place: one per tensor
+            part[key] = value.clone()
+        else:
+            part[key] = value
+    return part
 
 
 def zero_codes(device: torch.device) -> dict[str, int]:

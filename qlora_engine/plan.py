@@ -111,11 +111,14 @@ def advise(
     gpu_name: str | None = None,
     spec: ModelSpec | None = None,
     world_size: int = 1,
+    cuda: bool = True,
 ) -> Advice:
     """The estimate and fit of ``cfg`` as it would run on a card of ``gpu_bytes`` (``auto`` settled).
 
     ``world_size``: GPUs sharing the run; the estimate is then one GPU's, for the strategy the
     run would take (``train.strategy``), and the fit advice is the single-GPU one.
+    ``cuda=False``: the run is on the CPU (no card, no CUDA context counted). A card that is not
+    this machine's (planning a run for another box) is just its ``gpu_bytes``.
 
     Raises:
         ConfigError: a config value is invalid, or the LoRA targets/layers do not exist.
@@ -125,7 +128,9 @@ def advise(
     if spec is None:
         spec = resolve_spec(cfg, model_config)
     resolved, decision = choose_checkpointing(cfg, spec, gpu_bytes, data_stats=data_stats)
-    est = estimate_from_spec(resolved, spec, gpu_bytes=gpu_bytes, gpu_name=gpu_name, data_stats=data_stats)
+    est = estimate_from_spec(
+        resolved, spec, gpu_bytes=gpu_bytes, gpu_name=gpu_name, data_stats=data_stats, cuda=cuda or bool(gpu_bytes)
+    )
     if decision is not None:
         est.details["checkpointing_auto"] = True
         est.notes.insert(0, str(decision))

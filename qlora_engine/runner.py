@@ -34,6 +34,7 @@ from qlora_engine.events import EventSink, JsonlFileSink, LogLine, MultiSink, Nu
 from qlora_engine.paths import sweep_interrupted, write_error_log
 from qlora_engine.plan import make_plan
 from qlora_engine.scrub import remember_config
+from qlora_engine.tracking import tracking_sinks
 from qlora_engine.train import RunInputs, Trainer, find_resume_checkpoint, prepare_inputs
 
 
@@ -90,7 +91,8 @@ def run(
     resume: bool | str | Path | None = None,
     force_resume: bool = False,
 ) -> RunFinished:
-    """Train one run. Events go to ``sink`` and to ``<output.dir>/events.jsonl``.
+    """Train one run. Events go to ``sink``, to ``<output.dir>/events.jsonl`` and to the trackers of
+    ``output.report_to``.
 
     Errors are reported as a ``RunFailed`` event and then raised. Under ``torchrun`` the
     processes join one run (:mod:`qlora_engine.distributed`): rank 0 holds the lock and writes
@@ -123,7 +125,9 @@ def run(
     try:
         for folder in (run_dir, run_dir / "checkpoints"):  # what a killed run's writes left behind
             sweep_interrupted(folder)
-        out = MultiSink(JsonlFileSink(run_dir / "events.jsonl"), sink or NullSink())
+        out = base = MultiSink(JsonlFileSink(run_dir / "events.jsonl"), sink or NullSink())
+        # Trackers (output.report_to) listen to the same stream; a failing one warns on `base` and goes quiet.
+        out = MultiSink(base, *tracking_sinks(cfg.output.report_to, run_dir, report=base))
         world.connect(world.pick_device(models.pick_device(cfg.train.device)))
         trainer = build_trainer(cfg, out, control, resume=resume, force_resume=force_resume, world=world)
         trainer.setup()

@@ -189,7 +189,8 @@ class Trainer:
         # -- several processes: the module the step calls (DDP around the model, or FSDP sharding it)
         self.net = self.world.wrap(self.model, decoder_layers=models.decoder_layers(self.model))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg.optim, self.params)
+        # one flat buffer for one process; DDP's buckets and FSDP's shards own the parameters' storage
+        self.optimizer = build_optimizer(cfg.optim, self.params, flat=self.world.strategy == "single")
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
         if self.resume_from is not None:
             self._load_training_state(self.resume_from)

@@ -12,6 +12,7 @@ interface of the page it replaces.
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,15 @@ FORMATS = {
     ),
     "gguf": (
         "GGUF for llama.cpp and Ollama",
-        "The merged model as GGUF (F16 and/or Q8_0), the adapter as a GGUF LoRA file, and an Ollama Modelfile "
+        "The merged model as GGUF (F16, Q8_0, or Q4_K_M/Q5_K_M through llama.cpp's quantizer), the adapter as a GGUF LoRA file, and an Ollama Modelfile "
         "with the chat template and stop tokens. Llama, Mistral, Qwen2 and SmolLM models.",
     ),
+}
+
+
+K_TIPS = {
+    "q4_k_m": "4-bit K-quant, medium: the usual llama.cpp/Ollama download, about 30% of F16.",
+    "q5_k_m": "5-bit K-quant, medium: closer to F16, about 36% of its size.",
 }
 
 
@@ -88,13 +95,23 @@ class ExportPage(QWidget):
         for box in (self.f16, self.q8, self.lora):
             box.setChecked(True)
             box.toggled.connect(self._refresh)
+        # K-quants come from llama.cpp's quantizer (llama-cpp-python); off until asked for
+        self.k_quants = {t: QCheckBox(t.upper()) for t in ("q4_k_m", "q5_k_m")}
+        quantizer = importlib.util.find_spec("llama_cpp") is not None
+        for t, box in self.k_quants.items():
+            box.toggled.connect(self._refresh)
+            box.setProperty("installed", quantizer)
+            box.setToolTip(
+                K_TIPS[t]
+                + (" Quantized by llama.cpp." if quantizer else " Needs llama.cpp: pip install llama-cpp-python.")
+            )
         self.f16.setToolTip("16-bit floats: the merged weights almost exactly (2 bytes per weight).")
         self.q8.setToolTip("8-bit blocks of 32 weights: about half the size of F16, very close in quality.")
         self.lora.setToolTip("The adapter alone, for llama.cpp --lora or Ollama ADAPTER on a GGUF of the base model.")
         self.gguf_options = QWidget()
         go = QHBoxLayout(self.gguf_options)
         go.setContentsMargins(0, 0, 0, 0)
-        for box in (self.f16, self.q8, self.lora):
+        for box in (self.f16, self.q8, *self.k_quants.values(), self.lora):
             go.addWidget(box)
         go.addStretch(1)
         self.dtype = QComboBox()
@@ -187,7 +204,8 @@ class ExportPage(QWidget):
         self._refresh()
 
     def options(self) -> dict[str, Any]:
-        types = [t for t, box in (("f16", self.f16), ("q8_0", self.q8)) if box.isChecked()]
+        boxes = (("f16", self.f16), ("q8_0", self.q8), *self.k_quants.items())
+        types = [t for t, box in boxes if box.isChecked()]
         return {
             "overwrite": self.overwrite.isChecked(),
             "dtype": self.dtype.currentText(),
@@ -230,13 +248,15 @@ class ExportPage(QWidget):
 
     def _refresh(self) -> None:
         ready = has_adapter(self.run_dir) and bool(self.out.text().strip())
-        if self.fmt() == "gguf" and not (self.f16.isChecked() or self.q8.isChecked()):
+        if self.fmt() == "gguf" and not self.options()["gguf_types"]:
             ready = False
         self.export_button.setEnabled(ready and not self.busy)
         self.cancel_button.setEnabled(self.busy)
         self.open_button.setEnabled(self.last_export is not None and self.last_export.is_dir() and not self.busy)
         for w in (self.format, self.f16, self.q8, self.lora, self.dtype, self.out, self.overwrite):
             w.setEnabled(not self.busy)
+        for box in self.k_quants.values():
+            box.setEnabled(not self.busy and bool(box.property("installed")))
         self.command.setText(self.command_line())
 
     def _browse(self) -> None:

@@ -43,6 +43,7 @@ class TrainingPage(Page):
         )
         self.effective = QLabel()
         self.effective.setObjectName("hint")
+        self.effective.setWordWrap(True)  # long with big numbers: it must not widen the page past a small screen
         box.layout().addWidget(self.effective)
         self.group("Speed", [("train", "kernels"), ("train", "fast_lora")])
         self.group(

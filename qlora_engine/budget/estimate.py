@@ -238,11 +238,13 @@ def estimate_from_spec(
     gpu_name: str | None = None,
     data_stats: dict[str, Any] | None = None,
     liger_installed: bool | None = None,
+    cuda: bool = True,
 ) -> VramEstimate:
     """The estimate for a config and an already-read model spec (pure arithmetic, no I/O).
 
     ``liger_installed``: whether liger-kernel is importable where the run will be (None: look
-    it up on this machine), which decides what ``train.kernels: auto`` runs.
+    it up on this machine), which decides what ``train.kernels: auto`` runs. ``cuda=False``: the
+    run is on the CPU, where there is no CUDA context to count.
     """
     reasons = list(spec.reasons)
     notes: list[str] = []
@@ -394,7 +396,7 @@ def estimate_from_spec(
         )
     slack = allocator_slack(mode, dynamic, loss_peak, logits_fp32, ckpt_share) + rounding
     torch_reserved = allocated + slack
-    context = CALIBRATION["cuda_context"]
+    context = CALIBRATION["cuda_context"] if cuda else 0
     total = torch_reserved + context + opt_paged
     calibrated = bool(CALIBRATION["allocator"][mode]["measured"])
     if not calibrated:

@@ -43,7 +43,7 @@ def export(
         sink: receives PhaseChanged('exporting') and LogLine events.
         should_stop: called between steps; True cancels (the temporary folder is removed).
         dtype: merged and GGUF exports: the merge dtype ('auto' keeps the base's).
-        gguf_types: GGUF export: which model files to write ('f16', 'q8_0').
+        gguf_types: GGUF export: which model files to write ('f16', 'q8_0'; 'q4_k_m', 'q5_k_m' with llama-cpp-python).
         gguf_lora: GGUF export: also write the adapter as a GGUF LoRA file.
 
     Returns:

@@ -168,7 +168,12 @@ def add_cli(sub: Any) -> None:
         choices=["auto", "bfloat16", "float16", "float32"],
         help="merged/gguf: dtype of the merge (auto: the base model's own)",
     )
-    s.add_argument("--gguf-types", default="f16,q8_0", help="gguf: model files to write, comma-separated (f16, q8_0)")
+    s.add_argument(
+        "--gguf-types",
+        default="f16,q8_0",
+        help="gguf: model files to write, comma-separated (f16, q8_0; q4_k_m, q5_k_m, q4_k_s, q5_k_s, q6_k through "
+        "llama.cpp's quantizer: pip install llama-cpp-python)",
+    )
     s.add_argument("--no-lora", action="store_true", help="gguf: skip the GGUF LoRA adapter file")
     s.add_argument("--events", choices=["-", "text"], default="text", help="'-': JSON event lines on stdout")
     s.set_defaults(func=cmd_export)

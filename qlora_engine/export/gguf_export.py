@@ -1,6 +1,8 @@
 """Export 3: GGUF files for llama.cpp and Ollama, with a Modelfile and a model card.
 
-The folder holds the merged model in each asked type (``<name>-f16.gguf``, ``<name>-q8_0.gguf``),
+The folder holds the merged model in each asked type (``<name>-f16.gguf``, ``<name>-q8_0.gguf``; the
+K-quants ``<name>-q4_k_m.gguf`` and ``<name>-q5_k_m.gguf`` through llama.cpp's quantizer, see
+:mod:`qlora_engine.export.gguf_quantize`),
 the adapter as a GGUF LoRA file (``<name>-lora.gguf``, for a GGUF of the base model), an Ollama
 ``Modelfile`` for the merged model, ``README.md`` and the run's ``config.yaml``.
 """
@@ -24,6 +26,8 @@ from qlora_engine.export.gguf_model import (
     state_dict_tensors,
     write_gguf,
 )
+from qlora_engine.export.gguf_quantize import DESCRIPTIONS as K_DESCRIPTIONS
+from qlora_engine.export.gguf_quantize import K_TYPES, check_available, quantize
 from qlora_engine.export.gguf_vocab import source_gguf_pre, vocab_metadata
 from qlora_engine.export.merged import load_export_tokenizer, merge
 from qlora_engine.export.ollama import modelfile
@@ -57,14 +61,22 @@ def export_gguf(
     sink: Any = None,
     should_stop: Any = None,
 ) -> Path:
-    """Write the GGUF export to ``out``. ``types``: any of 'f16', 'q8_0' (and 'f32')."""
+    """Write the GGUF export to ``out``.
+
+    ``types``: any of 'f16', 'q8_0' (and 'f32'), written by our own writer, and the K-quants
+    'q4_k_m', 'q5_k_m' (and 'q4_k_s', 'q5_k_s', 'q6_k'), made from an F16 file by llama.cpp.
+    """
     from transformers import AutoConfig
 
     rep = Reporter(sink, should_stop)
     types = tuple(dict.fromkeys(types))
-    bad = [t for t in types if t not in TYPES]
+    bad = [t for t in types if t not in TYPES and t not in K_TYPES]
     if not types or bad:
-        raise ExportError(f"gguf types: {bad or '(none)'} not allowed; choose from {', '.join(TYPES)}.")
+        raise ExportError(
+            f"gguf types: {bad or '(none)'} not allowed; choose from {', '.join([*TYPES, *K_TYPES])}.",
+            field="gguf_types",
+        )
+    check_available(types)
     out = check_output(
         Path(out), overwrite=overwrite, protected=[info.adapter_dir] + ([info.run_dir] if info.run_dir else [])
     )
@@ -91,25 +103,41 @@ def export_gguf(
     name = slug(info.name)
     model_files = {t: f"{name}-{t}.gguf" for t in types}
     lora_file = f"{name}-lora.gguf" if lora else None
-    main_file = model_files.get("q8_0") or model_files[types[0]]
+    # The Modelfile takes what Ollama users pull by default when it was asked for (Q4_K_M), else Q8_0.
+    main_file = next((model_files[t] for t in ("q4_k_m", "q5_k_m", "q8_0") if t in model_files), model_files[types[0]])
     mf_text, mf_warnings = modelfile(main_file, tokenizer, template, name=name)
     for w in mf_warnings:
         rep.log(w, "warning")
     notes += mf_warnings
     cfg_file = config_source(info)
 
+    def write_own(path: Path, t: str) -> None:
+        plan = plan_model_tensors(spec, merged.config, state_dict_tensors(merged), t)
+        rep.phase(f"gguf: writing {path.name} ({len(plan)} tensors)")
+        write_gguf(
+            path,
+            spec,
+            model_metadata(spec, merged.config, vocab, t, name=name),
+            plan,
+            progress=rep.tensor_progress(path.name),
+            should_stop=should_stop,
+        )
+
     def write(tmp: Path) -> None:
         for t, fname in model_files.items():
-            plan = plan_model_tensors(spec, merged.config, state_dict_tensors(merged), t)
-            rep.phase(f"gguf: writing {fname} ({len(plan)} tensors)")
-            write_gguf(
-                tmp / fname,
-                spec,
-                model_metadata(spec, merged.config, vocab, t, name=name),
-                plan,
-                progress=rep.tensor_progress(fname),
-                should_stop=should_stop,
-            )
+            if t not in K_TYPES:
+                write_own(tmp / fname, t)
+        k_types = [t for t in types if t in K_TYPES]
+        if k_types:
+            # llama.cpp quantizes from 16-bit weights: the F16 file of this export, or a scratch one.
+            f16 = tmp / model_files["f16"] if "f16" in model_files else tmp / f".{name}-f16-for-quantizing.gguf"
+            if not f16.is_file():
+                write_own(f16, "f16")
+            for t in k_types:
+                rep.phase(f"gguf: quantizing to {t.upper()} with llama.cpp ({model_files[t]})")
+                quantize(f16, tmp / model_files[t], t, should_stop=should_stop)
+            if "f16" not in model_files:
+                f16.unlink()
         if lora_file:
             rep.phase(f"gguf: writing the LoRA adapter {lora_file}")
             write_lora_gguf(
@@ -123,7 +151,11 @@ def export_gguf(
             (tmp / "Modelfile.lora").write_text(lora_mf, encoding="utf-8")
         if cfg_file is not None:
             shutil.copy2(cfg_file, tmp / "config.yaml")
-        files = {fname: f"the merged model, {t.upper()} ({spec.name} architecture)" for t, fname in model_files.items()}
+        files = {
+            fname: f"the merged model, {t.upper()} ({spec.name} architecture)"
+            + (f"; {K_DESCRIPTIONS[t]}, quantized by llama.cpp" if t in K_DESCRIPTIONS else "")
+            for t, fname in model_files.items()
+        }
         if lora_file:
             files[lora_file] = "the adapter alone, as a GGUF LoRA file"
         files["Modelfile"] = f"Ollama recipe for {main_file} with the chat template and stop tokens"

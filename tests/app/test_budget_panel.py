@@ -32,7 +32,40 @@ def test_cpu_estimate_without_a_card(qtbot, window, tiny_model_dir):
     assert panel.bar.total == sum(est.components.values())
     assert "GiB" in panel.headline.text()
     assert panel.property("state") == "cpu"
-    assert panel.legend.count() == 3 * len(est.components)
+    # a CPU run has no CUDA context: it is not counted, and not listed
+    assert est.components["cuda_context"] == 0
+    assert panel.legend.count() == 3 * (len(est.components) - 1)
+    shown = [panel.legend.itemAtPosition(r, 1).widget().text() for r in range(len(est.components) - 1)]
+    assert "cuda context" not in shown
+
+
+def test_planning_for_a_card_of_another_machine(qtbot, window, tiny_model_dir):
+    """No GPU here: choose the card of the box the run is for; its CUDA context counts, nothing runs on it."""
+    panel = window.budget
+    with_model(qtbot, window, tiny_model_dir)
+    cpu_total = panel.result["estimate"].total
+    with qtbot.waitSignal(panel.updated, timeout=10_000):
+        panel.plan_for(24)
+    assert panel.gpu_combo.currentText() == "Plan for a 24 GB card"
+    assert panel.result["gpu_bytes"] == 24564 * 2**20
+    assert panel.bar.capacity == 24564 * 2**20
+    est = panel.result["estimate"]
+    from qlora_engine.budget.allocator import CALIBRATION
+
+    assert est.components["cuda_context"] == CALIBRATION["cuda_context"] > 0  # it will exist on that card
+    assert est.total > cpu_total
+    assert panel.property("state") == "ok" and " of 23.99 GiB" in panel.headline.text()
+    assert panel.selected_gpu() is None  # the run itself is not sent to a card this machine lacks
+    assert panel.target_gib.isHidden()  # the size box is for "a card of …" only
+    with qtbot.waitSignal(panel.updated, timeout=10_000):
+        panel.plan_for(1.5)  # a number: any size, in GiB
+    assert not panel.target_gib.isHidden()
+    assert panel.result["gpu_bytes"] == 3 * 2**29
+    with qtbot.waitSignal(panel.updated, timeout=10_000):
+        window.config_model.set_values({("train", "micro_batch_size"): 64, ("data", "max_length"): 4096})
+    assert panel.property("state") == "over" and panel.suggestion_buttons
+    panel.refresh_gpus()  # looking for local GPUs again keeps the planned card
+    assert panel.gpu_combo.currentData() == "custom" and panel.planned_card().total_bytes == 3 * 2**29
 
 
 def test_over_budget_turns_red_and_a_suggestion_applies(qtbot, window, tiny_model_dir):

@@ -18,13 +18,15 @@ PROBE = [[5, 17, 40, 99, 3, 200, 7, 88, 120, 64, 11, 250]]
 """Token ids fed to every model whose logits are compared (valid for the tiny tokenizer)."""
 
 
-def trained_chat_run(tmp_path_factory, model_dir: Path) -> Path:
-    """The tiny Llama trained (4-bit NF4 + LoRA, CPU) on three chats until it answers them and stops."""
+def trained_chat_run(tmp_path_factory, model_dir: Path, name: str = "export-chat-run") -> Path:
+    """The tiny Llama trained (4-bit NF4 + LoRA, CPU) on three chats until it answers them and stops.
+
+    ``name``: the session folder it is kept in (another model gets another name)."""
     from qlora_engine.config import TrainConfig, apply_overrides
     from qlora_engine.events import ListSink
     from qlora_engine.runner import run
 
-    root = tmp_path_factory.getbasetemp() / "export-chat-run"
+    root = tmp_path_factory.getbasetemp() / name
     run_dir = root / "run"
     if (run_dir / "adapter" / "adapter_model.safetensors").is_file():
         return run_dir

@@ -17,6 +17,7 @@ import torch
 from qlora_engine import optim
 from qlora_engine.config import OptimConfig
 from qlora_engine.events import ListSink, StepMetrics
+from qlora_engine.runner import build_trainer
 from qlora_engine.train import Trainer
 
 
@@ -78,7 +79,7 @@ def test_tensors_are_views_of_one_buffer_and_gradients_stay_linked():
 
 def _trainer(tiny_cfg, tmp_path, name, *overrides) -> tuple[Trainer, ListSink]:
     sink = ListSink()
-    trainer = Trainer(tiny_cfg(f"output.dir={tmp_path / name}", *overrides), sink)
+    trainer = build_trainer(tiny_cfg(f"output.dir={tmp_path / name}", *overrides), sink)
     trainer.setup()
     return trainer, sink
 
@@ -101,7 +102,7 @@ def test_a_run_trains_to_the_same_weights_either_way(tiny_cfg, tmp_path, per_ten
 
 
 def test_a_checkpoint_written_tensor_by_tensor_still_resumes(tiny_cfg, tmp_path, per_tensor):
-    from qlora_engine.train import run
+    from qlora_engine.runner import run
 
     common = ["train.max_steps=4", "train.save_steps=2"]
     straight = ListSink()
@@ -140,6 +141,35 @@ def test_an_8bit_state_saved_tensor_by_tensor_loads_into_the_flat_buffer(name):
     steps(flat, flat_ps, range(2, 4))
     for a, b in zip(ps, flat_ps, strict=True):
         assert torch.equal(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("name", ["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw"])
+def test_the_flat_buffer_saves_tensor_by_tensor_so_a_per_tensor_optimizer_goes_on_from_it(name):
+    """One process writes with the flat buffer; DDP and FSDP (no flat buffer) must resume from it."""
+
+    def steps(opt, ps, rng):
+        for i in rng:
+            gen = torch.Generator().manual_seed(i)
+            sum((p * torch.randn(p.shape, generator=gen)).sum() + (p**2).sum() for p in ps).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    cfg = OptimConfig(optimizer=name)
+    ps = _params()
+    flat = optim.build_optimizer(cfg, ps)
+    steps(flat, ps, range(2))
+    saved, weights = copy.deepcopy(flat.state_dict()), [p.detach().clone() for p in ps]
+    assert len(saved["param_groups"]) == 1 and saved["param_groups"][0]["params"] == list(range(len(ps)))
+    steps(flat, ps, range(2, 4))  # the flat run goes on
+    plain_ps = [torch.nn.Parameter(w) for w in weights]
+    plain = optim.build_optimizer(cfg, plain_ps, flat=False)
+    plain.load_state_dict(saved)
+    steps(plain, plain_ps, range(2, 4))
+    for a, b in zip(ps, plain_ps, strict=True):
+        assert torch.equal(a.detach(), b.detach())
+    again = optim.build_optimizer(cfg, [torch.nn.Parameter(w) for w in weights])
+    again.load_state_dict(saved)  # and the flat buffer reads its own saved state back
+    assert again.state_dict()["state"].keys() == saved["state"].keys()
 
 
 @pytest.mark.parametrize("name", ["paged_adamw_8bit", "paged_adamw_32bit", "adamw"])
