@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--look", choices=["system", "light", "dark"], help="light or dark look (default: as before)")
     args = parser.parse_args(argv)
 
+    from app.platform_check import check as check_platform
+
+    if (code := check_platform()) is not None:  # missing X libraries: name them, not Qt's plugin error
+        return code
+
     from PySide6.QtCore import QCoreApplication
     from PySide6.QtWidgets import QApplication
 
