@@ -55,7 +55,7 @@ from qlora_engine.events import (
     RunStarted,
     StepMetrics,
 )
-from qlora_engine.optim import build_optimizer, build_scheduler
+from qlora_engine.optim import build_optimizer, build_scheduler, warmup_for
 from qlora_engine.vram import oom_fixes, oom_hint, usable_vram, vram_estimate
 
 
@@ -148,6 +148,8 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg.optim, self.params)
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
+        if note := warmup_for(cfg.optim.warmup_steps, self.total_steps)[1]:  # short runs (issue 19)
+            emit(LogLine(level="warning", message=note))
 
         self.resumed_from = None
         if resume_from is not None:
@@ -259,6 +261,14 @@ class Trainer:
             raise ResumeError(f"{folder}: the adapter does not fit this model ({result.unexpected_keys[:3]} ...).")
         self.optimizer.load_state_dict(ckpt.torch_load_own(folder, "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.torch_load_own(folder, "scheduler.pt"))
+        # --- train more (issue 19): the schedule is this run's, not the checkpoint's --------------
+        # The checkpoint's optimizer holds the learning rate its own schedule reached (0 at the end
+        # of a cosine run). With a longer run (`--more N`, a raised train.max_steps) the schedule is
+        # stretched to the new end: the next step trains at what that schedule gives for this step.
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
+        # --- end of train more ------------------------------------------------------------------
         ckpt.set_rng_state(ckpt.torch_load_own(folder, "rng.pt"))
         self.step = int(state["step"])
         self.last_loss = state.get("last_loss")

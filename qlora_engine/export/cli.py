@@ -27,13 +27,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     from qlora_engine.export import export
 
     sink = StreamSink(sys.stdout) if args.events == "-" else TextSink(sys.stderr)
+    from qlora_engine.export.source import default_export_dir, load_run
+
     types = [t.strip() for t in args.gguf_types.split(",") if t.strip()]
     _interrupt_on_sigterm()
+    info = load_run(args.source)
     try:
         path = export(
-            args.source,
+            info,
             args.format,
-            args.out,
+            args.out or default_export_dir(info, args.format),
             overwrite=args.force,
             sink=sink,
             dtype=args.dtype,
@@ -133,7 +136,11 @@ def add_cli(sub: Any) -> None:
     )
     s.add_argument("source", help="run folder, its adapter/ folder, or a checkpoints/step-N folder")
     s.add_argument("--format", choices=FORMATS, required=True)
-    s.add_argument("--out", required=True, help="folder to create (must not exist unless --force)")
+    s.add_argument(
+        "--out",
+        help="folder to create (must not exist unless --force); default: beside the run folder, named for the base "
+        "model, the run and the format (e.g. smollm2-135m-instruct-pirate-lora)",
+    )
     s.add_argument(
         "--force", action="store_true", help="replace --out if it exists (only once the new export is complete)"
     )
