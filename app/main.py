@@ -21,6 +21,7 @@ def collect_garbage_on_gui_thread():
 def brand(qapp) -> None:
     """The window icon, and the desktop file the window belongs to (taskbars and docks match them)."""
     from PySide6.QtGui import QIcon
+
     from qlora_engine.resources import path as resource_path
 
     qapp.setWindowIcon(QIcon(str(resource_path("icons", "qlora-studio.svg"))))

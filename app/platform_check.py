@@ -92,7 +92,9 @@ def report(missing: list[Missing]) -> str:
         "this machine does not have:",
     ]
     width = max(len(m.soname) for m in missing)
-    lines += [f"  {m.soname:<{width}}  package {m.debian} (Fedora: {m.fedora}); loader says: {m.reason}" for m in missing]
+    lines += [
+        f"  {m.soname:<{width}}  package {m.debian} (Fedora: {m.fedora}); loader says: {m.reason}" for m in missing
+    ]
     lines += [
         "",
         "Install them, then start qlora-studio again:",

@@ -29,6 +29,8 @@ RUN_NAME = "pirate"
 """The run folder's name under the quickstart folder; exports are named from it and the base model."""
 
 DATA_FILE = "quickstart.jsonl"
+ANSWERS_FILE = "held_out_answers.json"
+"""Written into the run folder: the held-out questions, both models' answers, how each was judged, the verdict."""
 
 TRAIN_SETTINGS: dict[str, Any] = {
     "train.max_steps": 30,
@@ -263,13 +265,25 @@ def run_quickstart(
     passed = True
     if compare:
         probes = HELD_OUT[:SHOWN]
-        say(f"\nasking both models {len(probes)} questions the training data did not hold (greedy, repetition penalty 1.2):")
+        say(
+            f"\nasking both models {len(probes)} questions the training data did not hold (greedy, repetition penalty 1.2):"
+        )
         judged = ask_both(run_dir, probes)
         for j in judged:
             say(f"\n  Q: {j.question}\n  base : {j.base}\n  tuned: {j.tuned}")
         t = tally(judged, probes)
         say("\n" + t.verdict())
         passed = t.passed
+        record = {
+            "settings": {"temperature": 0, "repetition_penalty": 1.2, "max_new_tokens": 48},
+            "answers": [
+                {"question": j.question, "base": j.base, "tuned": j.tuned, **j.scores(p)}
+                for j, p in zip(judged, probes, strict=False)
+            ],
+            "verdict": t.verdict(),
+            "passed": t.passed,
+        }
+        (run_dir / ANSWERS_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
     if captured is not None:
         log_file = captured.write(run_dir / "third_party.log")
         if line := captured.summary(log_file):

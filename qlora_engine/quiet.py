@@ -43,9 +43,7 @@ LIBRARY_LOGGERS = (
     "urllib3",
 )
 
-_OURS = tuple(
-    str(Path(__file__).resolve().parent.parent / d) + os.sep for d in ("qlora_engine", "app")
-)
+_OURS = tuple(str(Path(__file__).resolve().parent.parent / d) + os.sep for d in ("qlora_engine", "app"))
 
 KNOWN: tuple[tuple[str, str], ...] = (
     (

@@ -265,8 +265,9 @@ class Trainer:
         # The checkpoint's optimizer holds the learning rate its own schedule reached (0 at the end
         # of a cosine run). With a longer run (`--more N`, a raised train.max_steps) the schedule is
         # stretched to the new end: the next step trains at what that schedule gives for this step.
-        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
-            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
+        sched = self.scheduler
+        for group, base_lr, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base_lr * factor(sched.last_epoch)
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
         # --- end of train more ------------------------------------------------------------------
         ckpt.set_rng_state(ckpt.torch_load_own(folder, "rng.pt"))

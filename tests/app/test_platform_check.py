@@ -90,12 +90,15 @@ def test_a_library_hidden_from_the_loader_is_named(tmp_path):
     script = (
         f"mount --bind /dev/null {real} || exit 77; "
         # inside the namespace the loader really cannot load it
-        f'{sys.executable} -c "import ctypes; ctypes.CDLL(\'{soname}\')" 2>/dev/null && exit 78; '
+        f"{sys.executable} -c \"import ctypes; ctypes.CDLL('{soname}')\" 2>/dev/null && exit 78; "
         f'exec {sys.executable} -c "{START_APP}"'
     )
     out = subprocess.run(
         ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
-        capture_output=True, text=True, env=app_env(QT_QPA_PLATFORM="xcb"), timeout=120,
+        capture_output=True,
+        text=True,
+        env=app_env(QT_QPA_PLATFORM="xcb"),
+        timeout=120,
     )
     if out.returncode == 77 or "unshare:" in out.stderr:
         pytest.skip(f"cannot make a private mount namespace here: {out.stderr.strip()[:200]}")
