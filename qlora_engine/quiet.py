@@ -155,12 +155,15 @@ def capture(verbose: bool = False) -> Captured:
     shown = warnings.showwarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
-        if str(Path(filename).resolve()).startswith(_OURS):
+        # Our own warnings pass; a deprecation notice is about a library's API even where our call
+        # triggers it, and nothing the user can act on, so it goes to the log like the rest.
+        deprecation = issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))
+        parts = Path(filename).parts
+        lib = next((p for p in reversed(parts) if p in ("site-packages", "dist-packages")), None)
+        if (lib is None or str(Path(filename).resolve()).startswith(_OURS)) and not deprecation:
             shown(message, category, filename, lineno, file, line)
             return
-        source = Path(filename).parts
-        lib = next((p for p in reversed(source) if p in ("site-packages", "dist-packages")), None)
-        name = source[source.index(lib) + 1] if lib else Path(filename).name
+        name = parts[parts.index(lib) + 1] if lib else Path(filename).name
         captured.add(Notice(name, category.__name__, f"{message} ({filename}:{lineno})"))
 
     warnings.showwarning = showwarning

@@ -163,7 +163,7 @@ def build_card(
 
 
 FILE_USES: dict[str, str] = {
-    "README.md": "this card",
+    "README.md": "this card: what was trained, on what data, how, and how to use each file",
     "config.yaml": "the QLoRA Studio run configuration: `qlora-engine train config.yaml` repeats the run "
     "(with model.ref and data.path pointing at your copies)",
     "adapter_model.safetensors": "the LoRA weights (safetensors); `PeftModel.from_pretrained(base, folder)` loads "

@@ -57,6 +57,7 @@ def _settings(args: argparse.Namespace) -> Any:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         system=args.system,
         raw=args.raw,
@@ -169,6 +170,10 @@ def add_cli(sub: Any) -> None:
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (deterministic) answers")
     s.add_argument("--top-p", type=float, default=0.9)
+    s.add_argument(
+        "--repetition-penalty", type=float, default=1.2,
+        help="above 1, words the answer already used become less likely, so small models do not loop; 1 turns it off",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None, help="default: the run's train.device")
     s.set_defaults(func=cmd_chat)
