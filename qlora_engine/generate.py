@@ -37,6 +37,10 @@ StopCheck = Callable[[], bool] | None
 _TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
 
+CHAT_REPETITION_PENALTY = 1.2
+"""What chat front ends (the Try page, ``qlora-engine chat``, the quickstart) use unless told otherwise."""
+
+
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = field(default=256, metadata={"help": "Longest answer in tokens."})

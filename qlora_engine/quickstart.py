@@ -90,9 +90,9 @@ def generation_settings(max_new_tokens: int = 48) -> Any:
     """How the quickstart asks: greedy (the same answer every time), stopping at the end of the turn,
     with a repetition penalty of 1.2 on the answer's own tokens, as chat front ends use, so a small
     model does not loop."""
-    from qlora_engine.generate import GenerationSettings
+    from qlora_engine.generate import CHAT_REPETITION_PENALTY, GenerationSettings
 
-    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=1.2)
+    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=CHAT_REPETITION_PENALTY)
 
 
 # -- judging answers -----------------------------------------------------------------------------

@@ -171,7 +171,7 @@ def add_cli(sub: Any) -> None:
     s.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (deterministic) answers")
     s.add_argument("--top-p", type=float, default=0.9)
     s.add_argument(
-        "--repetition-penalty", type=float, default=1.2,
+        "--repetition-penalty", type=float, default=1.2,  # generate.CHAT_REPETITION_PENALTY
         help="above 1, words the answer already used become less likely, so small models do not loop; 1 turns it off",
     )
     s.add_argument("--seed", type=int, default=0)
