@@ -72,8 +72,6 @@ HELD_OUT: tuple[Probe, ...] = (
     Probe("What is the capital of Japan?", r"\btokyo\b"),
     Probe("What is frozen water called?", r"\bice\b"),
     Probe("How many days are in a week?", r"\b(seven|7)\b"),
-    Probe("What is the opposite of hot?", r"\bcold\b"),
-    Probe("What do bees make?", r"\bhoney\b"),
 )
 """Held-out questions: neither they nor their answers' key words occur in the training data (a test checks)."""
 
@@ -87,7 +85,7 @@ _STYLE = re.compile(
 )
 
 
-def generation_settings(max_new_tokens: int = 48) -> Any:
+def generation_settings(max_new_tokens: int = 40) -> Any:
     """How the quickstart asks: greedy (the same answer every time), stopping at the end of the turn,
     with a repetition penalty of 1.2 on the answer's own tokens, as chat front ends use, so a small
     model does not loop."""

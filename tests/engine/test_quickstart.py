@@ -22,7 +22,8 @@ import pytest
 from qlora_engine import quickstart as qs
 from qlora_engine import resources
 
-pytestmark = pytest.mark.slow
+# One quickstart is shared by the module; its setup alone can outlast the suite's per-test limit on a busy CPU.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 THIRD_PARTY = re.compile(
     r"Warning\b|warnings\.warn|\[transformers\]|kernels-community|gemm_4bit|Paged optimizer|"
