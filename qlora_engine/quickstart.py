@@ -38,7 +38,7 @@ TRAIN_SETTINGS: dict[str, Any] = {
     "train.micro_batch_size": 4,
     "train.gradient_accumulation_steps": 1,
     "train.save_steps": 10,
-    "optim.learning_rate": 4e-4,
+    "optim.learning_rate": 1e-3,
     "optim.warmup_steps": 3,
     "optim.scheduler": "cosine",
     "lora.rank": 8,
