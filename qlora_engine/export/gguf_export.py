@@ -113,7 +113,7 @@ def export_gguf(
     notes += mf_warnings
     cfg_file = config_source(info)
     base_file = Path(origin["gguf"]).name if origin["kind"] == "gguf" and lora_file else None
-    if base_file in model_files.values() or base_file == lora_file:
+    if base_file is not None and (base_file in model_files.values() or base_file == lora_file):
         base_file = "base-" + base_file
 
     def write(tmp: Path) -> None:
