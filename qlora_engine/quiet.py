@@ -57,6 +57,14 @@ KNOWN: tuple[tuple[str, str], ...] = (
         "16-bit copy and quantizes that to NF4, so the advice does not apply.",
     ),
     (
+        r"publisher trust check for 'kernels-community",
+        "the kernels library notes that it checks nothing while offline; the engine loads no kernel from the hub.",
+    ),
+    (
+        r"`is_gradient_checkpointing` is deprecated",
+        "transformers renamed a property that peft still reads; nothing changes for this run.",
+    ),
+    (
         r"Paged optimizers are not supported on CPU",
         "bitsandbytes falls back to a plain optimizer on the CPU; the engine builds the plain one there itself.",
     ),
