@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QApplication
+
 from qlora_engine.quickstart import TRAIN_SETTINGS
 from qlora_engine.resources import path as resource_path
 
