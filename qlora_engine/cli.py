@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("quickstart", help="download the 135M demo model and train a short run on sample data")
     s.add_argument("--output-dir", default="runs/quickstart")
-    s.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 20)")
+    s.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 30)")
     s.add_argument("--verbose", action="store_true", help="print the libraries' own warnings and progress bars")
     s.add_argument("--no-compare", dest="compare", action="store_false", help="skip the before/after answers")
     s.set_defaults(func=cmd_quickstart)

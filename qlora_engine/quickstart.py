@@ -34,7 +34,7 @@ ANSWERS_FILE = "held_out_answers.json"
 """Written into the run folder: the held-out questions, both models' answers, how each was judged, the verdict."""
 
 TRAIN_SETTINGS: dict[str, Any] = {
-    "train.max_steps": 20,
+    "train.max_steps": 30,
     "train.micro_batch_size": 4,
     "train.gradient_accumulation_steps": 1,
     "train.save_steps": 10,
