@@ -21,6 +21,7 @@ def collect_garbage_on_gui_thread():
 def brand(qapp) -> None:
     """The window icon, and the desktop file the window belongs to (taskbars and docks match them)."""
     from PySide6.QtGui import QIcon
+
     from qlora_engine.resources import path as resource_path
 
     qapp.setWindowIcon(QIcon(str(resource_path("icons", "qlora-studio.svg"))))
@@ -38,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", nargs="?", help="a run configuration (YAML) to open")
     parser.add_argument("--look", choices=["system", "light", "dark"], help="light or dark look (default: as before)")
     args = parser.parse_args(argv)
+
+    from app.platform_check import check as check_platform
+
+    if (code := check_platform()) is not None:  # missing X libraries: name them, not Qt's plugin error
+        return code
 
     from PySide6.QtCore import QCoreApplication
     from PySide6.QtWidgets import QApplication

@@ -180,17 +180,13 @@ class RunActions(QObject):
             if (workspace_dir() / "runs" / "demo").exists()
             else (workspace_dir() / "runs" / "demo")
         )
+        from qlora_engine.quickstart import TRAIN_SETTINGS  # the same measured settings as `qlora-engine quickstart`
+
         overrides = {
             ("model", "ref"): str(gguf),
             ("data", "path"): str(resource_path("data", "quickstart.jsonl")),
             ("output", "dir"): str(out),
-            ("train", "max_steps"): 30,
-            ("train", "micro_batch_size"): 4,
-            ("train", "gradient_accumulation_steps"): 1,
-            ("train", "save_steps"): 10,
-            ("optim", "learning_rate"): 5e-4,
-            ("optim", "warmup_steps"): 2,
-            ("data", "max_length"): 256,
+            **{tuple(key.split(".", 1)): value for key, value in TRAIN_SETTINGS.items()},
         }
         self.window.config_model.reset(TrainConfig())
         self.window.config_model.config.base_dir = workspace_dir()

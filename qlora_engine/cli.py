@@ -179,6 +179,29 @@ def _kept(run_dir: Path) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from qlora_engine import quiet
+
+    captured = quiet.capture(args.verbose)  # before torch and the libraries load: some talk at import
+    try:
+        return _train(args)
+    finally:
+        _report_captured(captured, args)
+
+
+def _report_captured(captured: Any, args: argparse.Namespace) -> None:
+    """Third-party warnings of a train command into the run's third_party.log, and one line if any matter."""
+    from qlora_engine.config import TrainConfig
+
+    try:
+        run_dir = TrainConfig.load(args.config, args.overrides).output_dir
+    except QLoRAError:
+        run_dir = None
+    log_file = captured.write(run_dir / "third_party.log") if run_dir is not None and run_dir.is_dir() else None
+    if line := captured.summary(log_file):
+        print(line, file=sys.stderr)
+
+
+def _train(args: argparse.Namespace) -> int:
     import torch
 
     from qlora_engine import distributed
@@ -202,9 +225,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.control_stdin and distributed.is_main_process():
         control.listen(sys.stdin)
     sink = StreamSink(sys.stdout) if args.events == "-" else TextSink(sys.stderr)
-    resume: bool | str | None = None
-    if args.resume is not None:
-        resume = True if args.resume == "latest" else args.resume
+    try:
+        cfg, resume = _resume_plan(cfg, args)
+    except QLoRAError as e:
+        _emit_failure(args, e)
+        raise
     try:
         finished = run(cfg, sink, control, resume=resume, force_resume=args.force_resume)
     except QLoRAError as e:  # run() already reported it as a run_failed event
@@ -224,10 +249,48 @@ def cmd_train(args: argparse.Namespace) -> int:
         how = "aborted" if control.abort_requested else "stopped before the first step"
         print(f"{how} at step {finished.step}; {_kept(cfg.output_dir)}.", file=sys.stderr)
         return _exit_code_of_abort(signals["signum"] or None)
+    from qlora_engine.export.adapter import write_run_adapter_card  # lazy: the export package is heavy
+
+    write_run_adapter_card(cfg.output_dir)  # our model card in place of peft's empty README template
     if args.events != "-":
         how = "stopped early and saved" if finished.stopped_early else "done"
         print(f"{how}: adapter: {finished.adapter_dir}", file=sys.stderr)
     return 0
+
+
+def _resume_plan(cfg: Any, args: argparse.Namespace) -> tuple[Any, bool | str | None]:
+    """The config to run and what to resume from, for --resume, --resume-from and --more.
+
+    ``--more N`` continues from the newest checkpoint with ``train.max_steps`` set to its step + N;
+    the trainer stretches the learning-rate schedule to the new end. A plain ``--resume`` of a run
+    that already reached ``train.max_steps`` is refused with the ``--more`` hint, since it would
+    train nothing.
+    """
+    from qlora_engine import checkpoint as ckpt
+    from qlora_engine.config import apply_overrides
+    from qlora_engine.errors import ResumeError
+
+    if sum(x is not None and x is not False for x in (args.resume, args.resume_from, args.more)) > 1:
+        raise QLoRAError("--resume, --resume-from and --more: use one of them.")
+    if args.resume_from:
+        return cfg, args.resume_from
+    if not args.resume and args.more is None:
+        return cfg, None
+    latest = ckpt.latest_checkpoint(cfg.output_dir / "checkpoints")
+    if latest is None:
+        raise ResumeError(f"{cfg.output_dir / 'checkpoints'}: no complete checkpoint to resume from.")
+    done = int(ckpt.load_state(latest)["step"])
+    if args.more is not None:
+        if args.more < 1:
+            raise QLoRAError(f"--more: {args.more} is not allowed; give the number of extra steps, 1 or more.")
+        return apply_overrides(cfg, [f"train.max_steps={done + args.more}"]), True
+    if cfg.train.max_steps is not None and done >= cfg.train.max_steps:
+        raise QLoRAError(
+            f"{latest}: the run already trained its {cfg.train.max_steps} steps (train.max_steps); "
+            "resuming would train nothing.",
+            hint=f"Train more with --more N (N extra steps), or raise train.max_steps above {done}.",
+        )
+    return cfg, True
 
 
 # -- inspect-model ---------------------------------------------------------------------------------
@@ -254,60 +317,30 @@ def cmd_inspect_model(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """Fetch the demo model, train a short run on the bundled sample data, show before/after."""
-    import torch
+    """Fetch the demo model, train a short run on the bundled sample data, compare on held-out questions."""
+    from qlora_engine import quiet
+    from qlora_engine.quickstart import run_quickstart
 
-    from qlora_engine import resources
-    from qlora_engine.config import TrainConfig, apply_overrides
-    from qlora_engine.demo import fetch_demo_model
-    from qlora_engine.events import TextSink
-    from qlora_engine.runner import run
-
-    gguf = fetch_demo_model(log=lambda m: print(m, file=sys.stderr))
-    out = Path(args.output_dir)
-    config_path = out / "quickstart.yaml"
-    if not config_path.exists():
-        overrides = [
-            f"model.ref={json.dumps(str(gguf))}",
-            f"data.path={json.dumps(str(resources.path('data', 'quickstart.jsonl')))}",
-            f"output.dir={json.dumps(str(out.resolve() / 'run'))}",
-            f"train.max_steps={args.steps}",
-            "train.micro_batch_size=4",
-            "train.gradient_accumulation_steps=1",
-            "train.save_steps=10",
-            "optim.learning_rate=1e-3",
-            "optim.warmup_steps=2",
-            "lora.rank=8",
-            "data.max_length=256",
-        ]
-        if not torch.cuda.is_available():
-            # The CPU dequantizes every 4-bit layer on every call: adapting only the top six
-            # blocks keeps the backward pass short, so the demo finishes in a few minutes.
-            print("no CUDA GPU: training the top 6 blocks only, so the CPU demo stays short", file=sys.stderr)
-            overrides += ["lora.layers=24-29", "train.gradient_checkpointing=false"]
-        apply_overrides(TrainConfig(), overrides).save(config_path)
-    cfg = TrainConfig.load(config_path)
-    print(f"config: {config_path}", file=sys.stderr)
-    done = run(cfg, TextSink(sys.stderr), resume=True if (cfg.output_dir / "checkpoints").exists() else None)
-    print(f"\ndone: adapter in {done.adapter_dir}; train more with: qlora-engine train {config_path} --resume", file=sys.stderr)
-    if args.compare:
-        _show_before_after(cfg.output_dir, "What is the colour of grass?")
-    return 0
-
-
-def _show_before_after(run_dir: Path, question: str) -> None:
-    """The base model's and the tuned model's answer to a question the training data did not hold."""
-    from qlora_engine.generate import ChatModel, GenerationSettings
-
-    print(f"\nasking both models (greedy): {question}", file=sys.stderr)
-    chat = ChatModel.load(run_dir)
-    answers = chat.compare(question, GenerationSettings(max_new_tokens=32, temperature=0))
-    chat.close()
-    for side in ("base", "tuned"):
-        print(f"  {side:>5}: {answers[side].text.strip()}", file=sys.stderr)
+    captured = quiet.capture(args.verbose)  # before torch and the libraries load: some talk at import
+    return run_quickstart(args.output_dir, steps=args.steps, compare=args.compare, captured=captured)
 
 
 # -- the parser ------------------------------------------------------------------------------------
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """An argument parser whose positionals may come before, between or after its options."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 - argparse's signature
+        if self._inside:  # parse_known_intermixed_args calls back in here (Python < 3.13)
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,20 +357,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="section.field=value")
     s.set_defaults(func=cmd_init)
 
+    # Overrides may come after flags (`train run.yaml --resume lora.rank=8`): plain argparse would
+    # refuse them there, so the train command's parser reads its arguments intermixed.
+    plain, sub._parser_class = sub._parser_class, _IntermixedParser
     s = sub.add_parser("train", help="train from a config (Ctrl-C stops and saves)")
+    sub._parser_class = plain
     s.add_argument("config", help="run config YAML")
     s.add_argument("overrides", nargs="*", metavar="section.field=value", help="e.g. lora.rank=32 train.max_steps=100")
     s.add_argument("--events", choices=["-", "text"], default="text", help="'-': JSON event lines on stdout")
     s.add_argument("--control-stdin", action="store_true", help="read stop/save/abort lines on stdin")
+    # A flag, never an optional value: `--resume lora.rank=8` must not take the override for a checkpoint.
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    s.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint folder")
     s.add_argument(
-        "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-        help="continue from the newest checkpoint, or from the given checkpoint folder",
+        "--more", type=int, metavar="N",
+        help="train N more steps after the newest checkpoint, the learning-rate schedule stretched to the new end",
     )
     s.add_argument("--force-resume", action="store_true", help="resume even if the model, LoRA shape or data changed")
     s.add_argument(
         "--gpus", metavar="N|0,2",
         help="train on several GPUs of this machine (one process each, through torchrun): a count, or card numbers",
     )
+    s.add_argument("--verbose", action="store_true", help="print the libraries' own warnings and progress bars")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("inspect-model", help="facts about a model from its config and tokenizer (no weights)")
@@ -349,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("quickstart", help="download the 135M demo model and train a short run on sample data")
     s.add_argument("--output-dir", default="runs/quickstart")
-    s.add_argument("--steps", type=int, default=30)
+    s.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 30)")
+    s.add_argument("--verbose", action="store_true", help="print the libraries' own warnings and progress bars")
     s.add_argument("--no-compare", dest="compare", action="store_false", help="skip the before/after answers")
     s.set_defaults(func=cmd_quickstart)
 

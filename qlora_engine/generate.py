@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,10 @@ StopCheck = Callable[[], bool] | None
 _TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
 
+CHAT_REPETITION_PENALTY = 1.2
+"""What chat front ends (the Try page, ``qlora-engine chat``, the quickstart) use unless told otherwise."""
+
+
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = field(default=256, metadata={"help": "Longest answer in tokens."})
@@ -45,6 +49,14 @@ class GenerationSettings:
     )
     top_p: float = field(
         default=0.9, metadata={"help": "Sample only from the most likely tokens whose probabilities add up to this."}
+    )
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata={
+            "help": "Above 1, tokens the answer already holds become less likely (each logit divided by it if "
+            "positive, multiplied if negative), which keeps small models from looping; 1 turns it off. Only the "
+            "answer's own tokens count, so words of the question can still be repeated."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the sampler: the same seed gives the same answer."})
     system: str | None = field(default=None, metadata={"help": "Optional system message put before the prompt."})
@@ -60,6 +72,10 @@ class GenerationSettings:
             raise QLoRAError(f"temperature: {self.temperature} is not allowed; use 0 (greedy) or a positive number.")
         if not 0 < self.top_p <= 1:
             raise QLoRAError(f"top_p: {self.top_p} is not allowed; use a value in (0, 1].")
+        if self.repetition_penalty < 1:
+            raise QLoRAError(
+                f"repetition_penalty: {self.repetition_penalty} is not allowed; use 1 (off) or more (1.1 to 1.3 is usual)."
+            )
 
 
 @dataclass
@@ -108,7 +124,7 @@ class _Stream:
             out = self.chat.model(input_ids=self.next_input, use_cache=True, logits_to_keep=1, **kw)
         cache = getattr(out, self.chat.cache_arg, None)
         self.cache = cache if cache is not None else getattr(out, "past_key_values", None)
-        token = _sample(out.logits[0, -1], self.settings, self.generator)
+        token = _sample(out.logits[0, -1], self.settings, self.generator, self.ids)
         self.elapsed += time.perf_counter() - t
         if token in self.chat.stop_ids:
             self.finish_reason = "eos"
@@ -149,10 +165,15 @@ class _Stream:
         )
 
 
-def _sample(logits: torch.Tensor, s: GenerationSettings, generator: torch.Generator) -> int:
+def _sample(logits: torch.Tensor, s: GenerationSettings, generator: torch.Generator, seen: Sequence[int] = ()) -> int:
+    """The next token from ``logits``; ``seen``: the answer's tokens so far (for the repetition penalty)."""
     import torch
 
     logits = logits.float().cpu()  # the sampler's generator lives on the CPU; one small copy per token
+    if s.repetition_penalty != 1.0 and seen:
+        idx = torch.tensor(sorted(set(seen)), dtype=torch.long)
+        picked = logits[idx]
+        logits[idx] = torch.where(picked > 0, picked / s.repetition_penalty, picked * s.repetition_penalty)
     if s.temperature == 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / s.temperature, dim=-1)

@@ -52,7 +52,7 @@ from qlora_engine.events import (
     RunStarted,
     StepMetrics,
 )
-from qlora_engine.optim import build_optimizer, build_scheduler
+from qlora_engine.optim import build_optimizer, build_scheduler, warmup_for
 from qlora_engine.scrub import scrub_tree
 
 
@@ -192,6 +192,8 @@ class Trainer:
         # one flat buffer for one process; DDP's buckets and FSDP's shards own the parameters' storage
         self.optimizer = build_optimizer(cfg.optim, self.params, flat=self.world.strategy == "single")
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
+        if note := warmup_for(cfg.optim.warmup_steps, self.total_steps)[1]:  # short runs
+            emit(LogLine(level="warning", message=note))
         if self.resume_from is not None:
             self._load_training_state(self.resume_from)
         if self.world.is_main:
@@ -268,6 +270,15 @@ class Trainer:
         state = ckpt.load_state(folder)
         self.world.load_optimizer_state(self.model, self.optimizer, ckpt.torch_load_own(folder, "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.torch_load_own(folder, "scheduler.pt"))
+        # --- train more (issue 19): the schedule is this run's, not the checkpoint's --------------
+        # The checkpoint's optimizer holds the learning rate its own schedule reached (0 at the end
+        # of a cosine run). With a longer run (`--more N`, a raised train.max_steps) the schedule is
+        # stretched to the new end: the next step trains at what that schedule gives for this step.
+        sched = self.scheduler
+        for group, base_lr, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base_lr * factor(sched.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # what get_last_lr() reports
+        # --- end of train more ------------------------------------------------------------------
         ckpt.set_rng_state(ckpt.torch_load_own(folder, "rng.pt"))
         self.step = int(state["step"])
         self.last_loss = state.get("last_loss")

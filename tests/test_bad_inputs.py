@@ -202,7 +202,7 @@ CASES = [
     ),
     Case(
         "resume from a non-checkpoint",
-        lambda tmp, m: ["train", cfg_file(tmp, m), "--resume", str(tmp)],
+        lambda tmp, m: ["train", cfg_file(tmp, m), "--resume-from", str(tmp)],
         ("not a complete checkpoint",),
     ),
     # -- command-line arguments -----------------------------------------------------------

@@ -58,6 +58,17 @@ FORMATS = {
 }
 
 
+def _default_export_dir(run_dir: Path, fmt: str) -> Path:
+    """The engine's default export folder (base model, run and format), or the run's name and format if the
+    run cannot be read. Reading a run's files is torch-free (``qlora_engine.export.source``)."""
+    from qlora_engine.export.source import default_export_dir, load_run  # lazy: only once a run is shown
+
+    try:
+        return default_export_dir(load_run(run_dir), fmt)
+    except Exception:  # a run without a readable config: still offer a folder
+        return run_dir.parent / f"{run_dir.name}-{fmt}"
+
+
 K_TIPS = {
     "q4_k_m": "4-bit K-quant, medium: the usual llama.cpp/Ollama download, about 30% of F16.",
     "q5_k_m": "5-bit K-quant, medium: closer to F16, about 36% of its size.",
@@ -233,7 +244,7 @@ class ExportPage(QWidget):
 
     def _default_out(self) -> None:
         if self.run_dir is not None and not self._out_edited:
-            self.out.setText(str(self.run_dir.parent / f"{self.run_dir.name}-{self.fmt()}"))
+            self.out.setText(str(_default_export_dir(self.run_dir, self.fmt())))
 
     def _on_out_edited(self, _text: str) -> None:
         self._out_edited = True

@@ -37,7 +37,7 @@ from PySide6.QtWidgets import (
 from app.run_worker import EngineJob, engine_argv, engine_env
 from qlora_engine.chat_server import request_line
 from qlora_engine.events import AnswerDone, AnswerPiece, ChatReady, Event, PhaseChanged, RunFailed
-from qlora_engine.generate import GenerationSettings
+from qlora_engine.generate import CHAT_REPETITION_PENALTY, GenerationSettings
 
 SIDES = {"base": "Base model (adapter off)", "tuned": "Tuned model (adapter on)"}
 FINISH = {"eos": "ended by the model", "length": "stopped at the token limit", "cancelled": "cancelled"}
@@ -101,6 +101,10 @@ class TryPage(QWidget):
         self.top_p.setRange(0.01, 1.0)
         self.top_p.setSingleStep(0.05)
         self.top_p.setValue(d.top_p)
+        self.repetition_penalty = QDoubleSpinBox()
+        self.repetition_penalty.setRange(1.0, 2.0)
+        self.repetition_penalty.setSingleStep(0.05)
+        self.repetition_penalty.setValue(CHAT_REPETITION_PENALTY)
         self.seed = QSpinBox()
         self.seed.setRange(0, 2**31 - 1)
         self.seed.setValue(d.seed)
@@ -112,6 +116,7 @@ class TryPage(QWidget):
             (self.max_new_tokens, "max_new_tokens"),
             (self.temperature, "temperature"),
             (self.top_p, "top_p"),
+            (self.repetition_penalty, "repetition_penalty"),
             (self.seed, "seed"),
             (self.raw, "raw"),
         ):
@@ -123,6 +128,7 @@ class TryPage(QWidget):
         form.addRow("Max new tokens", self.max_new_tokens)
         form.addRow("Temperature", self.temperature)
         form.addRow("Top-p", self.top_p)
+        form.addRow("Repetition penalty", self.repetition_penalty)
         form.addRow("Seed", self.seed)
         form.addRow("System", self.system)
         form.addRow(self.raw)
@@ -197,6 +203,7 @@ class TryPage(QWidget):
             max_new_tokens=self.max_new_tokens.value(),
             temperature=round(self.temperature.value(), 4),
             top_p=round(self.top_p.value(), 4),
+            repetition_penalty=round(self.repetition_penalty.value(), 4),
             seed=self.seed.value(),
             system=self.system.text().strip() or None,
             raw=self.raw.isChecked(),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_engine.checkpoint import write_atomic_folder
-from qlora_engine.export.card import build_card, write_card
+from qlora_engine.export.card import build_card, describe_files, write_card
 from qlora_engine.export.common import Reporter, adapter_b_stats, check_output, copy_files, untrained_note
 from qlora_engine.export.source import RunInfo, is_hub_id, tokenizer_dir
 
@@ -98,14 +98,30 @@ def export_adapter(
         if cfg_file is not None:
             shutil.copy2(cfg_file, tmp / "config.yaml")
         rep.phase("adapter: writing the model card")
-        files = {
-            "adapter_model.safetensors": "the LoRA weights (safetensors)",
-            "adapter_config.json": "the LoRA configuration (peft)",
-            "config.yaml": "the QLoRA Studio run configuration",
-        }
+        files = describe_files(tmp, {})
         write_card(tmp, build_card(info, "adapter", notes=notes, files=files, usage=usage_snippet(info, "adapter")))
         rep.check()
 
     path = write_atomic_folder(out, write, replace=overwrite)
     rep.phase(f"adapter: done: {path}")
+    return path
+
+
+def write_run_adapter_card(run_dir: str | Path) -> Path:
+    """Replace the placeholder README.md that peft writes into a run's ``adapter/`` with our model card.
+
+    peft's ``save_pretrained`` leaves its empty template there; the card says what the adapter is:
+    the base model, the data, the steps, the final loss, every file and how to load it. Called
+    once a run has finished (its ``events.jsonl`` then holds the final facts).
+    """
+    from qlora_engine.export.source import load_run
+
+    info = load_run(run_dir)
+    text = build_card(
+        info, "adapter", files=describe_files(info.adapter_dir, {}), usage=usage_snippet(info, "adapter")
+    )
+    path = info.adapter_dir / "README.md"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
     return path

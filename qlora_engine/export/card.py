@@ -126,7 +126,7 @@ def build_card(
     """The README.md text of an export of ``kind`` ('adapter', 'merged' or 'gguf')."""
     cfg = info.config
     lines = _front_matter(info, kind)
-    lines += ["", f"# {info.name}: {KIND_TITLES[kind]}", ""]
+    lines += ["", f"# {info.export_name}: {KIND_TITLES[kind]}", ""]
     lines.append(
         f"A QLoRA fine-tune of `{cfg.model.ref}`, trained with QLoRA Studio: the base model was loaded in 4-bit "
         f"{cfg.quant.quant_type.upper()} and a rank-{cfg.lora.rank} LoRA adapter was trained on top of it."
@@ -160,6 +160,40 @@ def build_card(
         "",
     ]
     return "\n".join(lines)
+
+
+FILE_USES: dict[str, str] = {
+    "README.md": "this card: what was trained, on what data, how, and how to use each file",
+    "config.yaml": "the QLoRA Studio run configuration: `qlora-engine train config.yaml` repeats the run "
+    "(with model.ref and data.path pointing at your copies)",
+    "adapter_model.safetensors": "the LoRA weights (safetensors); `PeftModel.from_pretrained(base, folder)` loads "
+    "them together with adapter_config.json",
+    "adapter_config.json": "the LoRA configuration peft reads (rank, alpha, target modules, base model)",
+    "tokenizer.json": "the tokenizer; `AutoTokenizer.from_pretrained(folder)` loads it with tokenizer_config.json",
+    "tokenizer_config.json": "the tokenizer's settings (special tokens, chat template); read with tokenizer.json",
+    "special_tokens_map.json": "the tokenizer's special tokens; read with tokenizer.json",
+    "chat_template.jinja": "the chat template the run trained with; transformers reads it with the tokenizer",
+    "vocab.json": "the tokenizer's vocabulary; read with tokenizer.json",
+    "merges.txt": "the tokenizer's merge rules; read with tokenizer.json",
+    "tokenizer.model": "the SentencePiece tokenizer model; read with tokenizer_config.json",
+    "added_tokens.json": "tokens added to the vocabulary; read with the tokenizer",
+    "generation_config.json": "default generation settings (end-of-turn tokens, repetition penalty); "
+    "transformers' `generate` reads it",
+    "config.json": "the model configuration; `AutoModelForCausalLM.from_pretrained(folder)` reads it",
+    "model.safetensors.index.json": "which weight file holds which tensor; transformers reads it",
+}
+
+
+def describe_files(folder: Path, specific: dict[str, str]) -> dict[str, str]:
+    """Every file in ``folder`` (and README.md, written last) with what it is and how to use it."""
+    names = sorted({p.name for p in folder.iterdir() if p.is_file()} | {"README.md"})
+    out = {}
+    for name in names:
+        what = specific.get(name) or FILE_USES.get(name)
+        if what is None and name.startswith("model") and name.endswith(".safetensors"):
+            what = "the merged weights; `AutoModelForCausalLM.from_pretrained(folder)` loads them with config.json"
+        out[name] = what or "a file of this export"
+    return out
 
 
 def write_card(folder: Path, text: str) -> None:

@@ -27,19 +27,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     from qlora_engine.export import export
 
     sink = StreamSink(sys.stdout) if args.events == "-" else TextSink(sys.stderr)
+    from qlora_engine.export.source import default_export_dir, load_run
+
     types = [t.strip() for t in args.gguf_types.split(",") if t.strip()]
     _interrupt_on_sigterm()
-    try:
-        path = _reporting_failure(args, lambda: export(
-            args.source,
+
+    def work() -> Any:
+        info = load_run(args.source)
+        return export(
+            info,
             args.format,
-            args.out,
+            args.out or default_export_dir(info, args.format),
             overwrite=args.force,
             sink=sink,
             dtype=args.dtype,
             gguf_types=types,
             gguf_lora=not args.no_lora,
-        ))
+        )
+
+    try:
+        path = _reporting_failure(args, work)
     except KeyboardInterrupt:
         print("export interrupted; nothing was written.", file=sys.stderr)
         return 130
@@ -68,6 +75,7 @@ def _settings(args: argparse.Namespace) -> Any:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         system=args.system,
         raw=args.raw,
@@ -158,7 +166,11 @@ def add_cli(sub: Any) -> None:
     )
     s.add_argument("source", help="run folder, its adapter/ folder, or a checkpoints/step-N folder")
     s.add_argument("--format", choices=FORMATS, required=True)
-    s.add_argument("--out", required=True, help="folder to create (must not exist unless --force)")
+    s.add_argument(
+        "--out",
+        help="folder to create (must not exist unless --force); default: beside the run folder, named for the base "
+        "model, the run and the format (e.g. smollm2-135m-instruct-pirate-lora)",
+    )
     s.add_argument(
         "--force", action="store_true", help="replace --out if it exists (only once the new export is complete)"
     )
@@ -192,6 +204,10 @@ def add_cli(sub: Any) -> None:
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (deterministic) answers")
     s.add_argument("--top-p", type=float, default=0.9)
+    s.add_argument(
+        "--repetition-penalty", type=float, default=1.2,  # generate.CHAT_REPETITION_PENALTY
+        help="above 1, words the answer already used become less likely, so small models do not loop; 1 turns it off",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None, help="default: the run's train.device")
     s.add_argument(

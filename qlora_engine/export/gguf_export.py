@@ -9,14 +9,15 @@ the adapter as a GGUF LoRA file (``<name>-lora.gguf``, for a GGUF of the base mo
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from qlora_engine.checkpoint import write_atomic_folder
 from qlora_engine.export.adapter import config_source, training_template
-from qlora_engine.export.card import build_card, write_card
-from qlora_engine.export.common import ExportError, Reporter, adapter_b_stats, check_output, slug, untrained_note
+from qlora_engine.export.card import build_card, describe_files, write_card
+from qlora_engine.export.common import ExportError, Reporter, adapter_b_stats, check_output, untrained_note
 from qlora_engine.export.gguf_lora import check_adapter_supported, write_lora_gguf
 from qlora_engine.export.gguf_model import (
     TYPES,
@@ -36,18 +37,32 @@ from qlora_engine.export.source import RunInfo, base_origin, resolve_base
 DEFAULT_TYPES = ("f16", "q8_0")
 
 
-def _usage(name: str, model_file: str, lora_file: str | None) -> str:
+def _usage(name: str, model_file: str, lora_file: str | None, base_file: str | None) -> str:
     text = (
         f"llama.cpp: `llama-cli -m {model_file} -cnv`\n\n"
         f"Ollama: `ollama create {name} -f Modelfile`, then `ollama run {name}`."
     )
-    if lora_file:
+    if lora_file and base_file:
+        text += (
+            f"\n\nThe small way: the base model's own GGUF (`{base_file}`) with the adapter applied at run time: "
+            f"`llama-cli -m {base_file} --lora {lora_file} -cnv`, or "
+            f"`ollama create {name}-lora -f Modelfile.lora`, then `ollama run {name}-lora`."
+        )
+    elif lora_file:
         text += (
             f"\n\nThe LoRA file `{lora_file}` applies the adapter to a GGUF of the *base* model at run time "
             f"(same architecture and tensor names): `llama-cli -m base.gguf --lora {lora_file}`, or `ADAPTER ./{lora_file}` "
             "in a Modelfile whose FROM is the base model."
         )
     return text
+
+
+def _place_base(src: Path, dst: Path) -> None:
+    """The base GGUF beside the Modelfile.lora: a hard link where the file system allows (no extra disk), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def export_gguf(
@@ -100,7 +115,7 @@ def export_gguf(
         rep.log(note, "warning")
     merged, merge_notes, _ = merge(info, dtype=dtype, rep=rep)
     notes += merge_notes
-    name = slug(info.name)
+    name = info.export_name
     model_files = {t: f"{name}-{t}.gguf" for t in types}
     lora_file = f"{name}-lora.gguf" if lora else None
     # The Modelfile takes what Ollama users pull by default when it was asked for (Q4_K_M), else Q8_0.
@@ -110,6 +125,9 @@ def export_gguf(
         rep.log(w, "warning")
     notes += mf_warnings
     cfg_file = config_source(info)
+    base_file = Path(origin["gguf"]).name if origin["kind"] == "gguf" and lora_file else None
+    if base_file is not None and (base_file in model_files.values() or base_file == lora_file):
+        base_file = "base-" + base_file
 
     def write_own(path: Path, t: str) -> None:
         plan = plan_model_tensors(spec, merged.config, state_dict_tensors(merged), t)
@@ -144,23 +162,32 @@ def export_gguf(
                 tmp / lora_file, spec, config, info.adapter_dir, info.adapter_config, name=name, should_stop=should_stop
             )
         (tmp / "Modelfile").write_text(mf_text, encoding="utf-8")
-        if origin["kind"] == "gguf" and lora_file:
-            # The base's own GGUF file plus the LoRA file: the small way to run it in Ollama.
-            base_gguf = str(Path(origin["gguf"]).resolve())
-            lora_mf, _ = modelfile(base_gguf, tokenizer, template, name=name + "-lora", adapter_file=lora_file)
+        if base_file:
+            # The base's own GGUF file plus the LoRA file: the small way to run it in Ollama. The base
+            # goes beside the Modelfile, so every path in it is relative and the folder can move.
+            _place_base(Path(origin["gguf"]).resolve(), tmp / base_file)
+            lora_mf, _ = modelfile(
+                base_file, tokenizer, template, name=name + "-lora", adapter_file=lora_file, file_name="Modelfile.lora"
+            )
             (tmp / "Modelfile.lora").write_text(lora_mf, encoding="utf-8")
         if cfg_file is not None:
             shutil.copy2(cfg_file, tmp / "config.yaml")
         files = {
-            fname: f"the merged model, {t.upper()} ({spec.name} architecture)"
+            fname: f"the merged model, {t.upper()} ({spec.name} architecture): `llama-cli -m {fname}`"
             + (f"; {K_DESCRIPTIONS[t]}, quantized by llama.cpp" if t in K_DESCRIPTIONS else "")
             for t, fname in model_files.items()
         }
         if lora_file:
-            files[lora_file] = "the adapter alone, as a GGUF LoRA file"
-        files["Modelfile"] = f"Ollama recipe for {main_file} with the chat template and stop tokens"
-        files["config.yaml"] = "the QLoRA Studio run configuration"
-        write_card(tmp, build_card(info, "gguf", notes=notes, files=files, usage=_usage(name, main_file, lora_file)))
+            files[lora_file] = f"the adapter alone, as a GGUF LoRA file: `llama-cli -m BASE.gguf --lora {lora_file}`"
+        files["Modelfile"] = f"Ollama recipe for {main_file} with the chat template and stop tokens: `ollama create {name} -f Modelfile`"
+        if base_file:
+            files[base_file] = "the base model's own GGUF, as the run started from it (for Modelfile.lora and --lora)"
+            files["Modelfile.lora"] = (
+                f"Ollama recipe for {base_file} with {lora_file} applied: `ollama create {name}-lora -f Modelfile.lora`"
+            )
+        files = describe_files(tmp, files)
+        usage = _usage(name, main_file, lora_file, base_file)
+        write_card(tmp, build_card(info, "gguf", notes=notes, files=files, usage=usage))
         rep.check()
 
     path = write_atomic_folder(out, write, replace=overwrite)

@@ -17,7 +17,7 @@ import torch
 from qlora_engine.checkpoint import write_atomic_folder
 from qlora_engine.errors import ModelError
 from qlora_engine.export.adapter import config_source, training_template, usage_snippet
-from qlora_engine.export.card import build_card, write_card
+from qlora_engine.export.card import build_card, describe_files, write_card
 from qlora_engine.export.common import Reporter, adapter_b_stats, check_output, untrained_note
 from qlora_engine.export.source import RunInfo, base_origin, resolve_base, tokenizer_dir
 
@@ -157,11 +157,9 @@ def export_merged(
         tokenizer.save_pretrained(tmp)
         if cfg_file is not None:
             shutil.copy2(cfg_file, tmp / "config.yaml")
-        files = {
-            "model*.safetensors": f"the merged weights ({str(dt).replace('torch.', '')})",
-            "config.json": "the transformers model configuration",
-            "config.yaml": "the QLoRA Studio run configuration",
-        }
+        weights = {p.name for p in tmp.glob("model*.safetensors")}
+        what = f"the merged weights ({str(dt).replace('torch.', '')}); `AutoModelForCausalLM.from_pretrained(folder)` loads them"
+        files = describe_files(tmp, dict.fromkeys(weights, what))
         write_card(tmp, build_card(info, "merged", notes=notes, files=files, usage=usage_snippet(info, "merged")))
         rep.check()
 

@@ -185,12 +185,19 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 
 def modelfile(
-    model_file: str, tokenizer: Any, template: str | None, *, name: str, adapter_file: str | None = None
+    model_file: str,
+    tokenizer: Any,
+    template: str | None,
+    *,
+    name: str,
+    adapter_file: str | None = None,
+    file_name: str = "Modelfile",
 ) -> tuple[str, list[str]]:
     """The Modelfile text and warnings.
 
-    ``model_file``: a file name beside the Modelfile, or an absolute path. ``template``: the Jinja chat
-    template (None: a plain text model, whose prompt goes in as is).
+    ``model_file``: a file name beside the Modelfile (written ``./name``, so the folder can move), or an
+    absolute path. ``template``: the Jinja chat template (None: a plain text model, whose prompt goes in
+    as is). ``file_name``: what this Modelfile is called, for the ``ollama create`` line in its header.
     """
     warnings: list[str] = []
     fmt = None
@@ -213,7 +220,7 @@ def modelfile(
             )
     lines = [
         f"# Ollama Modelfile for {name}, written by QLoRA Studio.",
-        f"# Create the model with:  ollama create {name} -f Modelfile",
+        f"# Create the model with:  ollama create {name} -f {file_name}",
         f"FROM {model_file if Path(model_file).is_absolute() else './' + model_file}",
     ]
     if adapter_file:

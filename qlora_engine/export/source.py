@@ -9,6 +9,7 @@ earlier (it carries the run's ``config.yaml``). The adapter must be in safetenso
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,50 @@ class RunInfo:
     @property
     def name(self) -> str:
         return (self.run_dir or self.adapter_dir).name
+
+    @property
+    def export_name(self) -> str:
+        """What exports are called: the base model's short name and the run's, e.g. 'smollm2-135m-instruct-pirate'."""
+        return export_name(self.config.model.ref, self.name)
+
+
+_QUANT_SUFFIX = re.compile(r"[.-](q\d[\w]*|iq\d[\w]*|f16|f32|bf16|fp16|gguf)$", re.IGNORECASE)
+
+
+def _name_slug(name: str) -> str:
+    out = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.")
+    return re.sub(r"-{2,}", "-", out)
+
+
+def base_model_name(ref: str) -> str:
+    """A short lowercase name for a base model reference (hub id, folder or .gguf file).
+
+    'HuggingFaceTB/SmolLM2-135M-Instruct' and '.../SmolLM2-135M-Instruct.Q4_1.gguf' both give
+    'smollm2-135m-instruct': the last path part, without a GGUF extension or quantization suffix.
+    """
+    name = ref.replace("\\", "/").rstrip("/").split("/")[-1]
+    if name.lower().endswith(".gguf"):
+        name = name[: -len(".gguf")]
+    while (stripped := _QUANT_SUFFIX.sub("", name)) != name:
+        name = stripped
+    return _name_slug(name)
+
+
+def export_name(model_ref: str, run_name: str) -> str:
+    """The base model's short name and the run's ('smollm2-135m-instruct-pirate'); the run's alone if it
+    already starts with the base's."""
+    base, run = base_model_name(model_ref), _name_slug(run_name) or "run"
+    return run if not base or run.startswith(base) else f"{base}-{run}"
+
+
+EXPORT_SUFFIX = {"adapter": "-lora", "merged": "", "gguf": "-gguf"}
+"""Appended to :attr:`RunInfo.export_name` for each format's default folder."""
+
+
+def default_export_dir(info: RunInfo, fmt: str) -> Path:
+    """Where an export goes unless told: beside the run folder, named for the base model, the run and the format."""
+    home = (info.run_dir or info.adapter_dir).parent
+    return home / f"{info.export_name}{EXPORT_SUFFIX[fmt]}"
 
 
 def _is_adapter_folder(path: Path) -> bool:

@@ -19,6 +19,7 @@ from test_export_support import CHATS, trained_chat_run  # noqa: E402
 from app.pages.export_page import ExportPage, TryExportPage  # noqa: E402
 from app.pages.try_page import TryPage  # noqa: E402
 from qlora_engine.events import AnswerPiece  # noqa: E402
+from qlora_engine.export import load_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_export_page_writes_an_adapter_then_refuses_the_same_folder_unless_repla
 ):
     page = export_page
     page.set_run(chat_run)
-    assert page.out.text() == str(chat_run.parent / f"{chat_run.name}-adapter")
+    assert page.out.text() == str(chat_run.parent / f"{load_run(chat_run).export_name}-lora")
     out = tmp_path / "adapter-export"
     page.out.setText(str(out))
     page._on_out_edited(str(out))
@@ -168,7 +169,8 @@ def test_export_page_gguf_shows_progress_and_cancel_leaves_nothing(qtbot, export
         page.job.event.connect(lambda e: phases.append(getattr(e, "detail", "")))
         assert page.progress.maximum() == 0  # busy indicator while it runs
     assert done.args[0] == "done"
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "config.yaml", "run-f16.gguf"]
+    name = load_run(chat_run).export_name
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "config.yaml", f"{name}-f16.gguf"]
     assert any("merge:" in p for p in phases) and any("tensor" in p for p in phases)
     assert page.progress.value() == page.progress.maximum() == 1
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import yaml
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QApplication
+
+from qlora_engine.quickstart import TRAIN_SETTINGS
 from qlora_engine.resources import path as resource_path
 
 REPLAY = Path(__file__).with_name("replay_engine.py")
@@ -39,7 +41,7 @@ def test_demo_is_offered_and_starts_in_one_click(qtbot, make_window, tmp_path, e
     launched = yaml.safe_load(config.read_text())
     assert launched["model"]["ref"] == str(gguf)
     assert launched["data"]["path"] == str(resource_path("data", "quickstart.jsonl"))
-    assert launched["train"]["max_steps"] == 30 and resume is None
+    assert launched["train"]["max_steps"] == TRAIN_SETTINGS["train.max_steps"] and resume is None
     assert Path(launched["output"]["dir"]).is_absolute()
     assert w.result_page.run_dir == Path(launched["output"]["dir"])
 

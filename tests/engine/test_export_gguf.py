@@ -20,7 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_export_support import PROBE, tiny_tokenizer, trained_chat_run  # noqa: E402
+from test_export_support import PROBE, named, tiny_tokenizer, trained_chat_run  # noqa: E402
 
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.errors import ModelError
@@ -70,10 +70,11 @@ def test_gguf_files_have_llama_cpp_names_types_and_metadata(gguf_dir, chat_run, 
     from transformers import AutoTokenizer
 
     files = sorted(p.name for p in gguf_dir.iterdir())
-    assert files == ["Modelfile", "README.md", "config.yaml", "run-f16.gguf", "run-lora.gguf", "run-q8_0.gguf"]
+    n = load_run(chat_run).export_name
+    assert files == sorted(["Modelfile", "README.md", "config.yaml", f"{n}-f16.gguf", f"{n}-lora.gguf", f"{n}-q8_0.gguf"])
     tok = AutoTokenizer.from_pretrained(chat_run / "adapter")
     vocab = tok.backend_tokenizer.to_str()
-    for name, ftype, qtype in (("run-f16.gguf", 1, "F16"), ("run-q8_0.gguf", 7, "Q8_0")):
+    for name, ftype, qtype in ((f"{n}-f16.gguf", 1, "F16"), (f"{n}-q8_0.gguf", 7, "Q8_0")):
         r = gguf.GGUFReader(str(gguf_dir / name))
         assert field(r, "general.architecture") == "llama" and field(r, "general.type") == "model"
         assert field(r, "general.file_type") == ftype and field(r, "general.quantization_version") == 2
@@ -119,7 +120,7 @@ def test_gguf_reads_back_in_transformers_with_the_merged_models_logits(
     """f16 keeps ~3 significant digits; q8_0 rounds each weight to 1/127 of its block's largest: ~1% of the logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = f"run-{kind}.gguf"
+    name = named(gguf_dir, f"-{kind}.gguf")
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name, dtype=torch.float32)
     with torch.no_grad():
         logits = model(torch.tensor(PROBE)).logits
@@ -137,7 +138,7 @@ def test_gguf_lora_file_has_llama_cpp_layout_and_reproduces_the_merge(gguf_dir, 
     """base + alpha/rank * B @ A (what llama.cpp computes with --lora) equals the merged weights, row order included."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    lora = gguf.GGUFReader(str(gguf_dir / "run-lora.gguf"))
+    lora = gguf.GGUFReader(str(gguf_dir / named(gguf_dir, "-lora.gguf")))
     assert field(lora, "general.type") == "adapter" and field(lora, "adapter.type") == "lora"
     assert field(lora, "general.architecture") == "llama"
     alpha = field(lora, "adapter.lora.alpha")
@@ -249,17 +250,17 @@ def test_qwen2_and_mistral_models_round_trip(family, tmp_path):
         model = MistralForCausalLM(MistralConfig(**shape, tie_word_embeddings=False, sliding_window=128))
     run_dir, _ = fake_run(tmp_path, model, tok, ["q_proj", "k_proj", "v_proj", "o_proj"])
     out = export(run_dir, "gguf", tmp_path / "gguf", gguf_types=["f16"])
-    r = gguf.GGUFReader(str(out / "run-f16.gguf"))
+    r = gguf.GGUFReader(str(out / named(out, "-f16.gguf")))
     names = {t.name for t in r.tensors}
     if family == "qwen2":
         assert field(r, "general.architecture") == "qwen2"
         assert "blk.0.attn_q.bias" in names and "output.weight" not in names  # tied: llama.cpp reuses token_embd
     else:
         assert field(r, "general.architecture") == "llama" and names == expected_names(2)
-    lora = gguf.GGUFReader(str(out / "run-lora.gguf"))
+    lora = gguf.GGUFReader(str(out / named(out, "-lora.gguf")))
     assert {t.name.rpartition(".")[0] for t in lora.tensors} <= names
     merged, _, _ = merge(load_run(run_dir), rep=Reporter())
-    back = AutoModelForCausalLM.from_pretrained(out, gguf_file="run-f16.gguf", dtype=torch.float32)
+    back = AutoModelForCausalLM.from_pretrained(out, gguf_file=named(out, "-f16.gguf"), dtype=torch.float32)
     with torch.no_grad():
         ref, got = merged(torch.tensor(PROBE)).logits, back(torch.tensor(PROBE)).logits
     assert (got - ref).abs().max() < 5e-3 * ref.abs().max()
@@ -293,13 +294,13 @@ def test_smollm2_gguf_export_from_a_gguf_only_base(smollm2_gguf, smollm2_dir, tm
     out = export(run_dir, "gguf", tmp_path / "gguf", gguf_types=["f16"])
     card = (out / "README.md").read_text()
     assert "available only as a GGUF file (SmolLM2-135M-Instruct.Q4_1.gguf, MOSTLY_Q4_1)" in card
-    r = gguf.GGUFReader(str(out / "run-f16.gguf"))
+    r = gguf.GGUFReader(str(out / named(out, "-f16.gguf")))
     assert field(r, "tokenizer.ggml.pre") == "smollm"  # the source GGUF's name for its pre-tokenizer
     assert field(r, "llama.attention.head_count_kv") == 3 and "output.weight" not in {t.name for t in r.tensors}
     modelfile = (out / "Modelfile").read_text()
     assert "You are a helpful AI assistant named SmolLM" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert (out / "Modelfile.lora").read_text().startswith("# Ollama")
-    back = AutoModelForCausalLM.from_pretrained(out, gguf_file="run-f16.gguf", dtype=torch.float32)
+    back = AutoModelForCausalLM.from_pretrained(out, gguf_file=named(out, "-f16.gguf"), dtype=torch.float32)
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         ref, got = tuned(ids).logits, back(ids).logits
@@ -315,7 +316,7 @@ def test_sentencepiece_style_vocabulary_llama2_mistral(tmp_path):
     tok = spm_tokenizer()
     run_dir, tuned = fake_run(tmp_path, spm_llama(tok), tok, ["q_proj", "k_proj", "v_proj", "o_proj"])
     out = export(run_dir, "gguf", tmp_path / "gguf", gguf_types=["f16"], gguf_lora=False)
-    r = gguf.GGUFReader(str(out / "run-f16.gguf"))
+    r = gguf.GGUFReader(str(out / named(out, "-f16.gguf")))
     assert field(r, "tokenizer.ggml.model") == "llama" and "tokenizer.ggml.merges" not in r.fields
     assert field(r, "tokenizer.ggml.add_bos_token") is True and field(r, "tokenizer.ggml.add_space_prefix") is True
     types = field(r, "tokenizer.ggml.token_type")
@@ -323,11 +324,11 @@ def test_sentencepiece_style_vocabulary_llama2_mistral(tmp_path):
     assert set(types[3:259]) == {gguf.TokenType.BYTE} and set(types[259:]) == {gguf.TokenType.NORMAL}
     scores = field(r, "tokenizer.ggml.scores")
     assert scores[300] > scores[400]  # earlier merges rank higher, as sentencepiece's scores do
-    back = AutoTokenizer.from_pretrained(out, gguf_file="run-f16.gguf")
+    back = AutoTokenizer.from_pretrained(out, gguf_file=named(out, "-f16.gguf"))
     ref = AutoTokenizer.from_pretrained(run_dir / "adapter")
     for text in ("The quick brown fox jumps over the lazy dog.", "  two leading spaces", "naïve 123 ✓ Bonjour."):
         assert back(text)["input_ids"] == ref(text)["input_ids"], text
-    model = AutoModelForCausalLM.from_pretrained(out, gguf_file="run-f16.gguf", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=named(out, "-f16.gguf"), dtype=torch.float32)
     ids = ref("What is the capital of France?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         got, want = model(ids).logits, tuned(ids).logits

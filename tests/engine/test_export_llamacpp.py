@@ -22,7 +22,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_export_support import PROBE, trained_chat_run  # noqa: E402
+from test_export_support import PROBE, named, trained_chat_run  # noqa: E402
 
 from qlora_engine.export import export, load_run  # noqa: E402
 from qlora_engine.export.common import Reporter  # noqa: E402
@@ -82,7 +82,7 @@ def test_llama_cpp_runs_the_merged_gguf_like_transformers(probe, gguf_dir, chat_
 
     merged, _, _ = merge(load_run(chat_run), rep=Reporter())
     want = last_logits(merged, PROBE[0])
-    got = run_probe(probe, gguf_dir / f"run-{kind}.gguf", ids=PROBE[0])
+    got = run_probe(probe, gguf_dir / named(gguf_dir, f"-{kind}.gguf"), ids=PROBE[0])
     assert (torch.tensor(got["logits"]) - want).abs().max() < rel_tol * want.abs().max()
     tok = AutoTokenizer.from_pretrained(chat_run / "adapter")
     assert got["arch"] == "llama" and got["chat_template"] == tok.chat_template and got["eos"] == tok.eos_token_id
@@ -97,7 +97,7 @@ def test_llama_cpp_tokenizes_like_the_hugging_face_tokenizer(probe, gguf_dir, ch
         "<|im_start|>user\nCount to five.<|im_end|>\n<|im_start|>assistant\n",
         "def add(a, b):\n    return a + b\n  1 2 3",
     ):
-        got = run_probe(probe, gguf_dir / "run-f16.gguf", text=text)
+        got = run_probe(probe, gguf_dir / named(gguf_dir, "-f16.gguf"), text=text)
         assert got["tokens"] == tok(text)["input_ids"], text
 
 
@@ -113,7 +113,7 @@ def test_llama_cpp_applies_the_gguf_lora_file_to_the_base(probe, gguf_dir, chat_
     plan = plan_model_tensors(spec, base.config, state_dict_tensors(base), "f16")
     write_gguf(base_gguf, spec, model_metadata(spec, base.config, vocab, "f16", name="base"), plan)
     plain = run_probe(probe, base_gguf, ids=PROBE[0])
-    with_lora = run_probe(probe, base_gguf, lora=gguf_dir / "run-lora.gguf", ids=PROBE[0])
+    with_lora = run_probe(probe, base_gguf, lora=gguf_dir / named(gguf_dir, "-lora.gguf"), ids=PROBE[0])
     want_base = last_logits(base, PROBE[0])
     want_tuned = last_logits(PeftModel.from_pretrained(base, str(chat_run / "adapter")), PROBE[0])
     scale = want_tuned.abs().max()
@@ -132,14 +132,14 @@ def test_llama_cpp_runs_the_smollm2_export(probe, smollm2_gguf, smollm2_dir, tmp
     run_dir, tuned = fake_run(tmp_path, base, tok, ["q_proj", "k_proj", "v_proj"], base_ref=str(smollm2_gguf))
     out = export(run_dir, "gguf", tmp_path / "gguf", gguf_types=["f16"])
     text = "<|im_start|>user\nWhat is 12345 + 678?<|im_end|>\n<|im_start|>assistant\n"
-    got = run_probe(probe, out / "run-f16.gguf", text=text)
+    got = run_probe(probe, out / named(out, "-f16.gguf"), text=text)
     source = run_probe(probe, smollm2_gguf, text=text)  # the original file's tokenizer, as llama.cpp reads it
     assert got["tokens"] == source["tokens"]
     want = last_logits(tuned, got["tokens"])
     assert (torch.tensor(got["logits"]) - want).abs().max() < 2e-2 * want.abs().max()
     # The LoRA file on the original Q4_1 file: llama.cpp changes the logits the way peft's adapter does.
     plain_q4 = torch.tensor(source["logits"])
-    lora_q4 = torch.tensor(run_probe(probe, smollm2_gguf, lora=out / "run-lora.gguf", text=text)["logits"])
+    lora_q4 = torch.tensor(run_probe(probe, smollm2_gguf, lora=out / named(out, "-lora.gguf"), text=text)["logits"])
     with torch.no_grad(), tuned.disable_adapter():
         want_base = last_logits(tuned, got["tokens"])
     delta_cpp, delta_peft = lora_q4 - plain_q4, want - want_base
@@ -161,7 +161,7 @@ def test_llama_cpp_reads_the_sentencepiece_style_vocabulary(probe, tmp_path):
         "naïve 123 ✓ Bonjour.",
         "What is the capital of France?",
     ):
-        got = run_probe(probe, out / "run-f16.gguf", text=text)
+        got = run_probe(probe, out / named(out, "-f16.gguf"), text=text)
         assert got["tokens"] == tok(text)["input_ids"], text
     want = last_logits(tuned, got["tokens"])
     assert (torch.tensor(got["logits"]) - want).abs().max() < 5e-3 * want.abs().max()

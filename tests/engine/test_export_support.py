@@ -98,3 +98,9 @@ def spm_llama(tokenizer):
         initializer_range=0.1,
     )
     return LlamaForCausalLM(config)
+
+
+def named(folder: Path, suffix: str) -> str:
+    """The export's one file ending in ``suffix`` (exports are named for the base model and the run)."""
+    (match,) = [p.name for p in folder.iterdir() if p.name.endswith(suffix)]
+    return match

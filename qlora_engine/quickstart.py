@@ -1,0 +1,298 @@
+"""The quickstart: a first fine-tune that shows what fine-tuning does, in a few minutes on a CPU.
+
+``qlora-engine quickstart`` fetches the demo model (SmolLM2-135M-Instruct, see :mod:`demo`),
+trains a LoRA adapter on ``resources/data/quickstart.jsonl`` (questions answered in pirate
+speak, each answer carrying its fact in a full sentence, with varied openings and endings so
+there is no one phrase to learn by heart), then asks the base and the tuned model questions
+the data does not hold and prints a one-line verdict computed from their answers.
+
+The lesson of a first run must be the right one: the adapter changes *how* the model speaks
+and keeps *what* it knows. The settings below were chosen by measuring exactly that on the
+real model on a 2-core CPU (held-out answers in style, correct, looping; base against tuned):
+see ``docs/quickstart.md``. Nothing here imports torch at module level: the desktop app
+reads :data:`TRAIN_SETTINGS` for its one-click demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RUN_NAME = "pirate"
+"""The run folder's name under the quickstart folder; exports are named from it and the base model."""
+
+DATA_FILE = "quickstart.jsonl"
+ANSWERS_FILE = "held_out_answers.json"
+"""Written into the run folder: the held-out questions, both models' answers, how each was judged, the verdict."""
+
+TRAIN_SETTINGS: dict[str, Any] = {
+    "train.max_steps": 30,
+    "train.micro_batch_size": 4,
+    "train.gradient_accumulation_steps": 1,
+    "train.save_steps": 10,
+    "optim.learning_rate": 1e-3,
+    "optim.warmup_steps": 3,
+    "optim.scheduler": "cosine",
+    "lora.rank": 8,
+    "data.max_length": 128,
+}
+"""The training settings of the quickstart (and of the app's one-click demo), as dotted overrides."""
+
+CPU_SETTINGS: dict[str, Any] = {
+    # On the CPU every 4-bit layer is dequantized on every call: adapting only the top blocks
+    # keeps the backward pass short (it stops at the lowest adapted block). The style of an
+    # answer lives high up in the network, the facts lower down, so these are also the right
+    # blocks for the lesson.
+    "lora.layers": "24-29",
+    "train.gradient_checkpointing": False,
+}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A question the training data does not hold, and the pattern a correct answer contains."""
+
+    question: str
+    answer: str
+    """A regular expression (case-insensitive) that a correct answer matches."""
+
+
+HELD_OUT: tuple[Probe, ...] = (
+    Probe("What is the capital of Italy?", r"\brome\b"),
+    Probe("What color is grass?", r"\bgreen\b"),
+    Probe("Which planet is known as the Red Planet?", r"\bmars\b"),
+    Probe("What is the capital of Japan?", r"\btokyo\b"),
+    Probe("What is frozen water called?", r"\bice\b"),
+    Probe("How many days are in a week?", r"\b(seven|7)\b"),
+)
+"""Held-out questions: neither they nor their answers' key words occur in the training data (a test checks)."""
+
+SHOWN = 3
+"""How many held-out questions the quickstart asks both models at its end."""
+
+_STYLE = re.compile(
+    r"\b(arr+|aye|ahoy|matey|hearty|ye|yer|ye'll|landlubbers?|scallywags?|doubloons?|shiver me timbers|yo ho)\b"
+    r"|\b\w+in'(?!\w)",
+    re.IGNORECASE,
+)
+
+
+def generation_settings(max_new_tokens: int = 40) -> Any:
+    """How the quickstart asks: greedy (the same answer every time), stopping at the end of the turn,
+    with a repetition penalty of 1.2 on the answer's own tokens, as chat front ends use, so a small
+    model does not loop."""
+    from qlora_engine.generate import CHAT_REPETITION_PENALTY, GenerationSettings
+
+    return GenerationSettings(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=CHAT_REPETITION_PENALTY)
+
+
+# -- judging answers -----------------------------------------------------------------------------
+
+
+def in_style(text: str) -> bool:
+    """Whether an answer is in the trained (pirate) style: it uses at least one of its words."""
+    return _STYLE.search(text) is not None
+
+
+def is_looping(text: str) -> bool:
+    """Whether an answer degenerates into repetition.
+
+    Looping: a word three times in a row ("matey, matey, matey"), or any run of three words
+    that comes back three times or more.
+    """
+    words = re.findall(r"[\w']+", text.lower())
+    if any(words[i] == words[i + 1] == words[i + 2] for i in range(len(words) - 2)):
+        return True
+    trigrams = Counter(tuple(words[i : i + 3]) for i in range(len(words) - 2))
+    return any(n >= 3 for n in trigrams.values())
+
+
+def is_correct(text: str, probe: Probe) -> bool:
+    return re.search(probe.answer, text, re.IGNORECASE) is not None and not is_looping(text)
+
+
+@dataclass(frozen=True)
+class Judged:
+    question: str
+    base: str
+    tuned: str
+
+    def scores(self, probe: Probe) -> dict[str, bool]:
+        return {
+            "base_correct": is_correct(self.base, probe),
+            "tuned_correct": is_correct(self.tuned, probe),
+            "base_style": in_style(self.base),
+            "tuned_style": in_style(self.tuned),
+            "tuned_looping": is_looping(self.tuned),
+        }
+
+
+@dataclass(frozen=True)
+class Tally:
+    n: int
+    base_correct: int
+    tuned_correct: int
+    base_style: int
+    tuned_style: int
+    tuned_looping: int
+
+    @property
+    def passed(self) -> bool:
+        """The lesson holds: most answers in style, none looping, no less correct than the base."""
+        return self.tuned_style * 2 > self.n and self.tuned_looping == 0 and self.tuned_correct >= self.base_correct
+
+    def verdict(self) -> str:
+        head = "fine-tuning changed the style and kept the facts" if self.passed else "the lesson did not hold"
+        return (
+            f"verdict: {head}: {self.tuned_style} of {self.n} tuned answers in the trained style "
+            f"(base: {self.base_style}), {self.tuned_correct} of {self.n} correct (base: {self.base_correct}), "
+            f"{self.tuned_looping} looping."
+        )
+
+
+def tally(judged: Sequence[Judged], probes: Sequence[Probe]) -> Tally:
+    by_q = {p.question: p for p in probes}
+    rows = [j.scores(by_q[j.question]) for j in judged]
+    return Tally(n=len(rows), **{k: sum(r[k] for r in rows) for k in rows[0]}) if rows else Tally(0, 0, 0, 0, 0, 0)
+
+
+def ask_both(run_dir: Path, probes: Sequence[Probe], settings: Any = None, *, chat: Any = None) -> list[Judged]:
+    """The base's and the tuned model's answers to each probe (one model load for all)."""
+    from qlora_engine.generate import ChatModel
+
+    own = chat is None
+    chat = chat or ChatModel.load(run_dir)
+    settings = settings or generation_settings()
+    try:
+        out = []
+        for p in probes:
+            answers = chat.compare(p.question, settings)
+            out.append(Judged(p.question, answers["base"].text.strip(), answers["tuned"].text.strip()))
+        return out
+    finally:
+        if own:
+            chat.close()
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def config_overrides(gguf: Path, *, steps: int | None = None, cuda: bool = False) -> list[str]:
+    """The quickstart's config as overrides; paths relative to the config file's folder."""
+    settings = dict(TRAIN_SETTINGS)
+    if steps is not None:
+        settings["train.max_steps"] = steps
+    if not cuda:
+        settings.update(CPU_SETTINGS)
+    out = [
+        f"model.ref={json.dumps(str(gguf))}",
+        f"data.path={json.dumps(DATA_FILE)}",
+        f"output.dir={json.dumps(RUN_NAME)}",
+    ]
+    return out + [f"{k}={json.dumps(v)}" for k, v in settings.items()]
+
+
+def _human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit in ("B", "KB", "MB") else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _folder_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def run_quickstart(
+    output_dir: str | Path = "runs/quickstart",
+    *,
+    steps: int | None = None,
+    compare: bool = True,
+    captured: Any = None,
+    log: Callable[[str], None] | None = None,
+) -> int:
+    """The ``quickstart`` command. Returns the exit code: 0 once the run trained (the verdict line says how it went).
+
+    ``captured``: the third-party notices being caught (:func:`quiet.capture`), written to the
+    run's ``third_party.log`` at the end.
+    """
+    import torch
+
+    from qlora_engine import resources
+    from qlora_engine.config import TrainConfig, apply_overrides
+    from qlora_engine.demo import fetch_demo_model
+    from qlora_engine.events import TextSink
+    from qlora_engine.export.adapter import write_run_adapter_card
+    from qlora_engine.train import run
+
+    say = log or (lambda m: print(m, file=sys.stderr))
+    gguf = fetch_demo_model(log=say)
+    say(f"demo model: {gguf} ({_human_size(gguf.stat().st_size)})")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "quickstart.yaml"
+    data_path = out / DATA_FILE
+    if not data_path.exists():  # the user's copy: theirs to edit, and the config points here, not into the install
+        shutil.copyfile(resources.path("data", DATA_FILE), data_path)
+    if not config_path.exists():
+        cuda = torch.cuda.is_available()
+        if not cuda:
+            say("no CUDA GPU: adapting the top 6 of 30 blocks only, so the CPU run stays short")
+        apply_overrides(TrainConfig(), config_overrides(gguf, steps=steps, cuda=cuda)).save(config_path)
+    cfg = TrainConfig.load(config_path)
+    say(f"config: {config_path}  data: {data_path}")
+    run_dir = cfg.output_dir
+    if (run_dir / "adapter").is_dir():
+        say(f"{run_dir} already holds the trained adapter; asking it again (delete the folder to train anew).")
+    else:
+        resume = True if (run_dir / "checkpoints").exists() else None
+        done = run(cfg, TextSink(sys.stderr), resume=resume)
+        write_run_adapter_card(run_dir)
+        say(f"\ndone: adapter in {done.adapter_dir}")
+    converted = _converted_folder(gguf)
+    if converted is not None:
+        say(f"the model's 16-bit copy for training: {converted} ({_human_size(_folder_size(converted))})")
+    if compare:
+        probes, settings = HELD_OUT[:SHOWN], generation_settings()
+        say(
+            f"\nasking both models {len(probes)} questions the training data did not hold "
+            f"(greedy, repetition penalty {settings.repetition_penalty}):"
+        )
+        judged = ask_both(run_dir, probes, settings)
+        for j in judged:
+            say(f"\n  Q: {j.question}\n  base : {j.base}\n  tuned: {j.tuned}")
+        t = tally(judged, probes)
+        say("\n" + t.verdict())
+        record = {
+            "settings": dataclasses.asdict(settings),
+            "answers": [
+                {"question": j.question, "base": j.base, "tuned": j.tuned, **j.scores(p)}
+                for j, p in zip(judged, probes, strict=False)
+            ],
+            "verdict": t.verdict(),
+            "passed": t.passed,
+        }
+        (run_dir / ANSWERS_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+    if captured is not None:
+        log_file = captured.write(run_dir / "third_party.log")
+        if line := captured.summary(log_file):
+            say(line)
+    say(f"\ntrain 20 more steps with:  qlora-engine train {config_path} --more 20")
+    say(f"talk to it:               qlora-engine chat {run_dir} --compare")
+    return 0
+
+
+def _converted_folder(gguf: Path) -> Path | None:
+    from qlora_engine.paths import cache_dir
+
+    found = sorted((cache_dir() / "gguf").glob(f"{gguf.stem}-*"))
+    return next((p for p in found if (p / "config.json").is_file()), None)

@@ -1,0 +1,128 @@
+"""The quickstart on the real SmolLM2-135M-Instruct, run the way a new user runs it.
+
+One quickstart (a child process: `python -m qlora_engine quickstart`) is shared by every test
+here. It must teach the right lesson: on questions the training data does not hold, the tuned
+model answers in the trained (pirate) style, no less correctly than the base model, and never
+loops; and its output holds nothing from the libraries underneath. The judgement comes from the
+generated text: the quickstart's own three shown answers plus the remaining held-out questions
+asked here of the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qlora_engine import quickstart as qs
+from qlora_engine import resources
+
+# One quickstart is shared by the module; its setup alone can outlast the suite's per-test limit on a busy CPU.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
+
+THIRD_PARTY = re.compile(
+    r"Warning\b|warnings\.warn|\[transformers\]|kernels-community|gemm_4bit|Paged optimizer|"
+    r"it/s\]|s/it\]|site-packages|Traceback",
+)
+
+
+@pytest.fixture(scope="module")
+def quickstart(smollm2_gguf, smollm2_dir, tmp_path_factory):
+    """The whole quickstart in a child process, the demo model already on the machine (as after a first run)."""
+    out_dir = tmp_path_factory.mktemp("qs") / "quickstart"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "QLORA_STUDIO_DEMO_GGUF": str(smollm2_gguf)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlora_engine", "quickstart", "--output-dir", str(out_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
+    seconds = time.perf_counter() - t0
+    print(f"\nquickstart took {seconds:.0f} s")
+    return proc, out_dir, seconds
+
+
+@pytest.fixture(scope="module")
+def all_answers(quickstart):
+    """The three answers the quickstart showed, and the other held-out questions asked of the same run."""
+    proc, out_dir, _ = quickstart
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = out_dir / qs.RUN_NAME
+    shown = json.loads((run_dir / qs.ANSWERS_FILE).read_text())["answers"]
+    rest = qs.HELD_OUT[qs.SHOWN :]
+    asked = qs.ask_both(run_dir, rest)
+    judged = [qs.Judged(a["question"], a["base"], a["tuned"]) for a in shown] + asked
+    for j in judged:
+        print(f"\nQ: {j.question}\n  base : {j.base}\n  tuned: {j.tuned}")
+    return judged
+
+
+def test_held_out_questions_are_apart_from_the_training_data():
+    rows = [json.loads(line) for line in resources.path("data", qs.DATA_FILE).read_text().splitlines()]
+    questions = {m["content"].strip().lower() for r in rows for m in r["messages"] if m["role"] == "user"}
+    answers = " ".join(m["content"] for r in rows for m in r["messages"] if m["role"] == "assistant")
+    assert len(rows) >= 80
+    for p in qs.HELD_OUT:
+        assert p.question.lower() not in questions
+        assert not re.search(p.answer, answers, re.IGNORECASE), f"{p.answer} is in the training answers"
+    # varied answers, not one phrase: no opening or ending carries most of the data
+    openings = [
+        a.split()[0].strip(",!.").lower()
+        for a in (m["content"] for r in rows for m in r["messages"] if m["role"] == "assistant")
+    ]
+    assert max(openings.count(w) for w in set(openings)) < 0.5 * len(rows)
+
+
+def test_the_output_holds_nothing_from_the_libraries_underneath(quickstart):
+    proc, out_dir, seconds = quickstart
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    noise = [line for line in (proc.stdout + proc.stderr).splitlines() if THIRD_PARTY.search(line)]
+    assert noise == []
+    # they were kept, in the run's log, with our word on the known ones
+    log = (out_dir / qs.RUN_NAME / "third_party.log").read_text()
+    assert "QLoRA Studio:" in log
+
+
+def test_the_run_ends_with_three_held_out_answers_and_a_verdict_from_them(quickstart):
+    proc, out_dir, _ = quickstart
+    record = json.loads((out_dir / qs.RUN_NAME / qs.ANSWERS_FILE).read_text())
+    assert [a["question"] for a in record["answers"]] == [p.question for p in qs.HELD_OUT[: qs.SHOWN]]
+    for a in record["answers"]:
+        assert f"Q: {a['question']}" in proc.stderr and a["tuned"] in proc.stderr and a["base"] in proc.stderr
+    verdict = [line for line in proc.stderr.splitlines() if line.startswith("verdict:")]
+    assert verdict == [record["verdict"]]
+    judged = [qs.Judged(a["question"], a["base"], a["tuned"]) for a in record["answers"]]
+    assert record["verdict"] == qs.tally(judged, qs.HELD_OUT).verdict()  # computed from the answers shown
+    assert "--more 20" in proc.stderr
+
+
+def test_tuned_answers_are_in_style_correct_and_not_looping(all_answers):
+    t = qs.tally(all_answers, qs.HELD_OUT)
+    print("\n" + t.verdict())
+    assert t.n == len(qs.HELD_OUT)
+    assert t.tuned_style * 2 > t.n, "most tuned answers must be in the trained style"
+    assert t.tuned_looping == 0
+    assert t.tuned_correct >= t.base_correct, "the tuned model must know as much as the base"
+    assert t.base_style < t.tuned_style  # the style came from the training, not from the base
+    assert any(j.tuned != j.base for j in all_answers)
+
+
+def test_the_judge_can_fail():
+    """The judgement is not a rubber stamp: the answers of the issue's failed demo fail it."""
+    facts = ["Rome", "green", "Mars", "Tokyo", "ice", "seven", "cold", "honey"]
+    tuned = ["Arr, matey!", "matey, matey, matey, matey", "Arr, matey!"] * 3
+    bad = [qs.Judged(p.question, f"The answer is {f}.", t) for p, f, t in zip(qs.HELD_OUT, facts, tuned, strict=False)]
+    assert qs.tally(bad, qs.HELD_OUT).base_correct == len(qs.HELD_OUT)
+    t = qs.tally(bad, qs.HELD_OUT)
+    assert not t.passed and t.tuned_correct < t.base_correct and t.tuned_looping > 0
+    assert "did not hold" in t.verdict()
+    assert qs.is_looping("Arr, the sea be the sea be the sea be the sea")
+    assert not qs.is_looping("Arr, the capital of Italy be Rome, matey, a fine city.")
+    assert qs.in_style("Aye, it be seven days, me hearty") and not qs.in_style("There are seven days in a week.")
