@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -27,9 +28,10 @@ from typing import Any
 
 from qlora_engine.config import TrainConfig
 from qlora_engine.decisions import ResumeBlocker
-from qlora_engine.errors import DiskFullError, ResumeError, RunLockedError, WriteError
+from qlora_engine.errors import DiskFullError, Problem, ResumeError, RunLockedError, WriteError
 from qlora_engine.paths import pid_alive as _pid_alive
 from qlora_engine.paths import sweep_interrupted
+from qlora_engine.scrub import scrub, scrub_tree
 
 MARKER = "qlora_checkpoint.json"
 STATE = "trainer_state.json"
@@ -78,7 +80,6 @@ def write_atomic_folder(
     failure and the newest sibling of the same kind). A folder that cannot be written
     (read-only, no permission) raises :class:`WriteError`.
     """
-    from qlora_engine.scrub import scrub_tree
 
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     written = 0
@@ -133,7 +134,7 @@ _LOST_ERRNO = ("unexpected pos", "file write failed", "iostream error")
 def save_torch(obj: Any, path: Path) -> None:
     """``torch.save`` through a Python file object, so a full disk keeps its OSError (as the cause
     of torch's RuntimeError) instead of only "unexpected pos" text."""
-    import torch
+    import torch  # lazy: the app's GUI process imports this module (checkpoint lists) and must not import torch
 
     with open(path, "wb") as fh:
         torch.save(obj, fh)
@@ -142,7 +143,7 @@ def save_torch(obj: Any, path: Path) -> None:
 def _limits_errno(where: Path | None) -> int | None:
     """Which limit a write whose errno was lost most likely hit: a file-size limit, or a full disk."""
     try:
-        import resource  # POSIX only
+        import resource  # lazy: POSIX only (Windows has no resource module)
     except ImportError:
         resource = None  # type: ignore[assignment]
     if resource is not None and resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
@@ -392,9 +393,8 @@ def torch_load_own(folder: Path, name: str) -> Any:
             file=folder / name,
             checkpoint=folder,
         )
-    import pickle
 
-    import torch  # here, not at the top: the app reads checkpoint folders without needing torch
+    import torch  # lazy: the app's GUI process imports this module (checkpoint lists) and must not import torch
 
     try:
         return torch.load(folder / name, map_location="cpu", weights_only=True)
@@ -412,9 +412,7 @@ def torch_load_own(folder: Path, name: str) -> Any:
 
 def tensors_fingerprint(tensors: dict[str, Any]) -> str:
     """A short hash of named tensors (names, dtypes, shapes and bytes): equal only for equal weights."""
-    import hashlib
-
-    import torch
+    import torch  # lazy: the app's GUI process imports this module (checkpoint lists) and must not import torch
 
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -428,7 +426,7 @@ def tensors_fingerprint(tensors: dict[str, Any]) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    import torch
+    import torch  # lazy: the app's GUI process imports this module (checkpoint lists) and must not import torch
 
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -437,7 +435,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import torch
+    import torch  # lazy: the app's GUI process imports this module (checkpoint lists) and must not import torch
 
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -508,7 +506,6 @@ def setup_identity(c: TrainConfig) -> dict[str, Any]:
     The optimizer is part of it: another optimizer cannot take the saved state (and an 8-bit
     state read as 32-bit would be garbage). The model reference is kept scrubbed of tokens.
     """
-    from qlora_engine.scrub import scrub
 
     return {
         "model.ref": scrub(c.model.ref),
@@ -542,7 +539,6 @@ def check_resume(folder: Path, cfg: TrainConfig, *, force: bool = False) -> dict
 
 
 def changed_setup(folder: Path, changes: list[ResumeBlocker]) -> ResumeError:
-    from qlora_engine.errors import Problem
 
     first = changes[0]
     return ResumeError(

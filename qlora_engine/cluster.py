@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from qlora_engine.config import TrainConfig
 from qlora_engine.errors import ConfigError
 
 SHUTDOWN_TIMEOUT_S = 600
@@ -85,7 +86,7 @@ def check_gpus(nproc: int, visible: str | None, device: str) -> None:
     """Refuse, before anything starts, a count of GPUs this machine does not have."""
     if device == "cpu":
         return  # train.device cpu: N CPU processes over gloo, to try the setup without GPUs
-    import torch
+    import torch  # lazy: the CLI imports this module at start-up; torch only to count the GPUs
 
     if visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible  # counted as the workers will see them
@@ -105,8 +106,6 @@ def check_gpus(nproc: int, visible: str | None, device: str) -> None:
 
 def launch_local(args: argparse.Namespace) -> int:
     """``train --gpus``: run the config under torchrun on this machine; torchrun's exit status."""
-    from qlora_engine.config import TrainConfig
-
     nproc, visible = parse_gpus(args.gpus)
     cfg = TrainConfig.load(args.config, args.overrides)
     check_gpus(nproc, visible, cfg.train.device)
@@ -199,8 +198,6 @@ def slurm_script(
     first node. SLURM's warning signal (``--signal``) reaches torchrun, which passes it on: the
     run stops after a step, saves, and the same script resumes it when the job is started again.
     """
-    from qlora_engine.config import TrainConfig
-
     config = Path(config).resolve()
     cfg = TrainConfig.load(config)
     run_dir = cfg.output_dir.resolve()

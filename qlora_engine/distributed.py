@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from qlora_engine.control import RunControl
 from qlora_engine.errors import DistributedError
@@ -209,8 +210,6 @@ class World:
     def wrap(self, model: torch.nn.Module, *, decoder_layers: list[torch.nn.Module] | None = None) -> torch.nn.Module:
         """The module the step calls: DDP around the model, FSDP2 sharding it in place, or the model itself."""
         if self.strategy == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
             # Only the LoRA weights are trained: DDP neither broadcasts nor watches the frozen
             # 4-bit base (identical on every process, loaded from the same files).
             model._ddp_params_and_buffers_to_ignore = [
@@ -219,6 +218,7 @@ class World:
             ids = [self.local_rank] if next(iter(model.parameters())).is_cuda else None
             return DistributedDataParallel(model, device_ids=ids)
         if self.strategy == "fsdp":
+            # lazy: FSDP runs only; sharding loads torch's FSDP and DTensor modules
             from qlora_engine.sharding import shard_model
 
             return shard_model(model, decoder_layers or [])
@@ -281,6 +281,7 @@ class World:
     def adapter_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The trainable (LoRA) weights by their names in the model, whole (FSDP gathers them to rank 0)."""
         if self.strategy == "fsdp":
+            # lazy: FSDP runs only; sharding loads torch's FSDP and DTensor modules
             from qlora_engine.sharding import full_adapter_state
 
             return full_adapter_state(model, self.is_main)
@@ -289,6 +290,7 @@ class World:
     def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The optimizer's state as one process would hold it (so N processes resume under M)."""
         if self.strategy == "fsdp":
+            # lazy: FSDP runs only; sharding loads torch's FSDP and DTensor modules
             from qlora_engine.sharding import full_optimizer_state
 
             return full_optimizer_state(model, optimizer)
@@ -298,6 +300,7 @@ class World:
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
     ) -> None:
         if self.strategy == "fsdp":
+            # lazy: FSDP runs only; sharding loads torch's FSDP and DTensor modules
             from qlora_engine.sharding import load_full_optimizer_state
 
             load_full_optimizer_state(model, optimizer, state)

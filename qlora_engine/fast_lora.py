@@ -112,10 +112,11 @@ def dequantize(weight: Any) -> torch.Tensor:
     dequantization runs, called straight on CUDA (no op dispatch, no per-call checks); its public path elsewhere."""
     qs = weight.quant_state
     if weight.device.type != "cuda":
+        # lazy: bitsandbytes costs seconds to import; the app imports this module (through train) for resume_blockers
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(weight, qs)
-    from bitsandbytes.backends.cuda import ops
+    from bitsandbytes.backends.cuda import ops  # lazy: bitsandbytes' CUDA backend, for the CUDA path only
 
     absmax = qs.absmax
     if qs.nested:
@@ -204,6 +205,7 @@ def _fast_forward(module: Any, original: Any, *, lora_first: bool) -> Any:
 
 def enable(model: torch.nn.Module) -> tuple[int, dict[str, int]]:
     """Give every eligible 4-bit LoRA layer the fast forward; returns (fast, {reason: count} of the rest)."""
+    # lazy: transformers.modeling_layers loads its whole modeling stack (seconds); only training needs it
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     last = set()  # the last LoRA layer of each decoder block: its LoRA half runs first

@@ -94,6 +94,7 @@ def _nvml() -> Any | None:
         if _state["error"] is not None:
             return None
         try:
+            # lazy: absent without the nvidia-ml-py package (ImportError below); the app imports this module at start-up
             import pynvml
         except ImportError:
             _state["error"] = "no NVIDIA GPU: the nvidia-ml-py package is not installed"

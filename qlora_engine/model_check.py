@@ -23,9 +23,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 from typing import Any
+
+import torch
+from transformers import AutoConfig
 
 from qlora_engine.errors import ModelError, Problem
 
@@ -110,7 +114,7 @@ def safetensors_names(path: Path) -> tuple[set[str], Problem | None]:
 
 def _expected_groups(config: Any, trust_remote_code: bool) -> tuple[list[list[str]], str]:
     """The architecture's persistent tensors, grouped by tied aliases (built on the meta device)."""
-    import torch
+    # lazy: the auto model classes cost seconds; only this tensor comparison builds a model
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -128,7 +132,6 @@ def _expected_groups(config: Any, trust_remote_code: bool) -> tuple[list[list[st
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
-    import re
 
     return any(re.search(p, name) for p in patterns)
 
@@ -190,8 +193,6 @@ def folder_problems(folder: Path, *, config: Any = None, trust_remote_code: bool
     if problems or damaged or not weight_files:
         return problems  # the tensor comparison needs a readable config and whole weight files
     if config is None:
-        from transformers import AutoConfig
-
         try:
             config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         except Exception:  # the caller reports an unreadable config its own way

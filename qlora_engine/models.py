@@ -17,11 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig
 
+from qlora_engine.checkpoint import disk_errno, disk_full, tree_bytes
 from qlora_engine.config import LORA_PRESETS, LoraSettings, TrainConfig, parse_layers
 from qlora_engine.errors import ConfigError, ModelError, QLoRAError
+from qlora_engine.events import PhaseChanged
 from qlora_engine.model_check import check_model_folder, folder_problems
+from qlora_engine.offload import offloaded_checkpoint
 from qlora_engine.paths import cache_dir
+from qlora_engine.scrub import is_masked, ref_tokens, remember
 
 SAFE_WEIGHTS = (".safetensors",)
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -82,8 +89,6 @@ _HUB_URL = re.compile(
 def hub_reference(ref: str) -> tuple[str, str | None]:
     """A hub model URL (``https://[user:TOKEN@]huggingface.co/org/name[?token=TOKEN]``) as its repo id
     and the token inside it; any other reference unchanged, with no token."""
-    from qlora_engine.scrub import ref_tokens
-
     m = _HUB_URL.match(ref.strip())
     if not m:
         return ref, None
@@ -99,8 +104,6 @@ def resolve_model(
     With ``weights=False`` only config and tokenizer files are fetched (``inspect-model``).
     ``token``: a hub token (``model.token``); a hub URL may carry one too (:func:`hub_reference`).
     """
-    from qlora_engine.scrub import is_masked, remember
-
     if not ref or not ref.strip():
         raise ConfigError("no model chosen; set a local folder, a .gguf file or a hub id.", field="model.ref")
     ref, ref_token = hub_reference(ref)
@@ -131,7 +134,6 @@ def resolve_model(
 
 
 def _download(repo_id: str, *, revision: str | None, weights: bool, token: str | None = None) -> Path:
-    from huggingface_hub import snapshot_download
 
     patterns = HUB_FILES if weights else [p for p in HUB_FILES if p != "*.safetensors"]
     try:
@@ -158,11 +160,10 @@ def gguf_to_folder(path: Path, *, sink: Any = None) -> Path:
     target = cache_dir() / "gguf" / f"{path.stem}-{_gguf_cache_key(path)}"
     if (target / "config.json").is_file():
         return target
+    # lazy: transformers' auto model classes cost seconds; the budget imports this module only to read a config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if sink is not None:
-        from qlora_engine.events import PhaseChanged
-
         sink.emit(PhaseChanged(phase="converting", detail=f"dequantizing {path.name} once (cached afterwards)"))
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -183,8 +184,6 @@ def gguf_to_folder(path: Path, *, sink: Any = None) -> Path:
     except FileExistsError:  # another process converted it first
         shutil.rmtree(tmp, ignore_errors=True)
     except Exception as e:
-        from qlora_engine.checkpoint import disk_errno, disk_full, tree_bytes
-
         code, written = disk_errno(e, target.parent), tree_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if code is not None:  # a full cache disk is not a bad GGUF file
@@ -224,8 +223,6 @@ class ModelInfo:
 
 def read_model_config(ref: str, *, trust_remote_code: bool = False, revision: str | None = None):
     """The transformers config of a model reference; reads no weights."""
-    from transformers import AutoConfig
-
     path = Path(ref).expanduser()
     try:
         if is_gguf(ref):
@@ -257,6 +254,7 @@ def remote_code_error(ref: str) -> ModelError:
 
 def _module_names(config: Any, trust_remote_code: bool) -> tuple[str, int, list[str], list[str], list[str], int]:
     """Build the model on the meta device (no memory, no weights) to list its linear layers."""
+    # lazy: transformers' auto model classes cost seconds; the budget imports this module only to read a config
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -358,6 +356,7 @@ def inspect_model(ref: str, *, trust_remote_code: bool = False, revision: str | 
 
 def _gguf_has_chat_template(path: Path) -> bool:
     try:
+        # lazy: only .gguf references need it, and a broken gguf install must only lose the template check (except below)
         from gguf import GGUFReader
 
         return "tokenizer.chat_template" in GGUFReader(str(path)).fields
@@ -387,6 +386,7 @@ def pick_compute_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(folder: str | Path, *, trust_remote_code: bool = False):
+    # lazy: transformers' auto model classes cost seconds; the budget imports this module only to read a config
     from transformers import AutoTokenizer
 
     try:
@@ -414,6 +414,7 @@ def load_quantized_model(
     ``storage``: the dtype the packed 4-bit weights are stored in (``bnb_4bit_quant_storage``):
     bytes, or the compute dtype for FSDP, which shards tensors of one dtype; the bits are the same.
     """
+    # lazy: transformers' auto model classes cost seconds; the budget imports this module only to read a config
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     qcfg = BitsAndBytesConfig(
@@ -455,6 +456,7 @@ def apply_fused_kernels(model: torch.nn.Module, choice: str, device: torch.devic
         return "none"
     model_type = getattr(model.config, "model_type", "")
     try:
+        # lazy: optional package (liger-kernel, the `gpu` extra), absent on CPU machines
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
     except ImportError as e:
         if choice == "liger":
@@ -495,6 +497,7 @@ def resolve_target_modules(lora: LoraSettings, linear: list[str], attn: list[str
 
 def linear_module_names(model: torch.nn.Module) -> tuple[list[str], list[str], list[str]]:
     """Short names of the linear layers inside the decoder blocks (4-bit ones included), by role."""
+    # lazy: bitsandbytes costs seconds to import; inspect-model and the budget import this module without needing it
     import bitsandbytes as bnb
 
     out_emb = model.get_output_embeddings()
@@ -515,6 +518,7 @@ def linear_module_names(model: torch.nn.Module) -> tuple[list[str], list[str], l
 
 def wrap_with_lora(model: torch.nn.Module, cfg: TrainConfig):
     """Add trainable LoRA adapters (peft). No fp32 upcast of the frozen weights: see the module docstring."""
+    # lazy: peft costs seconds to import; only training wraps the model, inspect-model and the budget do not
     from peft import LoraConfig, get_peft_model
 
     lora = cfg.lora
@@ -537,7 +541,8 @@ def wrap_with_lora(model: torch.nn.Module, cfg: TrainConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    from qlora_engine import varlen  # packed rows on a GPU: attention per sample, without a mask (training only)
+    # lazy: varlen imports transformers' masking/attention modules (the modeling stack); training only
+    from qlora_engine import varlen  # packed rows on a GPU: attention per sample, without a mask
 
     varlen.use_for(model, cfg.data.packing, next(model.parameters()).device)
     return get_peft_model(model, peft_cfg)
@@ -563,6 +568,7 @@ def enable_gradient_checkpointing(model: torch.nn.Module, layers: int | None = N
     enable(**{key: {"use_reentrant": False}})
     # transformers turns input gradients on itself when it enables checkpointing; take them off.
     model.disable_input_require_grads()
+    # lazy: transformers.modeling_layers loads its whole modeling stack (seconds); only training needs it
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -580,8 +586,6 @@ def enable_gradient_checkpointing(model: torch.nn.Module, layers: int | None = N
             field="train.offload_activations",
         )
     if offload:
-        from qlora_engine.offload import offloaded_checkpoint
-
         for block in blocks:  # the function transformers' layers call when their flag is on
             block._gradient_checkpointing_func = offloaded_checkpoint
     return keep
@@ -597,7 +601,7 @@ def tile_mlps(model: torch.nn.Module, chunk: int) -> int:
     the same distribution, other draws). Without gradients (evaluation, generation) the MLP
     runs whole. Returns how many MLPs were tiled.
     """
-    from torch.utils.checkpoint import checkpoint
+    # lazy: transformers.modeling_layers loads its whole modeling stack (seconds); only training needs it
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     def tiled(inner: Any) -> Any:
@@ -620,6 +624,7 @@ def tile_mlps(model: torch.nn.Module, chunk: int) -> int:
 
 
 def model_facts(model: torch.nn.Module) -> dict[str, Any]:
+    # lazy: bitsandbytes costs seconds to import; inspect-model and the budget import this module without needing it
     import bitsandbytes as bnb
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -34,6 +34,7 @@ MIN_8BIT_SIZE = 4096  # bitsandbytes' default min_8bit_size: smaller tensors kee
 
 
 def _classes() -> dict[str, Any]:
+    # lazy: bitsandbytes costs seconds to import; the app imports this module (through train) for resume_blockers
     import bitsandbytes as bnb
 
     return {
@@ -215,6 +216,7 @@ def _split(whole: dict[str, Any], g: FlatGroup, p: torch.nn.Parameter, o: int) -
 def zero_codes(device: torch.device) -> dict[str, int]:
     """The codes bitsandbytes' 8-bit AdamW writes into ``state1``/``state2`` for elements whose state is 0.0
     (they differ between its CPU and CUDA kernels), read off one update of a 512-element tensor."""
+    # lazy: bitsandbytes costs seconds to import; the app imports this module (through train) for resume_blockers
     import bitsandbytes as bnb
 
     p = torch.nn.Parameter(torch.zeros(512, device=device))

@@ -29,7 +29,7 @@ def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     if os.name == "nt":  # os.kill(pid, 0) would send Ctrl+C there: ask the process table instead
-        import ctypes
+        import ctypes  # lazy: Windows only, and the app imports this module at start-up
 
         kernel32 = ctypes.windll.kernel32
         handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION

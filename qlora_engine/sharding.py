@@ -18,12 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 
 def shard_model(model: torch.nn.Module, layers: list[torch.nn.Module]) -> torch.nn.Module:
     """Shard ``model`` in place over the default process group: each of ``layers`` a unit, then the rest."""
-    from torch.distributed.fsdp import fully_shard
-
     for layer in layers:
         fully_shard(layer, reshard_after_forward=True)
     fully_shard(model, reshard_after_forward=True)
@@ -31,15 +32,12 @@ def shard_model(model: torch.nn.Module, layers: list[torch.nn.Module]) -> torch.
 
 
 def _options(**kw: Any) -> Any:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 
 def full_adapter_state(model: torch.nn.Module, is_main: bool) -> dict[str, torch.Tensor]:
     """The LoRA weights, whole, on rank 0 (empty elsewhere): every process must call it."""
-    from torch.distributed.tensor import DTensor
-
     out = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -55,8 +53,6 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
     That is the layout one process and DDP write, so the checkpoint resumes with any strategy.
     """
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
     named = get_optimizer_state_dict(model, optimizer, options=_options())
     if "param_groups" not in named:  # ranks other than 0 receive nothing (cpu_offload gathers to rank 0)
         return {}
@@ -72,8 +68,6 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load a whole optimizer state (any strategy wrote it) into a sharded optimizer."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
     # The optimizer was built on the trainable parameters in this order (qlora_engine.train).
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     groups, start = [], 0

@@ -33,6 +33,7 @@ from typing import Any
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from qlora_engine import checkpoint as ckpt
 from qlora_engine import fast_lora, models
@@ -253,8 +254,8 @@ class Trainer:
 
     def _load_adapter_weights(self, folder: Path) -> None:
         """A checkpoint's adapter weights into the model, after checking it belongs to this setup."""
+        # lazy: peft costs seconds to import; the app imports this module for resume_blockers
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
         state = ckpt.load_state(folder)  # every file checked against the manifest first
         changes = ckpt.identity_changes(state.get("identity", {}), self._identity())
@@ -517,6 +518,7 @@ class Trainer:
         """Several processes: every one must hold the same adapter; rank 0 logs their fingerprints."""
         if self.world.size == 1:
             return
+        # lazy: peft costs seconds to import; the app imports this module for resume_blockers
         from peft import get_peft_model_state_dict
 
         ddp = self.world.strategy == "ddp"

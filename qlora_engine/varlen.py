@@ -21,6 +21,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 NAME = "qlora_varlen"
 VARLEN = True
@@ -73,8 +76,6 @@ def attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: q, k, v are batch x heads x tokens x dim; returns batch x tokens x heads x dim."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     position_ids = kwargs.get("position_ids")
     same_length = query.shape[2] == key.shape[2]
     if (
@@ -99,6 +100,7 @@ def attention_forward(
     out = None
     if q.is_cuda:
         try:
+            # lazy: only newer torch builds have it (ImportError below)
             from torch.nn.attention.varlen import varlen_attn
         except ImportError:
             varlen_attn = None
@@ -115,15 +117,11 @@ def attention_forward(
 
 def _no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
     """The mask transformers builds for this attention: only padding, as for flash attention (packed rows: none)."""
-    from transformers.masking_utils import flash_attention_mask
-
     return flash_attention_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
 def register() -> str:
     """Make ``qlora_varlen`` an attention implementation transformers knows; returns its name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, _no_mask)

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from qlora_engine import budget
+from qlora_engine.budget.allocator import CALIBRATION
 from qlora_engine.config import TrainConfig
 from qlora_engine.data import PreparedData
 
@@ -17,7 +19,6 @@ def usable_vram(device: torch.device) -> int | None:
     counts and ``mem_get_info`` already took off); None on the CPU."""
     if device.type != "cuda":
         return None
-    from qlora_engine.budget.allocator import CALIBRATION
 
     index = torch.cuda.current_device() if device.index is None else device.index
     free, total = torch.cuda.mem_get_info(index)
@@ -36,8 +37,6 @@ def oom_fixes(cfg: TrainConfig, data: PreparedData | None, card_bytes: int | Non
     the fixed CUDA context.
     """
     try:
-        from qlora_engine import budget
-
         stats = data.token_stats if data is not None else None
         est = budget.estimate(cfg, data_stats=stats)
         fixed = est.components.get("cuda_context", 0)

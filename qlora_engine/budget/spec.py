@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from qlora_engine.errors import ConfigError, ModelError
 
 # Families whose decoder block is Llama's (RMSNorm -> attention -> RMSNorm -> gated MLP), with
 # the differences that matter for memory. Keys are config.json's ``model_type``.
@@ -135,6 +138,7 @@ def _with_defaults(d: dict[str, Any]) -> dict[str, Any]:
     if not model_type:
         return d
     try:
+        # lazy: the budget is imported at the CLI's start-up and by the app, without transformers
         from transformers import CONFIG_MAPPING
 
         cls = CONFIG_MAPPING[model_type]
@@ -323,10 +327,6 @@ def spec_from_ref(ref: str, *, revision: str | None = None, trust_remote_code: b
     A local folder's ``config.json`` is read directly, so an architecture transformers does
     not know still gives an (approximate) estimate. Cached on the file's modification time.
     """
-    from pathlib import Path
-
-    from qlora_engine.errors import ConfigError, ModelError
-
     if not ref or not ref.strip():
         raise ConfigError("model.ref: no model chosen; set a local folder, a .gguf file or a hub id.")
     path = Path(ref).expanduser()
@@ -347,6 +347,7 @@ def spec_from_ref(ref: str, *, revision: str | None = None, trust_remote_code: b
     hit = _CACHE.get(key)
     if hit is not None:
         return hit
+    # lazy: models imports torch; the budget stays torch-free (CLI start-up, the app)
     from qlora_engine.models import read_model_config
 
     config = read_model_config(ref, trust_remote_code=trust_remote_code, revision=revision)

@@ -84,7 +84,7 @@ def extract(archive: Path) -> Path:
     Raises:
         DataError: a member is unsafe (named), the archive is unreadable, encrypted or too large.
     """
-    from qlora_engine.paths import cache_dir
+    from qlora_engine.paths import cache_dir  # lazy: platformdirs; data is on the CLI's start-up
 
     digest = _sha256(archive)
     cache = cache_dir()
@@ -367,7 +367,7 @@ def _publish(tmp: Path, dest: Path, digest: str) -> None:
 
 def _remove_leftovers(root: Path) -> None:
     """Partial extractions of processes that died (``.<digest>.<pid>.<ns>.partial``)."""
-    from qlora_engine.checkpoint import _pid_alive
+    from qlora_engine.paths import pid_alive  # lazy: platformdirs; data is on the CLI's start-up
 
     for partial in root.glob(".*.partial"):
         try:
@@ -375,7 +375,7 @@ def _remove_leftovers(root: Path) -> None:
             age = time.time() - partial.stat().st_mtime
         except (IndexError, ValueError, OSError):
             continue
-        if age > STALE_AFTER_S or (pid != os.getpid() and not _pid_alive(pid)):
+        if age > STALE_AFTER_S or (pid != os.getpid() and not pid_alive(pid)):
             shutil.rmtree(partial, ignore_errors=True)
 
 

@@ -108,6 +108,7 @@ class Encoder:
         converting message objects, which ours (plain dicts of strings) never need. It is used
         only after it has rendered a real conversation exactly as ``apply_chat_template`` does."""
         try:
+            # lazy: transformers costs seconds and qlora_engine.data is imported at the CLI's start-up
             from transformers.utils.chat_template_utils import _compile_jinja_template
 
             compiled = _compile_jinja_template(self.template)

@@ -13,6 +13,7 @@ reasons and shows the first few places for each.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -207,8 +208,6 @@ def _text(row: dict[str, Any], key: str, *, required: bool = True) -> str:
 def _maybe_json_list(value: Any) -> Any:
     """CSV cells hold lists as JSON text; read them back."""
     if isinstance(value, str) and value.lstrip().startswith("["):
-        import json
-
         try:
             return json.loads(value)
         except (ValueError, RecursionError):

@@ -20,8 +20,9 @@ from qlora_engine.data.encode import Encoded, Encoder, resolve_template
 from qlora_engine.data.formats import preview
 from qlora_engine.data.pipeline import RowReader, open_configured, tokenize_rows
 from qlora_engine.data.store import token_stats
-from qlora_engine.errors import ModelError
+from qlora_engine.errors import DataError, ModelError
 from qlora_engine.events import EventSink, NullSink
+from qlora_engine.scrub import scrub_data
 
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
 MAX_LENGTHS_LISTED = 100_000  # per-sample lengths returned for a histogram: plenty for its shape, small as JSON
@@ -43,9 +44,11 @@ def _config(path_or_cfg: str | Path | TrainConfig, overrides: dict[str, Any]) ->
 
 def load_tokenizer_for(ref: str, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
     """A tokenizer from a model reference (folder, hub id, .gguf), without loading or converting weights."""
+    # lazy: models imports transformers; qlora_engine.data is imported at the CLI's start-up
     from qlora_engine import models
 
     if models.is_gguf(ref):
+        # lazy: transformers costs seconds and qlora_engine.data is imported at the CLI's start-up
         from transformers import AutoTokenizer
 
         path = Path(ref).expanduser()
@@ -235,7 +238,6 @@ def add_cli(sub: Any) -> None:
 
 
 def inspect_data_main(args: argparse.Namespace) -> int:
-    from qlora_engine.errors import DataError
 
     target: str | TrainConfig = args.path
     model = args.model
@@ -265,8 +267,6 @@ def inspect_data_main(args: argparse.Namespace) -> int:
         max_rows=args.max_rows,
     )
     if args.json:
-        from qlora_engine.scrub import scrub_data
-
         print(json.dumps(scrub_data(result), indent=2, ensure_ascii=False, default=str))  # scrubbed like files
     else:
         print_human(result, sys.stdout)

@@ -418,8 +418,9 @@ def _has_surrogates(s: str) -> bool:
 
 
 def _parquet_rows(src: Source) -> Iterator[Row]:
+    # lazy: pyarrow is slow to import and only parquet files need it; qlora_engine.data is imported at the CLI's start-up
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: with pyarrow, above
 
     assert src.path is not None
     try:
@@ -497,7 +498,7 @@ def _open_saved(path: Path, split: str, label: str | None = None) -> Source:
             hint=f"Point data.path at a data file inside it. Accepted inputs: {ACCEPTED_FILES}.",
             file=label,
         )
-    import datasets
+    import datasets  # lazy: `datasets` costs seconds to import; only hub datasets need it
 
     try:
         ds = datasets.load_from_disk(str(path))
@@ -508,7 +509,7 @@ def _open_saved(path: Path, split: str, label: str | None = None) -> Source:
 
 
 def _open_hub(spec: str, subset: str | None, split: str) -> Source:
-    import datasets
+    import datasets  # lazy: `datasets` costs seconds to import; only hub datasets need it
 
     offline = any(
         os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -527,7 +528,7 @@ def _open_hub(spec: str, subset: str | None, split: str) -> Source:
 
 
 def _pick_split(ds: Any, split: str, label: str) -> Any:
-    import datasets
+    import datasets  # lazy: `datasets` costs seconds to import; only hub datasets need it
 
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
