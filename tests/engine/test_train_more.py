@@ -14,7 +14,7 @@ import pytest
 
 from qlora_engine.events import CheckpointSaved, ListSink, LogLine, RunFinished, StepMetrics, from_json
 from qlora_engine.optim import lr_factor, warmup_for
-from qlora_engine.train import run
+from qlora_engine.runner import run
 
 PEAK = 1e-2
 
