@@ -403,7 +403,9 @@ class Trainer:
                 micro_loss = self.net(**b, use_cache=False, num_items_in_batch=n_items).loss
                 # DDP and FSDP average gradients over processes; the loss is already a share of
                 # the global sum, so the scale (the process count) makes theirs a sum.
-                (micro_loss * self.world.grad_scale).backward()
+                # One process: no scale at all (a multiply would add a scalar to the backward's peak).
+                scale = self.world.grad_scale
+                (micro_loss if scale == 1 else micro_loss * scale).backward()
             loss_sum += micro_loss.detach()
         return loss_sum
 
