@@ -75,8 +75,12 @@ def torchrun_args(
 def train_args(args: argparse.Namespace) -> list[str]:
     """The ``train`` command line every worker runs (the launcher's own, less ``--gpus``)."""
     out = ["train", str(args.config), *args.overrides, "--events", args.events, "--control-stdin"]
-    if args.resume is not None:
-        out += ["--resume"] if args.resume == "latest" else ["--resume", args.resume]
+    if args.resume:
+        out.append("--resume")
+    if args.resume_from:
+        out += ["--resume-from", str(args.resume_from)]
+    if args.more is not None:
+        out += ["--more", str(args.more)]
     if args.force_resume:
         out.append("--force-resume")
     return (["--debug"] if getattr(args, "debug", False) else []) + out

@@ -254,15 +254,8 @@ def check_output_dir(cfg: Any) -> Path:
 def run_warnings(cfg: Any, total_steps: int, n_train: int) -> list[Problem]:
     """Settings that are legal but cannot do what they say for this data (each names its field)."""
     out = []
-    if cfg.optim.warmup_steps >= total_steps and cfg.optim.warmup_steps > 0:
-        out.append(
-            Problem(
-                f"{cfg.optim.warmup_steps} warmup steps but the run has {total_steps}: the learning rate "
-                f"never reaches optim.learning_rate ({cfg.optim.learning_rate:g}).",
-                field="optim.warmup_steps",
-                fix=f"Use fewer warmup steps than {total_steps} (about a tenth of the run is usual).",
-            )
-        )
+    # A warmup as long as the run is not warned of here: the optimizer scales it to a tenth of the
+    # run and says so, naming optim.warmup_steps (qlora_engine.optim.warmup_for).
     per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps
     if per_step > n_train > 0:
         out.append(

@@ -6,7 +6,6 @@ peft in a fresh Python process, the merged folder through plain transformers.
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_export_support import PROBE, trained_chat_run  # noqa: E402
 
 from qlora_engine.config import TrainConfig, apply_overrides
-from qlora_engine.errors import DiskFullError, ModelError
+from qlora_engine.errors import ModelError
 from qlora_engine.events import ListSink, LogLine, PhaseChanged, read_events
 from qlora_engine.export import ExportCancelled, ExportError, export, load_run
 from qlora_engine.export.card import hyperparameter_rows
@@ -212,28 +211,6 @@ def test_exports_never_overwrite_unless_told_and_write_atomically(chat_run, tmp_
         with pytest.raises(ExportError, match="run being exported"):
             export(chat_run, "adapter", bad, overwrite=True)
     assert (chat_run / "adapter" / "adapter_model.safetensors").is_file()
-
-
-def test_disk_full_during_an_export_keeps_the_previous_export(chat_run, tmp_path, monkeypatch):
-    out = tmp_path / "adapter"
-    export(chat_run, "adapter", out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_write_text = Path.write_text
-
-    def write_text(self, *args, **kwargs):
-        if self.name == "README.md":  # the model card, written after the weights
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write_text(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "write_text", write_text)
-    with pytest.raises(DiskFullError, match=r"disk is full.*is unchanged") as info:
-        export(chat_run, "adapter", out, overwrite=True)
-    assert "Free space" in info.value.hint
-    with pytest.raises(DiskFullError, match="nothing was written"):
-        export(chat_run, "merged", tmp_path / "merged")
-    monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert not (tmp_path / "merged").exists() and no_temp_leftovers(out)
 
 
 def test_sources_run_adapter_checkpoint_and_exported_adapter(chat_run, tmp_path):

@@ -75,29 +75,36 @@ def tensor_types(path: Path) -> set[str]:
     return {t.tensor_type.name for t in GGUFReader(path).tensors}
 
 
+def export_name(folder) -> str:
+    """The export's name: what its LoRA file is called, less the suffix."""
+    (lora,) = folder.glob("*-lora.gguf")
+    return lora.name.removesuffix("-lora.gguf")
+
+
 def test_the_files_are_real_k_quants(kquant_export):
     from gguf import GGUFReader, LlamaFileType
 
     files = sorted(p.name for p in kquant_export.iterdir())
-    assert files == ["Modelfile", "README.md", "config.yaml", "run-lora.gguf", "run-q4_k_m.gguf", "run-q5_k_m.gguf"]
-    q4, q5 = kquant_export / "run-q4_k_m.gguf", kquant_export / "run-q5_k_m.gguf"
+    name = export_name(kquant_export)  # named from the base model and the run
+    assert files == ["Modelfile", "README.md", "config.yaml", f"{name}-lora.gguf", f"{name}-q4_k_m.gguf", f"{name}-q5_k_m.gguf"]
+    q4, q5 = kquant_export / f"{name}-q4_k_m.gguf", kquant_export / f"{name}-q5_k_m.gguf"
     file_type = GGUFReader(q4).fields["general.file_type"]
     assert int(file_type.parts[file_type.data[0]][0]) == LlamaFileType.MOSTLY_Q4_K_M
     assert "Q4_K" in tensor_types(q4) and "Q5_K" in tensor_types(q5)
     assert q4.stat().st_size < q5.stat().st_size
-    assert "FROM ./run-q4_k_m.gguf" in (kquant_export / "Modelfile").read_text()  # what Ollama users pull
+    assert f"FROM ./{name}-q4_k_m.gguf" in (kquant_export / "Modelfile").read_text()  # what Ollama users pull
     assert "quantized by llama.cpp" in (kquant_export / "README.md").read_text()
 
 
 def test_llama_cpp_gives_the_tuned_answer_from_q4_k_m_not_the_base_one(probe, kquant_export, base_q4_k_m):
-    tuned = run_probe(probe, kquant_export / "run-q4_k_m.gguf", text=PROMPT, generate=8)
+    tuned = run_probe(probe, kquant_export / f"{export_name(kquant_export)}-q4_k_m.gguf", text=PROMPT, generate=8)
     base = run_probe(probe, base_q4_k_m, text=PROMPT, generate=8)
     # 4-bit rounding of a 2-layer model may cost a token (seen: "joParis."): the trained word must be there
     word = ANSWER.rstrip(".")
     assert word in tuned["generated_text"], tuned["generated_text"]
     assert word not in base["generated_text"] and base["generated_text"] != tuned["generated_text"]
     # the LoRA file on the base's Q4_K_M file, applied by llama.cpp at run time: the tuned answer too
-    with_lora = run_probe(probe, base_q4_k_m, lora=kquant_export / "run-lora.gguf", text=PROMPT, generate=8)
+    with_lora = run_probe(probe, base_q4_k_m, lora=kquant_export / f"{export_name(kquant_export)}-lora.gguf", text=PROMPT, generate=8)
     assert word in with_lora["generated_text"], with_lora["generated_text"]
 
 
