@@ -17,7 +17,7 @@ _applied = False
 
 def emit_leaks_true() -> bool:
     """True if emitting a Python-defined signal drops a reference of ``True`` (the bug)."""
-    from PySide6.QtCore import QObject, Signal
+    from PySide6.QtCore import QObject, Signal  # lazy: Qt is probed only on CPython < 3.12, where the bug can exist
 
     class _Probe(QObject):
         ping = Signal()
@@ -36,7 +36,7 @@ def pin_bools() -> bool:
         return _applied
     if not emit_leaks_true():
         return False
-    import ctypes
+    import ctypes  # lazy: needed only where the bug is present
 
     for obj in (True, False):
         # ob_refcnt is the first field of every CPython object

@@ -13,16 +13,16 @@ def collect_garbage_on_gui_thread():
     worker threads (a model load, an export, a generation) and the garbage holds Qt objects of
     the GUI thread, Qt destroys them from the wrong thread, which can crash the process.
     """
-    from pyqtgraph.util.garbage_collector import GarbageCollector
+    from pyqtgraph.util.garbage_collector import GarbageCollector  # lazy: Qt loads after argparse
 
     return GarbageCollector(interval=1.0)
 
 
 def brand(qapp) -> None:
     """The window icon, and the desktop file the window belongs to (taskbars and docks match them)."""
-    from PySide6.QtGui import QIcon
+    from PySide6.QtGui import QIcon  # lazy: Qt loads after argparse (fast --help, --engine)
 
-    from qlora_engine.resources import path as resource_path
+    from qlora_engine.resources import path as resource_path  # lazy: Qt loads after argparse (fast --help, --engine)
 
     qapp.setWindowIcon(QIcon(str(resource_path("icons", "qlora-studio.svg"))))
     qapp.setDesktopFileName("qlora-studio")  # packaging/qlora-studio.desktop
@@ -40,18 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--look", choices=["system", "light", "dark"], help="light or dark look (default: as before)")
     args = parser.parse_args(argv)
 
-    from app.platform_check import check as check_platform
+    from app.platform_check import check as check_platform  # lazy: checked only after the arguments parse
 
     if (code := check_platform()) is not None:  # missing X libraries: name them, not Qt's plugin error
         return code
 
-    from PySide6.QtCore import QCoreApplication
-    from PySide6.QtWidgets import QApplication
+    from PySide6.QtCore import QCoreApplication  # lazy: Qt loads after argparse (fast --help, --engine)
+    from PySide6.QtWidgets import QApplication  # lazy: Qt loads after argparse (fast --help, --engine)
 
-    from app import crash
-    from app.main_window import MainWindow
-    from app.settings import open_settings
-    from app.theme import apply_theme
+    from app import crash  # lazy: Qt loads after argparse (fast --help, --engine)
+    from app.main_window import MainWindow  # lazy: Qt loads after argparse (fast --help, --engine)
+    from app.settings import open_settings  # lazy: Qt loads after argparse (fast --help, --engine)
+    from app.theme import apply_theme  # lazy: Qt loads after argparse (fast --help, --engine)
 
     QCoreApplication.setOrganizationName("QLoRA Studio")
     QCoreApplication.setApplicationName("qlora-studio")

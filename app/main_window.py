@@ -172,7 +172,7 @@ class MainWindow(QMainWindow):
         self.runs.run_ended.connect(self._on_run_ended)
         self._build_menus()
         if demo_model == "find":
-            from qlora_engine.demo import find_demo_model
+            from qlora_engine.demo import find_demo_model  # lazy: only the 'find' default searches for the demo model
 
             demo_model = find_demo_model()
         self.demo_model = demo_model

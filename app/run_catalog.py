@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def tracking_dir(run_dir: str | Path) -> Path | None:
 
 
 def tensorboard_installed() -> bool:
-    import importlib.util
+    import importlib.util  # lazy: only the TensorBoard check needs it
 
     return importlib.util.find_spec("tensorboard") is not None
 
@@ -86,7 +87,7 @@ class TensorBoardServer:
     """``tensorboard --logdir`` for one run, on a free port of 127.0.0.1 (nothing listens outside)."""
 
     def __init__(self, logdir: str | Path) -> None:
-        import socket
+        import socket  # lazy: only the TensorBoard launcher needs it
 
         self.logdir = Path(logdir)
         with socket.socket() as s:  # a free port now; TensorBoard binds it a moment later
@@ -96,13 +97,11 @@ class TensorBoardServer:
         self.process = None
 
     def command(self) -> list[str]:
-        import sys
-
         return [sys.executable, "-m", "tensorboard.main", "--logdir", str(self.logdir), "--host", "127.0.0.1",
                 "--port", str(self.port)]  # fmt: skip
 
     def start(self) -> None:
-        import subprocess
+        import subprocess  # lazy: only the TensorBoard launcher needs it
 
         self.process = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -110,7 +109,7 @@ class TensorBoardServer:
 
     def ready(self) -> bool:
         """Whether it answers on its port yet (it takes a few seconds to start)."""
-        import socket
+        import socket  # lazy: only the TensorBoard launcher needs it
 
         if self.process is None or self.process.poll() is not None:
             return False

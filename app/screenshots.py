@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -69,15 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     home = Path(tempfile.mkdtemp(prefix="qlora-shots-"))
     os.environ.setdefault("QLORA_STUDIO_HOME", str(home))
 
-    from PySide6.QtCore import QEventLoop, QTimer
-    from PySide6.QtWidgets import QApplication
+    from PySide6.QtCore import QEventLoop, QTimer  # lazy: Qt loads after _offscreen() sets its platform
+    from PySide6.QtWidgets import QApplication  # lazy: Qt loads after _offscreen() sets its platform
 
-    from app.main_window import MainWindow
-    from app.theme import apply_theme
-    from qlora_engine import gpu as gpu_facts
-    from qlora_engine.demo import find_demo_model
-    from qlora_engine.events import read_events
-    from qlora_engine.resources import path as resource_path
+    from app.main_window import MainWindow  # lazy: Qt loads after _offscreen() sets its platform
+    from app.theme import apply_theme  # lazy: Qt loads after _offscreen() sets its platform
+    from qlora_engine import gpu as gpu_facts  # lazy: Qt loads after _offscreen() sets its platform
+    from qlora_engine.demo import find_demo_model  # lazy: Qt loads after _offscreen() sets its platform
+    from qlora_engine.events import read_events  # lazy: Qt loads after _offscreen() sets its platform
+    from qlora_engine.resources import path as resource_path  # lazy: Qt loads after _offscreen() sets its platform
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
     apply_theme(app, args.look)
@@ -184,18 +185,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def looks(args: argparse.Namespace, width: int, height: int) -> int:
     """Every page of a ``width`` × ``height`` window in ``args.look``, the run page replaying a recorded run."""
-    import shutil
 
-    from PySide6.QtCore import QEventLoop, QTimer
-    from PySide6.QtWidgets import QApplication
+    from PySide6.QtCore import QEventLoop, QTimer  # lazy: Qt loads after _offscreen() sets its platform
+    from PySide6.QtWidgets import QApplication  # lazy: Qt loads after _offscreen() sets its platform
 
-    from qlora_engine.resources import path as resource_path
+    from qlora_engine.resources import path as resource_path  # lazy: Qt loads after _offscreen() sets its platform
 
     home = Path(tempfile.mkdtemp(prefix="qlora-looks-"))
     os.environ.setdefault("QLORA_STUDIO_HOME", str(home))
-    from app.main_window import PAGES, MainWindow
-    from app.theme import apply_theme
-    from qlora_engine.demo import find_demo_model
+    from app.main_window import PAGES, MainWindow  # lazy: Qt loads after _offscreen() sets its platform
+    from app.theme import apply_theme  # lazy: Qt loads after _offscreen() sets its platform
+    from qlora_engine.demo import find_demo_model  # lazy: Qt loads after _offscreen() sets its platform
 
     app = QApplication.instance() or QApplication(sys.argv[:1])
     apply_theme(app, args.look)

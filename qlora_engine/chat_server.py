@@ -45,7 +45,7 @@ def _reader(stream: IO[str], requests: queue.Queue, cancel: threading.Event) -> 
 
 def serve(chat: Any, stream: IO[str], sink: EventSink) -> int:
     """Answer requests from ``stream`` with ``chat`` (a loaded :class:`~qlora_engine.generate.ChatModel`)."""
-    from qlora_engine.generate import GenerationSettings
+    from qlora_engine.generate import GenerationSettings  # lazy: only a served chat needs the generator
 
     info = getattr(chat, "info", None)
     sink.emit(ChatReady(model=str(info.config.model.ref) if info is not None else "", device=str(chat.device)))

@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qlora_engine.errors import QLoRAError
-from qlora_engine.events import redact
+from qlora_engine.errors import QLoRAError, ResumeError
+from qlora_engine.events import RunFailed, StreamSink, TextSink, redact
 
 
 def _print_json(obj: Any) -> None:
     """``--json`` output: scrubbed like every file the engine writes (it is often redirected to one)."""
-    from qlora_engine.scrub import scrub_data
+    from qlora_engine.scrub import scrub_data  # lazy: only this subcommand needs it (fast --help)
 
     print(json.dumps(scrub_data(obj), indent=2, default=str))
 
@@ -30,9 +30,9 @@ def _fail(e: QLoRAError) -> int:
 
 def _internal_error(e: BaseException, args: argparse.Namespace) -> int:
     """A bug, not a user error: the traceback goes to a log file, the user reads one line naming it."""
-    import traceback
+    import traceback  # lazy: only an internal error needs it
 
-    from qlora_engine.paths import write_error_log
+    from qlora_engine.paths import write_error_log  # lazy: only an internal error needs it
 
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     log = write_error_log(f"qlora-engine {getattr(args, 'command', '')}\n{text}", getattr(args, "run_dir", None))
@@ -49,8 +49,7 @@ def _emit_failure(args: argparse.Namespace, e: BaseException, log: Path | None =
     reads the error's attributes from a ``run_failed`` event, never from stderr text."""
     if getattr(args, "events", None) != "-":
         return
-    from qlora_engine.distributed import is_main_process
-    from qlora_engine.events import RunFailed, StreamSink
+    from qlora_engine.distributed import is_main_process  # lazy: only this subcommand needs it (fast --help)
 
     if not is_main_process():  # under torchrun, rank 0 alone writes the event stream
         return
@@ -72,7 +71,7 @@ def _emit_failure(args: argparse.Namespace, e: BaseException, log: Path | None =
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from qlora_engine.config import TrainConfig, apply_overrides
+    from qlora_engine.config import TrainConfig, apply_overrides  # lazy: only this subcommand needs it (fast --help)
 
     out = Path(args.output)
     if out.exists() and not args.force:
@@ -100,9 +99,9 @@ def _install_signals(control: Any) -> dict[str, int]:
     exception lands somewhere that swallows it (a finalizer), the loop still sees the flag at the
     next step boundary and before saving the adapter.
     """
-    import socket
+    import socket  # lazy: only this subcommand needs it (fast --help)
 
-    from qlora_engine.control import Aborted
+    from qlora_engine.control import Aborted  # lazy: only this subcommand needs it (fast --help)
 
     state = {"count": 0, "signum": 0}
     counted = (int(signal.SIGINT), int(signal.SIGTERM))
@@ -170,7 +169,7 @@ def _exit_code_of_abort(signum: int | None) -> int:
 
 
 def _kept(run_dir: Path) -> str:
-    from qlora_engine.checkpoint import latest_checkpoint
+    from qlora_engine.checkpoint import latest_checkpoint  # lazy: only this subcommand needs it (fast --help)
 
     last = latest_checkpoint(run_dir / "checkpoints")
     if last is None:
@@ -179,7 +178,7 @@ def _kept(run_dir: Path) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from qlora_engine import quiet
+    from qlora_engine import quiet  # lazy: only this subcommand needs it (fast --help)
 
     captured = quiet.capture(args.verbose)  # before torch and the libraries load: some talk at import
     try:
@@ -190,7 +189,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _report_captured(captured: Any, args: argparse.Namespace) -> None:
     """Third-party warnings of a train command into the run's third_party.log, and one line if any matter."""
-    from qlora_engine.config import TrainConfig
+    from qlora_engine.config import TrainConfig  # lazy: only this subcommand needs it (fast --help)
 
     try:
         run_dir = TrainConfig.load(args.config, args.overrides).output_dir
@@ -202,13 +201,12 @@ def _report_captured(captured: Any, args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # lazy: torch takes seconds to import (fast --help)
 
-    from qlora_engine import distributed
-    from qlora_engine.config import TrainConfig
-    from qlora_engine.control import RunControl
-    from qlora_engine.events import StreamSink, TextSink
-    from qlora_engine.runner import run
+    from qlora_engine import distributed  # lazy: only this subcommand needs it (fast --help)
+    from qlora_engine.config import TrainConfig  # lazy: only this subcommand needs it (fast --help)
+    from qlora_engine.control import RunControl  # lazy: only this subcommand needs it (fast --help)
+    from qlora_engine.runner import run  # lazy: only this subcommand needs it (fast --help)
 
     if args.gpus:  # several GPUs: torchrun starts one process per GPU, each running this command
         from qlora_engine.cluster import launch_local
@@ -266,9 +264,8 @@ def _resume_plan(cfg: Any, args: argparse.Namespace) -> tuple[Any, bool | str | 
     that already reached ``train.max_steps`` is refused with the ``--more`` hint, since it would
     train nothing.
     """
-    from qlora_engine import checkpoint as ckpt
-    from qlora_engine.config import apply_overrides
-    from qlora_engine.errors import ResumeError
+    from qlora_engine import checkpoint as ckpt  # lazy: only this subcommand needs it (fast --help)
+    from qlora_engine.config import apply_overrides  # lazy: only this subcommand needs it (fast --help)
 
     if sum(x is not None and x is not False for x in (args.resume, args.resume_from, args.more)) > 1:
         raise QLoRAError("--resume, --resume-from and --more: use one of them.")
@@ -297,7 +294,7 @@ def _resume_plan(cfg: Any, args: argparse.Namespace) -> tuple[Any, bool | str | 
 
 
 def cmd_inspect_model(args: argparse.Namespace) -> int:
-    from qlora_engine.models import inspect_model
+    from qlora_engine.models import inspect_model  # lazy: only this subcommand needs it (fast --help)
 
     info = inspect_model(args.ref, trust_remote_code=args.trust_remote_code, revision=args.revision)
     if args.json:
@@ -318,8 +315,8 @@ def cmd_inspect_model(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Fetch the demo model, train a short run on the bundled sample data, compare on held-out questions."""
-    from qlora_engine import quiet
-    from qlora_engine.quickstart import run_quickstart
+    from qlora_engine import quiet  # lazy: only this subcommand needs it (fast --help)
+    from qlora_engine.quickstart import run_quickstart  # lazy: only this subcommand needs it (fast --help)
 
     captured = quiet.capture(args.verbose)  # before torch and the libraries load: some talk at import
     return run_quickstart(args.output_dir, steps=args.steps, compare=args.compare, captured=captured)
@@ -409,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register(module: str, sub: Any) -> None:
-    import importlib
+    import importlib  # lazy: only registering a subcommand module needs it
 
     try:
         mod = importlib.import_module(module)

@@ -205,7 +205,7 @@ class DataConfig(Section):
 
 def _template_problem(template: str) -> str | None:
     """Why a Jinja chat template does not parse (None: it does). Parsing runs no template code."""
-    import jinja2
+    import jinja2  # lazy: only a configured chat template needs jinja2
 
     try:  # the extensions transformers' chat templates may use
         jinja2.Environment(extensions=["jinja2.ext.loopcontrols", "jinja2.ext.do"]).parse(template)
@@ -680,7 +680,7 @@ def dump_yaml(cfg: TrainConfig, *, comments: bool = True) -> str:
 
 
 def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
+    import textwrap  # lazy: only the commented YAML writer needs it
 
     return textwrap.wrap(text, width) or [""]
 

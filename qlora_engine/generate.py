@@ -96,7 +96,7 @@ class _Stream:
     """One answer being generated: its KV cache, sampler and the text handed out so far."""
 
     def __init__(self, chat: ChatModel, prompt_ids: list[int], settings: GenerationSettings, adapter: bool) -> None:
-        import torch
+        import torch  # lazy: torch; GenerationSettings must import without it
 
         self.chat = chat
         self.settings = settings
@@ -116,7 +116,7 @@ class _Stream:
 
     def step(self) -> str:
         """Generate one token; return the new text it completes (may be '' mid-character)."""
-        import torch
+        import torch  # lazy: torch; GenerationSettings must import without it
 
         t = time.perf_counter()
         with torch.no_grad(), self.chat.adapter_enabled(self.adapter):
@@ -167,7 +167,7 @@ class _Stream:
 
 def _sample(logits: torch.Tensor, s: GenerationSettings, generator: torch.Generator, seen: Sequence[int] = ()) -> int:
     """The next token from ``logits``; ``seen``: the answer's tokens so far (for the repetition penalty)."""
-    import torch
+    import torch  # lazy: torch; GenerationSettings must import without it
 
     logits = logits.float().cpu()  # the sampler's generator lives on the CPU; one small copy per token
     if s.repetition_penalty != 1.0 and seen:
@@ -212,12 +212,12 @@ class ChatModel:
             device: 'auto', 'cuda' or 'cpu'; None takes the run's ``train.device``.
             sink: receives ``PhaseChanged`` events while loading.
         """
-        from peft import PeftModel
+        from peft import PeftModel  # lazy: only loading a model needs it; keeps torch out
 
-        from qlora_engine import models
-        from qlora_engine.data.encode import resolve_template
-        from qlora_engine.events import PhaseChanged
-        from qlora_engine.export.source import load_run, resolve_base, tokenizer_dir
+        from qlora_engine import models  # lazy: only loading a model needs it; keeps torch out
+        from qlora_engine.data.encode import resolve_template  # lazy: only loading a model needs it; keeps torch out
+        from qlora_engine.events import PhaseChanged  # lazy: only loading a model needs it; keeps torch out
+        from qlora_engine.export.source import load_run, resolve_base, tokenizer_dir  # lazy: keeps torch out
 
         info = load_run(source)
         cfg = info.config
@@ -313,7 +313,7 @@ class ChatModel:
 
     def close(self) -> None:
         """Drop the model (and its GPU memory)."""
-        import torch
+        import torch  # lazy: torch; GenerationSettings must import without it
 
         self.model = None
         if torch.cuda.is_available():

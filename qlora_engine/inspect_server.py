@@ -47,7 +47,7 @@ def plain(obj: Any) -> Any:
 
 
 def _config(req: dict[str, Any]) -> Any:
-    from qlora_engine.config import TrainConfig
+    from qlora_engine.config import TrainConfig  # lazy: pulls in torch; only this request needs it
 
     cfg = TrainConfig.from_dict(req["config"], source="")
     cfg.base_dir = Path(req["base_dir"]) if req.get("base_dir") else None
@@ -61,7 +61,7 @@ class Inspector:
         self._tokenizer: tuple[tuple[str, bool], Any] | None = None
 
     def tokenizer(self, ref: str, trust_remote_code: bool) -> Any:
-        from qlora_engine.data.inspect import load_tokenizer_for
+        from qlora_engine.data.inspect import load_tokenizer_for  # lazy: pulls in torch; only this request needs it
 
         key = (ref, trust_remote_code)
         if self._tokenizer is None or self._tokenizer[0] != key:
@@ -71,14 +71,14 @@ class Inspector:
     def answer(self, req: dict[str, Any]) -> Any:
         kind = req.get("kind")
         if kind == "model":
-            from qlora_engine.models import inspect_model
+            from qlora_engine.models import inspect_model  # lazy: pulls in torch; only this request needs it
 
             info = inspect_model(
                 req["ref"], trust_remote_code=bool(req.get("trust_remote_code")), revision=req.get("revision")
             )
             return info.to_dict()
         if kind == "data":
-            from qlora_engine.data import inspect_data
+            from qlora_engine.data import inspect_data  # lazy: pulls in torch; only this request needs it
 
             cfg = _config(req)
             ref = req.get("model_ref")
@@ -92,7 +92,7 @@ class Inspector:
             report["samples"] = samples[: int(req["shown"])]
             return plain(report)
         if kind == "keys":
-            from qlora_engine.data.sources import open_source
+            from qlora_engine.data.sources import open_source  # lazy: pulls in torch; only this request needs it
 
             cfg = _config(req)
             src = open_source(cfg.data.path, cfg.resolve(cfg.data.path), subset=cfg.data.subset, split=cfg.data.split)
@@ -104,8 +104,8 @@ class Inspector:
                     break
             return list(keys)
         if kind == "budget":
-            from qlora_engine.budget.estimate import COMPONENT_HELP
-            from qlora_engine.plan import advise
+            from qlora_engine.budget.estimate import COMPONENT_HELP  # lazy: pulls in torch; only this request needs it
+            from qlora_engine.plan import advise  # lazy: pulls in torch; only this request needs it
 
             planned = advise(
                 _config(req),

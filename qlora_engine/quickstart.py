@@ -89,7 +89,7 @@ def generation_settings(max_new_tokens: int = 40) -> Any:
     """How the quickstart asks: greedy (the same answer every time), stopping at the end of the turn,
     with a repetition penalty of 1.2 on the answer's own tokens, as chat front ends use, so a small
     model does not loop."""
-    from qlora_engine.generate import CHAT_REPETITION_PENALTY, GenerationSettings
+    from qlora_engine.generate import CHAT_REPETITION_PENALTY, GenerationSettings  # lazy: keeps torch out of the window
 
     return GenerationSettings(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=CHAT_REPETITION_PENALTY)
 
@@ -166,7 +166,7 @@ def tally(judged: Sequence[Judged], probes: Sequence[Probe]) -> Tally:
 
 def ask_both(run_dir: Path, probes: Sequence[Probe], settings: Any = None, *, chat: Any = None) -> list[Judged]:
     """The base's and the tuned model's answers to each probe (one model load for all)."""
-    from qlora_engine.generate import ChatModel
+    from qlora_engine.generate import ChatModel  # lazy: keeps torch out of the window
 
     own = chat is None
     chat = chat or ChatModel.load(run_dir)
@@ -225,14 +225,14 @@ def run_quickstart(
     ``captured``: the third-party notices being caught (:func:`quiet.capture`), written to the
     run's ``third_party.log`` at the end.
     """
-    import torch
+    import torch  # lazy: keeps torch out of the window
 
-    from qlora_engine import resources
-    from qlora_engine.config import TrainConfig, apply_overrides
-    from qlora_engine.demo import fetch_demo_model
-    from qlora_engine.events import TextSink
-    from qlora_engine.export.adapter import write_run_adapter_card
-    from qlora_engine.train import run
+    from qlora_engine import resources  # lazy: keeps torch out of the window
+    from qlora_engine.config import TrainConfig, apply_overrides  # lazy: keeps torch out of the window
+    from qlora_engine.demo import fetch_demo_model  # lazy: keeps torch out of the window
+    from qlora_engine.events import TextSink  # lazy: keeps torch out of the window
+    from qlora_engine.export.adapter import write_run_adapter_card  # lazy: keeps torch out of the window
+    from qlora_engine.train import run  # lazy: keeps torch out of the window
 
     say = log or (lambda m: print(m, file=sys.stderr))
     gguf = fetch_demo_model(log=say)
@@ -292,7 +292,7 @@ def run_quickstart(
 
 
 def _converted_folder(gguf: Path) -> Path | None:
-    from qlora_engine.paths import cache_dir
+    from qlora_engine.paths import cache_dir  # lazy: only the converted-model path needs it
 
     found = sorted((cache_dir() / "gguf").glob(f"{gguf.stem}-*"))
     return next((p for p in found if (p / "config.json").is_file()), None)

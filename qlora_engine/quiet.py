@@ -180,10 +180,10 @@ def capture(verbose: bool = False) -> Captured:
 
 def _quiet_transformers_handler() -> None:
     """transformers prints through a handler of its own: remove it, so its records reach ours."""
-    import importlib.util
+    import importlib.util  # lazy: only this transformers hook needs it
 
     if importlib.util.find_spec("transformers") is None:
         return
-    from transformers.utils import logging as tf_logging
+    from transformers.utils import logging as tf_logging  # lazy: transformers is slow to import, maybe absent
 
     tf_logging.disable_default_handler()

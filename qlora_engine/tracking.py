@@ -97,7 +97,7 @@ class TensorBoardSink:
 
     def emit(self, event: Event) -> None:
         if isinstance(event, RunStarted):
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # lazy: optional package, only when this tracker is on
 
             self.close()
             purge = event.start_step + 1 if event.resumed_from else None
@@ -131,7 +131,7 @@ class WandbSink:
 
     def emit(self, event: Event) -> None:
         if isinstance(event, RunStarted):
-            import wandb
+            import wandb  # lazy: optional package, only when this tracker is on
 
             self.run = wandb.init(name=self.run_name, config=flat_config(event.config), resume="allow")
         elif self.run is None:
@@ -155,7 +155,7 @@ class MlflowSink:
         self.active = False
 
     def emit(self, event: Event) -> None:
-        import mlflow
+        import mlflow  # lazy: optional package, only when this tracker is on
 
         if isinstance(event, RunStarted):
             mlflow.start_run(run_name=self.run_name)
@@ -170,7 +170,7 @@ class MlflowSink:
 
     def close(self) -> None:
         if self.active:
-            import mlflow
+            import mlflow  # lazy: optional package, only when this tracker is on
 
             mlflow.end_run()
             self.active = False

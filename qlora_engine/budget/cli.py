@@ -29,7 +29,7 @@ def add_cli(sub: Any) -> None:
 
 def _detect_gpu() -> tuple[int | None, str | None]:
     try:
-        from qlora_engine.gpu import query_gpus
+        from qlora_engine.gpu import query_gpus  # lazy: only this subcommand needs it (fast --help)
 
         report = query_gpus()
     except Exception:
@@ -41,15 +41,15 @@ def _detect_gpu() -> tuple[int | None, str | None]:
 
 
 def _data_stats(cfg: Any) -> dict[str, Any] | None:
-    from qlora_engine.data import inspect_data
+    from qlora_engine.data import inspect_data  # lazy: only this subcommand needs it (fast --help)
 
     result = inspect_data(cfg, cfg.model.ref, samples=0)
     return result.get("token_stats")
 
 
 def estimate_main(args: argparse.Namespace) -> int:
-    from qlora_engine.config import TrainConfig
-    from qlora_engine.plan import advise
+    from qlora_engine.config import TrainConfig  # lazy: only this subcommand needs it (fast --help)
+    from qlora_engine.plan import advise  # lazy: only this subcommand needs it (fast --help)
 
     cfg = TrainConfig.load(args.config, list(args.overrides or []))
     if args.gpu:
@@ -63,7 +63,7 @@ def estimate_main(args: argparse.Namespace) -> int:
         out: dict[str, Any] = {"estimate": est.to_dict()}
         if advice is not None:
             out["fit"] = {k: v for k, v in advice.to_dict().items() if k != "estimate"}
-        from qlora_engine.scrub import scrub_data
+        from qlora_engine.scrub import scrub_data  # lazy: only this subcommand needs it (fast --help)
 
         print(json.dumps(scrub_data(out), indent=2))  # --json goes to files: scrubbed like them
     else:

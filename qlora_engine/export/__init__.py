@@ -51,15 +51,15 @@ def export(
     """
     info = source if isinstance(source, RunInfo) else load_run(source)
     if fmt == "adapter":
-        from qlora_engine.export.adapter import export_adapter
+        from qlora_engine.export.adapter import export_adapter  # lazy: writers import torch; load only this one
 
         return export_adapter(info, out, overwrite=overwrite, sink=sink, should_stop=should_stop)
     if fmt == "merged":
-        from qlora_engine.export.merged import export_merged
+        from qlora_engine.export.merged import export_merged  # lazy: writers import torch; load only this one
 
         return export_merged(info, out, dtype=dtype, overwrite=overwrite, sink=sink, should_stop=should_stop)
     if fmt == "gguf":
-        from qlora_engine.export.gguf_export import export_gguf
+        from qlora_engine.export.gguf_export import export_gguf  # lazy: writers import torch; load only this one
 
         return export_gguf(
             info,

@@ -15,7 +15,7 @@ from typing import Any
 from qlora_engine.checkpoint import write_atomic_folder
 from qlora_engine.export.card import build_card, describe_files, write_card
 from qlora_engine.export.common import Reporter, adapter_b_stats, check_output, copy_files, untrained_note
-from qlora_engine.export.source import RunInfo, is_hub_id, tokenizer_dir
+from qlora_engine.export.source import RunInfo, is_hub_id, load_run, tokenizer_dir
 
 
 def training_template(info: RunInfo, tokenizer: Any) -> str | None:
@@ -24,7 +24,7 @@ def training_template(info: RunInfo, tokenizer: Any) -> str | None:
     That is the config's ``data.chat_template``, else the tokenizer's own, else the ChatML default
     the data pipeline falls back to (only if the run's data report says a template was used).
     """
-    from qlora_engine.data.encode import resolve_template
+    from qlora_engine.data.encode import resolve_template  # lazy: only this step needs the data package
 
     template, origin = resolve_template(tokenizer, info.config.data.chat_template)
     if origin == "tokenizer" or info.config.data.chat_template:
@@ -61,7 +61,7 @@ def export_adapter(
     info: RunInfo, out: str | Path, *, overwrite: bool = False, sink: Any = None, should_stop: Any = None
 ) -> Path:
     """Write the adapter export to ``out`` (a new folder; an existing one only with ``overwrite``)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers takes seconds to import
 
     rep = Reporter(sink, should_stop)
     out = check_output(
@@ -114,7 +114,6 @@ def write_run_adapter_card(run_dir: str | Path) -> Path:
     the base model, the data, the steps, the final loss, every file and how to load it. Called
     once a run has finished (its ``events.jsonl`` then holds the final facts).
     """
-    from qlora_engine.export.source import load_run
 
     info = load_run(run_dir)
     text = build_card(

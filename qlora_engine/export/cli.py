@@ -7,6 +7,8 @@ import signal
 import sys
 from typing import Any
 
+from qlora_engine.errors import QLoRAError
+from qlora_engine.events import StreamSink, TextSink
 from qlora_engine.export.common import FORMATS
 
 
@@ -23,11 +25,10 @@ def _interrupt_on_sigterm() -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from qlora_engine.events import StreamSink, TextSink
-    from qlora_engine.export import export
+    from qlora_engine.export import export  # lazy: only this subcommand needs it (fast --help)
 
     sink = StreamSink(sys.stdout) if args.events == "-" else TextSink(sys.stderr)
-    from qlora_engine.export.source import default_export_dir, load_run
+    from qlora_engine.export.source import default_export_dir, load_run  # lazy: only this subcommand needs it
 
     types = [t.strip() for t in args.gguf_types.split(",") if t.strip()]
     _interrupt_on_sigterm()
@@ -57,7 +58,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _reporting_failure(args: argparse.Namespace, work: Any) -> Any:
     """Run ``work()``; with ``--events -`` a user error is also a ``run_failed`` event on stdout
     (the app reads its attributes from there, never the text on stderr)."""
-    from qlora_engine.errors import QLoRAError
 
     try:
         return work()
@@ -69,7 +69,7 @@ def _reporting_failure(args: argparse.Namespace, work: Any) -> Any:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from qlora_engine.generate import GenerationSettings
+    from qlora_engine.generate import GenerationSettings  # lazy: only this subcommand needs it (fast --help)
 
     return GenerationSettings(
         max_new_tokens=args.max_new_tokens,
@@ -93,12 +93,10 @@ def _answer(chat: Any, prompt: Any, settings: Any, *, adapter: bool, label: str 
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from qlora_engine.events import TextSink
-    from qlora_engine.generate import ChatModel
+    from qlora_engine.generate import ChatModel  # lazy: only this subcommand needs it (fast --help)
 
     if args.serve:
-        from qlora_engine.chat_server import serve
-        from qlora_engine.events import StreamSink
+        from qlora_engine.chat_server import serve  # lazy: only this subcommand needs it (fast --help)
 
         sink = StreamSink(sys.stdout) if args.events == "-" else TextSink(sys.stderr)
         _interrupt_on_sigterm()

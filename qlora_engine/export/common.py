@@ -83,7 +83,7 @@ def copy_files(src: Path, dst: Path, *, skip: set[str] | None = None) -> list[st
 
 def adapter_b_stats(adapter_dir: Path) -> dict[str, int]:
     """How many LoRA B matrices the adapter has and how many are all zeros (untrained)."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # lazy: only this reader needs safetensors; export CLI imports us
 
     total = zero = 0
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as st:

@@ -81,7 +81,7 @@ def export_gguf(
     ``types``: any of 'f16', 'q8_0' (and 'f32'), written by our own writer, and the K-quants
     'q4_k_m', 'q5_k_m' (and 'q4_k_s', 'q5_k_s', 'q6_k'), made from an F16 file by llama.cpp.
     """
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # lazy: transformers takes seconds to import
 
     rep = Reporter(sink, should_stop)
     types = tuple(dict.fromkeys(types))

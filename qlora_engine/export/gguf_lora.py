@@ -110,7 +110,7 @@ def write_lora_gguf(
     progress: Callable[[int, int, str], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Path:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # lazy: only writing the LoRA GGUF reads safetensors
 
     weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
     plan, alpha = plan_lora_tensors(spec, config, weights, adapter_config)

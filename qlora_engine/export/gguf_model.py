@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 import torch
 
-from qlora_engine.errors import ModelError
+from qlora_engine.errors import ExportCancelled, ModelError
 from qlora_engine.export.gguf_vocab import VocabMetadata
 
 TYPES = {
@@ -247,7 +247,6 @@ def write_gguf(
     should_stop: Callable[[], bool] | None = None,
 ) -> Path:
     """Write ``plan``'s tensors with ``metadata`` (a function adding key-values) to ``path``, streaming."""
-    from qlora_engine.export.common import ExportCancelled
 
     w = gguf.GGUFWriter(path=None, arch=spec.name)
     metadata(w)
@@ -299,7 +298,7 @@ def state_dict_tensors(model: torch.nn.Module) -> Iterator[tuple[str, Callable[[
 
 def safetensors_tensors(folder: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]]:
     """(name, loader, shape) for every tensor of a safetensors model folder, read lazily."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # lazy: only reading safetensors sources needs it
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -113,9 +113,9 @@ def quantize(
 
 def _main(argv: list[str]) -> int:
     """The child: ``SRC DST TYPE [THREADS]``; exit status 0 when llama.cpp wrote DST."""
-    import ctypes
+    import ctypes  # lazy: only the quantizer's child process needs it
 
-    import llama_cpp
+    import llama_cpp  # lazy: optional package, used in the child process only
 
     src, dst, kind = argv[:3]
     threads = int(argv[3]) if len(argv) > 3 else 0

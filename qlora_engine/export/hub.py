@@ -62,8 +62,8 @@ def push_to_hub(
     Raises:
         ExportError: the folder is not an export, there is no token, or the hub refused.
     """
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import HfApi, get_token  # lazy: only a push needs huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError  # lazy: only a push needs huggingface_hub
 
     path = check_export_folder(folder)
     if "/" not in repo_id or repo_id.count("/") != 1:

@@ -52,7 +52,7 @@ def origin_notes(origin: dict[str, Any]) -> list[str]:
 
 def _dequantize_bnb4(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Replace every bitsandbytes 4-bit linear layer by a plain linear layer holding its dequantized weight."""
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # lazy: heavy import, only a merged export needs it
 
     for name, module in list(model.named_modules()):
         if not isinstance(module, bnb.nn.Linear4bit):
@@ -78,7 +78,7 @@ def _dequantize_bnb4(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def load_base_16bit(info: RunInfo, dtype: str, rep: Reporter) -> tuple[torch.nn.Module, dict[str, Any], torch.dtype]:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # lazy: heavy import, only a merged export needs it
 
     folder = resolve_base(info, sink=rep.sink)
     origin = base_origin(folder)
@@ -103,7 +103,7 @@ def load_base_16bit(info: RunInfo, dtype: str, rep: Reporter) -> tuple[torch.nn.
 
 def merge(info: RunInfo, *, dtype: str = "auto", rep: Reporter) -> tuple[torch.nn.Module, list[str], torch.dtype]:
     """The base in 16 bit with the adapter merged in, and notes for the card."""
-    from peft import PeftModel
+    from peft import PeftModel  # lazy: heavy import, only a merged export needs it
 
     model, origin, dt = load_base_16bit(info, dtype, rep)
     notes = origin_notes(origin)
@@ -119,7 +119,7 @@ def merge(info: RunInfo, *, dtype: str = "auto", rep: Reporter) -> tuple[torch.n
 
 def load_export_tokenizer(info: RunInfo) -> Any:
     """The tokenizer the run trained with, carrying the chat template its data went through."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: heavy import, only a merged export needs it
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir(info))
     template = training_template(info, tok)

@@ -224,7 +224,7 @@ def _candidates(info: RunInfo) -> list[str]:
 
 def resolve_base(info: RunInfo, *, sink: Any = None) -> Path:
     """The local folder of the run's base model (a GGUF base is its cached safetensors conversion)."""
-    from qlora_engine.models import resolve_model
+    from qlora_engine.models import resolve_model  # lazy: models imports torch; reading a run must not
 
     errors: list[str] = []
     for ref in _candidates(info):
@@ -271,9 +271,9 @@ def base_origin(folder: Path) -> dict[str, Any]:
 def _gguf_file_type(path: Path) -> str | None:
     """The GGUF's file type name (e.g. 'MOSTLY_Q4_1'), or None if it cannot be read now."""
     try:
-        import gguf
+        import gguf  # lazy: only GGUF sources need gguf
 
-        from qlora_engine.export.gguf_vocab import read_gguf_scalars
+        from qlora_engine.export.gguf_vocab import read_gguf_scalars  # lazy: only GGUF sources need gguf
 
         ftype = read_gguf_scalars(path, {"general.file_type"}).get("general.file_type")
         return None if ftype is None else gguf.LlamaFileType(int(ftype)).name
