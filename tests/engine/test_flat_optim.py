@@ -116,15 +116,17 @@ def test_a_checkpoint_written_tensor_by_tensor_still_resumes(tiny_cfg, tmp_path,
     assert [e.loss for e in resumed.of(StepMetrics)] == pytest.approx(a, abs=1e-6)
 
 
+def steps(opt, ps, rng):
+    """Optimizer steps ``rng`` on a fixed, seeded loss (the same steps whichever optimizer runs them)."""
+    for i in rng:
+        gen = torch.Generator().manual_seed(i)
+        sum((p * torch.randn(p.shape, generator=gen)).sum() + (p**2).sum() for p in ps).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("name", ["paged_adamw_8bit", "adamw"])
 def test_an_8bit_state_saved_tensor_by_tensor_loads_into_the_flat_buffer(name):
-    def steps(opt, ps, rng):
-        for i in rng:
-            gen = torch.Generator().manual_seed(i)
-            sum((p * torch.randn(p.shape, generator=gen)).sum() + (p**2).sum() for p in ps).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
     cfg = OptimConfig(optimizer=name)
     optim.FLAT = False
     try:
@@ -146,13 +148,6 @@ def test_an_8bit_state_saved_tensor_by_tensor_loads_into_the_flat_buffer(name):
 @pytest.mark.parametrize("name", ["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw"])
 def test_the_flat_buffer_saves_tensor_by_tensor_so_a_per_tensor_optimizer_goes_on_from_it(name):
     """One process writes with the flat buffer; DDP and FSDP (no flat buffer) must resume from it."""
-
-    def steps(opt, ps, rng):
-        for i in rng:
-            gen = torch.Generator().manual_seed(i)
-            sum((p * torch.randn(p.shape, generator=gen)).sum() + (p**2).sum() for p in ps).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
 
     cfg = OptimConfig(optimizer=name)
     ps = _params()
