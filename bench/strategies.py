@@ -104,7 +104,8 @@ def main() -> None:
     stamp = datetime.date.today().isoformat()
     for folder in filter(None, [HERE / "results", Path(os.environ["OUT"]) if os.environ.get("OUT") else None]):
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{stamp}-strategies.json").write_text(json.dumps(summary, indent=1))
+        card = summary["card"].replace(" ", "-")
+        (folder / f"{stamp}-{card}-strategies-{args.shape}.json").write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
