@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,6 @@ def _fail(e: QLoRAError) -> int:
 
 def _internal_error(e: BaseException, args: argparse.Namespace) -> int:
     """A bug, not a user error: the traceback goes to a log file, the user reads one line naming it."""
-    import traceback  # lazy: only an internal error needs it
-
     from qlora_engine.paths import write_error_log  # lazy: only an internal error needs it
 
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
@@ -230,8 +229,14 @@ def _train(args: argparse.Namespace) -> int:
         raise
     try:
         finished = run(cfg, sink, control, resume=resume, force_resume=args.force_resume)
-    except QLoRAError as e:  # run() already reported it as a run_failed event
-        return _fail(e)
+    except QLoRAError as e:  # run() reported it as a run_failed event; on a terminal that is its error line
+        return e.exit_code if args.events != "-" else _fail(e)
+    except Exception as e:
+        if args.events == "-":
+            raise  # main() names it on stderr; the event stream already holds it
+        if args.debug:  # the terminal got the run_failed event's lines: the traceback alone is missing
+            print(redact("".join(traceback.format_exception(type(e), e, e.__traceback__))), file=sys.stderr, end="")
+        return 1
     except KeyboardInterrupt as e:  # a second Ctrl-C / SIGTERM (or the first one before the run began)
         signum = getattr(e, "signum", None) or signals["signum"] or signal.SIGINT
         print(f"aborted; {_kept(cfg.output_dir)}.", file=sys.stderr)

@@ -395,10 +395,10 @@ def describe(e: Event) -> str:
     elif isinstance(e, AnswerDone):
         why = {"eos": "ended by the model", "length": "stopped at the token limit"}.get(e.finish_reason, e.finish_reason)
         msg = f"[{e.side}: {e.tokens} tokens, {e.tokens_per_second:.1f} tok/s, {why}]"
-    elif isinstance(e, RunFailed):
-        msg = f"FAILED: {e.message}"
+    elif isinstance(e, RunFailed):  # the CLI's own form of an error (cli._fail), so a terminal reads one form
+        msg = e.message if e.error_type == "KeyboardInterrupt" else f"error: {e.message}"
         if e.hint:
-            msg += f"\nwhat to do: {e.hint}"
+            msg += f"\nhint: {e.hint}"
         for fix in e.fixes or []:
             msg += f"\n  fix: {fix['description']}: " + " ".join(fix["overrides"])
         if e.log_file:

@@ -190,6 +190,7 @@ def _failed(e: BaseException, trainer: Trainer | None, run_dir: Path) -> RunFail
         message = f"aborted at step {step}; {kept}."
     elif user is None:
         message = f"internal error ({type(e).__name__}: {e})"
+        hint = "this is a bug in qlora-engine, not in your input; please report it with the details file."
     log = write_error_log(tb, run_dir) if user is None else None
     last = ckpt.latest_checkpoint(run_dir / "checkpoints")
     return RunFailed(

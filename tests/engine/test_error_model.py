@@ -165,3 +165,17 @@ def test_the_run_started_event_carries_the_plans_decisions(tiny_cfg):
     assert "decided: train.gradient_checkpointing auto" in describe(started)
     saved = TrainConfig.load(tiny_cfg().output_dir / "config.yaml")
     assert saved.train.gradient_checkpointing == "auto"
+
+
+@pytest.mark.parametrize("where", ["model", "data"])
+def test_a_failure_inside_the_run_is_told_once_on_the_terminal(tiny_cfg, tmp_path, capsys, where):
+    """run() reports its failure as a run_failed event, which the terminal prints; the CLI adds nothing."""
+    cfg = tiny_cfg()
+    missing = tmp_path / "missing"
+    path = tmp_path / "run.yaml"
+    cfg.save(path)
+    field = "model.ref" if where == "model" else "data.path"
+    assert cli.main(["train", str(path), f"{field}={missing}"]) == 2
+    err = capsys.readouterr().err
+    said = [ln for ln in err.splitlines() if "no such" in ln]
+    assert len(said) == 1 and said[0].startswith("error: "), err

@@ -228,6 +228,8 @@ def check_outcome(case: Case, ws: Workspace, outcome: Outcome, before: dict[str,
         assert "internal error" not in err, f"a user's mistake reported as an internal error{context}"
         first = next((ln for ln in err.splitlines() if ln.startswith("error: ")), "")
         assert first, f"no 'error: ...' line{context}"
+        said = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+        assert len(said) == 1, f"the error was told {len(said)} times{context}"
         if outcome.error is not None:
             assert outcome.error["type"] == case.error, (
                 f"error type {outcome.error['type']}, expected {case.error}{context}"
