@@ -13,7 +13,8 @@ draws the next, as it does with a real checkpoint's tensors.
    at 2048 x 1; tokens/s (median of the measured steps) and peak memory, next to the budget's
    estimate for the same config on this card.
 2. The longest context, in the same process (a fresh load is ~a minute): for each mode (every
-   layer checkpointed with the inputs offloaded and 4096-token MLP chunks; then without), one
+   layer checkpointed; then with the inputs offloaded to host RAM and 4096-token MLP chunks,
+   capped at what 70% of the host's available RAM holds), one
    step at 2048 tokens, doubling while it fits, then bisecting down to ``--resolution`` tokens,
    each try after ``empty_cache`` so its peak is its own. A try that runs out of memory is cleaned
    up (gradients dropped, cache emptied) before the next; the search stops at ``--search-s``.
@@ -53,9 +54,9 @@ SHAPES = {
         num_key_value_heads=2,
     ),
 }
-MODES = {  # name -> the overrides that set it up; the one that reaches furthest first
-    "offload+mlp4096": ["train.offload_activations=true", "train.mlp_chunk_tokens=4096"],
+MODES = {  # name -> the overrides that set it up; the budget's sharpest check first
     "checkpointing": [],
+    "offload+mlp4096": ["train.offload_activations=true", "train.mlp_chunk_tokens=4096"],
 }
 GiB = 2**30
 
@@ -76,6 +77,25 @@ def budget_at(cfg: Any, seq: int, card: int | None, mode: list[str]) -> dict:
                 "torch_reserved_gib": gib(e.torch_reserved), "fits": e.fits}  # fmt: skip
     except Exception as ex:  # the budget is what is checked here, not a reason to stop
         return {"error": f"{type(ex).__name__}: {ex}"[:200]}
+
+
+def host_cap(cfg: Any, mode: list[str], share: float = 0.7) -> int | None:
+    """The longest context whose offloaded layer inputs fit ``share`` of the host's available RAM
+    (the GPU machine has 128 GiB; a 70B shape offloads 80 x 8192 x 2 bytes a token): None
+    without offloading. Past it the search would swap or be killed, not learn about the GPU."""
+    if "train.offload_activations=true" not in mode:
+        return None
+    from qlora_engine import budget
+    from qlora_engine.config import apply_overrides
+
+    try:
+        avail = next(int(ln.split()[1]) * 1024 for ln in open("/proc/meminfo") if ln.startswith("MemAvailable:"))
+        seq = 4096
+        e = budget.estimate(apply_overrides(cfg, [*mode, f"data.max_length={seq}"]), data_stats={"max": seq, "p95": seq, "median": seq})
+        per_token = e.details.get("host_activation_bytes", 0) / seq
+        return int(share * avail / per_token) if per_token else None
+    except Exception:
+        return None
 
 
 def budget_longest(cfg: Any, card: int | None, mode: list[str]) -> int | None:
@@ -190,8 +210,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--search-s", type=float, default=240.0, help="seconds for the context search (0: none)")
-    ap.add_argument("--resolution", type=int, default=1024, help="bisect until the bracket is this narrow")
+    ap.add_argument("--search-s", type=float, default=200.0, help="seconds for the context search (0: none)")
+    ap.add_argument("--resolution", type=int, default=2048, help="bisect until the bracket is this narrow")
     ap.add_argument("--max-len", type=int, default=262144)
     ap.add_argument("--modes", default=",".join(MODES), help=f"context-search modes, of {list(MODES)}")
     ap.add_argument("--folder", help="where the config and tokenizer go (default /tmp/shape-<shape>)")
@@ -258,10 +278,11 @@ def main() -> None:
         def on_try(r: dict, mode: list[str] = mode, name: str = name) -> None:
             print(json.dumps({"mode": name, **r, "budget": budget_at(ran, r["seq"], cardb, mode)}), flush=True)
 
-        found = searcher.search(args.seq, args.resolution, args.max_len, on_try)
+        host = host_cap(ran, mode) if cuda else None
+        found = searcher.search(args.seq, args.resolution, min(args.max_len, host or args.max_len), on_try)
         for r in found["tries"]:
             r["budget"] = budget_at(ran, r["seq"], cardb, mode)
-        record(dict(case=f"longest context, {name}", mode=mode, budget_longest=predicted, **found))
+        record(dict(case=f"longest context, {name}", mode=mode, budget_longest=predicted, host_ram_cap=host, **found))
 
 
 if __name__ == "__main__":
