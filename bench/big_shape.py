@@ -89,7 +89,8 @@ def host_cap(cfg: Any, mode: list[str], share: float = 0.7) -> int | None:
     from qlora_engine.config import apply_overrides
 
     try:
-        avail = next(int(ln.split()[1]) * 1024 for ln in open("/proc/meminfo") if ln.startswith("MemAvailable:"))
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        avail = next(int(ln.split()[1]) * 1024 for ln in meminfo if ln.startswith("MemAvailable:"))
         seq = 4096
         e = budget.estimate(apply_overrides(cfg, [*mode, f"data.max_length={seq}"]), data_stats={"max": seq, "p95": seq, "median": seq})
         per_token = e.details.get("host_activation_bytes", 0) / seq

@@ -74,7 +74,9 @@ class RandomWeights(Mapping[str, LazyTensor]):
             CUDA and CPU generators differ).
     """
 
-    def __init__(self, config: Any, device: torch.device | str = "cpu", seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self, config: Any, device: torch.device | str = "cpu", seed: int = 0, dtype: torch.dtype = torch.bfloat16
+    ):
         from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
         if isinstance(config, (str, Path)):

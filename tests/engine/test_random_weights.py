@@ -52,7 +52,9 @@ def test_the_in_memory_build_is_the_checkpoint_load(tmp_path):
     loaded = _state(models.load_quantized_model(cfg, disk, cpu, torch.float32))
     built = _state(models.load_quantized_model(cfg, memory, cpu, torch.float32, weights=weights))
     other = _state(
-        models.load_quantized_model(cfg, memory, cpu, torch.float32, weights=random_weights.RandomWeights(memory, seed=4))
+        models.load_quantized_model(
+            cfg, memory, cpu, torch.float32, weights=random_weights.RandomWeights(memory, seed=4)
+        )
     )
 
     quantized = [k for k in loaded if k.endswith("mlp.up_proj.weight")]
