@@ -95,6 +95,10 @@ class StepMetrics(Event):
     cuda_allocated: float | None = None
     """Peak bytes allocated by torch since the previous step (None off CUDA)."""
     cuda_reserved: float | None = None
+    paged_out: float | None = None
+    """Bytes of paged optimizer state not on the GPU after the step, at least (None without paged
+    state): bitsandbytes' paged buffers are CUDA managed memory, which the driver moves to CPU RAM
+    when the GPU is full. Read from the device's free memory (:func:`qlora_engine.optim.paged_out_bytes`)."""
 
 
 @dataclass(frozen=True)
@@ -364,6 +368,8 @@ def describe(e: Event) -> str:
     events become text. Redacted."""
     if isinstance(e, StepMetrics):
         mem = f"  mem {e.cuda_reserved / 2**30:.1f} GiB" if e.cuda_reserved else ""
+        if e.paged_out:
+            mem += f" ({e.paged_out / 2**30:.1f} GiB of optimizer state paged out to CPU RAM)"
         msg = (
             f"step {e.step}/{e.total_steps}  loss {e.loss:.4f}  lr {e.learning_rate:.2e}  "
             f"gnorm {e.grad_norm:.3f}  {e.tokens_per_second:,.0f} tok/s  eta {fmt_duration(e.eta)}{mem}"

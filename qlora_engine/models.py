@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -407,12 +408,22 @@ def load_tokenizer(folder: str | Path, *, trust_remote_code: bool = False):
 
 
 def load_quantized_model(
-    cfg: TrainConfig, folder: Path, device: torch.device, dtype: torch.dtype, *, storage: torch.dtype = torch.uint8
+    cfg: TrainConfig,
+    folder: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    storage: torch.dtype = torch.uint8,
+    weights: Mapping[str, Any] | None = None,
 ):
     """Load the base model with its linear layers in 4 bit (bitsandbytes); the rest stays in ``dtype``.
 
     ``storage``: the dtype the packed 4-bit weights are stored in (``bnb_4bit_quant_storage``):
     bytes, or the compute dtype for FSDP, which shards tensors of one dtype; the bits are the same.
+    ``weights``: the checkpoint's tensors by name, read instead of the folder's weight files (the
+    folder still gives the config). transformers takes each value as it takes a safetensors
+    slice, ``value[...]`` when its turn comes, and quantizes it before the next: values built
+    on demand load a model larger than the disk, one tensor at a time (``bench/big_shape.py``).
     """
     # lazy: transformers' auto model classes cost seconds; the budget imports this module only to read a config
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -425,8 +436,17 @@ def load_quantized_model(
         bnb_4bit_quant_storage=storage,
     )
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
+        # transformers takes a state dict only in place of a folder, and through the model's own
+        # class (the auto class needs the folder); the folder then gives the config
+        loader, source = AutoModelForCausalLM, {"pretrained_model_name_or_path": folder}
+        if weights is not None:
+            import transformers  # lazy: see above
+
+            config = AutoConfig.from_pretrained(folder)
+            loader = getattr(transformers, (config.architectures or ["?"])[0])
+            source = {"pretrained_model_name_or_path": None, "config": config, "state_dict": weights}
+        model = loader.from_pretrained(
+            **source,
             quantization_config=qcfg,
             dtype=dtype,
             device_map={"": str(device) if device.type == "cpu" else device.index or 0},

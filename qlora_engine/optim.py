@@ -277,3 +277,40 @@ def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_st
     """The learning-rate schedule (see :func:`warmup_for` for the warmup it uses)."""
     kind, (warmup, _) = cfg.scheduler, warmup_for(cfg.warmup_steps, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(kind, s, warmup, total_steps))
+
+
+# -- paged optimizer state ---------------------------------------------------------------------
+
+
+def paged_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state in CUDA managed memory (bitsandbytes' paged buffers)."""
+    return sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v) and getattr(v, "is_paged", False)
+    )
+
+
+def device_outside_torch(device: torch.device) -> int:
+    """Bytes of the GPU in use but not by torch's allocator: the CUDA context, other processes,
+    kernels' code, and this process's managed memory resident on the device."""
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device)
+
+
+def paged_out_bytes(optimizer: torch.optim.Optimizer, device: torch.device, outside_before: int) -> int | None:
+    """How much paged optimizer state is in CPU RAM now, at least; None without paged state.
+
+    CUDA tells no page's place, but a resident page takes device memory that torch did not
+    reserve: the state's resident part is what the GPU's use outside torch grew by since
+    ``outside_before`` (:func:`device_outside_torch` before the state existed), the rest is paged
+    out. Kernels loaded since then count as resident state, so the figure is a lower bound.
+    """
+    if device.type != "cuda":
+        return None
+    paged = paged_state_bytes(optimizer)
+    if not paged:
+        return None
+    resident = device_outside_torch(device) - outside_before
+    return min(paged, max(0, paged - resident))

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from qlora_engine import checkpoint as ckpt
-from qlora_engine import fast_lora, models
+from qlora_engine import fast_lora, models, optim
 from qlora_engine.config import TrainConfig
 from qlora_engine.control import Aborted, RunControl
 from qlora_engine.data import IGNORE_INDEX, PreparedData, collate, count_tokens, prepare_data
@@ -190,6 +190,8 @@ class Trainer:
         # -- several processes: the module the step calls (DDP around the model, or FSDP sharding it)
         self.net = self.world.wrap(self.model, decoder_layers=models.decoder_layers(self.model))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # the GPU's use outside torch before any paged optimizer state exists (StepMetrics.paged_out)
+        self._outside_torch = optim.device_outside_torch(self.device) if self.device.type == "cuda" else 0
         # one flat buffer for one process; DDP's buckets and FSDP's shards own the parameters' storage
         self.optimizer = build_optimizer(cfg.optim, self.params, flat=self.world.strategy == "single")
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.total_steps)
@@ -376,6 +378,7 @@ class Trainer:
                         eta=sum(step_times) / len(step_times) * (self.total_steps - self.step),
                         cuda_allocated=_cuda_mem(self.device, "max_memory_allocated"),
                         cuda_reserved=_cuda_mem(self.device, "max_memory_reserved"),
+                        paged_out=optim.paged_out_bytes(self.optimizer, self.device, self._outside_torch),
                     )
                 )
             if cfg.train.eval_steps and self.step % cfg.train.eval_steps == 0 and self.step < self.total_steps:
