@@ -31,7 +31,7 @@ from PySide6.QtWidgets import (
 
 from app.config_model import ConfigModel
 from app.inspector import Inspector
-from app.run_controller import absolute_config
+from app.run_catalog import absolute_config
 from qlora_engine import gpu as gpu_facts
 from qlora_engine.budget.estimate import VramEstimate
 from qlora_engine.budget.fit import FitAdvice, Suggestion

@@ -1,4 +1,4 @@
-"""What the history keeps about runs beyond their own files: a title and notes; deleting; finding.
+"""Run folders as files: a title and notes, deleting, finding, the next free name, absolute paths.
 
 Plain data and file operations, no Qt, no torch (the history page only draws them).
 
@@ -9,12 +9,16 @@ with the folder. Renaming gives a run a *title*; the folder keeps its name, beca
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from qlora_engine.config import TrainConfig
 
 NOTES_FILE = "studio.json"
 
@@ -131,3 +135,44 @@ class TensorBoardServer:
             except Exception:  # noqa: BLE001 - it did not go quietly
                 self.process.kill()
                 self.process.wait()
+
+
+def absolute_config(cfg: TrainConfig) -> TrainConfig:
+    """A copy whose file paths are absolute (hub ids and dataset ids are left alone)."""
+    out = copy.deepcopy(cfg)
+    base = cfg.base_dir or Path.cwd()
+
+    def absolute(value: str | None, must_exist: bool) -> str | None:
+        if not value:
+            return value
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return str(p)
+        candidate = (base / p).resolve()
+        if must_exist and not candidate.exists():
+            return value  # a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'
+        return str(candidate)
+
+    out.model.ref = absolute(out.model.ref, True) or ""
+    out.data.path = absolute(out.data.path, True) or ""
+    out.data.validation_path = absolute(out.data.validation_path, True)
+    out.output.dir = absolute(out.output.dir, False) or ""
+    out.base_dir = None
+    return out
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True if a run has already written checkpoints or an adapter there (the engine won't overwrite)."""
+    ckpts = run_dir / "checkpoints"
+    return (run_dir / "adapter").exists() or (ckpts.is_dir() and any(ckpts.iterdir()))
+
+
+def next_free_dir(run_dir: Path) -> Path:
+    """``runs/my-run`` -> ``runs/my-run-2`` (or -3, ...): the first name not holding a run."""
+    stem = re.sub(r"-\d+$", "", run_dir.name)
+    n = 2
+    while True:
+        candidate = run_dir.with_name(f"{stem}-{n}")
+        if not candidate.exists() or not any(candidate.iterdir()):
+            return candidate
+        n += 1

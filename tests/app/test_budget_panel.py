@@ -160,7 +160,7 @@ def test_estimate_follows_each_change_within_100_ms(qtbot, window, tiny_model_di
 def test_the_chosen_card_is_the_one_the_run_gets(qtbot, window, tmp_path, events_dir):
     window.budget.set_gpus([SMALL_CARD])
     replay = Path(__file__).with_name("replay_engine.py")
-    ctl = window.runs.controller
+    ctl = window.runs
     ctl.command_factory = lambda config, resume=None: [sys.executable, str(replay), str(events_dir / "stop.jsonl")]
     window.config_model.set_values(
         {
@@ -171,9 +171,9 @@ def test_the_chosen_card_is_the_one_the_run_gets(qtbot, window, tmp_path, events
     )
     with qtbot.waitSignal(ctl.ended, timeout=20_000):
         assert window.runs.start()
-    assert ctl.process._worker.env["CUDA_VISIBLE_DEVICES"] == "GPU-test"
+    assert ctl.job._worker.env["CUDA_VISIBLE_DEVICES"] == "GPU-test"
     window.budget.set_gpus([])
     window.config_model.set_value("output", "dir", str(tmp_path / "runs" / "y"))
     with qtbot.waitSignal(ctl.ended, timeout=20_000):
         assert window.runs.start()
-    assert ctl.process._worker.env["CUDA_VISIBLE_DEVICES"] == ""  # CPU chosen: no GPU for the child
+    assert ctl.job._worker.env["CUDA_VISIBLE_DEVICES"] == ""  # CPU chosen: no GPU for the child
