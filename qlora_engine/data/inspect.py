@@ -20,6 +20,7 @@ from qlora_engine.data.encode import Encoded, Encoder, resolve_template
 from qlora_engine.data.formats import preview
 from qlora_engine.data.pipeline import RowReader, open_configured, tokenize_rows
 from qlora_engine.data.store import token_stats
+from qlora_engine.padding import packing_hint
 from qlora_engine.errors import DataError, ModelError
 from qlora_engine.events import EventSink, NullSink
 from qlora_engine.scrub import scrub_data
@@ -165,6 +166,8 @@ def inspect_data(
         # What a batch will hold after the max_length policy (what the VRAM budget needs).
         result["token_stats"]["longest_sequence"] = int(tok.samples.lengths.max(initial=0))
         result["lengths"] = tok.lengths[:MAX_LENGTHS_LISTED].tolist()  # for a histogram
+        if not dc.packing:
+            result["packing_hint"] = packing_hint(tok.lengths, cfg.train.micro_batch_size, dc.max_length)
         result["overlong"] = {
             "policy": dc.overlong,
             "max_length": dc.max_length,
@@ -289,6 +292,8 @@ def print_human(r: dict[str, Any], out: Any) -> None:
             f"max {st['max']}  total {st['total']:,}  (trained {st['trained_total']:,})\n"
         )
         w(f"longer than max_length {ov['max_length']}: {st['over_max_length']:,} (policy: {ov['policy']})\n")
+        if r.get("packing_hint"):
+            w(f"hint: {r['packing_hint']}\n")
         if r.get("template"):
             w(f"chat template: {r['template']}\n")
         for s in r["samples"]:
