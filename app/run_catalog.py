@@ -10,10 +10,13 @@ with the folder. Renaming gives a run a *title*; the folder keeps its name, beca
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import re
 import shutil
+import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +85,6 @@ def tracking_dir(run_dir: str | Path) -> Path | None:
 
 
 def tensorboard_installed() -> bool:
-    import importlib.util  # lazy: only the TensorBoard check needs it
-
     return importlib.util.find_spec("tensorboard") is not None
 
 
@@ -91,8 +92,6 @@ class TensorBoardServer:
     """``tensorboard --logdir`` for one run, on a free port of 127.0.0.1 (nothing listens outside)."""
 
     def __init__(self, logdir: str | Path) -> None:
-        import socket  # lazy: only the TensorBoard launcher needs it
-
         self.logdir = Path(logdir)
         with socket.socket() as s:  # a free port now; TensorBoard binds it a moment later
             s.bind(("127.0.0.1", 0))
@@ -105,16 +104,12 @@ class TensorBoardServer:
                 "--port", str(self.port)]  # fmt: skip
 
     def start(self) -> None:
-        import subprocess  # lazy: only the TensorBoard launcher needs it
-
         self.process = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
 
     def ready(self) -> bool:
         """Whether it answers on its port yet (it takes a few seconds to start)."""
-        import socket  # lazy: only the TensorBoard launcher needs it
-
         if self.process is None or self.process.poll() is not None:
             return False
         try:

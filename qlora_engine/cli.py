@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import signal
+import socket
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +33,6 @@ def _fail(e: QLoRAError) -> int:
 
 def _internal_error(e: BaseException, args: argparse.Namespace) -> int:
     """A bug, not a user error: the traceback goes to a log file, the user reads one line naming it."""
-    import traceback  # lazy: only an internal error needs it
-
     from qlora_engine.paths import write_error_log  # lazy: only an internal error needs it
 
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
@@ -99,8 +100,6 @@ def _install_signals(control: Any) -> dict[str, int]:
     exception lands somewhere that swallows it (a finalizer), the loop still sees the flag at the
     next step boundary and before saving the adapter.
     """
-    import socket  # lazy: only this subcommand needs it (fast --help)
-
     from qlora_engine.control import Aborted  # lazy: only this subcommand needs it (fast --help)
 
     state = {"count": 0, "signum": 0}
@@ -406,8 +405,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register(module: str, sub: Any) -> None:
-    import importlib  # lazy: only registering a subcommand module needs it
-
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -680,8 +681,6 @@ def dump_yaml(cfg: TrainConfig, *, comments: bool = True) -> str:
 
 
 def _wrap(text: str, width: int) -> list[str]:
-    import textwrap  # lazy: only the commented YAML writer needs it
-
     return textwrap.wrap(text, width) or [""]
 
 

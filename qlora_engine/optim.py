@@ -95,9 +95,6 @@ class FlatGroup:
             p.data = data[o : o + p.numel()].view_as(p)
             p.grad = grad[o : o + p.numel()].view_as(p)
 
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [flat[o : o + p.numel()] for p, o in zip(self.params, self.offsets, strict=True)]
-
     def relink(self) -> None:
         """Point the tensors' gradients at the flat gradient buffer again (after someone set them to None)."""
         grad = self.flat.grad

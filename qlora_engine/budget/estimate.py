@@ -102,10 +102,6 @@ class VramEstimate:
         """The part torch's ``max_memory_reserved()`` measures (no context, no paged state)."""
         return int(self.details.get("torch_reserved", self.total))
 
-    @property
-    def headroom(self) -> int | None:
-        return None if self.gpu_bytes is None else self.gpu_bytes - self.total
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -20,9 +20,9 @@ from qlora_engine.data.encode import Encoded, Encoder, resolve_template
 from qlora_engine.data.formats import preview
 from qlora_engine.data.pipeline import RowReader, open_configured, tokenize_rows
 from qlora_engine.data.store import token_stats
-from qlora_engine.padding import packing_hint
 from qlora_engine.errors import DataError, ModelError
 from qlora_engine.events import EventSink, NullSink
+from qlora_engine.padding import packing_hint
 from qlora_engine.scrub import scrub_data
 
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
