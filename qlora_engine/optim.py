@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from qlora_engine.config import OptimConfig
+from qlora_engine.config_sections import OptimConfig
 
 FLAT = True
 """Whether :func:`build_optimizer` gives the optimizer one flat buffer (a switch for benchmarks and tests)."""

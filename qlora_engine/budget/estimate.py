@@ -42,7 +42,8 @@ from qlora_engine.budget import timeline as tl
 from qlora_engine.budget.allocator import CALIBRATION, allocator_mode, allocator_slack
 from qlora_engine.budget.kernels import LIGER_MODEL_TYPES, KernelChoice, resolve_kernels
 from qlora_engine.budget.spec import LinearShape, ModelSpec, spec_from_config, spec_from_ref
-from qlora_engine.config import LORA_PRESETS, TrainConfig, parse_layers, validate
+from qlora_engine.config import TrainConfig, parse_layers, validate
+from qlora_engine.config_sections import LORA_PRESETS
 from qlora_engine.errors import ConfigError
 
 GiB = 1 << 30

@@ -45,10 +45,10 @@ def _config(path_or_cfg: str | Path | TrainConfig, overrides: dict[str, Any]) ->
 
 def load_tokenizer_for(ref: str, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
     """A tokenizer from a model reference (folder, hub id, .gguf), without loading or converting weights."""
-    # lazy: models imports transformers; qlora_engine.data is imported at the CLI's start-up
-    from qlora_engine import models
+    # lazy: models and model_ref import transformers; qlora_engine.data is imported at the CLI's start-up
+    from qlora_engine import model_ref, models
 
-    if models.is_gguf(ref):
+    if model_ref.is_gguf(ref):
         # lazy: transformers costs seconds and qlora_engine.data is imported at the CLI's start-up
         from transformers import AutoTokenizer
 
@@ -60,7 +60,7 @@ def load_tokenizer_for(ref: str, *, trust_remote_code: bool = False, revision: s
         if tok.pad_token_id is None:
             tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
         return tok
-    folder = models.resolve_model(ref, weights=False, revision=revision)
+    folder = model_ref.resolve_model(ref, weights=False, revision=revision)
     return models.load_tokenizer(folder, trust_remote_code=trust_remote_code)
 
 
