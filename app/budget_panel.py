@@ -31,7 +31,7 @@ from PySide6.QtWidgets import (
 
 from app.config_model import ConfigModel
 from app.inspector import Inspector
-from app.run_controller import absolute_config
+from app.run_catalog import absolute_config
 from qlora_engine import gpu as gpu_facts
 from qlora_engine.budget.estimate import VramEstimate
 from qlora_engine.budget.fit import FitAdvice, Suggestion
@@ -59,7 +59,8 @@ TARGET_CARDS_MIB = {8: 8188, 12: 12282, 16: 16376, 24: 24564, 48: 49140, 80: 815
 """Cards to plan for on another machine: nominal GB -> the memory NVML reports for the common card of
 that size (the smaller where two differ: RTX 4060 8 GB, 4070 12 GB, 4080 16 GB, 4090 24 GB, RTX A6000
 48 GB, H100 80 GB), so "fits" here means fits there."""
-CUSTOM_CARD = "custom"
+CUSTOM_CARD = {"plan_gb": None}
+"""The selector's data for a planned card of the size in the spin box (a listed one: ``{"plan_gb": GB}``)."""
 
 
 FIT_TITLE = "To make it fit, click a change:"
@@ -293,12 +294,12 @@ class BudgetPanel(QFrame):
             self.gpu_combo.setItemData(0, reason or "no NVIDIA GPU", Qt.ItemDataRole.ToolTipRole)
         self.gpu_combo.insertSeparator(self.gpu_combo.count())
         for gb in TARGET_CARDS_MIB:
-            self.gpu_combo.addItem(f"Plan for {'an' if gb in (8, 80) else 'a'} {gb} GB card", f"target:{gb}")
+            self.gpu_combo.addItem(f"Plan for {'an' if gb in (8, 80) else 'a'} {gb} GB card", {"plan_gb": gb})
         self.gpu_combo.addItem("Plan for a card of …", CUSTOM_CARD)
         if current is not None:
             i = self.gpu_combo.findData(current.index)
             self.gpu_combo.setCurrentIndex(max(i, 0))
-        elif isinstance(planned, str):  # a planned card stays chosen when the local GPUs are looked up again
+        elif isinstance(planned, dict):  # a planned card stays chosen when the local GPUs are looked up again
             self.gpu_combo.setCurrentIndex(max(self.gpu_combo.findData(planned), 0))
         self.gpu_combo.blockSignals(False)
         self._on_gpu_changed()
@@ -311,16 +312,16 @@ class BudgetPanel(QFrame):
     def planned_card(self) -> gpu_facts.GpuInfo | None:
         """The card the estimate is compared with: this machine's, or one chosen to plan for (None: CPU)."""
         data = self.gpu_combo.currentData()
-        if isinstance(data, str):
-            mib = TARGET_CARDS_MIB[int(data.split(":")[1])] if data != CUSTOM_CARD else self.target_gib.value() * 1024
-            size = int(mib * 2**20)
-            name = f"{data.split(':')[1]} GB card" if data != CUSTOM_CARD else f"{size / GIB:g} GiB card"
+        if isinstance(data, dict):
+            gb = data["plan_gb"]
+            size = int((TARGET_CARDS_MIB[gb] if gb is not None else self.target_gib.value() * 1024) * 2**20)
+            name = f"{gb} GB card" if gb is not None else f"{size / GIB:g} GiB card"
             return gpu_facts.GpuInfo(index=-2, name=name, total_bytes=size, free_bytes=size, used_bytes=0)
         return self.selected_gpu()
 
     def plan_for(self, gib_or_gb: int | float) -> None:
         """Choose a card to plan for: a listed size in GB (8, 12, 16, 24, 48, 80) or any size in GiB."""
-        i = self.gpu_combo.findData(f"target:{gib_or_gb}") if gib_or_gb in TARGET_CARDS_MIB else -1
+        i = self.gpu_combo.findData({"plan_gb": gib_or_gb}) if gib_or_gb in TARGET_CARDS_MIB else -1
         if i < 0:
             self.target_gib.setValue(float(gib_or_gb))
             i = self.gpu_combo.findData(CUSTOM_CARD)

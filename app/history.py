@@ -279,9 +279,6 @@ class HistoryPage(QWidget):
         self._update_buttons()
 
     # -- data ------------------------------------------------------------------------------
-    def set_sources(self, roots: list[Path], extra: list[Path]) -> None:
-        self._roots, self._extra = list(roots), list(extra)
-
     def set_source_provider(self, provider) -> None:
         """``provider() -> (roots, extra)``, asked on every refresh (the known runs grow as runs start)."""
         self._provider = provider

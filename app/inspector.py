@@ -70,9 +70,6 @@ class Inspector(QObject):
         self._latest[key] = -1
         self.busy_changed.emit(key, False)
 
-    def is_busy(self, key: str) -> bool:
-        return self._latest.get(key, -1) > 0
-
     def shutdown(self, timeout_ms: int = QUIT_WAIT_MS) -> bool:
         """End the child now. True if it is gone.
 

@@ -19,10 +19,6 @@ from dataclasses import dataclass
 from app.run_record import RunRecord
 from qlora_engine.events import LogLine, RunFailed
 
-LIVE = ("starting", "running", "stopping")
-"""States of a job whose child process is alive."""
-ENDED = ("finished", "stopped", "failed", "aborted")
-
 SIGNAL_DEATHS = (-9, -11, 137, 139)
 """Exit codes of a child ended by the system (the kernel's out-of-memory killer, a crash)."""
 

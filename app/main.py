@@ -31,7 +31,7 @@ def brand(qapp) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--engine"]:
-        # the packaged app has no separate Python: it runs the engine as itself (see run_controller)
+        # the packaged app has no separate Python: it runs the engine as itself (see app.run_worker.engine_argv)
         from qlora_engine.cli import main as engine_main
 
         return engine_main(argv[1:])

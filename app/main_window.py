@@ -167,9 +167,9 @@ class MainWindow(QMainWindow):
         m.path_changed.connect(lambda *_: self._update_title())
         m.errors_changed.connect(self.update_run_summary)
 
-        self.runs.controller.state_changed.connect(self._update_side_panel)
+        self.runs.state_changed.connect(self._update_side_panel)
         self.runs.run_started.connect(self._update_side_panel)
-        self.runs.run_ended.connect(self._on_run_ended)
+        self.runs.ended.connect(self._on_run_ended)
         self._build_menus()
         if demo_model == "find":
             from qlora_engine.demo import find_demo_model  # lazy: only the 'find' default searches for the demo model
@@ -212,7 +212,7 @@ class MainWindow(QMainWindow):
         self._action(r, "S&top (save and finish)", self.runs.stop, QKeySequence("Ctrl+."), "stop")
         self._action(r, "&Abort (end now)", self.runs.abort, QKeySequence("Ctrl+Shift+."), "abort")
         self._action(
-            r, "Save a checkpoint &now", self.runs.controller.save_now, QKeySequence("Ctrl+Shift+K"), "save_now"
+            r, "Save a checkpoint &now", self.runs.save_now, QKeySequence("Ctrl+Shift+K"), "save_now"
         )
         v = bar.addMenu("&View")
         for i, (key, label) in enumerate(PAGES):
@@ -280,7 +280,7 @@ class MainWindow(QMainWindow):
     def _update_side_panel(self, *_args) -> None:
         """The budget panel is in view while configuring (and on a run page with nothing to show yet)."""
         key = self.current_page
-        idle_run_page = key == "run" and self.runs.controller.state == "idle" and self.runs.replaying is None
+        idle_run_page = key == "run" and self.runs.state == "idle" and self.runs.replaying is None
         self.budget.setVisible(key in CONFIG_PAGES or idle_run_page)
 
     def _step(self, delta: int) -> None:

@@ -1,4 +1,17 @@
-"""What the window does with runs: start, stop, abort, resume, open from the history, the demo.
+"""The training run's job, and what the window does with runs: start, stop, abort, resume, the demo.
+
+:class:`RunActions` owns at most one live training run: it writes the configuration it
+launches (every path made absolute, so the run does not depend on the app's working
+directory), starts the engine child through :class:`~app.run_worker.EngineJob`, feeds its
+events into a :class:`RunRecord`, sends it stop/save/abort, samples the GPU's memory through
+NVML about twice a second, and turns an engine that died without a word (a native crash, a
+kill) into a ``RunFailed`` the window can show. Pages observe it through its signals.
+
+Its state is derived (:mod:`app.job_state`): from the run's events first, then from what the
+user asked (stop, abort) and how the child exited. A failure is the engine's ``run_failed``
+event (also for one before the run starts); the child's stderr is only shown, never parsed.
+A resumed run's record starts from the run folder's ``events.jsonl``, so the curve and the
+elapsed time of the part before the resume stay.
 
 Kept apart from the main window (which owns pages, menus and files) so that each stays
 readable. Questions to the user go through small methods (``ask_*``) the tests replace.
@@ -6,6 +19,7 @@ readable. Questions to the user go through small methods (``ask_*``) the tests r
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from PySide6.QtCore import QObject, QTimer, Signal
@@ -14,12 +28,16 @@ from PySide6.QtWidgets import QMessageBox, QWidget
 from app.error_dialog import RunErrorDialog
 from app.failure_fixes import FixChoice, judge_fixes, keep_config_before_fix
 from app.history import HistoryPage
-from app.run_controller import RunController, absolute_config, holds_run, next_free_dir
+from app.job_state import JobFacts, ending_event, state_of
+from app.run_catalog import absolute_config, holds_run, next_free_dir
 from app.run_record import RunRecord
 from app.run_view import RunView
-from app.settings import add_known_run, workspace_dir
+from app.run_worker import EngineJob, engine_command, engine_env
+from app.settings import add_known_run, data_dir, logs_dir, workspace_dir
+from qlora_engine import gpu as gpu_facts
 from qlora_engine.config import ConfigError, TrainConfig, apply_overrides, check_ready
-from qlora_engine.events import RunFailed
+from qlora_engine.errors import QLoRAError
+from qlora_engine.events import Event, RunFailed
 from qlora_engine.resources import path as resource_path
 
 CLOSE_GRACE_MS = 120_000
@@ -28,31 +46,50 @@ CLOSE_GRACE_MS = 120_000
 FIXES_TASK = "failure-fixes"
 """The background job that judges a failed run's fixes (on the window's history task runner)."""
 
+VRAM_SAMPLE_MS = 500
+
 
 class RunActions(QObject):
-    """Glue between the run controller, the run view, the history and the configuration."""
+    """Owns the training run's child and ties it to the run view, the history and the form.
 
-    error_shown = Signal(object)
-    """The error dialog was opened (tests close it)."""
+    Signals:
+        state_changed(str): idle, starting, running, stopping, finished, stopped, failed, aborted.
+        updated(): the record changed (the view throttles its redraws).
+        event(Event): every engine event as it arrives.
+        run_started(Path): a run was launched; its folder.
+        ended(str): the child process is gone; the final state.
+        error_shown(RunErrorDialog): the error dialog was opened (tests close it).
+    """
+
+    state_changed = Signal(str)
+    updated = Signal()
+    event = Signal(object)
     run_started = Signal(object)
-    run_ended = Signal(str)
-    """The run's child process is gone; its final state (the window refreshes what shows runs)."""
+    ended = Signal(str)
+    error_shown = Signal(object)
 
     def __init__(self, window, view: RunView, history: HistoryPage) -> None:
         super().__init__(window)
         self.window = window
         self.view = view
         self.history = history
-        self.controller = RunController(self)
+        self.job: EngineJob | None = None
+        self.record = RunRecord()
+        self.facts = JobFacts()
+        self.state = "idle"
+        self.gpu: gpu_facts.GpuInfo | None = None
+        self.log_path: Path | None = None
+        self.run_dir: Path | None = None
+        self.command_factory = engine_command
+        """Builds the child's command line (tests swap in a replay of recorded events)."""
         self.dialog: RunErrorDialog | None = None
         self.replaying: Path | None = None
-        c = self.controller
-        c.state_changed.connect(view.set_state)
-        c.updated.connect(view.schedule_redraw)
-        c.event.connect(view.append_event)
-        c.output.connect(view.append_text)
-        c.failed.connect(self.show_failure)
-        c.ended.connect(self._on_ended)
+        self._sampler = QTimer(self)
+        self._sampler.setInterval(VRAM_SAMPLE_MS)
+        self._sampler.timeout.connect(self._sample_vram)
+        self.state_changed.connect(view.set_state)
+        self.updated.connect(view.schedule_redraw)
+        self.event.connect(view.append_event)
         view.start_requested.connect(self.start)
         view.stop_requested.connect(self.stop)
         view.abort_requested.connect(self.abort)
@@ -65,7 +102,7 @@ class RunActions(QObject):
 
     @property
     def running(self) -> bool:
-        return self.controller.running
+        return self.job is not None and self.job.returncode is None
 
     # -- questions (replaced in tests) -----------------------------------------------------
     def ask_existing_run(self, run_dir: Path, new_dir: Path) -> str:
@@ -115,7 +152,7 @@ class RunActions(QObject):
             else:
                 model.set_value("output", "dir", str(new_dir))
                 cfg = model.config
-        return self._launch(cfg, resume=resume)
+        return self.launch(cfg, resume=resume)
 
     def launch_blocker(self) -> tuple[str | None, str, str] | None:
         """Why Start must not launch the form's configuration now: (field, title, text); None: it may."""
@@ -133,19 +170,44 @@ class RunActions(QObject):
                 return page.error.field or field, "Fix this first", str(page.error)
         return None
 
-    def _launch(self, cfg: TrainConfig, resume: bool | str | None = None) -> bool:
+    def launch(self, cfg: TrainConfig, resume: bool | None = None) -> bool:
+        """Write the launch configuration and start its child on the budget panel's card."""
         w = self.window
         self.replaying = None
         if self.dialog is not None:  # the failure of a run before this one
             self.dialog.close()
             self.dialog = None
+        launch = absolute_config(cfg)
+        run_dir = Path(launch.output.dir)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
         try:
-            self.controller.start(cfg, resume=resume, gpu=w.budget.selected_gpu())
-        except (RuntimeError, OSError) as e:
+            config_path = data_dir() / "launch" / f"{stamp}-{run_dir.name}.yaml"
+            launch.save(config_path)
+            self.log_path = logs_dir() / f"{run_dir.name}-{stamp}.log"
+        except (OSError, QLoRAError) as e:  # the app's own folder cannot be written
             self.tell("Could not start the run", str(e))
             return False
-        run_dir = self.controller.run_dir
-        self.view.show_record(self.controller.record, self.controller.state)
+        self.run_dir = run_dir
+        self.gpu = w.budget.selected_gpu()
+        env = engine_env()
+        if self.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpu.cuda_visible_id
+        elif launch.train.device != "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU was chosen: keep the child off every GPU
+        # a resumed run continues its record: the curve and the time before the resume stay
+        self.record = RunRecord.from_dir(run_dir) if resume else RunRecord(run_dir=run_dir)
+        self.facts = JobFacts(launched=True)
+        cwd = run_dir.parent if run_dir.parent.is_dir() else None
+        job = EngineJob(self.command_factory(config_path, resume), cwd=cwd, env=env, log_path=self.log_path, parent=self)
+        job.event.connect(self._on_event)
+        job.output.connect(self.view.append_text)
+        job.finished.connect(self._on_finished)
+        self.job = job
+        self._update_state()
+        job.start()
+        if self.gpu is not None:
+            self._sampler.start()
+        self.view.show_record(self.record, self.state)
         w.result_page.set_run(run_dir)  # Try and Export follow the run this page shows
         add_known_run(w.settings, run_dir)
         w.show_page("run")
@@ -153,10 +215,25 @@ class RunActions(QObject):
         return True
 
     def stop(self) -> None:
-        self.controller.stop()
+        """Save and finish at the next step boundary."""
+        if self.running:
+            self.facts.stop_requested = True
+            self.job.stop()
+            self._update_state()
 
     def abort(self) -> None:
-        self.controller.abort()
+        """End the engine now; the checkpoints already on disk stay."""
+        if self.running:
+            self.facts.abort_requested = True
+            self.job.abort()
+
+    def save_now(self) -> None:
+        if self.running:
+            self.job.save_now()
+
+    def wait(self, timeout_ms: int = 60_000) -> bool:
+        """Block until the child's thread has ended (tests and shutdown only)."""
+        return self.job.wait(timeout_ms) if self.job is not None else True
 
     def resume(self, run_dir: Path) -> bool:
         """Continue a run from its newest checkpoint, with the configuration it was started with."""
@@ -170,7 +247,7 @@ class RunActions(QObject):
         except ConfigError as e:
             self.tell("Cannot resume this run", str(e))
             return False
-        return self._launch(absolute_config(cfg), resume=True)
+        return self.launch(absolute_config(cfg), resume=True)
 
     # -- the demo --------------------------------------------------------------------------
     def start_demo(self, gguf: Path) -> bool:
@@ -237,13 +314,13 @@ class RunActions(QObject):
 
     # -- endings ---------------------------------------------------------------------------
     def show_failure(self, failure: RunFailed, log_path: str) -> None:
-        run_dir = self.controller.run_dir
+        run_dir = self.run_dir
         self.dialog = RunErrorDialog(failure, log_path or None, str(run_dir) if run_dir else None, self.window)
         self.dialog.fix_chosen.connect(self.apply_fix)
         self.dialog.setModal(False)
         self.dialog.show()
         if failure.fixes and run_dir is not None:
-            started = self.controller.record.started
+            started = self.record.started
             config = dict(started.config) if started is not None and started.config else None
 
             def judge() -> tuple[RunFailed, list[FixChoice]]:  # reads files: off the GUI thread
@@ -327,14 +404,44 @@ class RunActions(QObject):
         model = self.window.config_model
         return model.valid and absolute_config(model.config) == absolute_config(cfg)
 
-    def _on_ended(self, state: str) -> None:
-        self.window.result_page.set_run(self.controller.run_dir)
-        self.run_ended.emit(state)
+    # -- the child's events and exit ---------------------------------------------------------
+    def _on_event(self, e: Event) -> None:
+        self.record.apply(e)
+        self._update_state()
+        self.event.emit(e)
+        self.updated.emit()
+
+    def _sample_vram(self) -> None:
+        if self.gpu is None or not self.running:
+            return
+        s = gpu_facts.sample(self.gpu.index, pid=self.job.pid)
+        if s is not None:
+            self.record.add_vram(s.used_bytes, s.process_bytes)
+            self.updated.emit()
+
+    def _on_finished(self, code: int, stderr_tail: str) -> None:
+        self._sampler.stop()
+        self.facts.exit_code = code
+        closing = ending_event(self.record, self.facts, stderr_tail)
+        if closing is not None:
+            self._on_event(closing)
+        self.updated.emit()
+        self._update_state()
+        if self.state == "failed":
+            self.show_failure(self.record.failed, str(self.log_path) if self.log_path else "")
+        self.window.result_page.set_run(self.run_dir)
+        self.ended.emit(self.state)
+
+    def _update_state(self) -> None:
+        state = state_of(self.record, self.facts)
+        if state != self.state:
+            self.state = state
+            self.state_changed.emit(state)
 
     def stop_for_close(self, parent: QWidget) -> None:
         """Closing during a run: stop it (it saves), and end it if it has not exited in time."""
-        self.controller.stop()
-        QTimer.singleShot(CLOSE_GRACE_MS, self.controller.abort)
+        self.stop()
+        QTimer.singleShot(CLOSE_GRACE_MS, self.abort)
 
 
 def _record_summary(rec: RunRecord) -> str:

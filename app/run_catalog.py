@@ -1,4 +1,4 @@
-"""What the history keeps about runs beyond their own files: a title and notes; deleting; finding.
+"""Run folders as files: a title and notes, deleting, finding, the next free name, absolute paths.
 
 Plain data and file operations, no Qt, no torch (the history page only draws them).
 
@@ -9,12 +9,19 @@ with the folder. Renaming gives a run a *title*; the folder keeps its name, beca
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import json
 import os
+import re
 import shutil
+import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from qlora_engine.config import TrainConfig
 
 NOTES_FILE = "studio.json"
 
@@ -78,8 +85,6 @@ def tracking_dir(run_dir: str | Path) -> Path | None:
 
 
 def tensorboard_installed() -> bool:
-    import importlib.util  # lazy: only the TensorBoard check needs it
-
     return importlib.util.find_spec("tensorboard") is not None
 
 
@@ -87,8 +92,6 @@ class TensorBoardServer:
     """``tensorboard --logdir`` for one run, on a free port of 127.0.0.1 (nothing listens outside)."""
 
     def __init__(self, logdir: str | Path) -> None:
-        import socket  # lazy: only the TensorBoard launcher needs it
-
         self.logdir = Path(logdir)
         with socket.socket() as s:  # a free port now; TensorBoard binds it a moment later
             s.bind(("127.0.0.1", 0))
@@ -101,16 +104,12 @@ class TensorBoardServer:
                 "--port", str(self.port)]  # fmt: skip
 
     def start(self) -> None:
-        import subprocess  # lazy: only the TensorBoard launcher needs it
-
         self.process = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
 
     def ready(self) -> bool:
         """Whether it answers on its port yet (it takes a few seconds to start)."""
-        import socket  # lazy: only the TensorBoard launcher needs it
-
         if self.process is None or self.process.poll() is not None:
             return False
         try:
@@ -131,3 +130,44 @@ class TensorBoardServer:
             except Exception:  # noqa: BLE001 - it did not go quietly
                 self.process.kill()
                 self.process.wait()
+
+
+def absolute_config(cfg: TrainConfig) -> TrainConfig:
+    """A copy whose file paths are absolute (hub ids and dataset ids are left alone)."""
+    out = copy.deepcopy(cfg)
+    base = cfg.base_dir or Path.cwd()
+
+    def absolute(value: str | None, must_exist: bool) -> str | None:
+        if not value:
+            return value
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return str(p)
+        candidate = (base / p).resolve()
+        if must_exist and not candidate.exists():
+            return value  # a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'
+        return str(candidate)
+
+    out.model.ref = absolute(out.model.ref, True) or ""
+    out.data.path = absolute(out.data.path, True) or ""
+    out.data.validation_path = absolute(out.data.validation_path, True)
+    out.output.dir = absolute(out.output.dir, False) or ""
+    out.base_dir = None
+    return out
+
+
+def holds_run(run_dir: Path) -> bool:
+    """True if a run has already written checkpoints or an adapter there (the engine won't overwrite)."""
+    ckpts = run_dir / "checkpoints"
+    return (run_dir / "adapter").exists() or (ckpts.is_dir() and any(ckpts.iterdir()))
+
+
+def next_free_dir(run_dir: Path) -> Path:
+    """``runs/my-run`` -> ``runs/my-run-2`` (or -3, ...): the first name not holding a run."""
+    stem = re.sub(r"-\d+$", "", run_dir.name)
+    n = 2
+    while True:
+        candidate = run_dir.with_name(f"{stem}-{n}")
+        if not candidate.exists() or not any(candidate.iterdir()):
+            return candidate
+        n += 1

@@ -79,8 +79,3 @@ def add_known_run(settings: QSettings, run_dir: str | Path) -> None:
     p = str(Path(run_dir).resolve())
     runs = [p] + [r for r in _list(settings, "runs/known") if r != p]
     settings.setValue("runs/known", runs[:500])
-
-
-def forget_run(settings: QSettings, run_dir: str | Path) -> None:
-    p = str(Path(run_dir).resolve())
-    settings.setValue("runs/known", [r for r in _list(settings, "runs/known") if r != p])

@@ -104,10 +104,6 @@ class TaskRunner(QObject):
             self._latest[key] = -1
         self.busy_changed.emit(key, False)
 
-    def is_busy(self, key: str) -> bool:
-        with self._lock:
-            return self._latest.get(key, -1) > 0
-
     def _take(self) -> tuple[str, int, Callable[[], Any]] | None:
         with self._lock:
             if not self._pending or self._closed:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 
 def demo_model_folder() -> Path:
     from qlora_engine.demo import fetch_demo_model
-    from qlora_engine.models import gguf_to_folder
+    from qlora_engine.model_ref import gguf_to_folder
 
     return gguf_to_folder(fetch_demo_model())
 

@@ -4,7 +4,7 @@ One executable plays three parts, chosen by the first argument:
 
 - ``qlora-studio [CONFIG.yaml]``: the window (``app.main.main``);
 - ``qlora-studio --engine ARGS...``: the engine, exactly as ``qlora-engine ARGS...``. A frozen
-  app has no ``python`` to run ``python -m qlora_engine``, so ``app/run_controller.py`` launches
+  app has no ``python`` to run ``python -m qlora_engine``, so ``app/run_worker.py`` launches
   its own executable with ``--engine`` in front when ``sys.frozen`` is set, and
   ``app.main.main`` hands those arguments to ``qlora_engine.cli.main``;
 - ``qlora-studio --smoke-test [...]``: the self-test in ``frozen_smoke.py`` that

@@ -54,7 +54,7 @@ def _inside_bundle(path: Path) -> bool:
 
 
 def engine_argv(*args: str) -> list[str]:
-    """The engine's command line, as the window builds it (see app/run_controller.py)."""
+    """The engine's command line, as the window builds it (see app/run_worker.py)."""
     if _frozen():
         return [sys.executable, "--engine", *args]
     return [sys.executable, "-m", "qlora_engine", *args]
@@ -149,7 +149,8 @@ def check_window(qapp):
 
 
 def check_train(qapp, model_dir: Path, workdir: Path) -> str:
-    from app.run_controller import RunController
+    from app.main_window import MainWindow
+    from app.settings import open_settings
     from qlora_engine import resources
     from qlora_engine.config import TrainConfig, apply_overrides
 
@@ -168,21 +169,24 @@ def check_train(qapp, model_dir: Path, workdir: Path) -> str:
             "data.max_length=64",
         ],
     )
-    ctl = RunController()
+    window = MainWindow(open_settings())  # the run's job lives in the window's RunActions
+    runs = window.runs
     ended: list[str] = []
-    ctl.ended.connect(ended.append)
-    lines: list[str] = []
-    ctl.output.connect(lines.append)
+    runs.ended.connect(ended.append)
     t0 = time.perf_counter()
-    ctl.start(cfg)
-    cmd = ctl.process.cmd
-    if not _wait(qapp, lambda: bool(ended), 600):
-        ctl.abort()
-        raise AssertionError("the run did not end within 600 s")
-    if ended != ["finished"]:
-        log = ctl.log_path.read_text(encoding="utf-8", errors="replace") if ctl.log_path.is_file() else ""
-        tail = "\n".join((log.splitlines() or lines)[-12:])
-        raise AssertionError(f"the run ended {ended[0]}; engine log {ctl.log_path} ends:\n{tail}")
+    try:
+        if not runs.launch(cfg):
+            raise AssertionError("the window did not launch the run")
+        cmd = runs.job.cmd
+        if not _wait(qapp, lambda: bool(ended), 600):
+            runs.abort()
+            raise AssertionError("the run did not end within 600 s")
+        if ended != ["finished"]:
+            log = runs.log_path.read_text(encoding="utf-8", errors="replace") if runs.log_path.is_file() else ""
+            tail = "\n".join((log or window.run_view.log.toPlainText()).splitlines()[-12:])
+            raise AssertionError(f"the run ended {ended[0]}; engine log {runs.log_path} ends:\n{tail}")
+    finally:
+        window.close()
     if not (out / "adapter" / "adapter_model.safetensors").is_file():
         raise AssertionError(f"the run finished without an adapter in {out}")
     return f"2 steps of '{' '.join([Path(cmd[0]).name, *cmd[1:3]])} ...' finished in {time.perf_counter() - t0:.1f}s, adapter saved"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import signal
+import socket
 import sys
 import traceback
 from pathlib import Path
@@ -98,8 +100,6 @@ def _install_signals(control: Any) -> dict[str, int]:
     exception lands somewhere that swallows it (a finalizer), the loop still sees the flag at the
     next step boundary and before saving the adapter.
     """
-    import socket  # lazy: only this subcommand needs it (fast --help)
-
     from qlora_engine.control import Aborted  # lazy: only this subcommand needs it (fast --help)
 
     state = {"count": 0, "signum": 0}
@@ -411,8 +411,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register(module: str, sub: Any) -> None:
-    import importlib  # lazy: only registering a subcommand module needs it
-
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import signal
 import socket
 import sys
 import time
@@ -370,28 +369,3 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def install_stop_signals(control: RunControl) -> None:
-    """SIGTERM and SIGINT (torchrun forwards both) ask for a stop at the next step boundary.
-
-    The processes agree on it there (:meth:`World.agree`), so all stop after the same step and
-    rank 0 saves once; a second signal aborts this process (the others then fail fast).
-    """
-    count = {"n": 0}
-
-    def handler(signum: int, frame: Any) -> None:
-        count["n"] += 1
-        if count["n"] == 1:
-            if is_main_process():
-                print(
-                    f"\n{signal.Signals(signum).name}: stopping all processes after this step and saving ...",
-                    file=sys.stderr,
-                )
-            control.request_stop()
-        else:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from qlora_engine.config import OptimConfig
+from qlora_engine.config_sections import OptimConfig
 
 FLAT = True
 """Whether :func:`build_optimizer` gives the optimizer one flat buffer (a switch for benchmarks and tests)."""
@@ -94,9 +94,6 @@ class FlatGroup:
         for p, o in zip(params, self.offsets, strict=True):
             p.data = data[o : o + p.numel()].view_as(p)
             p.grad = grad[o : o + p.numel()].view_as(p)
-
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [flat[o : o + p.numel()] for p, o in zip(self.params, self.offsets, strict=True)]
 
     def relink(self) -> None:
         """Point the tensors' gradients at the flat gradient buffer again (after someone set them to None)."""

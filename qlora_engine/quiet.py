@@ -18,6 +18,7 @@ not built, see :mod:`optim`).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
@@ -180,8 +181,6 @@ def capture(verbose: bool = False) -> Captured:
 
 def _quiet_transformers_handler() -> None:
     """transformers prints through a handler of its own: remove it, so its records reach ours."""
-    import importlib.util  # lazy: only this transformers hook needs it
-
     if importlib.util.find_spec("transformers") is None:
         return
     from transformers.utils import logging as tf_logging  # lazy: transformers is slow to import, maybe absent

@@ -18,11 +18,9 @@ the base model by its reference).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +112,6 @@ def write_text(path: Path, text: str) -> None:
     Path(path).write_text(scrub(text), encoding="utf-8")
 
 
-def write_json(path: Path, obj: Any, **kw: Any) -> None:
-    """Write ``obj`` as JSON (every string in it scrubbed)."""
-    write_text(path, json.dumps(scrub_data(obj), **kw))
-
-
 def _byte_patterns() -> list[re.Pattern[bytes]]:
     pats = [re.compile(re.escape(v.encode())) for v in _secrets()]
     pats.append(re.compile(rb"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{20,}"))
@@ -162,9 +155,3 @@ def _scrub_binary(path: Path) -> bool:
 def scrub_tree(folder: Path) -> list[Path]:
     """Scrub every file under ``folder`` in place; the files that changed."""
     return [p for p in sorted(Path(folder).rglob("*")) if p.is_file() and not p.is_symlink() and scrub_file(p)]
-
-
-def scrub_paths(paths: Iterable[Path]) -> None:
-    for p in paths:
-        if Path(p).is_file():
-            scrub_file(Path(p))

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from qlora_engine import checkpoint as ckpt
-from qlora_engine import fast_lora, models, optim
+from qlora_engine import fast_lora, model_ref, models, optim
 from qlora_engine.config import TrainConfig
 from qlora_engine.control import Aborted, RunControl
 from qlora_engine.data import IGNORE_INDEX, PreparedData, collate, count_tokens, prepare_data
@@ -79,7 +79,7 @@ def prepare_inputs(
     device = (world or World()).pick_device(models.pick_device(cfg.train.device))
     dtype = models.pick_compute_dtype(cfg.quant.compute_dtype, device)
     sink.emit(PhaseChanged(phase="resolving", detail=cfg.model.ref))
-    folder = models.resolve_model(cfg.model.ref, revision=cfg.model.revision, sink=sink, token=cfg.model.token)
+    folder = model_ref.resolve_model(cfg.model.ref, revision=cfg.model.revision, sink=sink, token=cfg.model.token)
     tokenizer = models.load_tokenizer(folder, trust_remote_code=cfg.model.trust_remote_code)
     if data is None:
         sink.emit(PhaseChanged(phase="preparing_data", detail=cfg.data.path))

@@ -63,7 +63,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf) -> Path:
     """SmolLM2 dequantized once to a safetensors folder (cached per machine; ~30 s the first time)."""
-    from qlora_engine.models import gguf_to_folder
+    from qlora_engine.model_ref import gguf_to_folder
 
     return gguf_to_folder(smollm2_gguf)
 

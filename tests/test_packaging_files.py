@@ -282,12 +282,12 @@ def test_the_qt_modules_the_spec_leaves_out_are_not_used_by_the_app():
 
 
 def test_frozen_command_of_the_window_reaches_the_engine(capsys):
-    """run_controller turns ``[python, -m, qlora_engine, ...]`` into ``[exe, --engine, ...]`` when frozen."""
+    """engine_argv turns ``[python, -m, qlora_engine, ...]`` into ``[exe, --engine, ...]`` when frozen."""
     from app.main import main as app_main
     from app.run_worker import engine_command
 
     cmd = engine_command(Path("run.yaml"))
-    assert cmd[:3] == [sys.executable, "-m", "qlora_engine"], "run_controller strips exactly these three"
+    assert cmd[:3] == [sys.executable, "-m", "qlora_engine"], "engine_argv strips exactly these three"
     assert cmd[3] == "train"
     with pytest.raises(SystemExit) as exit_info:
         app_main(["--engine", "--help"])

@@ -22,9 +22,9 @@ from app.fields import FieldForm, debounce, row
 from app.inspector import Inspector
 from app.pages.base import Page
 from qlora_engine.errors import DataError, QLoRAError
+from qlora_engine.padding import packing_hint
 
 PREVIEW_ROWS = 2000
-PACKING_HINT = 0.3  # suggest packing when this share of the computed tokens would be padding
 """Rows read for the statistics and the histogram (the preview must stay quick on big files)."""
 SHOWN_SAMPLES = 5
 SAME = "(same name)"
@@ -37,22 +37,6 @@ FIELDS = {
     "prompt_completion": ("prompt", "completion"),
 }
 
-
-
-def padding_share(lengths: np.ndarray, micro_batch_size: int, max_length: int, seed: int = 0) -> float:
-    """The share of the tokens an unpacked run computes that are padding.
-
-    Samples (cut to ``max_length``) go into micro-batches of ``micro_batch_size`` in a seeded
-    random order, as training draws them, and each micro-batch is padded to its longest sample
-    (the engine's ``collate``). Packing leaves only the end of each sequence unfilled.
-    """
-    n = np.minimum(np.asarray(lengths, dtype=np.int64), max_length)
-    if n.size == 0 or micro_batch_size < 1:
-        return 0.0
-    n = n[np.random.default_rng(seed).permutation(n.size)]
-    computed = sum(int(n[i : i + micro_batch_size].max()) * len(n[i : i + micro_batch_size])
-                   for i in range(0, n.size, micro_batch_size))  # fmt: skip
-    return 1.0 - int(n.sum()) / computed
 
 def data_request(kind: str, cfg: Any) -> dict[str, Any]:
     """A question about the configuration's data for the inspecting child (it tokenizes; torch)."""
@@ -336,12 +320,9 @@ class DataPage(Page):
         else:
             text += f" All fit in {max_len} tokens."
         cfg = self.model.config
-        share = padding_share(lengths, cfg.train.micro_batch_size, max_len)
-        if not cfg.data.packing and share >= PACKING_HINT:
-            text += (
-                f" In micro-batches of {cfg.train.micro_batch_size}, {share:.0%} of the tokens computed would be "
-                f"padding; packing puts several samples in each sequence (about {1 / (1 - share):.1f}× less work)."
-            )
+        hint = None if cfg.data.packing else packing_hint(lengths, cfg.train.micro_batch_size, max_len)
+        if hint:
+            text += " " + hint
         self.stats.setText(text)
 
     # -- column mapping --------------------------------------------------------------------

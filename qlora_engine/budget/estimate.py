@@ -42,7 +42,8 @@ from qlora_engine.budget import timeline as tl
 from qlora_engine.budget.allocator import CALIBRATION, allocator_mode, allocator_slack
 from qlora_engine.budget.kernels import LIGER_MODEL_TYPES, KernelChoice, resolve_kernels
 from qlora_engine.budget.spec import LinearShape, ModelSpec, spec_from_config, spec_from_ref
-from qlora_engine.config import LORA_PRESETS, TrainConfig, parse_layers, validate
+from qlora_engine.config import TrainConfig, parse_layers, validate
+from qlora_engine.config_sections import LORA_PRESETS
 from qlora_engine.errors import ConfigError
 
 GiB = 1 << 30
@@ -101,10 +102,6 @@ class VramEstimate:
     def torch_reserved(self) -> int:
         """The part torch's ``max_memory_reserved()`` measures (no context, no paged state)."""
         return int(self.details.get("torch_reserved", self.total))
-
-    @property
-    def headroom(self) -> int | None:
-        return None if self.gpu_bytes is None else self.gpu_bytes - self.total
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,6 +22,7 @@ from qlora_engine.data.pipeline import RowReader, open_configured, tokenize_rows
 from qlora_engine.data.store import token_stats
 from qlora_engine.errors import DataError, ModelError
 from qlora_engine.events import EventSink, NullSink
+from qlora_engine.padding import packing_hint
 from qlora_engine.scrub import scrub_data
 
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
@@ -44,10 +45,10 @@ def _config(path_or_cfg: str | Path | TrainConfig, overrides: dict[str, Any]) ->
 
 def load_tokenizer_for(ref: str, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
     """A tokenizer from a model reference (folder, hub id, .gguf), without loading or converting weights."""
-    # lazy: models imports transformers; qlora_engine.data is imported at the CLI's start-up
-    from qlora_engine import models
+    # lazy: models and model_ref import transformers; qlora_engine.data is imported at the CLI's start-up
+    from qlora_engine import model_ref, models
 
-    if models.is_gguf(ref):
+    if model_ref.is_gguf(ref):
         # lazy: transformers costs seconds and qlora_engine.data is imported at the CLI's start-up
         from transformers import AutoTokenizer
 
@@ -59,7 +60,7 @@ def load_tokenizer_for(ref: str, *, trust_remote_code: bool = False, revision: s
         if tok.pad_token_id is None:
             tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
         return tok
-    folder = models.resolve_model(ref, weights=False, revision=revision)
+    folder = model_ref.resolve_model(ref, weights=False, revision=revision)
     return models.load_tokenizer(folder, trust_remote_code=trust_remote_code)
 
 
@@ -165,6 +166,8 @@ def inspect_data(
         # What a batch will hold after the max_length policy (what the VRAM budget needs).
         result["token_stats"]["longest_sequence"] = int(tok.samples.lengths.max(initial=0))
         result["lengths"] = tok.lengths[:MAX_LENGTHS_LISTED].tolist()  # for a histogram
+        if not dc.packing:
+            result["packing_hint"] = packing_hint(tok.lengths, cfg.train.micro_batch_size, dc.max_length)
         result["overlong"] = {
             "policy": dc.overlong,
             "max_length": dc.max_length,
@@ -289,6 +292,8 @@ def print_human(r: dict[str, Any], out: Any) -> None:
             f"max {st['max']}  total {st['total']:,}  (trained {st['trained_total']:,})\n"
         )
         w(f"longer than max_length {ov['max_length']}: {st['over_max_length']:,} (policy: {ov['policy']})\n")
+        if r.get("packing_hint"):
+            w(f"hint: {r['packing_hint']}\n")
         if r.get("template"):
             w(f"chat template: {r['template']}\n")
         for s in r["samples"]:

@@ -102,8 +102,3 @@ def untrained_note(stats: dict[str, int]) -> str | None:
     if stats["zero_b_matrices"]:
         return f"{stats['zero_b_matrices']} of {stats['b_matrices']} LoRA B matrices are zero (those layers are unchanged)."
     return None
-
-
-def slug(name: str) -> str:
-    out = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.")
-    return out or "model"

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-import numpy as np
 import torch
 
 from qlora_engine.errors import ModelError
@@ -122,8 +121,3 @@ def write_lora_gguf(
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
 
     return write_gguf(path, spec, metadata, plan, progress=progress, should_stop=should_stop)
-
-
-def lora_delta(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
-    """The weight change llama.cpp applies for one adapted matrix: alpha / rank * B @ A."""
-    return (alpha / a.shape[0]) * (b @ a)

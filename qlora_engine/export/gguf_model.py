@@ -294,23 +294,3 @@ def state_dict_tensors(model: torch.nn.Module) -> Iterator[tuple[str, Callable[[
     """(name, loader, shape) for every tensor of an in-memory model."""
     for name, t in model.state_dict().items():
         yield name, (lambda t=t: t.detach().cpu()), tuple(t.shape)
-
-
-def safetensors_tensors(folder: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor], tuple[int, ...]]]:
-    """(name, loader, shape) for every tensor of a safetensors model folder, read lazily."""
-    from safetensors import safe_open  # lazy: only reading safetensors sources needs it
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{folder}: no safetensors weights to convert.")
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            names = list(st.keys())
-            shapes = {n: tuple(st.get_slice(n).get_shape()) for n in names}
-        for n in names:
-
-            def load(f=f, n=n) -> torch.Tensor:
-                with safe_open(str(f), framework="pt") as st:
-                    return st.get_tensor(n)
-
-            yield n, load, shapes[n]

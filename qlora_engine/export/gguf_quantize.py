@@ -13,6 +13,7 @@ export with a message instead of taking the caller (the app's export process, a 
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import subprocess
@@ -113,8 +114,6 @@ def quantize(
 
 def _main(argv: list[str]) -> int:
     """The child: ``SRC DST TYPE [THREADS]``; exit status 0 when llama.cpp wrote DST."""
-    import ctypes  # lazy: only the quantizer's child process needs it
-
     import llama_cpp  # lazy: optional package, used in the child process only
 
     src, dst, kind = argv[:3]

@@ -224,7 +224,7 @@ def _candidates(info: RunInfo) -> list[str]:
 
 def resolve_base(info: RunInfo, *, sink: Any = None) -> Path:
     """The local folder of the run's base model (a GGUF base is its cached safetensors conversion)."""
-    from qlora_engine.models import resolve_model  # lazy: models imports torch; reading a run must not
+    from qlora_engine.model_ref import resolve_model  # lazy: model_ref imports torch; reading a run must not
 
     errors: list[str] = []
     for ref in _candidates(info):

@@ -107,8 +107,8 @@ def make_window(qtbot, studio_home):
     yield make
     for w in made:
         if w.runs.running:
-            w.runs.controller.abort()
-            w.runs.controller.wait(30_000)
+            w.runs.abort()
+            w.runs.wait(30_000)
             qtbot.waitUntil(lambda w=w: not w.runs.running, timeout=30_000)
         if w.runs.dialog is not None:
             w.runs.dialog.close()

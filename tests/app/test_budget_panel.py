@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.budget_panel import FASTER_TITLE
+from app.budget_panel import CUSTOM_CARD, FASTER_TITLE
 from qlora_engine.gpu import GpuInfo
 
 SMALL_CARD = GpuInfo(index=0, name="Test GPU 1 GiB", total_bytes=2**30, free_bytes=2**30, used_bytes=0, uuid="GPU-test")
@@ -65,7 +65,7 @@ def test_planning_for_a_card_of_another_machine(qtbot, window, tiny_model_dir):
         window.config_model.set_values({("train", "micro_batch_size"): 64, ("data", "max_length"): 4096})
     assert panel.property("state") == "over" and panel.suggestion_buttons
     panel.refresh_gpus()  # looking for local GPUs again keeps the planned card
-    assert panel.gpu_combo.currentData() == "custom" and panel.planned_card().total_bytes == 3 * 2**29
+    assert panel.gpu_combo.currentData() == CUSTOM_CARD and panel.planned_card().total_bytes == 3 * 2**29
 
 
 def test_over_budget_turns_red_and_a_suggestion_applies(qtbot, window, tiny_model_dir):
@@ -160,7 +160,7 @@ def test_estimate_follows_each_change_within_100_ms(qtbot, window, tiny_model_di
 def test_the_chosen_card_is_the_one_the_run_gets(qtbot, window, tmp_path, events_dir):
     window.budget.set_gpus([SMALL_CARD])
     replay = Path(__file__).with_name("replay_engine.py")
-    ctl = window.runs.controller
+    ctl = window.runs
     ctl.command_factory = lambda config, resume=None: [sys.executable, str(replay), str(events_dir / "stop.jsonl")]
     window.config_model.set_values(
         {
@@ -171,9 +171,9 @@ def test_the_chosen_card_is_the_one_the_run_gets(qtbot, window, tmp_path, events
     )
     with qtbot.waitSignal(ctl.ended, timeout=20_000):
         assert window.runs.start()
-    assert ctl.process._worker.env["CUDA_VISIBLE_DEVICES"] == "GPU-test"
+    assert ctl.job._worker.env["CUDA_VISIBLE_DEVICES"] == "GPU-test"
     window.budget.set_gpus([])
     window.config_model.set_value("output", "dir", str(tmp_path / "runs" / "y"))
     with qtbot.waitSignal(ctl.ended, timeout=20_000):
         assert window.runs.start()
-    assert ctl.process._worker.env["CUDA_VISIBLE_DEVICES"] == ""  # CPU chosen: no GPU for the child
+    assert ctl.job._worker.env["CUDA_VISIBLE_DEVICES"] == ""  # CPU chosen: no GPU for the child

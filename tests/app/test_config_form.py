@@ -12,8 +12,8 @@ from PySide6.QtWidgets import QCheckBox, QComboBox, QFileDialog, QLineEdit, QSpi
 
 from app.config_model import SECTIONS, ConfigModel, field_type, section_fields
 from app.main_window import CONFIG_PAGES
-from app.pages.data_page import PACKING_HINT, padding_share
 from qlora_engine.config import TrainConfig, field_help
+from qlora_engine.padding import PACKING_HINT, padding_share
 
 
 def all_bindings(window) -> dict:
@@ -212,16 +212,6 @@ def test_data_page_detects_maps_previews_and_measures(qtbot, window, tiny_model_
     assert f"{share:.0%} of the tokens computed" in page.stats.text()
     window.config_model.set_value("data", "packing", True)
     assert "would be padding" not in page.stats.text()
-
-
-def test_padding_share_counts_each_micro_batch_padded_to_its_longest_sample():
-    lengths = np.array([10, 2, 2, 2])
-    assert padding_share(lengths, 4, 100) == 1 - 16 / 40
-    assert padding_share(lengths, 4, 4) == 1 - 10 / 16  # cut to max_length first
-    assert padding_share(lengths, 1, 100) == 0.0  # a batch of one is never padded
-    assert padding_share(np.array([5, 5, 5, 5]), 2, 100) == 0.0
-    pairs = padding_share(lengths, 2, 100)  # the long sample pads its partner, whichever it is
-    assert pairs == 1 - 16 / 24
 
 
 def test_unplaced_fields_are_bound_generically(make_window):

@@ -83,7 +83,7 @@ def test_a_200k_row_dataset_and_a_1000_step_run_keep_the_window_memory_flat(
         }
     )
     assert window.config_model.valid, window.config_model.errors
-    ctl = window.runs.controller
+    ctl = window.runs
     view = window.run_view
     rss_before = rss_bytes()
 

@@ -58,7 +58,7 @@ def test_start_shows_the_field_check_ready_names(window, reworded, values, page)
     window.show_page("training")
     assert not window.runs.start()
     assert window.current_page == page  # model.ref or data.path, read from the error's field
-    assert window.runs.controller.process is None
+    assert window.runs.job is None
 
 
 def test_why_a_fix_starts_a_new_run_reads_the_blockers_fields(monkeypatch):
@@ -102,13 +102,13 @@ FAKE_ENGINE = textwrap.dedent(
 def test_a_failed_engine_is_read_from_its_event_never_from_stderr(qtbot, window, tmp_path, mode):
     script = tmp_path / "fake_engine.py"
     script.write_text(FAKE_ENGINE)
-    window.runs.controller.command_factory = lambda config, resume=None: [sys.executable, str(script), mode]
+    window.runs.command_factory = lambda config, resume=None: [sys.executable, str(script), mode]
     window.config_model.set_values(
         {("model", "ref"): str(tmp_path), ("data", "path"): str(script), ("output", "dir"): str(tmp_path / "out")}
     )
     shown = []
     window.runs.error_shown.connect(shown.append)
-    with qtbot.waitSignal(window.runs.controller.ended, timeout=30_000) as ended:
+    with qtbot.waitSignal(window.runs.ended, timeout=30_000) as ended:
         assert window.runs.start()
     assert ended.args == ["failed"] and len(shown) == 1
     dialog = shown[0]

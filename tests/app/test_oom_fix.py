@@ -19,7 +19,7 @@ import yaml
 from app.budget_panel import compute_budget
 from app.error_dialog import RunErrorDialog
 from app.failure_fixes import BEFORE_FIX_NAME, fix_choices
-from app.run_controller import absolute_config
+from app.run_catalog import absolute_config
 from app.run_worker import engine_command
 from qlora_engine.checkpoint import list_checkpoints, resume_blockers, write_marker
 from qlora_engine.config import TrainConfig, apply_overrides
@@ -122,7 +122,7 @@ def test_fixes_are_offered_as_resume_or_new_run_from_resume_blockers(
             return [sys.executable, str(REPLAY), str(events), "--exit", "3"]
         return [sys.executable, str(REPLAY), str(events_dir / "normal.jsonl")]
 
-    ctl = window.runs.controller
+    ctl = window.runs
     ctl.command_factory = factory
     window.runs.ask_existing_run = lambda run_dir, new_dir: "resume"
     with qtbot.waitSignal(window.runs.error_shown, timeout=30_000) as shown:
@@ -219,7 +219,7 @@ def test_out_of_memory_fix_resumes_the_real_run_from_its_checkpoint(
         cmd = engine_command(config, resume)
         return [sys.executable, str(OOM_ENGINE), "2", *cmd[3:]] if len(launches) == 1 else cmd
 
-    ctl = window.runs.controller
+    ctl = window.runs
     ctl.command_factory = factory
     with qtbot.waitSignal(window.runs.error_shown, timeout=300_000) as shown:
         window.run_view.start_button.click()

@@ -63,7 +63,7 @@ def test_full_run_from_the_form(qtbot, window, tiny_model_dir, text_data, tmp_pa
     fill_form(qtbot, window, tiny_model_dir, text_data, out, steps=6, save_steps=3)
     QApplication.processEvents()  # fill_form ends on the run page: its first paint is done before we measure
     loop_probe.start()
-    ctl = window.runs.controller
+    ctl = window.runs
     with qtbot.waitSignal(ctl.ended, timeout=120_000) as blocker:
         qtbot.mouseClick(window.run_view.start_button, Qt.MouseButton.LeftButton)
     loop_probe.stop()
@@ -83,7 +83,7 @@ def test_full_run_from_the_form(qtbot, window, tiny_model_dir, text_data, tmp_pa
 def test_stop_mid_run_then_resume_from_history(qtbot, window, tiny_model_dir, text_data, tmp_path):
     out = tmp_path / "runs" / "stopped"
     fill_form(qtbot, window, tiny_model_dir, text_data, out, steps=10, save_steps=None)
-    ctl = window.runs.controller
+    ctl = window.runs
     with qtbot.waitSignal(ctl.event, timeout=120_000, check_params_cb=lambda e: isinstance(e, StepMetrics)):
         window.run_view.start_button.click()
     with qtbot.waitSignal(ctl.ended, timeout=120_000) as blocker:
@@ -117,10 +117,10 @@ def test_closing_the_window_mid_run_stops_the_child(qtbot, make_window, tiny_mod
     window = make_window()
     out = tmp_path / "runs" / "closed"
     fill_form(qtbot, window, tiny_model_dir, text_data, out, steps=200, save_steps=None)
-    ctl = window.runs.controller
+    ctl = window.runs
     with qtbot.waitSignal(ctl.event, timeout=120_000, check_params_cb=lambda e: isinstance(e, StepMetrics)):
         window.run_view.start_button.click()
-    proc = ctl.process._worker.proc
+    proc = ctl.job._worker.proc
     asked = []
     window.ask_stop_on_close = lambda: asked.append(True) or True
     window.close()
@@ -130,4 +130,4 @@ def test_closing_the_window_mid_run_stops_the_child(qtbot, make_window, tiny_mod
     assert proc.poll() is not None
     assert ctl.state == "stopped"
     assert list_checkpoints(out / "checkpoints"), "the stopped run saved a checkpoint"
-    assert not ctl.process._thread.isRunning()
+    assert not ctl.job._thread.isRunning()

@@ -75,7 +75,7 @@ def play(qtbot, window, tmp_path: Path, name: str, events: list, *extra: str, fi
     """Start a run named ``name`` from the form whose engine prints ``events``; wait for its end."""
     run_dir = tmp_path / "runs" / name
     stream = write(tmp_path / f"{name}.jsonl", events)
-    window.runs.controller.command_factory = lambda config, resume=None: [
+    window.runs.command_factory = lambda config, resume=None: [
         sys.executable, str(REPLAY), str(stream), "--write-adapter", *extra
     ]  # fmt: skip
     window.config_model.set_values(
@@ -84,7 +84,7 @@ def play(qtbot, window, tmp_path: Path, name: str, events: list, *extra: str, fi
     if final is None:
         assert window.runs.start()
         return run_dir
-    with qtbot.waitSignal(window.runs.controller.ended, timeout=30_000) as ended:
+    with qtbot.waitSignal(window.runs.ended, timeout=30_000) as ended:
         assert window.runs.start()
     assert ended.args == [final]
     window.run_view.redraw()
@@ -98,8 +98,8 @@ def loss_steps(window) -> list[float]:
 def test_a_finished_run_is_finished_on_every_page_even_if_abort_was_clicked_late(qtbot, window, tmp_path):
     run_dir = tmp_path / "runs" / "a"
     play(qtbot, window, tmp_path, "a", segment(run_dir, range(1, 13)), "--hang", final=None)
-    qtbot.waitUntil(lambda: window.runs.controller.record.finished is not None, timeout=30_000)
-    with qtbot.waitSignal(window.runs.controller.ended, timeout=30_000) as ended:
+    qtbot.waitUntil(lambda: window.runs.record.finished is not None, timeout=30_000)
+    with qtbot.waitSignal(window.runs.ended, timeout=30_000) as ended:
         window.run_view.abort_button.click()  # the engine said run_finished, then was killed
     assert ended.args == ["finished"]
     view = window.run_view
@@ -113,8 +113,8 @@ def test_a_finished_run_is_finished_on_every_page_even_if_abort_was_clicked_late
 def test_abort_while_training_is_aborted(qtbot, window, tmp_path):
     run_dir = tmp_path / "runs" / "b"
     play(qtbot, window, tmp_path, "b", segment(run_dir, range(1, 4), end="none"), "--hang", final=None)
-    qtbot.waitUntil(lambda: window.runs.controller.record.step == 3, timeout=30_000)
-    with qtbot.waitSignal(window.runs.controller.ended, timeout=30_000) as ended:
+    qtbot.waitUntil(lambda: window.runs.record.step == 3, timeout=30_000)
+    with qtbot.waitSignal(window.runs.ended, timeout=30_000) as ended:
         window.run_view.abort_button.click()
     assert ended.args == ["aborted"] and window.run_view.state_label.text() == "Aborted"
     assert window.runs.dialog is None  # an abort the user asked for is not a failure
@@ -134,13 +134,13 @@ def test_resume_keeps_the_curve_and_the_time_before_it(qtbot, window, tmp_path):
     first = segment(run_dir, range(1, 7), end="stopped")  # 30 s of training, stopped at step 6
     write(run_dir / "events.jsonl", [*first[:-1], CheckpointSaved(step=6, path=str(ckpt)), first[-1]])
     stream = write(tmp_path / "c2.jsonl", segment(run_dir, range(7, 13), resumed=True))  # 30 s more
-    window.runs.controller.command_factory = lambda config, resume=None: [sys.executable, str(REPLAY), str(stream)]
-    with qtbot.waitSignal(window.runs.controller.ended, timeout=30_000) as ended:
+    window.runs.command_factory = lambda config, resume=None: [sys.executable, str(REPLAY), str(stream)]
+    with qtbot.waitSignal(window.runs.ended, timeout=30_000) as ended:
         assert window.runs.resume(run_dir)
     assert ended.args == ["finished"]
     window.run_view.redraw()
     assert loss_steps(window) == list(range(1, 13))  # the part before the resume stays on the chart
-    assert window.runs.controller.record.elapsed == pytest.approx(60.0)
+    assert window.runs.record.elapsed == pytest.approx(60.0)
     assert "elapsed 1:00" in window.run_view.eta.text()
     assert window.run_view.progress.value() == TOTAL
 
@@ -211,6 +211,6 @@ def test_start_refuses_a_model_the_engine_flagged(qtbot, window, tmp_path):
     qtbot.waitUntil(lambda: window.model_page.error is not None, timeout=60_000)
     window.show_page("run")
     assert not window.runs.start()
-    assert window.current_page == "model" and window.runs.controller.process is None
+    assert window.current_page == "model" and window.runs.job is None
     window.config_model.set_value("model", "ref", "")  # the flag was about that model: it goes with it
     assert window.model_page.error is None

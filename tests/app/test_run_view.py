@@ -24,7 +24,7 @@ REPLAY = Path(__file__).with_name("replay_engine.py")
 
 
 def use_replay(window, events: Path, *extra: str) -> None:
-    window.runs.controller.command_factory = lambda config, resume=None: [
+    window.runs.command_factory = lambda config, resume=None: [
         sys.executable,
         str(REPLAY),
         str(events),
@@ -46,7 +46,7 @@ def ready(window, tmp_path: Path) -> None:
 def run_replay(qtbot, window, tmp_path, events: Path, *extra: str, final: str | None = None) -> None:
     use_replay(window, events, *extra)
     ready(window, tmp_path)
-    with qtbot.waitSignal(window.runs.controller.ended, timeout=30_000) as blocker:
+    with qtbot.waitSignal(window.runs.ended, timeout=30_000) as blocker:
         assert window.runs.start()
     if final:
         assert blocker.args == [final]
@@ -90,7 +90,7 @@ def test_out_of_memory_shows_one_error_dialog(qtbot, window, tmp_path, events_di
     assert "CUDA out of memory" in dialog.findChild(type(dialog.facts), "errorMessage").text()
     assert "gradient_checkpointing" in dialog.findChild(type(dialog.facts), "errorHint").text()
     assert "step-000004" in dialog.facts.text()  # the checkpoint to resume from
-    assert str(window.runs.controller.log_path) in dialog.facts.text()  # the run's log
+    assert str(window.runs.log_path) in dialog.facts.text()  # the run's log
     assert dialog.traceback.toPlainText() == failure.traceback
     assert dialog.traceback.isReadOnly()
     dialog.copy_details()
@@ -124,7 +124,7 @@ def test_user_stop_replay_and_engine_crash(qtbot, window, tmp_path, events_dir):
 def test_stop_and_abort_reach_the_child(qtbot, window, tmp_path, events_dir):
     use_replay(window, events_dir / "normal.jsonl", "--hang")
     ready(window, tmp_path)
-    ctl = window.runs.controller
+    ctl = window.runs
     with qtbot.waitSignal(ctl.updated, timeout=20_000):
         window.runs.start()
     assert window.run_view.stop_button.isEnabled() and not window.run_view.start_button.isEnabled()
@@ -139,11 +139,11 @@ def test_stop_and_abort_reach_the_child(qtbot, window, tmp_path, events_dir):
     window.config_model.set_value("output", "dir", str(tmp_path / "runs" / "second"))
     with qtbot.waitSignal(ctl.updated, timeout=20_000):
         window.runs.start()
-    pid = ctl.process.pid
+    pid = ctl.job.pid
     with qtbot.waitSignal(ctl.ended, timeout=20_000) as blocker:
         window.run_view.abort_button.click()
     assert blocker.args == ["aborted"]
-    assert ctl.process.returncode != 0
+    assert ctl.job.returncode != 0
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
     assert "Aborted" in window.run_view.log.toPlainText()
 
@@ -168,7 +168,7 @@ def test_window_answers_timers_while_events_stream(qtbot, window, tmp_path, even
     window.show_page("run")  # the first paint of the charts is a page switch, not streaming
     QApplication.processEvents()
     loop_probe.start()
-    with qtbot.waitSignal(window.runs.controller.ended, timeout=60_000):
+    with qtbot.waitSignal(window.runs.ended, timeout=60_000):
         window.runs.start()
     loop_probe.stop()
     window.run_view.redraw()

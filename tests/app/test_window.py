@@ -23,7 +23,7 @@ def capture_launches(window, events: Path) -> list:
         launches.append((Path(config), resume))
         return [sys.executable, str(REPLAY), str(events)]
 
-    window.runs.controller.command_factory = factory
+    window.runs.command_factory = factory
     return launches
 
 
@@ -34,7 +34,7 @@ def test_demo_is_offered_and_starts_in_one_click(qtbot, make_window, tmp_path, e
     w = make_window(demo_model=gguf)
     assert not w.model_page.demo_banner.isHidden()
     launches = capture_launches(w, events_dir / "normal.jsonl")
-    with qtbot.waitSignal(w.runs.controller.ended, timeout=20_000):
+    with qtbot.waitSignal(w.runs.ended, timeout=20_000):
         w.model_page.demo_button.click()
     assert w.current_page == "run"
     ((config, resume),) = launches
@@ -60,12 +60,12 @@ def test_output_folder_holding_a_run_continue_or_new(qtbot, window, tmp_path, ev
     window.runs.ask_existing_run = lambda run_dir, new_dir: "cancel"
     assert not window.runs.start() and not launches
     window.runs.ask_existing_run = lambda run_dir, new_dir: "new"
-    with qtbot.waitSignal(window.runs.controller.ended, timeout=20_000):
+    with qtbot.waitSignal(window.runs.ended, timeout=20_000):
         assert window.runs.start()
     assert window.config_model.config.output.dir == str(tmp_path / "runs" / "busy-2")
     window.config_model.set_value("output", "dir", str(out))
     window.runs.ask_existing_run = lambda run_dir, new_dir: "resume"
-    with qtbot.waitSignal(window.runs.controller.ended, timeout=20_000):
+    with qtbot.waitSignal(window.runs.ended, timeout=20_000):
         assert window.runs.start()
     assert [r for _, r in launches] == [None, True]
 

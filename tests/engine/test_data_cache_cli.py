@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from data_support import make_cfg
 from transformers import AutoTokenizer
@@ -13,6 +14,7 @@ from qlora_engine.cli import main
 from qlora_engine.data import inspect_data, prepare_data
 from qlora_engine.data.cache import cache_root
 from qlora_engine.events import ListSink, LogLine
+from qlora_engine.padding import padding_share
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -103,6 +105,26 @@ def test_inspect_data_reads_a_run_config(tmp_path, data_dir, tok):
     info = inspect_data(cfg, tok)
     assert info["format"] == "alpaca" and info["evidence"]["given"] == "data.format"
     assert info["settings"]["max_length"] == 64 and info["token_stats"]["max_length"] == 64
+
+
+def test_padding_share_counts_each_micro_batch_padded_to_its_longest_sample():
+    lengths = np.array([10, 2, 2, 2])
+    assert padding_share(lengths, 4, 100) == 1 - 16 / 40
+    assert padding_share(lengths, 4, 4) == 1 - 10 / 16  # cut to max_length first
+    assert padding_share(lengths, 1, 100) == 0.0  # a batch of one is never padded
+    assert padding_share(np.array([5, 5, 5, 5]), 2, 100) == 0.0
+    pairs = padding_share(lengths, 2, 100)  # the long sample pads its partner, whichever it is
+    assert pairs == 1 - 16 / 24
+
+
+def test_inspect_data_offers_packing_when_padded_batches_waste_compute(tmp_path, data_dir, tok):
+    cfg = make_cfg(data_dir / "chat.jsonl", max_length=100)  # lengths 28, 31, 45, 61
+    cfg.train.micro_batch_size = 4  # one batch padded to 61: 1 - 165/244 of it is padding
+    assert "32% of the tokens computed would be padding" in inspect_data(cfg, tok)["packing_hint"]
+    cfg.train.micro_batch_size = 1
+    assert inspect_data(cfg, tok)["packing_hint"] is None
+    cfg.data.packing = True
+    assert "packing_hint" not in inspect_data(cfg, tok)
 
 
 def test_cli_inspect_data_json(data_dir, tiny_model_dir, capsys):

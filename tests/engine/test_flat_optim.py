@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qlora_engine import optim
-from qlora_engine.config import OptimConfig
+from qlora_engine.config_sections import OptimConfig
 from qlora_engine.events import ListSink, StepMetrics
 from qlora_engine.runner import build_trainer
 from qlora_engine.train import Trainer

@@ -14,7 +14,8 @@ import textwrap
 import pytest
 from hostile_harness import ROOT
 
-from qlora_engine.config import LoraSettings, TrainConfig, apply_overrides, validate
+from qlora_engine.config import TrainConfig, apply_overrides, validate
+from qlora_engine.config_sections import LoraSettings
 from qlora_engine.errors import ConfigError
 
 HUGE_LINE_MB = 24
