@@ -132,14 +132,14 @@ def write_folder(folder: Path, config: dict[str, Any]) -> Path:
 def use_in_engine(folder: Path, weights: RandomWeights) -> None:
     """Make the engine load ``weights`` for the model in ``folder`` (bench processes only).
 
-    The trainer calls ``models.resolve_model`` (which refuses a folder without weight files)
+    The trainer calls ``model_ref.resolve_model`` (which refuses a folder without weight files)
     and ``models.load_quantized_model``; both are wrapped for this one folder, everything else
     (the quantization config, the dtype, the attention, the LoRA wrapping) is the engine's own.
     """
-    from qlora_engine import models
+    from qlora_engine import model_ref, models
 
     folder = Path(folder).resolve()
-    resolve, load = models.resolve_model, models.load_quantized_model
+    resolve, load = model_ref.resolve_model, models.load_quantized_model
 
     def resolve_here(ref: str, **kw: Any) -> Path:
         return folder if Path(ref).expanduser().resolve() == folder else resolve(ref, **kw)
@@ -149,4 +149,4 @@ def use_in_engine(folder: Path, weights: RandomWeights) -> None:
             kw["weights"] = weights
         return load(cfg, where, device, dtype, **kw)
 
-    models.resolve_model, models.load_quantized_model = resolve_here, load_here
+    model_ref.resolve_model, models.load_quantized_model = resolve_here, load_here
