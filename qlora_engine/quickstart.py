@@ -232,7 +232,7 @@ def run_quickstart(
     from qlora_engine.demo import fetch_demo_model  # lazy: keeps torch out of the window
     from qlora_engine.events import TextSink  # lazy: keeps torch out of the window
     from qlora_engine.export.adapter import write_run_adapter_card  # lazy: keeps torch out of the window
-    from qlora_engine.train import run  # lazy: keeps torch out of the window
+    from qlora_engine.runner import run  # lazy: keeps torch out of the window
 
     say = log or (lambda m: print(m, file=sys.stderr))
     gguf = fetch_demo_model(log=say)
