@@ -139,3 +139,84 @@ def _package_files() -> list[str]:
 def test_the_walk_covers_both_packages():
     files = _package_files()
     assert {"qlora_engine/cli.py", "app/main_window.py", "qlora_engine/export/__init__.py"} <= set(files)
+
+
+def _module_path(module: str) -> Path | None:
+    """The file of one of our modules (``a.b`` → ``a/b.py`` or ``a/b/__init__.py``), or None."""
+    base = ROOT / Path(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _top_level_names(path: Path) -> set[str] | None:
+    """What a module defines at its top level (also under top-level ``if``/``try``); None when it
+    has a module ``__getattr__`` (its names are not all written down)."""
+    names: set[str] = set()
+    pending = list(ast.parse(path.read_text(encoding="utf-8")).body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.If, ast.Try, ast.With)):
+            pending += [*node.body, *getattr(node, "orelse", []), *getattr(node, "finalbody", [])]
+            pending += [n for h in getattr(node, "handlers", []) for n in h.body]
+    return None if "__getattr__" in names else names
+
+
+def unresolved_late_imports(source: str) -> list[str]:
+    """Imports inside functions that name one of our modules or a name it does not have: a lazy
+    import breaks only when its function runs, so nothing at start-up notices a moved function."""
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import):
+                wanted = [(a.name, None) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                wanted = [(node.module, a.name) for a in node.names]
+            else:
+                continue
+            for module, name in wanted:
+                if module.split(".")[0] not in PACKAGES:
+                    continue
+                path = _module_path(module)
+                if path is None:
+                    found.append(f"{node.lineno}: no module {module}")
+                    continue
+                names = _top_level_names(path)
+                if name is None or names is None or name in names or _module_path(f"{module}.{name}"):
+                    continue
+                found.append(f"{node.lineno}: {module} has no {name}")
+    return found
+
+
+def test_the_late_import_check_finds_a_moved_function():
+    snippet = (
+        "def f():\n"
+        "    from qlora_engine.runner import run  # fine\n"
+        "    from qlora_engine.train import run  # line 3: run moved to runner\n"
+        "    from qlora_engine import export  # a subpackage\n"
+        "    import qlora_engine.no_such_module  # line 5\n"
+        "    from json import nothing_checked  # not ours\n"
+    )
+    assert unresolved_late_imports(snippet) == [
+        "3: qlora_engine.train has no run",
+        "5: no module qlora_engine.no_such_module",
+    ]
+
+
+def test_every_import_inside_a_function_resolves():
+    broken = [
+        f"{name}:{problem}"
+        for name in _package_files()
+        for problem in unresolved_late_imports((ROOT / name).read_text(encoding="utf-8"))
+    ]
+    assert broken == [], "imports that fail when their function first runs: " + ", ".join(broken)
