@@ -15,7 +15,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QVBoxLayout, QWidget
 
-from app.run_record import RunRecord
+from app.run_record import MEMORY_SERIES, RunRecord
 
 SERIES_COLORS = {
     # Each line at least 3:1 against the plot's background in its look (WCAG 1.4.11 for graphics; tested):
@@ -30,6 +30,7 @@ SERIES_COLORS = {
         "this run (NVML)": "#be123c",
         "torch allocated": "#15803d",
         "torch reserved": "#a16207",
+        "paged out to CPU RAM": "#7c3aed",
         "estimate": "#64748b",
         "note": "#6b7280",
     },
@@ -43,6 +44,7 @@ SERIES_COLORS = {
         "this run (NVML)": "#fb7185",
         "torch allocated": "#4ade80",
         "torch reserved": "#facc15",
+        "paged out to CPU RAM": "#a78bfa",
         "estimate": "#94a3b8",
         "note": "#9ca3af",
     },
@@ -90,7 +92,7 @@ class RunCharts(QWidget):
         self._curve(self.lr, "learning rate")
         self._curve(self.gnorm, "grad norm")
         self._curve(self.tps, "tokens/s")
-        for name in ("GPU used (NVML)", "this run (NVML)", "torch allocated", "torch reserved"):
+        for name in MEMORY_SERIES.values():
             self._curve(self.vram, name)
         self.estimate_line = pg.InfiniteLine(
             angle=0,
@@ -170,7 +172,7 @@ class RunCharts(QWidget):
         self.curves["eval loss"].setData(np.asarray(xs, float), _finite(ys))
         self._legend(self.loss, self.curves["eval loss"], bool(xs))
         mem = rec.memory_series()
-        for name in ("GPU used (NVML)", "this run (NVML)", "torch allocated", "torch reserved"):
+        for name in MEMORY_SERIES.values():
             x, y = mem.get(name, ([], []))
             self.curves[name].setData(np.asarray(x, float), np.asarray(y, float))
             self._legend(self.vram, self.curves[name], bool(x))

@@ -46,6 +46,7 @@ MEMORY_SERIES = {
     "vram_process": "this run (NVML)",
     "cuda_allocated": "torch allocated",
     "cuda_reserved": "torch reserved",
+    "paged_out": "paged out to CPU RAM",
 }
 """Memory figures drawn against the time (NVML samples, and the engine's own per step), and their labels."""
 
@@ -95,6 +96,10 @@ class RunRecord:
             for name in ("cuda_allocated", "cuda_reserved"):
                 if getattr(e, name) is not None:
                     self._series[name].append(e.time, getattr(e, name))
+            # drawn from the first step that pages anything out: a paged optimizer that never
+            # spills (the usual case) adds no line at zero to every GPU run's chart
+            if e.paged_out or (e.paged_out is not None and len(self._series["paged_out"])):
+                self._series["paged_out"].append(e.time, e.paged_out)
             self.latest = e
         elif isinstance(e, EvalResult):
             self._series["eval_loss"].drop_from(e.step)

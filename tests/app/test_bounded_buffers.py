@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import weakref
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -38,6 +39,7 @@ def step_event(step: int, loss: float, total: int, t0: float = 1_000_000.0) -> S
         eta=(total - step) * 0.1,
         cuda_allocated=2**30 + (step % 101) * 2**20,
         cuda_reserved=2**31,
+        paged_out=(step % 3) * 2**28,
         time=t0 + step * 0.1,
     )
 
@@ -171,3 +173,29 @@ def test_opening_a_long_run_from_the_history_reads_it_line_by_line(tmp_path, mon
     assert most_alive <= 3  # ... one at a time: the record keeps the start and the latest step, not the stream
     assert alive <= 3
     assert rec.step == total and rec.series("loss")[0][-1] == total
+
+
+@pytest.mark.parametrize(
+    "paged, drawn",
+    [
+        ([None] * 6, 0),  # no paged optimizer (a CPU run, or a plain one)
+        ([0.0] * 6, 0),  # a paged optimizer that never spilled: no line at zero
+        ([0.0, 0.0, 2**30, 2**30, 0.0, 2**29], 4),  # from the first spill on, zeros included
+        ([2**31] * 6, 6),
+    ],
+)
+def test_the_vram_chart_shows_optimizer_state_paged_out_once_any_is(qtbot, paged, drawn):
+    rec = RunRecord()
+    rec.apply(RunStarted(run_dir="/tmp/run", config={}, model={}, device="cuda:0", total_steps=6, time=999_999.0))
+    for i, out in enumerate(paged, start=1):
+        rec.apply(replace(step_event(i, 1.0, 6), paged_out=out))
+    charts = RunCharts()
+    qtbot.addWidget(charts)
+    charts.draw(rec)
+    x, y = charts.curves["paged out to CPU RAM"].getData()
+    assert len(x if x is not None else []) == drawn
+    if drawn:
+        first = next(i for i, v in enumerate(paged) if v)
+        assert list(y) == pytest.approx([(v or 0) / 2**30 for v in paged[first:]])
+    labels = [label.text for _sample, label in charts.vram.legend.items]
+    assert ("paged out to CPU RAM" in labels) == bool(drawn)
