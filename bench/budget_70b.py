@@ -8,31 +8,18 @@ checkpointed inputs offloaded, and the longest context that fits. Not a measurem
 """
 
 import json
+import sys
 from pathlib import Path
 
 from qlora_engine import budget
 from qlora_engine.budget.fit import fit
 from qlora_engine.config import TrainConfig, apply_overrides
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from random_weights import LLAMA3_70B  # noqa: E402  (bench/ is not a package)
+
 Path("/tmp/llama70b").mkdir(exist_ok=True)
-Path("/tmp/llama70b/config.json").write_text(
-    json.dumps(
-        {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
-            "vocab_size": 128256,
-            "hidden_size": 8192,
-            "intermediate_size": 28672,
-            "num_hidden_layers": 80,
-            "num_attention_heads": 64,
-            "num_key_value_heads": 8,
-            "max_position_embeddings": 1048576,
-            "rope_theta": 500000.0,
-            "torch_dtype": "bfloat16",
-            "tie_word_embeddings": False,
-        }
-    )
-)  # Llama-3-70B, max positions raised so the search is not capped at 8192
+Path("/tmp/llama70b/config.json").write_text(json.dumps(LLAMA3_70B))  # max positions raised: the search is not capped at 8192
 GiB = 2**30
 card = int(78.6 * GiB)  # an 80 GB card as usable_vram reports it (bench/NOTES.md session 4)
 
