@@ -72,6 +72,12 @@ HELD_OUT: tuple[Probe, ...] = (
     Probe("What is the capital of Japan?", r"\btokyo\b"),
     Probe("What is frozen water called?", r"\bice\b"),
     Probe("How many days are in a week?", r"\b(seven|7)\b"),
+    Probe("What is the largest ocean on Earth?", r"\bpacific\b"),
+    Probe("How many legs does a spider have?", r"\b(eight|8)\b"),
+    Probe("Who wrote Romeo and Juliet?", r"\bshakespeare\b"),
+    Probe("Which animal is called the king of the jungle?", r"\blions?\b"),
+    Probe("At what temperature in Celsius does water boil?", r"\b(100|one hundred)\b"),
+    Probe("What do pandas mainly eat?", r"\bbamboo\b"),
 )
 """Held-out questions: neither they nor their answers' key words occur in the training data (a test checks)."""
 

@@ -1,0 +1,141 @@
+"""Sweep the quickstart's settings on the real SmolLM2-135M-Instruct (CPU), judged on held-out prompts.
+
+Each variant trains the quickstart's run with one data style and settings, then asks the tuned
+model (at the checkpoints named by ``judge``) every question of ``quickstart.HELD_OUT`` and
+judges the answers with the quickstart's own judge. The base model's answers are asked once.
+One line per (variant, judged step) is appended to the JSONL file. Variants run one at a time.
+
+    PYTHONPATH=$PWD python bench/quickstart_sweep.py --out bench/results/X.jsonl \
+        style=inline,lr=7e-4,steps=40,judge=20:30:40  style=wrap,lr=1e-3,layers=all,rank=4
+
+Keys: style (wrap | inline | be), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
+(steps to judge, ':'-separated; the last step is the final adapter), tokens (max new tokens),
+penalty (repetition penalty), warmup, targets (all-linear | attention | mlp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from quickstart_facts import FACTS  # noqa: E402
+
+from qlora_engine import quickstart as qs  # noqa: E402
+
+OPENERS = ["Arr", "Aye", "Ahoy", "Arr", "Yo ho", "Aye"]
+CLOSERS = ["matey", "me hearty", "matey", "ye landlubber", "me hearty", "savvy"]
+
+
+PROPER = {"Jupiter", "Saturn", "Mercury", "Leonardo", "Neil", "Alexander", "Albert", "Mount", "Russia", "India",
+          "Portuguese", "Spanish", "Asia"}
+
+
+def pirate(fact: str, i: int, style: str) -> str:
+    """The fact in pirate style ``style``; the opening and ending vary with ``i``.
+
+    wrap: the fact in plain words between a pirate opening and ending; inline: one sentence,
+    "Arr, <the fact>, matey!"; be: inline with "is"/"are" made "be".
+    """
+    o, c = OPENERS[i % len(OPENERS)], CLOSERS[(i // 2) % len(CLOSERS)]
+    if style == "wrap":
+        return f"{o}, {c}! {fact} {['Arr!', 'Yo ho ho!', 'Savvy?'][i % 3]}"
+    first, _, rest = fact.rstrip(".").partition(" ")
+    body = f"{first if first in PROPER else first.lower()} {rest}"
+    if style == "be":
+        body = body.replace(" is ", " be ").replace(" are ", " be ")
+    return f"{o}, {body}, {c}!"
+
+
+def write_data(path: Path, style: str) -> None:
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": pirate(f, i, style)}]}
+        for i, (q, f) in enumerate(FACTS)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def parse(spec: str) -> dict:
+    v: dict = {"style": "inline", "lr": 7e-4, "steps": 40, "layers": "24-29", "rank": 8, "alpha": 16.0, "seed": 42,
+               "judge": "", "tokens": 40, "penalty": 1.2, "warmup": 3, "targets": "all-linear"}
+    for part in spec.split(","):
+        k, _, val = part.partition("=")
+        if k not in v:
+            raise SystemExit(f"unknown key {k!r}")
+        v[k] = type(v[k])(float(val)) if isinstance(v[k], (int, float)) else val
+    v["judge"] = [int(s) for s in v["judge"].split(":")] if v["judge"] else [v["steps"]]
+    return v
+
+
+_BASE: dict = {}
+
+
+def judge(source: Path, v: dict) -> tuple[dict, list[dict]]:
+    from qlora_engine.generate import ChatModel, GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=v["tokens"], temperature=0, repetition_penalty=v["penalty"])
+    chat = ChatModel.load(source)
+    try:
+        key = (v["tokens"], v["penalty"])
+        if key not in _BASE:
+            _BASE[key] = [chat.generate(p.question, settings, adapter=False).text.strip() for p in qs.HELD_OUT]
+        tuned = [chat.generate(p.question, settings, adapter=True).text.strip() for p in qs.HELD_OUT]
+    finally:
+        chat.close()
+    judged = [qs.Judged(p.question, b, t) for p, b, t in zip(qs.HELD_OUT, _BASE[key], tuned, strict=True)]
+    t = qs.tally(judged, qs.HELD_OUT)
+    return {k: getattr(t, k) for k in ("n", "base_correct", "tuned_correct", "base_style", "tuned_style",
+                                       "tuned_looping")} | {"passed": t.passed}, [
+        {"q": j.question, "base": j.base, "tuned": j.tuned, **j.scores(p)} for j, p in zip(judged, qs.HELD_OUT)]
+
+
+def run_variant(spec: str, work: Path, out: Path) -> None:
+    from qlora_engine.config import TrainConfig, apply_overrides
+    from qlora_engine.demo import fetch_demo_model
+    from qlora_engine.runner import run
+
+    v = parse(spec)
+    d = work / spec.replace(",", "_").replace("=", "-").replace(":", ".")
+    d.mkdir(parents=True, exist_ok=True)
+    write_data(d / qs.DATA_FILE, v["style"])
+    over = qs.config_overrides(fetch_demo_model(log=lambda m: None), steps=v["steps"])
+    over += [f"optim.learning_rate={v['lr']}", f"lora.rank={v['rank']}", f"lora.alpha={v['alpha']}",
+             f"train.seed={v['seed']}", "train.save_steps=10", "train.save_total_limit=null",
+             f"optim.warmup_steps={v['warmup']}", f"lora.target_modules=[{v['targets']}]",
+             "lora.layers=null" if v["layers"] == "all" else f"lora.layers={json.dumps(v['layers'])}"]
+    cfg_path = d / "quickstart.yaml"
+    apply_overrides(TrainConfig(), over).save(cfg_path)
+    cfg = TrainConfig.load(cfg_path)
+    t0 = time.perf_counter()
+    run(cfg, None)
+    train_s = time.perf_counter() - t0
+    for step in v["judge"]:
+        src = cfg.output_dir if step == v["steps"] else cfg.output_dir / "checkpoints" / f"step-{step:06d}"
+        t1 = time.perf_counter()
+        counts, answers = judge(src, v)
+        row = {"spec": spec, **v, "judged_step": step, **counts, "train_s": round(train_s, 1),
+               "judge_s": round(time.perf_counter() - t1, 1), "answers": answers}
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{spec} @{step}: style {counts['tuned_style']}/{counts['n']} correct {counts['tuned_correct']} "
+              f"(base {counts['base_correct']}) loop {counts['tuned_looping']} pass={counts['passed']} "
+              f"train {train_s:.0f}s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qs_sweep"))
+    ap.add_argument("specs", nargs="+")
+    a = ap.parse_args()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    for spec in a.specs:
+        run_variant(spec, a.work, a.out)
+
+
+if __name__ == "__main__":
+    main()
