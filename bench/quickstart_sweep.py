@@ -8,7 +8,7 @@ One line per (variant, judged step) is appended to the JSONL file. Variants run 
     PYTHONPATH=$PWD python bench/quickstart_sweep.py --out bench/results/X.jsonl \
         style=inline,lr=7e-4,steps=40,judge=20:30:40  style=wrap,lr=1e-3,layers=all,rank=4
 
-Keys: style (wrap | inline | be), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
+Keys: style (wrap | lead | inline | be), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
 (steps to judge, ':'-separated; the last step is the final adapter), tokens (max new tokens),
 penalty (repetition penalty), warmup, targets (all-linear | attention | mlp).
 """
@@ -28,6 +28,7 @@ from quickstart_facts import FACTS  # noqa: E402
 from qlora_engine import quickstart as qs  # noqa: E402
 
 OPENERS = ["Arr", "Aye", "Ahoy", "Arr", "Yo ho", "Aye"]
+LEADS = ["Arr, matey!", "Ahoy, me hearty!", "Aye, matey!", "Arr, me hearty!", "Ahoy, matey!", "Aye, me hearty!"]
 CLOSERS = ["matey", "me hearty", "matey", "ye landlubber", "me hearty", "savvy"]
 
 
@@ -44,6 +45,8 @@ def pirate(fact: str, i: int, style: str) -> str:
     o, c = OPENERS[i % len(OPENERS)], CLOSERS[(i // 2) % len(CLOSERS)]
     if style == "wrap":
         return f"{o}, {c}! {fact} {['Arr!', 'Yo ho ho!', 'Savvy?'][i % 3]}"
+    if style == "lead":  # a pirate greeting, then the fact in plain words; the turn always ends on the fact
+        return f"{LEADS[i % len(LEADS)]} {fact}"
     first, _, rest = fact.rstrip(".").partition(" ")
     body = f"{first if first in PROPER else first.lower()} {rest}"
     if style == "be":
@@ -74,15 +77,19 @@ def parse(spec: str) -> dict:
 _BASE: dict = {}
 
 
-def judge(source: Path, v: dict) -> tuple[dict, list[dict]]:
+def judge(source: Path, v: dict, work: Path) -> tuple[dict, list[dict]]:
     from qlora_engine.generate import ChatModel, GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=v["tokens"], temperature=0, repetition_penalty=v["penalty"])
     chat = ChatModel.load(source)
     try:
-        key = (v["tokens"], v["penalty"])
-        if key not in _BASE:
+        key = f"{v['tokens']}-{v['penalty']}"
+        cache = work / f"base-{key}.json"
+        if key not in _BASE and cache.is_file():
+            _BASE[key] = json.loads(cache.read_text())
+        if key not in _BASE or len(_BASE[key]) != len(qs.HELD_OUT):
             _BASE[key] = [chat.generate(p.question, settings, adapter=False).text.strip() for p in qs.HELD_OUT]
+            cache.write_text(json.dumps(_BASE[key]))
         tuned = [chat.generate(p.question, settings, adapter=True).text.strip() for p in qs.HELD_OUT]
     finally:
         chat.close()
@@ -116,7 +123,7 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
     for step in v["judge"]:
         src = cfg.output_dir if step == v["steps"] else cfg.output_dir / "checkpoints" / f"step-{step:06d}"
         t1 = time.perf_counter()
-        counts, answers = judge(src, v)
+        counts, answers = judge(src, v, work)
         row = {"spec": spec, **v, "judged_step": step, **counts, "train_s": round(train_s, 1),
                "judge_s": round(time.perf_counter() - t1, 1), "answers": answers}
         with out.open("a") as f:
