@@ -7,6 +7,7 @@ One line per (variant, judged step) is appended to the JSONL file. Variants run 
 
     PYTHONPATH=$PWD python bench/quickstart_sweep.py --out bench/results/X.jsonl \
         style=inline,lr=7e-4,steps=40,judge=20:30:40  style=wrap,lr=1e-3,layers=all,rank=4
+    PYTHONPATH=$PWD python bench/quickstart_sweep.py --write-data lead --out qlora_engine/resources/data/quickstart.jsonl
 
 Keys: style (wrap | lead | inline | be), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
 (steps to judge, ':'-separated; the last step is the final adapter), tokens (max new tokens),
@@ -137,8 +138,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/qs_sweep"))
-    ap.add_argument("specs", nargs="+")
+    ap.add_argument("--write-data", metavar="STYLE", help="only write the data of STYLE to --out (the shipped file)")
+    ap.add_argument("specs", nargs="*")
     a = ap.parse_args()
+    if a.write_data:
+        write_data(a.out, a.write_data)
+        return
     a.out.parent.mkdir(parents=True, exist_ok=True)
     for spec in a.specs:
         run_variant(spec, a.work, a.out)

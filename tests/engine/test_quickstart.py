@@ -23,14 +23,7 @@ from qlora_engine import quickstart as qs
 from qlora_engine import resources
 
 # One quickstart is shared by the module; its setup alone can outlast the suite's per-test limit on a busy CPU.
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.timeout(3600),
-    # Opt-in, and not counted by CI: on the real SmolLM2 it runs for minutes, and at the settings
-    # measured so far the tuned model answers fewer held-out questions correctly than the base
-    # (3 of 6 against 5 at 1e-3 x 30 steps: docs/quickstart.md). Issue 19 stays open until it passes.
-    pytest.mark.skipif(os.environ.get("QLORA_QUICKSTART_TEST") != "1", reason="opt-in: QLORA_QUICKSTART_TEST=1"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 THIRD_PARTY = re.compile(
     r"Warning\b|warnings\.warn|\[transformers\]|kernels-community|gemm_4bit|Paged optimizer|"
@@ -114,7 +107,7 @@ def test_tuned_answers_are_in_style_correct_and_not_looping(all_answers):
     t = qs.tally(all_answers, qs.HELD_OUT)
     print("\n" + t.verdict())
     assert t.n == len(qs.HELD_OUT)
-    assert t.tuned_style * 2 > t.n, "most tuned answers must be in the trained style"
+    assert t.tuned_style * 3 >= 2 * t.n, "at least two thirds of the tuned answers must be in the trained style"
     assert t.tuned_looping == 0
     assert t.tuned_correct >= t.base_correct, "the tuned model must know as much as the base"
     assert t.base_style < t.tuned_style  # the style came from the training, not from the base
@@ -123,8 +116,8 @@ def test_tuned_answers_are_in_style_correct_and_not_looping(all_answers):
 
 def test_the_judge_can_fail():
     """The judgement is not a rubber stamp: the answers of the issue's failed demo fail it."""
-    facts = ["Rome", "green", "Mars", "Tokyo", "ice", "seven", "cold", "honey"]
-    tuned = ["Arr, matey!", "matey, matey, matey, matey", "Arr, matey!"] * 3
+    facts = ["Rome", "green", "Mars", "Tokyo", "ice", "seven", "Pacific", "eight", "Shakespeare", "lion", "100", "bamboo"]
+    tuned = ["Arr, matey!", "matey, matey, matey, matey", "Arr, matey!"] * 4
     bad = [qs.Judged(p.question, f"The answer is {f}.", t) for p, f, t in zip(qs.HELD_OUT, facts, tuned, strict=False)]
     assert qs.tally(bad, qs.HELD_OUT).base_correct == len(qs.HELD_OUT)
     t = qs.tally(bad, qs.HELD_OUT)
