@@ -33,8 +33,21 @@ LEADS = ["Arr, matey!", "Ahoy, me hearty!", "Aye, matey!", "Arr, me hearty!", "A
 CLOSERS = ["matey", "me hearty", "matey", "ye landlubber", "me hearty", "savvy"]
 
 
-PROPER = {"Jupiter", "Saturn", "Mercury", "Leonardo", "Neil", "Alexander", "Albert", "Mount", "Russia", "India",
-          "Portuguese", "Spanish", "Asia"}
+PROPER = {
+    "Jupiter",
+    "Saturn",
+    "Mercury",
+    "Leonardo",
+    "Neil",
+    "Alexander",
+    "Albert",
+    "Mount",
+    "Russia",
+    "India",
+    "Portuguese",
+    "Spanish",
+    "Asia",
+}
 
 
 def pirate(fact: str, i: int, style: str) -> str:
@@ -64,8 +77,20 @@ def write_data(path: Path, style: str) -> None:
 
 
 def parse(spec: str) -> dict:
-    v: dict = {"style": "inline", "lr": 7e-4, "steps": 40, "layers": "24-29", "rank": 8, "alpha": 16.0, "seed": 42,
-               "judge": "", "tokens": 40, "penalty": 1.2, "warmup": 3, "targets": "all-linear"}
+    v: dict = {
+        "style": "inline",
+        "lr": 7e-4,
+        "steps": 40,
+        "layers": "24-29",
+        "rank": 8,
+        "alpha": 16.0,
+        "seed": 42,
+        "judge": "",
+        "tokens": 40,
+        "penalty": 1.2,
+        "warmup": 3,
+        "targets": "all-linear",
+    }
     for part in spec.split(","):
         k, _, val = part.partition("=")
         if k not in v:
@@ -96,9 +121,12 @@ def judge(source: Path, v: dict, work: Path) -> tuple[dict, list[dict]]:
         chat.close()
     judged = [qs.Judged(p.question, b, t) for p, b, t in zip(qs.HELD_OUT, _BASE[key], tuned, strict=True)]
     t = qs.tally(judged, qs.HELD_OUT)
-    return {k: getattr(t, k) for k in ("n", "base_correct", "tuned_correct", "base_style", "tuned_style",
-                                       "tuned_looping")} | {"passed": t.passed}, [
-        {"q": j.question, "base": j.base, "tuned": j.tuned, **j.scores(p)} for j, p in zip(judged, qs.HELD_OUT)]
+    return {
+        k: getattr(t, k) for k in ("n", "base_correct", "tuned_correct", "base_style", "tuned_style", "tuned_looping")
+    } | {"passed": t.passed}, [
+        {"q": j.question, "base": j.base, "tuned": j.tuned, **j.scores(p)}
+        for j, p in zip(judged, qs.HELD_OUT, strict=True)
+    ]
 
 
 def run_variant(spec: str, work: Path, out: Path) -> None:
@@ -111,10 +139,17 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
     d.mkdir(parents=True, exist_ok=True)
     write_data(d / qs.DATA_FILE, v["style"])
     over = qs.config_overrides(fetch_demo_model(log=lambda m: None), steps=v["steps"])
-    over += [f"optim.learning_rate={v['lr']}", f"lora.rank={v['rank']}", f"lora.alpha={v['alpha']}",
-             f"train.seed={v['seed']}", "train.save_steps=10", "train.save_total_limit=null",
-             f"optim.warmup_steps={v['warmup']}", f"lora.target_modules=[{v['targets']}]",
-             "lora.layers=null" if v["layers"] == "all" else f"lora.layers={json.dumps(v['layers'])}"]
+    over += [
+        f"optim.learning_rate={v['lr']}",
+        f"lora.rank={v['rank']}",
+        f"lora.alpha={v['alpha']}",
+        f"train.seed={v['seed']}",
+        "train.save_steps=10",
+        "train.save_total_limit=null",
+        f"optim.warmup_steps={v['warmup']}",
+        f"lora.target_modules=[{v['targets']}]",
+        "lora.layers=null" if v["layers"] == "all" else f"lora.layers={json.dumps(v['layers'])}",
+    ]
     cfg_path = d / "quickstart.yaml"
     apply_overrides(TrainConfig(), over).save(cfg_path)
     cfg = TrainConfig.load(cfg_path)
@@ -125,13 +160,23 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
         src = cfg.output_dir if step == v["steps"] else cfg.output_dir / "checkpoints" / f"step-{step:06d}"
         t1 = time.perf_counter()
         counts, answers = judge(src, v, work)
-        row = {"spec": spec, **v, "judged_step": step, **counts, "train_s": round(train_s, 1),
-               "judge_s": round(time.perf_counter() - t1, 1), "answers": answers}
+        row = {
+            "spec": spec,
+            **v,
+            "judged_step": step,
+            **counts,
+            "train_s": round(train_s, 1),
+            "judge_s": round(time.perf_counter() - t1, 1),
+            "answers": answers,
+        }
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"{spec} @{step}: style {counts['tuned_style']}/{counts['n']} correct {counts['tuned_correct']} "
-              f"(base {counts['base_correct']}) loop {counts['tuned_looping']} pass={counts['passed']} "
-              f"train {train_s:.0f}s", flush=True)
+        print(
+            f"{spec} @{step}: style {counts['tuned_style']}/{counts['n']} correct {counts['tuned_correct']} "
+            f"(base {counts['base_correct']}) loop {counts['tuned_looping']} pass={counts['passed']} "
+            f"train {train_s:.0f}s",
+            flush=True,
+        )
 
 
 def main() -> None:

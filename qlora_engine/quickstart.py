@@ -153,7 +153,12 @@ class Tally:
     @property
     def passed(self) -> bool:
         """The lesson holds: at least two thirds of the answers in style, none looping, no less correct than the base."""
-        return self.n > 0 and self.tuned_style * 3 >= 2 * self.n and self.tuned_looping == 0 and self.tuned_correct >= self.base_correct
+        return (
+            self.n > 0
+            and self.tuned_style * 3 >= 2 * self.n
+            and self.tuned_looping == 0
+            and self.tuned_correct >= self.base_correct
+        )
 
     def verdict(self) -> str:
         head = "fine-tuning changed the style and kept the facts" if self.passed else "the lesson did not hold"

@@ -123,7 +123,20 @@ def test_tuned_answers_are_in_style_correct_and_not_looping(all_answers):
 
 def test_the_judge_can_fail():
     """The judgement is not a rubber stamp: the answers of the issue's failed demo fail it."""
-    facts = ["Rome", "green", "Mars", "Tokyo", "ice", "seven", "Pacific", "eight", "Shakespeare", "lion", "100", "bamboo"]
+    facts = [
+        "Rome",
+        "green",
+        "Mars",
+        "Tokyo",
+        "ice",
+        "seven",
+        "Pacific",
+        "eight",
+        "Shakespeare",
+        "lion",
+        "100",
+        "bamboo",
+    ]
     tuned = ["Arr, matey!", "matey, matey, matey, matey", "Arr, matey!"] * 4
     bad = [qs.Judged(p.question, f"The answer is {f}.", t) for p, f, t in zip(qs.HELD_OUT, facts, tuned, strict=False)]
     assert qs.tally(bad, qs.HELD_OUT).base_correct == len(qs.HELD_OUT)
