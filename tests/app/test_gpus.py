@@ -27,6 +27,11 @@ GIB = 2**30
 REPLAY = Path(__file__).with_name("replay_engine.py")
 
 
+def points(curve) -> int:
+    xs = curve.getData()[0]
+    return 0 if xs is None else len(xs)
+
+
 class FakeNvml:
     """The part of ``pynvml`` the app reads, describing ``count`` cards of 24 GiB; card i uses i+1 GiB."""
 
@@ -119,7 +124,7 @@ def test_one_record_holds_a_line_per_chosen_card_and_the_chart_draws_those(qtbot
     charts = RunCharts()
     qtbot.addWidget(charts)
     charts.draw(rec)
-    drawn = {name for name, c in charts.curves.items() if len(c.getData()[0] or [])}
+    drawn = {name for name, c in charts.curves.items() if points(c)}
     assert drawn == {"GPU 2"}
     light = QColor("#ffffff")
     assert all(contrast_ratio(QColor(c), light) >= 3.0 for c in GPU_LINE_SCHEMES["light"])
@@ -252,6 +257,6 @@ def test_two_of_three_cards_launch_one_run_over_both(qtbot, make_window, cards, 
     assert [s.step for s in steps] == [1, 2, 3]
     window.run_view.redraw()
     curves = window.run_view.charts.curves
-    drawn = {name for name, c in curves.items() if name.startswith("GPU") and len(c.getData()[0] or [])}
+    drawn = {name for name, c in curves.items() if name.startswith("GPU") and points(c)}
     assert drawn == {"GPU 0", "GPU 2"}  # a line per chosen card, none for card 1 nor a card-wide one
     assert set(curves["GPU 2"].getData()[1]) == {3.0} and set(curves["GPU 0"].getData()[1]) == {1.0}
