@@ -163,6 +163,7 @@ class MainWindow(QMainWindow):
         saved_cards = self.settings.value(gpu_cards.SETTING)  # the cards chosen last time, those still here
         self.budget.select_cards(gpu_cards.restore(saved_cards, [g.index for g in self.budget.gpus]))
         self.budget.gpu_changed.connect(self._remember_cards)
+        self.budget.gpu_changed.connect(lambda *_: self.update_run_summary())
         self.model_page.info_changed.connect(self._on_model_info)
         self.model_page.demo_requested.connect(self._start_demo)
         self.data_page.tasks.finished.connect(self._on_data_report)
@@ -327,6 +328,9 @@ class MainWindow(QMainWindow):
                 f"Start trains: model {Path(cfg.model.ref).name} · data {Path(cfg.data.path).name} · "
                 f"LoRA rank {cfg.lora.rank} · {steps} · output {cfg.output_dir}"
             )
+            cards = self.budget.selected_gpus()
+            if len(cards) > 1:
+                text += " · on " + ", ".join(gpu_cards.line_name(g.index) for g in cards)
         self.run_view.set_summary(text)
 
     def _on_run_ended(self, _state: str) -> None:

@@ -141,7 +141,9 @@ class RunRecord:
             self.phase = "failed"
 
     def _start_over(self, e: Event) -> None:
-        fresh = RunRecord(run_dir=self.run_dir, gpus=self.gpus, first_time=e.time, last_time=e.time, version=self.version)
+        fresh = RunRecord(
+            run_dir=self.run_dir, gpus=self.gpus, first_time=e.time, last_time=e.time, version=self.version
+        )
         self.__dict__.update(fresh.__dict__)
 
     def add_vram(

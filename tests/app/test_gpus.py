@@ -241,6 +241,7 @@ def test_two_of_three_cards_launch_one_run_over_both(qtbot, make_window, cards, 
     window.budget.select_cards([0, 2])
     out = tmp_path / "runs" / "two"
     fill_form(qtbot, window, tiny_model_dir, text_data, out, steps=3, save_steps=None)
+    assert window.run_view.summary.text().endswith("· on GPU 0, GPU 2")  # what Start trains on
     ctl = window.runs
     with qtbot.waitSignal(ctl.event, timeout=180_000, check_params_cb=lambda e: isinstance(e, RunStarted)):
         assert ctl.start()
