@@ -220,10 +220,18 @@ class RunActions(QObject):
             self._update_state()
 
     def abort(self) -> None:
-        """End the engine now; the checkpoints already on disk stay."""
+        """End the engine now; the checkpoints already on disk stay.
+
+        Several cards: torchrun's workers outlive a killed launcher (and take it as a stop, which
+        saves), so they are told ``abort`` through it; a second Abort ends the launcher as well.
+        """
         if self.running:
+            several = len(self.record.gpus) > 1 and not self.facts.abort_requested
             self.facts.abort_requested = True
-            self.job.abort()
+            if several:
+                self.job.send("abort")
+            else:
+                self.job.abort()
 
     def save_now(self) -> None:
         if self.running:

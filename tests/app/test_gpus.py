@@ -261,3 +261,23 @@ def test_two_of_three_cards_launch_one_run_over_both(qtbot, make_window, cards, 
     drawn = {name for name, c in curves.items() if name.startswith("GPU") and points(c)}
     assert drawn == {"GPU 0", "GPU 2"}  # a line per chosen card, none for card 1 nor a card-wide one
     assert set(curves["GPU 2"].getData()[1]) == {3.0} and set(curves["GPU 0"].getData()[1]) == {1.0}
+
+
+def test_abort_over_two_cards_ends_every_process_without_saving(
+    qtbot, make_window, cards, tiny_model_dir, text_data, tmp_path
+):
+    """Killing the launcher would leave torchrun's workers to stop and save: Abort tells them through it."""
+    cards(2)
+    window = make_window()
+    window.budget.select_cards([0, 1])
+    out = tmp_path / "runs" / "aborted"
+    fill_form(qtbot, window, tiny_model_dir, text_data, out, steps=300, save_steps=None)
+    ctl = window.runs
+    with qtbot.waitSignal(ctl.event, timeout=180_000, check_params_cb=lambda e: isinstance(e, StepMetrics)):
+        assert ctl.start()
+    workers = [p["pid"] for p in ctl.record.started.processes]
+    with qtbot.waitSignal(ctl.ended, timeout=60_000):
+        window.run_view.abort_button.click()
+    assert not (out / "adapter").exists() and not (out / "checkpoints").exists()
+    assert ctl.record.step < 300
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]  # the job ended when they did
