@@ -203,7 +203,8 @@ class BudgetPanel(QFrame):
         self.gpu_combo.setObjectName("gpuSelector")
         self.gpu_combo.setToolTip(
             "The card to train on; the estimate is compared with its memory. The 'plan for' entries size the run "
-            "for a card in another machine (this one's GPU, if any, is not used for the estimate)."
+            "for a card in another machine (this one's GPU, if any, is not used for the estimate). 'Several GPUs' "
+            "trains on the cards ticked below it (one process each); the estimate is then one card's."
         )
         self.target_gib = QDoubleSpinBox()
         self.target_gib.setObjectName("targetCardGib")
@@ -222,11 +223,11 @@ class BudgetPanel(QFrame):
         gpu_row.addWidget(self.gpu_combo, 1)
         gpu_row.addWidget(self.target_gib)
         gpu_row.addWidget(self.refresh_gpus_button)
-        self.cards_row = QWidget()  # "Several GPUs": a box per card of this machine
+        self.cards_row = QWidget()  # "Several GPUs": a box per card of this machine, four a row (the panel is narrow)
         self.cards_row.setObjectName("gpuCards")
-        self.cards_layout = QHBoxLayout(self.cards_row)
+        self.cards_layout = QGridLayout(self.cards_row)
         self.cards_layout.setContentsMargins(0, 0, 0, 0)
-        self.cards_layout.addWidget(QLabel("Train on:"))
+        self.cards_layout.addWidget(QLabel("Train on:"), 0, 0, 1, 4)
         self.card_boxes: dict[int, QCheckBox] = {}
         self.cards_row.setVisible(False)
         self.headline = QLabel("-")
@@ -329,11 +330,11 @@ class BudgetPanel(QFrame):
         self.card_boxes = {}
         if len(self.gpus) < 2:
             return
-        for g in self.gpus:
+        for i, g in enumerate(self.gpus):
             box = QCheckBox(gpu_cards.line_name(g.index))
             box.setToolTip(g.label())
             box.toggled.connect(self._on_card_ticked)
-            self.cards_layout.addWidget(box)
+            self.cards_layout.addWidget(box, 1 + i // 4, i % 4)
             self.card_boxes[g.index] = box
 
     def _on_card_ticked(self, *_args) -> None:

@@ -194,10 +194,11 @@ def test_the_chosen_cards_are_remembered(qtbot, make_window, cards):
     assert [g.index for g in second.budget.selected_gpus()] == [0, 2]
     second.budget.select_gpu(1)
     assert [g.index for g in make_window().budget.selected_gpus()] == [1]
-    cards(2)  # a card is gone: its choice is not restored, the default holds
-    first.budget.select_cards([0, 1])
-    cards(1)
-    assert [g.index for g in make_window().budget.selected_gpus()] == [0]
+    second.budget.select_cards([1, 2])
+    cards(2)  # card 2 is gone: the chosen cards still here are chosen
+    assert [g.index for g in make_window().budget.selected_gpus()] == [1]
+    cards(0)  # none left: the CPU, as on any machine without a card
+    assert make_window().budget.selected_gpus() == []
 
 
 # -- launching -------------------------------------------------------------------------------
