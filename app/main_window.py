@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app import gpu_cards
 from app import settings as app_settings
 from app.budget_panel import BudgetPanel
 from app.config_model import SECTIONS, ConfigModel, section_fields
@@ -159,6 +160,10 @@ class MainWindow(QMainWindow):
         # wiring between pages
         self.model_page.info_changed.connect(self.adapter_page.set_model_info)
         self.model_page.info_changed.connect(self.budget.set_model_info)
+        saved_cards = self.settings.value(gpu_cards.SETTING)  # the cards chosen last time, those still here
+        self.budget.select_cards(gpu_cards.restore(saved_cards, [g.index for g in self.budget.gpus]))
+        self.budget.gpu_changed.connect(self._remember_cards)
+        self.budget.gpu_changed.connect(lambda *_: self.update_run_summary())
         self.model_page.info_changed.connect(self._on_model_info)
         self.model_page.demo_requested.connect(self._start_demo)
         self.data_page.tasks.finished.connect(self._on_data_report)
@@ -323,6 +328,9 @@ class MainWindow(QMainWindow):
                 f"Start trains: model {Path(cfg.model.ref).name} · data {Path(cfg.data.path).name} · "
                 f"LoRA rank {cfg.lora.rank} · {steps} · output {cfg.output_dir}"
             )
+            cards = self.budget.selected_gpus()
+            if len(cards) > 1:
+                text += " · on " + ", ".join(gpu_cards.line_name(g.index) for g in cards)
         self.run_view.set_summary(text)
 
     def _on_run_ended(self, _state: str) -> None:
@@ -330,6 +338,10 @@ class MainWindow(QMainWindow):
         self.update_run_summary()
         if self._close_after_run:
             QTimer.singleShot(0, self.close)
+
+    def _remember_cards(self, cards: list) -> None:
+        if cards:  # this machine's cards; the CPU or a planned card leaves the last choice of cards
+            self.settings.setValue(gpu_cards.SETTING, gpu_cards.to_setting(g.index for g in cards))
 
     def _start_demo(self) -> None:
         if self.demo_model is not None and self.maybe_save_changes():
