@@ -277,8 +277,9 @@ def test_abort_over_two_cards_ends_every_process_without_saving(
     with qtbot.waitSignal(ctl.event, timeout=180_000, check_params_cb=lambda e: isinstance(e, StepMetrics)):
         assert ctl.start()
     workers = [p["pid"] for p in ctl.record.started.processes]
-    with qtbot.waitSignal(ctl.ended, timeout=60_000):
+    with qtbot.waitSignal(ctl.ended, timeout=60_000) as ended:
         window.run_view.abort_button.click()
+    assert ended.args == ["aborted"] and ctl.state == "aborted"  # not "stopped": nothing was saved
     assert not (out / "adapter").exists() and not (out / "checkpoints").exists()
     assert ctl.record.step < 300
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]  # the job ended when they did
