@@ -39,6 +39,7 @@ from PySide6.QtWidgets import (
 from app import run_catalog
 from app.run_catalog import RunNotes, TensorBoardServer
 from app.run_record import RunRecord
+from app.run_worker import engine_argv, engine_env
 from app.tasks import TaskRunner
 from qlora_engine.checkpoint import _pid_alive, latest_checkpoint  # one liveness test, the lock's own
 
@@ -516,7 +517,7 @@ class HistoryPage(QWidget):
         if tb is not None and run_catalog.tensorboard_installed():
             server = self.tensorboards.get(path)
             if server is None or not server.alive:
-                server = TensorBoardServer(tb)
+                server = TensorBoardServer(tb, engine_argv, engine_env())
                 server.start()
                 self.tensorboards[path] = server
             self._open_when_ready(server)

@@ -405,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
         "qlora_engine.export.hub",
         "qlora_engine.cluster",
         "qlora_engine.inspect_server",
+        "qlora_engine.tracking",
     ):
         _register(module, sub)
     return p

@@ -117,6 +117,8 @@ def test_open_logs_serves_the_runs_tensorboard_files(qtbot, history, runs):
     url = history.open_logs(runs / "normal")
     try:
         assert url.startswith("http://127.0.0.1:")
+        # the engine's own command (which the frozen app runs as `qlora-studio --engine ...`), not `python -m tensorboard`
+        assert history.tensorboards[runs / "normal"].command[1:4] == ["-m", "qlora_engine", "tensorboard"]
         qtbot.waitUntil(lambda: opened == [url], timeout=60_000)
         import urllib.request
 
