@@ -32,6 +32,7 @@ from PySide6.QtWidgets import (
 from app.config_model import ConfigModel
 from app.inspector import Inspector
 from app.run_catalog import absolute_config
+from app.theme import note
 from qlora_engine import gpu as gpu_facts
 from qlora_engine.budget.estimate import VramEstimate
 from qlora_engine.budget.fit import FitAdvice, Suggestion
@@ -215,24 +216,16 @@ class BudgetPanel(QFrame):
         gpu_row.addWidget(self.refresh_gpus_button)
         self.headline = QLabel("-")
         self.headline.setObjectName("budgetHeadline")
-        self.status = QLabel("")
-        self.status.setObjectName("budgetStatus")
-        self.status.setWordWrap(True)
+        self.status = note(name="budgetStatus")
         self.bar = StackedBar()
         self.legend = QGridLayout()
         self.legend.setHorizontalSpacing(8)
         self.legend.setVerticalSpacing(2)
         legend_box = QWidget()
         legend_box.setLayout(self.legend)
-        self.largest = QLabel("")
-        self.largest.setObjectName("hint")
-        self.largest.setWordWrap(True)
-        self.reasons = QLabel("")
-        self.reasons.setObjectName("hint")
-        self.reasons.setWordWrap(True)
-        self.suggest_title = QLabel(FIT_TITLE)
-        self.suggest_title.setObjectName("suggestTitle")
-        self.suggest_title.setWordWrap(True)
+        self.largest = note()
+        self.reasons = note()
+        self.suggest_title = note(FIT_TITLE, "suggestTitle")
         self.suggest_title.setVisible(False)  # until there is something to suggest
         self.suggest_box = QVBoxLayout()
         suggest_holder = QWidget()

@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.failure_fixes import FixChoice
+from app.theme import note
 from qlora_engine.events import RunFailed
 
 
@@ -49,25 +50,19 @@ class RunErrorDialog(QDialog):
         self.failure = failure
         self.resize(720, 560 if failure.fixes else 480)
 
-        headline = QLabel(f"<b>{_escape(failure.message)}</b>")
-        headline.setObjectName("errorMessage")
-        headline.setWordWrap(True)
+        headline = note(f"<b>{_escape(failure.message)}</b>", "errorMessage")
         headline.setTextFormat(headline.textFormat().RichText)
         lay = QVBoxLayout(self)
         lay.addWidget(headline)
         if failure.hint and not failure.fixes:  # with fixes, the hint only repeats them
-            hint = QLabel(failure.hint)
-            hint.setObjectName("errorHint")
-            hint.setWordWrap(True)
+            hint = note(failure.hint, "errorHint")
             lay.addWidget(hint)
         self.fix_choices: list[FixChoice] = []
         self.fix_buttons: list[QPushButton] = []
         self.fix_box = QGroupBox("Change and try again")
         self.fix_box.setObjectName("errorFixes")
         self._fix_layout = QVBoxLayout(self.fix_box)
-        self.fix_status = QLabel("Checking which of these changes can continue the run from its checkpoint…")
-        self.fix_status.setObjectName("hint")
-        self.fix_status.setWordWrap(True)
+        self.fix_status = note("Checking which of these changes can continue the run from its checkpoint…")
         self._fix_layout.addWidget(self.fix_status)
         self._fix_rows: list[QWidget] = []
         for fix in failure.fixes or []:  # the descriptions at once; the buttons once judged
@@ -86,9 +81,7 @@ class RunErrorDialog(QDialog):
             facts.append(f"Events of the run: {Path(run_dir) / 'events.jsonl'}")
         if log_path:
             facts.append(f"Engine log: {log_path}")
-        self.facts = QLabel("\n".join(facts))
-        self.facts.setObjectName("errorFacts")
-        self.facts.setWordWrap(True)
+        self.facts = note("\n".join(facts), "errorFacts")
         self.facts.setTextInteractionFlags(self.facts.textInteractionFlags().TextSelectableByMouse)
         lay.addWidget(self.facts)
 
@@ -143,14 +136,10 @@ class RunErrorDialog(QDialog):
             card.setObjectName("suggestion")  # drawn as the budget panel's suggestions
             grid = QGridLayout(card)
             grid.setContentsMargins(6, 4, 6, 4)
-            text = QLabel(choice.description)
-            text.setObjectName("fixDescription")
-            text.setWordWrap(True)
+            text = note(choice.description, "fixDescription")
             grid.addWidget(text, 0, 0)
             if choice.reason:
-                reason = QLabel(choice.reason)
-                reason.setObjectName("hint")
-                reason.setWordWrap(True)
+                reason = note(choice.reason)
                 grid.addWidget(reason, 1, 0)
             button = QPushButton(choice.label)
             button.setObjectName("fixButton")

@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.config_model import ConfigModel, field_type, help_text
+from app.theme import note
 
 LABELS = {
     ("model", "ref"): "Model",
@@ -137,9 +138,7 @@ class FieldBinding(QObject):
         self.help = help_text(section, name)
         self.label = QLabel(label_for(section, name))
         self.label.setToolTip(self.help)
-        self.error_label = QLabel()
-        self.error_label.setObjectName("fieldError")
-        self.error_label.setWordWrap(True)
+        self.error_label = note(name="fieldError")
         self.error_label.hide()
         self._local_error: str | None = None
         self._updating = False

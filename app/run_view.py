@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
 
 from app.charts import RunCharts
 from app.run_record import RunRecord
+from app.theme import note
 from qlora_engine.events import Event, LogLine, PhaseChanged, RunFailed, StepMetrics, describe, fmt_duration
 
 REDRAW_MS = 250
@@ -62,9 +63,7 @@ class RunView(QWidget):
 
         self.title = QLabel("Run")
         self.title.setObjectName("pageTitle")
-        self.summary = QLabel()
-        self.summary.setObjectName("runSummary")
-        self.summary.setWordWrap(True)
+        self.summary = note(name="runSummary")
         self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
         self.start_button = QPushButton("Start training")

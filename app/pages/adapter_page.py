@@ -12,6 +12,7 @@ from PySide6.QtWidgets import QCheckBox, QGridLayout, QHBoxLayout, QLabel, QPush
 
 from app.config_model import ConfigModel
 from app.pages.base import Page
+from app.theme import note
 from qlora_engine.config import ConfigError, parse_layers
 
 PRESETS = [("attention", "Attention"), ("mlp", "MLP"), ("all-linear", "All linear")]
@@ -45,11 +46,9 @@ class AdapterPage(Page):
         holder = QWidget()
         holder.setLayout(presets)
         box.layout().insertWidget(0, holder)
-        self.modules_hint = QLabel(
+        self.modules_hint = note(
             "Choose a model on the Model page to list its linear layers; the presets work without it."
         )
-        self.modules_hint.setObjectName("hint")
-        self.modules_hint.setWordWrap(True)
         box.layout().insertWidget(1, self.modules_hint)
         self.module_grid = QGridLayout()
         grid_holder = QWidget()
@@ -83,9 +82,7 @@ class AdapterPage(Page):
         box.layout().insertWidget(0, holder)
         self.layers = self.add_binding(form, "lora", "layers")
         self.layers.editor.setPlaceholderText("all layers (or e.g. 0-11, or 0,2,4-7)")
-        self.layer_warning = QLabel()
-        self.layer_warning.setObjectName("fieldError")
-        self.layer_warning.setWordWrap(True)
+        self.layer_warning = note(name="fieldError")
         self.layer_warning.hide()
         box.layout().addWidget(self.layer_warning)
         self.all_layers.toggled.connect(self._range_edited)

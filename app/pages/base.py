@@ -6,6 +6,7 @@ from PySide6.QtWidgets import QFrame, QGroupBox, QLabel, QScrollArea, QVBoxLayou
 
 from app.config_model import ConfigModel
 from app.fields import FieldBinding, FieldForm
+from app.theme import note
 
 
 class Page(QWidget):
@@ -34,9 +35,7 @@ class Page(QWidget):
         heading.setObjectName("pageTitle")
         self.body.addWidget(heading)
         if self.subtitle:
-            sub = QLabel(self.subtitle)
-            sub.setObjectName("hint")
-            sub.setWordWrap(True)
+            sub = note(self.subtitle)
             self.body.addWidget(sub)
 
     def group(self, title: str, fields: list[tuple[str, str]] | None = None) -> tuple[QGroupBox, FieldForm]:

@@ -15,12 +15,13 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import QComboBox, QFileDialog, QFormLayout, QLabel, QPushButton, QTextBrowser, QWidget
+from PySide6.QtWidgets import QComboBox, QFileDialog, QFormLayout, QPushButton, QTextBrowser, QWidget
 
 from app.config_model import ConfigModel
 from app.fields import FieldForm, debounce, row
 from app.inspector import Inspector
 from app.pages.base import Page
+from app.theme import note
 from qlora_engine.errors import DataError, QLoRAError
 from qlora_engine.padding import packing_hint
 
@@ -69,23 +70,17 @@ class DataPage(Page):
             self.add_binding(form, "data", name)
 
         box, _ = self.group("What was found")
-        self.detected = QLabel("Choose a data file to see what it holds.")
-        self.detected.setObjectName("detected")
-        self.detected.setWordWrap(True)
+        self.detected = note("Choose a data file to see what it holds.", "detected")
         self.detected.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         box.layout().addWidget(self.detected)
-        self.problems = QLabel()
-        self.problems.setObjectName("fieldError")
-        self.problems.setWordWrap(True)
+        self.problems = note(name="fieldError")
         self.problems.hide()
         box.layout().addWidget(self.problems)
 
         self.mapping_box, _ = self.group("Column mapping")
-        self.mapping_note = QLabel(
+        self.mapping_note = note(
             "Tell which of your columns holds each of our fields (only needed when your names differ from ours)."
         )
-        self.mapping_note.setObjectName("hint")
-        self.mapping_note.setWordWrap(True)
         self.mapping_box.layout().addWidget(self.mapping_note)
         self.mapping_form = QFormLayout()
         holder = QWidget()
@@ -123,9 +118,7 @@ class DataPage(Page):
             labelOpts={"position": 0.9, "color": "#dc2626"},
         )
         self.histogram.addItem(self.cut_line)
-        self.stats = QLabel()
-        self.stats.setObjectName("hint")
-        self.stats.setWordWrap(True)
+        self.stats = note()
         box.layout().addWidget(self.histogram)
         box.layout().addWidget(self.stats)
 

@@ -37,6 +37,7 @@ from PySide6.QtWidgets import (
 
 from app.pages.try_page import TryPage, has_adapter
 from app.run_worker import EngineJob, engine_argv, engine_env
+from app.theme import note
 from qlora_engine.events import Event, LogLine, PhaseChanged, RunFailed
 
 FORMATS = {
@@ -91,15 +92,11 @@ class ExportPage(QWidget):
         self._failure: RunFailed | None = None
         self._cancelled = False
 
-        self.run_label = QLabel("Finish a run (or open one from the history) to export it.")
-        self.run_label.setObjectName("hint")
-        self.run_label.setWordWrap(True)
+        self.run_label = note("Finish a run (or open one from the history) to export it.")
         self.format = QComboBox()
         for key, (title, _) in FORMATS.items():
             self.format.addItem(title, key)
-        self.format_help = QLabel()
-        self.format_help.setObjectName("hint")
-        self.format_help.setWordWrap(True)
+        self.format_help = note()
         self.f16 = QCheckBox("F16")
         self.q8 = QCheckBox("Q8_0")
         self.lora = QCheckBox("GGUF LoRA file")
@@ -164,12 +161,8 @@ class ExportPage(QWidget):
         self.progress = QProgressBar()
         self.progress.setTextVisible(False)
         self.progress.setRange(0, 1)
-        self.phase = QLabel("")
-        self.phase.setObjectName("exportPhase")
-        self.phase.setWordWrap(True)
-        self.error = QLabel("")
-        self.error.setObjectName("fieldError")
-        self.error.setWordWrap(True)
+        self.phase = note(name="exportPhase")
+        self.error = note(name="fieldError")
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
         self.log.setObjectName("exportLog")

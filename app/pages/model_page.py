@@ -16,6 +16,7 @@ from app.config_model import ConfigModel
 from app.fields import debounce, row
 from app.inspector import Inspector
 from app.pages.base import Page
+from app.theme import note
 from qlora_engine.errors import QLoRAError
 
 
@@ -90,20 +91,14 @@ class ModelPage(Page):
 
         box, _ = self.group("About this model")
         facts = QFormLayout()
-        self.status = QLabel("Choose a model to see its facts.")
-        self.status.setObjectName("hint")
-        self.status.setWordWrap(True)
+        self.status = note("Choose a model to see its facts.")
         box.layout().addWidget(self.status)
         self.fact_labels: dict[str, QLabel] = {}
         for key, label in self.FACTS:
-            value = QLabel("-")
-            value.setObjectName(f"fact:{key}")
-            value.setWordWrap(True)
+            value = note("-", f"fact:{key}")
             self.fact_labels[key] = value
             facts.addRow(label, value)
-        self.problems = QLabel()
-        self.problems.setObjectName("fieldError")
-        self.problems.setWordWrap(True)
+        self.problems = note(name="fieldError")
         self.problems.hide()
         holder = QWidget()
         holder.setLayout(facts)

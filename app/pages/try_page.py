@@ -35,6 +35,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.run_worker import EngineJob, engine_argv, engine_env
+from app.theme import note
 from qlora_engine.chat_server import request_line
 from qlora_engine.events import AnswerDone, AnswerPiece, ChatReady, Event, PhaseChanged, RunFailed
 from qlora_engine.generate import CHAT_REPETITION_PENALTY, GenerationSettings
@@ -78,9 +79,7 @@ class TryPage(QWidget):
         self._waiting: set[str] = set()
         self._results: dict[str, AnswerDone] = {}
 
-        self.run_label = QLabel("Finish a run (or open one from the history) to try it.")
-        self.run_label.setObjectName("hint")
-        self.run_label.setWordWrap(True)
+        self.run_label = note("Finish a run (or open one from the history) to try it.")
         self.prompt = QPlainTextEdit()
         self.prompt.setObjectName("tryPrompt")
         self.prompt.setPlaceholderText("Write a message …  (Ctrl+Enter sends; the conversation goes on)")
@@ -141,9 +140,7 @@ class TryPage(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.reset_button = QPushButton("New conversation")
         self.reset_button.clicked.connect(self.new_conversation)
-        self.status = QLabel("")
-        self.status.setObjectName("tryStatus")
-        self.status.setWordWrap(True)
+        self.status = note(name="tryStatus")
         buttons = QHBoxLayout()
         for b in (self.generate_button, self.cancel_button, self.reset_button):
             buttons.addWidget(b)
