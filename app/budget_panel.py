@@ -320,11 +320,6 @@ class BudgetPanel(QFrame):
             i = self.gpu_combo.findData(CUSTOM_CARD)
         self.gpu_combo.setCurrentIndex(i)
 
-    def select_gpu(self, index: int) -> None:
-        i = self.gpu_combo.findData(index)
-        if i >= 0:
-            self.gpu_combo.setCurrentIndex(i)
-
     def _on_gpu_changed(self, *_args) -> None:
         self.target_gib.setVisible(self.gpu_combo.currentData() == CUSTOM_CARD)
         self.gpu_changed.emit(self.selected_gpu())

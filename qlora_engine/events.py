@@ -17,22 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar, Protocol
 
-from qlora_engine import errors, scrub
+from qlora_engine import errors
 from qlora_engine.decisions import Decision
 from qlora_engine.errors import QLoRAError
+from qlora_engine.scrub import scrub as redact  # hub tokens -> hf_***: the one scrubber every writer goes through
 
 
 def _now() -> float:
     return time.time()
-
-
-TOKEN_VARIABLES = scrub.TOKEN_VARIABLES
-
-
-def redact(text: str) -> str:
-    """``text`` with hub tokens replaced by ``hf_***`` (:func:`qlora_engine.scrub.scrub`, the one
-    scrubber every writer goes through)."""
-    return scrub.scrub(text)
 
 
 @dataclass(frozen=True)
