@@ -43,15 +43,8 @@ from app.run_worker import engine_argv, engine_env
 from app.tasks import TaskRunner
 from qlora_engine.checkpoint import _pid_alive, latest_checkpoint  # one liveness test, the lock's own
 
-STATUS_TEXT = {
-    "finished": "finished",
-    "stopped": "stopped (resumable)",
-    "failed": "failed",
-    "interrupted": "interrupted",
-    "running": "running",
-    "empty": "no events",
-    "starting": "starting",
-}
+STATUS_TEXT = {"stopped": "stopped (resumable)", "empty": "no events"}
+"""A run's status as the history shows it, where the word itself does not say it."""
 
 
 @dataclass(frozen=True)

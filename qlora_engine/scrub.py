@@ -18,6 +18,7 @@ the base model by its reference).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -110,6 +111,11 @@ def scrub_data(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(scrub_data(v) for v in obj) if isinstance(obj, list) else tuple(scrub_data(v) for v in obj)
     return obj
+
+
+def print_json(obj: Any) -> None:
+    """``--json`` output on stdout, scrubbed like every file the engine writes (it is often redirected to one)."""
+    print(json.dumps(scrub_data(obj), indent=2, ensure_ascii=False, default=str))
 
 
 def write_text(path: Path, text: str) -> None:

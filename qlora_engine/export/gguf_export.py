@@ -17,7 +17,7 @@ from typing import Any
 from qlora_engine.checkpoint import write_atomic_folder
 from qlora_engine.export.adapter import config_source, training_template
 from qlora_engine.export.card import build_card, describe_files, write_card
-from qlora_engine.export.common import ExportError, Reporter, adapter_b_stats, check_output, untrained_note
+from qlora_engine.export.common import ExportError, Reporter, check_output, untrained_notes
 from qlora_engine.export.gguf_lora import check_adapter_supported, write_lora_gguf
 from qlora_engine.export.gguf_model import (
     TYPES,
@@ -92,9 +92,7 @@ def export_gguf(
             field="gguf_types",
         )
     check_available(types)
-    out = check_output(
-        Path(out), overwrite=overwrite, protected=[info.adapter_dir] + ([info.run_dir] if info.run_dir else [])
-    )
+    out = check_output(out, info, overwrite=overwrite)
 
     # Everything that can refuse does so before the slow merge.
     folder = resolve_base(info, sink=sink)
@@ -109,10 +107,7 @@ def export_gguf(
         tokenizer, int(config.vocab_size), chat_template=template, source_gguf_pre=source_gguf_pre(origin.get("gguf"))
     )
 
-    notes = list(vocab.notes)
-    if note := untrained_note(adapter_b_stats(info.adapter_dir)):
-        notes.append(note)
-        rep.log(note, "warning")
+    notes = list(vocab.notes) + untrained_notes(info.adapter_dir, rep)
     merged, merge_notes, _ = merge(info, dtype=dtype, rep=rep)
     notes += merge_notes
     name = info.export_name
