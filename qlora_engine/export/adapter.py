@@ -14,7 +14,7 @@ from typing import Any
 
 from qlora_engine.checkpoint import write_atomic_folder
 from qlora_engine.export.card import build_card, describe_files, write_card
-from qlora_engine.export.common import Reporter, check_output, copy_files, untrained_notes
+from qlora_engine.export.common import Reporter, copy_files, untrained_notes
 from qlora_engine.export.source import RunInfo, is_hub_id, load_run, tokenizer_dir
 
 
@@ -57,14 +57,10 @@ def usage_snippet(info: RunInfo, kind: str) -> str:
     )
 
 
-def export_adapter(
-    info: RunInfo, out: str | Path, *, overwrite: bool = False, sink: Any = None, should_stop: Any = None
-) -> Path:
-    """Write the adapter export to ``out`` (a new folder; an existing one only with ``overwrite``)."""
+def export_adapter(info: RunInfo, out: Path, rep: Reporter, overwrite: bool) -> Path:
+    """Write the adapter export to ``out`` (checked by ``export()``; replaced only with ``overwrite``)."""
     from transformers import AutoTokenizer  # lazy: transformers takes seconds to import
 
-    rep = Reporter(sink, should_stop)
-    out = check_output(out, info, overwrite=overwrite)
     rep.phase(f"adapter: checking {info.adapter_dir}")
     notes = untrained_notes(info.adapter_dir, rep)
     tok_dir = tokenizer_dir(info)
