@@ -88,48 +88,33 @@ class TryPage(QWidget):
         self.system.setPlaceholderText("optional system prompt")
         self.system.setToolTip(setting_help("system"))
 
-        d = GenerationSettings()
-        self.max_new_tokens = QSpinBox()
-        self.max_new_tokens.setRange(1, 8192)
-        self.max_new_tokens.setValue(d.max_new_tokens)
-        self.temperature = QDoubleSpinBox()
-        self.temperature.setRange(0.0, 5.0)
-        self.temperature.setSingleStep(0.1)
-        self.temperature.setValue(d.temperature)
-        self.top_p = QDoubleSpinBox()
-        self.top_p.setRange(0.01, 1.0)
-        self.top_p.setSingleStep(0.05)
-        self.top_p.setValue(d.top_p)
-        self.repetition_penalty = QDoubleSpinBox()
-        self.repetition_penalty.setRange(1.0, 2.0)
-        self.repetition_penalty.setSingleStep(0.05)
-        self.repetition_penalty.setValue(CHAT_REPETITION_PENALTY)
-        self.seed = QSpinBox()
-        self.seed.setRange(0, 2**31 - 1)
-        self.seed.setValue(d.seed)
+        d = dataclasses.replace(GenerationSettings(), repetition_penalty=CHAT_REPETITION_PENALTY)
+        settings_box = QGroupBox("Settings")
+        form = QFormLayout(settings_box)
+
+        def number(name: str, label: str, low: float, high: float, step: float | None = None) -> QSpinBox | QDoubleSpinBox:
+            """A spin box for a generation setting (whole numbers without ``step``), its row in the form."""
+            box = QSpinBox() if step is None else QDoubleSpinBox()
+            box.setRange(low, high)
+            if step is not None:
+                box.setSingleStep(step)
+            box.setValue(getattr(d, name))
+            box.setToolTip(setting_help(name))
+            form.addRow(label, box)
+            return box
+
+        self.max_new_tokens = number("max_new_tokens", "Max new tokens", 1, 8192)
+        self.temperature = number("temperature", "Temperature", 0.0, 5.0, 0.1)
+        self.top_p = number("top_p", "Top-p", 0.01, 1.0, 0.05)
+        self.repetition_penalty = number("repetition_penalty", "Repetition penalty", 1.0, 2.0, 0.05)
+        self.seed = number("seed", "Seed", 0, 2**31 - 1)
+        form.addRow("System", self.system)
         self.raw = QCheckBox("Plain text (no chat template)")
+        self.raw.setToolTip(setting_help("raw"))
         self.compare = QCheckBox("Compare with the base model")
         self.compare.setChecked(True)
         self.compare.toggled.connect(self.new_conversation)  # two sides must have heard the same turns
-        for w, name in (
-            (self.max_new_tokens, "max_new_tokens"),
-            (self.temperature, "temperature"),
-            (self.top_p, "top_p"),
-            (self.repetition_penalty, "repetition_penalty"),
-            (self.seed, "seed"),
-            (self.raw, "raw"),
-        ):
-            w.setToolTip(setting_help(name))
         self.compare.setToolTip("Answer with the base model too (same weights with the adapter off, same seed).")
-
-        settings_box = QGroupBox("Settings")
-        form = QFormLayout(settings_box)
-        form.addRow("Max new tokens", self.max_new_tokens)
-        form.addRow("Temperature", self.temperature)
-        form.addRow("Top-p", self.top_p)
-        form.addRow("Repetition penalty", self.repetition_penalty)
-        form.addRow("Seed", self.seed)
-        form.addRow("System", self.system)
         form.addRow(self.raw)
         form.addRow(self.compare)
 
