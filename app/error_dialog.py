@@ -55,8 +55,7 @@ class RunErrorDialog(QDialog):
         lay = QVBoxLayout(self)
         lay.addWidget(headline)
         if failure.hint and not failure.fixes:  # with fixes, the hint only repeats them
-            hint = note(failure.hint, "errorHint")
-            lay.addWidget(hint)
+            lay.addWidget(note(failure.hint, "errorHint"))
         self.fix_choices: list[FixChoice] = []
         self.fix_buttons: list[QPushButton] = []
         self.fix_box = QGroupBox("Change and try again")
@@ -136,11 +135,9 @@ class RunErrorDialog(QDialog):
             card.setObjectName("suggestion")  # drawn as the budget panel's suggestions
             grid = QGridLayout(card)
             grid.setContentsMargins(6, 4, 6, 4)
-            text = note(choice.description, "fixDescription")
-            grid.addWidget(text, 0, 0)
+            grid.addWidget(note(choice.description, "fixDescription"), 0, 0)
             if choice.reason:
-                reason = note(choice.reason)
-                grid.addWidget(reason, 1, 0)
+                grid.addWidget(note(choice.reason), 1, 0)
             button = QPushButton(choice.label)
             button.setObjectName("fixButton")
             button.setEnabled(choice.config is not None)

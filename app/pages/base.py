@@ -35,8 +35,7 @@ class Page(QWidget):
         heading.setObjectName("pageTitle")
         self.body.addWidget(heading)
         if self.subtitle:
-            sub = note(self.subtitle)
-            self.body.addWidget(sub)
+            self.body.addWidget(note(self.subtitle))
 
     def group(self, title: str, fields: list[tuple[str, str]] | None = None) -> tuple[QGroupBox, FieldForm]:
         """A titled group holding a form of the given fields (more can be added to the form)."""
