@@ -189,16 +189,13 @@ class BudgetPanel(QFrame):
         self.setMinimumWidth(290)
         self.setMaximumWidth(380)
 
-        title = QLabel("VRAM budget")
-        title.setObjectName("panelTitle")
-        self.gpu_combo = QComboBox()
-        self.gpu_combo.setObjectName("gpuSelector")
+        title = QLabel("VRAM budget", objectName="panelTitle")
+        self.gpu_combo = QComboBox(objectName="gpuSelector")
         self.gpu_combo.setToolTip(
             "The card to train on; the estimate is compared with its memory. The 'plan for' entries size the run "
             "for a card in another machine (this one's GPU, if any, is not used for the estimate)."
         )
-        self.target_gib = QDoubleSpinBox()
-        self.target_gib.setObjectName("targetCardGib")
+        self.target_gib = QDoubleSpinBox(objectName="targetCardGib")
         self.target_gib.setRange(1.0, 1024.0)
         self.target_gib.setDecimals(1)
         self.target_gib.setValue(24.0)
@@ -206,16 +203,14 @@ class BudgetPanel(QFrame):
         self.target_gib.setToolTip("The memory of the card to plan for, as nvidia-smi shows it (MiB / 1024)")
         self.target_gib.setVisible(False)
         self.target_gib.valueChanged.connect(lambda *_: self._timer.start())
-        self.refresh_gpus_button = QToolButton()
-        self.refresh_gpus_button.setText("⟳")
+        self.refresh_gpus_button = QToolButton(text="⟳")
         self.refresh_gpus_button.setToolTip("Look for GPUs again (free memory changes as other programs run)")
         self.refresh_gpus_button.clicked.connect(self.refresh_gpus)
         gpu_row = QHBoxLayout()
         gpu_row.addWidget(self.gpu_combo, 1)
         gpu_row.addWidget(self.target_gib)
         gpu_row.addWidget(self.refresh_gpus_button)
-        self.headline = QLabel("-")
-        self.headline.setObjectName("budgetHeadline")
+        self.headline = QLabel("-", objectName="budgetHeadline")
         self.status = note(name="budgetStatus")
         self.bar = StackedBar()
         self.legend = QGridLayout()
@@ -233,8 +228,7 @@ class BudgetPanel(QFrame):
 
         # The panel scrolls rather than stretch the window: with a long list of fixes it would
         # otherwise be taller than a 1280×800 screen at 125% (640 logical px).
-        inner = QWidget()
-        inner.setObjectName("budgetContents")
+        inner = QWidget(objectName="budgetContents")
         scroll = QScrollArea()
         scroll.setWidget(inner)
         scroll.setWidgetResizable(True)
@@ -381,14 +375,11 @@ class BudgetPanel(QFrame):
         self._suggestion_cards = []
         self.suggestion_buttons = []
         for s in suggestions:
-            card = QFrame()
-            card.setObjectName("suggestion")
+            card = QFrame(objectName="suggestion")
             lay = QHBoxLayout(card)
             lay.setContentsMargins(8, 6, 6, 6)
-            text = QLabel(s.description)
-            text.setWordWrap(True)
-            b = QPushButton("Apply")
-            b.setToolTip("Apply: " + ", ".join(s.overrides))
+            text = QLabel(s.description, wordWrap=True)
+            b = QPushButton("Apply", toolTip="Apply: " + ", ".join(s.overrides))
             b.setAccessibleName(f"Apply: {s.description}")
             b.clicked.connect(lambda _=False, o=list(s.overrides): self.apply(o))
             lay.addWidget(text, 1)
@@ -433,12 +424,10 @@ class BudgetPanel(QFrame):
             swatch = QLabel()
             swatch.setFixedSize(10, 10)
             swatch.setStyleSheet(f"background:{color.name()}; border-radius:2px")
-            label = QLabel(name.replace("_", " "))
-            label.setToolTip(result.get("help", {}).get(name, ""))
+            label = QLabel(name.replace("_", " "), toolTip=result.get("help", {}).get(name, ""))
             self.legend.addWidget(swatch, i, 0)
             self.legend.addWidget(label, i, 1)
-            value = QLabel(gib(v))
-            value.setAlignment(Qt.AlignmentFlag.AlignRight)
+            value = QLabel(gib(v), alignment=Qt.AlignmentFlag.AlignRight)
             self.legend.addWidget(value, i, 2)
         approx = " (approximate)" if getattr(est, "approximate", False) else ""
         if capacity:

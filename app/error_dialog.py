@@ -58,15 +58,13 @@ class RunErrorDialog(QDialog):
             lay.addWidget(note(failure.hint, "errorHint"))
         self.fix_choices: list[FixChoice] = []
         self.fix_buttons: list[QPushButton] = []
-        self.fix_box = QGroupBox("Change and try again")
-        self.fix_box.setObjectName("errorFixes")
+        self.fix_box = QGroupBox("Change and try again", objectName="errorFixes")
         self._fix_layout = QVBoxLayout(self.fix_box)
         self.fix_status = note("Checking which of these changes can continue the run from its checkpoint…")
         self._fix_layout.addWidget(self.fix_status)
         self._fix_rows: list[QWidget] = []
         for fix in failure.fixes or []:  # the descriptions at once; the buttons once judged
-            pending = QLabel(str(fix.get("description", "")))
-            pending.setWordWrap(True)
+            pending = QLabel(str(fix.get("description", "")), wordWrap=True)
             self._fix_layout.addWidget(pending)
             self._fix_rows.append(pending)
         self.fix_box.setVisible(bool(failure.fixes))
@@ -86,8 +84,7 @@ class RunErrorDialog(QDialog):
 
         self.details_label = QLabel(f"Details ({failure.error_type}):")
         lay.addWidget(self.details_label)
-        self.traceback = QPlainTextEdit(failure.traceback or "(no traceback)")
-        self.traceback.setObjectName("errorTraceback")
+        self.traceback = QPlainTextEdit(failure.traceback or "(no traceback)", objectName="errorTraceback")
         self.traceback.setReadOnly(True)
         self.traceback.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
         lay.addWidget(self.traceback, 1)
@@ -99,8 +96,7 @@ class RunErrorDialog(QDialog):
             lay.addStretch(1)
 
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
-        self.copy_button = QPushButton("Copy details")
-        self.copy_button.clicked.connect(self.copy_details)
+        self.copy_button = QPushButton("Copy details", clicked=self.copy_details)
         buttons.addButton(self.copy_button, QDialogButtonBox.ButtonRole.ActionRole)
         self.details_button = QPushButton("Show details")
         self.details_button.setVisible(user_error)
@@ -138,9 +134,7 @@ class RunErrorDialog(QDialog):
             grid.addWidget(note(choice.description, "fixDescription"), 0, 0)
             if choice.reason:
                 grid.addWidget(note(choice.reason), 1, 0)
-            button = QPushButton(choice.label)
-            button.setObjectName("fixButton")
-            button.setEnabled(choice.config is not None)
+            button = QPushButton(choice.label, objectName="fixButton", enabled=choice.config is not None)
             tip = "Changes " + ", ".join(choice.overrides)
             if choice.resumable:
                 tip += f"; the run continues with step {choice.resume_step + 1} from its checkpoint"

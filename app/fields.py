@@ -136,8 +136,7 @@ class FieldBinding(QObject):
         self.tp = field_type(section, name)
         self.optional, self.base = _is_optional(self.tp)
         self.help = help_text(section, name)
-        self.label = QLabel(label_for(section, name))
-        self.label.setToolTip(self.help)
+        self.label = QLabel(label_for(section, name), toolTip=self.help)
         self.error_label = note(name="fieldError")
         self.error_label.hide()
         self._local_error: str | None = None
@@ -156,8 +155,7 @@ class FieldBinding(QObject):
     def _make_editor(self) -> QWidget:
         base, key = self.base, (self.section, self.name)
         if base is bool:
-            w = QCheckBox()
-            w.toggled.connect(lambda on: self._commit(bool(on)))
+            w = QCheckBox(toggled=lambda on: self._commit(bool(on)))
             return w
         choices = _choices(base)
         if choices is not None:
@@ -180,8 +178,7 @@ class FieldBinding(QObject):
                 w.setSuffix(SUFFIX[key])
             w.valueChanged.connect(lambda v: self._commit(None if (self.optional and v == 0) else int(v)))
             return w
-        w = QLineEdit()
-        w.setClearButtonEnabled(base is str)
+        w = QLineEdit(clearButtonEnabled=base is str)
         if base is float:
             w.setMaximumWidth(180)
         if self.optional:

@@ -117,7 +117,4 @@ def contrast_ratio(a: str | QColor, b: str | QColor) -> float:
 
 def note(text: str = "", name: str = "hint") -> QLabel:
     """A label that wraps its text, styled by its object name (``hint``: the grey small print)."""
-    label = QLabel(text)
-    label.setObjectName(name)
-    label.setWordWrap(True)
-    return label
+    return QLabel(text, objectName=name, wordWrap=True)

@@ -36,9 +36,7 @@ class AdapterPage(Page):
         presets.addWidget(QLabel("Presets:"))
         self.preset_buttons: dict[str, QPushButton] = {}
         for key, text in PRESETS:
-            b = QPushButton(text)
-            b.setCheckable(True)
-            b.setObjectName(f"preset:{key}")
+            b = QPushButton(text, checkable=True, objectName=f"preset:{key}")
             b.clicked.connect(lambda _on=False, k=key: self.model.set_value("lora", "target_modules", [k]))
             self.preset_buttons[key] = b
             presets.addWidget(b)
@@ -58,12 +56,9 @@ class AdapterPage(Page):
         self.targets = self.add_binding(form, "lora", "target_modules")
 
         box, form = self.group("Layers")
-        self.all_layers = QCheckBox("All layers")
-        self.all_layers.setObjectName("allLayers")
-        self.layer_from = QSpinBox()
-        self.layer_from.setObjectName("layerFrom")
-        self.layer_to = QSpinBox()
-        self.layer_to.setObjectName("layerTo")
+        self.all_layers = QCheckBox("All layers", objectName="allLayers")
+        self.layer_from = QSpinBox(objectName="layerFrom")
+        self.layer_to = QSpinBox(objectName="layerTo")
         for s in (self.layer_from, self.layer_to):
             s.setRange(0, 999)
         range_row = QHBoxLayout()
@@ -73,8 +68,7 @@ class AdapterPage(Page):
         range_row.addWidget(self.layer_from)
         range_row.addWidget(QLabel("to"))
         range_row.addWidget(self.layer_to)
-        self.layer_count = QLabel("")
-        self.layer_count.setObjectName("hint")
+        self.layer_count = QLabel("", objectName="hint")
         range_row.addWidget(self.layer_count)
         range_row.addStretch(1)
         holder = QWidget()
@@ -102,8 +96,7 @@ class AdapterPage(Page):
         self.module_boxes = {}
         names = list(info.linear_modules) if info is not None else []
         for i, name in enumerate(names):
-            b = QCheckBox(name)
-            b.setObjectName(f"module:{name}")
+            b = QCheckBox(name, objectName=f"module:{name}")
             kind = "attention" if name in info.attention_modules else "MLP" if name in info.mlp_modules else "other"
             b.setToolTip(f"{name} ({kind}) in each of the {info.num_layers} layers")
             b.toggled.connect(self._boxes_edited)

@@ -61,10 +61,8 @@ class DataPage(Page):
         self.keys: list[str] = []
 
         _box, form = self.group("Training data")
-        self.browse_file = QPushButton("File…")
-        self.browse_file.clicked.connect(self._pick_file)
-        self.browse_folder = QPushButton("Folder…")
-        self.browse_folder.clicked.connect(self._pick_folder)
+        self.browse_file = QPushButton("File…", clicked=self._pick_file)
+        self.browse_folder = QPushButton("Folder…", clicked=self._pick_folder)
         self.add_binding(form, "data", "path", wrap=lambda e: row(e, self.browse_file, self.browse_folder))
         for name in ("format", "subset", "split"):
             self.add_binding(form, "data", name)
@@ -93,9 +91,7 @@ class DataPage(Page):
         self.mapping_box.layout().addWidget(self.columns_form)
 
         box, _ = self.group("Samples as the model sees them")
-        self.preview = QTextBrowser()
-        self.preview.setObjectName("samplePreview")
-        self.preview.setMinimumHeight(220)
+        self.preview = QTextBrowser(objectName="samplePreview", minimumHeight=220)
         self.preview.setOpenLinks(False)
         box.layout().addWidget(self.preview)
 
@@ -329,8 +325,7 @@ class DataPage(Page):
             fmt = (self.report or {}).get("format", "alpaca") if self.report else "alpaca"
         columns = dict(self.model.value("data", "columns") or {})
         for ours in FIELDS.get(fmt, ()):
-            combo = QComboBox()
-            combo.setObjectName(f"map:{ours}")
+            combo = QComboBox(objectName=f"map:{ours}")
             combo.addItem(SAME, None)
             for k in keys:
                 if k != ours:

@@ -50,8 +50,7 @@ class TrainingPage(Page):
             [("train", n) for n in ("eval_steps", "save_steps", "save_total_limit", "logging_steps", "seed", "device")],
         )
         _box, form = self.group("Output")
-        self.browse = QPushButton("Browse…")
-        self.browse.clicked.connect(self._pick_output)
+        self.browse = QPushButton("Browse…", clicked=self._pick_output)
         self.add_binding(form, "output", "dir", wrap=lambda editor: row(editor, self.browse))
         self.where = note()
         _box.layout().addWidget(self.where)
