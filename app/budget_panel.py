@@ -252,8 +252,7 @@ class BudgetPanel(QFrame):
         lay.addWidget(self.reasons)
         lay.addStretch(1)
 
-        self._timer = QTimer(self)
-        self._timer.setSingleShot(True)
+        self._timer = QTimer(self, singleShot=True)
         self._timer.setInterval(0)  # coalesce the changes of one event-loop turn
         self._timer.timeout.connect(self.recompute)
         model.changed.connect(lambda *_: self._timer.start())

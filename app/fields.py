@@ -320,8 +320,5 @@ def row(*widgets: QWidget, stretch: bool = False) -> QWidget:
 
 def debounce(parent: QObject, ms: int, fn: Any) -> QTimer:
     """A single-shot timer that calls ``fn`` ``ms`` after the last ``start()``."""
-    t = QTimer(parent)
-    t.setSingleShot(True)
-    t.setInterval(ms)
-    t.timeout.connect(fn)
+    t = QTimer(parent, singleShot=True, interval=ms, timeout=fn)
     return t

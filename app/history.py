@@ -227,8 +227,7 @@ class HistoryPage(QWidget):
             "TensorBoard for this run (runs with output.report_to: [tensorboard]); otherwise its folder of logs"
         )
         self.logs_button.clicked.connect(self._open_logs)
-        self.manage_button = QToolButton(text="Manage")
-        self.manage_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        self.manage_button = QToolButton(text="Manage", popupMode=QToolButton.ToolButtonPopupMode.InstantPopup)
         self.manage_menu = QMenu(self.manage_button)
         self.rename_action = self.manage_menu.addAction("Rename…", self._rename_selected)
         self.notes_action = self.manage_menu.addAction("Edit notes…", self._edit_notes_selected)

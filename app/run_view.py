@@ -110,10 +110,7 @@ class RunView(QWidget):
         lay.addLayout(bar)
         lay.addWidget(self.splitter, 1)
 
-        self._timer = QTimer(self)
-        self._timer.setSingleShot(True)
-        self._timer.setInterval(REDRAW_MS)
-        self._timer.timeout.connect(self.redraw)
+        self._timer = QTimer(self, singleShot=True, interval=REDRAW_MS, timeout=self.redraw)
         self.set_state("idle")
 
     # -- state -----------------------------------------------------------------------------

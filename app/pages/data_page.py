@@ -91,8 +91,7 @@ class DataPage(Page):
         self.mapping_box.layout().addWidget(self.columns_form)
 
         box, _ = self.group("Samples as the model sees them")
-        self.preview = QTextBrowser(objectName="samplePreview", minimumHeight=220)
-        self.preview.setOpenLinks(False)
+        self.preview = QTextBrowser(objectName="samplePreview", minimumHeight=220, openLinks=False)
         box.layout().addWidget(self.preview)
 
         box, _ = self.group("Token lengths")
