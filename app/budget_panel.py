@@ -34,6 +34,7 @@ from app import gpu_cards
 from app.config_model import ConfigModel
 from app.inspector import Inspector
 from app.run_catalog import absolute_config
+from app.theme import note
 from qlora_engine import gpu as gpu_facts
 from qlora_engine.budget.estimate import VramEstimate
 from qlora_engine.budget.fit import FitAdvice, Suggestion
@@ -197,17 +198,14 @@ class BudgetPanel(QFrame):
         self.setMinimumWidth(290)
         self.setMaximumWidth(380)
 
-        title = QLabel("VRAM budget")
-        title.setObjectName("panelTitle")
-        self.gpu_combo = QComboBox()
-        self.gpu_combo.setObjectName("gpuSelector")
+        title = QLabel("VRAM budget", objectName="panelTitle")
+        self.gpu_combo = QComboBox(objectName="gpuSelector")
         self.gpu_combo.setToolTip(
             "The card to train on; the estimate is compared with its memory. The 'plan for' entries size the run "
             "for a card in another machine (this one's GPU, if any, is not used for the estimate). 'Several GPUs' "
             "trains on the cards ticked below it (one process each); the estimate is then one card's."
         )
-        self.target_gib = QDoubleSpinBox()
-        self.target_gib.setObjectName("targetCardGib")
+        self.target_gib = QDoubleSpinBox(objectName="targetCardGib")
         self.target_gib.setRange(1.0, 1024.0)
         self.target_gib.setDecimals(1)
         self.target_gib.setValue(24.0)
@@ -215,41 +213,30 @@ class BudgetPanel(QFrame):
         self.target_gib.setToolTip("The memory of the card to plan for, as nvidia-smi shows it (MiB / 1024)")
         self.target_gib.setVisible(False)
         self.target_gib.valueChanged.connect(lambda *_: self._timer.start())
-        self.refresh_gpus_button = QToolButton()
-        self.refresh_gpus_button.setText("⟳")
+        self.refresh_gpus_button = QToolButton(text="⟳")
         self.refresh_gpus_button.setToolTip("Look for GPUs again (free memory changes as other programs run)")
         self.refresh_gpus_button.clicked.connect(self.refresh_gpus)
         gpu_row = QHBoxLayout()
         gpu_row.addWidget(self.gpu_combo, 1)
         gpu_row.addWidget(self.target_gib)
         gpu_row.addWidget(self.refresh_gpus_button)
-        self.cards_row = QWidget()  # "Several GPUs": a box per card of this machine, four a row (the panel is narrow)
-        self.cards_row.setObjectName("gpuCards")
+        self.cards_row = QWidget(objectName="gpuCards")  # "Several GPUs": a box per card, four a row (the panel is narrow)
         self.cards_layout = QGridLayout(self.cards_row)
         self.cards_layout.setContentsMargins(0, 0, 0, 0)
         self.cards_layout.addWidget(QLabel("Train on:"), 0, 0, 1, 4)
         self.card_boxes: dict[int, QCheckBox] = {}
         self.cards_row.setVisible(False)
-        self.headline = QLabel("-")
-        self.headline.setObjectName("budgetHeadline")
-        self.status = QLabel("")
-        self.status.setObjectName("budgetStatus")
-        self.status.setWordWrap(True)
+        self.headline = QLabel("-", objectName="budgetHeadline")
+        self.status = note(name="budgetStatus")
         self.bar = StackedBar()
         self.legend = QGridLayout()
         self.legend.setHorizontalSpacing(8)
         self.legend.setVerticalSpacing(2)
         legend_box = QWidget()
         legend_box.setLayout(self.legend)
-        self.largest = QLabel("")
-        self.largest.setObjectName("hint")
-        self.largest.setWordWrap(True)
-        self.reasons = QLabel("")
-        self.reasons.setObjectName("hint")
-        self.reasons.setWordWrap(True)
-        self.suggest_title = QLabel(FIT_TITLE)
-        self.suggest_title.setObjectName("suggestTitle")
-        self.suggest_title.setWordWrap(True)
+        self.largest = note()
+        self.reasons = note()
+        self.suggest_title = note(FIT_TITLE, "suggestTitle")
         self.suggest_title.setVisible(False)  # until there is something to suggest
         self.suggest_box = QVBoxLayout()
         suggest_holder = QWidget()
@@ -257,8 +244,7 @@ class BudgetPanel(QFrame):
 
         # The panel scrolls rather than stretch the window: with a long list of fixes it would
         # otherwise be taller than a 1280×800 screen at 125% (640 logical px).
-        inner = QWidget()
-        inner.setObjectName("budgetContents")
+        inner = QWidget(objectName="budgetContents")
         scroll = QScrollArea()
         scroll.setWidget(inner)
         scroll.setWidgetResizable(True)
@@ -283,8 +269,7 @@ class BudgetPanel(QFrame):
         lay.addWidget(self.reasons)
         lay.addStretch(1)
 
-        self._timer = QTimer(self)
-        self._timer.setSingleShot(True)
+        self._timer = QTimer(self, singleShot=True)
         self._timer.setInterval(0)  # coalesce the changes of one event-loop turn
         self._timer.timeout.connect(self.recompute)
         model.changed.connect(lambda *_: self._timer.start())
@@ -361,7 +346,7 @@ class BudgetPanel(QFrame):
         if not indices or any(i not in {g.index for g in self.gpus} for i in indices):
             return False
         if len(indices) == 1:
-            self.select_gpu(indices[0])
+            self.gpu_combo.setCurrentIndex(self.gpu_combo.findData(indices[0]))
             return True
         for index, box in self.card_boxes.items():
             box.blockSignals(True)
@@ -389,11 +374,6 @@ class BudgetPanel(QFrame):
             self.target_gib.setValue(float(gib_or_gb))
             i = self.gpu_combo.findData(CUSTOM_CARD)
         self.gpu_combo.setCurrentIndex(i)
-
-    def select_gpu(self, index: int) -> None:
-        i = self.gpu_combo.findData(index)
-        if i >= 0:
-            self.gpu_combo.setCurrentIndex(i)
 
     def _on_gpu_changed(self, *_args) -> None:
         self.target_gib.setVisible(self.gpu_combo.currentData() == CUSTOM_CARD)
@@ -462,14 +442,11 @@ class BudgetPanel(QFrame):
         self._suggestion_cards = []
         self.suggestion_buttons = []
         for s in suggestions:
-            card = QFrame()
-            card.setObjectName("suggestion")
+            card = QFrame(objectName="suggestion")
             lay = QHBoxLayout(card)
             lay.setContentsMargins(8, 6, 6, 6)
-            text = QLabel(s.description)
-            text.setWordWrap(True)
-            b = QPushButton("Apply")
-            b.setToolTip("Apply: " + ", ".join(s.overrides))
+            text = QLabel(s.description, wordWrap=True)
+            b = QPushButton("Apply", toolTip="Apply: " + ", ".join(s.overrides))
             b.setAccessibleName(f"Apply: {s.description}")
             b.clicked.connect(lambda _=False, o=list(s.overrides): self.apply(o))
             lay.addWidget(text, 1)
@@ -514,12 +491,10 @@ class BudgetPanel(QFrame):
             swatch = QLabel()
             swatch.setFixedSize(10, 10)
             swatch.setStyleSheet(f"background:{color.name()}; border-radius:2px")
-            label = QLabel(name.replace("_", " "))
-            label.setToolTip(result.get("help", {}).get(name, ""))
+            label = QLabel(name.replace("_", " "), toolTip=result.get("help", {}).get(name, ""))
             self.legend.addWidget(swatch, i, 0)
             self.legend.addWidget(label, i, 1)
-            value = QLabel(gib(v))
-            value.setAlignment(Qt.AlignmentFlag.AlignRight)
+            value = QLabel(gib(v), alignment=Qt.AlignmentFlag.AlignRight)
             self.legend.addWidget(value, i, 2)
         approx = " (approximate)" if getattr(est, "approximate", False) else ""
         if capacity:

@@ -59,7 +59,6 @@ OVERLAY_SCHEMES = {
     "dark": ["#fb7185", "#2dd4bf", "#a78bfa", "#facc15", "#93c5fd"],
 }
 COLORS = SERIES_COLORS["light"]
-OVERLAY_COLORS = OVERLAY_SCHEMES["light"]
 
 
 def scheme_of(background: QColor) -> str:

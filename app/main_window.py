@@ -116,8 +116,7 @@ class MainWindow(QMainWindow):
         self.runs = RunActions(self, self.run_view, self.history)
 
         # layout: nav | stack (+ back/next) | budget
-        self.nav = QListWidget()
-        self.nav.setObjectName("nav")
+        self.nav = QListWidget(objectName="nav")
         self.nav.setFixedWidth(170)
         self.stack = QStackedWidget()
         for key, label in PAGES:
@@ -125,8 +124,7 @@ class MainWindow(QMainWindow):
             self.stack.addWidget(self.pages[key])
         self.nav.currentRowChanged.connect(self._on_nav)
         self.back_button = QPushButton("← Back")
-        self.next_button = QPushButton("Next →")
-        self.next_button.setObjectName("primary")
+        self.next_button = QPushButton("Next →", objectName="primary")
         self.back_button.clicked.connect(lambda: self._step(-1))
         self.next_button.clicked.connect(lambda: self._step(1))
         self.flow_bar = QWidget()

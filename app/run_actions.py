@@ -84,9 +84,7 @@ class RunActions(QObject):
         """Builds the child's command line (tests swap in a replay of recorded events)."""
         self.dialog: RunErrorDialog | None = None
         self.replaying: Path | None = None
-        self._sampler = QTimer(self)
-        self._sampler.setInterval(VRAM_SAMPLE_MS)
-        self._sampler.timeout.connect(self._sample_vram)
+        self._sampler = QTimer(self, interval=VRAM_SAMPLE_MS, timeout=self._sample_vram)
         self.state_changed.connect(view.set_state)
         self.updated.connect(view.schedule_redraw)
         self.event.connect(view.append_event)
@@ -107,8 +105,7 @@ class RunActions(QObject):
     # -- questions (replaced in tests) -----------------------------------------------------
     def ask_existing_run(self, run_dir: Path, new_dir: Path) -> str:
         """The output folder holds a run: 'resume', 'new' (use ``new_dir``) or 'cancel'."""
-        box = QMessageBox(self.window)
-        box.setWindowTitle("The output folder holds a run")
+        box = QMessageBox(self.window, windowTitle="The output folder holds a run")
         box.setText(f"{run_dir} already holds a run (checkpoints or an adapter).")
         box.setInformativeText(f"Continue that run, or start a new one in {new_dir.name}?")
         resume = box.addButton("Continue it", QMessageBox.ButtonRole.AcceptRole)

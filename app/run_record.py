@@ -65,7 +65,6 @@ class RunRecord:
     """The cards (NVML numbers) the run was launched on; [] for the CPU. Several: one VRAM line each."""
     started: RunStarted | None = None
     phase: str = ""
-    phase_detail: str = ""
     latest: StepMetrics | None = None
     """The newest step's metrics."""
     last_eval: EvalResult | None = None
@@ -74,7 +73,6 @@ class RunRecord:
     finished: RunFinished | None = None
     failed: RunFailed | None = None
     first_time: float | None = None
-    last_time: float | None = None
     elapsed_before: float = 0.0
     """Training time of the parts before the newest resume (the engine counts each part from 0)."""
     version: int = 0
@@ -87,7 +85,6 @@ class RunRecord:
     def apply(self, e: Event) -> None:
         if self.first_time is None:
             self.first_time = e.time
-        self.last_time = e.time
         self.version += 1
         if isinstance(e, StepMetrics):
             # a resumed run repeats nothing, but a run resumed from an earlier checkpoint
@@ -109,7 +106,7 @@ class RunRecord:
             self._series["eval_loss"].append(e.step, e.loss)
             self.last_eval = e
         elif isinstance(e, PhaseChanged):
-            self.phase, self.phase_detail = e.phase, e.detail
+            self.phase = e.phase
         elif isinstance(e, RunStarted):
             if self.started is not None and not e.resumed_from:
                 self._start_over(e)  # a new run in the same folder: nothing of the old one is its own
@@ -141,9 +138,7 @@ class RunRecord:
             self.phase = "failed"
 
     def _start_over(self, e: Event) -> None:
-        fresh = RunRecord(
-            run_dir=self.run_dir, gpus=self.gpus, first_time=e.time, last_time=e.time, version=self.version
-        )
+        fresh = RunRecord(run_dir=self.run_dir, gpus=self.gpus, first_time=e.time, version=self.version)
         self.__dict__.update(fresh.__dict__)
 
     def add_vram(

@@ -10,10 +10,10 @@ returns ``None``.
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["GpuInfo", "GpuReport", "MemorySample", "describe", "query_gpus", "sample", "shutdown"]
+__all__ = ["GpuInfo", "GpuReport", "MemorySample", "query_gpus", "sample", "shutdown"]
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"initialized": False, "error": None, "module": None}
@@ -79,7 +79,6 @@ class MemorySample:
     total_bytes: int
     process_bytes: int | None = None
     utilization: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _text(value: Any) -> str:
@@ -218,13 +217,3 @@ def sample(index: int, pid: int | None = None, nvml: Any = None) -> MemorySample
         process_bytes=process_bytes,
         utilization=_utilization(nv, h),
     )
-
-
-def describe() -> str:
-    """A few human lines about the GPUs (for logs and ``--version`` style output)."""
-    report = query_gpus()
-    if not report.available:
-        return report.reason or "no NVIDIA GPU"
-    lines = [f"NVIDIA driver {report.driver_version}"]
-    lines += [g.label() for g in report.gpus]
-    return "\n".join(lines)

@@ -192,7 +192,7 @@ def test_the_chosen_cards_are_remembered(qtbot, make_window, cards):
     second = make_window()  # the same settings file: the next start of the app
     assert second.budget.gpu_combo.currentData() == SEVERAL
     assert [g.index for g in second.budget.selected_gpus()] == [0, 2]
-    second.budget.select_gpu(1)
+    second.budget.select_cards([1])
     assert [g.index for g in make_window().budget.selected_gpus()] == [1]
     second.budget.select_cards([1, 2])
     cards(2)  # card 2 is gone: the chosen cards still here are chosen
