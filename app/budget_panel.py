@@ -15,6 +15,7 @@ from typing import Any
 from PySide6.QtCore import QRectF, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QPainter, QPalette, QPen
 from PySide6.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFrame,
@@ -29,9 +30,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app import gpu_cards
 from app.config_model import ConfigModel
 from app.inspector import Inspector
 from app.run_catalog import absolute_config
+from app.theme import note
 from qlora_engine import gpu as gpu_facts
 from qlora_engine.budget.estimate import VramEstimate
 from qlora_engine.budget.fit import FitAdvice, Suggestion
@@ -61,6 +64,8 @@ that size (the smaller where two differ: RTX 4060 8 GB, 4070 12 GB, 4080 16 GB, 
 48 GB, H100 80 GB), so "fits" here means fits there."""
 CUSTOM_CARD = {"plan_gb": None}
 """The selector's data for a planned card of the size in the spin box (a listed one: ``{"plan_gb": GB}``)."""
+SEVERAL = "several"
+"""The selector's data for "Several GPUs" (two cards or more here): the cards ticked below it."""
 
 
 FIT_TITLE = "To make it fit, click a change:"
@@ -82,8 +87,10 @@ def compute_budget(cfg: TrainConfig, gpu: gpu_facts.GpuInfo | None, data_stats: 
     return budget_from_answer(Inspector().answer(budget_request(cfg, gpu, data_stats)))
 
 
-def budget_request(cfg: TrainConfig, gpu: gpu_facts.GpuInfo | None, data_stats: dict | None) -> dict:
-    """The inspecting child's ``budget`` request for this configuration and card."""
+def budget_request(
+    cfg: TrainConfig, gpu: gpu_facts.GpuInfo | None, data_stats: dict | None, world_size: int = 1
+) -> dict:
+    """The inspecting child's ``budget`` request for this configuration and card (one of ``world_size``)."""
     return {
         "kind": "budget",
         "config": cfg.to_dict(),
@@ -93,6 +100,7 @@ def budget_request(cfg: TrainConfig, gpu: gpu_facts.GpuInfo | None, data_stats: 
         # no card: the CPU, where no CUDA context exists to count; a planned card counts one
         "cuda": gpu is not None,
         "data_stats": data_stats,
+        "world_size": world_size,
     }
 
 
@@ -108,12 +116,14 @@ def budget_from_answer(answer: dict) -> dict:
                 "faster": Suggestion(**advice["faster"]) if advice.get("faster") else None,
             }
         )
-    auto = answer.get("checkpointing")
+    auto, strategy = answer.get("checkpointing"), answer.get("strategy")
     return {
         "estimate": VramEstimate(**answer["estimate"]),
         "advice": advice,
         "checkpointing": Decision.from_dict(auto) if auto else None,
+        "strategy": Decision.from_dict(strategy) if strategy else None,
         "gpu_bytes": answer.get("gpu_bytes"),
+        "world_size": answer.get("world_size") or 1,
         "help": answer.get("help") or {},
     }
 
@@ -188,16 +198,14 @@ class BudgetPanel(QFrame):
         self.setMinimumWidth(290)
         self.setMaximumWidth(380)
 
-        title = QLabel("VRAM budget")
-        title.setObjectName("panelTitle")
-        self.gpu_combo = QComboBox()
-        self.gpu_combo.setObjectName("gpuSelector")
+        title = QLabel("VRAM budget", objectName="panelTitle")
+        self.gpu_combo = QComboBox(objectName="gpuSelector")
         self.gpu_combo.setToolTip(
             "The card to train on; the estimate is compared with its memory. The 'plan for' entries size the run "
-            "for a card in another machine (this one's GPU, if any, is not used for the estimate)."
+            "for a card in another machine (this one's GPU, if any, is not used for the estimate). 'Several GPUs' "
+            "trains on the cards ticked below it (one process each); the estimate is then one card's."
         )
-        self.target_gib = QDoubleSpinBox()
-        self.target_gib.setObjectName("targetCardGib")
+        self.target_gib = QDoubleSpinBox(objectName="targetCardGib")
         self.target_gib.setRange(1.0, 1024.0)
         self.target_gib.setDecimals(1)
         self.target_gib.setValue(24.0)
@@ -205,34 +213,30 @@ class BudgetPanel(QFrame):
         self.target_gib.setToolTip("The memory of the card to plan for, as nvidia-smi shows it (MiB / 1024)")
         self.target_gib.setVisible(False)
         self.target_gib.valueChanged.connect(lambda *_: self._timer.start())
-        self.refresh_gpus_button = QToolButton()
-        self.refresh_gpus_button.setText("⟳")
+        self.refresh_gpus_button = QToolButton(text="⟳")
         self.refresh_gpus_button.setToolTip("Look for GPUs again (free memory changes as other programs run)")
         self.refresh_gpus_button.clicked.connect(self.refresh_gpus)
         gpu_row = QHBoxLayout()
         gpu_row.addWidget(self.gpu_combo, 1)
         gpu_row.addWidget(self.target_gib)
         gpu_row.addWidget(self.refresh_gpus_button)
-        self.headline = QLabel("-")
-        self.headline.setObjectName("budgetHeadline")
-        self.status = QLabel("")
-        self.status.setObjectName("budgetStatus")
-        self.status.setWordWrap(True)
+        self.cards_row = QWidget(objectName="gpuCards")  # "Several GPUs": a box per card, four a row (the panel is narrow)
+        self.cards_layout = QGridLayout(self.cards_row)
+        self.cards_layout.setContentsMargins(0, 0, 0, 0)
+        self.cards_layout.addWidget(QLabel("Train on:"), 0, 0, 1, 4)
+        self.card_boxes: dict[int, QCheckBox] = {}
+        self.cards_row.setVisible(False)
+        self.headline = QLabel("-", objectName="budgetHeadline")
+        self.status = note(name="budgetStatus")
         self.bar = StackedBar()
         self.legend = QGridLayout()
         self.legend.setHorizontalSpacing(8)
         self.legend.setVerticalSpacing(2)
         legend_box = QWidget()
         legend_box.setLayout(self.legend)
-        self.largest = QLabel("")
-        self.largest.setObjectName("hint")
-        self.largest.setWordWrap(True)
-        self.reasons = QLabel("")
-        self.reasons.setObjectName("hint")
-        self.reasons.setWordWrap(True)
-        self.suggest_title = QLabel(FIT_TITLE)
-        self.suggest_title.setObjectName("suggestTitle")
-        self.suggest_title.setWordWrap(True)
+        self.largest = note()
+        self.reasons = note()
+        self.suggest_title = note(FIT_TITLE, "suggestTitle")
         self.suggest_title.setVisible(False)  # until there is something to suggest
         self.suggest_box = QVBoxLayout()
         suggest_holder = QWidget()
@@ -240,8 +244,7 @@ class BudgetPanel(QFrame):
 
         # The panel scrolls rather than stretch the window: with a long list of fixes it would
         # otherwise be taller than a 1280×800 screen at 125% (640 logical px).
-        inner = QWidget()
-        inner.setObjectName("budgetContents")
+        inner = QWidget(objectName="budgetContents")
         scroll = QScrollArea()
         scroll.setWidget(inner)
         scroll.setWidgetResizable(True)
@@ -255,6 +258,7 @@ class BudgetPanel(QFrame):
         lay = QVBoxLayout(inner)
         lay.addWidget(title)
         lay.addLayout(gpu_row)
+        lay.addWidget(self.cards_row)
         lay.addWidget(self.headline)
         lay.addWidget(self.bar)
         lay.addWidget(self.status)
@@ -265,8 +269,7 @@ class BudgetPanel(QFrame):
         lay.addWidget(self.reasons)
         lay.addStretch(1)
 
-        self._timer = QTimer(self)
-        self._timer.setSingleShot(True)
+        self._timer = QTimer(self, singleShot=True)
         self._timer.setInterval(0)  # coalesce the changes of one event-loop turn
         self._timer.timeout.connect(self.recompute)
         model.changed.connect(lambda *_: self._timer.start())
@@ -277,18 +280,21 @@ class BudgetPanel(QFrame):
 
     # -- GPUs ------------------------------------------------------------------------------
     def refresh_gpus(self) -> None:
-        report = gpu_facts.query_gpus()
+        report = gpu_cards.list_cards()
         self.set_gpus(list(report.gpus), report.reason)
 
     def set_gpus(self, gpus: list[gpu_facts.GpuInfo], reason: str | None = None) -> None:
         """Fill the selector (the first GPU is chosen unless the previous choice is still there)."""
-        current = self.selected_gpu()
+        current = [g.index for g in self.selected_gpus()]
         planned = self.gpu_combo.currentData()
         self.gpus = list(gpus)
         self.gpu_combo.blockSignals(True)
         self.gpu_combo.clear()
         for g in self.gpus:
             self.gpu_combo.addItem(g.label(), g.index)
+        if len(self.gpus) > 1:
+            self.gpu_combo.addItem(f"Several GPUs (of {len(self.gpus)})", SEVERAL)
+        self._make_card_boxes()
         self.gpu_combo.addItem("CPU (no GPU)" if not self.gpus else "CPU", -1)
         if not self.gpus:
             self.gpu_combo.setItemData(0, reason or "no NVIDIA GPU", Qt.ItemDataRole.ToolTipRole)
@@ -296,18 +302,59 @@ class BudgetPanel(QFrame):
         for gb in TARGET_CARDS_MIB:
             self.gpu_combo.addItem(f"Plan for {'an' if gb in (8, 80) else 'a'} {gb} GB card", {"plan_gb": gb})
         self.gpu_combo.addItem("Plan for a card of …", CUSTOM_CARD)
-        if current is not None:
-            i = self.gpu_combo.findData(current.index)
-            self.gpu_combo.setCurrentIndex(max(i, 0))
-        elif isinstance(planned, dict):  # a planned card stays chosen when the local GPUs are looked up again
+        if isinstance(planned, dict):  # a planned card stays chosen when the local GPUs are looked up again
             self.gpu_combo.setCurrentIndex(max(self.gpu_combo.findData(planned), 0))
         self.gpu_combo.blockSignals(False)
+        if current and not self.select_cards(current):
+            self.gpu_combo.setCurrentIndex(0)
         self._on_gpu_changed()
 
+    def _make_card_boxes(self) -> None:
+        for box in self.card_boxes.values():
+            box.deleteLater()
+        self.card_boxes = {}
+        if len(self.gpus) < 2:
+            return
+        for i, g in enumerate(self.gpus):
+            box = QCheckBox(gpu_cards.line_name(g.index))
+            box.setToolTip(g.label())
+            box.toggled.connect(self._on_card_ticked)
+            self.cards_layout.addWidget(box, 1 + i // 4, i % 4)
+            self.card_boxes[g.index] = box
+
+    def _on_card_ticked(self, *_args) -> None:
+        ticked = [box for box in self.card_boxes.values() if box.isChecked()]
+        for box in self.card_boxes.values():  # the last ticked card stays: no card is not a choice here
+            box.setEnabled(len(ticked) != 1 or not box.isChecked())
+        if self.gpu_combo.currentData() == SEVERAL:
+            self._on_gpu_changed()
+
     def selected_gpu(self) -> gpu_facts.GpuInfo | None:
-        """This machine's GPU chosen to train on (None: the CPU, or a card planned for another machine)."""
-        index = self.gpu_combo.currentData()
-        return next((g for g in self.gpus if g.index == index), None) if isinstance(index, int) else None
+        """The one GPU of this machine chosen to train on (None: several, the CPU, or a planned card)."""
+        cards = self.selected_gpus()
+        return cards[0] if len(cards) == 1 else None
+
+    def selected_gpus(self) -> list[gpu_facts.GpuInfo]:
+        """This machine's GPUs chosen to train on, by number ([]: the CPU, or a card planned for another machine)."""
+        data = self.gpu_combo.currentData()
+        if data == SEVERAL:
+            return [g for g in self.gpus if self.card_boxes[g.index].isChecked()]
+        return [g for g in self.gpus if g.index == data] if isinstance(data, int) else []
+
+    def select_cards(self, indices: list[int]) -> bool:
+        """Choose these cards of this machine (one: that card alone; several: ticked); False if one is missing."""
+        if not indices or any(i not in {g.index for g in self.gpus} for i in indices):
+            return False
+        if len(indices) == 1:
+            self.gpu_combo.setCurrentIndex(self.gpu_combo.findData(indices[0]))
+            return True
+        for index, box in self.card_boxes.items():
+            box.blockSignals(True)
+            box.setChecked(index in indices)
+            box.blockSignals(False)
+        self._on_card_ticked()
+        self.gpu_combo.setCurrentIndex(self.gpu_combo.findData(SEVERAL))
+        return True
 
     def planned_card(self) -> gpu_facts.GpuInfo | None:
         """The card the estimate is compared with: this machine's, or one chosen to plan for (None: CPU)."""
@@ -317,7 +364,8 @@ class BudgetPanel(QFrame):
             size = int((TARGET_CARDS_MIB[gb] if gb is not None else self.target_gib.value() * 1024) * 2**20)
             name = f"{gb} GB card" if gb is not None else f"{size / GIB:g} GiB card"
             return gpu_facts.GpuInfo(index=-2, name=name, total_bytes=size, free_bytes=size, used_bytes=0)
-        return self.selected_gpu()
+        cards = self.selected_gpus()  # several: each holds one share; the smallest card is the limit
+        return min(cards, key=lambda g: g.total_bytes) if cards else None
 
     def plan_for(self, gib_or_gb: int | float) -> None:
         """Choose a card to plan for: a listed size in GB (8, 12, 16, 24, 48, 80) or any size in GiB."""
@@ -327,14 +375,14 @@ class BudgetPanel(QFrame):
             i = self.gpu_combo.findData(CUSTOM_CARD)
         self.gpu_combo.setCurrentIndex(i)
 
-    def select_gpu(self, index: int) -> None:
-        i = self.gpu_combo.findData(index)
-        if i >= 0:
-            self.gpu_combo.setCurrentIndex(i)
-
     def _on_gpu_changed(self, *_args) -> None:
         self.target_gib.setVisible(self.gpu_combo.currentData() == CUSTOM_CARD)
-        self.gpu_changed.emit(self.selected_gpu())
+        several = self.gpu_combo.currentData() == SEVERAL
+        if several and not self.selected_gpus():  # first time: every card
+            self.select_cards([g.index for g in self.gpus])
+            return
+        self.cards_row.setVisible(several)
+        self.gpu_changed.emit(self.selected_gpus())
         self._timer.start()
 
     # -- inputs ----------------------------------------------------------------------------
@@ -355,7 +403,8 @@ class BudgetPanel(QFrame):
             self.tasks.cancel("budget")
             self._draw_empty("Choose a model to see its memory estimate.")
             return
-        self.tasks.submit("budget", budget_request(absolute_config(cfg), g, self.data_stats))
+        world = max(1, len(self.selected_gpus()))
+        self.tasks.submit("budget", budget_request(absolute_config(cfg), g, self.data_stats, world))
 
     def _on_result(self, key: str, answer: object) -> None:
         if key == "budget":
@@ -393,14 +442,11 @@ class BudgetPanel(QFrame):
         self._suggestion_cards = []
         self.suggestion_buttons = []
         for s in suggestions:
-            card = QFrame()
-            card.setObjectName("suggestion")
+            card = QFrame(objectName="suggestion")
             lay = QHBoxLayout(card)
             lay.setContentsMargins(8, 6, 6, 6)
-            text = QLabel(s.description)
-            text.setWordWrap(True)
-            b = QPushButton("Apply")
-            b.setToolTip("Apply: " + ", ".join(s.overrides))
+            text = QLabel(s.description, wordWrap=True)
+            b = QPushButton("Apply", toolTip="Apply: " + ", ".join(s.overrides))
             b.setAccessibleName(f"Apply: {s.description}")
             b.clicked.connect(lambda _=False, o=list(s.overrides): self.apply(o))
             lay.addWidget(text, 1)
@@ -445,17 +491,16 @@ class BudgetPanel(QFrame):
             swatch = QLabel()
             swatch.setFixedSize(10, 10)
             swatch.setStyleSheet(f"background:{color.name()}; border-radius:2px")
-            label = QLabel(name.replace("_", " "))
-            label.setToolTip(result.get("help", {}).get(name, ""))
+            label = QLabel(name.replace("_", " "), toolTip=result.get("help", {}).get(name, ""))
             self.legend.addWidget(swatch, i, 0)
             self.legend.addWidget(label, i, 1)
-            value = QLabel(gib(v))
-            value.setAlignment(Qt.AlignmentFlag.AlignRight)
+            value = QLabel(gib(v), alignment=Qt.AlignmentFlag.AlignRight)
             self.legend.addWidget(value, i, 2)
         approx = " (approximate)" if getattr(est, "approximate", False) else ""
         if capacity:
             fits = total <= capacity if getattr(est, "fits", None) is None else bool(est.fits)
-            self.headline.setText(f"{gib(total)} of {gib(capacity)}")
+            world = result.get("world_size", 1)
+            self.headline.setText(f"{gib(total)} of {gib(capacity)}" + (" per GPU" if world > 1 else ""))
             spill = int(getattr(est, "spill_to_cpu_bytes", 0) or 0)
             if fits and spill:
                 self.status.setText(
@@ -481,6 +526,9 @@ class BudgetPanel(QFrame):
         auto = result.get("checkpointing")
         if auto is not None and capacity:  # what train.gradient_checkpointing auto chose for this card
             self.status.setText(self.status.text() + f"\nGradient checkpointing (auto): {auto.summary}, {auto.reason}")
+        strategy = result.get("strategy")
+        if strategy is not None and strategy.requested == "auto" and result.get("world_size", 1) > 1:
+            self.status.setText(self.status.text() + f"\nStrategy (auto): {strategy.summary}, {strategy.reason}")
         if faster is not None:
             self._set_suggestions([faster], FASTER_TITLE)
         else:

@@ -49,12 +49,16 @@ SERIES_COLORS = {
         "note": "#9ca3af",
     },
 }
+GPU_LINE_SCHEMES = {
+    # a run over several cards draws one line per card ("GPU 0", "GPU 2"), coloured in the order they appear
+    "light": ["#dc2626", "#2563eb", "#047857", "#a16207", "#9333ea", "#0369a1", "#be123c", "#4d7c0f"],
+    "dark": ["#f87171", "#60a5fa", "#34d399", "#facc15", "#c084fc", "#38bdf8", "#fb7185", "#a3e635"],
+}
 OVERLAY_SCHEMES = {
     "light": ["#e11d48", "#0f766e", "#7c3aed", "#a16207", "#1d4ed8"],
     "dark": ["#fb7185", "#2dd4bf", "#a78bfa", "#facc15", "#93c5fd"],
 }
 COLORS = SERIES_COLORS["light"]
-OVERLAY_COLORS = OVERLAY_SCHEMES["light"]
 
 
 def scheme_of(background: QColor) -> str:
@@ -77,7 +81,10 @@ class RunCharts(QWidget):
         self._plot_of: dict[str, pg.PlotItem] = {}
         self._overlays: list[pg.PlotDataItem] = []
         self._drawn_version = -1
-        self.colors = SERIES_COLORS["light"]
+        self.scheme = "light"
+        self.colors = dict(SERIES_COLORS["light"])
+        self._gpu_lines: list[str] = []
+        """The per-card lines made so far (a run over several cards), in the order they appeared."""
 
         self.loss = self._plot("loss", "Loss", "step", row=0, col=0, colspan=2)
         self.vram = self._plot("vram", "VRAM (GiB)", "seconds", row=0, col=2)
@@ -124,8 +131,8 @@ class RunCharts(QWidget):
         return p
 
     def _curve(self, plot: pg.PlotItem, name: str, symbol: str | None = None, width: int = 2) -> pg.PlotDataItem:
-        pen = pg.mkPen(COLORS[name], width=width)
-        kw = {"symbol": symbol, "symbolSize": 7, "symbolBrush": COLORS[name], "symbolPen": None} if symbol else {}
+        pen = pg.mkPen(self.colors[name], width=width)
+        kw = {"symbol": symbol, "symbolSize": 7, "symbolBrush": self.colors[name], "symbolPen": None} if symbol else {}
         c = plot.plot([], [], pen=pen, **kw)  # named in the legend once it has data (_legend)
         c.opts["name"] = name
         self.curves[name] = c
@@ -172,7 +179,12 @@ class RunCharts(QWidget):
         self.curves["eval loss"].setData(np.asarray(xs, float), _finite(ys))
         self._legend(self.loss, self.curves["eval loss"], bool(xs))
         mem = rec.memory_series()
-        for name in MEMORY_SERIES.values():
+        for name in mem.keys() - self.curves.keys():  # a card's own line (a run over several), from its first sample
+            scheme = GPU_LINE_SCHEMES[self.scheme]
+            self.colors[name] = scheme[len(self._gpu_lines) % len(scheme)]
+            self._gpu_lines.append(name)
+            self._curve(self.vram, name)
+        for name in [*MEMORY_SERIES.values(), *self._gpu_lines]:
             x, y = mem.get(name, ([], []))
             self.curves[name].setData(np.asarray(x, float), np.asarray(y, float))
             self._legend(self.vram, self.curves[name], bool(x))
@@ -222,7 +234,12 @@ class RunCharts(QWidget):
                 p.legend.setLabelTextColor(fg)
                 for _sample, label in p.legend.items:  # labels already drawn keep their colour otherwise
                     label.setText(label.text, color=fg.name())
-        self.colors = SERIES_COLORS[scheme_of(bg)]
+        self.scheme = scheme_of(bg)
+        gpu_lines = GPU_LINE_SCHEMES[self.scheme]
+        self.colors = {
+            **SERIES_COLORS[self.scheme],
+            **{name: gpu_lines[i % len(gpu_lines)] for i, name in enumerate(self._gpu_lines)},
+        }
         for name, curve in self.curves.items():
             curve.setPen(pg.mkPen(self.colors[name], width=curve.opts["pen"].width()))
             if curve.opts.get("symbol"):

@@ -28,6 +28,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.failure_fixes import FixChoice
+from app.theme import note
 from qlora_engine.events import RunFailed
 
 
@@ -49,30 +50,21 @@ class RunErrorDialog(QDialog):
         self.failure = failure
         self.resize(720, 560 if failure.fixes else 480)
 
-        headline = QLabel(f"<b>{_escape(failure.message)}</b>")
-        headline.setObjectName("errorMessage")
-        headline.setWordWrap(True)
+        headline = note(f"<b>{_escape(failure.message)}</b>", "errorMessage")
         headline.setTextFormat(headline.textFormat().RichText)
         lay = QVBoxLayout(self)
         lay.addWidget(headline)
         if failure.hint and not failure.fixes:  # with fixes, the hint only repeats them
-            hint = QLabel(failure.hint)
-            hint.setObjectName("errorHint")
-            hint.setWordWrap(True)
-            lay.addWidget(hint)
+            lay.addWidget(note(failure.hint, "errorHint"))
         self.fix_choices: list[FixChoice] = []
         self.fix_buttons: list[QPushButton] = []
-        self.fix_box = QGroupBox("Change and try again")
-        self.fix_box.setObjectName("errorFixes")
+        self.fix_box = QGroupBox("Change and try again", objectName="errorFixes")
         self._fix_layout = QVBoxLayout(self.fix_box)
-        self.fix_status = QLabel("Checking which of these changes can continue the run from its checkpoint…")
-        self.fix_status.setObjectName("hint")
-        self.fix_status.setWordWrap(True)
+        self.fix_status = note("Checking which of these changes can continue the run from its checkpoint…")
         self._fix_layout.addWidget(self.fix_status)
         self._fix_rows: list[QWidget] = []
         for fix in failure.fixes or []:  # the descriptions at once; the buttons once judged
-            pending = QLabel(str(fix.get("description", "")))
-            pending.setWordWrap(True)
+            pending = QLabel(str(fix.get("description", "")), wordWrap=True)
             self._fix_layout.addWidget(pending)
             self._fix_rows.append(pending)
         self.fix_box.setVisible(bool(failure.fixes))
@@ -86,16 +78,13 @@ class RunErrorDialog(QDialog):
             facts.append(f"Events of the run: {Path(run_dir) / 'events.jsonl'}")
         if log_path:
             facts.append(f"Engine log: {log_path}")
-        self.facts = QLabel("\n".join(facts))
-        self.facts.setObjectName("errorFacts")
-        self.facts.setWordWrap(True)
+        self.facts = note("\n".join(facts), "errorFacts")
         self.facts.setTextInteractionFlags(self.facts.textInteractionFlags().TextSelectableByMouse)
         lay.addWidget(self.facts)
 
         self.details_label = QLabel(f"Details ({failure.error_type}):")
         lay.addWidget(self.details_label)
-        self.traceback = QPlainTextEdit(failure.traceback or "(no traceback)")
-        self.traceback.setObjectName("errorTraceback")
+        self.traceback = QPlainTextEdit(failure.traceback or "(no traceback)", objectName="errorTraceback")
         self.traceback.setReadOnly(True)
         self.traceback.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
         lay.addWidget(self.traceback, 1)
@@ -107,8 +96,7 @@ class RunErrorDialog(QDialog):
             lay.addStretch(1)
 
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
-        self.copy_button = QPushButton("Copy details")
-        self.copy_button.clicked.connect(self.copy_details)
+        self.copy_button = QPushButton("Copy details", clicked=self.copy_details)
         buttons.addButton(self.copy_button, QDialogButtonBox.ButtonRole.ActionRole)
         self.details_button = QPushButton("Show details")
         self.details_button.setVisible(user_error)
@@ -143,18 +131,10 @@ class RunErrorDialog(QDialog):
             card.setObjectName("suggestion")  # drawn as the budget panel's suggestions
             grid = QGridLayout(card)
             grid.setContentsMargins(6, 4, 6, 4)
-            text = QLabel(choice.description)
-            text.setObjectName("fixDescription")
-            text.setWordWrap(True)
-            grid.addWidget(text, 0, 0)
+            grid.addWidget(note(choice.description, "fixDescription"), 0, 0)
             if choice.reason:
-                reason = QLabel(choice.reason)
-                reason.setObjectName("hint")
-                reason.setWordWrap(True)
-                grid.addWidget(reason, 1, 0)
-            button = QPushButton(choice.label)
-            button.setObjectName("fixButton")
-            button.setEnabled(choice.config is not None)
+                grid.addWidget(note(choice.reason), 1, 0)
+            button = QPushButton(choice.label, objectName="fixButton", enabled=choice.config is not None)
             tip = "Changes " + ", ".join(choice.overrides)
             if choice.resumable:
                 tip += f"; the run continues with step {choice.resume_step + 1} from its checkpoint"

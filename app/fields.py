@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.config_model import ConfigModel, field_type, help_text
+from app.theme import note
 
 LABELS = {
     ("model", "ref"): "Model",
@@ -135,11 +136,8 @@ class FieldBinding(QObject):
         self.tp = field_type(section, name)
         self.optional, self.base = _is_optional(self.tp)
         self.help = help_text(section, name)
-        self.label = QLabel(label_for(section, name))
-        self.label.setToolTip(self.help)
-        self.error_label = QLabel()
-        self.error_label.setObjectName("fieldError")
-        self.error_label.setWordWrap(True)
+        self.label = QLabel(label_for(section, name), toolTip=self.help)
+        self.error_label = note(name="fieldError")
         self.error_label.hide()
         self._local_error: str | None = None
         self._updating = False
@@ -157,8 +155,7 @@ class FieldBinding(QObject):
     def _make_editor(self) -> QWidget:
         base, key = self.base, (self.section, self.name)
         if base is bool:
-            w = QCheckBox()
-            w.toggled.connect(lambda on: self._commit(bool(on)))
+            w = QCheckBox(toggled=lambda on: self._commit(bool(on)))
             return w
         choices = _choices(base)
         if choices is not None:
@@ -181,8 +178,7 @@ class FieldBinding(QObject):
                 w.setSuffix(SUFFIX[key])
             w.valueChanged.connect(lambda v: self._commit(None if (self.optional and v == 0) else int(v)))
             return w
-        w = QLineEdit()
-        w.setClearButtonEnabled(base is str)
+        w = QLineEdit(clearButtonEnabled=base is str)
         if base is float:
             w.setMaximumWidth(180)
         if self.optional:
@@ -324,8 +320,5 @@ def row(*widgets: QWidget, stretch: bool = False) -> QWidget:
 
 def debounce(parent: QObject, ms: int, fn: Any) -> QTimer:
     """A single-shot timer that calls ``fn`` ``ms`` after the last ``start()``."""
-    t = QTimer(parent)
-    t.setSingleShot(True)
-    t.setInterval(ms)
-    t.timeout.connect(fn)
+    t = QTimer(parent, singleShot=True, interval=ms, timeout=fn)
     return t

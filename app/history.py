@@ -39,18 +39,12 @@ from PySide6.QtWidgets import (
 from app import run_catalog
 from app.run_catalog import RunNotes, TensorBoardServer
 from app.run_record import RunRecord
+from app.run_worker import engine_argv, engine_env
 from app.tasks import TaskRunner
 from qlora_engine.checkpoint import _pid_alive, latest_checkpoint  # one liveness test, the lock's own
 
-STATUS_TEXT = {
-    "finished": "finished",
-    "stopped": "stopped (resumable)",
-    "failed": "failed",
-    "interrupted": "interrupted",
-    "running": "running",
-    "empty": "no events",
-    "starting": "starting",
-}
+STATUS_TEXT = {"stopped": "stopped (resumable)", "empty": "no events"}
+"""A run's status as the history shows it, where the word itself does not say it."""
 
 
 @dataclass(frozen=True)
@@ -199,12 +193,9 @@ class HistoryPage(QWidget):
         self.tensorboards: dict[Path, TensorBoardServer] = {}
         tasks.finished.connect(self._on_task_done)
 
-        title = QLabel("Run history")
-        title.setObjectName("pageTitle")
-        self.info = QLabel("Every run folder in your runs folder and every run started here.")
-        self.info.setObjectName("hint")
-        self.table = QTableWidget(0, len(self.COLUMNS))
-        self.table.setObjectName("historyTable")
+        title = QLabel("Run history", objectName="pageTitle")
+        self.info = QLabel("Every run folder in your runs folder and every run started here.", objectName="hint")
+        self.table = QTableWidget(0, len(self.COLUMNS), objectName="historyTable")
         self.table.setHorizontalHeaderLabels(self.COLUMNS)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
@@ -217,20 +208,17 @@ class HistoryPage(QWidget):
         header.setSortIndicatorShown(True)
         self.table.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.table.customContextMenuRequested.connect(self._context_menu)
-        self.filter = QLineEdit()
-        self.filter.setObjectName("historyFilter")
+        self.filter = QLineEdit(objectName="historyFilter")
         self.filter.setPlaceholderText("Filter: name, title, notes, model or status")
         self.filter.setClearButtonEnabled(True)
         self.filter.textChanged.connect(self._apply_filter)
         self.table.itemSelectionChanged.connect(self._update_buttons)
         self.table.itemDoubleClicked.connect(lambda _item: self._emit_selected(self.open_requested))
 
-        self.open_button = QPushButton("Open")
-        self.open_button.setToolTip("Redraw this run's charts from its events.jsonl")
+        self.open_button = QPushButton("Open", toolTip="Redraw this run's charts from its events.jsonl")
         self.load_button = QPushButton("Load config")
         self.load_button.setToolTip("Load this run's configuration into the form, to start a new run from it")
-        self.resume_button = QPushButton("Resume")
-        self.resume_button.setToolTip("Continue this run from its last checkpoint")
+        self.resume_button = QPushButton("Resume", toolTip="Continue this run from its last checkpoint")
         self.compare_button = QPushButton("Compare loss")
         self.compare_button.setToolTip("Overlay the selected runs' loss curves on the run charts")
         self.reveal_button = QPushButton("Show folder")
@@ -239,9 +227,7 @@ class HistoryPage(QWidget):
             "TensorBoard for this run (runs with output.report_to: [tensorboard]); otherwise its folder of logs"
         )
         self.logs_button.clicked.connect(self._open_logs)
-        self.manage_button = QToolButton()
-        self.manage_button.setText("Manage")
-        self.manage_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        self.manage_button = QToolButton(text="Manage", popupMode=QToolButton.ToolButtonPopupMode.InstantPopup)
         self.manage_menu = QMenu(self.manage_button)
         self.rename_action = self.manage_menu.addAction("Rename…", self._rename_selected)
         self.notes_action = self.manage_menu.addAction("Edit notes…", self._edit_notes_selected)
@@ -516,7 +502,7 @@ class HistoryPage(QWidget):
         if tb is not None and run_catalog.tensorboard_installed():
             server = self.tensorboards.get(path)
             if server is None or not server.alive:
-                server = TensorBoardServer(tb)
+                server = TensorBoardServer(tb, engine_argv, engine_env())
                 server.start()
                 self.tensorboards[path] = server
             self._open_when_ready(server)

@@ -63,6 +63,8 @@ def state_of(record: RunRecord, facts: JobFacts) -> str:
     state = final_state(record)
     if state == "aborted" and not facts.abort_requested:
         return "failed"  # no final event and nobody asked: the child died
+    if state == "stopped" and facts.abort_requested and record.finished.adapter_dir is None:
+        return "aborted"  # several processes are told to abort and end together, saving nothing
     return state
 
 

@@ -27,6 +27,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app import gpu_cards
 from app import settings as app_settings
 from app.budget_panel import BudgetPanel
 from app.config_model import SECTIONS, ConfigModel, section_fields
@@ -115,8 +116,7 @@ class MainWindow(QMainWindow):
         self.runs = RunActions(self, self.run_view, self.history)
 
         # layout: nav | stack (+ back/next) | budget
-        self.nav = QListWidget()
-        self.nav.setObjectName("nav")
+        self.nav = QListWidget(objectName="nav")
         self.nav.setFixedWidth(170)
         self.stack = QStackedWidget()
         for key, label in PAGES:
@@ -124,8 +124,7 @@ class MainWindow(QMainWindow):
             self.stack.addWidget(self.pages[key])
         self.nav.currentRowChanged.connect(self._on_nav)
         self.back_button = QPushButton("← Back")
-        self.next_button = QPushButton("Next →")
-        self.next_button.setObjectName("primary")
+        self.next_button = QPushButton("Next →", objectName="primary")
         self.back_button.clicked.connect(lambda: self._step(-1))
         self.next_button.clicked.connect(lambda: self._step(1))
         self.flow_bar = QWidget()
@@ -159,6 +158,10 @@ class MainWindow(QMainWindow):
         # wiring between pages
         self.model_page.info_changed.connect(self.adapter_page.set_model_info)
         self.model_page.info_changed.connect(self.budget.set_model_info)
+        saved_cards = self.settings.value(gpu_cards.SETTING)  # the cards chosen last time, those still here
+        self.budget.select_cards(gpu_cards.restore(saved_cards, [g.index for g in self.budget.gpus]))
+        self.budget.gpu_changed.connect(self._remember_cards)
+        self.budget.gpu_changed.connect(lambda *_: self.update_run_summary())
         self.model_page.info_changed.connect(self._on_model_info)
         self.model_page.demo_requested.connect(self._start_demo)
         self.data_page.tasks.finished.connect(self._on_data_report)
@@ -323,6 +326,9 @@ class MainWindow(QMainWindow):
                 f"Start trains: model {Path(cfg.model.ref).name} · data {Path(cfg.data.path).name} · "
                 f"LoRA rank {cfg.lora.rank} · {steps} · output {cfg.output_dir}"
             )
+            cards = self.budget.selected_gpus()
+            if len(cards) > 1:
+                text += " · on " + ", ".join(gpu_cards.line_name(g.index) for g in cards)
         self.run_view.set_summary(text)
 
     def _on_run_ended(self, _state: str) -> None:
@@ -330,6 +336,10 @@ class MainWindow(QMainWindow):
         self.update_run_summary()
         if self._close_after_run:
             QTimer.singleShot(0, self.close)
+
+    def _remember_cards(self, cards: list) -> None:
+        if cards:  # this machine's cards; the CPU or a planned card leaves the last choice of cards
+            self.settings.setValue(gpu_cards.SETTING, gpu_cards.to_setting(g.index for g in cards))
 
     def _start_demo(self) -> None:
         if self.demo_model is not None and self.maybe_save_changes():

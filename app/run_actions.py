@@ -2,9 +2,10 @@
 
 :class:`RunActions` owns at most one live training run: it writes the configuration it
 launches (every path made absolute, so the run does not depend on the app's working
-directory), starts the engine child through :class:`~app.run_worker.EngineJob`, feeds its
-events into a :class:`RunRecord`, sends it stop/save/abort, samples the GPU's memory through
-NVML about twice a second, and turns an engine that died without a word (a native crash, a
+directory), starts the engine child through :class:`~app.run_worker.EngineJob` (on several
+cards: ``train --gpus 0,2``, the engine's torchrun launcher), feeds its events into one
+:class:`RunRecord`, sends it stop/save/abort, samples each chosen card's memory through NVML
+about twice a second, and turns an engine that died without a word (a native crash, a
 kill) into a ``RunFailed`` the window can show. Pages observe it through its signals.
 
 Its state is derived (:mod:`app.job_state`): from the run's events first, then from what the
@@ -25,6 +26,7 @@ from pathlib import Path
 from PySide6.QtCore import QObject, QTimer, Signal
 from PySide6.QtWidgets import QMessageBox, QWidget
 
+from app import gpu_cards
 from app.error_dialog import RunErrorDialog
 from app.failure_fixes import FixChoice, judge_fixes, keep_config_before_fix
 from app.history import HistoryPage
@@ -34,7 +36,6 @@ from app.run_record import RunRecord
 from app.run_view import RunView
 from app.run_worker import EngineJob, engine_command, engine_env
 from app.settings import add_known_run, data_dir, logs_dir, workspace_dir
-from qlora_engine import gpu as gpu_facts
 from qlora_engine.config import ConfigError, TrainConfig, apply_overrides, check_ready
 from qlora_engine.errors import QLoRAError
 from qlora_engine.events import Event, RunFailed
@@ -77,16 +78,13 @@ class RunActions(QObject):
         self.record = RunRecord()
         self.facts = JobFacts()
         self.state = "idle"
-        self.gpu: gpu_facts.GpuInfo | None = None
         self.log_path: Path | None = None
         self.run_dir: Path | None = None
         self.command_factory = engine_command
         """Builds the child's command line (tests swap in a replay of recorded events)."""
         self.dialog: RunErrorDialog | None = None
         self.replaying: Path | None = None
-        self._sampler = QTimer(self)
-        self._sampler.setInterval(VRAM_SAMPLE_MS)
-        self._sampler.timeout.connect(self._sample_vram)
+        self._sampler = QTimer(self, interval=VRAM_SAMPLE_MS, timeout=self._sample_vram)
         self.state_changed.connect(view.set_state)
         self.updated.connect(view.schedule_redraw)
         self.event.connect(view.append_event)
@@ -107,8 +105,7 @@ class RunActions(QObject):
     # -- questions (replaced in tests) -----------------------------------------------------
     def ask_existing_run(self, run_dir: Path, new_dir: Path) -> str:
         """The output folder holds a run: 'resume', 'new' (use ``new_dir``) or 'cancel'."""
-        box = QMessageBox(self.window)
-        box.setWindowTitle("The output folder holds a run")
+        box = QMessageBox(self.window, windowTitle="The output folder holds a run")
         box.setText(f"{run_dir} already holds a run (checkpoints or an adapter).")
         box.setInformativeText(f"Continue that run, or start a new one in {new_dir.name}?")
         resume = box.addButton("Continue it", QMessageBox.ButtonRole.AcceptRole)
@@ -171,7 +168,7 @@ class RunActions(QObject):
         return None
 
     def launch(self, cfg: TrainConfig, resume: bool | None = None) -> bool:
-        """Write the launch configuration and start its child on the budget panel's card."""
+        """Write the launch configuration and start its child on the budget panel's card or cards."""
         w = self.window
         self.replaying = None
         if self.dialog is not None:  # the failure of a run before this one
@@ -188,24 +185,22 @@ class RunActions(QObject):
             self.tell("Could not start the run", str(e))
             return False
         self.run_dir = run_dir
-        self.gpu = w.budget.selected_gpu()
-        env = engine_env()
-        if self.gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = self.gpu.cuda_visible_id
-        elif launch.train.device != "cuda":
-            env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU was chosen: keep the child off every GPU
+        cards = w.budget.selected_gpus()
+        env = gpu_cards.launch_env(engine_env(), cards, launch.train.device)
         # a resumed run continues its record: the curve and the time before the resume stay
         self.record = RunRecord.from_dir(run_dir) if resume else RunRecord(run_dir=run_dir)
+        self.record.gpus = [g.index for g in cards]
         self.facts = JobFacts(launched=True)
         cwd = run_dir.parent if run_dir.parent.is_dir() else None
-        job = EngineJob(self.command_factory(config_path, resume), cwd=cwd, env=env, log_path=self.log_path, parent=self)
+        command = self.command_factory(config_path, resume) + gpu_cards.gpus_args(cards)
+        job = EngineJob(command, cwd=cwd, env=env, log_path=self.log_path, parent=self)
         job.event.connect(self._on_event)
         job.output.connect(self.view.append_text)
         job.finished.connect(self._on_finished)
         self.job = job
         self._update_state()
         job.start()
-        if self.gpu is not None:
+        if cards:
             self._sampler.start()
         self.view.show_record(self.record, self.state)
         w.result_page.set_run(run_dir)  # Try and Export follow the run this page shows
@@ -222,10 +217,18 @@ class RunActions(QObject):
             self._update_state()
 
     def abort(self) -> None:
-        """End the engine now; the checkpoints already on disk stay."""
+        """End the engine now; the checkpoints already on disk stay.
+
+        Several cards: torchrun's workers outlive a killed launcher (and take it as a stop, which
+        saves), so they are told ``abort`` through it; a second Abort ends the launcher as well.
+        """
         if self.running:
+            several = len(self.record.gpus) > 1 and not self.facts.abort_requested
             self.facts.abort_requested = True
-            self.job.abort()
+            if several:
+                self.job.send("abort")
+            else:
+                self.job.abort()
 
     def save_now(self) -> None:
         if self.running:
@@ -412,11 +415,12 @@ class RunActions(QObject):
         self.updated.emit()
 
     def _sample_vram(self) -> None:
-        if self.gpu is None or not self.running:
+        if not self.record.gpus or not self.running:
             return
-        s = gpu_facts.sample(self.gpu.index, pid=self.job.pid)
-        if s is not None:
-            self.record.add_vram(s.used_bytes, s.process_bytes)
+        samples = gpu_cards.sample_cards(self.record.gpus, self.job.pid)
+        for s in samples:
+            self.record.add_vram(s.used_bytes, s.process_bytes, card=s.index)
+        if samples:
             self.updated.emit()
 
     def _on_finished(self, code: int, stderr_tail: str) -> None:

@@ -17,7 +17,7 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,23 +89,26 @@ def tensorboard_installed() -> bool:
 
 
 class TensorBoardServer:
-    """``tensorboard --logdir`` for one run, on a free port of 127.0.0.1 (nothing listens outside)."""
+    """``qlora-engine tensorboard LOGDIR`` for one run, on a free port of 127.0.0.1 (nothing listens outside).
 
-    def __init__(self, logdir: str | Path) -> None:
+    ``engine_argv`` makes the engine's command line (``app.run_worker.engine_argv``: the frozen app
+    runs its own binary with ``--engine``, where ``python -m tensorboard`` does not exist)."""
+
+    def __init__(
+        self, logdir: str | Path, engine_argv: Callable[..., list[str]], env: dict[str, str] | None = None
+    ) -> None:
         self.logdir = Path(logdir)
         with socket.socket() as s:  # a free port now; TensorBoard binds it a moment later
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}/"
+        self.command = engine_argv("tensorboard", str(self.logdir), "--port", str(self.port))
+        self.env = env
         self.process = None
-
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "tensorboard.main", "--logdir", str(self.logdir), "--host", "127.0.0.1",
-                "--port", str(self.port)]  # fmt: skip
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.command, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
 
     def ready(self) -> bool:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.gpu_cards import line_name
 from app.series import BoundedSeries
 from qlora_engine.events import (
     CheckpointSaved,
@@ -60,9 +61,10 @@ class RunRecord:
     """The state of a run as its events tell it."""
 
     run_dir: Path | None = None
+    gpus: list[int] = field(default_factory=list)
+    """The cards (NVML numbers) the run was launched on; [] for the CPU. Several: one VRAM line each."""
     started: RunStarted | None = None
     phase: str = ""
-    phase_detail: str = ""
     latest: StepMetrics | None = None
     """The newest step's metrics."""
     last_eval: EvalResult | None = None
@@ -71,7 +73,6 @@ class RunRecord:
     finished: RunFinished | None = None
     failed: RunFailed | None = None
     first_time: float | None = None
-    last_time: float | None = None
     elapsed_before: float = 0.0
     """Training time of the parts before the newest resume (the engine counts each part from 0)."""
     version: int = 0
@@ -84,7 +85,6 @@ class RunRecord:
     def apply(self, e: Event) -> None:
         if self.first_time is None:
             self.first_time = e.time
-        self.last_time = e.time
         self.version += 1
         if isinstance(e, StepMetrics):
             # a resumed run repeats nothing, but a run resumed from an earlier checkpoint
@@ -106,7 +106,7 @@ class RunRecord:
             self._series["eval_loss"].append(e.step, e.loss)
             self.last_eval = e
         elif isinstance(e, PhaseChanged):
-            self.phase, self.phase_detail = e.phase, e.detail
+            self.phase = e.phase
         elif isinstance(e, RunStarted):
             if self.started is not None and not e.resumed_from:
                 self._start_over(e)  # a new run in the same folder: nothing of the old one is its own
@@ -138,15 +138,23 @@ class RunRecord:
             self.phase = "failed"
 
     def _start_over(self, e: Event) -> None:
-        fresh = RunRecord(run_dir=self.run_dir, first_time=e.time, last_time=e.time, version=self.version)
+        fresh = RunRecord(run_dir=self.run_dir, gpus=self.gpus, first_time=e.time, version=self.version)
         self.__dict__.update(fresh.__dict__)
 
-    def add_vram(self, used_bytes: float, process_bytes: float | None = None, at: float | None = None) -> None:
-        """One NVML sample of the GPU's memory (the whole card's, and this run's if known)."""
+    def add_vram(
+        self, used_bytes: float, process_bytes: float | None = None, at: float | None = None, card: int | None = None
+    ) -> None:
+        """One NVML sample of a card's memory (the whole card's, and this run's if known).
+
+        On a run over several cards (``gpus``) each card has its own line, ``GPU N``.
+        """
         at = at if at is not None else time.time()
-        self._series["vram_used"].append(at, used_bytes)
-        if process_bytes is not None:
-            self._series["vram_process"].append(at, process_bytes)
+        if card is not None and len(self.gpus) > 1:
+            self._series.setdefault(line_name(card), BoundedSeries()).append(at, used_bytes)
+        else:
+            self._series["vram_used"].append(at, used_bytes)
+            if process_bytes is not None:
+                self._series["vram_process"].append(at, process_bytes)
         self.version += 1
 
     @classmethod
@@ -239,12 +247,13 @@ class RunRecord:
         return self._series["eval_loss"].data()
 
     def memory_series(self) -> dict[str, tuple[list[float], list[float]]]:
-        """Seconds since the start -> GiB, for NVML samples and the engine's own figures."""
-        first_sample = self._series["vram_used"].data()[0][:1]
-        t0 = self.first_time or (first_sample[0] if first_sample else 0.0)
+        """Seconds since the start -> GiB, for NVML samples (one line per card of several) and the engine's figures."""
+        lines = {**MEMORY_SERIES, **{line_name(i): line_name(i) for i in self.gpus if line_name(i) in self._series}}
+        first_samples = [self._series[name].data()[0][:1] for name in lines]
+        t0 = self.first_time or min((s[0] for s in first_samples if s), default=0.0)
         gib = float(2**30)
         out: dict[str, tuple[list[float], list[float]]] = {}
-        for name, label in MEMORY_SERIES.items():
+        for name, label in lines.items():
             xs, ys = self._series[name].data()
             if xs:
                 out[label] = ([x - t0 for x in xs], [y / gib for y in ys])

@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
 
 from app.charts import RunCharts
 from app.run_record import RunRecord
+from app.theme import note
 from qlora_engine.events import Event, LogLine, PhaseChanged, RunFailed, StepMetrics, describe, fmt_duration
 
 REDRAW_MS = 250
@@ -60,41 +61,30 @@ class RunView(QWidget):
         self.record = RunRecord()
         self.state = "idle"
 
-        self.title = QLabel("Run")
-        self.title.setObjectName("pageTitle")
-        self.summary = QLabel()
-        self.summary.setObjectName("runSummary")
-        self.summary.setWordWrap(True)
+        self.title = QLabel("Run", objectName="pageTitle")
+        self.summary = note(name="runSummary")
         self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
-        self.start_button = QPushButton("Start training")
-        self.start_button.setObjectName("primary")
+        self.start_button = QPushButton("Start training", objectName="primary")
         self.start_button.setToolTip(f"Start a run with this configuration ({QKeySequence('Ctrl+R').toString()})")
         self.stop_button = QPushButton("Stop")
         self.stop_button.setToolTip("Save a checkpoint and the adapter at the end of the current step, then finish")
-        self.abort_button = QPushButton("Abort")
-        self.abort_button.setObjectName("danger")
+        self.abort_button = QPushButton("Abort", objectName="danger")
         self.abort_button.setToolTip("End the run now; the last checkpoint on disk is kept")
         self.start_button.clicked.connect(self.start_requested)
         self.stop_button.clicked.connect(self.stop_requested)
         self.abort_button.clicked.connect(self.abort_requested)
 
-        self.state_label = QLabel(STATE_TEXT["idle"])
-        self.state_label.setObjectName("runState")
+        self.state_label = QLabel(STATE_TEXT["idle"], objectName="runState")
         self.progress = QProgressBar()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
         self.progress.setFormat("step %v / %m")
         self.progress.setTextVisible(True)
-        self.eta = QLabel("")
-        self.eta.setObjectName("runEta")
-        self.eta.setMinimumWidth(220)
+        self.eta = QLabel("", objectName="runEta", minimumWidth=220)
 
         self.charts = RunCharts()
-        self.log = QPlainTextEdit()
-        self.log.setObjectName("runLog")
-        self.log.setReadOnly(True)
-        self.log.setMaximumBlockCount(LOG_BLOCKS)
+        self.log = QPlainTextEdit(objectName="runLog", readOnly=True, maximumBlockCount=LOG_BLOCKS)
         self.log.setPlaceholderText("The engine's messages appear here.")
 
         buttons = QHBoxLayout()
@@ -120,10 +110,7 @@ class RunView(QWidget):
         lay.addLayout(bar)
         lay.addWidget(self.splitter, 1)
 
-        self._timer = QTimer(self)
-        self._timer.setSingleShot(True)
-        self._timer.setInterval(REDRAW_MS)
-        self._timer.timeout.connect(self.redraw)
+        self._timer = QTimer(self, singleShot=True, interval=REDRAW_MS, timeout=self.redraw)
         self.set_state("idle")
 
     # -- state -----------------------------------------------------------------------------

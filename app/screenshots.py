@@ -92,10 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def wait(until, timeout_s: float = 120.0) -> None:
         loop = QEventLoop()
-        timer = QTimer()
-        timer.setInterval(50)
-        deadline = QTimer()
-        deadline.setSingleShot(True)
+        timer = QTimer(interval=50)
+        deadline = QTimer(singleShot=True)
         timer.timeout.connect(lambda: until() and loop.quit())
         deadline.timeout.connect(loop.quit)
         timer.start()

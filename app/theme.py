@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QGuiApplication, QPalette
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QLabel
 
 from qlora_engine.resources import path as resource_path
 
@@ -113,3 +113,8 @@ def contrast_ratio(a: str | QColor, b: str | QColor) -> float:
     """WCAG 2 contrast ratio (1 to 21): 4.5 for text, 3 for the parts of a control and for graphics."""
     la, lb = sorted((relative_luminance(a), relative_luminance(b)), reverse=True)
     return (la + 0.05) / (lb + 0.05)
+
+
+def note(text: str = "", name: str = "hint") -> QLabel:
+    """A label that wraps its text, styled by its object name (``hint``: the grey small print)."""
+    return QLabel(text, objectName=name, wordWrap=True)

@@ -139,6 +139,11 @@ def main() -> None:
         ("mbs4-new-no-checkpointing", True, True, "sdpa", 4, "fixed", False),
         ("mbs4-packed-varlen-no-checkpointing", True, True, "varlen", 4, "packed", False),
         ("mbs4-new-again", True, True, "sdpa", 4, "fixed", True),
+        # each decoder block through torch.compile (launches fused; the checkpoint recomputes the
+        # compiled block): with the direct dequantization (a graph break per projection) and with
+        # bitsandbytes' own registered ops (traceable), micro-batch 1 where host work bounds the step
+        ("mbs1-compiled", True, True, "sdpa", 1, "fixed", True),
+        ("mbs1-compiled-bnb-ops", True, False, "sdpa", 1, "fixed", True),
     ]
     only = set(filter(None, args.only.split(",")))
     for name, flat, lean, attn, mbs, kind, ckpt in settings:
@@ -148,12 +153,21 @@ def main() -> None:
         fast_lora.LEAN_4BIT = lean
         set_attn(attn)
         set_ckpt(ckpt)
-        times, toks, losses = [], [], []
+        compiled = name.endswith(("compiled", "compiled-bnb-ops"))
+        torch._dynamo.reset()
+        for b in blocks:
+            if compiled:
+                b.compile(dynamic=False)
+            else:
+                b._compiled_call_impl = None
+        times, toks, losses, warm = [], [], [], []
         try:
             for k in range(2 + args.steps):
                 batch = fixed(mbs) if kind == "fixed" else packed(mbs, k)
                 dt, loss, n = one_step(batch)
-                if k >= 2:
+                if k < 2:
+                    warm.append(round(dt, 2))
+                else:
                     times.append(dt)
                     toks.append(n)
                     losses.append(loss)
@@ -171,6 +185,7 @@ def main() -> None:
                 tok_s=round(toks[mid] / times[mid]),
                 tok_s_total=round(sum(toks) / sum(times)),
                 steps=[round(t, 4) for t in times],
+                warmup_s=warm,
                 loss=round(losses[-1], 4),
                 peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
             )
@@ -191,6 +206,8 @@ def main() -> None:
         fast_lora.LEAN_4BIT = True
         set_attn("sdpa")
         set_ckpt(True)
+        for b in blocks:
+            b._compiled_call_impl = None
         for _ in range(2):
             one_step(fixed(1))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

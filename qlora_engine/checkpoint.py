@@ -214,7 +214,7 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -225,7 +225,7 @@ def _sha256(path: Path) -> str:
 def write_marker(folder: Path, meta: dict[str, Any]) -> None:
     """Write the manifest last: every file's size and SHA-256, and when it was written."""
     files = {
-        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name != MARKER
     }
@@ -280,7 +280,7 @@ def verify(folder: Path) -> tuple[str, str] | None:
             return name, "missing"
         if p.stat().st_size != size:
             return name, f"{p.stat().st_size} bytes instead of {size} (truncated or extended)"
-        if digest is not None and _sha256(p) != digest:
+        if digest is not None and file_sha256(p) != digest:
             return name, "its content changed (checksum mismatch)"
     if not (folder / STATE).is_file():
         return STATE, "missing"

@@ -16,13 +16,6 @@ from qlora_engine.errors import QLoRAError, ResumeError
 from qlora_engine.events import RunFailed, StreamSink, TextSink, redact
 
 
-def _print_json(obj: Any) -> None:
-    """``--json`` output: scrubbed like every file the engine writes (it is often redirected to one)."""
-    from qlora_engine.scrub import scrub_data  # lazy: only this subcommand needs it (fast --help)
-
-    print(json.dumps(scrub_data(obj), indent=2, default=str))
-
-
 def _fail(e: QLoRAError) -> int:
     """A user error in a line or two on stderr (:func:`qlora_engine.errors.render`); its exit code."""
     print(redact(f"error: {e}"), file=sys.stderr)
@@ -303,7 +296,9 @@ def cmd_inspect_model(args: argparse.Namespace) -> int:
 
     info = inspect_model(args.ref, trust_remote_code=args.trust_remote_code, revision=args.revision)
     if args.json:
-        _print_json(info.to_dict())
+        from qlora_engine.scrub import print_json  # lazy: only this subcommand needs it (fast --help)
+
+        print_json(info.to_dict())
     else:
         d = info.to_dict()
         width = max(len(k) for k in d)
@@ -405,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         "qlora_engine.export.hub",
         "qlora_engine.cluster",
         "qlora_engine.inspect_server",
+        "qlora_engine.tracking",
     ):
         _register(module, sub)
     return p

@@ -187,6 +187,7 @@ class TrainConfig:
         tmp = p.with_name(p.name + ".tmp")
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
+            scrub.remember_config(self)  # a field set since __post_init__
             tmp.write_text(scrub.scrub(self.to_yaml()), encoding="utf-8")  # a token given in the config: hf_***
             tmp.replace(p)
         except OSError as e:

@@ -17,22 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar, Protocol
 
-from qlora_engine import errors, scrub
+from qlora_engine import errors
 from qlora_engine.decisions import Decision
 from qlora_engine.errors import QLoRAError
+from qlora_engine.scrub import scrub as redact  # hub tokens -> hf_***: the one scrubber every writer goes through
 
 
 def _now() -> float:
     return time.time()
-
-
-TOKEN_VARIABLES = scrub.TOKEN_VARIABLES
-
-
-def redact(text: str) -> str:
-    """``text`` with hub tokens replaced by ``hf_***`` (:func:`qlora_engine.scrub.scrub`, the one
-    scrubber every writer goes through)."""
-    return scrub.scrub(text)
 
 
 @dataclass(frozen=True)
@@ -284,6 +276,8 @@ class EventSink(Protocol):
 
 
 class NullSink:
+    """Takes events and keeps nothing; the sinks below inherit its ``close`` that has nothing to close."""
+
     def emit(self, event: Event) -> None:
         pass
 
@@ -291,7 +285,7 @@ class NullSink:
         pass
 
 
-class ListSink:
+class ListSink(NullSink):
     """Keeps events in memory (tests, in-process callers)."""
 
     def __init__(self) -> None:
@@ -303,11 +297,8 @@ class ListSink:
     def of(self, cls: type[Event]) -> list[Any]:
         return [e for e in self.events if isinstance(e, cls)]
 
-    def close(self) -> None:
-        pass
 
-
-class StreamSink:
+class StreamSink(NullSink):
     """One JSON line per event to a text stream (``--events -`` is stdout), flushed at once."""
 
     def __init__(self, stream: IO[str] | None = None) -> None:
@@ -318,9 +309,6 @@ class StreamSink:
         with self._lock:
             self.stream.write(event.to_json() + "\n")
             self.stream.flush()
-
-    def close(self) -> None:
-        pass
 
 
 class JsonlFileSink(StreamSink):
@@ -414,7 +402,7 @@ def describe(e: Event) -> str:
     return redact(msg)
 
 
-class TextSink:
+class TextSink(NullSink):
     """Human-readable progress lines for a terminal (:func:`describe`)."""
 
     def __init__(self, stream: IO[str] | None = None) -> None:
@@ -422,9 +410,6 @@ class TextSink:
 
     def emit(self, e: Event) -> None:
         print(describe(e), file=self.stream, flush=True)
-
-    def close(self) -> None:
-        pass
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -10,10 +10,10 @@ returns ``None``.
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["GpuInfo", "GpuReport", "MemorySample", "describe", "query_gpus", "sample", "shutdown"]
+__all__ = ["GpuInfo", "GpuReport", "MemorySample", "query_gpus", "sample", "shutdown"]
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"initialized": False, "error": None, "module": None}
@@ -79,7 +79,6 @@ class MemorySample:
     total_bytes: int
     process_bytes: int | None = None
     utilization: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _text(value: Any) -> str:
@@ -139,14 +138,16 @@ def _utilization(nv: Any, handle: Any) -> int | None:
         return None
 
 
-def query_gpus() -> GpuReport:
+def query_gpus(nvml: Any = None) -> GpuReport:
     """List every NVIDIA GPU with its name, memory and utilization.
+
+    ``nvml``: an NVML-like object to read instead of ``pynvml`` (the app's tests describe cards with one).
 
     Returns:
         A report; on a machine without a usable NVIDIA driver its ``gpus`` is empty and
         ``reason`` says why. Never raises for a missing GPU.
     """
-    nv = _nvml()
+    nv = nvml or _nvml()
     if nv is None:
         return GpuReport(reason=_state["error"])
     try:
@@ -180,18 +181,19 @@ def query_gpus() -> GpuReport:
     return GpuReport(gpus=tuple(gpus), driver_version=driver, reason=reason)
 
 
-def sample(index: int, pid: int | None = None) -> MemorySample | None:
+def sample(index: int, pid: int | None = None, nvml: Any = None) -> MemorySample | None:
     """Read one card's memory now (cheap: meant to be called about twice a second).
 
     Args:
         index: NVML index of the card (``GpuInfo.index``).
         pid: if given, also report the memory that process holds on the card, where the
             driver tells it (not inside some containers).
+        nvml: an NVML-like object to read instead of ``pynvml`` (as for :func:`query_gpus`).
 
     Returns:
         The sample, or None when there is no such card or no NVIDIA driver.
     """
-    nv = _nvml()
+    nv = nvml or _nvml()
     if nv is None:
         return None
     try:
@@ -215,13 +217,3 @@ def sample(index: int, pid: int | None = None) -> MemorySample | None:
         process_bytes=process_bytes,
         utilization=_utilization(nv, h),
     )
-
-
-def describe() -> str:
-    """A few human lines about the GPUs (for logs and ``--version`` style output)."""
-    report = query_gpus()
-    if not report.available:
-        return report.reason or "no NVIDIA GPU"
-    lines = [f"NVIDIA driver {report.driver_version}"]
-    lines += [g.label() for g in report.gpus]
-    return "\n".join(lines)

@@ -14,8 +14,9 @@ Kinds:
 - ``data``: ``config`` (a ``TrainConfig`` dict), ``base_dir``, ``model_ref`` (None: no tokens),
   ``samples``, ``max_rows``, ``shown`` -> the ``inspect_data`` report with the token lengths;
 - ``keys``: ``config``, ``base_dir`` -> the column names of the data's first rows;
-- ``budget``: ``config``, ``base_dir``, ``gpu_bytes``, ``gpu_name``, ``data_stats`` -> the
-  estimate, the fit advice, the checkpointing decision and the components' help texts.
+- ``budget``: ``config``, ``base_dir``, ``gpu_bytes``, ``gpu_name``, ``data_stats``, ``world_size``
+  (GPUs sharing the run; default 1) -> the estimate (one GPU's), the fit advice, the checkpointing
+  and strategy decisions and the components' help texts.
 """
 
 from __future__ import annotations
@@ -113,13 +114,17 @@ class Inspector:
                 data_stats=req.get("data_stats"),
                 gpu_name=req.get("gpu_name"),
                 cuda=bool(req.get("cuda", True)),
+                world_size=int(req.get("world_size") or 1),
             )
             decision = planned.decision("train.gradient_checkpointing")
+            strategy = planned.decision("train.strategy")
             return {
                 "estimate": plain(planned.estimate),
                 "advice": plain(planned.fit) if planned.fit is not None else None,
                 "checkpointing": decision.to_dict() if decision is not None else None,
+                "strategy": strategy.to_dict() if strategy is not None else None,
                 "gpu_bytes": req.get("gpu_bytes"),
+                "world_size": int(req.get("world_size") or 1),
                 "help": dict(COMPONENT_HELP),
             }
         raise ValueError(f"unknown kind of request {kind!r}")

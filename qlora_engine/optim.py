@@ -86,13 +86,17 @@ class FlatGroup:
             end += -(-p.numel() // ALIGN) * ALIGN
         first = params[0]
         data = torch.zeros(end, dtype=first.dtype, device=first.device)
-        grad = torch.zeros(end, dtype=first.dtype, device=first.device)
         for p, o in zip(params, self.offsets, strict=True):
             data[o : o + p.numel()].copy_(p.detach().reshape(-1))
+            p.data = data[o : o + p.numel()].view_as(p)  # the tensor's own storage is freed here
+        if first.device.type == "cuda":
+            # The freed tensors would stay in torch's cache: at r=2048 on the 1B shape that kept 4 GiB
+            # reserved for the whole run (bench/NOTES.md, session 7). Give them back before the gradients.
+            torch.cuda.empty_cache()
+        grad = torch.zeros(end, dtype=first.dtype, device=first.device)
         self.flat = torch.nn.Parameter(data)
         self.flat.grad = grad
         for p, o in zip(params, self.offsets, strict=True):
-            p.data = data[o : o + p.numel()].view_as(p)
             p.grad = grad[o : o + p.numel()].view_as(p)
 
     def relink(self) -> None:

@@ -211,18 +211,6 @@ def config_overrides(gguf: Path, *, steps: int | None = None, cuda: bool = False
     return out + [f"{k}={json.dumps(v)}" for k, v in settings.items()]
 
 
-def _human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit in ("B", "KB", "MB") else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-def _folder_size(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
 def run_quickstart(
     output_dir: str | Path = "runs/quickstart",
     *,
@@ -239,6 +227,7 @@ def run_quickstart(
     import torch  # lazy: keeps torch out of the window
 
     from qlora_engine import resources  # lazy: keeps torch out of the window
+    from qlora_engine.checkpoint import fmt_bytes, tree_bytes  # lazy: keeps torch out of the window
     from qlora_engine.config import TrainConfig, apply_overrides  # lazy: keeps torch out of the window
     from qlora_engine.demo import fetch_demo_model  # lazy: keeps torch out of the window
     from qlora_engine.events import TextSink  # lazy: keeps torch out of the window
@@ -247,7 +236,7 @@ def run_quickstart(
 
     say = log or (lambda m: print(m, file=sys.stderr))
     gguf = fetch_demo_model(log=say)
-    say(f"demo model: {gguf} ({_human_size(gguf.stat().st_size)})")
+    say(f"demo model: {gguf} ({fmt_bytes(gguf.stat().st_size)})")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "quickstart.yaml"
@@ -271,7 +260,7 @@ def run_quickstart(
         say(f"\ndone: adapter in {done.adapter_dir}")
     converted = _converted_folder(gguf)
     if converted is not None:
-        say(f"the model's 16-bit copy for training: {converted} ({_human_size(_folder_size(converted))})")
+        say(f"the model's 16-bit copy for training: {converted} ({fmt_bytes(tree_bytes(converted))})")
     if compare:
         probes, settings = HELD_OUT[:SHOWN], generation_settings()
         say(

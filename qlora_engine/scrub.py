@@ -18,6 +18,7 @@ the base model by its reference).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -33,6 +34,7 @@ _QUERY_TOKEN = re.compile(r"(?P<key>[?&](?:token|access_token|api_key|auth)=)(?P
 _MIN_SECRET = 8  # shorter values could be part of a number or a word: never replace those
 
 _known: set[str] = set()
+_names: set[str] = set()  # token-shaped folder names of a local model path: names, not secrets
 _lock = threading.Lock()
 
 # Files scrubbed as text; any other file is scanned in its first HEADER_BYTES only (where
@@ -67,11 +69,15 @@ def remember_config(cfg: Any) -> None:
     if model is None:
         return
     remember(getattr(model, "token", None))
-    for t in ref_tokens(getattr(model, "ref", None)):
+    ref = getattr(model, "ref", None)
+    for t in ref_tokens(ref):
         remember(t)
+    if ref and isinstance(ref, str) and Path(ref).expanduser().exists():
+        with _lock:  # a real token in the path is still masked: known secrets go before the shape
+            _names.update(_TOKEN_PATTERN.findall(ref))
 
 
-def _secrets() -> list[str]:
+def known_secrets() -> list[str]:
     values = [os.environ.get(name, "").strip() for name in TOKEN_VARIABLES]
     with _lock:
         values += list(_known)
@@ -88,12 +94,12 @@ def scrub(text: str) -> str:
     """``text`` with every known token, URL credential and token-shaped string replaced by ``hf_***``."""
     if not text:
         return text
-    for value in _secrets():
+    for value in known_secrets():
         if value in text:
             text = text.replace(value, MASK)
     text = _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + MASK + "@", text)
     text = _QUERY_TOKEN.sub(lambda m: m.group("key") + MASK, text)
-    return _TOKEN_PATTERN.sub(MASK, text)
+    return _TOKEN_PATTERN.sub(lambda m: m.group() if m.group() in _names else MASK, text)
 
 
 def scrub_data(obj: Any) -> Any:
@@ -107,14 +113,19 @@ def scrub_data(obj: Any) -> Any:
     return obj
 
 
+def print_json(obj: Any) -> None:
+    """``--json`` output on stdout, scrubbed like every file the engine writes (it is often redirected to one)."""
+    print(json.dumps(scrub_data(obj), indent=2, ensure_ascii=False, default=str))
+
+
 def write_text(path: Path, text: str) -> None:
     """Write ``text`` (scrubbed) to ``path`` as UTF-8."""
     Path(path).write_text(scrub(text), encoding="utf-8")
 
 
 def _byte_patterns() -> list[re.Pattern[bytes]]:
-    pats = [re.compile(re.escape(v.encode())) for v in _secrets()]
-    pats.append(re.compile(rb"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{20,}"))
+    pats = [re.compile(re.escape(v.encode())) for v in known_secrets()]
+    pats.append(re.compile(_TOKEN_PATTERN.pattern.encode()))
     return pats
 
 

@@ -217,3 +217,21 @@ def tracking_sinks(report_to: list[str], run_dir: Path, *, report: EventSink | N
         "mlflow": lambda: MlflowSink(run_dir.name),
     }
     return [GuardedSink(t, makers[t](), report) for t in dict.fromkeys(report_to)]
+
+
+def cmd_tensorboard(args: Any) -> int:
+    """Serve a run's TensorBoard folder through tensorboard's program API, in this process: the app's
+    "Open logs" starts this command, which its frozen build (no ``python -m``) runs too."""
+    check_trackers(["tensorboard"])
+    from tensorboard import default, program  # optional: only for this command
+
+    tb = program.TensorBoard(plugins=default.get_plugins())
+    tb.configure(argv=[None, "--logdir", str(args.logdir), "--host", "127.0.0.1", "--port", str(args.port)])
+    return int(tb.main() or 0)
+
+
+def add_cli(sub: Any) -> None:
+    s = sub.add_parser("tensorboard", help="serve a run's TensorBoard event files on 127.0.0.1")
+    s.add_argument("logdir", help=f"the folder of event files (<run>/{TENSORBOARD_DIR})")
+    s.add_argument("--port", type=int, default=6006)
+    s.set_defaults(func=cmd_tensorboard)

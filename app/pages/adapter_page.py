@@ -12,6 +12,7 @@ from PySide6.QtWidgets import QCheckBox, QGridLayout, QHBoxLayout, QLabel, QPush
 
 from app.config_model import ConfigModel
 from app.pages.base import Page
+from app.theme import note
 from qlora_engine.config import ConfigError, parse_layers
 
 PRESETS = [("attention", "Attention"), ("mlp", "MLP"), ("all-linear", "All linear")]
@@ -35,9 +36,7 @@ class AdapterPage(Page):
         presets.addWidget(QLabel("Presets:"))
         self.preset_buttons: dict[str, QPushButton] = {}
         for key, text in PRESETS:
-            b = QPushButton(text)
-            b.setCheckable(True)
-            b.setObjectName(f"preset:{key}")
+            b = QPushButton(text, checkable=True, objectName=f"preset:{key}")
             b.clicked.connect(lambda _on=False, k=key: self.model.set_value("lora", "target_modules", [k]))
             self.preset_buttons[key] = b
             presets.addWidget(b)
@@ -45,11 +44,9 @@ class AdapterPage(Page):
         holder = QWidget()
         holder.setLayout(presets)
         box.layout().insertWidget(0, holder)
-        self.modules_hint = QLabel(
+        self.modules_hint = note(
             "Choose a model on the Model page to list its linear layers; the presets work without it."
         )
-        self.modules_hint.setObjectName("hint")
-        self.modules_hint.setWordWrap(True)
         box.layout().insertWidget(1, self.modules_hint)
         self.module_grid = QGridLayout()
         grid_holder = QWidget()
@@ -59,12 +56,9 @@ class AdapterPage(Page):
         self.targets = self.add_binding(form, "lora", "target_modules")
 
         box, form = self.group("Layers")
-        self.all_layers = QCheckBox("All layers")
-        self.all_layers.setObjectName("allLayers")
-        self.layer_from = QSpinBox()
-        self.layer_from.setObjectName("layerFrom")
-        self.layer_to = QSpinBox()
-        self.layer_to.setObjectName("layerTo")
+        self.all_layers = QCheckBox("All layers", objectName="allLayers")
+        self.layer_from = QSpinBox(objectName="layerFrom")
+        self.layer_to = QSpinBox(objectName="layerTo")
         for s in (self.layer_from, self.layer_to):
             s.setRange(0, 999)
         range_row = QHBoxLayout()
@@ -74,8 +68,7 @@ class AdapterPage(Page):
         range_row.addWidget(self.layer_from)
         range_row.addWidget(QLabel("to"))
         range_row.addWidget(self.layer_to)
-        self.layer_count = QLabel("")
-        self.layer_count.setObjectName("hint")
+        self.layer_count = QLabel("", objectName="hint")
         range_row.addWidget(self.layer_count)
         range_row.addStretch(1)
         holder = QWidget()
@@ -83,9 +76,7 @@ class AdapterPage(Page):
         box.layout().insertWidget(0, holder)
         self.layers = self.add_binding(form, "lora", "layers")
         self.layers.editor.setPlaceholderText("all layers (or e.g. 0-11, or 0,2,4-7)")
-        self.layer_warning = QLabel()
-        self.layer_warning.setObjectName("fieldError")
-        self.layer_warning.setWordWrap(True)
+        self.layer_warning = note(name="fieldError")
         self.layer_warning.hide()
         box.layout().addWidget(self.layer_warning)
         self.all_layers.toggled.connect(self._range_edited)
@@ -105,8 +96,7 @@ class AdapterPage(Page):
         self.module_boxes = {}
         names = list(info.linear_modules) if info is not None else []
         for i, name in enumerate(names):
-            b = QCheckBox(name)
-            b.setObjectName(f"module:{name}")
+            b = QCheckBox(name, objectName=f"module:{name}")
             kind = "attention" if name in info.attention_modules else "MLP" if name in info.mlp_modules else "other"
             b.setToolTip(f"{name} ({kind}) in each of the {info.num_layers} layers")
             b.toggled.connect(self._boxes_edited)

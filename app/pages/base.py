@@ -6,6 +6,7 @@ from PySide6.QtWidgets import QFrame, QGroupBox, QLabel, QScrollArea, QVBoxLayou
 
 from app.config_model import ConfigModel
 from app.fields import FieldBinding, FieldForm
+from app.theme import note
 
 
 class Page(QWidget):
@@ -20,24 +21,17 @@ class Page(QWidget):
         self.bindings: dict[str, FieldBinding] = {}
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        self.scroll = QScrollArea()
-        self.scroll.setWidgetResizable(True)
-        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.scroll = QScrollArea(widgetResizable=True, frameShape=QFrame.Shape.NoFrame)
         outer.addWidget(self.scroll)
-        body = QWidget()
-        body.setObjectName("pageBody")
+        body = QWidget(objectName="pageBody")
         self.scroll.setWidget(body)
         self.body = QVBoxLayout(body)
         self.body.setContentsMargins(18, 14, 18, 14)
         self.body.setSpacing(12)
-        heading = QLabel(self.title)
-        heading.setObjectName("pageTitle")
+        heading = QLabel(self.title, objectName="pageTitle")
         self.body.addWidget(heading)
         if self.subtitle:
-            sub = QLabel(self.subtitle)
-            sub.setObjectName("hint")
-            sub.setWordWrap(True)
-            self.body.addWidget(sub)
+            self.body.addWidget(note(self.subtitle))
 
     def group(self, title: str, fields: list[tuple[str, str]] | None = None) -> tuple[QGroupBox, FieldForm]:
         """A titled group holding a form of the given fields (more can be added to the form)."""

@@ -15,12 +15,13 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import QComboBox, QFileDialog, QFormLayout, QLabel, QPushButton, QTextBrowser, QWidget
+from PySide6.QtWidgets import QComboBox, QFileDialog, QFormLayout, QPushButton, QTextBrowser, QWidget
 
 from app.config_model import ConfigModel
 from app.fields import FieldForm, debounce, row
 from app.inspector import Inspector
 from app.pages.base import Page
+from app.theme import note
 from qlora_engine.errors import DataError, QLoRAError
 from qlora_engine.padding import packing_hint
 
@@ -60,32 +61,24 @@ class DataPage(Page):
         self.keys: list[str] = []
 
         _box, form = self.group("Training data")
-        self.browse_file = QPushButton("File…")
-        self.browse_file.clicked.connect(self._pick_file)
-        self.browse_folder = QPushButton("Folder…")
-        self.browse_folder.clicked.connect(self._pick_folder)
+        self.browse_file = QPushButton("File…", clicked=self._pick_file)
+        self.browse_folder = QPushButton("Folder…", clicked=self._pick_folder)
         self.add_binding(form, "data", "path", wrap=lambda e: row(e, self.browse_file, self.browse_folder))
         for name in ("format", "subset", "split"):
             self.add_binding(form, "data", name)
 
         box, _ = self.group("What was found")
-        self.detected = QLabel("Choose a data file to see what it holds.")
-        self.detected.setObjectName("detected")
-        self.detected.setWordWrap(True)
+        self.detected = note("Choose a data file to see what it holds.", "detected")
         self.detected.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         box.layout().addWidget(self.detected)
-        self.problems = QLabel()
-        self.problems.setObjectName("fieldError")
-        self.problems.setWordWrap(True)
+        self.problems = note(name="fieldError")
         self.problems.hide()
         box.layout().addWidget(self.problems)
 
         self.mapping_box, _ = self.group("Column mapping")
-        self.mapping_note = QLabel(
+        self.mapping_note = note(
             "Tell which of your columns holds each of our fields (only needed when your names differ from ours)."
         )
-        self.mapping_note.setObjectName("hint")
-        self.mapping_note.setWordWrap(True)
         self.mapping_box.layout().addWidget(self.mapping_note)
         self.mapping_form = QFormLayout()
         holder = QWidget()
@@ -98,10 +91,7 @@ class DataPage(Page):
         self.mapping_box.layout().addWidget(self.columns_form)
 
         box, _ = self.group("Samples as the model sees them")
-        self.preview = QTextBrowser()
-        self.preview.setObjectName("samplePreview")
-        self.preview.setMinimumHeight(220)
-        self.preview.setOpenLinks(False)
+        self.preview = QTextBrowser(objectName="samplePreview", minimumHeight=220, openLinks=False)
         box.layout().addWidget(self.preview)
 
         box, _ = self.group("Token lengths")
@@ -123,9 +113,7 @@ class DataPage(Page):
             labelOpts={"position": 0.9, "color": "#dc2626"},
         )
         self.histogram.addItem(self.cut_line)
-        self.stats = QLabel()
-        self.stats.setObjectName("hint")
-        self.stats.setWordWrap(True)
+        self.stats = note()
         box.layout().addWidget(self.histogram)
         box.layout().addWidget(self.stats)
 
@@ -336,8 +324,7 @@ class DataPage(Page):
             fmt = (self.report or {}).get("format", "alpaca") if self.report else "alpaca"
         columns = dict(self.model.value("data", "columns") or {})
         for ours in FIELDS.get(fmt, ()):
-            combo = QComboBox()
-            combo.setObjectName(f"map:{ours}")
+            combo = QComboBox(objectName=f"map:{ours}")
             combo.addItem(SAME, None)
             for k in keys:
                 if k != ours:

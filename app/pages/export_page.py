@@ -37,6 +37,7 @@ from PySide6.QtWidgets import (
 
 from app.pages.try_page import TryPage, has_adapter
 from app.run_worker import EngineJob, engine_argv, engine_env
+from app.theme import note
 from qlora_engine.events import Event, LogLine, PhaseChanged, RunFailed
 
 FORMATS = {
@@ -91,15 +92,11 @@ class ExportPage(QWidget):
         self._failure: RunFailed | None = None
         self._cancelled = False
 
-        self.run_label = QLabel("Finish a run (or open one from the history) to export it.")
-        self.run_label.setObjectName("hint")
-        self.run_label.setWordWrap(True)
+        self.run_label = note("Finish a run (or open one from the history) to export it.")
         self.format = QComboBox()
         for key, (title, _) in FORMATS.items():
             self.format.addItem(title, key)
-        self.format_help = QLabel()
-        self.format_help.setObjectName("hint")
-        self.format_help.setWordWrap(True)
+        self.format_help = note()
         self.f16 = QCheckBox("F16")
         self.q8 = QCheckBox("Q8_0")
         self.lora = QCheckBox("GGUF LoRA file")
@@ -128,11 +125,8 @@ class ExportPage(QWidget):
         self.dtype = QComboBox()
         self.dtype.addItems(["auto", "bfloat16", "float16", "float32"])
         self.dtype.setToolTip("dtype of the merge; 'auto' keeps the base model's own (bfloat16 for most models).")
-        self.out = QLineEdit()
-        self.out.setObjectName("exportOut")
-        self.out.textEdited.connect(self._on_out_edited)
-        browse = QPushButton("Browse …")
-        browse.clicked.connect(self._browse)
+        self.out = QLineEdit(objectName="exportOut", textEdited=self._on_out_edited)
+        browse = QPushButton("Browse …", clicked=self._browse)
         out_row = QHBoxLayout()
         out_row.addWidget(self.out, 1)
         out_row.addWidget(browse)
@@ -150,33 +144,19 @@ class ExportPage(QWidget):
         form.addRow("", self.overwrite)
         self._form = form
 
-        self.export_button = QPushButton("Export")
-        self.export_button.setObjectName("primary")
-        self.export_button.clicked.connect(self.start)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.clicked.connect(self.cancel)
-        self.open_button = QPushButton("Open the folder")
-        self.open_button.clicked.connect(self._open)
+        self.export_button = QPushButton("Export", objectName="primary", clicked=self.start)
+        self.cancel_button = QPushButton("Cancel", clicked=self.cancel)
+        self.open_button = QPushButton("Open the folder", clicked=self._open)
         buttons = QHBoxLayout()
         for b in (self.export_button, self.cancel_button, self.open_button):
             buttons.addWidget(b)
         buttons.addStretch(1)
-        self.progress = QProgressBar()
-        self.progress.setTextVisible(False)
+        self.progress = QProgressBar(textVisible=False)
         self.progress.setRange(0, 1)
-        self.phase = QLabel("")
-        self.phase.setObjectName("exportPhase")
-        self.phase.setWordWrap(True)
-        self.error = QLabel("")
-        self.error.setObjectName("fieldError")
-        self.error.setWordWrap(True)
-        self.log = QPlainTextEdit()
-        self.log.setReadOnly(True)
-        self.log.setObjectName("exportLog")
-        self.command = QLineEdit()
-        self.command.setReadOnly(True)
-        self.command.setObjectName("exportCommand")
-        self.command.setToolTip("The same export from a terminal.")
+        self.phase = note(name="exportPhase")
+        self.error = note(name="fieldError")
+        self.log = QPlainTextEdit(readOnly=True, objectName="exportLog")
+        self.command = QLineEdit(readOnly=True, objectName="exportCommand", toolTip="The same export from a terminal.")
 
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 8, 0, 0)
@@ -362,8 +342,7 @@ class TryExportPage(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.run_dir: Path | None = None
-        title = QLabel("6  Try / Export")
-        title.setObjectName("pageTitle")
+        title = QLabel("6  Try / Export", objectName="pageTitle")
         self.try_page = TryPage()
         self.export_page = ExportPage()
         self.tabs = QTabWidget()

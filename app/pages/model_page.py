@@ -16,6 +16,7 @@ from app.config_model import ConfigModel
 from app.fields import debounce, row
 from app.inspector import Inspector
 from app.pages.base import Page
+from app.theme import note
 from qlora_engine.errors import QLoRAError
 
 
@@ -60,27 +61,23 @@ class ModelPage(Page):
         """The engine's error about the model chosen now (Start refuses while there is one)."""
         self._inspected_key: tuple | None = None
 
-        self.demo_banner = QFrame()
-        self.demo_banner.setObjectName("banner")
+        self.demo_banner = QFrame(objectName="banner")
         banner = QHBoxLayout(self.demo_banner)
         self.demo_label = QLabel(
             "<b>Quick start</b>: fine-tune the small SmolLM2-135M-Instruct demo model on sample data "
             "(a few minutes, even on a CPU)."
         )
         self.demo_label.setWordWrap(True)
-        self.demo_button = QPushButton("Start the demo")
-        self.demo_button.setObjectName("primary")
-        self.demo_button.clicked.connect(self.demo_requested)
+        self.demo_button = QPushButton("Start the demo", objectName="primary")
+        self.demo_button.clicked.connect(self.demo_requested)  # a signal: not a keyword argument
         banner.addWidget(self.demo_label, 1)
         banner.addWidget(self.demo_button)
         self.demo_banner.hide()
         self.body.addWidget(self.demo_banner)
 
         _box, form = self.group("Base model")
-        self.browse_folder = QPushButton("Folder…")
-        self.browse_folder.clicked.connect(self._pick_folder)
-        self.browse_gguf = QPushButton("GGUF file…")
-        self.browse_gguf.clicked.connect(self._pick_gguf)
+        self.browse_folder = QPushButton("Folder…", clicked=self._pick_folder)
+        self.browse_gguf = QPushButton("GGUF file…", clicked=self._pick_gguf)
         self.ref = self.add_binding(
             form, "model", "ref", wrap=lambda editor: row(editor, self.browse_folder, self.browse_gguf)
         )
@@ -90,20 +87,14 @@ class ModelPage(Page):
 
         box, _ = self.group("About this model")
         facts = QFormLayout()
-        self.status = QLabel("Choose a model to see its facts.")
-        self.status.setObjectName("hint")
-        self.status.setWordWrap(True)
+        self.status = note("Choose a model to see its facts.")
         box.layout().addWidget(self.status)
         self.fact_labels: dict[str, QLabel] = {}
         for key, label in self.FACTS:
-            value = QLabel("-")
-            value.setObjectName(f"fact:{key}")
-            value.setWordWrap(True)
+            value = note("-", f"fact:{key}")
             self.fact_labels[key] = value
             facts.addRow(label, value)
-        self.problems = QLabel()
-        self.problems.setObjectName("fieldError")
-        self.problems.setWordWrap(True)
+        self.problems = note(name="fieldError")
         self.problems.hide()
         holder = QWidget()
         holder.setLayout(facts)

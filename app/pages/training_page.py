@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtWidgets import QFileDialog, QLabel, QPushButton, QWidget
+from PySide6.QtWidgets import QFileDialog, QPushButton, QWidget
 
 from app.config_model import ConfigModel
 from app.fields import row
 from app.pages.base import Page
+from app.theme import note
 
 
 class TrainingPage(Page):
@@ -41,9 +42,7 @@ class TrainingPage(Page):
                 ("train", "mlp_chunk_tokens"),
             ],
         )
-        self.effective = QLabel()
-        self.effective.setObjectName("hint")
-        self.effective.setWordWrap(True)  # long with big numbers: it must not widen the page past a small screen
+        self.effective = note()  # long with big numbers: it must not widen the page past a small screen
         box.layout().addWidget(self.effective)
         self.group("Speed", [("train", "kernels"), ("train", "fast_lora")])
         self.group(
@@ -51,12 +50,9 @@ class TrainingPage(Page):
             [("train", n) for n in ("eval_steps", "save_steps", "save_total_limit", "logging_steps", "seed", "device")],
         )
         _box, form = self.group("Output")
-        self.browse = QPushButton("Browse…")
-        self.browse.clicked.connect(self._pick_output)
+        self.browse = QPushButton("Browse…", clicked=self._pick_output)
         self.add_binding(form, "output", "dir", wrap=lambda editor: row(editor, self.browse))
-        self.where = QLabel()
-        self.where.setObjectName("hint")
-        self.where.setWordWrap(True)
+        self.where = note()
         _box.layout().addWidget(self.where)
         self.advanced, _ = self.group(
             "Advanced optimizer settings", [("optim", n) for n in ("adam_beta1", "adam_beta2", "adam_epsilon")]

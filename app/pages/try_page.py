@@ -35,6 +35,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.run_worker import EngineJob, engine_argv, engine_env
+from app.theme import note
 from qlora_engine.chat_server import request_line
 from qlora_engine.events import AnswerDone, AnswerPiece, ChatReady, Event, PhaseChanged, RunFailed
 from qlora_engine.generate import CHAT_REPETITION_PENALTY, GenerationSettings
@@ -78,72 +79,44 @@ class TryPage(QWidget):
         self._waiting: set[str] = set()
         self._results: dict[str, AnswerDone] = {}
 
-        self.run_label = QLabel("Finish a run (or open one from the history) to try it.")
-        self.run_label.setObjectName("hint")
-        self.run_label.setWordWrap(True)
-        self.prompt = QPlainTextEdit()
-        self.prompt.setObjectName("tryPrompt")
+        self.run_label = note("Finish a run (or open one from the history) to try it.")
+        self.prompt = QPlainTextEdit(objectName="tryPrompt")
         self.prompt.setPlaceholderText("Write a message …  (Ctrl+Enter sends; the conversation goes on)")
         self.prompt.setMaximumHeight(110)
-        self.system = QLineEdit()
-        self.system.setPlaceholderText("optional system prompt")
-        self.system.setToolTip(setting_help("system"))
+        self.system = QLineEdit(placeholderText="optional system prompt", toolTip=setting_help("system"))
 
-        d = GenerationSettings()
-        self.max_new_tokens = QSpinBox()
-        self.max_new_tokens.setRange(1, 8192)
-        self.max_new_tokens.setValue(d.max_new_tokens)
-        self.temperature = QDoubleSpinBox()
-        self.temperature.setRange(0.0, 5.0)
-        self.temperature.setSingleStep(0.1)
-        self.temperature.setValue(d.temperature)
-        self.top_p = QDoubleSpinBox()
-        self.top_p.setRange(0.01, 1.0)
-        self.top_p.setSingleStep(0.05)
-        self.top_p.setValue(d.top_p)
-        self.repetition_penalty = QDoubleSpinBox()
-        self.repetition_penalty.setRange(1.0, 2.0)
-        self.repetition_penalty.setSingleStep(0.05)
-        self.repetition_penalty.setValue(CHAT_REPETITION_PENALTY)
-        self.seed = QSpinBox()
-        self.seed.setRange(0, 2**31 - 1)
-        self.seed.setValue(d.seed)
-        self.raw = QCheckBox("Plain text (no chat template)")
-        self.compare = QCheckBox("Compare with the base model")
-        self.compare.setChecked(True)
-        self.compare.toggled.connect(self.new_conversation)  # two sides must have heard the same turns
-        for w, name in (
-            (self.max_new_tokens, "max_new_tokens"),
-            (self.temperature, "temperature"),
-            (self.top_p, "top_p"),
-            (self.repetition_penalty, "repetition_penalty"),
-            (self.seed, "seed"),
-            (self.raw, "raw"),
-        ):
-            w.setToolTip(setting_help(name))
-        self.compare.setToolTip("Answer with the base model too (same weights with the adapter off, same seed).")
-
+        d = dataclasses.replace(GenerationSettings(), repetition_penalty=CHAT_REPETITION_PENALTY)
         settings_box = QGroupBox("Settings")
         form = QFormLayout(settings_box)
-        form.addRow("Max new tokens", self.max_new_tokens)
-        form.addRow("Temperature", self.temperature)
-        form.addRow("Top-p", self.top_p)
-        form.addRow("Repetition penalty", self.repetition_penalty)
-        form.addRow("Seed", self.seed)
+
+        def number(name: str, label: str, low: float, high: float, step: float | None = None) -> QSpinBox | QDoubleSpinBox:
+            """A spin box for a generation setting (whole numbers without ``step``), its row in the form."""
+            box = QSpinBox() if step is None else QDoubleSpinBox()
+            box.setRange(low, high)
+            if step is not None:
+                box.setSingleStep(step)
+            box.setValue(getattr(d, name))
+            box.setToolTip(setting_help(name))
+            form.addRow(label, box)
+            return box
+
+        self.max_new_tokens = number("max_new_tokens", "Max new tokens", 1, 8192)
+        self.temperature = number("temperature", "Temperature", 0.0, 5.0, 0.1)
+        self.top_p = number("top_p", "Top-p", 0.01, 1.0, 0.05)
+        self.repetition_penalty = number("repetition_penalty", "Repetition penalty", 1.0, 2.0, 0.05)
+        self.seed = number("seed", "Seed", 0, 2**31 - 1)
         form.addRow("System", self.system)
+        self.raw = QCheckBox("Plain text (no chat template)", toolTip=setting_help("raw"))
+        self.compare = QCheckBox("Compare with the base model", checked=True)
+        self.compare.toggled.connect(self.new_conversation)  # two sides must have heard the same turns
+        self.compare.setToolTip("Answer with the base model too (same weights with the adapter off, same seed).")
         form.addRow(self.raw)
         form.addRow(self.compare)
 
-        self.generate_button = QPushButton("Send")
-        self.generate_button.setObjectName("primary")
-        self.generate_button.clicked.connect(self.generate)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.clicked.connect(self.cancel)
-        self.reset_button = QPushButton("New conversation")
-        self.reset_button.clicked.connect(self.new_conversation)
-        self.status = QLabel("")
-        self.status.setObjectName("tryStatus")
-        self.status.setWordWrap(True)
+        self.generate_button = QPushButton("Send", objectName="primary", clicked=self.generate)
+        self.cancel_button = QPushButton("Cancel", clicked=self.cancel)
+        self.reset_button = QPushButton("New conversation", clicked=self.new_conversation)
+        self.status = note(name="tryStatus")
         buttons = QHBoxLayout()
         for b in (self.generate_button, self.cancel_button, self.reset_button):
             buttons.addWidget(b)
@@ -157,11 +130,8 @@ class TryPage(QWidget):
             box = QWidget()
             lay = QVBoxLayout(box)
             lay.setContentsMargins(0, 0, 0, 0)
-            pane = QPlainTextEdit()
-            pane.setReadOnly(True)
-            pane.setObjectName(f"answer_{side}")
-            footer = QLabel("")
-            footer.setObjectName("hint")
+            pane = QPlainTextEdit(readOnly=True, objectName=f"answer_{side}")
+            footer = QLabel("", objectName="hint")
             lay.addWidget(QLabel(f"<b>{title}</b>"))
             lay.addWidget(pane, 1)
             lay.addWidget(footer)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -63,9 +62,9 @@ def estimate_main(args: argparse.Namespace) -> int:
         out: dict[str, Any] = {"estimate": est.to_dict()}
         if advice is not None:
             out["fit"] = {k: v for k, v in advice.to_dict().items() if k != "estimate"}
-        from qlora_engine.scrub import scrub_data  # lazy: only this subcommand needs it (fast --help)
+        from qlora_engine.scrub import print_json  # lazy: only this subcommand needs it (fast --help)
 
-        print(json.dumps(scrub_data(out), indent=2))  # --json goes to files: scrubbed like them
+        print_json(out)
     else:
         print(render(est, advice))
     if est.fits is False:

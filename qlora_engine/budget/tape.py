@@ -104,11 +104,9 @@ class BlockTrace:
     its input (alive in the caller) and what it saves as it goes. ``backward_peak``: the peak
     of its backward, counting the incoming gradient and the saved tensors (without
     checkpointing from the start; with checkpointing from the recomputation on, which is
-    part of it). ``recompute_peak``: the recomputation's own peak, before the gradient and
-    what was in flight when it began (checkpointing only).
+    part of it).
     """
 
     saved: int
     forward_peak: int
     backward_peak: int
-    recompute_peak: int = 0

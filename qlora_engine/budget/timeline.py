@@ -475,14 +475,8 @@ def _trace(spec: ModelSpec, s: StepShape, adapted: list[LinearShape], input_grad
         t.external("x")  # the checkpoint keeps the block's input
         g = t.new("g", g_bytes)
         dry = _recompute_on_unpack(t, lambda tape: blk.forward(tape, tape.external("x")))
-        rec = Tape()  # the recomputation's own peak
-        rec.stop_after = dry.saves
-        try:
-            blk.forward(rec, rec.external("x"))
-        except EarlyStop:
-            pass
         blk.backward(t, g)
-        return BlockTrace(saved=dry.saved_bytes, forward_peak=0, backward_peak=t.peak, recompute_peak=rec.peak)
+        return BlockTrace(saved=dry.saved_bytes, forward_peak=0, backward_peak=t.peak)
     t = Tape()
     t.new("x", g_bytes)  # the caller's hidden_states
     out = blk.forward(t, "x")

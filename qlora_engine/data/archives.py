@@ -20,7 +20,6 @@ folder. Several, or none, is a :class:`DataError` that says what is there.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -41,7 +40,6 @@ DOCUMENT_SUFFIXES = (".xlsx", ".xlsm", ".docx", ".pptx", ".ods", ".odt", ".odp",
 MAX_RATIO = 200  # uncompressed : archive size. Text data compresses 5-20 times; a zip bomb, a thousand.
 RATIO_FLOOR = 1 << 30  # only archives declaring more than this are refused for their ratio: small ones harm nothing
 KEEP_EXTRACTED = 4  # newest extracted archives kept in the cache
-STALE_AFTER_S = 24 * 3600  # a partial extraction this old is a leftover whatever its process id says
 MARKER = ".qlora-extracted.json"
 LISTED = 10  # files named in an error message
 _IGNORED = re.compile(r"^(__macosx|\..*|thumbs\.db|desktop\.ini)$", re.IGNORECASE)
@@ -84,9 +82,10 @@ def extract(archive: Path) -> Path:
     Raises:
         DataError: a member is unsafe (named), the archive is unreadable, encrypted or too large.
     """
-    from qlora_engine.paths import cache_dir  # lazy: platformdirs; data is on the CLI's start-up
+    from qlora_engine.checkpoint import file_sha256  # lazy: checkpoint imports platformdirs (paths)
+    from qlora_engine.paths import cache_dir, sweep_interrupted  # lazy: platformdirs; data is on the CLI's start-up
 
-    digest = _sha256(archive)
+    digest = file_sha256(archive)
     cache = cache_dir()
     root = cache / "archives"
     dest = root / digest[:16]
@@ -97,7 +96,7 @@ def extract(archive: Path) -> Path:
         sizes = reader.check(dest)  # every member, before anything is written
         _check_size(archive, sizes, cache)
         root.mkdir(exist_ok=True)
-        _remove_leftovers(root)
+        sweep_interrupted(root)  # partial extractions of processes that died
         tmp = root / f".{dest.name}.{os.getpid()}.{time.monotonic_ns()}.partial"
         tmp.mkdir()
         try:
@@ -305,6 +304,8 @@ def _refused(archive: Path, member: str, why: str) -> DataError:
 def _check_size(archive: Path, sizes: list[tuple[str, int]], cache: Path) -> None:
     # The declared sizes bound what is written: zipfile stops each member at its declared size
     # (the CRC check then fails), and a tar member is exactly its header's size.
+    from qlora_engine.checkpoint import fmt_bytes  # lazy: see extract()
+
     if not sizes:
         return
     total = sum(size for _, size in sizes)
@@ -312,8 +313,8 @@ def _check_size(archive: Path, sizes: list[tuple[str, int]], cache: Path) -> Non
     packed = archive.stat().st_size
     if total > RATIO_FLOOR and total > MAX_RATIO * packed:
         raise DataError(
-            f"declares {_human(total)} of content in {_human(packed)} ({total / packed:,.0f} times its "
-            f"size; largest member {largest!r}, {_human(largest_size)}): a zip bomb, not a data set. "
+            f"declares {fmt_bytes(total)} of content in {fmt_bytes(packed)} ({total / packed:,.0f} times its "
+            f"size; largest member {largest!r}, {fmt_bytes(largest_size)}): a zip bomb, not a data set. "
             "Nothing was extracted.",
             hint=_REFUSED_HINT,
             file=archive,
@@ -321,29 +322,14 @@ def _check_size(archive: Path, sizes: list[tuple[str, int]], cache: Path) -> Non
     free = shutil.disk_usage(cache).free
     if total > free:
         raise DataError(
-            f"unpacks to {_human(total)} (largest member {largest!r}, {_human(largest_size)}), "
-            f"more than the {_human(free)} free on the disk of {cache}. Nothing was extracted.",
+            f"unpacks to {fmt_bytes(total)} (largest member {largest!r}, {fmt_bytes(largest_size)}), "
+            f"more than the {fmt_bytes(free)} free on the disk of {cache}. Nothing was extracted.",
             hint="Free some space, or unpack the data file onto a disk with room and point data.path at it.",
             file=archive,
         )
 
 
-def _human(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} bytes"
-
-
 # -- the cache folder -----------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _complete(dest: Path, digest: str) -> bool:
@@ -363,20 +349,6 @@ def _publish(tmp: Path, dest: Path, digest: str) -> None:
         if not _complete(dest, digest):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_leftovers(root: Path) -> None:
-    """Partial extractions of processes that died (``.<digest>.<pid>.<ns>.partial``)."""
-    from qlora_engine.paths import pid_alive  # lazy: platformdirs; data is on the CLI's start-up
-
-    for partial in root.glob(".*.partial"):
-        try:
-            pid = int(partial.name.split(".")[2])
-            age = time.time() - partial.stat().st_mtime
-        except (IndexError, ValueError, OSError):
-            continue
-        if age > STALE_AFTER_S or (pid != os.getpid() and not pid_alive(pid)):
-            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _prune(root: Path, keep: Path) -> None:

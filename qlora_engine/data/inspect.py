@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from qlora_engine.data.store import token_stats
 from qlora_engine.errors import DataError, ModelError
 from qlora_engine.events import EventSink, NullSink
 from qlora_engine.padding import packing_hint
-from qlora_engine.scrub import scrub_data
+from qlora_engine.scrub import print_json
 
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
 MAX_LENGTHS_LISTED = 100_000  # per-sample lengths returned for a histogram: plenty for its shape, small as JSON
@@ -270,7 +269,7 @@ def inspect_data_main(args: argparse.Namespace) -> int:
         max_rows=args.max_rows,
     )
     if args.json:
-        print(json.dumps(scrub_data(result), indent=2, ensure_ascii=False, default=str))  # scrubbed like files
+        print_json(result)
     else:
         print_human(result, sys.stdout)
     return 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qlora_engine.export.common import FORMATS, ExportCancelled, ExportError
+from qlora_engine.export.common import FORMATS, ExportCancelled, ExportError, Reporter, check_output
 from qlora_engine.export.source import RunInfo, load_run
 
 __all__ = ["FORMATS", "ExportCancelled", "ExportError", "RunInfo", "export", "load_run"]
@@ -50,26 +50,19 @@ def export(
         The folder written.
     """
     info = source if isinstance(source, RunInfo) else load_run(source)
-    if fmt == "adapter":
-        from qlora_engine.export.adapter import export_adapter  # lazy: writers import torch; load only this one
-
-        return export_adapter(info, out, overwrite=overwrite, sink=sink, should_stop=should_stop)
-    if fmt == "merged":
-        from qlora_engine.export.merged import export_merged  # lazy: writers import torch; load only this one
-
-        return export_merged(info, out, dtype=dtype, overwrite=overwrite, sink=sink, should_stop=should_stop)
+    if fmt not in FORMATS:
+        raise ExportError(f"format: {fmt!r} is not an export format; choose one of {', '.join(FORMATS)}.")
+    rep = Reporter(sink, should_stop)
     if fmt == "gguf":
         from qlora_engine.export.gguf_export import export_gguf  # lazy: writers import torch; load only this one
 
-        return export_gguf(
-            info,
-            out,
-            types=gguf_types,
-            lora=gguf_lora,
-            dtype=dtype,
-            overwrite=overwrite,
-            sink=sink,
-            should_stop=should_stop,
-        )
-    raise ExportError(f"format: {fmt!r} is not an export format; choose one of {', '.join(FORMATS)}.")
+        return export_gguf(info, out, rep, overwrite, types=gguf_types, lora=gguf_lora, dtype=dtype)
+    out = check_output(out, info, overwrite=overwrite)
+    if fmt == "adapter":
+        from qlora_engine.export.adapter import export_adapter  # lazy: writers import torch; load only this one
+
+        return export_adapter(info, out, rep, overwrite)
+    from qlora_engine.export.merged import export_merged  # lazy: writers import torch; load only this one
+
+    return export_merged(info, out, rep, overwrite, dtype=dtype)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from qlora_engine.checkpoint import write_atomic_folder
 from qlora_engine.export.card import build_card, describe_files, write_card
-from qlora_engine.export.common import Reporter, adapter_b_stats, check_output, copy_files, untrained_note
+from qlora_engine.export.common import Reporter, copy_files, untrained_notes
 from qlora_engine.export.source import RunInfo, is_hub_id, load_run, tokenizer_dir
 
 
@@ -57,22 +57,12 @@ def usage_snippet(info: RunInfo, kind: str) -> str:
     )
 
 
-def export_adapter(
-    info: RunInfo, out: str | Path, *, overwrite: bool = False, sink: Any = None, should_stop: Any = None
-) -> Path:
-    """Write the adapter export to ``out`` (a new folder; an existing one only with ``overwrite``)."""
+def export_adapter(info: RunInfo, out: Path, rep: Reporter, overwrite: bool) -> Path:
+    """Write the adapter export to ``out`` (checked by ``export()``; replaced only with ``overwrite``)."""
     from transformers import AutoTokenizer  # lazy: transformers takes seconds to import
 
-    rep = Reporter(sink, should_stop)
-    out = check_output(
-        Path(out), overwrite=overwrite, protected=[info.adapter_dir] + ([info.run_dir] if info.run_dir else [])
-    )
     rep.phase(f"adapter: checking {info.adapter_dir}")
-    notes = []
-    stats = adapter_b_stats(info.adapter_dir)
-    if note := untrained_note(stats):
-        notes.append(note)
-        rep.log(note, "warning")
+    notes = untrained_notes(info.adapter_dir, rep)
     tok_dir = tokenizer_dir(info)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     template = training_template(info, tokenizer)

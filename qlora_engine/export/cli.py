@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 from typing import Any
@@ -71,15 +72,7 @@ def _reporting_failure(args: argparse.Namespace, work: Any) -> Any:
 def _settings(args: argparse.Namespace) -> Any:
     from qlora_engine.generate import GenerationSettings  # lazy: only this subcommand needs it (fast --help)
 
-    return GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        system=args.system,
-        raw=args.raw,
-    )
+    return GenerationSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationSettings)})
 
 
 def _answer(chat: Any, prompt: Any, settings: Any, *, adapter: bool, label: str | None) -> Any:

@@ -51,11 +51,11 @@ class Reporter:
         return report
 
 
-def check_output(out: Path, *, overwrite: bool, protected: list[Path]) -> Path:
-    """Refuse an output folder that exists (unless ``overwrite``) or that would replace the source."""
+def check_output(out: str | Path, info: Any, *, overwrite: bool) -> Path:
+    """Refuse an output folder that exists (unless ``overwrite``) or that would replace the run (``info``) exported."""
     out = Path(out).expanduser()
     resolved = out.resolve()
-    for p in protected:
+    for p in [info.adapter_dir] + ([info.run_dir] if info.run_dir else []):
         p = p.resolve()
         if p.is_relative_to(resolved):  # the output is the source, or a folder holding it
             raise ExportError(f"{out}: this is (or holds) the run being exported; choose another output folder.")
@@ -96,9 +96,14 @@ def adapter_b_stats(adapter_dir: Path) -> dict[str, int]:
     return {"b_matrices": total, "zero_b_matrices": zero}
 
 
-def untrained_note(stats: dict[str, int]) -> str | None:
+def untrained_notes(adapter_dir: Path, rep: Reporter) -> list[str]:
+    """A warning (logged, and for the model card) when LoRA B matrices are zero: those layers change nothing."""
+    stats = adapter_b_stats(adapter_dir)
     if stats["b_matrices"] and stats["zero_b_matrices"] == stats["b_matrices"]:
-        return "every LoRA B matrix of this adapter is zero, so it changes nothing: the run trained no step."
-    if stats["zero_b_matrices"]:
-        return f"{stats['zero_b_matrices']} of {stats['b_matrices']} LoRA B matrices are zero (those layers are unchanged)."
-    return None
+        note = "every LoRA B matrix of this adapter is zero, so it changes nothing: the run trained no step."
+    elif stats["zero_b_matrices"]:
+        note = f"{stats['zero_b_matrices']} of {stats['b_matrices']} LoRA B matrices are zero (those layers are unchanged)."
+    else:
+        return []
+    rep.log(note, "warning")
+    return [note]

@@ -12,12 +12,11 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from qlora_engine.checkpoint import write_atomic_folder
 from qlora_engine.export.adapter import config_source, training_template
 from qlora_engine.export.card import build_card, describe_files, write_card
-from qlora_engine.export.common import ExportError, Reporter, adapter_b_stats, check_output, untrained_note
+from qlora_engine.export.common import ExportError, Reporter, check_output, untrained_notes
 from qlora_engine.export.gguf_lora import check_adapter_supported, write_lora_gguf
 from qlora_engine.export.gguf_model import (
     TYPES,
@@ -68,22 +67,20 @@ def _place_base(src: Path, dst: Path) -> None:
 def export_gguf(
     info: RunInfo,
     out: str | Path,
+    rep: Reporter,
+    overwrite: bool,
     *,
     types: tuple[str, ...] | list[str] = DEFAULT_TYPES,
     lora: bool = True,
     dtype: str = "auto",
-    overwrite: bool = False,
-    sink: Any = None,
-    should_stop: Any = None,
 ) -> Path:
-    """Write the GGUF export to ``out``.
+    """Write the GGUF export to ``out`` (its types checked before ``out``, which may not exist unless ``overwrite``).
 
     ``types``: any of 'f16', 'q8_0' (and 'f32'), written by our own writer, and the K-quants
     'q4_k_m', 'q5_k_m' (and 'q4_k_s', 'q5_k_s', 'q6_k'), made from an F16 file by llama.cpp.
     """
     from transformers import AutoConfig  # lazy: transformers takes seconds to import
 
-    rep = Reporter(sink, should_stop)
     types = tuple(dict.fromkeys(types))
     bad = [t for t in types if t not in TYPES and t not in K_TYPES]
     if not types or bad:
@@ -92,12 +89,10 @@ def export_gguf(
             field="gguf_types",
         )
     check_available(types)
-    out = check_output(
-        Path(out), overwrite=overwrite, protected=[info.adapter_dir] + ([info.run_dir] if info.run_dir else [])
-    )
+    out = check_output(out, info, overwrite=overwrite)
 
     # Everything that can refuse does so before the slow merge.
-    folder = resolve_base(info, sink=sink)
+    folder = resolve_base(info, sink=rep.sink)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=info.config.model.trust_remote_code)
     spec = arch_spec(config)
     if lora:
@@ -109,10 +104,7 @@ def export_gguf(
         tokenizer, int(config.vocab_size), chat_template=template, source_gguf_pre=source_gguf_pre(origin.get("gguf"))
     )
 
-    notes = list(vocab.notes)
-    if note := untrained_note(adapter_b_stats(info.adapter_dir)):
-        notes.append(note)
-        rep.log(note, "warning")
+    notes = list(vocab.notes) + untrained_notes(info.adapter_dir, rep)
     merged, merge_notes, _ = merge(info, dtype=dtype, rep=rep)
     notes += merge_notes
     name = info.export_name
@@ -138,7 +130,7 @@ def export_gguf(
             model_metadata(spec, merged.config, vocab, t, name=name),
             plan,
             progress=rep.tensor_progress(path.name),
-            should_stop=should_stop,
+            should_stop=rep.should_stop,
         )
 
     def write(tmp: Path) -> None:
@@ -153,13 +145,13 @@ def export_gguf(
                 write_own(f16, "f16")
             for t in k_types:
                 rep.phase(f"gguf: quantizing to {t.upper()} with llama.cpp ({model_files[t]})")
-                quantize(f16, tmp / model_files[t], t, should_stop=should_stop)
+                quantize(f16, tmp / model_files[t], t, should_stop=rep.should_stop)
             if "f16" not in model_files:
                 f16.unlink()
         if lora_file:
             rep.phase(f"gguf: writing the LoRA adapter {lora_file}")
             write_lora_gguf(
-                tmp / lora_file, spec, config, info.adapter_dir, info.adapter_config, name=name, should_stop=should_stop
+                tmp / lora_file, spec, config, info.adapter_dir, info.adapter_config, name=name, should_stop=rep.should_stop
             )
         (tmp / "Modelfile").write_text(mf_text, encoding="utf-8")
         if base_file:

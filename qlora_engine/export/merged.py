@@ -18,7 +18,7 @@ from qlora_engine.checkpoint import write_atomic_folder
 from qlora_engine.errors import ModelError
 from qlora_engine.export.adapter import config_source, training_template, usage_snippet
 from qlora_engine.export.card import build_card, describe_files, write_card
-from qlora_engine.export.common import Reporter, adapter_b_stats, check_output, untrained_note
+from qlora_engine.export.common import Reporter, untrained_notes
 from qlora_engine.export.source import RunInfo, base_origin, resolve_base, tokenizer_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -128,24 +128,9 @@ def load_export_tokenizer(info: RunInfo) -> Any:
     return tok
 
 
-def export_merged(
-    info: RunInfo,
-    out: str | Path,
-    *,
-    dtype: str = "auto",
-    overwrite: bool = False,
-    sink: Any = None,
-    should_stop: Any = None,
-) -> Path:
-    """Write the merged model (safetensors + tokenizer + card + run config) to ``out``."""
-    rep = Reporter(sink, should_stop)
-    out = check_output(
-        Path(out), overwrite=overwrite, protected=[info.adapter_dir] + ([info.run_dir] if info.run_dir else [])
-    )
-    notes = []
-    if note := untrained_note(adapter_b_stats(info.adapter_dir)):
-        notes.append(note)
-        rep.log(note, "warning")
+def export_merged(info: RunInfo, out: Path, rep: Reporter, overwrite: bool, *, dtype: str = "auto") -> Path:
+    """Write the merged model (safetensors + tokenizer + card + run config) to ``out`` (checked by ``export()``)."""
+    notes = untrained_notes(info.adapter_dir, rep)
     merged, origin_n, dt = merge(info, dtype=dtype, rep=rep)
     notes += origin_n
     tokenizer = load_export_tokenizer(info)

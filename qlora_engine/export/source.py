@@ -8,12 +8,14 @@ earlier (it carries the run's ``config.yaml``). The adapter must be in safetenso
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlora_engine import scrub
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.errors import ModelError
 from qlora_engine.events import EvalResult, RunFailed, RunFinished, RunStarted, StepMetrics, read_events
@@ -219,7 +221,16 @@ def _candidates(info: RunInfo) -> list[str]:
     base = info.adapter_config.get("base_model_name_or_path")
     if base and base not in refs:
         refs.append(base)
-    return refs
+    return [r for ref in refs for r in ([ref] if not scrub.is_masked(ref) else _unmasked(ref))]
+
+
+def _unmasked(ref: str) -> list[str]:
+    """A model path holding a hub token (a folder named by it) was written masked: the path with each
+    token this process knows put back, then the one existing folder the mask's place fits."""
+    parts = ref.split(scrub.MASK)
+    found = [secret.join(parts) for secret in scrub.known_secrets()]
+    fits = glob.glob("*".join(glob.escape(p) for p in parts))
+    return [p for p in found if Path(p).exists()] + (fits if len(fits) == 1 else []) or [ref]
 
 
 def resolve_base(info: RunInfo, *, sink: Any = None) -> Path:

@@ -117,6 +117,8 @@ def test_open_logs_serves_the_runs_tensorboard_files(qtbot, history, runs):
     url = history.open_logs(runs / "normal")
     try:
         assert url.startswith("http://127.0.0.1:")
+        # the engine's own command (which the frozen app runs as `qlora-studio --engine ...`), not `python -m tensorboard`
+        assert history.tensorboards[runs / "normal"].command[1:4] == ["-m", "qlora_engine", "tensorboard"]
         qtbot.waitUntil(lambda: opened == [url], timeout=60_000)
         import urllib.request
 
@@ -127,3 +129,28 @@ def test_open_logs_serves_the_runs_tensorboard_files(qtbot, history, runs):
     assert not history.tensorboards
     # a run without event files: its folder opens instead
     assert history.open_logs(runs / "stop") == str(runs / "stop")
+
+
+def test_the_frozen_entry_serves_tensorboard_through_the_engine(qtbot, runs):
+    """What the PyInstaller build runs for Open logs: its entry script with ``--engine tensorboard``."""
+    pytest.importorskip("tensorboard")
+    import sys
+    import urllib.request
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from app.run_worker import engine_env
+
+    logdir = runs / "normal" / "tensorboard"
+    with SummaryWriter(str(logdir)) as w:
+        w.add_scalar("train/loss", 1.0, 1)
+    frozen_main = Path(__file__).resolve().parents[2] / "packaging" / "frozen_main.py"
+    server = run_catalog.TensorBoardServer(logdir, lambda *a: [sys.executable, str(frozen_main), "--engine", *a], engine_env())
+    server.start()
+    try:
+        qtbot.waitUntil(server.ready, timeout=60_000)
+        with urllib.request.urlopen(server.url + "data/runs", timeout=10) as r:
+            assert json.loads(r.read()) == ["."]
+    finally:
+        server.stop()
+    assert not server.alive

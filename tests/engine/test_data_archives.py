@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from qlora_engine.checkpoint import file_sha256
 from qlora_engine.cli import main
 from qlora_engine.config import TrainConfig, validate
 from qlora_engine.data import archives, prepare_data
@@ -186,7 +187,7 @@ def test_an_interrupted_extraction_leaves_nothing_that_is_used(tmp_path, monkeyp
 
 def test_leftovers_of_a_killed_process_are_removed_and_an_unmarked_folder_is_replaced(tmp_path):
     archive = make_zip(tmp_path / "train.zip", {"train.jsonl": ROWS})
-    digest = archives._sha256(archive)
+    digest = file_sha256(archive)
     root = tmp_path / "cache" / "archives"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     partial = root / f".{digest[:16]}.{int(dead.stdout)}.1.partial"
@@ -283,7 +284,7 @@ def test_an_archive_larger_than_the_free_space_is_refused(tmp_path, monkeypatch)
     with pytest.raises(DataError) as e:
         open_path(archive)
     assert str(e.value).startswith(f"{archive}: unpacks to ")
-    assert "largest member 'big.jsonl'" in str(e.value) and "1000 bytes free on the disk of" in str(e.value)
+    assert "largest member 'big.jsonl'" in str(e.value) and "1.0 kB free on the disk of" in str(e.value)
     assert extracted(tmp_path) == []
 
 
@@ -292,7 +293,7 @@ def test_a_zip_bomb_is_refused(tmp_path, monkeypatch):
     archive = make_zip(tmp_path / "bomb.zip", {"rows.jsonl": ROWS, "zeros.jsonl": b"\0" * (4 << 20)})
     with pytest.raises(
         DataError,
-        match=r"bomb\.zip: declares 4\.0 MiB of content in .* times its size; "
+        match=r"bomb\.zip: declares 4\.2 MB of content in .* times its size; "
         r"largest member 'zeros\.jsonl'.*a zip bomb",
     ):
         open_path(archive)

@@ -7,6 +7,7 @@ peft in a fresh Python process, the merged folder through plain transformers.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from test_export_support import PROBE, trained_chat_run  # noqa: E402
 
+from qlora_engine import scrub
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.errors import ModelError
 from qlora_engine.events import ListSink, LogLine, PhaseChanged, read_events
@@ -243,6 +245,41 @@ def test_sources_run_adapter_checkpoint_and_exported_adapter(chat_run, tmp_path)
         load_run(pickled)
     with pytest.raises(ModelError, match="no such run"):
         load_run(tmp_path / "missing")
+
+
+def test_the_base_model_is_found_when_its_path_holds_a_token_or_a_name_shaped_like_one(
+    chat_run, tiny_model_dir, tmp_path, monkeypatch
+):
+    """A hub token as a folder of the model's path is never written (config.yaml holds hf_*** there),
+    yet the export finds the model; a folder merely shaped like a token is written as it is."""
+    from qlora_engine.export.source import resolve_base
+
+    def run_with_model_at(model: Path, name: str) -> Path:
+        shutil.copytree(tiny_model_dir, model)
+        run = tmp_path / name
+        shutil.copytree(chat_run / "adapter", run / "adapter")
+        (run / "adapter" / "config.yaml").unlink(missing_ok=True)
+        acfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+        acfg["base_model_name_or_path"] = str(model)  # as peft writes it (then scrubbed with the folder)
+        scrub.write_text(run / "adapter" / "adapter_config.json", json.dumps(acfg))
+        cfg = TrainConfig.load(chat_run / "config.yaml")
+        cfg.model.ref = str(model)
+        cfg.save(run / "config.yaml")
+        return run
+
+    token = "hf_" + "Zq7Secret" * 4
+    monkeypatch.setenv("HF_TOKEN", token)
+    secret_run = run_with_model_at(tmp_path / token / "model", "secret")
+    written = (secret_run / "config.yaml").read_text()
+    assert token not in written and f"hf_***{os.sep}model" in written
+    assert resolve_base(load_run(secret_run)) == tmp_path / token / "model"  # the known token put back
+    monkeypatch.delenv("HF_TOKEN")
+    assert resolve_base(load_run(secret_run)) == tmp_path / token / "model"  # the one folder that fits
+
+    looks = "hf_" + "NotASecretJustAName" * 2
+    named_run = run_with_model_at(tmp_path / looks / "model", "named")
+    assert TrainConfig.load(named_run / "config.yaml").model.ref == str(tmp_path / looks / "model")
+    assert resolve_base(load_run(named_run)) == tmp_path / looks / "model"
 
 
 def test_cli_export_refuses_an_existing_folder_then_replaces_it_with_force(chat_run, tmp_path, capsys):

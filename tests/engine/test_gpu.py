@@ -40,7 +40,6 @@ def test_no_gpu_answer_is_clean(monkeypatch):
     assert report.reason.startswith("no NVIDIA GPU")
     assert "NVML" in report.reason
     assert gpu.sample(0) is None
-    assert gpu.describe() == report.reason
     assert report.to_dict()["available"] is False
 
 
@@ -104,4 +103,3 @@ def test_lists_cards_with_memory_and_utilization(monkeypatch):
     assert s.used_bytes == 2 * 2**30 and s.process_bytes == 3 * 2**30
     assert gpu.sample(0, pid=1).process_bytes is None
     assert gpu.sample(7) is None
-    assert "NVIDIA driver 570.86" in gpu.describe()
