@@ -172,7 +172,7 @@ def choose_strategy(
     if asked != "auto":
         return asked, None
     if world_size == 1:
-        return "single", Decision("train.strategy", "auto", "single", "one process", "one GPU")
+        return "single", Decision("train.strategy", "auto", "single", "nothing to share", "one process")
     if spec is None or not spec.usable or not card_bytes:
         return "ddp", Decision(
             "train.strategy", "auto", "ddp", "no GPU size to judge the model by", f"data-parallel over {world_size}"

@@ -50,6 +50,8 @@ def test_auto_strategy_follows_the_card():
     spec = resolve_spec(cfg(), LLAMA3_8B)
     c = cfg("data.max_length=1024")
     assert choose_strategy(c, 1, spec, 80 * GiB, None)[0] == "single"
+    for card in (80 * GiB, None):  # one process names no GPU: it may be a CPU run
+        assert "GPU" not in str(choose_strategy(c, 1, spec, card, None)[1])
     assert choose_strategy(c, 4, spec, 80 * GiB, None)[0] == "ddp"
     chosen, decision = choose_strategy(c, 4, spec, 4 * GiB, None)  # 8B in 4 bit does not fit 4 GiB
     assert chosen == "fsdp" and decision.field == "train.strategy" and "4.0 GiB" in decision.reason
