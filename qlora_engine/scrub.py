@@ -123,12 +123,6 @@ def write_text(path: Path, text: str) -> None:
     Path(path).write_text(scrub(text), encoding="utf-8")
 
 
-def _byte_patterns() -> list[re.Pattern[bytes]]:
-    pats = [re.compile(re.escape(v.encode())) for v in known_secrets()]
-    pats.append(re.compile(_TOKEN_PATTERN.pattern.encode()))
-    return pats
-
-
 def scrub_file(path: Path) -> bool:
     """Scrub one file in place; True if it changed.
 
@@ -152,11 +146,16 @@ def scrub_file(path: Path) -> bool:
 
 
 def _scrub_binary(path: Path) -> bool:
+    with _lock:
+        names = {n.encode() for n in _names}
+    shape = re.compile(_TOKEN_PATTERN.pattern.encode())
     changed = False
     with open(path, "r+b") as fh:
         head = fh.read(HEADER_BYTES)
-        for pat in _byte_patterns():
+        for pat in [*(re.compile(re.escape(v.encode())) for v in known_secrets()), shape]:
             for m in pat.finditer(head):
+                if pat is shape and m.group() in names:
+                    continue  # a folder of the model's path, as in the text files
                 fh.seek(m.start())
                 fh.write(b"*" * (m.end() - m.start()))
                 changed = True
