@@ -20,7 +20,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from faults_support import make_cfg, write_data  # noqa: E402
 from hostile_harness import Case, Workspace, check_outcome, run_in_process, run_subprocess, snapshot  # noqa: E402
+
+from qlora_engine.events import ListSink  # noqa: E402
 
 
 @pytest.fixture
@@ -48,3 +51,15 @@ def run_case(workspace, monkeypatch):
         return outcome
 
     return run
+
+
+@pytest.fixture(scope="session")
+def faults_base(tmp_path_factory, tiny_model_dir):
+    """One finished run of the tiny model: checkpoints at steps 1, 2, 3 and the adapter."""
+    from qlora_engine.runner import run
+
+    root = tmp_path_factory.mktemp("faults-base")
+    data = write_data(root)
+    cfg = make_cfg(tiny_model_dir, data, root / "run")
+    run(cfg, ListSink())
+    return {"root": root, "data": data, "run": root / "run", "model": tiny_model_dir}

@@ -276,3 +276,17 @@ def fake_hub_snapshot(hub_cache: Path, repo: str, model_dir: Path) -> Path:
 
 def every_file(*roots: Path) -> list[Path]:
     return [p for root in roots if root.exists() for p in sorted(root.rglob("*")) if p.is_file()]
+
+
+def copy_run(base, tmp_path: Path, *overrides: str):
+    """A fresh copy of the base run in ``tmp_path`` and its config (with ``overrides``)."""
+    dst = tmp_path / "run"
+    shutil.copytree(base["run"], dst)
+    return dst, make_cfg(base["model"], base["data"], dst, "train.max_steps=4", *overrides)
+
+
+def unchanged_but_events(before: dict[str, bytes], after: dict[str, bytes]) -> None:
+    """Nothing rewritten or deleted; events.jsonl only appended to (the failure is logged there)."""
+    ev_before, ev_after = before.pop("events.jsonl", b""), after.pop("events.jsonl", b"")
+    assert ev_after.startswith(ev_before)
+    assert after == before
