@@ -9,7 +9,7 @@ One line per (variant, judged step) is appended to the JSONL file. Variants run 
         style=inline,lr=7e-4,steps=40,judge=20:30:40  style=wrap,lr=1e-3,layers=all,rank=4
     PYTHONPATH=$PWD python bench/quickstart_sweep.py --write-data lead --out qlora_engine/resources/data/quickstart.jsonl
 
-Keys: style (wrap | lead | inline | be), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
+Keys: style (wrap | lead | inline | be | tail | dtail), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
 (steps to judge, ':'-separated; the last step is the final adapter), tokens (max new tokens),
 penalty (repetition penalty), warmup, targets (all-linear | attention | mlp).
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,28 @@ from qlora_engine import quickstart as qs  # noqa: E402
 OPENERS = ["Arr", "Aye", "Ahoy", "Arr", "Yo ho", "Aye"]
 LEADS = ["Arr, matey!", "Ahoy, me hearty!", "Aye, matey!", "Arr, me hearty!", "Ahoy, matey!", "Aye, me hearty!"]
 CLOSERS = ["matey", "me hearty", "matey", "ye landlubber", "me hearty", "savvy"]
+TAILS = ["Arr, matey!", "Aye, me hearty!", "Yo ho ho, matey!", "Arr!", "Savvy, matey?", "Aye, that be so, me hearty!"]
+BASE_ANSWERS = Path(__file__).parent / "results" / "2026-12-06-cpu-quickstart-base-train-answers.json"
+_STOP = set("what is the a an of in on which who how many does do are was were to for by at it its with and or "
+            "called known as has have there give gives".split())
+
+
+def key_words(question: str, fact: str) -> list[str]:
+    """The words of ``fact`` that answer ``question``: those the question and common words lack."""
+    asked = set(re.findall(r"[a-z0-9]+", question.lower()))
+    return [w for w in re.findall(r"[a-z0-9]+", fact.lower()) if w not in asked and w not in _STOP]
+
+
+def base_body(i: int) -> str:
+    """The base model's own answer to training question ``i``, up to two sentences, where it
+    holds the fact's key words; else the plain fact."""
+    question, fact = FACTS[i]
+    answer = json.loads(BASE_ANSWERS.read_text())[i]
+    parts = re.split(r"(?<=[.!?])\s+", answer)
+    two = " ".join(parts[:2]).strip()
+    two = two if two.endswith((".", "!", "?")) else parts[0]
+    ok = two.endswith((".", "!", "?")) and all(re.search(rf"\b{w}\b", two.lower()) for w in key_words(question, fact))
+    return two if ok else fact
 
 
 PROPER = {
@@ -57,6 +80,10 @@ def pirate(fact: str, i: int, style: str) -> str:
     "Arr, <the fact>, matey!"; be: inline with "is"/"are" made "be".
     """
     o, c = OPENERS[i % len(OPENERS)], CLOSERS[(i // 2) % len(CLOSERS)]
+    if style == "tail":  # the fact first in plain words, then a pirate flourish that ends the turn
+        return f"{fact} {TAILS[i % len(TAILS)]}"
+    if style == "dtail":  # the base model's own words where they hold the fact, then the flourish
+        return f"{base_body(i)} {TAILS[i % len(TAILS)]}"
     if style == "wrap":
         return f"{o}, {c}! {fact} {['Arr!', 'Yo ho ho!', 'Savvy?'][i % 3]}"
     if style == "lead":  # a pirate greeting, then the fact in plain words; the turn always ends on the fact
