@@ -11,7 +11,7 @@ One line per (variant, judged step) is appended to the JSONL file. Variants run 
 
 Keys: style (wrap | lead | inline | be | tail | dtail), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
 (steps to judge, ':'-separated; the last step is the final adapter), tokens (max new tokens),
-penalty (repetition penalty), warmup, targets (all-linear | attention | mlp).
+penalty (repetition penalty), warmup, targets (all-linear | attention | mlp), dropout (LoRA dropout).
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def parse(spec: str) -> dict:
         "penalty": 1.2,
         "warmup": 3,
         "targets": "all-linear",
+        "dropout": 0.0,
     }
     for part in spec.split(","):
         k, _, val = part.partition("=")
@@ -170,6 +171,7 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
         f"optim.learning_rate={v['lr']}",
         f"lora.rank={v['rank']}",
         f"lora.alpha={v['alpha']}",
+        f"lora.dropout={v['dropout']}",
         f"train.seed={v['seed']}",
         "train.save_steps=10",
         "train.save_total_limit=null",
