@@ -37,7 +37,7 @@ disabled or merged, several adapters, DoRA or another LoRA variant, dropout, flo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -303,15 +303,19 @@ def enable(model: torch.nn.Module) -> tuple[int, dict[str, int]]:
     return fast, skipped
 
 
-def compile_blocks(model: torch.nn.Module, **options: Any) -> int:
-    """``torch.compile`` each decoder block with ``options`` (``mode``, ``backend``...); returns how many.
+def compile_blocks(model: torch.nn.Module, **options: Any) -> Callable[[], None]:
+    """``torch.compile`` each decoder block with ``options`` (``mode``, ``backend``...); returns what undoes it.
 
-    With the frozen 4-bit matmul as one op (:func:`frozen4bit_linear`) a block is one graph. Where
-    transformers checkpoints a block's ``forward`` (5.2x), the checkpoint is inside the compiled
-    call: the compiled backward recomputes the block (and drops what it does not need, such as the
-    last 4-bit matmul). For the benchmarks; no config switch yet.
+    With the frozen 4-bit matmul as one op (:func:`frozen4bit_linear`) a block is one graph. A
+    checkpointed block compiles its checkpoint too (transformers' checkpoint function, which every
+    version calls with the block's forward): the compiled backward recomputes the block (and leaves
+    out what it does not need, such as the last 4-bit matmul), and no compiled call runs inside an
+    eager checkpoint's recomputation, which CUDA graphs do not survive (pytorch#154306). For the
+    benchmarks; no config switch yet (and not with ``train.offload_activations``, whose checkpoint
+    function this replaces).
     """
     # lazy: transformers.modeling_layers loads its whole modeling stack (seconds); only training needs it
+    from torch.utils.checkpoint import checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     # With the `kernels` package, transformers' attention sets a context variable per forward (and
@@ -319,7 +323,25 @@ def compile_blocks(model: torch.nn.Module, **options: Any) -> int:
     # may skip replaying it in the backward, which here changes nothing.
     if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+    def checkpointed(function: Any, *args: Any, **kwargs: Any) -> Any:
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+    compiled = torch.compile(checkpointed, **options)  # one for every block: one cache, one graph per input kind
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    before = [(b, b.__dict__.get("_gradient_checkpointing_func")) for b in blocks]
     for block in blocks:
-        block.compile(**options)
-    return len(blocks)
+        if block.gradient_checkpointing:
+            block._gradient_checkpointing_func = compiled
+        else:
+            block.compile(**options)
+
+    def undo() -> None:
+        for block, function in before:
+            block._compiled_call_impl = None
+            if function is None:
+                block.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                block._gradient_checkpointing_func = function
+
+    return undo
