@@ -1,6 +1,6 @@
 """Engine switches side by side in one process, one model load: what each change buys, unprofiled.
 
-    python bench/ab.py [--shape llama3-8b] [--seq 2048] [--steps 8]
+    python bench/ab.py [--shape llama3-8b] [--seq 2048] [--steps 8] [--only A,B] [--set train.kernels=none]
 
 Loads the engine's Trainer once (every layer checkpointed, the standard case) and times the
 training step (the trainer's own ``_forward_backward``, gradient clipping, optimizer and
@@ -44,7 +44,10 @@ def main() -> None:
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--only", default="", help="comma-separated setting names (and 'profile') to run (default: all but autotune)")
+    ap.add_argument(
+        "--only", default="", help="comma-separated setting names (and 'profile') to run (default: all but autotune)"
+    )
+    ap.add_argument("--set", action="append", default=[], help="a config override for the trainer (train.kernels=none)")
     ap.add_argument("--model", help="a model folder instead of the shape's random checkpoint (a CPU smoke test)")
     args = ap.parse_args()
     settings = [
@@ -86,7 +89,7 @@ def main() -> None:
             torch.cuda.synchronize()
 
     seq = args.seq
-    trainer, _, cfg = build_trainer(path, seq, 4, 1, [], warmup=0)
+    trainer, _, cfg = build_trainer(path, seq, 4, 1, args.set, warmup=0)
     model, pad = trainer.model, trainer.tokenizer.pad_token_id
     vocab = model.config.vocab_size
     card = torch.cuda.get_device_name(0) if cuda else "cpu"
@@ -98,6 +101,7 @@ def main() -> None:
         versions=versions(),
         checkpointed_layers=trainer.checkpointed,
         kernels=trainer.kernels,
+        overrides=args.set,
         results=[],
     )
     fname = f"{out['date']}-{card.replace(' ', '-')}-ab-{args.shape}-{datetime.datetime.now().strftime('%H%M')}.json"
@@ -290,6 +294,7 @@ def main() -> None:
     )
 
     save()
+
 
 if __name__ == "__main__":
     main()

@@ -33,11 +33,17 @@ product is added by the same GEMM that computes it (``addmm``).
 Anything this does not cover falls back to peft's own forward, per call: no gradients
 (evaluation, generation: bitsandbytes' inference kernels are faster there), adapters
 disabled or merged, several adapters, DoRA or another LoRA variant, dropout, float16.
+
+Under ``torch.compile`` (:func:`compile_blocks`, for the benchmarks so far) the frozen 4-bit
+matmul is one opaque op, ``qlora::frozen4bit_linear`` (its input gradient a second op), taking
+the packed weight and its quant state as tensors: the same kernels, and a decoder block traces
+into one graph with no break.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -144,7 +150,9 @@ def _dequantize(
         import bitsandbytes  # noqa: F401  (lazy: registers torch.ops.bitsandbytes)
 
         if absmax2 is not None:
-            absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax, absmax2, code2, blocksize2, torch.float32)
+            absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+                absmax, absmax2, code2, blocksize2, torch.float32
+            )
             absmax += offset
         return torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, blocksize, quant_type, shape, dtype)
     from bitsandbytes.backends.cuda import ops  # lazy: bitsandbytes' CUDA backend, for the CUDA path only
@@ -190,13 +198,17 @@ class _Frozen4bit(torch.autograd.Function):
 _QUANT_SCHEMA = "Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, Tensor? offset, int blocksize2, int[] shape, int blocksize, str quant_type, ScalarType dtype"
 
 
-@torch.library.custom_op("qlora::frozen4bit_linear", mutates_args=(), schema=f"(Tensor x, Tensor? bias, {_QUANT_SCHEMA}) -> Tensor")
+@torch.library.custom_op(
+    "qlora::frozen4bit_linear", mutates_args=(), schema=f"(Tensor x, Tensor? bias, {_QUANT_SCHEMA}) -> Tensor"
+)
 def frozen4bit_linear(x: torch.Tensor, bias: torch.Tensor | None, *quant: Any) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for the frozen 4-bit ``W`` given by ``quant`` (:func:`quant_parts`)."""
     return torch.nn.functional.linear(x, _dequantize(*quant).to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-@torch.library.custom_op("qlora::frozen4bit_linear_grad", mutates_args=(), schema=f"(Tensor g, {_QUANT_SCHEMA}) -> Tensor")
+@torch.library.custom_op(
+    "qlora::frozen4bit_linear_grad", mutates_args=(), schema=f"(Tensor g, {_QUANT_SCHEMA}) -> Tensor"
+)
 def frozen4bit_linear_grad(g: torch.Tensor, *quant: Any) -> torch.Tensor:
     """The input gradient of :func:`frozen4bit_linear`: ``g @ W``."""
     return g @ _dequantize(*quant).to(g.dtype)

@@ -46,7 +46,9 @@ def make_trainer(model_dir, tmp_path, *overrides: str):
         [f"model.ref={model_dir}", "data.path=synthetic", f"output.dir={tmp_path / 'run'}", f"data.max_length={SEQ}",
          *overrides],
     )  # fmt: skip
-    trainer = build_trainer(cfg, ListSink(), data=PreparedData(train=samples, validation=None, report={}, fingerprint="x"))
+    trainer = build_trainer(
+        cfg, ListSink(), data=PreparedData(train=samples, validation=None, report={}, fingerprint="x")
+    )
     trainer.setup()
     gen = torch.Generator().manual_seed(1234)  # peft starts B at zero (every A gradient zero): give B values
     with torch.no_grad():
@@ -87,9 +89,14 @@ def calls(gm: torch.fx.GraphModule) -> Counter:
     [("bfloat16", True), ("bfloat16", False), ("float32", True)],
     ids=["bf16-checkpointed", "bf16-no-checkpointing", "fp32-checkpointed"],
 )
-def test_compiled_blocks_are_one_graph_each_with_eager_s_loss_and_lora_gradients(model_dir, tmp_path, dtype, checkpointing):
+def test_compiled_blocks_are_one_graph_each_with_eager_s_loss_and_lora_gradients(
+    model_dir, tmp_path, dtype, checkpointing
+):
     trainer, batch = make_trainer(
-        model_dir, tmp_path, f"quant.compute_dtype={dtype}", f"train.gradient_checkpointing={str(checkpointing).lower()}"
+        model_dir,
+        tmp_path,
+        f"quant.compute_dtype={dtype}",
+        f"train.gradient_checkpointing={str(checkpointing).lower()}",
     )
     assert trainer.fast_lora == 2 * 7 and trainer.checkpointed == (2 if checkpointing else 0)
     model = trainer.model
@@ -133,4 +140,6 @@ def test_the_op_is_the_eager_matmul_bit_for_bit(model_dir, tmp_path):
     y1.backward(g)
     y2.backward(g)
     assert torch.equal(y1, y2) and torch.equal(x1.grad, x2.grad)
-    torch.library.opcheck(fast_lora.frozen4bit_linear, (x1.detach().requires_grad_(), None, *fast_lora.quant_parts(base.weight)))
+    torch.library.opcheck(
+        fast_lora.frozen4bit_linear, (x1.detach().requires_grad_(), None, *fast_lora.quant_parts(base.weight))
+    )
