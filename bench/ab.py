@@ -136,7 +136,10 @@ def main() -> None:
         y2.backward(torch.ones_like(y2))
         return torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
 
-    out["op_bit_identical"] = all(op_vs_eager(b) for b in bases)
+    try:  # a failure here is the compiled settings' to report; the eager ones still run
+        out["op_bit_identical"] = all(op_vs_eager(b) for b in bases)
+    except Exception as e:
+        out["op_bit_identical"] = f"{type(e).__name__}: {str(e)[:300]}"
 
     gen = torch.Generator().manual_seed(0)
 
