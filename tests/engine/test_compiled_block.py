@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 import torch
 from tiny import build_tiny_llama
+from torch._dynamo.utils import counters
 
 from qlora_engine import fast_lora
 from qlora_engine.config import TrainConfig, apply_overrides
@@ -103,10 +104,12 @@ def test_compiled_blocks_are_one_graph_each_with_eager_s_loss_and_lora_gradients
     loss_eager, grads_eager = step(model, batch)
 
     graphs: list[tuple[str, torch.fx.GraphModule]] = []
+    counters.clear()
     undo = fast_lora.compile_blocks(model, backend=recording_backend(graphs), fullgraph=True, dynamic=False)
     loss, grads = step(model, batch)
     loss_again, grads_again = step(model, batch)  # compiled once, run again: no new graph
     undo()
+    assert not counters["graph_break"]  # fullgraph=True would have raised at one, too
     assert step(model, batch)[0] == loss_eager and len(graphs) == 4  # eager again
 
     # Two graphs each way: layer 0's input needs no gradient (the embeddings are frozen), layer 1's does.
