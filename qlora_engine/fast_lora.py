@@ -46,6 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 FAST_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -327,7 +328,6 @@ def compile_blocks(model: torch.nn.Module, **options: Any) -> Callable[[], None]
     function this replaces).
     """
     # lazy: transformers.modeling_layers loads its whole modeling stack (seconds); only training needs it
-    from torch.utils.checkpoint import checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     # With the `kernels` package, transformers' attention sets a context variable per forward (and
