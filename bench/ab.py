@@ -1,16 +1,18 @@
 """Engine switches side by side in one process, one model load: what each change buys, unprofiled.
 
-    python bench/ab.py [--shape llama3-8b] [--seq 2048] [--steps 8]
+    python bench/ab.py [--shape llama3-8b] [--seq 2048] [--steps 8] [--only A,B] [--set train.kernels=none]
 
 Loads the engine's Trainer once (every layer checkpointed, the standard case) and times the
 training step (the trainer's own ``_forward_backward``, gradient clipping, optimizer and
 scheduler step, as ``Trainer.train`` runs them) under each setting of the switches:
 ``optim.FLAT`` (one flat buffer, one optimizer launch), ``fast_lora.LEAN_4BIT`` (bitsandbytes'
 dequantization kernels called directly), ``varlen.VARLEN`` (packed rows without a mask), at
-micro-batch 1 and 4, fixed-length and packed rows, with and without checkpointing. Every
+micro-batch 1 and 4, fixed-length and packed rows, with and without checkpointing, and each
+decoder block through ``torch.compile`` (``fast_lora.compile_blocks``; the ``mbs1-compiled-*``
+settings, each with what the compiler made of it: graphs, breaks, skipped CUDA graphs). Every
 setting runs ``--steps`` steps after 2 warm-up steps; the median step counts; the first setting
 runs again last, to show the drift. Also checks that the direct dequantization is bit-identical
-to bitsandbytes' own and that packed rows give the same loss under SDPA's mask and varlen attention.
+to bitsandbytes' own (and the compiled path's op to the eager matmul) and that packed rows give the same loss under SDPA's mask and varlen attention.
 Prints one JSON line per setting; writes ``bench/results/<date>-<card>-ab-<shape>-<HHMM>.json``
 (and to $OUT when set). Peak memory is only meaningful in ``bench/speed.py`` (a process per case).
 """
@@ -42,9 +44,41 @@ def main() -> None:
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--only", default="", help="comma-separated setting names to run (default: all)")
+    ap.add_argument(
+        "--only", default="", help="comma-separated setting names (and 'profile') to run (default: all but autotune)"
+    )
+    ap.add_argument("--set", action="append", default=[], help="a config override for the trainer (train.kernels=none)")
     ap.add_argument("--model", help="a model folder instead of the shape's random checkpoint (a CPU smoke test)")
     args = ap.parse_args()
+    settings = [
+        # name, flat, lean, attention, mbs, rows, checkpointing, torch.compile mode of each block (None: eager)
+        ("mbs4-new", True, True, "sdpa", 4, "fixed", True, None),
+        ("mbs4-old", False, False, "sdpa", 4, "fixed", True, None),
+        ("mbs1-new", True, True, "sdpa", 1, "fixed", True, None),
+        ("mbs1-old", False, False, "sdpa", 1, "fixed", True, None),
+        ("mbs1-flat-only", True, False, "sdpa", 1, "fixed", True, None),
+        ("mbs1-lean-only", False, True, "sdpa", 1, "fixed", True, None),
+        ("mbs4-packed-sdpa", True, True, "sdpa", 4, "packed", True, None),
+        ("mbs4-packed-varlen", True, True, "varlen", 4, "packed", True, None),
+        ("mbs4-new-no-checkpointing", True, True, "sdpa", 4, "fixed", False, None),
+        ("mbs4-packed-varlen-no-checkpointing", True, True, "varlen", 4, "packed", False, None),
+        ("mbs4-new-again", True, True, "sdpa", 4, "fixed", True, None),
+        # each decoder block through torch.compile (fast_lora.compile_blocks: launches fused; a
+        # checkpointed block's checkpoint compiled with it), micro-batch 1 where host work bounds the
+        # step: bitsandbytes' own registered ops (a graph break per projection), the frozen 4-bit
+        # matmul as one op (qlora::frozen4bit_linear: one graph a block), that with CUDA graphs (one
+        # replay a block and pass), and with autotuned kernels instead (a long compile: not in 'all')
+        ("mbs1-compiled-bnb-ops", True, False, "sdpa", 1, "fixed", True, "default"),
+        ("mbs1-compiled-op", True, True, "sdpa", 1, "fixed", True, "default"),
+        ("mbs1-compiled-op-graphs", True, True, "sdpa", 1, "fixed", True, "reduce-overhead"),
+        ("mbs1-compiled-op-autotune", True, True, "sdpa", 1, "fixed", True, "max-autotune-no-cudagraphs"),
+    ]
+    only = set(filter(None, args.only.split(",")))
+    unknown = only - {s[0] for s in settings} - {"profile"}
+    if unknown:
+        raise SystemExit(f"unknown setting(s) {sorted(unknown)}; known: {[s[0] for s in settings]} and profile")
+    if not only:
+        only = {s[0] for s in settings if s[0] != "mbs1-compiled-op-autotune"} | {"profile"}
     path = args.model or f"/tmp/ckpt-{args.shape}"
     if not args.model:
         prepare_checkpoint(args.shape, path)
@@ -55,7 +89,7 @@ def main() -> None:
             torch.cuda.synchronize()
 
     seq = args.seq
-    trainer, _, cfg = build_trainer(path, seq, 4, 1, [], warmup=0)
+    trainer, _, cfg = build_trainer(path, seq, 4, 1, args.set, warmup=0)
     model, pad = trainer.model, trainer.tokenizer.pad_token_id
     vocab = model.config.vocab_size
     card = torch.cuda.get_device_name(0) if cuda else "cpu"
@@ -67,8 +101,15 @@ def main() -> None:
         versions=versions(),
         checkpointed_layers=trainer.checkpointed,
         kernels=trainer.kernels,
+        overrides=args.set,
         results=[],
     )
+    fname = f"{out['date']}-{card.replace(' ', '-')}-ab-{args.shape}-{datetime.datetime.now().strftime('%H%M')}.json"
+
+    def save() -> None:  # after every setting: a later crash (a broken CUDA context) keeps what was measured
+        for folder in filter(None, [HERE / "results", Path(os.environ["OUT"]) if os.environ.get("OUT") else None]):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / fname).write_text(json.dumps(out, indent=1))
 
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
@@ -84,7 +125,26 @@ def main() -> None:
         torch.equal(fast_lora.dequantize(b.weight), bnbf.dequantize_4bit(b.weight, b.weight.quant_state)) for b in bases
     )
 
+    # ... and the op a compiled block runs for each frozen 4-bit matmul is the eager matmul, forward and backward.
+    def op_vs_eager(base) -> bool:
+        dt = base.compute_dtype
+        x = torch.randn(3, base.in_features, device=base.weight.device, dtype=dt, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_()
+        y = fast_lora.frozen4bit_linear(x, base.bias, *fast_lora.quant_parts(base.weight))
+        y2 = fast_lora._Frozen4bit.apply(x2, base)
+        y.backward(torch.ones_like(y))
+        y2.backward(torch.ones_like(y2))
+        return torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
+
+    try:  # a failure here is the compiled settings' to report; the eager ones still run
+        out["op_bit_identical"] = all(op_vs_eager(b) for b in bases)
+    except Exception as e:
+        out["op_bit_identical"] = f"{type(e).__name__}: {str(e)[:300]}"
+
     gen = torch.Generator().manual_seed(0)
+    # Every setting starts from the same LoRA weights and draws the same batches, so its first
+    # loss (before any update) checks its arithmetic against the others' (compiled against eager).
+    initial = [p.detach().clone() for p in trainer.params]
 
     def fixed(mbs: int) -> dict:
         ids = torch.randint(0, vocab, (mbs, seq), generator=gen)
@@ -126,45 +186,33 @@ def main() -> None:
         sync()
         return time.perf_counter() - t, loss, count_tokens(batch, pad)
 
-    settings = [
-        # name, flat, lean, attention, mbs, rows, checkpointing
-        ("mbs4-new", True, True, "sdpa", 4, "fixed", True),
-        ("mbs4-old", False, False, "sdpa", 4, "fixed", True),
-        ("mbs1-new", True, True, "sdpa", 1, "fixed", True),
-        ("mbs1-old", False, False, "sdpa", 1, "fixed", True),
-        ("mbs1-flat-only", True, False, "sdpa", 1, "fixed", True),
-        ("mbs1-lean-only", False, True, "sdpa", 1, "fixed", True),
-        ("mbs4-packed-sdpa", True, True, "sdpa", 4, "packed", True),
-        ("mbs4-packed-varlen", True, True, "varlen", 4, "packed", True),
-        ("mbs4-new-no-checkpointing", True, True, "sdpa", 4, "fixed", False),
-        ("mbs4-packed-varlen-no-checkpointing", True, True, "varlen", 4, "packed", False),
-        ("mbs4-new-again", True, True, "sdpa", 4, "fixed", True),
-        # each decoder block through torch.compile (launches fused; the checkpoint recomputes the
-        # compiled block): with the direct dequantization (a graph break per projection) and with
-        # bitsandbytes' own registered ops (traceable), micro-batch 1 where host work bounds the step
-        ("mbs1-compiled", True, True, "sdpa", 1, "fixed", True),
-        ("mbs1-compiled-bnb-ops", True, False, "sdpa", 1, "fixed", True),
-    ]
-    only = set(filter(None, args.only.split(",")))
-    for name, flat, lean, attn, mbs, kind, ckpt in settings:
-        if only and name not in only:
+    from torch._dynamo.utils import counters
+
+    for name, flat, lean, attn, mbs, kind, ckpt, mode in settings:
+        if name not in only:
             continue
         set_opt(flat)
+        with torch.no_grad():
+            for p, p0 in zip(trainer.params, initial, strict=True):
+                p.copy_(p0)
+        gen.manual_seed(0)
         fast_lora.LEAN_4BIT = lean
         set_attn(attn)
         set_ckpt(ckpt)
-        compiled = name.endswith(("compiled", "compiled-bnb-ops"))
         torch._dynamo.reset()
-        for b in blocks:
-            if compiled:
-                b.compile(dynamic=False)
-            else:
-                b._compiled_call_impl = None
+        counters.clear()
+        undo = None
         times, toks, losses, warm = [], [], [], []
+        first_loss = None
         try:
+            if mode is not None:
+                undo = fast_lora.compile_blocks(model, mode=mode, dynamic=False)
             for k in range(2 + args.steps):
                 batch = fixed(mbs) if kind == "fixed" else packed(mbs, k)
+                if mode == "reduce-overhead":
+                    torch.compiler.cudagraph_mark_step_begin()  # a new step: the last step's graph outputs are done
                 dt, loss, n = one_step(batch)
+                first_loss = loss if first_loss is None else first_loss
                 if k < 2:
                     warm.append(round(dt, 2))
                 else:
@@ -187,6 +235,7 @@ def main() -> None:
                 steps=[round(t, 4) for t in times],
                 warmup_s=warm,
                 loss=round(losses[-1], 4),
+                first_loss=first_loss,
                 peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
             )
         except Exception as e:  # one setting failing must not lose the others
@@ -194,11 +243,23 @@ def main() -> None:
             trainer.optimizer.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.empty_cache()
+        finally:
+            if undo is not None:
+                undo()
+        if mode is not None:  # what the compiler made of the blocks (a break or a skipped CUDA graph is host work back)
+            res["compile"] = dict(
+                mode=mode,
+                graphs=counters["stats"]["unique_graphs"],
+                graph_breaks=sum(counters["graph_break"].values()),
+                break_reasons=[r[:200] for r in list(counters["graph_break"])[:3]],
+                cudagraph_skips=counters["inductor"]["cudagraph_skips"],
+            )
         print(json.dumps(res), flush=True)
         out["results"].append(res)
+        save()
 
     # 2b. Where a micro-batch-1 step goes now (profiled: the waits are a map of host work, not of lost time).
-    if cuda and (not only or "profile" in only):
+    if cuda and "profile" in only:
         from profile_step import summarize
         from torch.profiler import ProfilerActivity, profile
 
@@ -206,8 +267,6 @@ def main() -> None:
         fast_lora.LEAN_4BIT = True
         set_attn("sdpa")
         set_ckpt(True)
-        for b in blocks:
-            b._compiled_call_impl = None
         for _ in range(2):
             one_step(fixed(1))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -239,6 +298,7 @@ def main() -> None:
         json.dumps(
             {
                 "dequant_bit_identical": out["dequant_bit_identical"],
+                "op_bit_identical": out["op_bit_identical"],
                 "packed_loss": losses,
                 "torch_varlen_attn": out["torch_varlen_attn"],
             }
@@ -246,11 +306,7 @@ def main() -> None:
         flush=True,
     )
 
-    stamp = datetime.datetime.now().strftime("%H%M")
-    fname = f"{out['date']}-{card.replace(' ', '-')}-ab-{args.shape}-{stamp}.json"
-    for folder in filter(None, [HERE / "results", Path(os.environ["OUT"]) if os.environ.get("OUT") else None]):
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / fname).write_text(json.dumps(out, indent=1))
+    save()
 
 
 if __name__ == "__main__":

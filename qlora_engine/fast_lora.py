@@ -33,13 +33,20 @@ product is added by the same GEMM that computes it (``addmm``).
 Anything this does not cover falls back to peft's own forward, per call: no gradients
 (evaluation, generation: bitsandbytes' inference kernels are faster there), adapters
 disabled or merged, several adapters, DoRA or another LoRA variant, dropout, float16.
+
+Under ``torch.compile`` (:func:`compile_blocks`, for the benchmarks so far) the frozen 4-bit
+matmul is one opaque op, ``qlora::frozen4bit_linear`` (its input gradient a second op), taking
+the packed weight and its quant state as tensors: the same kernels, and a decoder block traces
+into one graph with no break.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 FAST_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -110,23 +117,53 @@ LEAN_4BIT = True
 def dequantize(weight: Any) -> torch.Tensor:
     """The 4-bit ``weight`` (a bitsandbytes ``Params4bit``) in its compute form: the kernels bitsandbytes' own
     dequantization runs, called straight on CUDA (no op dispatch, no per-call checks); its public path elsewhere."""
-    qs = weight.quant_state
     if weight.device.type != "cuda":
         # lazy: bitsandbytes costs seconds to import; the app imports this module (through train) for resume_blockers
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight, qs)
+        return bnbf.dequantize_4bit(weight, weight.quant_state)
+    return _dequantize(*quant_parts(weight))
+
+
+def quant_parts(weight: Any) -> tuple:
+    """A 4-bit weight and its quant state as tensors and plain values (what :func:`_dequantize` and the
+    ``qlora::frozen4bit_linear`` op take): packed weight, absmax, the nested absmax, its code and offset
+    (None when not nested), the nested block size, the shape, the block size, the quant type, the dtype."""
+    qs = weight.quant_state
+    nested = (qs.state2.absmax, qs.state2.code, qs.offset, qs.state2.blocksize) if qs.nested else (None, None, None, 0)
+    return (weight, qs.absmax, *nested, list(qs.shape), qs.blocksize, qs.quant_type, qs.dtype)
+
+
+def _dequantize(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize2: int,
+    shape: list[int],
+    blocksize: int,
+    quant_type: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`dequantize` from :func:`quant_parts`: the absmax decoded (when nested), then the 4-bit weight."""
+    if packed.device.type != "cuda":  # bitsandbytes' registered ops, as its dequantize_4bit calls them
+        import bitsandbytes  # noqa: F401  (lazy: registers torch.ops.bitsandbytes)
+
+        if absmax2 is not None:
+            absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+                absmax, absmax2, code2, blocksize2, torch.float32
+            )
+            absmax += offset
+        return torch.ops.bitsandbytes.dequantize_4bit.default(packed, absmax, blocksize, quant_type, shape, dtype)
     from bitsandbytes.backends.cuda import ops  # lazy: bitsandbytes' CUDA backend, for the CUDA path only
 
-    absmax = qs.absmax
-    if qs.nested:
+    if absmax2 is not None:
         decoded = torch.empty(absmax.shape, dtype=torch.float32, device=absmax.device)
-        ops._dequantize_blockwise_impl(
-            absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32, decoded
-        )
-        absmax = decoded.add_(qs.offset)
-    out = torch.empty(qs.shape, dtype=qs.dtype, device=weight.device)
-    ops._dequantize_4bit_impl(weight, absmax, qs.blocksize, qs.quant_type, qs.dtype, out)
+        ops._dequantize_blockwise_impl(absmax, absmax2, code2, blocksize2, torch.float32, decoded)
+        absmax = decoded.add_(offset)
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    ops._dequantize_4bit_impl(packed, absmax, blocksize, quant_type, dtype, out)
     return out
 
 
@@ -153,6 +190,54 @@ class _Frozen4bit(torch.autograd.Function):
         return g @ dequantize(ctx.base.weight).to(g.dtype), None
 
 
+# --- the same matmul as one opaque op, for torch.compile ----------------------------------------
+# Dynamo cannot trace bitsandbytes' kernel calls (a ctypes library, a raw stream pointer), and the
+# module-holding autograd function above is no graph input. Under torch.compile the frozen matmul is
+# this op instead: tensors and plain values in (quant_parts), its backward a second op (g @ W, no
+# weight gradient), so a decoder block compiles into one graph. Eager calls keep _Frozen4bit (no
+# op dispatch per call; a checkpoint's recomputation stops before the last block's matmul).
+_QUANT_SCHEMA = "Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code2, Tensor? offset, int blocksize2, int[] shape, int blocksize, str quant_type, ScalarType dtype"
+
+
+@torch.library.custom_op(
+    "qlora::frozen4bit_linear", mutates_args=(), schema=f"(Tensor x, Tensor? bias, {_QUANT_SCHEMA}) -> Tensor"
+)
+def frozen4bit_linear(x: torch.Tensor, bias: torch.Tensor | None, *quant: Any) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for the frozen 4-bit ``W`` given by ``quant`` (:func:`quant_parts`)."""
+    return torch.nn.functional.linear(x, _dequantize(*quant).to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+@torch.library.custom_op(
+    "qlora::frozen4bit_linear_grad", mutates_args=(), schema=f"(Tensor g, {_QUANT_SCHEMA}) -> Tensor"
+)
+def frozen4bit_linear_grad(g: torch.Tensor, *quant: Any) -> torch.Tensor:
+    """The input gradient of :func:`frozen4bit_linear`: ``g @ W``."""
+    return g @ _dequantize(*quant).to(g.dtype)
+
+
+@frozen4bit_linear.register_fake
+def _(x: torch.Tensor, bias: torch.Tensor | None, *quant: Any) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], quant[6][0]))
+
+
+@frozen4bit_linear_grad.register_fake
+def _(g: torch.Tensor, *quant: Any) -> torch.Tensor:
+    return g.new_empty((*g.shape[:-1], quant[6][1]))
+
+
+def _frozen4bit_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs[2:7])
+    ctx.rest = inputs[7:]
+
+
+def _frozen4bit_backward(ctx: Any, g: torch.Tensor) -> tuple:
+    grad_x = frozen4bit_linear_grad(g, *ctx.saved_tensors, *ctx.rest) if ctx.needs_input_grad[0] else None
+    return (grad_x,) + (None,) * 11
+
+
+frozen4bit_linear.register_autograd(_frozen4bit_backward, setup_context=_frozen4bit_setup)
+
+
 def _lean_base_forward(base: Any, original: Any) -> Any:
     """``base``'s forward (a bitsandbytes ``Linear4bit``): :class:`_Frozen4bit` while training, else its own."""
 
@@ -170,6 +255,8 @@ def _lean_base_forward(base: Any, original: Any) -> Any:
             or base.weight.quant_state.quant_type not in ("nf4", "fp4")
         ):
             return original(x, *args, **kwargs)
+        if torch.compiler.is_compiling():
+            return frozen4bit_linear(x, base.bias, *quant_parts(base.weight))
         return _Frozen4bit.apply(x, base)
 
     return forward
@@ -227,3 +314,46 @@ def enable(model: torch.nn.Module) -> tuple[int, dict[str, int]]:
         base.forward = _lean_base_forward(base, base.forward)
         fast += 1
     return fast, skipped
+
+
+def compile_blocks(model: torch.nn.Module, **options: Any) -> Callable[[], None]:
+    """``torch.compile`` each decoder block with ``options`` (``mode``, ``backend``...); returns what undoes it.
+
+    With the frozen 4-bit matmul as one op (:func:`frozen4bit_linear`) a block is one graph. A
+    checkpointed block compiles its checkpoint too (transformers' checkpoint function, which every
+    version calls with the block's forward): the compiled backward recomputes the block (and leaves
+    out what it does not need, such as the last 4-bit matmul), and no compiled call runs inside an
+    eager checkpoint's recomputation, which CUDA graphs do not survive (pytorch#154306). For the
+    benchmarks; no config switch yet (and not with ``train.offload_activations``, whose checkpoint
+    function this replaces).
+    """
+    # lazy: transformers.modeling_layers loads its whole modeling stack (seconds); only training needs it
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    # With the `kernels` package, transformers' attention sets a context variable per forward (and
+    # resets it before returning); dynamo refuses a checkpointed region with a side effect unless it
+    # may skip replaying it in the backward, which here changes nothing.
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+    def checkpointed(function: Any, *args: Any, **kwargs: Any) -> Any:
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+    compiled = torch.compile(checkpointed, **options)  # one for every block: one cache, one graph per input kind
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    before = [(b, b.__dict__.get("_gradient_checkpointing_func")) for b in blocks]
+    for block in blocks:
+        if block.gradient_checkpointing:
+            block._gradient_checkpointing_func = compiled
+        else:
+            block.compile(**options)
+
+    def undo() -> None:
+        for block, function in before:
+            block._compiled_call_impl = None
+            if function is None:
+                block.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                block._gradient_checkpointing_func = function
+
+    return undo
