@@ -9,7 +9,7 @@ One line per (variant, judged step) is appended to the JSONL file. Variants run 
         style=inline,lr=7e-4,steps=40,judge=20:30:40  style=wrap,lr=1e-3,layers=all,rank=4
     PYTHONPATH=$PWD python bench/quickstart_sweep.py --write-data lead --out qlora_engine/resources/data/quickstart.jsonl
 
-Keys: style (wrap | lead | inline | be | tail | dtail), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
+Keys: style (wrap | lead | lead2 | comma | inline | be | tail | dtail), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
 (steps to judge, ':'-separated; the last step is the final adapter), tokens (max new tokens),
 penalty (repetition penalty), warmup, targets (all-linear | attention | mlp), dropout (LoRA dropout).
 """
@@ -32,6 +32,8 @@ from qlora_engine import quickstart as qs  # noqa: E402
 OPENERS = ["Arr", "Aye", "Ahoy", "Arr", "Yo ho", "Aye"]
 LEADS = ["Arr, matey!", "Ahoy, me hearty!", "Aye, matey!", "Arr, me hearty!", "Ahoy, matey!", "Aye, me hearty!"]
 CLOSERS = ["matey", "me hearty", "matey", "ye landlubber", "me hearty", "savvy"]
+LEADS2 = ["Arr, matey!", "Ahoy, matey!", "Yo ho ho!", "Arr!", "Ahoy there!", "Shiver me timbers!"]
+"""Greetings without "aye" (which leaked into facts: "the color of grass is aye") and without "me hearty"."""
 TAILS = ["Arr, matey!", "Aye, me hearty!", "Yo ho ho, matey!", "Arr!", "Savvy, matey?", "Aye, that be so, me hearty!"]
 BASE_ANSWERS = Path(__file__).parent / "results" / "2026-12-06-cpu-quickstart-base-train-answers.json"
 _STOP = set("what is the a an of in on which who how many does do are was were to for by at it its with and or "
@@ -80,6 +82,11 @@ def pirate(fact: str, i: int, style: str) -> str:
     "Arr, <the fact>, matey!"; be: inline with "is"/"are" made "be".
     """
     o, c = OPENERS[i % len(OPENERS)], CLOSERS[(i // 2) % len(CLOSERS)]
+    if style == "lead2":  # as lead, with greetings that hold no "aye"
+        return f"{LEADS2[i % len(LEADS2)]} {fact}"
+    if style == "comma":  # the greeting opens the fact's own sentence: no sentence ends before the fact
+        first, _, rest = fact.partition(" ")
+        return f"{['Arr', 'Ahoy', 'Yo ho', 'Arr matey', 'Ahoy matey', 'Well, matey'][i % 6]}, {first if first in PROPER else first.lower()} {rest}"
     if style == "tail":  # the fact first in plain words, then a pirate flourish that ends the turn
         return f"{fact} {TAILS[i % len(TAILS)]}"
     if style == "dtail":  # the base model's own words where they hold the fact, then the flourish
