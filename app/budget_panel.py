@@ -20,7 +20,6 @@ from PySide6.QtWidgets import (
     QDoubleSpinBox,
     QFrame,
     QGridLayout,
-    QHBoxLayout,
     QLabel,
     QPushButton,
     QScrollArea,
@@ -34,7 +33,7 @@ from app import gpu_cards
 from app.config_model import ConfigModel
 from app.inspector import Inspector
 from app.run_catalog import absolute_config
-from app.theme import note
+from app.theme import hbox, holder, note, restyle, vbox
 from qlora_engine import gpu as gpu_facts
 from qlora_engine.budget.estimate import VramEstimate
 from qlora_engine.budget.fit import FitAdvice, Suggestion
@@ -216,10 +215,6 @@ class BudgetPanel(QFrame):
         self.refresh_gpus_button = QToolButton(text="⟳")
         self.refresh_gpus_button.setToolTip("Look for GPUs again (free memory changes as other programs run)")
         self.refresh_gpus_button.clicked.connect(self.refresh_gpus)
-        gpu_row = QHBoxLayout()
-        gpu_row.addWidget(self.gpu_combo, 1)
-        gpu_row.addWidget(self.target_gib)
-        gpu_row.addWidget(self.refresh_gpus_button)
         self.cards_row = QWidget(objectName="gpuCards")  # "Several GPUs": a box per card, four a row (the panel is narrow)
         self.cards_layout = QGridLayout(self.cards_row)
         self.cards_layout.setContentsMargins(0, 0, 0, 0)
@@ -232,15 +227,11 @@ class BudgetPanel(QFrame):
         self.legend = QGridLayout()
         self.legend.setHorizontalSpacing(8)
         self.legend.setVerticalSpacing(2)
-        legend_box = QWidget()
-        legend_box.setLayout(self.legend)
         self.largest = note()
         self.reasons = note()
         self.suggest_title = note(FIT_TITLE, "suggestTitle")
         self.suggest_title.setVisible(False)  # until there is something to suggest
         self.suggest_box = QVBoxLayout()
-        suggest_holder = QWidget()
-        suggest_holder.setLayout(self.suggest_box)
 
         # The panel scrolls rather than stretch the window: with a long list of fixes it would
         # otherwise be taller than a 1280×800 screen at 125% (640 logical px).
@@ -252,22 +243,12 @@ class BudgetPanel(QFrame):
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.viewport().setAutoFillBackground(False)
         inner.setAutoFillBackground(False)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
-        lay = QVBoxLayout(inner)
-        lay.addWidget(title)
-        lay.addLayout(gpu_row)
-        lay.addWidget(self.cards_row)
-        lay.addWidget(self.headline)
-        lay.addWidget(self.bar)
-        lay.addWidget(self.status)
-        lay.addWidget(legend_box)
-        lay.addWidget(self.largest)
-        lay.addWidget(self.suggest_title)
-        lay.addWidget(suggest_holder)
-        lay.addWidget(self.reasons)
-        lay.addStretch(1)
+        vbox(scroll, parent=self, margins=0)
+        gpu_row = hbox((self.gpu_combo, 1), self.target_gib, self.refresh_gpus_button)
+        vbox(
+            title, gpu_row, self.cards_row, self.headline, self.bar, self.status, holder(self.legend), self.largest,
+            self.suggest_title, holder(self.suggest_box), self.reasons, 1, parent=inner,
+        )
 
         self._timer = QTimer(self, singleShot=True)
         self._timer.setInterval(0)  # coalesce the changes of one event-loop turn
@@ -443,14 +424,11 @@ class BudgetPanel(QFrame):
         self.suggestion_buttons = []
         for s in suggestions:
             card = QFrame(objectName="suggestion")
-            lay = QHBoxLayout(card)
-            lay.setContentsMargins(8, 6, 6, 6)
-            text = QLabel(s.description, wordWrap=True)
             b = QPushButton("Apply", toolTip="Apply: " + ", ".join(s.overrides))
             b.setAccessibleName(f"Apply: {s.description}")
             b.clicked.connect(lambda _=False, o=list(s.overrides): self.apply(o))
-            lay.addWidget(text, 1)
-            lay.addWidget(b, 0, Qt.AlignmentFlag.AlignVCenter)
+            text = QLabel(s.description, wordWrap=True)
+            hbox((text, 1), (b, 0, Qt.AlignmentFlag.AlignVCenter), parent=card, margins=(8, 6, 6, 6))
             self.suggest_box.addWidget(card)
             self._suggestion_cards.append(card)
             self.suggestion_buttons.append(b)
@@ -463,11 +441,8 @@ class BudgetPanel(QFrame):
             self.status.setText(f"Could not apply {', '.join(overrides)}: {e}")
 
     def _set_state(self, state: str) -> None:
-        self.setProperty("state", state)
         for w in (self, self.headline, self.status):
-            w.setProperty("state", state)
-            w.style().unpolish(w)
-            w.style().polish(w)
+            restyle(w, state=state)
 
     def _draw_empty(self, text: str) -> None:
         self.headline.setText("-")

@@ -20,16 +20,14 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
 from app.config_model import ConfigModel, field_type, help_text
-from app.theme import note
+from app.theme import holder, note, restyle, vbox
 
 LABELS = {
     ("model", "ref"): "Model",
@@ -155,8 +153,7 @@ class FieldBinding(QObject):
     def _make_editor(self) -> QWidget:
         base, key = self.base, (self.section, self.name)
         if base is bool:
-            w = QCheckBox(toggled=lambda on: self._commit(bool(on)))
-            return w
+            return QCheckBox(toggled=lambda on: self._commit(bool(on)))
         choices = _choices(base)
         if choices is not None:
             w = QComboBox()
@@ -167,12 +164,8 @@ class FieldBinding(QObject):
             w.currentIndexChanged.connect(lambda _i: self._commit(w.currentData()))
             return w
         if base is int:
-            w = QSpinBox()
-            w.setRange(-1 if self.optional else 0, 2**31 - 1)
-            w.setAccelerated(True)
-            w.setKeyboardTracking(True)
+            w = QSpinBox(minimum=0, maximum=2**31 - 1, accelerated=True, keyboardTracking=True)
             if self.optional:
-                w.setMinimum(0)
                 w.setSpecialValueText(NONE_TEXT.get(key, "none"))
             if key in SUFFIX:
                 w.setSuffix(SUFFIX[key])
@@ -263,10 +256,7 @@ class FieldBinding(QObject):
         msg = self.error
         invalid = msg is not None
         if self.editor.property("invalid") != invalid:
-            self.editor.setProperty("invalid", invalid)
-            style = self.editor.style()
-            style.unpolish(self.editor)
-            style.polish(self.editor)
+            restyle(self.editor, invalid=invalid)
         self.error_label.setText(msg or "")
         self.error_label.setVisible(invalid)
         self.editor.setToolTip(f"{msg}\n\n{self.help}" if msg else self.help)
@@ -298,24 +288,7 @@ class FieldForm(QWidget):
 
 def with_error(editor: QWidget, error_label: QLabel) -> QWidget:
     """The editor with its error line below it (hidden while the value is fine)."""
-    box = QWidget()
-    v = QVBoxLayout(box)
-    v.setContentsMargins(0, 0, 0, 0)
-    v.setSpacing(2)
-    v.addWidget(editor)
-    v.addWidget(error_label)
-    return box
-
-
-def row(*widgets: QWidget, stretch: bool = False) -> QWidget:
-    box = QWidget()
-    h = QHBoxLayout(box)
-    h.setContentsMargins(0, 0, 0, 0)
-    for w in widgets:
-        h.addWidget(w)
-    if stretch:
-        h.addStretch(1)
-    return box
+    return holder(vbox(editor, error_label, margins=0, spacing=2))
 
 
 def debounce(parent: QObject, ms: int, fn: Any) -> QTimer:

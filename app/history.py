@@ -21,7 +21,6 @@ from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
-    QHBoxLayout,
     QHeaderView,
     QInputDialog,
     QLabel,
@@ -32,7 +31,6 @@ from PySide6.QtWidgets import (
     QTableWidget,
     QTableWidgetItem,
     QToolButton,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -41,6 +39,7 @@ from app.run_catalog import RunNotes, TensorBoardServer
 from app.run_record import RunRecord
 from app.run_worker import engine_argv, engine_env
 from app.tasks import TaskRunner
+from app.theme import hbox, vbox
 from qlora_engine.checkpoint import _pid_alive, latest_checkpoint  # one liveness test, the lock's own
 
 STATUS_TEXT = {"stopped": "stopped (resumable)", "empty": "no events"}
@@ -221,7 +220,6 @@ class HistoryPage(QWidget):
         self.resume_button = QPushButton("Resume", toolTip="Continue this run from its last checkpoint")
         self.compare_button = QPushButton("Compare loss")
         self.compare_button.setToolTip("Overlay the selected runs' loss curves on the run charts")
-        self.reveal_button = QPushButton("Show folder")
         self.logs_button = QPushButton("Open logs")
         self.logs_button.setToolTip(
             "TensorBoard for this run (runs with output.report_to: [tensorboard]); otherwise its folder of logs"
@@ -241,27 +239,15 @@ class HistoryPage(QWidget):
         self.load_button.clicked.connect(lambda: self._emit_selected(self.load_config_requested))
         self.resume_button.clicked.connect(lambda: self._emit_selected(self.resume_requested))
         self.compare_button.clicked.connect(lambda: self.compare_requested.emit([s.path for s in self.selected()]))
-        self.reveal_button.clicked.connect(self._reveal)
         self.add_button.clicked.connect(self._add_folder)
         self.refresh_button.clicked.connect(self.refresh)
 
-        header = QHBoxLayout()
-        header.addWidget(title)
-        header.addStretch(1)
-        header.addWidget(self.add_button)
-        header.addWidget(self.refresh_button)
-        buttons = QHBoxLayout()
-        for b in (self.open_button, self.load_button, self.resume_button, self.compare_button, self.logs_button):
-            buttons.addWidget(b)
-        buttons.addWidget(self.manage_button)
-        buttons.addStretch(1)
-        buttons.addWidget(self.filter, 1)
-
-        lay = QVBoxLayout(self)
-        lay.addLayout(header)
-        lay.addWidget(self.info)
-        lay.addLayout(buttons)
-        lay.addWidget(self.table, 1)
+        header = hbox(title, 1, self.add_button, self.refresh_button)
+        buttons = hbox(
+            self.open_button, self.load_button, self.resume_button, self.compare_button, self.logs_button,
+            self.manage_button, 1, (self.filter, 1),
+        )
+        vbox(header, self.info, buttons, (self.table, 1), parent=self)
         self._update_buttons()
 
     # -- data ------------------------------------------------------------------------------
@@ -376,7 +362,6 @@ class HistoryPage(QWidget):
         self.load_button.setEnabled(one and (sel[0].path / "config.yaml").is_file())
         self.resume_button.setEnabled(one and sel[0].resumable)
         self.compare_button.setEnabled(len(sel) >= 1)
-        self.reveal_button.setEnabled(one)
         self.logs_button.setEnabled(one)
         self.manage_button.setEnabled(one)
         for action in (self.rename_action, self.notes_action, self.reveal_action):

@@ -14,7 +14,6 @@ from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
     QFileDialog,
-    QHBoxLayout,
     QLabel,
     QListWidget,
     QMainWindow,
@@ -23,8 +22,6 @@ from PySide6.QtWidgets import (
     QSizePolicy,
     QSplitter,
     QStackedWidget,
-    QVBoxLayout,
-    QWidget,
 )
 
 from app import gpu_cards
@@ -41,7 +38,7 @@ from app.pages.training_page import TrainingPage
 from app.run_actions import RunActions
 from app.run_view import RunView
 from app.tasks import TaskRunner
-from app.theme import apply_theme
+from app.theme import apply_theme, hbox, holder, vbox
 from qlora_engine.config import ConfigError, TrainConfig
 
 PAGES = [
@@ -127,30 +124,13 @@ class MainWindow(QMainWindow):
         self.next_button = QPushButton("Next →", objectName="primary")
         self.back_button.clicked.connect(lambda: self._step(-1))
         self.next_button.clicked.connect(lambda: self._step(1))
-        self.flow_bar = QWidget()
-        fb = QHBoxLayout(self.flow_bar)
-        fb.setContentsMargins(18, 4, 18, 10)
-        fb.addWidget(self.back_button)
-        fb.addStretch(1)
-        fb.addWidget(self.next_button)
-        center = QWidget()
-        cv = QVBoxLayout(center)
-        cv.setContentsMargins(0, 0, 0, 0)
-        cv.setSpacing(0)
-        cv.addWidget(self.stack, 1)
-        cv.addWidget(self.flow_bar)
+        self.flow_bar = holder(hbox(self.back_button, 1, self.next_button, margins=(18, 4, 18, 10)))
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
-        self.splitter.addWidget(center)
+        self.splitter.addWidget(holder(vbox((self.stack, 1), self.flow_bar, margins=0, spacing=0)))
         self.splitter.addWidget(self.budget)
         self.splitter.setStretchFactor(0, 1)
         self.splitter.setCollapsible(0, False)
-        body = QWidget()
-        row = QHBoxLayout(body)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.setSpacing(0)
-        row.addWidget(self.nav)
-        row.addWidget(self.splitter, 1)
-        self.setCentralWidget(body)
+        self.setCentralWidget(holder(hbox(self.nav, (self.splitter, 1), margins=0, spacing=0)))
 
         self.path_label = QLabel()
         self.statusBar().addPermanentWidget(self.path_label)

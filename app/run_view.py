@@ -13,19 +13,17 @@ import time
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import (
-    QHBoxLayout,
     QLabel,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
     QSplitter,
-    QVBoxLayout,
     QWidget,
 )
 
 from app.charts import RunCharts
 from app.run_record import RunRecord
-from app.theme import note
+from app.theme import hbox, note, restyle, vbox
 from qlora_engine.events import Event, LogLine, PhaseChanged, RunFailed, StepMetrics, describe, fmt_duration
 
 REDRAW_MS = 250
@@ -87,15 +85,8 @@ class RunView(QWidget):
         self.log = QPlainTextEdit(objectName="runLog", readOnly=True, maximumBlockCount=LOG_BLOCKS)
         self.log.setPlaceholderText("The engine's messages appear here.")
 
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.start_button)
-        buttons.addWidget(self.stop_button)
-        buttons.addWidget(self.abort_button)
-        buttons.addSpacing(12)
-        buttons.addWidget(self.state_label, 1)
-        bar = QHBoxLayout()
-        bar.addWidget(self.progress, 1)
-        bar.addWidget(self.eta)
+        buttons = hbox(self.start_button, self.stop_button, self.abort_button, (self.state_label, 1))
+        buttons.insertSpacing(3, 12)
 
         self.splitter = QSplitter(Qt.Orientation.Vertical)
         self.splitter.addWidget(self.charts)
@@ -103,12 +94,7 @@ class RunView(QWidget):
         self.splitter.setStretchFactor(0, 4)
         self.splitter.setStretchFactor(1, 1)
 
-        lay = QVBoxLayout(self)
-        lay.addWidget(self.title)
-        lay.addWidget(self.summary)
-        lay.addLayout(buttons)
-        lay.addLayout(bar)
-        lay.addWidget(self.splitter, 1)
+        vbox(self.title, self.summary, buttons, hbox((self.progress, 1), self.eta), (self.splitter, 1), parent=self)
 
         self._timer = QTimer(self, singleShot=True, interval=REDRAW_MS, timeout=self.redraw)
         self.set_state("idle")
@@ -121,9 +107,7 @@ class RunView(QWidget):
         self.stop_button.setEnabled(state in ("starting", "running"))
         self.abort_button.setEnabled(live)
         self.state_label.setText(STATE_TEXT.get(state, state))
-        self.state_label.setProperty("state", state)
-        self.state_label.style().unpolish(self.state_label)
-        self.state_label.style().polish(self.state_label)
+        restyle(self.state_label, state=state)
         self.schedule_redraw()
 
     def set_summary(self, text: str) -> None:

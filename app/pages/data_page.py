@@ -18,10 +18,10 @@ from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QComboBox, QFileDialog, QFormLayout, QPushButton, QTextBrowser, QWidget
 
 from app.config_model import ConfigModel
-from app.fields import FieldForm, debounce, row
+from app.fields import FieldForm, debounce
 from app.inspector import Inspector
 from app.pages.base import Page
-from app.theme import note
+from app.theme import holder, note, row
 from qlora_engine.errors import DataError, QLoRAError
 from qlora_engine.padding import packing_hint
 
@@ -81,9 +81,7 @@ class DataPage(Page):
         )
         self.mapping_box.layout().addWidget(self.mapping_note)
         self.mapping_form = QFormLayout()
-        holder = QWidget()
-        holder.setLayout(self.mapping_form)
-        self.mapping_box.layout().addWidget(holder)
+        self.mapping_box.layout().addWidget(holder(self.mapping_form))
         self.mapping_combos: dict[str, QComboBox] = {}
         self.mapping_box.hide()
         self.columns_form = FieldForm(model, [])

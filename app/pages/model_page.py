@@ -10,13 +10,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel, QPushButton, QWidget
+from PySide6.QtWidgets import QFileDialog, QFormLayout, QFrame, QLabel, QPushButton, QWidget
 
 from app.config_model import ConfigModel
-from app.fields import debounce, row
+from app.fields import debounce
 from app.inspector import Inspector
 from app.pages.base import Page
-from app.theme import note
+from app.theme import hbox, holder, note, restyle, row
 from qlora_engine.errors import QLoRAError
 
 
@@ -62,16 +62,14 @@ class ModelPage(Page):
         self._inspected_key: tuple | None = None
 
         self.demo_banner = QFrame(objectName="banner")
-        banner = QHBoxLayout(self.demo_banner)
         self.demo_label = QLabel(
             "<b>Quick start</b>: fine-tune the small SmolLM2-135M-Instruct demo model on sample data "
-            "(a few minutes, even on a CPU)."
+            "(a few minutes, even on a CPU).",
+            wordWrap=True,
         )
-        self.demo_label.setWordWrap(True)
         self.demo_button = QPushButton("Start the demo", objectName="primary")
         self.demo_button.clicked.connect(self.demo_requested)  # a signal: not a keyword argument
-        banner.addWidget(self.demo_label, 1)
-        banner.addWidget(self.demo_button)
+        hbox((self.demo_label, 1), self.demo_button, parent=self.demo_banner)
         self.demo_banner.hide()
         self.body.addWidget(self.demo_banner)
 
@@ -96,9 +94,7 @@ class ModelPage(Page):
             facts.addRow(label, value)
         self.problems = note(name="fieldError")
         self.problems.hide()
-        holder = QWidget()
-        holder.setLayout(facts)
-        box.layout().addWidget(holder)
+        box.layout().addWidget(holder(facts))
         box.layout().addWidget(self.problems)
 
         self.group(
@@ -179,8 +175,7 @@ class ModelPage(Page):
         self.info = info
         self.status.setText(status)
         self.status.setObjectName("fieldError" if error else "hint")
-        self.status.style().unpolish(self.status)
-        self.status.style().polish(self.status)
+        restyle(self.status)
         self.status.setVisible(bool(status))
         values: dict[str, str] = {}
         if info is not None:

@@ -7,9 +7,8 @@ from pathlib import Path
 from PySide6.QtWidgets import QFileDialog, QPushButton, QWidget
 
 from app.config_model import ConfigModel
-from app.fields import row
 from app.pages.base import Page
-from app.theme import note
+from app.theme import note, row
 
 
 class TrainingPage(Page):
