@@ -478,32 +478,30 @@ class BudgetPanel(QFrame):
             self.headline.setText(f"{gib(total)} of {gib(capacity)}" + (" per GPU" if world > 1 else ""))
             spill = int(getattr(est, "spill_to_cpu_bytes", 0) or 0)
             if fits and spill:
-                self.status.setText(
-                    f"Fits by moving {gib(spill)} of optimizer state to CPU RAM (paged optimizer): slower steps{approx}."
-                )
+                text = f"Fits by moving {gib(spill)} of optimizer state to CPU RAM (paged optimizer): slower steps"
             elif fits:
-                self.status.setText(f"Fits, with {gib(capacity - total)} to spare{approx}.")
+                text = f"Fits, with {gib(capacity - total)} to spare"
             else:
-                self.status.setText(f"Does not fit: {gib(total - capacity)} over this card{approx}.")
+                text = f"Does not fit: {gib(total - capacity)} over this card"
+            status = [f"{text}{approx}."]
             self._set_state("ok" if fits else "over")
             suggestions = list(getattr(advice, "suggestions", []) or []) if not fits else []
             faster = getattr(advice, "faster", None) if fits else None
         else:
             self.headline.setText(gib(total))
-            self.status.setText("Training on the CPU: no VRAM limit, but slow (fine for tests and demos)." + approx)
+            status = ["Training on the CPU: no VRAM limit, but slow (fine for tests and demos)." + approx]
             self._set_state("cpu")
             suggestions, faster = [], None
         low, high = getattr(est, "low", None), getattr(est, "high", None)
         if low and high:
-            self.status.setText(
-                self.status.text() + f"\nExpected peak between {low / GIB:.2f} and {high / GIB:.2f} GiB."
-            )
+            status.append(f"Expected peak between {low / GIB:.2f} and {high / GIB:.2f} GiB.")
         auto = result.get("checkpointing")
         if auto is not None and capacity:  # what train.gradient_checkpointing auto chose for this card
-            self.status.setText(self.status.text() + f"\nGradient checkpointing (auto): {auto.summary}, {auto.reason}")
+            status.append(f"Gradient checkpointing (auto): {auto.summary}, {auto.reason}")
         strategy = result.get("strategy")
         if strategy is not None and strategy.requested == "auto" and result.get("world_size", 1) > 1:
-            self.status.setText(self.status.text() + f"\nStrategy (auto): {strategy.summary}, {strategy.reason}")
+            status.append(f"Strategy (auto): {strategy.summary}, {strategy.reason}")
+        self.status.setText("\n".join(status))
         if faster is not None:
             self._set_suggestions([faster], FASTER_TITLE)
         else:

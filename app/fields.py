@@ -26,8 +26,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.config_model import ConfigModel, field_type, help_text
+from app.config_model import ConfigModel, field_type
 from app.theme import holder, note, restyle, vbox
+from qlora_engine.config import field_help
 
 LABELS = {
     ("model", "ref"): "Model",
@@ -133,7 +134,7 @@ class FieldBinding(QObject):
         self.key = f"{section}.{name}"
         self.tp = field_type(section, name)
         self.optional, self.base = _is_optional(self.tp)
-        self.help = help_text(section, name)
+        self.help = field_help(section, name)
         self.label = QLabel(label_for(section, name), toolTip=self.help)
         self.error_label = note(name="fieldError")
         self.error_label.hide()

@@ -29,7 +29,7 @@ class AdapterPage(Page):
         super().__init__(model, parent)
         self.info = None
         self._syncing = False
-        self.group("LoRA", [("lora", n) for n in ("rank", "alpha", "dropout", "use_rslora", "use_dora")])
+        self.group("LoRA", "lora.rank lora.alpha lora.dropout lora.use_rslora lora.use_dora")
 
         box, form = self.group("Target modules")
         self.preset_buttons: dict[str, QPushButton] = {}

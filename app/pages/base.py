@@ -25,10 +25,10 @@ class Page(QWidget):
         self.body = vbox(heading, note(self.subtitle) if self.subtitle else None, margins=(18, 14, 18, 14), spacing=12)
         self.scroll.setWidget(holder(self.body, "pageBody"))
 
-    def group(self, title: str, fields: list[tuple[str, str]] | None = None) -> tuple[QGroupBox, FieldForm]:
-        """A titled group holding a form of the given fields (more can be added to the form)."""
+    def group(self, title: str, fields: str = "") -> tuple[QGroupBox, FieldForm]:
+        """A titled group holding a form of the given fields, ``"lora.rank lora.alpha"`` (more can be added)."""
         box = QGroupBox(title)
-        form = FieldForm(self.model, fields or [])
+        form = FieldForm(self.model, [tuple(key.split(".")) for key in fields.split()])
         vbox(form, parent=box)
         self.bindings.update(form.bindings)
         self.body.addWidget(box)

@@ -117,18 +117,8 @@ class DataPage(Page):
 
         self.group(
             "Length, masking and validation",
-            [
-                ("data", n)
-                for n in (
-                    "max_length",
-                    "overlong",
-                    "train_on_prompt",
-                    "packing",
-                    "validation_split",
-                    "validation_path",
-                    "chat_template",
-                )
-            ],
+            "data.max_length data.overlong data.train_on_prompt data.packing data.validation_split "
+            "data.validation_path data.chat_template",
         )
         self.finish()
 
@@ -307,9 +297,7 @@ class DataPage(Page):
             text += f" All fit in {max_len} tokens."
         cfg = self.model.config
         hint = None if cfg.data.packing else packing_hint(lengths, cfg.train.micro_batch_size, max_len)
-        if hint:
-            text += " " + hint
-        self.stats.setText(text)
+        self.stats.setText(f"{text} {hint}" if hint else text)
 
     # -- column mapping --------------------------------------------------------------------
     def _show_mapping(self, keys: list[str], unsure: bool) -> None:
@@ -319,7 +307,7 @@ class DataPage(Page):
         self.mapping_combos = {}
         fmt = self.model.value("data", "format")
         if fmt == "auto":
-            fmt = (self.report or {}).get("format", "alpaca") if self.report else "alpaca"
+            fmt = (self.report or {}).get("format", "alpaca")
         columns = dict(self.model.value("data", "columns") or {})
         for ours in FIELDS.get(fmt, ()):
             combo = QComboBox(objectName=f"map:{ours}")

@@ -97,9 +97,7 @@ class ModelPage(Page):
         box.layout().addWidget(holder(facts))
         box.layout().addWidget(self.problems)
 
-        self.group(
-            "Quantization of the frozen base", [("quant", n) for n in ("quant_type", "double_quant", "compute_dtype")]
-        )
+        self.group("Quantization of the frozen base", "quant.quant_type quant.double_quant quant.compute_dtype")
         self.finish()
 
         self._inspect_timer = debounce(self, 400, self.inspect_now)
