@@ -39,12 +39,11 @@ def _window(args: argparse.Namespace, prefix: str):
     """The application in ``args.look`` and a main window over a fresh QLORA_STUDIO_HOME: (window, home)."""
     home = Path(tempfile.mkdtemp(prefix=prefix))
     os.environ.setdefault("QLORA_STUDIO_HOME", str(home))
-    # lazy, all of these: Qt loads after _offscreen() sets its platform
-    from PySide6.QtWidgets import QApplication
+    from PySide6.QtWidgets import QApplication  # lazy: Qt loads after _offscreen() sets its platform
 
-    from app.main_window import MainWindow
-    from app.theme import apply_theme
-    from qlora_engine.demo import find_demo_model
+    from app.main_window import MainWindow  # lazy: Qt loads after _offscreen() sets its platform
+    from app.theme import apply_theme  # lazy: Qt loads after _offscreen() sets its platform
+    from qlora_engine.demo import find_demo_model  # lazy: Qt loads after _offscreen() sets its platform
 
     apply_theme(QApplication.instance() or QApplication(sys.argv[:1]), args.look)
     w = MainWindow(demo_model=find_demo_model())
@@ -83,11 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         _offscreen(width, height)
         return looks(args, width, height)
     _offscreen(1920, 1200)
-    # lazy, all of these: Qt loads after _offscreen() sets its platform
-    from qlora_engine import gpu as gpu_facts
-    from qlora_engine.demo import find_demo_model
-    from qlora_engine.events import read_events
-    from qlora_engine.resources import path as resource_path
+    from qlora_engine import gpu as gpu_facts  # lazy: Qt loads after _offscreen() sets its platform
+    from qlora_engine.demo import find_demo_model  # lazy: Qt loads after _offscreen() sets its platform
+    from qlora_engine.events import read_events  # lazy: Qt loads after _offscreen() sets its platform
+    from qlora_engine.resources import path as resource_path  # lazy: Qt loads after _offscreen() sets its platform
 
     model = args.model or find_demo_model()
     if model is None:
@@ -171,10 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def looks(args: argparse.Namespace, width: int, height: int) -> int:
     """Every page of a ``width`` × ``height`` window in ``args.look``, the run page replaying a recorded run."""
-    # lazy, all of these: Qt loads after _offscreen() sets its platform
-    from app.main_window import PAGES
-    from qlora_engine.demo import find_demo_model
-    from qlora_engine.resources import path as resource_path
+    from app.main_window import PAGES  # lazy: Qt loads after _offscreen() sets its platform
+    from qlora_engine.demo import find_demo_model  # lazy: Qt loads after _offscreen() sets its platform
+    from qlora_engine.resources import path as resource_path  # lazy: Qt loads after _offscreen() sets its platform
 
     out = Path(args.out if args.out != "docs/screenshots" else f"docs/screenshots/looks-{width}x{height}")
     out.mkdir(parents=True, exist_ok=True)
