@@ -25,13 +25,8 @@ COMPONENT_HELP = {
 }
 
 SHARDED = (
-    "quantized_weights",
-    "quant_constants",
-    "unquantized_weights",
-    "lora_weights",
-    "lora_grads",
-    "optimizer_state",
-)
+    "quantized_weights", "quant_constants", "unquantized_weights", "lora_weights", "lora_grads", "optimizer_state",
+)  # fmt: skip
 
 
 def per_process(est: VramEstimate, strategy: str, world_size: int, num_layers: int | None = None) -> VramEstimate:
