@@ -42,19 +42,9 @@ from qlora_engine.decisions import Decision
 
 GIB = float(2**30)
 PALETTE = [
-    "#2563eb",
-    "#0ea5e9",
-    "#14b8a6",
-    "#22c55e",
-    "#84cc16",
-    "#eab308",
-    "#f97316",
-    "#ef4444",
-    "#a855f7",
-    "#ec4899",
-    "#64748b",
-    "#94a3b8",
-]
+    "#2563eb", "#0ea5e9", "#14b8a6", "#22c55e", "#84cc16", "#eab308", "#f97316", "#ef4444", "#a855f7", "#ec4899",
+    "#64748b", "#94a3b8",
+]  # fmt: skip
 
 
 TARGET_CARDS_MIB = {8: 8188, 12: 12282, 16: 16376, 24: 24564, 48: 49140, 80: 81559}
@@ -204,17 +194,14 @@ class BudgetPanel(QFrame):
             "for a card in another machine (this one's GPU, if any, is not used for the estimate). 'Several GPUs' "
             "trains on the cards ticked below it (one process each); the estimate is then one card's."
         )
-        self.target_gib = QDoubleSpinBox(objectName="targetCardGib")
-        self.target_gib.setRange(1.0, 1024.0)
-        self.target_gib.setDecimals(1)
+        self.target_gib = QDoubleSpinBox(objectName="targetCardGib", minimum=1.0, maximum=1024.0, decimals=1)
         self.target_gib.setValue(24.0)
         self.target_gib.setSuffix(" GiB")
         self.target_gib.setToolTip("The memory of the card to plan for, as nvidia-smi shows it (MiB / 1024)")
         self.target_gib.setVisible(False)
         self.target_gib.valueChanged.connect(lambda *_: self._timer.start())
-        self.refresh_gpus_button = QToolButton(text="⟳")
-        self.refresh_gpus_button.setToolTip("Look for GPUs again (free memory changes as other programs run)")
-        self.refresh_gpus_button.clicked.connect(self.refresh_gpus)
+        refresh_tip = "Look for GPUs again (free memory changes as other programs run)"
+        self.refresh_gpus_button = QToolButton(text="⟳", toolTip=refresh_tip, clicked=self.refresh_gpus)
         self.cards_row = QWidget(objectName="gpuCards")  # "Several GPUs": a box per card, four a row (the panel is narrow)
         self.cards_layout = QGridLayout(self.cards_row)
         self.cards_layout.setContentsMargins(0, 0, 0, 0)
@@ -236,11 +223,9 @@ class BudgetPanel(QFrame):
         # The panel scrolls rather than stretch the window: with a long list of fixes it would
         # otherwise be taller than a 1280×800 screen at 125% (640 logical px).
         inner = QWidget(objectName="budgetContents")
-        scroll = QScrollArea()
-        scroll.setWidget(inner)
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll = QScrollArea(widgetResizable=True, frameShape=QFrame.Shape.NoFrame)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(inner)
         scroll.viewport().setAutoFillBackground(False)
         inner.setAutoFillBackground(False)
         vbox(scroll, parent=self, margins=0)

@@ -294,5 +294,4 @@ def with_error(editor: QWidget, error_label: QLabel) -> QWidget:
 
 def debounce(parent: QObject, ms: int, fn: Any) -> QTimer:
     """A single-shot timer that calls ``fn`` ``ms`` after the last ``start()``."""
-    t = QTimer(parent, singleShot=True, interval=ms, timeout=fn)
-    return t
+    return QTimer(parent, singleShot=True, interval=ms, timeout=fn)

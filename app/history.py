@@ -207,9 +207,8 @@ class HistoryPage(QWidget):
         header.setSortIndicatorShown(True)
         self.table.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.table.customContextMenuRequested.connect(self._context_menu)
-        self.filter = QLineEdit(objectName="historyFilter")
-        self.filter.setPlaceholderText("Filter: name, title, notes, model or status")
-        self.filter.setClearButtonEnabled(True)
+        placeholder = "Filter: name, title, notes, model or status"
+        self.filter = QLineEdit(objectName="historyFilter", placeholderText=placeholder, clearButtonEnabled=True)
         self.filter.textChanged.connect(self._apply_filter)
         self.table.itemSelectionChanged.connect(self._update_buttons)
         self.table.itemDoubleClicked.connect(lambda _item: self._emit_selected(self.open_requested))
@@ -280,29 +279,23 @@ class HistoryPage(QWidget):
             if s.status == "failed" and s.resumable:
                 status = "failed (resumable)"
             first_note = s.notes.strip().splitlines()[0] if s.notes.strip() else ""
-            cells = [
-                (s.display_name, s.display_name.lower()),
-                (status, status),
-                (f"{s.step} / {s.total_steps}" if s.total_steps else str(s.step), s.step),
-                (_fmt_loss(s.final_loss), s.final_loss),
-                (_fmt_loss(s.eval_loss), s.eval_loss),
-                (Path(s.model).name if s.model else "-", Path(s.model).name.lower() if s.model else None),
-                (started, s.started_at),
-                (first_note, first_note.lower() or None),
-                (str(s.path), str(s.path)),
+            cells = [  # (text, sort key, tooltip)
+                (s.display_name, s.display_name.lower(), f"folder: {s.name}" if s.title else ""),
+                (status, status, s.error),
+                (f"{s.step} / {s.total_steps}" if s.total_steps else str(s.step), s.step, ""),
+                (_fmt_loss(s.final_loss), s.final_loss, ""),
+                (_fmt_loss(s.eval_loss), s.eval_loss, ""),
+                (Path(s.model).name if s.model else "-", Path(s.model).name.lower() if s.model else None, s.model),
+                (started, s.started_at, ""),
+                (first_note, first_note.lower() or None, s.notes),
+                (str(s.path), str(s.path), ""),
             ]
-            for c, (text, key) in enumerate(cells):
+            for c, (text, key, tip) in enumerate(cells):
                 item = _Cell(text)
                 item.setData(Qt.ItemDataRole.UserRole, str(s.path))
                 item.setData(SORT_KEY, key)
-                if c == 0 and s.title:
-                    item.setToolTip(f"folder: {s.name}")
-                elif c == 1 and s.error:
-                    item.setToolTip(s.error)
-                elif c == 5:
-                    item.setToolTip(s.model)
-                elif c == 7 and s.notes:
-                    item.setToolTip(s.notes)
+                if tip:
+                    item.setToolTip(tip)
                 self.table.setItem(r, c, item)
         self.table.setSortingEnabled(True)  # re-sorts by the header's column and order
         for r in range(self.table.rowCount()):
@@ -374,9 +367,8 @@ class HistoryPage(QWidget):
             signal.emit(sel[0].path)
 
     def _reveal(self) -> None:
-        sel = self.selected()
-        if sel:
-            QDesktopServices.openUrl(QUrl.fromLocalFile(str(sel[0].path)))
+        if (s := self._one()) is not None:
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(s.path)))
 
     def _add_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Add a run folder")
@@ -419,15 +411,13 @@ class HistoryPage(QWidget):
         return sel[0] if len(sel) == 1 else None
 
     def _rename_selected(self) -> None:
-        s = self._one()
-        if s is not None:
+        if (s := self._one()) is not None:
             title = self.ask_text("Rename run", f"Title for {s.name} (the folder keeps its name):", s.title or s.name)
             if title is not None:
                 self.set_title(s.path, "" if title.strip() == s.name else title)
 
     def _edit_notes_selected(self) -> None:
-        s = self._one()
-        if s is not None:
+        if (s := self._one()) is not None:
             notes = self.ask_text("Notes", f"Notes on {s.display_name}:", s.notes, multiline=True)
             if notes is not None:
                 self.set_notes(s.path, notes)
@@ -449,8 +439,7 @@ class HistoryPage(QWidget):
         self.refresh()
 
     def _delete_selected(self) -> None:
-        s = self._one()
-        if s is not None:
+        if (s := self._one()) is not None:
             self.delete_run(s)
 
     def delete_run(self, s: RunSummary) -> bool:
@@ -476,8 +465,7 @@ class HistoryPage(QWidget):
         return True
 
     def _open_logs(self) -> None:
-        s = self._one()
-        if s is not None:
+        if (s := self._one()) is not None:
             self.open_logs(s.path)
 
     def open_logs(self, path: Path) -> str:

@@ -113,8 +113,7 @@ class MainWindow(QMainWindow):
         self.runs = RunActions(self, self.run_view, self.history)
 
         # layout: nav | stack (+ back/next) | budget
-        self.nav = QListWidget(objectName="nav")
-        self.nav.setFixedWidth(170)
+        self.nav = QListWidget(objectName="nav", minimumWidth=170, maximumWidth=170)
         self.stack = QStackedWidget()
         for key, label in PAGES:
             self.nav.addItem(label)
@@ -187,29 +186,21 @@ class MainWindow(QMainWindow):
         self.recent_menu = f.addMenu("Open &recent")
         self.recent_menu.aboutToShow.connect(self._fill_recent)
         self._action(f, "&Save", self.save_config, QKeySequence.StandardKey.Save, "save")
-        self._action(f, "Save &as…", self.save_config_as, QKeySequence("Ctrl+Shift+S"), "save_as")
+        self._action(f, "Save &as…", self.save_config_as, "Ctrl+Shift+S", "save_as")
         f.addSeparator()
         self._action(f, "&Quit", self.close, QKeySequence.StandardKey.Quit, "quit")
         r = bar.addMenu("&Run")
-        self._action(r, "&Start training", self.runs.start, QKeySequence("Ctrl+R"), "start")
-        self._action(r, "S&top (save and finish)", self.runs.stop, QKeySequence("Ctrl+."), "stop")
-        self._action(r, "&Abort (end now)", self.runs.abort, QKeySequence("Ctrl+Shift+."), "abort")
-        self._action(
-            r, "Save a checkpoint &now", self.runs.save_now, QKeySequence("Ctrl+Shift+K"), "save_now"
-        )
+        self._action(r, "&Start training", self.runs.start, "Ctrl+R", "start")
+        self._action(r, "S&top (save and finish)", self.runs.stop, "Ctrl+.", "stop")
+        self._action(r, "&Abort (end now)", self.runs.abort, "Ctrl+Shift+.", "abort")
+        self._action(r, "Save a checkpoint &now", self.runs.save_now, "Ctrl+Shift+K", "save_now")
         v = bar.addMenu("&View")
         for i, (key, label) in enumerate(PAGES):
-            self._action(
-                v, label.split("  ")[-1], lambda _=False, k=key: self.show_page(k), QKeySequence(f"Ctrl+{i + 1}")
-            )
+            self._action(v, label.split("  ")[-1], lambda _=False, k=key: self.show_page(k), f"Ctrl+{i + 1}")
         v.addSeparator()
         theme = v.addMenu("&Look")
-        for mode in ("system", "light", "dark"):
-            self._action(
-                theme,
-                mode.capitalize() if mode != "system" else "Follow the system",
-                lambda _=False, m=mode: self.set_theme(m),
-            )
+        for mode, text in (("system", "Follow the system"), ("light", "Light"), ("dark", "Dark")):
+            self._action(theme, text, lambda _=False, m=mode: self.set_theme(m))
         h = bar.addMenu("&Help")
         self._action(h, "&Keyboard shortcuts", self._show_shortcuts, QKeySequence.StandardKey.HelpContents)
 

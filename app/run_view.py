@@ -63,22 +63,18 @@ class RunView(QWidget):
         self.summary = note(name="runSummary")
         self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
-        self.start_button = QPushButton("Start training", objectName="primary")
-        self.start_button.setToolTip(f"Start a run with this configuration ({QKeySequence('Ctrl+R').toString()})")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setToolTip("Save a checkpoint and the adapter at the end of the current step, then finish")
-        self.abort_button = QPushButton("Abort", objectName="danger")
-        self.abort_button.setToolTip("End the run now; the last checkpoint on disk is kept")
+        start_tip = f"Start a run with this configuration ({QKeySequence('Ctrl+R').toString()})"
+        self.start_button = QPushButton("Start training", objectName="primary", toolTip=start_tip)
+        stop_tip = "Save a checkpoint and the adapter at the end of the current step, then finish"
+        self.stop_button = QPushButton("Stop", toolTip=stop_tip)
+        abort_tip = "End the run now; the last checkpoint on disk is kept"
+        self.abort_button = QPushButton("Abort", objectName="danger", toolTip=abort_tip)
         self.start_button.clicked.connect(self.start_requested)
         self.stop_button.clicked.connect(self.stop_requested)
         self.abort_button.clicked.connect(self.abort_requested)
 
         self.state_label = QLabel(STATE_TEXT["idle"], objectName="runState")
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.progress.setFormat("step %v / %m")
-        self.progress.setTextVisible(True)
+        self.progress = QProgressBar(maximum=1, value=0, format="step %v / %m", textVisible=True)
         self.eta = QLabel("", objectName="runEta", minimumWidth=220)
 
         self.charts = RunCharts()

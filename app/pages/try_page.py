@@ -78,9 +78,8 @@ class TryPage(QWidget):
         self._results: dict[str, AnswerDone] = {}
 
         self.run_label = note("Finish a run (or open one from the history) to try it.")
-        self.prompt = QPlainTextEdit(objectName="tryPrompt")
-        self.prompt.setPlaceholderText("Write a message …  (Ctrl+Enter sends; the conversation goes on)")
-        self.prompt.setMaximumHeight(110)
+        placeholder = "Write a message …  (Ctrl+Enter sends; the conversation goes on)"
+        self.prompt = QPlainTextEdit(objectName="tryPrompt", placeholderText=placeholder, maximumHeight=110)
         self.system = QLineEdit(placeholderText="optional system prompt", toolTip=setting_help("system"))
 
         d = dataclasses.replace(GenerationSettings(), repetition_penalty=CHAT_REPETITION_PENALTY)
