@@ -112,9 +112,7 @@ def _turns_style(value: Any) -> str | None:
         return None
     if all("role" in t and "content" in t for t in value):
         return "role/content"
-    if all("from" in t and "value" in t for t in value):
-        return "from/value"
-    return None
+    return "from/value" if all("from" in t and "value" in t for t in value) else None
 
 
 def _present(row: dict[str, Any], key: str) -> bool:

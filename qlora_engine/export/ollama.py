@@ -226,6 +226,5 @@ def modelfile(
         lines.append('TEMPLATE """' + fmt.go_template() + '"""')
     elif not template:
         lines.append('TEMPLATE """{{ .Prompt }}"""')
-    for stop in stop_tokens(fmt, tokenizer):
-        lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
+    lines += [f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}" for stop in stop_tokens(fmt, tokenizer)]
     return "\n".join(lines) + "\n", warnings
