@@ -132,7 +132,6 @@ def _expected_groups(config: Any, trust_remote_code: bool) -> tuple[list[list[st
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
-
     return any(re.search(p, name) for p in patterns)
 
 

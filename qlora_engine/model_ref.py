@@ -125,7 +125,6 @@ def resolve_model(
 
 
 def _download(repo_id: str, *, revision: str | None, weights: bool, token: str | None = None) -> Path:
-
     patterns = HUB_FILES if weights else [p for p in HUB_FILES if p != "*.safetensors"]
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token or None))

@@ -120,15 +120,11 @@ class AdapterPage(Page):
             self._syncing = False
         unknown = [] if preset or self.info is None else [m for m in value if m not in self.module_boxes]
         if unknown:
-            self.modules_hint.setText(
-                f"Not in this model: {', '.join(unknown)}. Its linear layers are: {', '.join(self.module_boxes)}."
-            )
-            self.modules_hint.setObjectName("fieldError")
+            text = f"Not in this model: {', '.join(unknown)}. Its linear layers are: {', '.join(self.module_boxes)}."
         else:
-            self.modules_hint.setText(
-                "Choose a model on the Model page to list its linear layers; the presets work without it."
-            )
-            self.modules_hint.setObjectName("hint")
+            text = "Choose a model on the Model page to list its linear layers; the presets work without it."
+        self.modules_hint.setText(text)
+        self.modules_hint.setObjectName("fieldError" if unknown else "hint")
         self.modules_hint.style().polish(self.modules_hint)
         self.modules_hint.setVisible(bool(unknown) or not self.module_boxes)
 
@@ -148,12 +144,9 @@ class AdapterPage(Page):
     def _sync_layers(self) -> None:
         spec = self.model.value("lora", "layers")
         try:
-            layers = parse_layers(spec)
+            layers, spec_ok = parse_layers(spec), True
         except ConfigError:
-            layers = None
-            spec_ok = False
-        else:
-            spec_ok = True
+            layers, spec_ok = None, False
         self._syncing = True
         try:
             self.all_layers.setChecked(spec is None)

@@ -132,12 +132,8 @@ class ModelPage(Page):
 
     # -- inspection ------------------------------------------------------------------------
     def _key(self) -> tuple:
-        m = self.model
-        return (
-            m.value("model", "ref").strip(),
-            bool(m.value("model", "trust_remote_code")),
-            m.value("model", "revision"),
-        )
+        ref, trust, revision = (self.model.value("model", n) for n in ("ref", "trust_remote_code", "revision"))
+        return ref.strip(), bool(trust), revision
 
     def _on_changed(self, section: str, name: str) -> None:
         relevant = section == "" or (section == "model" and name in ("ref", "trust_remote_code", "revision"))

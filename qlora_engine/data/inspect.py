@@ -230,7 +230,6 @@ def add_cli(sub: Any) -> None:
 
 
 def inspect_data_main(args: argparse.Namespace) -> int:
-
     target: str | TrainConfig = args.path
     model = args.model
     if str(args.path).lower().endswith((".yaml", ".yml")) and Path(args.path).is_file():

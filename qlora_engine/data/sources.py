@@ -242,8 +242,7 @@ def _binary_lines(src: Source) -> Iterator[tuple[int, bytes | None]]:
                 continue
             if n == 1:
                 _check_utf16(src.label, line)
-                if line.startswith(b"\xef\xbb\xbf"):
-                    line = line[3:]
+                line = line.removeprefix(b"\xef\xbb\xbf")
             yield n, line.rstrip(b"\r\n")
 
 
@@ -282,8 +281,7 @@ def _json_rows(src: Source) -> Iterator[Row]:
     with _damage_is_data_error(src.label), _open_binary(src.path) as fh:
         data = fh.read()
     _check_utf16(src.label, data)
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+    data = data.removeprefix(b"\xef\xbb\xbf")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
