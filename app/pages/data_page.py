@@ -22,6 +22,7 @@ from app.fields import FieldForm, debounce
 from app.inspector import Inspector
 from app.pages.base import Page
 from app.theme import holder, note, row
+from qlora_engine.config_sections import DATA_FIELDS
 from qlora_engine.errors import DataError, QLoRAError
 from qlora_engine.padding import packing_hint
 
@@ -29,14 +30,6 @@ PREVIEW_ROWS = 2000
 """Rows read for the statistics and the histogram (the preview must stay quick on big files)."""
 SHOWN_SAMPLES = 5
 SAME = "(same name)"
-
-FIELDS = {
-    "text": ("text",),
-    "alpaca": ("instruction", "input", "output", "system"),
-    "chat": ("messages",),
-    "sharegpt": ("conversations", "system"),
-    "prompt_completion": ("prompt", "completion"),
-}
 
 
 def data_request(kind: str, cfg: Any) -> dict[str, Any]:
@@ -309,7 +302,7 @@ class DataPage(Page):
         if fmt == "auto":
             fmt = (self.report or {}).get("format", "alpaca")
         columns = dict(self.model.value("data", "columns") or {})
-        for ours in FIELDS.get(fmt, ()):
+        for ours in DATA_FIELDS.get(fmt, ()):
             combo = QComboBox(objectName=f"map:{ours}")
             combo.addItem(SAME, None)
             for k in keys:

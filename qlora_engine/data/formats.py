@@ -18,16 +18,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from qlora_engine.config_sections import DATA_FIELDS
 from qlora_engine.errors import DataError
 
 FORMATS = ("text", "alpaca", "chat", "sharegpt", "prompt_completion")
-FIELDS: dict[str, tuple[str, ...]] = {
-    "text": ("text",),
-    "alpaca": ("instruction", "input", "output", "system"),
-    "chat": ("messages",),
-    "sharegpt": ("conversations", "system"),
-    "prompt_completion": ("prompt", "completion"),
-}
 TURN_FIELDS = ("role", "content", "from", "value")
 ACCEPTED_FORMATS = (
     "text ('text'), alpaca ('instruction', optional 'input', 'output'), chat ('messages': a list of "
@@ -71,7 +65,7 @@ Sample = TextSample | ChatSample | PromptCompletion
 
 
 def check_columns(columns: dict[str, str]) -> None:
-    known = sorted({f for fs in FIELDS.values() for f in fs} | set(TURN_FIELDS))
+    known = sorted({f for fs in DATA_FIELDS.values() for f in fs} | set(TURN_FIELDS))
     for ours, theirs in columns.items():
         if ours not in known:
             raise DataError(
