@@ -174,8 +174,7 @@ class BudgetPanel(QFrame):
     gpu_changed = Signal(object)
 
     def __init__(self, model: ConfigModel, tasks: Inspector, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setObjectName("budgetPanel")
+        super().__init__(parent, objectName="budgetPanel", minimumWidth=290, maximumWidth=380)
         self.model = model
         self.tasks = tasks
         self.data_stats: dict | None = None
@@ -184,8 +183,6 @@ class BudgetPanel(QFrame):
         self.gpus: list[gpu_facts.GpuInfo] = []
         self.suggestion_buttons: list[QPushButton] = []
         self._suggestion_cards: list[QFrame] = []
-        self.setMinimumWidth(290)
-        self.setMaximumWidth(380)
 
         title = QLabel("VRAM budget", objectName="panelTitle")
         self.gpu_combo = QComboBox(objectName="gpuSelector")
@@ -194,11 +191,10 @@ class BudgetPanel(QFrame):
             "for a card in another machine (this one's GPU, if any, is not used for the estimate). 'Several GPUs' "
             "trains on the cards ticked below it (one process each); the estimate is then one card's."
         )
-        self.target_gib = QDoubleSpinBox(objectName="targetCardGib", minimum=1.0, maximum=1024.0, decimals=1)
-        self.target_gib.setValue(24.0)
-        self.target_gib.setSuffix(" GiB")
-        self.target_gib.setToolTip("The memory of the card to plan for, as nvidia-smi shows it (MiB / 1024)")
-        self.target_gib.setVisible(False)
+        self.target_gib = QDoubleSpinBox(  # the range before the value: properties are set in this order
+            objectName="targetCardGib", minimum=1.0, maximum=1024.0, decimals=1, value=24.0, suffix=" GiB",
+            toolTip="The memory of the card to plan for, as nvidia-smi shows it (MiB / 1024)", visible=False,
+        )  # fmt: skip
         self.target_gib.valueChanged.connect(lambda *_: self._timer.start())
         refresh_tip = "Look for GPUs again (free memory changes as other programs run)"
         self.refresh_gpus_button = QToolButton(text="⟳", toolTip=refresh_tip, clicked=self.refresh_gpus)
@@ -211,9 +207,7 @@ class BudgetPanel(QFrame):
         self.headline = QLabel("-", objectName="budgetHeadline")
         self.status = note(name="budgetStatus")
         self.bar = StackedBar()
-        self.legend = QGridLayout()
-        self.legend.setHorizontalSpacing(8)
-        self.legend.setVerticalSpacing(2)
+        self.legend = QGridLayout(horizontalSpacing=8, verticalSpacing=2)
         self.largest = note()
         self.reasons = note()
         self.suggest_title = note(FIT_TITLE, "suggestTitle")
@@ -235,9 +229,7 @@ class BudgetPanel(QFrame):
             self.suggest_title, holder(self.suggest_box), self.reasons, 1, parent=inner,
         )
 
-        self._timer = QTimer(self, singleShot=True)
-        self._timer.setInterval(0)  # coalesce the changes of one event-loop turn
-        self._timer.timeout.connect(self.recompute)
+        self._timer = QTimer(self, singleShot=True, interval=0, timeout=self.recompute)  # one estimate per loop turn
         model.changed.connect(lambda *_: self._timer.start())
         self.gpu_combo.currentIndexChanged.connect(self._on_gpu_changed)
         tasks.finished.connect(self._on_result)
@@ -282,9 +274,7 @@ class BudgetPanel(QFrame):
         if len(self.gpus) < 2:
             return
         for i, g in enumerate(self.gpus):
-            box = QCheckBox(gpu_cards.line_name(g.index))
-            box.setToolTip(g.label())
-            box.toggled.connect(self._on_card_ticked)
+            box = QCheckBox(gpu_cards.line_name(g.index), toolTip=g.label(), toggled=self._on_card_ticked)
             self.cards_layout.addWidget(box, 1 + i // 4, i % 4)
             self.card_boxes[g.index] = box
 
