@@ -63,13 +63,10 @@ LABELS = {
 }
 
 NONE_TEXT = {
-    ("train", "max_steps"): "from epochs",
-    ("train", "eval_steps"): "at the end only",
-    ("train", "save_steps"): "at the end only",
-    ("train", "save_total_limit"): "keep all",
-    ("train", "checkpoint_layers"): "all layers",
-    ("train", "mlp_chunk_tokens"): "off",
-}
+    ("train", "max_steps"): "from epochs", ("train", "eval_steps"): "at the end only",
+    ("train", "save_steps"): "at the end only", ("train", "save_total_limit"): "keep all",
+    ("train", "checkpoint_layers"): "all layers", ("train", "mlp_chunk_tokens"): "off",
+}  # fmt: skip
 
 CHOICE_TEXT = {
     ("train", "gradient_checkpointing"): {
@@ -80,15 +77,11 @@ CHOICE_TEXT = {
 }
 
 SUFFIX = {
-    ("train", "checkpoint_layers"): " layers",
-    ("train", "mlp_chunk_tokens"): " tokens",
-    ("train", "eval_steps"): " steps",
-    ("train", "save_steps"): " steps",
-    ("train", "logging_steps"): " steps",
-    ("optim", "warmup_steps"): " steps",
-    ("data", "max_length"): " tokens",
+    ("train", "checkpoint_layers"): " layers", ("train", "mlp_chunk_tokens"): " tokens",
+    ("train", "eval_steps"): " steps", ("train", "save_steps"): " steps", ("train", "logging_steps"): " steps",
+    ("optim", "warmup_steps"): " steps", ("data", "max_length"): " tokens",
     ("train", "gradient_accumulation_steps"): " micro-batches",
-}
+}  # fmt: skip
 
 
 def label_for(section: str, name: str) -> str:
@@ -172,11 +165,9 @@ class FieldBinding(QObject):
                 w.setSuffix(SUFFIX[key])
             w.valueChanged.connect(lambda v: self._commit(None if (self.optional and v == 0) else int(v)))
             return w
-        w = QLineEdit(clearButtonEnabled=base is str)
+        w = QLineEdit(clearButtonEnabled=base is str, placeholderText="none" if self.optional else "")
         if base is float:
             w.setMaximumWidth(180)
-        if self.optional:
-            w.setPlaceholderText("none")
         w.textEdited.connect(self._text_edited)
         return w
 

@@ -128,11 +128,8 @@ def scan(roots: list[Path], extra: list[Path]) -> list[RunSummary]:
     """Every run folder directly under ``roots`` plus the ``extra`` folders, newest first."""
     seen: set[Path] = set()
     found: list[RunSummary] = []
-    candidates: list[Path] = []
-    for root in roots:
-        if root.is_dir():
-            candidates += sorted(p for p in root.iterdir() if p.is_dir())
-    candidates += extra
+    in_roots = (sorted(p for p in root.iterdir() if p.is_dir()) for root in roots if root.is_dir())
+    candidates = [p for folders in in_roots for p in folders] + list(extra)
     for p in candidates:
         try:
             rp = p.resolve()
@@ -351,14 +348,11 @@ class HistoryPage(QWidget):
     def _update_buttons(self) -> None:
         sel = self.selected()
         one = len(sel) == 1
-        self.open_button.setEnabled(one)
+        for w in (self.open_button, self.logs_button, self.manage_button, *self.manage_menu.actions()):  # Delete: below
+            w.setEnabled(one)
         self.load_button.setEnabled(one and (sel[0].path / "config.yaml").is_file())
         self.resume_button.setEnabled(one and sel[0].resumable)
         self.compare_button.setEnabled(len(sel) >= 1)
-        self.logs_button.setEnabled(one)
-        self.manage_button.setEnabled(one)
-        for action in (self.rename_action, self.notes_action, self.reveal_action):
-            action.setEnabled(one)
         self.delete_action.setEnabled(one and not sel[0].alive)
 
     def _emit_selected(self, signal) -> None:

@@ -42,14 +42,9 @@ from app.theme import apply_theme, hbox, holder, vbox
 from qlora_engine.config import ConfigError, TrainConfig
 
 PAGES = [
-    ("model", "1  Model"),
-    ("data", "2  Data"),
-    ("adapter", "3  Adapter"),
-    ("training", "4  Training"),
-    ("run", "5  Run"),
-    ("result", "6  Try / Export"),
-    ("history", "History"),
-]
+    ("model", "1  Model"), ("data", "2  Data"), ("adapter", "3  Adapter"), ("training", "4  Training"),
+    ("run", "5  Run"), ("result", "6  Try / Export"), ("history", "History"),
+]  # fmt: skip
 CONFIG_PAGES = ("model", "data", "adapter", "training")
 
 
@@ -331,17 +326,14 @@ class MainWindow(QMainWindow):
             "Save the changes to this configuration first?",
             QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel,
         )
-        return {QMessageBox.StandardButton.Save: "save", QMessageBox.StandardButton.Discard: "discard"}.get(
-            answer, "cancel"
-        )
+        words = {QMessageBox.StandardButton.Save: "save", QMessageBox.StandardButton.Discard: "discard"}
+        return words.get(answer, "cancel")
 
     def maybe_save_changes(self) -> bool:
         if not self.config_model.dirty:
             return True
         answer = self.ask_save_changes()
-        if answer == "save":
-            return self.save_config()
-        return answer == "discard"
+        return self.save_config() if answer == "save" else answer == "discard"
 
     def new_config(self) -> None:
         if self.maybe_save_changes():

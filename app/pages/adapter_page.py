@@ -49,10 +49,8 @@ class AdapterPage(Page):
 
         box, form = self.group("Layers")
         self.all_layers = QCheckBox("All layers", objectName="allLayers")
-        self.layer_from = QSpinBox(objectName="layerFrom")
-        self.layer_to = QSpinBox(objectName="layerTo")
-        for s in (self.layer_from, self.layer_to):
-            s.setRange(0, 999)
+        self.layer_from = QSpinBox(objectName="layerFrom", maximum=999)
+        self.layer_to = QSpinBox(objectName="layerTo", maximum=999)
         self.layer_count = QLabel("", objectName="hint")
         range_row = hbox(self.all_layers, "from", self.layer_from, "to", self.layer_to, self.layer_count, 1)
         range_row.insertSpacing(1, 16)

@@ -95,12 +95,9 @@ class ExportPage(QWidget):
         for key, (title, _) in FORMATS.items():
             self.format.addItem(title, key)
         self.format_help = note()
-        self.f16 = QCheckBox("F16")
-        self.q8 = QCheckBox("Q8_0")
-        self.lora = QCheckBox("GGUF LoRA file")
-        for box in (self.f16, self.q8, self.lora):
-            box.setChecked(True)
-            box.toggled.connect(self._refresh)
+        self.f16, self.q8, self.lora = (
+            QCheckBox(text, checked=True, toggled=self._refresh) for text in ("F16", "Q8_0", "GGUF LoRA file")
+        )
         # K-quants come from llama.cpp's quantizer (llama-cpp-python); off until asked for
         self.k_quants = {t: QCheckBox(t.upper()) for t in ("q4_k_m", "q5_k_m")}
         quantizer = importlib.util.find_spec("llama_cpp") is not None

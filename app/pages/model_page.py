@@ -41,17 +41,11 @@ class ModelPage(Page):
     demo_requested = Signal()
 
     FACTS = [
-        ("architecture", "Architecture"),
-        ("model_type", "Model type"),
-        ("num_parameters", "Parameters"),
-        ("num_layers", "Layers"),
-        ("hidden_size", "Hidden size"),
-        ("vocab_size", "Vocabulary"),
-        ("heads", "Attention heads"),
-        ("has_chat_template", "Chat template"),
-        ("weights_format", "Weights"),
+        ("architecture", "Architecture"), ("model_type", "Model type"), ("num_parameters", "Parameters"),
+        ("num_layers", "Layers"), ("hidden_size", "Hidden size"), ("vocab_size", "Vocabulary"),
+        ("heads", "Attention heads"), ("has_chat_template", "Chat template"), ("weights_format", "Weights"),
         ("linear_modules", "Linear layers"),
-    ]
+    ]  # fmt: skip
 
     def __init__(self, model: ConfigModel, tasks: Inspector, parent: QWidget | None = None) -> None:
         super().__init__(model, parent)
