@@ -26,9 +26,13 @@ BEFORE_FIX_NAME = "config.before-fix.yaml"
 """Where the run folder keeps its configuration from before a fix was applied (then -2, -3, ...)."""
 
 _WHAT_CHANGES = {
-    "data": "the training data", "lora": "the adapter's shape", "quant": "the quantization", "model": "the base model",
-    "train.micro_batch_size x gradient_accumulation_steps": "the batch of a step", "train.seed": "the seed",
-}  # fmt: skip
+    "data": "the training data",
+    "lora": "the adapter's shape",
+    "quant": "the quantization",
+    "model": "the base model",
+    "train.micro_batch_size x gradient_accumulation_steps": "the batch of a step",
+    "train.seed": "the seed",
+}
 
 
 @dataclass(frozen=True)

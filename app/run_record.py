@@ -43,9 +43,12 @@ KEPT_CHECKPOINTS = 100
 STEP_SERIES = ("loss", "learning_rate", "grad_norm", "tokens_per_second")
 """Step metrics drawn against the step."""
 MEMORY_SERIES = {
-    "vram_used": "GPU used (NVML)", "vram_process": "this run (NVML)", "cuda_allocated": "torch allocated",
-    "cuda_reserved": "torch reserved", "paged_out": "paged out to CPU RAM",
-}  # fmt: skip
+    "vram_used": "GPU used (NVML)",
+    "vram_process": "this run (NVML)",
+    "cuda_allocated": "torch allocated",
+    "cuda_reserved": "torch reserved",
+    "paged_out": "paged out to CPU RAM",
+}
 """Memory figures drawn against the time (NVML samples, and the engine's own per step), and their labels."""
 
 

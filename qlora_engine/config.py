@@ -48,9 +48,17 @@ SCHEMA_VERSION = 1
 
 
 __all__ = [
-    "ConfigError", "TrainConfig", "apply_overrides", "check_output_dir", "check_ready", "field_help", "parse_layers",
-    "problems_of", "run_warnings", "validate",
-]  # fmt: skip
+    "ConfigError",
+    "TrainConfig",
+    "apply_overrides",
+    "check_output_dir",
+    "check_ready",
+    "field_help",
+    "parse_layers",
+    "problems_of",
+    "run_warnings",
+    "validate",
+]
 
 
 @dataclass

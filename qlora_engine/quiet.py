@@ -29,9 +29,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LIBRARY_LOGGERS = (
-    "bitsandbytes", "transformers", "peft", "accelerate", "torch", "huggingface_hub", "kernels", "datasets",
-    "safetensors", "gguf", "tokenizers", "filelock", "urllib3",
-)  # fmt: skip
+    "bitsandbytes",
+    "transformers",
+    "peft",
+    "accelerate",
+    "torch",
+    "huggingface_hub",
+    "kernels",
+    "datasets",
+    "safetensors",
+    "gguf",
+    "tokenizers",
+    "filelock",
+    "urllib3",
+)
 
 _OURS = tuple(str(Path(__file__).resolve().parent.parent / d) + os.sep for d in ("qlora_engine", "app"))
 

@@ -24,7 +24,20 @@ from qlora_engine.budget.spec import LinearShape, ModelSpec, model_spec
 from qlora_engine.budget.units import KNOWN_GPUS, format_bytes, parse_gpu_size
 
 __all__ = [
-    "CALIBRATION", "COMPONENTS", "ENGINE_ALLOC_CONF", "KNOWN_GPUS", "FitAdvice", "LinearShape", "ModelSpec",
-    "Suggestion", "VramEstimate", "allocator_mode", "estimate", "estimate_from_spec", "fit", "format_bytes",
-    "model_spec", "parse_gpu_size",
-]  # fmt: skip
+    "CALIBRATION",
+    "COMPONENTS",
+    "ENGINE_ALLOC_CONF",
+    "KNOWN_GPUS",
+    "FitAdvice",
+    "LinearShape",
+    "ModelSpec",
+    "Suggestion",
+    "VramEstimate",
+    "allocator_mode",
+    "estimate",
+    "estimate_from_spec",
+    "fit",
+    "format_bytes",
+    "model_spec",
+    "parse_gpu_size",
+]

@@ -50,9 +50,17 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 COMPONENTS = (
-    "quantized_weights", "quant_constants", "unquantized_weights", "lora_weights", "lora_grads", "optimizer_state",
-    "activations", "logits_loss", "cuda_context", "allocator_slack",
-)  # fmt: skip
+    "quantized_weights",
+    "quant_constants",
+    "unquantized_weights",
+    "lora_weights",
+    "lora_grads",
+    "optimizer_state",
+    "activations",
+    "logits_loss",
+    "cuda_context",
+    "allocator_slack",
+)
 
 COMPONENT_HELP = {
     "quantized_weights": "the frozen linear layers in 4 bit, two weights per byte",

@@ -25,8 +25,13 @@ COMPONENT_HELP = {
 }
 
 SHARDED = (
-    "quantized_weights", "quant_constants", "unquantized_weights", "lora_weights", "lora_grads", "optimizer_state",
-)  # fmt: skip
+    "quantized_weights",
+    "quant_constants",
+    "unquantized_weights",
+    "lora_weights",
+    "lora_grads",
+    "optimizer_state",
+)
 
 
 def per_process(est: VramEstimate, strategy: str, world_size: int, num_layers: int | None = None) -> VramEstimate:

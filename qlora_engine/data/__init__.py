@@ -18,6 +18,14 @@ from qlora_engine.data.pipeline import PreparedData, prepare_data
 from qlora_engine.data.store import IGNORE_INDEX, SampleSet, collate, count_tokens
 
 __all__ = [
-    "CHATML_TEMPLATE", "IGNORE_INDEX", "PreparedData", "SampleSet", "add_cli", "collate", "count_tokens",
-    "inspect_data", "inspect_data_main", "prepare_data",
-]  # fmt: skip
+    "CHATML_TEMPLATE",
+    "IGNORE_INDEX",
+    "PreparedData",
+    "SampleSet",
+    "add_cli",
+    "collate",
+    "count_tokens",
+    "inspect_data",
+    "inspect_data_main",
+    "prepare_data",
+]

@@ -30,10 +30,19 @@ ACCEPTED_FORMATS = (
 )
 # Role names seen in the wild, mapped to the roles chat templates know.
 ROLES = {
-    "system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-    "model": "assistant", "bot": "assistant", "chatgpt": "assistant", "tool": "tool", "function": "tool",
-    "observation": "tool", "ipython": "tool",
-}  # fmt: skip
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+    "ipython": "tool",
+}
 DETECT_ROWS = 200  # rows examined to detect the format: enough to see past a few odd rows, instant to read
 
 

@@ -48,9 +48,13 @@ CHUNK = 512  # samples per tokenizer call
 CHUNK_CHARS = 8 << 20  # ...or fewer, so one call never holds more than this much text
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _EMPTY_WHY = {
-    "jsonl": "only blank lines", "json": "an empty array", "text": "only blank lines", "csv": "only a header",
-    "tsv": "only a header", "parquet": "the table has no rows",
-}  # fmt: skip
+    "jsonl": "only blank lines",
+    "json": "an empty array",
+    "text": "only blank lines",
+    "csv": "only a header",
+    "tsv": "only a header",
+    "parquet": "the table has no rows",
+}
 PROGRESS_EVERY_S = 2.0  # progress events: often enough to look alive, rare enough not to flood the log
 
 

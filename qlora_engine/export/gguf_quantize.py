@@ -26,9 +26,12 @@ from pathlib import Path
 from qlora_engine.errors import ExportCancelled, ExportError
 
 K_TYPES = {
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
-    "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
-}  # fmt: skip
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+}
 """Our type names (lower case, as in the file names) and llama.cpp's ``llama_ftype`` for each."""
 
 DESCRIPTIONS = {
