@@ -20,7 +20,6 @@ from PySide6.QtWidgets import (
     QDoubleSpinBox,
     QFrame,
     QGridLayout,
-    QHBoxLayout,
     QLabel,
     QPushButton,
     QScrollArea,
@@ -34,7 +33,7 @@ from app import gpu_cards
 from app.config_model import ConfigModel
 from app.inspector import Inspector
 from app.run_catalog import absolute_config
-from app.theme import note
+from app.theme import hbox, holder, note, restyle, vbox
 from qlora_engine import gpu as gpu_facts
 from qlora_engine.budget.estimate import VramEstimate
 from qlora_engine.budget.fit import FitAdvice, Suggestion
@@ -43,19 +42,9 @@ from qlora_engine.decisions import Decision
 
 GIB = float(2**30)
 PALETTE = [
-    "#2563eb",
-    "#0ea5e9",
-    "#14b8a6",
-    "#22c55e",
-    "#84cc16",
-    "#eab308",
-    "#f97316",
-    "#ef4444",
-    "#a855f7",
-    "#ec4899",
-    "#64748b",
-    "#94a3b8",
-]
+    "#2563eb", "#0ea5e9", "#14b8a6", "#22c55e", "#84cc16", "#eab308", "#f97316", "#ef4444", "#a855f7", "#ec4899",
+    "#64748b", "#94a3b8",
+]  # fmt: skip
 
 
 TARGET_CARDS_MIB = {8: 8188, 12: 12282, 16: 16376, 24: 24564, 48: 49140, 80: 81559}
@@ -185,8 +174,7 @@ class BudgetPanel(QFrame):
     gpu_changed = Signal(object)
 
     def __init__(self, model: ConfigModel, tasks: Inspector, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setObjectName("budgetPanel")
+        super().__init__(parent, objectName="budgetPanel", minimumWidth=290, maximumWidth=380)
         self.model = model
         self.tasks = tasks
         self.data_stats: dict | None = None
@@ -195,8 +183,6 @@ class BudgetPanel(QFrame):
         self.gpus: list[gpu_facts.GpuInfo] = []
         self.suggestion_buttons: list[QPushButton] = []
         self._suggestion_cards: list[QFrame] = []
-        self.setMinimumWidth(290)
-        self.setMaximumWidth(380)
 
         title = QLabel("VRAM budget", objectName="panelTitle")
         self.gpu_combo = QComboBox(objectName="gpuSelector")
@@ -205,21 +191,13 @@ class BudgetPanel(QFrame):
             "for a card in another machine (this one's GPU, if any, is not used for the estimate). 'Several GPUs' "
             "trains on the cards ticked below it (one process each); the estimate is then one card's."
         )
-        self.target_gib = QDoubleSpinBox(objectName="targetCardGib")
-        self.target_gib.setRange(1.0, 1024.0)
-        self.target_gib.setDecimals(1)
-        self.target_gib.setValue(24.0)
-        self.target_gib.setSuffix(" GiB")
-        self.target_gib.setToolTip("The memory of the card to plan for, as nvidia-smi shows it (MiB / 1024)")
-        self.target_gib.setVisible(False)
+        self.target_gib = QDoubleSpinBox(  # the range before the value: properties are set in this order
+            objectName="targetCardGib", minimum=1.0, maximum=1024.0, decimals=1, value=24.0, suffix=" GiB",
+            toolTip="The memory of the card to plan for, as nvidia-smi shows it (MiB / 1024)", visible=False,
+        )  # fmt: skip
         self.target_gib.valueChanged.connect(lambda *_: self._timer.start())
-        self.refresh_gpus_button = QToolButton(text="⟳")
-        self.refresh_gpus_button.setToolTip("Look for GPUs again (free memory changes as other programs run)")
-        self.refresh_gpus_button.clicked.connect(self.refresh_gpus)
-        gpu_row = QHBoxLayout()
-        gpu_row.addWidget(self.gpu_combo, 1)
-        gpu_row.addWidget(self.target_gib)
-        gpu_row.addWidget(self.refresh_gpus_button)
+        refresh_tip = "Look for GPUs again (free memory changes as other programs run)"
+        self.refresh_gpus_button = QToolButton(text="⟳", toolTip=refresh_tip, clicked=self.refresh_gpus)
         self.cards_row = QWidget(objectName="gpuCards")  # "Several GPUs": a box per card, four a row (the panel is narrow)
         self.cards_layout = QGridLayout(self.cards_row)
         self.cards_layout.setContentsMargins(0, 0, 0, 0)
@@ -229,49 +207,29 @@ class BudgetPanel(QFrame):
         self.headline = QLabel("-", objectName="budgetHeadline")
         self.status = note(name="budgetStatus")
         self.bar = StackedBar()
-        self.legend = QGridLayout()
-        self.legend.setHorizontalSpacing(8)
-        self.legend.setVerticalSpacing(2)
-        legend_box = QWidget()
-        legend_box.setLayout(self.legend)
+        self.legend = QGridLayout(horizontalSpacing=8, verticalSpacing=2)
         self.largest = note()
         self.reasons = note()
         self.suggest_title = note(FIT_TITLE, "suggestTitle")
         self.suggest_title.setVisible(False)  # until there is something to suggest
         self.suggest_box = QVBoxLayout()
-        suggest_holder = QWidget()
-        suggest_holder.setLayout(self.suggest_box)
 
         # The panel scrolls rather than stretch the window: with a long list of fixes it would
         # otherwise be taller than a 1280×800 screen at 125% (640 logical px).
         inner = QWidget(objectName="budgetContents")
-        scroll = QScrollArea()
-        scroll.setWidget(inner)
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll = QScrollArea(widgetResizable=True, frameShape=QFrame.Shape.NoFrame)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(inner)
         scroll.viewport().setAutoFillBackground(False)
         inner.setAutoFillBackground(False)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
-        lay = QVBoxLayout(inner)
-        lay.addWidget(title)
-        lay.addLayout(gpu_row)
-        lay.addWidget(self.cards_row)
-        lay.addWidget(self.headline)
-        lay.addWidget(self.bar)
-        lay.addWidget(self.status)
-        lay.addWidget(legend_box)
-        lay.addWidget(self.largest)
-        lay.addWidget(self.suggest_title)
-        lay.addWidget(suggest_holder)
-        lay.addWidget(self.reasons)
-        lay.addStretch(1)
+        vbox(scroll, parent=self, margins=0)
+        gpu_row = hbox((self.gpu_combo, 1), self.target_gib, self.refresh_gpus_button)
+        vbox(
+            title, gpu_row, self.cards_row, self.headline, self.bar, self.status, holder(self.legend), self.largest,
+            self.suggest_title, holder(self.suggest_box), self.reasons, 1, parent=inner,
+        )
 
-        self._timer = QTimer(self, singleShot=True)
-        self._timer.setInterval(0)  # coalesce the changes of one event-loop turn
-        self._timer.timeout.connect(self.recompute)
+        self._timer = QTimer(self, singleShot=True, interval=0, timeout=self.recompute)  # one estimate per loop turn
         model.changed.connect(lambda *_: self._timer.start())
         self.gpu_combo.currentIndexChanged.connect(self._on_gpu_changed)
         tasks.finished.connect(self._on_result)
@@ -316,9 +274,7 @@ class BudgetPanel(QFrame):
         if len(self.gpus) < 2:
             return
         for i, g in enumerate(self.gpus):
-            box = QCheckBox(gpu_cards.line_name(g.index))
-            box.setToolTip(g.label())
-            box.toggled.connect(self._on_card_ticked)
+            box = QCheckBox(gpu_cards.line_name(g.index), toolTip=g.label(), toggled=self._on_card_ticked)
             self.cards_layout.addWidget(box, 1 + i // 4, i % 4)
             self.card_boxes[g.index] = box
 
@@ -443,14 +399,11 @@ class BudgetPanel(QFrame):
         self.suggestion_buttons = []
         for s in suggestions:
             card = QFrame(objectName="suggestion")
-            lay = QHBoxLayout(card)
-            lay.setContentsMargins(8, 6, 6, 6)
-            text = QLabel(s.description, wordWrap=True)
             b = QPushButton("Apply", toolTip="Apply: " + ", ".join(s.overrides))
             b.setAccessibleName(f"Apply: {s.description}")
             b.clicked.connect(lambda _=False, o=list(s.overrides): self.apply(o))
-            lay.addWidget(text, 1)
-            lay.addWidget(b, 0, Qt.AlignmentFlag.AlignVCenter)
+            text = QLabel(s.description, wordWrap=True)
+            hbox((text, 1), (b, 0, Qt.AlignmentFlag.AlignVCenter), parent=card, margins=(8, 6, 6, 6))
             self.suggest_box.addWidget(card)
             self._suggestion_cards.append(card)
             self.suggestion_buttons.append(b)
@@ -463,11 +416,8 @@ class BudgetPanel(QFrame):
             self.status.setText(f"Could not apply {', '.join(overrides)}: {e}")
 
     def _set_state(self, state: str) -> None:
-        self.setProperty("state", state)
         for w in (self, self.headline, self.status):
-            w.setProperty("state", state)
-            w.style().unpolish(w)
-            w.style().polish(w)
+            restyle(w, state=state)
 
     def _draw_empty(self, text: str) -> None:
         self.headline.setText("-")
@@ -503,32 +453,30 @@ class BudgetPanel(QFrame):
             self.headline.setText(f"{gib(total)} of {gib(capacity)}" + (" per GPU" if world > 1 else ""))
             spill = int(getattr(est, "spill_to_cpu_bytes", 0) or 0)
             if fits and spill:
-                self.status.setText(
-                    f"Fits by moving {gib(spill)} of optimizer state to CPU RAM (paged optimizer): slower steps{approx}."
-                )
+                text = f"Fits by moving {gib(spill)} of optimizer state to CPU RAM (paged optimizer): slower steps"
             elif fits:
-                self.status.setText(f"Fits, with {gib(capacity - total)} to spare{approx}.")
+                text = f"Fits, with {gib(capacity - total)} to spare"
             else:
-                self.status.setText(f"Does not fit: {gib(total - capacity)} over this card{approx}.")
+                text = f"Does not fit: {gib(total - capacity)} over this card"
+            status = [f"{text}{approx}."]
             self._set_state("ok" if fits else "over")
             suggestions = list(getattr(advice, "suggestions", []) or []) if not fits else []
             faster = getattr(advice, "faster", None) if fits else None
         else:
             self.headline.setText(gib(total))
-            self.status.setText("Training on the CPU: no VRAM limit, but slow (fine for tests and demos)." + approx)
+            status = ["Training on the CPU: no VRAM limit, but slow (fine for tests and demos)." + approx]
             self._set_state("cpu")
             suggestions, faster = [], None
         low, high = getattr(est, "low", None), getattr(est, "high", None)
         if low and high:
-            self.status.setText(
-                self.status.text() + f"\nExpected peak between {low / GIB:.2f} and {high / GIB:.2f} GiB."
-            )
+            status.append(f"Expected peak between {low / GIB:.2f} and {high / GIB:.2f} GiB.")
         auto = result.get("checkpointing")
         if auto is not None and capacity:  # what train.gradient_checkpointing auto chose for this card
-            self.status.setText(self.status.text() + f"\nGradient checkpointing (auto): {auto.summary}, {auto.reason}")
+            status.append(f"Gradient checkpointing (auto): {auto.summary}, {auto.reason}")
         strategy = result.get("strategy")
         if strategy is not None and strategy.requested == "auto" and result.get("world_size", 1) > 1:
-            self.status.setText(self.status.text() + f"\nStrategy (auto): {strategy.summary}, {strategy.reason}")
+            status.append(f"Strategy (auto): {strategy.summary}, {strategy.reason}")
+        self.status.setText("\n".join(status))
         if faster is not None:
             self._set_suggestions([faster], FASTER_TITLE)
         else:

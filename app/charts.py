@@ -13,9 +13,10 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QPalette
-from PySide6.QtWidgets import QVBoxLayout, QWidget
+from PySide6.QtWidgets import QWidget
 
 from app.run_record import MEMORY_SERIES, RunRecord
+from app.theme import vbox
 
 SERIES_COLORS = {
     # Each line at least 3:1 against the plot's background in its look (WCAG 1.4.11 for graphics; tested):
@@ -73,9 +74,7 @@ class RunCharts(QWidget):
         super().__init__(parent)
         self.view = pg.GraphicsLayoutWidget()
         self.view.setObjectName("runCharts")
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(0, 0, 0, 0)
-        lay.addWidget(self.view)
+        vbox(self.view, parent=self, margins=0)
         self.plots: dict[str, pg.PlotItem] = {}
         self.curves: dict[str, pg.PlotDataItem] = {}
         self._plot_of: dict[str, pg.PlotItem] = {}
@@ -189,12 +188,10 @@ class RunCharts(QWidget):
             self.curves[name].setData(np.asarray(x, float), np.asarray(y, float))
             self._legend(self.vram, self.curves[name], bool(x))
         peak = rec.estimate_peak
+        self.estimate_line.setVisible(peak is not None)
         if peak is not None:
             self.estimate_line.setValue(peak / 2**30)
             self.estimate_line.label.setFormat(f"predicted peak {peak_text(peak)}")
-            self.estimate_line.setVisible(True)
-        else:
-            self.estimate_line.setVisible(False)
         on_cpu = rec.started is not None and str(rec.started.device).lower().startswith("cpu")
         if on_cpu and not mem:
             self.vram_note.setText("CPU run: no GPU memory")

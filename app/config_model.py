@@ -19,7 +19,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
-from qlora_engine.config import ConfigError, TrainConfig, apply_overrides, field_help
+from qlora_engine.config import ConfigError, TrainConfig, apply_overrides
 
 SECTIONS = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("schema_version", "base_dir")]
 
@@ -32,10 +32,6 @@ def section_fields(section: str) -> list[dataclasses.Field]:
 def field_type(section: str, name: str) -> Any:
     cls = typing.get_type_hints(TrainConfig)[section]
     return typing.get_type_hints(cls)[name]
-
-
-def help_text(section: str, name: str) -> str:
-    return field_help(section, name)
 
 
 class ConfigModel(QObject):

@@ -69,16 +69,13 @@ class RunErrorDialog(QDialog):
             self._fix_rows.append(pending)
         self.fix_box.setVisible(bool(failure.fixes))
         lay.addWidget(self.fix_box)
-        facts = []
-        if failure.step:
-            facts.append(f"Step reached: {failure.step}")
-        if failure.last_checkpoint:
-            facts.append(f"Last checkpoint (resume from it in the history): {failure.last_checkpoint}")
-        if run_dir:
-            facts.append(f"Events of the run: {Path(run_dir) / 'events.jsonl'}")
-        if log_path:
-            facts.append(f"Engine log: {log_path}")
-        self.facts = note("\n".join(facts), "errorFacts")
+        facts = [
+            (failure.step, f"Step reached: {failure.step}"),
+            (failure.last_checkpoint, f"Last checkpoint (resume from it in the history): {failure.last_checkpoint}"),
+            (run_dir, f"Events of the run: {Path(run_dir or '.') / 'events.jsonl'}"),
+            (log_path, f"Engine log: {log_path}"),
+        ]
+        self.facts = note("\n".join(text for known, text in facts if known), "errorFacts")
         self.facts.setTextInteractionFlags(self.facts.textInteractionFlags().TextSelectableByMouse)
         lay.addWidget(self.facts)
 
@@ -98,9 +95,7 @@ class RunErrorDialog(QDialog):
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         self.copy_button = QPushButton("Copy details", clicked=self.copy_details)
         buttons.addButton(self.copy_button, QDialogButtonBox.ButtonRole.ActionRole)
-        self.details_button = QPushButton("Show details")
-        self.details_button.setVisible(user_error)
-        self.details_button.clicked.connect(self.show_details)
+        self.details_button = QPushButton("Show details", visible=user_error, clicked=self.show_details)
         buttons.addButton(self.details_button, QDialogButtonBox.ButtonRole.ActionRole)
         folder = Path(log_path).parent if log_path else (Path(run_dir) if run_dir else None)
         if folder is not None:
@@ -127,8 +122,7 @@ class RunErrorDialog(QDialog):
         self.fix_choices = list(choices)
         self.fix_buttons = []
         for choice in self.fix_choices:
-            card = QFrame()
-            card.setObjectName("suggestion")  # drawn as the budget panel's suggestions
+            card = QFrame(objectName="suggestion")  # drawn as the budget panel's suggestions
             grid = QGridLayout(card)
             grid.setContentsMargins(6, 4, 6, 4)
             grid.addWidget(note(choice.description, "fixDescription"), 0, 0)

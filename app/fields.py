@@ -20,16 +20,15 @@ from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
-from app.config_model import ConfigModel, field_type, help_text
-from app.theme import note
+from app.config_model import ConfigModel, field_type
+from app.theme import holder, note, restyle, vbox
+from qlora_engine.config import field_help
 
 LABELS = {
     ("model", "ref"): "Model",
@@ -64,13 +63,10 @@ LABELS = {
 }
 
 NONE_TEXT = {
-    ("train", "max_steps"): "from epochs",
-    ("train", "eval_steps"): "at the end only",
-    ("train", "save_steps"): "at the end only",
-    ("train", "save_total_limit"): "keep all",
-    ("train", "checkpoint_layers"): "all layers",
-    ("train", "mlp_chunk_tokens"): "off",
-}
+    ("train", "max_steps"): "from epochs", ("train", "eval_steps"): "at the end only",
+    ("train", "save_steps"): "at the end only", ("train", "save_total_limit"): "keep all",
+    ("train", "checkpoint_layers"): "all layers", ("train", "mlp_chunk_tokens"): "off",
+}  # fmt: skip
 
 CHOICE_TEXT = {
     ("train", "gradient_checkpointing"): {
@@ -81,15 +77,11 @@ CHOICE_TEXT = {
 }
 
 SUFFIX = {
-    ("train", "checkpoint_layers"): " layers",
-    ("train", "mlp_chunk_tokens"): " tokens",
-    ("train", "eval_steps"): " steps",
-    ("train", "save_steps"): " steps",
-    ("train", "logging_steps"): " steps",
-    ("optim", "warmup_steps"): " steps",
-    ("data", "max_length"): " tokens",
+    ("train", "checkpoint_layers"): " layers", ("train", "mlp_chunk_tokens"): " tokens",
+    ("train", "eval_steps"): " steps", ("train", "save_steps"): " steps", ("train", "logging_steps"): " steps",
+    ("optim", "warmup_steps"): " steps", ("data", "max_length"): " tokens",
     ("train", "gradient_accumulation_steps"): " micro-batches",
-}
+}  # fmt: skip
 
 
 def label_for(section: str, name: str) -> str:
@@ -135,7 +127,7 @@ class FieldBinding(QObject):
         self.key = f"{section}.{name}"
         self.tp = field_type(section, name)
         self.optional, self.base = _is_optional(self.tp)
-        self.help = help_text(section, name)
+        self.help = field_help(section, name)
         self.label = QLabel(label_for(section, name), toolTip=self.help)
         self.error_label = note(name="fieldError")
         self.error_label.hide()
@@ -155,8 +147,7 @@ class FieldBinding(QObject):
     def _make_editor(self) -> QWidget:
         base, key = self.base, (self.section, self.name)
         if base is bool:
-            w = QCheckBox(toggled=lambda on: self._commit(bool(on)))
-            return w
+            return QCheckBox(toggled=lambda on: self._commit(bool(on)))
         choices = _choices(base)
         if choices is not None:
             w = QComboBox()
@@ -167,22 +158,16 @@ class FieldBinding(QObject):
             w.currentIndexChanged.connect(lambda _i: self._commit(w.currentData()))
             return w
         if base is int:
-            w = QSpinBox()
-            w.setRange(-1 if self.optional else 0, 2**31 - 1)
-            w.setAccelerated(True)
-            w.setKeyboardTracking(True)
+            w = QSpinBox(minimum=0, maximum=2**31 - 1, accelerated=True, keyboardTracking=True)
             if self.optional:
-                w.setMinimum(0)
                 w.setSpecialValueText(NONE_TEXT.get(key, "none"))
             if key in SUFFIX:
                 w.setSuffix(SUFFIX[key])
             w.valueChanged.connect(lambda v: self._commit(None if (self.optional and v == 0) else int(v)))
             return w
-        w = QLineEdit(clearButtonEnabled=base is str)
+        w = QLineEdit(clearButtonEnabled=base is str, placeholderText="none" if self.optional else "")
         if base is float:
             w.setMaximumWidth(180)
-        if self.optional:
-            w.setPlaceholderText("none")
         w.textEdited.connect(self._text_edited)
         return w
 
@@ -263,10 +248,7 @@ class FieldBinding(QObject):
         msg = self.error
         invalid = msg is not None
         if self.editor.property("invalid") != invalid:
-            self.editor.setProperty("invalid", invalid)
-            style = self.editor.style()
-            style.unpolish(self.editor)
-            style.polish(self.editor)
+            restyle(self.editor, invalid=invalid)
         self.error_label.setText(msg or "")
         self.error_label.setVisible(invalid)
         self.editor.setToolTip(f"{msg}\n\n{self.help}" if msg else self.help)
@@ -298,27 +280,9 @@ class FieldForm(QWidget):
 
 def with_error(editor: QWidget, error_label: QLabel) -> QWidget:
     """The editor with its error line below it (hidden while the value is fine)."""
-    box = QWidget()
-    v = QVBoxLayout(box)
-    v.setContentsMargins(0, 0, 0, 0)
-    v.setSpacing(2)
-    v.addWidget(editor)
-    v.addWidget(error_label)
-    return box
-
-
-def row(*widgets: QWidget, stretch: bool = False) -> QWidget:
-    box = QWidget()
-    h = QHBoxLayout(box)
-    h.setContentsMargins(0, 0, 0, 0)
-    for w in widgets:
-        h.addWidget(w)
-    if stretch:
-        h.addStretch(1)
-    return box
+    return holder(vbox(editor, error_label, margins=0, spacing=2))
 
 
 def debounce(parent: QObject, ms: int, fn: Any) -> QTimer:
     """A single-shot timer that calls ``fn`` ``ms`` after the last ``start()``."""
-    t = QTimer(parent, singleShot=True, interval=ms, timeout=fn)
-    return t
+    return QTimer(parent, singleShot=True, interval=ms, timeout=fn)

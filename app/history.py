@@ -21,7 +21,6 @@ from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
-    QHBoxLayout,
     QHeaderView,
     QInputDialog,
     QLabel,
@@ -32,7 +31,6 @@ from PySide6.QtWidgets import (
     QTableWidget,
     QTableWidgetItem,
     QToolButton,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -41,6 +39,7 @@ from app.run_catalog import RunNotes, TensorBoardServer
 from app.run_record import RunRecord
 from app.run_worker import engine_argv, engine_env
 from app.tasks import TaskRunner
+from app.theme import hbox, vbox
 from qlora_engine.checkpoint import _pid_alive, latest_checkpoint  # one liveness test, the lock's own
 
 STATUS_TEXT = {"stopped": "stopped (resumable)", "empty": "no events"}
@@ -129,11 +128,8 @@ def scan(roots: list[Path], extra: list[Path]) -> list[RunSummary]:
     """Every run folder directly under ``roots`` plus the ``extra`` folders, newest first."""
     seen: set[Path] = set()
     found: list[RunSummary] = []
-    candidates: list[Path] = []
-    for root in roots:
-        if root.is_dir():
-            candidates += sorted(p for p in root.iterdir() if p.is_dir())
-    candidates += extra
+    in_roots = (sorted(p for p in root.iterdir() if p.is_dir()) for root in roots if root.is_dir())
+    candidates = [p for folders in in_roots for p in folders] + list(extra)
     for p in candidates:
         try:
             rp = p.resolve()
@@ -208,9 +204,8 @@ class HistoryPage(QWidget):
         header.setSortIndicatorShown(True)
         self.table.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.table.customContextMenuRequested.connect(self._context_menu)
-        self.filter = QLineEdit(objectName="historyFilter")
-        self.filter.setPlaceholderText("Filter: name, title, notes, model or status")
-        self.filter.setClearButtonEnabled(True)
+        placeholder = "Filter: name, title, notes, model or status"
+        self.filter = QLineEdit(objectName="historyFilter", placeholderText=placeholder, clearButtonEnabled=True)
         self.filter.textChanged.connect(self._apply_filter)
         self.table.itemSelectionChanged.connect(self._update_buttons)
         self.table.itemDoubleClicked.connect(lambda _item: self._emit_selected(self.open_requested))
@@ -221,7 +216,6 @@ class HistoryPage(QWidget):
         self.resume_button = QPushButton("Resume", toolTip="Continue this run from its last checkpoint")
         self.compare_button = QPushButton("Compare loss")
         self.compare_button.setToolTip("Overlay the selected runs' loss curves on the run charts")
-        self.reveal_button = QPushButton("Show folder")
         self.logs_button = QPushButton("Open logs")
         self.logs_button.setToolTip(
             "TensorBoard for this run (runs with output.report_to: [tensorboard]); otherwise its folder of logs"
@@ -241,27 +235,15 @@ class HistoryPage(QWidget):
         self.load_button.clicked.connect(lambda: self._emit_selected(self.load_config_requested))
         self.resume_button.clicked.connect(lambda: self._emit_selected(self.resume_requested))
         self.compare_button.clicked.connect(lambda: self.compare_requested.emit([s.path for s in self.selected()]))
-        self.reveal_button.clicked.connect(self._reveal)
         self.add_button.clicked.connect(self._add_folder)
         self.refresh_button.clicked.connect(self.refresh)
 
-        header = QHBoxLayout()
-        header.addWidget(title)
-        header.addStretch(1)
-        header.addWidget(self.add_button)
-        header.addWidget(self.refresh_button)
-        buttons = QHBoxLayout()
-        for b in (self.open_button, self.load_button, self.resume_button, self.compare_button, self.logs_button):
-            buttons.addWidget(b)
-        buttons.addWidget(self.manage_button)
-        buttons.addStretch(1)
-        buttons.addWidget(self.filter, 1)
-
-        lay = QVBoxLayout(self)
-        lay.addLayout(header)
-        lay.addWidget(self.info)
-        lay.addLayout(buttons)
-        lay.addWidget(self.table, 1)
+        header = hbox(title, 1, self.add_button, self.refresh_button)
+        buttons = hbox(
+            self.open_button, self.load_button, self.resume_button, self.compare_button, self.logs_button,
+            self.manage_button, 1, (self.filter, 1),
+        )
+        vbox(header, self.info, buttons, (self.table, 1), parent=self)
         self._update_buttons()
 
     # -- data ------------------------------------------------------------------------------
@@ -294,29 +276,23 @@ class HistoryPage(QWidget):
             if s.status == "failed" and s.resumable:
                 status = "failed (resumable)"
             first_note = s.notes.strip().splitlines()[0] if s.notes.strip() else ""
-            cells = [
-                (s.display_name, s.display_name.lower()),
-                (status, status),
-                (f"{s.step} / {s.total_steps}" if s.total_steps else str(s.step), s.step),
-                (_fmt_loss(s.final_loss), s.final_loss),
-                (_fmt_loss(s.eval_loss), s.eval_loss),
-                (Path(s.model).name if s.model else "-", Path(s.model).name.lower() if s.model else None),
-                (started, s.started_at),
-                (first_note, first_note.lower() or None),
-                (str(s.path), str(s.path)),
+            cells = [  # (text, sort key, tooltip)
+                (s.display_name, s.display_name.lower(), f"folder: {s.name}" if s.title else ""),
+                (status, status, s.error),
+                (f"{s.step} / {s.total_steps}" if s.total_steps else str(s.step), s.step, ""),
+                (_fmt_loss(s.final_loss), s.final_loss, ""),
+                (_fmt_loss(s.eval_loss), s.eval_loss, ""),
+                (Path(s.model).name if s.model else "-", Path(s.model).name.lower() if s.model else None, s.model),
+                (started, s.started_at, ""),
+                (first_note, first_note.lower() or None, s.notes),
+                (str(s.path), str(s.path), ""),
             ]
-            for c, (text, key) in enumerate(cells):
+            for c, (text, key, tip) in enumerate(cells):
                 item = _Cell(text)
                 item.setData(Qt.ItemDataRole.UserRole, str(s.path))
                 item.setData(SORT_KEY, key)
-                if c == 0 and s.title:
-                    item.setToolTip(f"folder: {s.name}")
-                elif c == 1 and s.error:
-                    item.setToolTip(s.error)
-                elif c == 5:
-                    item.setToolTip(s.model)
-                elif c == 7 and s.notes:
-                    item.setToolTip(s.notes)
+                if tip:
+                    item.setToolTip(tip)
                 self.table.setItem(r, c, item)
         self.table.setSortingEnabled(True)  # re-sorts by the header's column and order
         for r in range(self.table.rowCount()):
@@ -372,15 +348,11 @@ class HistoryPage(QWidget):
     def _update_buttons(self) -> None:
         sel = self.selected()
         one = len(sel) == 1
-        self.open_button.setEnabled(one)
+        for w in (self.open_button, self.logs_button, self.manage_button, *self.manage_menu.actions()):  # Delete: below
+            w.setEnabled(one)
         self.load_button.setEnabled(one and (sel[0].path / "config.yaml").is_file())
         self.resume_button.setEnabled(one and sel[0].resumable)
         self.compare_button.setEnabled(len(sel) >= 1)
-        self.reveal_button.setEnabled(one)
-        self.logs_button.setEnabled(one)
-        self.manage_button.setEnabled(one)
-        for action in (self.rename_action, self.notes_action, self.reveal_action):
-            action.setEnabled(one)
         self.delete_action.setEnabled(one and not sel[0].alive)
 
     def _emit_selected(self, signal) -> None:
@@ -389,9 +361,8 @@ class HistoryPage(QWidget):
             signal.emit(sel[0].path)
 
     def _reveal(self) -> None:
-        sel = self.selected()
-        if sel:
-            QDesktopServices.openUrl(QUrl.fromLocalFile(str(sel[0].path)))
+        if (s := self._one()) is not None:
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(s.path)))
 
     def _add_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Add a run folder")
@@ -434,15 +405,13 @@ class HistoryPage(QWidget):
         return sel[0] if len(sel) == 1 else None
 
     def _rename_selected(self) -> None:
-        s = self._one()
-        if s is not None:
+        if (s := self._one()) is not None:
             title = self.ask_text("Rename run", f"Title for {s.name} (the folder keeps its name):", s.title or s.name)
             if title is not None:
                 self.set_title(s.path, "" if title.strip() == s.name else title)
 
     def _edit_notes_selected(self) -> None:
-        s = self._one()
-        if s is not None:
+        if (s := self._one()) is not None:
             notes = self.ask_text("Notes", f"Notes on {s.display_name}:", s.notes, multiline=True)
             if notes is not None:
                 self.set_notes(s.path, notes)
@@ -464,8 +433,7 @@ class HistoryPage(QWidget):
         self.refresh()
 
     def _delete_selected(self) -> None:
-        s = self._one()
-        if s is not None:
+        if (s := self._one()) is not None:
             self.delete_run(s)
 
     def delete_run(self, s: RunSummary) -> bool:
@@ -491,8 +459,7 @@ class HistoryPage(QWidget):
         return True
 
     def _open_logs(self) -> None:
-        s = self._one()
-        if s is not None:
+        if (s := self._one()) is not None:
             self.open_logs(s.path)
 
     def open_logs(self, path: Path) -> str:

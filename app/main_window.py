@@ -14,7 +14,6 @@ from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
     QFileDialog,
-    QHBoxLayout,
     QLabel,
     QListWidget,
     QMainWindow,
@@ -23,8 +22,6 @@ from PySide6.QtWidgets import (
     QSizePolicy,
     QSplitter,
     QStackedWidget,
-    QVBoxLayout,
-    QWidget,
 )
 
 from app import gpu_cards
@@ -41,18 +38,13 @@ from app.pages.training_page import TrainingPage
 from app.run_actions import RunActions
 from app.run_view import RunView
 from app.tasks import TaskRunner
-from app.theme import apply_theme
+from app.theme import apply_theme, hbox, holder, vbox
 from qlora_engine.config import ConfigError, TrainConfig
 
 PAGES = [
-    ("model", "1  Model"),
-    ("data", "2  Data"),
-    ("adapter", "3  Adapter"),
-    ("training", "4  Training"),
-    ("run", "5  Run"),
-    ("result", "6  Try / Export"),
-    ("history", "History"),
-]
+    ("model", "1  Model"), ("data", "2  Data"), ("adapter", "3  Adapter"), ("training", "4  Training"),
+    ("run", "5  Run"), ("result", "6  Try / Export"), ("history", "History"),
+]  # fmt: skip
 CONFIG_PAGES = ("model", "data", "adapter", "training")
 
 
@@ -116,8 +108,7 @@ class MainWindow(QMainWindow):
         self.runs = RunActions(self, self.run_view, self.history)
 
         # layout: nav | stack (+ back/next) | budget
-        self.nav = QListWidget(objectName="nav")
-        self.nav.setFixedWidth(170)
+        self.nav = QListWidget(objectName="nav", minimumWidth=170, maximumWidth=170)
         self.stack = QStackedWidget()
         for key, label in PAGES:
             self.nav.addItem(label)
@@ -127,30 +118,13 @@ class MainWindow(QMainWindow):
         self.next_button = QPushButton("Next →", objectName="primary")
         self.back_button.clicked.connect(lambda: self._step(-1))
         self.next_button.clicked.connect(lambda: self._step(1))
-        self.flow_bar = QWidget()
-        fb = QHBoxLayout(self.flow_bar)
-        fb.setContentsMargins(18, 4, 18, 10)
-        fb.addWidget(self.back_button)
-        fb.addStretch(1)
-        fb.addWidget(self.next_button)
-        center = QWidget()
-        cv = QVBoxLayout(center)
-        cv.setContentsMargins(0, 0, 0, 0)
-        cv.setSpacing(0)
-        cv.addWidget(self.stack, 1)
-        cv.addWidget(self.flow_bar)
+        self.flow_bar = holder(hbox(self.back_button, 1, self.next_button, margins=(18, 4, 18, 10)))
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
-        self.splitter.addWidget(center)
+        self.splitter.addWidget(holder(vbox((self.stack, 1), self.flow_bar, margins=0, spacing=0)))
         self.splitter.addWidget(self.budget)
         self.splitter.setStretchFactor(0, 1)
         self.splitter.setCollapsible(0, False)
-        body = QWidget()
-        row = QHBoxLayout(body)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.setSpacing(0)
-        row.addWidget(self.nav)
-        row.addWidget(self.splitter, 1)
-        self.setCentralWidget(body)
+        self.setCentralWidget(holder(hbox(self.nav, (self.splitter, 1), margins=0, spacing=0)))
 
         self.path_label = QLabel()
         self.statusBar().addPermanentWidget(self.path_label)
@@ -207,29 +181,21 @@ class MainWindow(QMainWindow):
         self.recent_menu = f.addMenu("Open &recent")
         self.recent_menu.aboutToShow.connect(self._fill_recent)
         self._action(f, "&Save", self.save_config, QKeySequence.StandardKey.Save, "save")
-        self._action(f, "Save &as…", self.save_config_as, QKeySequence("Ctrl+Shift+S"), "save_as")
+        self._action(f, "Save &as…", self.save_config_as, "Ctrl+Shift+S", "save_as")
         f.addSeparator()
         self._action(f, "&Quit", self.close, QKeySequence.StandardKey.Quit, "quit")
         r = bar.addMenu("&Run")
-        self._action(r, "&Start training", self.runs.start, QKeySequence("Ctrl+R"), "start")
-        self._action(r, "S&top (save and finish)", self.runs.stop, QKeySequence("Ctrl+."), "stop")
-        self._action(r, "&Abort (end now)", self.runs.abort, QKeySequence("Ctrl+Shift+."), "abort")
-        self._action(
-            r, "Save a checkpoint &now", self.runs.save_now, QKeySequence("Ctrl+Shift+K"), "save_now"
-        )
+        self._action(r, "&Start training", self.runs.start, "Ctrl+R", "start")
+        self._action(r, "S&top (save and finish)", self.runs.stop, "Ctrl+.", "stop")
+        self._action(r, "&Abort (end now)", self.runs.abort, "Ctrl+Shift+.", "abort")
+        self._action(r, "Save a checkpoint &now", self.runs.save_now, "Ctrl+Shift+K", "save_now")
         v = bar.addMenu("&View")
         for i, (key, label) in enumerate(PAGES):
-            self._action(
-                v, label.split("  ")[-1], lambda _=False, k=key: self.show_page(k), QKeySequence(f"Ctrl+{i + 1}")
-            )
+            self._action(v, label.split("  ")[-1], lambda _=False, k=key: self.show_page(k), f"Ctrl+{i + 1}")
         v.addSeparator()
         theme = v.addMenu("&Look")
-        for mode in ("system", "light", "dark"):
-            self._action(
-                theme,
-                mode.capitalize() if mode != "system" else "Follow the system",
-                lambda _=False, m=mode: self.set_theme(m),
-            )
+        for mode, text in (("system", "Follow the system"), ("light", "Light"), ("dark", "Dark")):
+            self._action(theme, text, lambda _=False, m=mode: self.set_theme(m))
         h = bar.addMenu("&Help")
         self._action(h, "&Keyboard shortcuts", self._show_shortcuts, QKeySequence.StandardKey.HelpContents)
 
@@ -360,17 +326,14 @@ class MainWindow(QMainWindow):
             "Save the changes to this configuration first?",
             QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel,
         )
-        return {QMessageBox.StandardButton.Save: "save", QMessageBox.StandardButton.Discard: "discard"}.get(
-            answer, "cancel"
-        )
+        words = {QMessageBox.StandardButton.Save: "save", QMessageBox.StandardButton.Discard: "discard"}
+        return words.get(answer, "cancel")
 
     def maybe_save_changes(self) -> bool:
         if not self.config_model.dirty:
             return True
         answer = self.ask_save_changes()
-        if answer == "save":
-            return self.save_config()
-        return answer == "discard"
+        return self.save_config() if answer == "save" else answer == "discard"
 
     def new_config(self) -> None:
         if self.maybe_save_changes():

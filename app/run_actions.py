@@ -255,11 +255,8 @@ class RunActions(QObject):
     # -- the demo --------------------------------------------------------------------------
     def start_demo(self, gguf: Path) -> bool:
         """One click: the demo model on the bundled sample data, a short run, started at once."""
-        out = (
-            next_free_dir(workspace_dir() / "runs" / "demo")
-            if (workspace_dir() / "runs" / "demo").exists()
-            else (workspace_dir() / "runs" / "demo")
-        )
+        demo = workspace_dir() / "runs" / "demo"
+        out = next_free_dir(demo) if demo.exists() else demo
         from qlora_engine.quickstart import TRAIN_SETTINGS  # the same measured settings as `qlora-engine quickstart`
 
         overrides = {
@@ -299,9 +296,8 @@ class RunActions(QObject):
         cfg.base_dir = fresh.parent
         self.window.config_model.reset(cfg)
         self.window.config_model.mark_dirty()
-        self.window.statusBar().showMessage(
-            f"Loaded the configuration of {Path(run_dir).name}; new runs go to {fresh}", 8000
-        )
+        name = Path(run_dir).name
+        self.window.statusBar().showMessage(f"Loaded the configuration of {name}; new runs go to {fresh}", 8000)
         self.window.show_page("model")
 
     def compare(self, run_dirs: list[Path]) -> None:
@@ -450,15 +446,7 @@ class RunActions(QObject):
 
 def _record_summary(rec: RunRecord) -> str:
     cfg = rec.config_dict() or {}
-    model = (cfg.get("model") or {}).get("ref", "?")
-    data = (cfg.get("data") or {}).get("path", "?")
-    status = rec.status
-    parts = [
-        f"Status: {status}",
-        f"step {rec.step} of {rec.total_steps}",
-        f"model {Path(str(model)).name}",
-        f"data {Path(str(data)).name}",
-    ]
-    if rec.failed:
-        parts.append(f"error: {rec.failed.message}")
-    return " · ".join(parts)
+    model = Path(str((cfg.get("model") or {}).get("ref", "?"))).name
+    data = Path(str((cfg.get("data") or {}).get("path", "?"))).name
+    error = f" · error: {rec.failed.message}" if rec.failed else ""
+    return f"Status: {rec.status} · step {rec.step} of {rec.total_steps} · model {model} · data {data}{error}"

@@ -218,13 +218,9 @@ class RunRecord:
     @property
     def estimate_peak(self) -> float | None:
         """The budget's predicted peak in bytes, if the run carried one."""
-        est = self.started.vram_estimate if self.started else None
-        if not est:
-            return None
-        for key in ("total", "total_bytes", "peak"):
-            if isinstance(est.get(key), (int, float)):
-                return float(est[key])
-        return None
+        est = (self.started.vram_estimate if self.started else None) or {}
+        peaks = (est.get(key) for key in ("total", "total_bytes", "peak"))
+        return next((float(v) for v in peaks if isinstance(v, (int, float))), None)
 
     @property
     def has_steps(self) -> bool:
@@ -272,5 +268,4 @@ class RunRecord:
 def write_events(path: str | Path, events: list[Event]) -> None:
     """Write events as JSONL (tests and the screenshot script record runs with it)."""
     with open(path, "w", encoding="utf-8") as fh:
-        for e in events:
-            fh.write(json.dumps(e.to_dict(), default=str) + "\n")
+        fh.writelines(json.dumps(e.to_dict(), default=str) + "\n" for e in events)

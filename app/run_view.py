@@ -13,19 +13,17 @@ import time
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QKeySequence
 from PySide6.QtWidgets import (
-    QHBoxLayout,
     QLabel,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
     QSplitter,
-    QVBoxLayout,
     QWidget,
 )
 
 from app.charts import RunCharts
 from app.run_record import RunRecord
-from app.theme import note
+from app.theme import hbox, note, restyle, vbox
 from qlora_engine.events import Event, LogLine, PhaseChanged, RunFailed, StepMetrics, describe, fmt_duration
 
 REDRAW_MS = 250
@@ -65,37 +63,26 @@ class RunView(QWidget):
         self.summary = note(name="runSummary")
         self.summary.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
-        self.start_button = QPushButton("Start training", objectName="primary")
-        self.start_button.setToolTip(f"Start a run with this configuration ({QKeySequence('Ctrl+R').toString()})")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setToolTip("Save a checkpoint and the adapter at the end of the current step, then finish")
-        self.abort_button = QPushButton("Abort", objectName="danger")
-        self.abort_button.setToolTip("End the run now; the last checkpoint on disk is kept")
+        start_tip = f"Start a run with this configuration ({QKeySequence('Ctrl+R').toString()})"
+        self.start_button = QPushButton("Start training", objectName="primary", toolTip=start_tip)
+        stop_tip = "Save a checkpoint and the adapter at the end of the current step, then finish"
+        self.stop_button = QPushButton("Stop", toolTip=stop_tip)
+        abort_tip = "End the run now; the last checkpoint on disk is kept"
+        self.abort_button = QPushButton("Abort", objectName="danger", toolTip=abort_tip)
         self.start_button.clicked.connect(self.start_requested)
         self.stop_button.clicked.connect(self.stop_requested)
         self.abort_button.clicked.connect(self.abort_requested)
 
         self.state_label = QLabel(STATE_TEXT["idle"], objectName="runState")
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.progress.setFormat("step %v / %m")
-        self.progress.setTextVisible(True)
+        self.progress = QProgressBar(maximum=1, value=0, format="step %v / %m", textVisible=True)
         self.eta = QLabel("", objectName="runEta", minimumWidth=220)
 
         self.charts = RunCharts()
         self.log = QPlainTextEdit(objectName="runLog", readOnly=True, maximumBlockCount=LOG_BLOCKS)
         self.log.setPlaceholderText("The engine's messages appear here.")
 
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.start_button)
-        buttons.addWidget(self.stop_button)
-        buttons.addWidget(self.abort_button)
-        buttons.addSpacing(12)
-        buttons.addWidget(self.state_label, 1)
-        bar = QHBoxLayout()
-        bar.addWidget(self.progress, 1)
-        bar.addWidget(self.eta)
+        buttons = hbox(self.start_button, self.stop_button, self.abort_button, (self.state_label, 1))
+        buttons.insertSpacing(3, 12)
 
         self.splitter = QSplitter(Qt.Orientation.Vertical)
         self.splitter.addWidget(self.charts)
@@ -103,12 +90,7 @@ class RunView(QWidget):
         self.splitter.setStretchFactor(0, 4)
         self.splitter.setStretchFactor(1, 1)
 
-        lay = QVBoxLayout(self)
-        lay.addWidget(self.title)
-        lay.addWidget(self.summary)
-        lay.addLayout(buttons)
-        lay.addLayout(bar)
-        lay.addWidget(self.splitter, 1)
+        vbox(self.title, self.summary, buttons, hbox((self.progress, 1), self.eta), (self.splitter, 1), parent=self)
 
         self._timer = QTimer(self, singleShot=True, interval=REDRAW_MS, timeout=self.redraw)
         self.set_state("idle")
@@ -121,9 +103,7 @@ class RunView(QWidget):
         self.stop_button.setEnabled(state in ("starting", "running"))
         self.abort_button.setEnabled(live)
         self.state_label.setText(STATE_TEXT.get(state, state))
-        self.state_label.setProperty("state", state)
-        self.state_label.style().unpolish(self.state_label)
-        self.state_label.style().polish(self.state_label)
+        restyle(self.state_label, state=state)
         self.schedule_redraw()
 
     def set_summary(self, text: str) -> None:

@@ -61,16 +61,13 @@ def engine_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def engine_command(
-    config_path: Path, resume: str | bool | None = None, overrides: list[str] | None = None
-) -> list[str]:
+def engine_command(config_path: Path, resume: str | bool | None = None) -> list[str]:
     """The command line of ``qlora-engine train`` for this interpreter."""
     cmd = engine_argv("train", str(config_path), "--events", "-", "--control-stdin")
     if resume:
         cmd.append("--resume")
         if isinstance(resume, (str, Path)):
             cmd.append(str(resume))
-    cmd.extend(overrides or [])
     return cmd
 
 

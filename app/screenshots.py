@@ -30,25 +30,40 @@ from pathlib import Path
 def _offscreen(width: int, height: int) -> None:
     if os.environ.get("QT_QPA_PLATFORM", "offscreen").startswith("offscreen"):
         cfg = Path(tempfile.mkdtemp()) / "screen.json"
-        cfg.write_text(
-            json.dumps(
-                {
-                    "screens": [
-                        {
-                            "name": "Screen",
-                            "x": 0,
-                            "y": 0,
-                            "width": width,
-                            "height": height,
-                            "logicalDpi": 96,
-                            "logicalBaseDpi": 96,
-                            "dpr": 1,
-                        }
-                    ]
-                }
-            )
-        )
+        screen = {"name": "Screen", "x": 0, "y": 0, "width": width, "height": height}
+        cfg.write_text(json.dumps({"screens": [{**screen, "logicalDpi": 96, "logicalBaseDpi": 96, "dpr": 1}]}))
         os.environ["QT_QPA_PLATFORM"] = f"offscreen:configfile={cfg}"
+
+
+def _window(args: argparse.Namespace, prefix: str):
+    """The application in ``args.look`` and a main window over a fresh QLORA_STUDIO_HOME: (window, home)."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    os.environ.setdefault("QLORA_STUDIO_HOME", str(home))
+    from PySide6.QtWidgets import QApplication  # lazy: Qt loads after _offscreen() sets its platform
+
+    from app.main_window import MainWindow  # lazy: Qt loads after _offscreen() sets its platform
+    from app.theme import apply_theme  # lazy: Qt loads after _offscreen() sets its platform
+    from qlora_engine.demo import find_demo_model  # lazy: Qt loads after _offscreen() sets its platform
+
+    apply_theme(QApplication.instance() or QApplication(sys.argv[:1]), args.look)
+    w = MainWindow(demo_model=find_demo_model())
+    w.ask_save_changes = lambda: "discard"
+    return w, home
+
+
+def _settle(ms: int) -> None:
+    from PySide6.QtCore import QEventLoop, QTimer  # lazy: Qt loads after _offscreen() sets its platform
+
+    loop = QEventLoop()
+    QTimer.singleShot(ms, loop.quit)
+    loop.exec()
+
+
+def _wait(until, timeout_s: float) -> None:
+    for _ in range(int(timeout_s * 10)):
+        if until():
+            return
+        _settle(100)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,48 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         _offscreen(width, height)
         return looks(args, width, height)
     _offscreen(1920, 1200)
-    home = Path(tempfile.mkdtemp(prefix="qlora-shots-"))
-    os.environ.setdefault("QLORA_STUDIO_HOME", str(home))
-
-    from PySide6.QtCore import QEventLoop, QTimer  # lazy: Qt loads after _offscreen() sets its platform
-    from PySide6.QtWidgets import QApplication  # lazy: Qt loads after _offscreen() sets its platform
-
-    from app.main_window import MainWindow  # lazy: Qt loads after _offscreen() sets its platform
-    from app.theme import apply_theme  # lazy: Qt loads after _offscreen() sets its platform
     from qlora_engine import gpu as gpu_facts  # lazy: Qt loads after _offscreen() sets its platform
     from qlora_engine.demo import find_demo_model  # lazy: Qt loads after _offscreen() sets its platform
     from qlora_engine.events import read_events  # lazy: Qt loads after _offscreen() sets its platform
     from qlora_engine.resources import path as resource_path  # lazy: Qt loads after _offscreen() sets its platform
 
-    app = QApplication.instance() or QApplication(sys.argv[:1])
-    apply_theme(app, args.look)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     model = args.model or find_demo_model()
     if model is None:
         print("no model: pass --model, or fetch the demo with `qlora-engine quickstart`", file=sys.stderr)
         return 2
     data = args.data or resource_path("data", "quickstart.jsonl")
-
-    def wait(until, timeout_s: float = 120.0) -> None:
-        loop = QEventLoop()
-        timer = QTimer(interval=50)
-        deadline = QTimer(singleShot=True)
-        timer.timeout.connect(lambda: until() and loop.quit())
-        deadline.timeout.connect(loop.quit)
-        timer.start()
-        deadline.start(int(timeout_s * 1000))
-        if not until():
-            loop.exec()
-        timer.stop()
-
-    def settle(ms: int = 400) -> None:
-        loop = QEventLoop()
-        QTimer.singleShot(ms, loop.quit)
-        loop.exec()
-
-    w = MainWindow(demo_model=find_demo_model())
-    w.ask_save_changes = lambda: "discard"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    w, home = _window(args, "qlora-shots-")
     w.resize(1440, 900)
     w.show()
     if not gpu_facts.query_gpus().available:
@@ -116,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         w.budget.set_gpus([gpu_facts.GpuInfo(0, f"NVIDIA GPU ({args.card_gib:g} GiB)", size, size, 0, uuid=None)])
 
     def shot(name: str, widget=None) -> None:
-        settle()
+        _settle(400)
         (widget or w).grab().save(str(out / f"{name}.png"))
         print(f"wrote {out / f'{name}.png'}")
 
@@ -138,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             ("train", "eval_steps"): 4,
         }
     )
-    wait(lambda: w.model_page.info is not None and w.budget.result is not None)
+    _wait(lambda: w.model_page.info is not None and w.budget.result is not None, 120)
     shot("1-model")
     w.show_page("data")
-    wait(lambda: w.data_page.report is not None and bool(w.data_page.report.get("lengths")))
+    _wait(lambda: w.data_page.report is not None and bool(w.data_page.report.get("lengths")), 120)
     shot("2-data")
     bar = w.data_page.scroll.verticalScrollBar()
     bar.setValue(bar.maximum())
@@ -152,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     shot("4-training")
     for batch in (64, 256, 1024):  # the estimate is sized by the data's longest sample: push until over
         m.set_values({("train", "micro_batch_size"): batch, ("train", "gradient_checkpointing"): False})
-        wait(lambda: w.budget.property("state") in ("over", "cpu"), timeout_s=5)
+        _wait(lambda: w.budget.property("state") in ("over", "cpu"), 5)
         if w.budget.property("state") in ("over", "cpu"):
             break
     shot("4b-budget-over-limit", w.budget)
@@ -163,13 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     shot("5a-run-ready")
     w.budget.set_gpus([])  # the run itself goes where this machine can train
     w.runs.start()
-    wait(lambda: not w.runs.running, timeout_s=900)
+    _wait(lambda: not w.runs.running, 900)
     w.run_view.redraw()
     shot("5-run")
     w.show_page("result")
     shot("6-try-export")
     w.show_page("history")
-    wait(lambda: bool(w.history.runs), timeout_s=30)
+    _wait(lambda: bool(w.history.runs), 30)
     shot("7-history")
     oom = Path(__file__).resolve().parents[1] / "tests" / "data" / "events" / "oom.jsonl"
     if oom.is_file():
@@ -183,51 +169,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def looks(args: argparse.Namespace, width: int, height: int) -> int:
     """Every page of a ``width`` × ``height`` window in ``args.look``, the run page replaying a recorded run."""
-
-    from PySide6.QtCore import QEventLoop, QTimer  # lazy: Qt loads after _offscreen() sets its platform
-    from PySide6.QtWidgets import QApplication  # lazy: Qt loads after _offscreen() sets its platform
-
+    from app.main_window import PAGES  # lazy: Qt loads after _offscreen() sets its platform
+    from qlora_engine.demo import find_demo_model  # lazy: Qt loads after _offscreen() sets its platform
     from qlora_engine.resources import path as resource_path  # lazy: Qt loads after _offscreen() sets its platform
 
-    home = Path(tempfile.mkdtemp(prefix="qlora-looks-"))
-    os.environ.setdefault("QLORA_STUDIO_HOME", str(home))
-    from app.main_window import PAGES, MainWindow  # lazy: Qt loads after _offscreen() sets its platform
-    from app.theme import apply_theme  # lazy: Qt loads after _offscreen() sets its platform
-    from qlora_engine.demo import find_demo_model  # lazy: Qt loads after _offscreen() sets its platform
-
-    app = QApplication.instance() or QApplication(sys.argv[:1])
-    apply_theme(app, args.look)
     out = Path(args.out if args.out != "docs/screenshots" else f"docs/screenshots/looks-{width}x{height}")
     out.mkdir(parents=True, exist_ok=True)
-
-    def settle(ms: int = 500) -> None:
-        loop = QEventLoop()
-        QTimer.singleShot(ms, loop.quit)
-        loop.exec()
-
-    w = MainWindow(demo_model=find_demo_model())
-    w.ask_save_changes = lambda: "discard"
+    w, home = _window(args, "qlora-looks-")
     w.setGeometry(0, 0, width, height)
     w.show()
     model = args.model or find_demo_model()
     if model is not None:
-        w.config_model.set_values(
-            {
-                ("model", "ref"): str(model),
-                ("data", "path"): str(args.data or resource_path("data", "quickstart.jsonl")),
-            }
-        )
+        data = args.data or resource_path("data", "quickstart.jsonl")
+        w.config_model.set_values({("model", "ref"): str(model), ("data", "path"): str(data)})
     w.budget.plan_for(8)
-
-    def wait(until, timeout_s: float) -> None:
-        for _ in range(int(timeout_s * 10)):
-            if until():
-                return
-            settle(100)
-
-    wait(lambda: w.budget.result is not None, 120)
+    _wait(lambda: w.budget.result is not None, 120)
     recorded = Path(__file__).resolve().parents[1] / "tests" / "data" / "events" / "normal.jsonl"
-    for key, _label in PAGES:
+    for number, (key, _label) in enumerate(PAGES, 1):
         if key == "run" and recorded.is_file():
             run_dir = home / "runs" / "recorded-run"
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -235,8 +193,8 @@ def looks(args: argparse.Namespace, width: int, height: int) -> int:
             w.runs.open_run(run_dir)
             w.history.add_folder(run_dir)
         w.show_page(key)
-        settle(1500 if key in ("model", "data") else 500)
-        name = out / f"{args.look}-{PAGES.index((key, _label)) + 1}-{key}.png"
+        _settle(1500 if key in ("model", "data") else 500)
+        name = out / f"{args.look}-{number}-{key}.png"
         w.grab().save(str(name))
         print(f"wrote {name}")
     w.close()

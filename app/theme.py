@@ -2,14 +2,15 @@
 
 Fusion style with a palette per scheme, plus a small style sheet (``qlora_engine/resources/styles/app.qss``)
 whose ``@name`` colours are filled in here. ``QStyleHints.colorSchemeChanged`` re-applies it
-when the system switches.
+when the system switches. Also the small builders every page uses: ``note``, ``hbox``/``vbox``,
+``holder``, ``row`` and ``restyle``.
 """
 
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QColor, QGuiApplication, QPalette
-from PySide6.QtWidgets import QApplication, QLabel
+from PySide6.QtWidgets import QApplication, QBoxLayout, QHBoxLayout, QLabel, QLayout, QVBoxLayout, QWidget
 
 from qlora_engine.resources import path as resource_path
 
@@ -52,28 +53,21 @@ def system_scheme() -> str:
     return "dark" if scheme == Qt.ColorScheme.Dark else "light"
 
 
+DARK_ROLES = {  # the dark palette's colours, in its active and inactive groups
+    "Window": "#18212f", "WindowText": "text", "Base": "#111827", "AlternateBase": "#1f2937", "Text": "text",
+    "Button": "#243041", "ButtonText": "text", "Highlight": "accent", "HighlightedText": "white",
+    "ToolTipBase": "#1f2937", "ToolTipText": "text", "PlaceholderText": "muted", "Link": "#93c5fd",
+}
+DARK_DISABLED = {"Text": "#6b7280", "WindowText": "#6b7280", "ButtonText": "#6b7280", "Base": "#161e2b", "Button": "#1c2533"}
+
+
 def dark_palette() -> QPalette:
     p = QPalette()
-    c = COLORS["dark"]
-    base, window = QColor("#111827"), QColor("#18212f")
-    for group in (QPalette.ColorGroup.Active, QPalette.ColorGroup.Inactive):
-        p.setColor(group, QPalette.ColorRole.Window, window)
-        p.setColor(group, QPalette.ColorRole.WindowText, QColor(c["text"]))
-        p.setColor(group, QPalette.ColorRole.Base, base)
-        p.setColor(group, QPalette.ColorRole.AlternateBase, QColor("#1f2937"))
-        p.setColor(group, QPalette.ColorRole.Text, QColor(c["text"]))
-        p.setColor(group, QPalette.ColorRole.Button, QColor("#243041"))
-        p.setColor(group, QPalette.ColorRole.ButtonText, QColor(c["text"]))
-        p.setColor(group, QPalette.ColorRole.Highlight, QColor(c["accent"]))
-        p.setColor(group, QPalette.ColorRole.HighlightedText, QColor("white"))
-        p.setColor(group, QPalette.ColorRole.ToolTipBase, QColor("#1f2937"))
-        p.setColor(group, QPalette.ColorRole.ToolTipText, QColor(c["text"]))
-        p.setColor(group, QPalette.ColorRole.PlaceholderText, QColor(c["muted"]))
-        p.setColor(group, QPalette.ColorRole.Link, QColor("#93c5fd"))
-    for role in (QPalette.ColorRole.Text, QPalette.ColorRole.WindowText, QPalette.ColorRole.ButtonText):
-        p.setColor(QPalette.ColorGroup.Disabled, role, QColor("#6b7280"))
-    p.setColor(QPalette.ColorGroup.Disabled, QPalette.ColorRole.Base, QColor("#161e2b"))
-    p.setColor(QPalette.ColorGroup.Disabled, QPalette.ColorRole.Button, QColor("#1c2533"))
+    for role, color in DARK_ROLES.items():
+        for group in (QPalette.ColorGroup.Active, QPalette.ColorGroup.Inactive):
+            p.setColor(group, getattr(QPalette.ColorRole, role), QColor(COLORS["dark"].get(color, color)))
+    for role, color in DARK_DISABLED.items():
+        p.setColor(QPalette.ColorGroup.Disabled, getattr(QPalette.ColorRole, role), QColor(color))
     return p
 
 
@@ -118,3 +112,51 @@ def contrast_ratio(a: str | QColor, b: str | QColor) -> float:
 def note(text: str = "", name: str = "hint") -> QLabel:
     """A label that wraps its text, styled by its object name (``hint``: the grey small print)."""
     return QLabel(text, objectName=name, wordWrap=True)
+
+
+def restyle(widget: QWidget, **properties: object) -> None:
+    """Set style-sheet properties (``state``, ``invalid``) and polish the widget again so they show."""
+    for name, value in properties.items():
+        widget.setProperty(name, value)
+    widget.style().unpolish(widget)
+    widget.style().polish(widget)
+
+
+def _fill(lay: QBoxLayout, items: tuple, margins: int | tuple[int, int, int, int] | None, spacing: int | None):
+    if margins is not None:
+        lay.setContentsMargins(*((margins,) * 4 if isinstance(margins, int) else margins))
+    if spacing is not None:
+        lay.setSpacing(spacing)
+    for item in items:
+        args = item if isinstance(item, tuple) else (item,)  # (widget or layout, stretch[, alignment])
+        if isinstance(args[0], str):
+            lay.addWidget(QLabel(args[0]), *args[1:])
+        elif isinstance(args[0], int):
+            lay.addStretch(args[0])
+        elif isinstance(args[0], QLayout):
+            lay.addLayout(*args)
+        elif args[0] is not None:
+            lay.addWidget(*args)
+    return lay
+
+
+def hbox(*items, parent: QWidget | None = None, margins=None, spacing: int | None = None) -> QHBoxLayout:
+    """A row of widgets, layouts, labels (a str), stretches (an int) and ``(item, stretch)`` pairs."""
+    return _fill(QHBoxLayout(parent), items, margins, spacing)
+
+
+def vbox(*items, parent: QWidget | None = None, margins=None, spacing: int | None = None) -> QVBoxLayout:
+    """A column, as :func:`hbox`."""
+    return _fill(QVBoxLayout(parent), items, margins, spacing)
+
+
+def holder(layout: QLayout, name: str = "") -> QWidget:
+    """A plain widget that holds a layout (to put a layout where a widget goes)."""
+    w = QWidget(objectName=name)
+    w.setLayout(layout)
+    return w
+
+
+def row(*items) -> QWidget:
+    """A widget holding a row of items (as :func:`hbox`), without margins."""
+    return holder(hbox(*items, margins=0))

@@ -539,7 +539,6 @@ def check_resume(folder: Path, cfg: TrainConfig, *, force: bool = False) -> dict
 
 
 def changed_setup(folder: Path, changes: list[ResumeBlocker]) -> ResumeError:
-
     first = changes[0]
     return ResumeError(
         "cannot resume, the setup changed since this checkpoint: "

@@ -248,15 +248,8 @@ def _quote_keep_vars(arg: str) -> str:
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
-    text = slurm_script(
-        Path(args.config),
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        time_limit=args.time,
-        partition=args.partition,
-        account=args.account,
-        port=args.port,
-    )
+    opts = {name: getattr(args, name) for name in ("nodes", "gpus_per_node", "partition", "account", "port")}
+    text = slurm_script(Path(args.config), time_limit=args.time, **opts)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
         os.chmod(args.output, 0o755)

@@ -358,9 +358,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
 
 def _yaml_value(value: Any) -> str:
     text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10_000).strip()
-    if text.endswith("\n..."):
-        text = text[: -len("\n...")]
-    return text.removesuffix("...").strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
 
 
 def dump_yaml(cfg: TrainConfig, *, comments: bool = True) -> str:
@@ -381,8 +379,7 @@ def dump_yaml(cfg: TrainConfig, *, comments: bool = True) -> str:
                 help_text = f.metadata["help"]
                 if typing.get_origin(hints[f.name]) is Literal:
                     help_text += f" Choices: {', '.join(map(str, typing.get_args(hints[f.name])))}."
-                for chunk in _wrap(help_text, 92):
-                    lines.append(f"  # {chunk}")
+                lines += [f"  # {chunk}" for chunk in _wrap(help_text, 92)]
             lines.append(f"  {f.name}: {_yaml_value(getattr(obj, f.name))}")
     return "\n".join(lines) + "\n"
 

@@ -22,6 +22,14 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 LORA_PRESETS = ("attention", "mlp", "all-linear")
+DATA_FIELDS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "alpaca": ("instruction", "input", "output", "system"),
+    "chat": ("messages",),
+    "sharegpt": ("conversations", "system"),
+    "prompt_completion": ("prompt", "completion"),
+}
+"""The fields each ``data.format`` reads from a row: what ``data.columns`` maps to the data's own names."""
 
 
 @dataclass

@@ -37,9 +37,7 @@ def find_demo_model() -> Path | None:
     if env and Path(env).is_file():
         return Path(env)
     cached = cache_dir() / "demo" / DEMO_FILE
-    if cached.is_file():
-        return cached
-    return _installed_copy()
+    return cached if cached.is_file() else _installed_copy()
 
 
 def fetch_demo_model(log=print) -> Path:

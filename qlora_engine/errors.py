@@ -52,6 +52,9 @@ def _place(file: Any, line: int | None, checkpoint: Any, field: str | None) -> s
     return "".join(f"{p}: " for p in parts)
 
 
+_PARTS = ("field", "file", "line", "checkpoint", "fix")  # what to_dict and from_dict carry besides what and problems
+
+
 class QLoRAError(Exception):
     """Base of the errors a user can act on (see the module docstring for the attributes)."""
 
@@ -91,16 +94,8 @@ class QLoRAError(Exception):
         return from_dict, (self.to_dict(),)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "type": type(self).__name__,
-            "what": self.what,
-            "field": self.field,
-            "file": self.file,
-            "line": self.line,
-            "checkpoint": self.checkpoint,
-            "fix": self.fix,
-            "problems": [asdict(p) for p in self.problems],
-        }
+        parts = {name: getattr(self, name) for name in ("what", *_PARTS)}
+        return {"type": type(self).__name__, **parts, "problems": [asdict(p) for p in self.problems]}
 
 
 def render(e: QLoRAError) -> str:
@@ -160,33 +155,14 @@ class DistributedError(QLoRAError):
 ERROR_TYPES: dict[str, type[QLoRAError]] = {
     cls.__name__: cls
     for cls in (
-        QLoRAError,
-        ConfigError,
-        ModelError,
-        DataError,
-        ResumeError,
-        RunLockedError,
-        TrainingDiverged,
-        DiskFullError,
-        WriteError,
-        ExportError,
-        ExportCancelled,
-        DistributedError,
+        QLoRAError, ConfigError, ModelError, DataError, ResumeError, RunLockedError, TrainingDiverged, DiskFullError,
+        WriteError, ExportError, ExportCancelled, DistributedError,
     )
-}
+}  # fmt: skip
 
 
 def from_dict(d: dict[str, Any]) -> QLoRAError:
     """The error that :meth:`QLoRAError.to_dict` wrote, as its type (an unknown type: QLoRAError)."""
     cls = ERROR_TYPES.get(str(d.get("type")), QLoRAError)
     problems = [Problem(**p) for p in d.get("problems") or [] if isinstance(p, dict)]
-    err = cls(
-        str(d.get("what", "")),
-        field=d.get("field"),
-        file=d.get("file"),
-        line=d.get("line"),
-        checkpoint=d.get("checkpoint"),
-        fix=d.get("fix"),
-        problems=problems,
-    )
-    return err
+    return cls(str(d.get("what", "")), **{name: d.get(name) for name in _PARTS}, problems=problems)

@@ -252,12 +252,9 @@ def iter_events(path: str | Path) -> Iterator[Event]:
     """
     with open(path, encoding="utf-8") as fh:
         for line in fh:
-            line = line.strip()
-            if not line:
-                continue
             try:
                 yield from_json(line)
-            except (json.JSONDecodeError, ValueError, TypeError):
+            except (ValueError, TypeError):  # a blank or torn line (json's errors are ValueErrors), not an event
                 continue
 
 

@@ -42,9 +42,7 @@ def plain(obj: Any) -> Any:
         return [plain(v) for v in obj]
     if hasattr(obj, "tolist"):  # numpy
         return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+    return str(obj) if isinstance(obj, Path) else obj
 
 
 def _config(req: dict[str, Any]) -> Any:

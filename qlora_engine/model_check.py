@@ -132,7 +132,6 @@ def _expected_groups(config: Any, trust_remote_code: bool) -> tuple[list[list[st
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
-
     return any(re.search(p, name) for p in patterns)
 
 
@@ -143,38 +142,27 @@ def folder_problems(folder: Path, *, config: Any = None, trust_remote_code: bool
         config: the folder's transformers config if already read (None: read it here).
     """
     problems: list[Problem] = []
-    cfg_json = (
-        _json_file(folder / "config.json", problems, "config.json") if (folder / "config.json").exists() else None
-    )
-    if not (folder / "config.json").exists():
+    config_file = folder / "config.json"
+    if not config_file.exists():
         problems.append(Problem("no config.json: not a Hugging Face model folder.", file=str(folder)))
-    elif cfg_json is not None and not (isinstance(cfg_json, dict) and isinstance(cfg_json.get("model_type"), str)):
-        problems.append(
-            Problem("config.json names no model_type; the file is damaged.", file=str(folder / "config.json"))
-        )
-    tokenizer_files = [
-        p
-        for p in folder.iterdir()
-        if p.is_file() and p.name.startswith(("tokenizer", "vocab", "merges", "special_tokens"))
-    ]
+    else:
+        cfg_json = _json_file(config_file, problems, "config.json")
+        if cfg_json is not None and not (isinstance(cfg_json, dict) and isinstance(cfg_json.get("model_type"), str)):
+            problems.append(Problem("config.json names no model_type; the file is damaged.", file=str(config_file)))
+    files = [p for p in folder.iterdir() if p.is_file()]
+    tokenizer_files = [p for p in files if p.name.startswith(("tokenizer", "vocab", "merges", "special_tokens"))]
     for p in tokenizer_files:
         if p.suffix == ".json":
             _json_file(p, problems, p.name)
-    if not any(
-        p.name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
-        for p in tokenizer_files
-    ):
-        problems.append(
-            Problem("no tokenizer files (tokenizer.json, tokenizer.model or vocab.json).", file=str(folder))
-        )
-    weight_files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(".safetensors"))
+    tokenizer_names = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+    if not any(p.name in tokenizer_names for p in tokenizer_files):
+        problems.append(Problem("no tokenizer files (tokenizer.json, tokenizer.model or vocab.json).", file=str(folder)))
+    weight_files = sorted(p for p in files if p.name.endswith(".safetensors"))
     present: set[str] = set()
-    damaged = False
     for p in weight_files:
         names, problem = safetensors_names(p)
         if problem is not None:
             problems.append(problem)
-            damaged = True
         present |= names
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -190,7 +178,7 @@ def folder_problems(folder: Path, *, config: Any = None, trust_remote_code: bool
                     file=str(index),
                 )
             )
-    if problems or damaged or not weight_files:
+    if problems or not weight_files:
         return problems  # the tensor comparison needs a readable config and whole weight files
     if config is None:
         try:
@@ -225,10 +213,5 @@ def check_model_folder(folder: Path, *, config: Any = None, trust_remote_code: b
     problems = folder_problems(folder, config=config, trust_remote_code=trust_remote_code)
     if problems:
         first = problems[0]
-        raise ModelError(
-            first.what,
-            file=first.file,
-            line=first.line,
-            fix=first.fix or "Download or convert the model again.",
-            problems=problems,
-        )
+        fix = first.fix or "Download or convert the model again."
+        raise ModelError(first.what, file=first.file, line=first.line, fix=fix, problems=problems)

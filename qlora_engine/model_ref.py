@@ -46,9 +46,7 @@ def weights_format(folder: Path) -> str:
     names = [p.name for p in folder.iterdir() if p.is_file()]
     if any(n.endswith(SAFE_WEIGHTS) for n in names):
         return "safetensors"
-    if any(n.endswith(PICKLE_WEIGHTS) for n in names):
-        return "pickle-only"
-    return "none"
+    return "pickle-only" if any(n.endswith(PICKLE_WEIGHTS) for n in names) else "none"
 
 
 def check_weights_safe(folder: Path) -> None:
@@ -127,7 +125,6 @@ def resolve_model(
 
 
 def _download(repo_id: str, *, revision: str | None, weights: bool, token: str | None = None) -> Path:
-
     patterns = HUB_FILES if weights else [p for p in HUB_FILES if p != "*.safetensors"]
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, token=token or None))

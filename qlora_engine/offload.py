@@ -57,9 +57,7 @@ class HostOffload(torch.autograd.graph.saved_tensors_hooks):
         pin = torch.cuda.is_available()
 
         def pack(t: torch.Tensor) -> Any:
-            if t.device.type == "cpu":
-                return t
-            return t.device, t.shape, t.dtype, to_host(t, pin)
+            return t if t.device.type == "cpu" else (t.device, t.shape, t.dtype, to_host(t, pin))
 
         def unpack(packed: Any) -> torch.Tensor:
             if isinstance(packed, torch.Tensor):

@@ -251,9 +251,7 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
         return 1.0
     span = max(1, total - warmup)
     progress = min(1.0, (step - warmup) / span)
-    if kind == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress) if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def warmup_for(warmup_steps: int, total_steps: int) -> tuple[int, str | None]:

@@ -41,22 +41,16 @@ def pid_alive(pid: int) -> bool:
         return code.value == 259  # STILL_ACTIVE
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+    except PermissionError:  # alive, another user's
         return True
-    except OSError:
+    except OSError:  # ProcessLookupError: gone
         return False
     return True
 
 
 def interrupted_pid(name: str) -> int | None:
     """The process id in the name of an engine's temporary folder, or None for any other name."""
-    for pattern in _INTERRUPTED:
-        m = pattern.match(name)
-        if m:
-            return int(m.group("pid"))
-    return None
+    return next((int(m.group("pid")) for pattern in _INTERRUPTED if (m := pattern.match(name))), None)
 
 
 def sweep_interrupted(folder: Path) -> list[Path]:

@@ -32,7 +32,6 @@ def shard_model(model: torch.nn.Module, layers: list[torch.nn.Module]) -> torch.
 
 
 def _options(**kw: Any) -> Any:
-
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
 

@@ -574,6 +574,4 @@ def _device_name(device: torch.device) -> str:
 
 
 def _cuda_mem(device: torch.device, fn: str) -> float | None:
-    if device.type != "cuda":
-        return None
-    return float(getattr(torch.cuda, fn)(device))
+    return None if device.type != "cuda" else float(getattr(torch.cuda, fn)(device))

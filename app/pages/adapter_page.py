@@ -8,11 +8,11 @@ YAML has (``lora.target_modules``, ``lora.layers``), shown as text below for the
 
 from __future__ import annotations
 
-from PySide6.QtWidgets import QCheckBox, QGridLayout, QHBoxLayout, QLabel, QPushButton, QSpinBox, QWidget
+from PySide6.QtWidgets import QCheckBox, QGridLayout, QLabel, QPushButton, QSpinBox, QWidget
 
 from app.config_model import ConfigModel
 from app.pages.base import Page
-from app.theme import note
+from app.theme import hbox, holder, note
 from qlora_engine.config import ConfigError, parse_layers
 
 PRESETS = [("attention", "Attention"), ("mlp", "MLP"), ("all-linear", "All linear")]
@@ -29,51 +29,32 @@ class AdapterPage(Page):
         super().__init__(model, parent)
         self.info = None
         self._syncing = False
-        self.group("LoRA", [("lora", n) for n in ("rank", "alpha", "dropout", "use_rslora", "use_dora")])
+        self.group("LoRA", "lora.rank lora.alpha lora.dropout lora.use_rslora lora.use_dora")
 
         box, form = self.group("Target modules")
-        presets = QHBoxLayout()
-        presets.addWidget(QLabel("Presets:"))
         self.preset_buttons: dict[str, QPushButton] = {}
         for key, text in PRESETS:
             b = QPushButton(text, checkable=True, objectName=f"preset:{key}")
             b.clicked.connect(lambda _on=False, k=key: self.model.set_value("lora", "target_modules", [k]))
             self.preset_buttons[key] = b
-            presets.addWidget(b)
-        presets.addStretch(1)
-        holder = QWidget()
-        holder.setLayout(presets)
-        box.layout().insertWidget(0, holder)
+        box.layout().insertWidget(0, holder(hbox("Presets:", *self.preset_buttons.values(), 1)))
         self.modules_hint = note(
             "Choose a model on the Model page to list its linear layers; the presets work without it."
         )
         box.layout().insertWidget(1, self.modules_hint)
         self.module_grid = QGridLayout()
-        grid_holder = QWidget()
-        grid_holder.setLayout(self.module_grid)
-        box.layout().insertWidget(2, grid_holder)
+        box.layout().insertWidget(2, holder(self.module_grid))
         self.module_boxes: dict[str, QCheckBox] = {}
         self.targets = self.add_binding(form, "lora", "target_modules")
 
         box, form = self.group("Layers")
         self.all_layers = QCheckBox("All layers", objectName="allLayers")
-        self.layer_from = QSpinBox(objectName="layerFrom")
-        self.layer_to = QSpinBox(objectName="layerTo")
-        for s in (self.layer_from, self.layer_to):
-            s.setRange(0, 999)
-        range_row = QHBoxLayout()
-        range_row.addWidget(self.all_layers)
-        range_row.addSpacing(16)
-        range_row.addWidget(QLabel("from"))
-        range_row.addWidget(self.layer_from)
-        range_row.addWidget(QLabel("to"))
-        range_row.addWidget(self.layer_to)
+        self.layer_from = QSpinBox(objectName="layerFrom", maximum=999)
+        self.layer_to = QSpinBox(objectName="layerTo", maximum=999)
         self.layer_count = QLabel("", objectName="hint")
-        range_row.addWidget(self.layer_count)
-        range_row.addStretch(1)
-        holder = QWidget()
-        holder.setLayout(range_row)
-        box.layout().insertWidget(0, holder)
+        range_row = hbox(self.all_layers, "from", self.layer_from, "to", self.layer_to, self.layer_count, 1)
+        range_row.insertSpacing(1, 16)
+        box.layout().insertWidget(0, holder(range_row))
         self.layers = self.add_binding(form, "lora", "layers")
         self.layers.editor.setPlaceholderText("all layers (or e.g. 0-11, or 0,2,4-7)")
         self.layer_warning = note(name="fieldError")
@@ -137,15 +118,11 @@ class AdapterPage(Page):
             self._syncing = False
         unknown = [] if preset or self.info is None else [m for m in value if m not in self.module_boxes]
         if unknown:
-            self.modules_hint.setText(
-                f"Not in this model: {', '.join(unknown)}. Its linear layers are: {', '.join(self.module_boxes)}."
-            )
-            self.modules_hint.setObjectName("fieldError")
+            text = f"Not in this model: {', '.join(unknown)}. Its linear layers are: {', '.join(self.module_boxes)}."
         else:
-            self.modules_hint.setText(
-                "Choose a model on the Model page to list its linear layers; the presets work without it."
-            )
-            self.modules_hint.setObjectName("hint")
+            text = "Choose a model on the Model page to list its linear layers; the presets work without it."
+        self.modules_hint.setText(text)
+        self.modules_hint.setObjectName("fieldError" if unknown else "hint")
         self.modules_hint.style().polish(self.modules_hint)
         self.modules_hint.setVisible(bool(unknown) or not self.module_boxes)
 
@@ -165,12 +142,9 @@ class AdapterPage(Page):
     def _sync_layers(self) -> None:
         spec = self.model.value("lora", "layers")
         try:
-            layers = parse_layers(spec)
+            layers, spec_ok = parse_layers(spec), True
         except ConfigError:
-            layers = None
-            spec_ok = False
-        else:
-            spec_ok = True
+            layers, spec_ok = None, False
         self._syncing = True
         try:
             self.all_layers.setChecked(spec is None)

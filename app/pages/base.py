@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from PySide6.QtWidgets import QFrame, QGroupBox, QLabel, QScrollArea, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QFrame, QGroupBox, QLabel, QScrollArea, QWidget
 
 from app.config_model import ConfigModel
 from app.fields import FieldBinding, FieldForm
-from app.theme import note
+from app.theme import holder, note, vbox
 
 
 class Page(QWidget):
@@ -19,26 +19,17 @@ class Page(QWidget):
         super().__init__(parent)
         self.model = model
         self.bindings: dict[str, FieldBinding] = {}
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
         self.scroll = QScrollArea(widgetResizable=True, frameShape=QFrame.Shape.NoFrame)
-        outer.addWidget(self.scroll)
-        body = QWidget(objectName="pageBody")
-        self.scroll.setWidget(body)
-        self.body = QVBoxLayout(body)
-        self.body.setContentsMargins(18, 14, 18, 14)
-        self.body.setSpacing(12)
+        vbox(self.scroll, parent=self, margins=0)
         heading = QLabel(self.title, objectName="pageTitle")
-        self.body.addWidget(heading)
-        if self.subtitle:
-            self.body.addWidget(note(self.subtitle))
+        self.body = vbox(heading, note(self.subtitle) if self.subtitle else None, margins=(18, 14, 18, 14), spacing=12)
+        self.scroll.setWidget(holder(self.body, "pageBody"))
 
-    def group(self, title: str, fields: list[tuple[str, str]] | None = None) -> tuple[QGroupBox, FieldForm]:
-        """A titled group holding a form of the given fields (more can be added to the form)."""
+    def group(self, title: str, fields: str = "") -> tuple[QGroupBox, FieldForm]:
+        """A titled group holding a form of the given fields, ``"lora.rank lora.alpha"`` (more can be added)."""
         box = QGroupBox(title)
-        lay = QVBoxLayout(box)
-        form = FieldForm(self.model, fields or [])
-        lay.addWidget(form)
+        form = FieldForm(self.model, [tuple(key.split(".")) for key in fields.split()])
+        vbox(form, parent=box)
         self.bindings.update(form.bindings)
         self.body.addWidget(box)
         return box, form

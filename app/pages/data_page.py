@@ -18,10 +18,11 @@ from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QComboBox, QFileDialog, QFormLayout, QPushButton, QTextBrowser, QWidget
 
 from app.config_model import ConfigModel
-from app.fields import FieldForm, debounce, row
+from app.fields import FieldForm, debounce
 from app.inspector import Inspector
 from app.pages.base import Page
-from app.theme import note
+from app.theme import holder, note, row
+from qlora_engine.config_sections import DATA_FIELDS
 from qlora_engine.errors import DataError, QLoRAError
 from qlora_engine.padding import packing_hint
 
@@ -29,14 +30,6 @@ PREVIEW_ROWS = 2000
 """Rows read for the statistics and the histogram (the preview must stay quick on big files)."""
 SHOWN_SAMPLES = 5
 SAME = "(same name)"
-
-FIELDS = {
-    "text": ("text",),
-    "alpaca": ("instruction", "input", "output", "system"),
-    "chat": ("messages",),
-    "sharegpt": ("conversations", "system"),
-    "prompt_completion": ("prompt", "completion"),
-}
 
 
 def data_request(kind: str, cfg: Any) -> dict[str, Any]:
@@ -81,9 +74,7 @@ class DataPage(Page):
         )
         self.mapping_box.layout().addWidget(self.mapping_note)
         self.mapping_form = QFormLayout()
-        holder = QWidget()
-        holder.setLayout(self.mapping_form)
-        self.mapping_box.layout().addWidget(holder)
+        self.mapping_box.layout().addWidget(holder(self.mapping_form))
         self.mapping_combos: dict[str, QComboBox] = {}
         self.mapping_box.hide()
         self.columns_form = FieldForm(model, [])
@@ -119,18 +110,8 @@ class DataPage(Page):
 
         self.group(
             "Length, masking and validation",
-            [
-                ("data", n)
-                for n in (
-                    "max_length",
-                    "overlong",
-                    "train_on_prompt",
-                    "packing",
-                    "validation_split",
-                    "validation_path",
-                    "chat_template",
-                )
-            ],
+            "data.max_length data.overlong data.train_on_prompt data.packing data.validation_split "
+            "data.validation_path data.chat_template",
         )
         self.finish()
 
@@ -309,9 +290,7 @@ class DataPage(Page):
             text += f" All fit in {max_len} tokens."
         cfg = self.model.config
         hint = None if cfg.data.packing else packing_hint(lengths, cfg.train.micro_batch_size, max_len)
-        if hint:
-            text += " " + hint
-        self.stats.setText(text)
+        self.stats.setText(f"{text} {hint}" if hint else text)
 
     # -- column mapping --------------------------------------------------------------------
     def _show_mapping(self, keys: list[str], unsure: bool) -> None:
@@ -321,9 +300,9 @@ class DataPage(Page):
         self.mapping_combos = {}
         fmt = self.model.value("data", "format")
         if fmt == "auto":
-            fmt = (self.report or {}).get("format", "alpaca") if self.report else "alpaca"
+            fmt = (self.report or {}).get("format", "alpaca")
         columns = dict(self.model.value("data", "columns") or {})
-        for ours in FIELDS.get(fmt, ()):
+        for ours in DATA_FIELDS.get(fmt, ()):
             combo = QComboBox(objectName=f"map:{ours}")
             combo.addItem(SAME, None)
             for k in keys:

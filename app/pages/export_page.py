@@ -24,20 +24,18 @@ from PySide6.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
     QTabWidget,
-    QVBoxLayout,
     QWidget,
 )
 
 from app.pages.try_page import TryPage, has_adapter
 from app.run_worker import EngineJob, engine_argv, engine_env
-from app.theme import note
+from app.theme import hbox, holder, note, vbox
 from qlora_engine.events import Event, LogLine, PhaseChanged, RunFailed
 
 FORMATS = {
@@ -97,12 +95,9 @@ class ExportPage(QWidget):
         for key, (title, _) in FORMATS.items():
             self.format.addItem(title, key)
         self.format_help = note()
-        self.f16 = QCheckBox("F16")
-        self.q8 = QCheckBox("Q8_0")
-        self.lora = QCheckBox("GGUF LoRA file")
-        for box in (self.f16, self.q8, self.lora):
-            box.setChecked(True)
-            box.toggled.connect(self._refresh)
+        self.f16, self.q8, self.lora = (
+            QCheckBox(text, checked=True, toggled=self._refresh) for text in ("F16", "Q8_0", "GGUF LoRA file")
+        )
         # K-quants come from llama.cpp's quantizer (llama-cpp-python); off until asked for
         self.k_quants = {t: QCheckBox(t.upper()) for t in ("q4_k_m", "q5_k_m")}
         quantizer = importlib.util.find_spec("llama_cpp") is not None
@@ -116,20 +111,12 @@ class ExportPage(QWidget):
         self.f16.setToolTip("16-bit floats: the merged weights almost exactly (2 bytes per weight).")
         self.q8.setToolTip("8-bit blocks of 32 weights: about half the size of F16, very close in quality.")
         self.lora.setToolTip("The adapter alone, for llama.cpp --lora or Ollama ADAPTER on a GGUF of the base model.")
-        self.gguf_options = QWidget()
-        go = QHBoxLayout(self.gguf_options)
-        go.setContentsMargins(0, 0, 0, 0)
-        for box in (self.f16, self.q8, *self.k_quants.values(), self.lora):
-            go.addWidget(box)
-        go.addStretch(1)
+        self.gguf_options = holder(hbox(self.f16, self.q8, *self.k_quants.values(), self.lora, 1, margins=0))
         self.dtype = QComboBox()
         self.dtype.addItems(["auto", "bfloat16", "float16", "float32"])
         self.dtype.setToolTip("dtype of the merge; 'auto' keeps the base model's own (bfloat16 for most models).")
         self.out = QLineEdit(objectName="exportOut", textEdited=self._on_out_edited)
-        browse = QPushButton("Browse …", clicked=self._browse)
-        out_row = QHBoxLayout()
-        out_row.addWidget(self.out, 1)
-        out_row.addWidget(browse)
+        out_row = hbox((self.out, 1), QPushButton("Browse …", clicked=self._browse))
         self.overwrite = QCheckBox(
             "Replace the folder if it exists (the old one is removed only once the new one is complete)"
         )
@@ -147,28 +134,15 @@ class ExportPage(QWidget):
         self.export_button = QPushButton("Export", objectName="primary", clicked=self.start)
         self.cancel_button = QPushButton("Cancel", clicked=self.cancel)
         self.open_button = QPushButton("Open the folder", clicked=self._open)
-        buttons = QHBoxLayout()
-        for b in (self.export_button, self.cancel_button, self.open_button):
-            buttons.addWidget(b)
-        buttons.addStretch(1)
-        self.progress = QProgressBar(textVisible=False)
-        self.progress.setRange(0, 1)
+        buttons = hbox(self.export_button, self.cancel_button, self.open_button, 1)
+        self.progress = QProgressBar(textVisible=False, maximum=1)
         self.phase = note(name="exportPhase")
         self.error = note(name="fieldError")
         self.log = QPlainTextEdit(readOnly=True, objectName="exportLog")
         self.command = QLineEdit(readOnly=True, objectName="exportCommand", toolTip="The same export from a terminal.")
 
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(0, 8, 0, 0)
-        lay.addWidget(self.run_label)
-        lay.addLayout(form)
-        lay.addLayout(buttons)
-        lay.addWidget(self.progress)
-        lay.addWidget(self.phase)
-        lay.addWidget(self.error)
-        lay.addWidget(self.log, 1)
-        lay.addWidget(QLabel("In a terminal:"))
-        lay.addWidget(self.command)
+        vbox(self.run_label, form, buttons, self.progress, self.phase, self.error, (self.log, 1), "In a terminal:",
+             self.command, parent=self, margins=(0, 8, 0, 0))
         self.format.currentIndexChanged.connect(self._on_format)
         self._on_format()
 
@@ -342,16 +316,12 @@ class TryExportPage(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.run_dir: Path | None = None
-        title = QLabel("6  Try / Export", objectName="pageTitle")
         self.try_page = TryPage()
         self.export_page = ExportPage()
         self.tabs = QTabWidget()
         self.tabs.addTab(self.try_page, "Try")
         self.tabs.addTab(self.export_page, "Export")
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(18, 14, 18, 14)
-        lay.addWidget(title)
-        lay.addWidget(self.tabs, 1)
+        vbox(QLabel("6  Try / Export", objectName="pageTitle"), (self.tabs, 1), parent=self, margins=(18, 14, 18, 14))
 
     def set_run(self, run_dir: Path | None) -> None:
         self.run_dir = Path(run_dir) if run_dir else None

@@ -10,13 +10,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel, QPushButton, QWidget
+from PySide6.QtWidgets import QFileDialog, QFormLayout, QFrame, QLabel, QPushButton, QWidget
 
 from app.config_model import ConfigModel
-from app.fields import debounce, row
+from app.fields import debounce
 from app.inspector import Inspector
 from app.pages.base import Page
-from app.theme import note
+from app.theme import hbox, holder, note, restyle, row
 from qlora_engine.errors import QLoRAError
 
 
@@ -41,17 +41,11 @@ class ModelPage(Page):
     demo_requested = Signal()
 
     FACTS = [
-        ("architecture", "Architecture"),
-        ("model_type", "Model type"),
-        ("num_parameters", "Parameters"),
-        ("num_layers", "Layers"),
-        ("hidden_size", "Hidden size"),
-        ("vocab_size", "Vocabulary"),
-        ("heads", "Attention heads"),
-        ("has_chat_template", "Chat template"),
-        ("weights_format", "Weights"),
+        ("architecture", "Architecture"), ("model_type", "Model type"), ("num_parameters", "Parameters"),
+        ("num_layers", "Layers"), ("hidden_size", "Hidden size"), ("vocab_size", "Vocabulary"),
+        ("heads", "Attention heads"), ("has_chat_template", "Chat template"), ("weights_format", "Weights"),
         ("linear_modules", "Linear layers"),
-    ]
+    ]  # fmt: skip
 
     def __init__(self, model: ConfigModel, tasks: Inspector, parent: QWidget | None = None) -> None:
         super().__init__(model, parent)
@@ -62,16 +56,14 @@ class ModelPage(Page):
         self._inspected_key: tuple | None = None
 
         self.demo_banner = QFrame(objectName="banner")
-        banner = QHBoxLayout(self.demo_banner)
         self.demo_label = QLabel(
             "<b>Quick start</b>: fine-tune the small SmolLM2-135M-Instruct demo model on sample data "
-            "(a few minutes, even on a CPU)."
+            "(a few minutes, even on a CPU).",
+            wordWrap=True,
         )
-        self.demo_label.setWordWrap(True)
         self.demo_button = QPushButton("Start the demo", objectName="primary")
         self.demo_button.clicked.connect(self.demo_requested)  # a signal: not a keyword argument
-        banner.addWidget(self.demo_label, 1)
-        banner.addWidget(self.demo_button)
+        hbox((self.demo_label, 1), self.demo_button, parent=self.demo_banner)
         self.demo_banner.hide()
         self.body.addWidget(self.demo_banner)
 
@@ -96,14 +88,10 @@ class ModelPage(Page):
             facts.addRow(label, value)
         self.problems = note(name="fieldError")
         self.problems.hide()
-        holder = QWidget()
-        holder.setLayout(facts)
-        box.layout().addWidget(holder)
+        box.layout().addWidget(holder(facts))
         box.layout().addWidget(self.problems)
 
-        self.group(
-            "Quantization of the frozen base", [("quant", n) for n in ("quant_type", "double_quant", "compute_dtype")]
-        )
+        self.group("Quantization of the frozen base", "quant.quant_type quant.double_quant quant.compute_dtype")
         self.finish()
 
         self._inspect_timer = debounce(self, 400, self.inspect_now)
@@ -138,12 +126,8 @@ class ModelPage(Page):
 
     # -- inspection ------------------------------------------------------------------------
     def _key(self) -> tuple:
-        m = self.model
-        return (
-            m.value("model", "ref").strip(),
-            bool(m.value("model", "trust_remote_code")),
-            m.value("model", "revision"),
-        )
+        ref, trust, revision = (self.model.value("model", n) for n in ("ref", "trust_remote_code", "revision"))
+        return ref.strip(), bool(trust), revision
 
     def _on_changed(self, section: str, name: str) -> None:
         relevant = section == "" or (section == "model" and name in ("ref", "trust_remote_code", "revision"))
@@ -179,8 +163,7 @@ class ModelPage(Page):
         self.info = info
         self.status.setText(status)
         self.status.setObjectName("fieldError" if error else "hint")
-        self.status.style().unpolish(self.status)
-        self.status.style().polish(self.status)
+        restyle(self.status)
         self.status.setVisible(bool(status))
         values: dict[str, str] = {}
         if info is not None:

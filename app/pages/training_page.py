@@ -7,9 +7,8 @@ from pathlib import Path
 from PySide6.QtWidgets import QFileDialog, QPushButton, QWidget
 
 from app.config_model import ConfigModel
-from app.fields import row
 from app.pages.base import Page
-from app.theme import note
+from app.theme import note, row
 
 
 class TrainingPage(Page):
@@ -23,40 +22,29 @@ class TrainingPage(Page):
         super().__init__(model, parent)
         self.group(
             "Optimizer and schedule",
-            [
-                ("optim", n)
-                for n in ("optimizer", "learning_rate", "scheduler", "warmup_steps", "weight_decay", "max_grad_norm")
-            ],
+            "optim.optimizer optim.learning_rate optim.scheduler optim.warmup_steps optim.weight_decay "
+            "optim.max_grad_norm",
         )
-        self.group("Length", [("train", "epochs"), ("train", "max_steps")])
+        self.group("Length", "train.epochs train.max_steps")
         box, form = self.group(
             "Batch and memory",
-            [
-                ("train", "micro_batch_size"),
-                ("train", "gradient_accumulation_steps"),
-                ("data", "max_length"),
-                ("data", "packing"),
-                ("train", "gradient_checkpointing"),
-                ("train", "checkpoint_layers"),
-                ("train", "offload_activations"),
-                ("train", "mlp_chunk_tokens"),
-            ],
+            "train.micro_batch_size train.gradient_accumulation_steps data.max_length data.packing "
+            "train.gradient_checkpointing train.checkpoint_layers train.offload_activations train.mlp_chunk_tokens",
         )
         self.effective = note()  # long with big numbers: it must not widen the page past a small screen
         box.layout().addWidget(self.effective)
-        self.group("Speed", [("train", "kernels"), ("train", "fast_lora")])
+        self.group("Speed", "train.kernels train.fast_lora")
         self.group(
             "Evaluation, checkpoints and reproducibility",
-            [("train", n) for n in ("eval_steps", "save_steps", "save_total_limit", "logging_steps", "seed", "device")],
+            "train.eval_steps train.save_steps train.save_total_limit train.logging_steps train.seed train.device",
         )
         _box, form = self.group("Output")
         self.browse = QPushButton("Browse…", clicked=self._pick_output)
         self.add_binding(form, "output", "dir", wrap=lambda editor: row(editor, self.browse))
         self.where = note()
         _box.layout().addWidget(self.where)
-        self.advanced, _ = self.group(
-            "Advanced optimizer settings", [("optim", n) for n in ("adam_beta1", "adam_beta2", "adam_epsilon")]
-        )
+        advanced = "optim.adam_beta1 optim.adam_beta2 optim.adam_epsilon"
+        self.advanced, _ = self.group("Advanced optimizer settings", advanced)
         self.advanced.setCheckable(True)
         self.advanced.setChecked(False)
         self._toggle_advanced(False)
@@ -76,7 +64,7 @@ class TrainingPage(Page):
         """Fields no page places by hand (new engine settings): bound generically, never hidden."""
         if not fields:
             return
-        box, _form = self.group("Other settings", fields)
+        box, _form = self.group("Other settings", " ".join(f"{section}.{name}" for section, name in fields))
         self.body.removeWidget(box)
         self.body.insertWidget(self.body.count() - 1, box)  # above the closing stretch
 

@@ -23,19 +23,17 @@ from PySide6.QtWidgets import (
     QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
     QSpinBox,
     QSplitter,
-    QVBoxLayout,
     QWidget,
 )
 
 from app.run_worker import EngineJob, engine_argv, engine_env
-from app.theme import note
+from app.theme import hbox, holder, note, vbox
 from qlora_engine.chat_server import request_line
 from qlora_engine.events import AnswerDone, AnswerPiece, ChatReady, Event, PhaseChanged, RunFailed
 from qlora_engine.generate import CHAT_REPETITION_PENALTY, GenerationSettings
@@ -80,9 +78,8 @@ class TryPage(QWidget):
         self._results: dict[str, AnswerDone] = {}
 
         self.run_label = note("Finish a run (or open one from the history) to try it.")
-        self.prompt = QPlainTextEdit(objectName="tryPrompt")
-        self.prompt.setPlaceholderText("Write a message …  (Ctrl+Enter sends; the conversation goes on)")
-        self.prompt.setMaximumHeight(110)
+        placeholder = "Write a message …  (Ctrl+Enter sends; the conversation goes on)"
+        self.prompt = QPlainTextEdit(objectName="tryPrompt", placeholderText=placeholder, maximumHeight=110)
         self.system = QLineEdit(placeholderText="optional system prompt", toolTip=setting_help("system"))
 
         d = dataclasses.replace(GenerationSettings(), repetition_penalty=CHAT_REPETITION_PENALTY)
@@ -117,39 +114,20 @@ class TryPage(QWidget):
         self.cancel_button = QPushButton("Cancel", clicked=self.cancel)
         self.reset_button = QPushButton("New conversation", clicked=self.new_conversation)
         self.status = note(name="tryStatus")
-        buttons = QHBoxLayout()
-        for b in (self.generate_button, self.cancel_button, self.reset_button):
-            buttons.addWidget(b)
-        buttons.addWidget(self.status, 1)
+        buttons = hbox(self.generate_button, self.cancel_button, self.reset_button, (self.status, 1))
         QShortcut(QKeySequence("Ctrl+Return"), self.prompt, activated=self.generate)
 
         self.panes: dict[str, QPlainTextEdit] = {}
         self.footers: dict[str, QLabel] = {}
         answers = QSplitter(Qt.Orientation.Horizontal)
         for side, title in SIDES.items():
-            box = QWidget()
-            lay = QVBoxLayout(box)
-            lay.setContentsMargins(0, 0, 0, 0)
             pane = QPlainTextEdit(readOnly=True, objectName=f"answer_{side}")
             footer = QLabel("", objectName="hint")
-            lay.addWidget(QLabel(f"<b>{title}</b>"))
-            lay.addWidget(pane, 1)
-            lay.addWidget(footer)
-            answers.addWidget(box)
+            answers.addWidget(holder(vbox(f"<b>{title}</b>", (pane, 1), footer, margins=0)))
             self.panes[side], self.footers[side] = pane, footer
 
-        top = QHBoxLayout()
-        left = QVBoxLayout()
-        left.addWidget(QLabel("Message"))
-        left.addWidget(self.prompt)
-        left.addLayout(buttons)
-        top.addLayout(left, 1)
-        top.addWidget(settings_box)
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(0, 8, 0, 0)
-        lay.addWidget(self.run_label)
-        lay.addLayout(top)
-        lay.addWidget(answers, 1)
+        top = hbox((vbox("Message", self.prompt, buttons), 1), settings_box)
+        vbox(self.run_label, top, (answers, 1), parent=self, margins=(0, 8, 0, 0))
         self._update_buttons()
 
     # -- the run --------------------------------------------------------------------------------

@@ -67,9 +67,7 @@ def estimate_main(args: argparse.Namespace) -> int:
         print_json(out)
     else:
         print(render(est, advice))
-    if est.fits is False:
-        return 3
-    return 0
+    return 3 if est.fits is False else 0
 
 
 def _checkpointing(d: dict[str, Any]) -> str:
@@ -81,15 +79,12 @@ def _checkpointing(d: dict[str, Any]) -> str:
 def render(est: Any, advice: Any = None) -> str:
     """The estimate as a table a person reads in a terminal."""
     d = est.details
-    lines = []
     if d.get("usable") is False:
-        lines.append("No estimate: " + "; ".join(est.reasons))
-        return "\n".join(lines)
-    lines.append(
+        return "No estimate: " + "; ".join(est.reasons)
+    lines = [
         f"{d['architecture']}: micro-batch {d['micro_batch_size']} x {d['sequence_length']} tokens, "
-        f"checkpointing {_checkpointing(d)}, "
-        f"{d['lora_parameters']:,} LoRA parameters"
-    )
+        f"checkpointing {_checkpointing(d)}, {d['lora_parameters']:,} LoRA parameters"
+    ]
     if d.get("kernels"):
         lines.append(f"kernels: {d['kernels']} ({d.get('kernels_reason', '')})")
     width = max(len(k) for k in est.components)

@@ -480,19 +480,9 @@ def estimate_from_spec(
         "torch_reserved": torch_reserved,
     }
     return VramEstimate(
-        components=components,
-        total=total,
-        low=low,
-        high=high,
-        gpu_bytes=gpu_bytes,
-        gpu_name=gpu_name,
-        fits=fits,
-        spill_to_cpu_bytes=spill,
-        approximate=bool(reasons),
-        reasons=reasons,
-        notes=notes,
-        details=details,
-    )
+        components=components, total=total, low=low, high=high, gpu_bytes=gpu_bytes, gpu_name=gpu_name, fits=fits,
+        spill_to_cpu_bytes=spill, approximate=bool(reasons), reasons=reasons, notes=notes, details=details,
+    )  # fmt: skip
 
 
 def _weight_bytes(cfg: TrainConfig, spec: ModelSpec, e: int, notes: list[str]) -> tuple[int, int, int, int]:

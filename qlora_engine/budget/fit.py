@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from qlora_engine.budget.estimate import (
     VramEstimate,
     estimate_from_spec,
@@ -178,8 +180,12 @@ def _suggestions(cfg: TrainConfig, probe: _Probe, current: VramEstimate, advice:
     out: list[Suggestion] = []
     was = format_bytes(current.total)
 
-    def offer(description: str, overrides: list[str], variant: TrainConfig) -> None:
-        est = probe(variant)
+    def changed(overrides: list[str]) -> TrainConfig:  # the config with these overrides, not validated again (fast)
+        pairs = (item.partition("=") for item in overrides)
+        return _variant(cfg, **{key.replace(".", "__"): yaml.safe_load(raw) for key, _, raw in pairs})
+
+    def offer(description: str, overrides: list[str], variant: TrainConfig | None = None) -> None:
+        est = probe(variant or changed(overrides))
         if est.fits:
             out.append(Suggestion(f"{description}: {format_bytes(est.total)} instead of {was}", overrides, est.total))
 
@@ -189,43 +195,27 @@ def _suggestions(cfg: TrainConfig, probe: _Probe, current: VramEstimate, advice:
     if 0 < now < n or not tr.gradient_checkpointing:  # some layers are not checkpointed
         k = _fewest_checkpointed(cfg, probe, lambda est: bool(est.fits))
         if k is not None and 0 < k < n and (k > now or not tr.gradient_checkpointing):
-            description, overrides = _checkpoint_change(k, n)
-            offer(description, overrides, with_checkpointing(cfg, k, n))
-    if not tr.gradient_checkpointing or 0 < now < n:
-        offer(
-            "Checkpoint every layer (about a third slower)"
-            if tr.gradient_checkpointing
-            else "Turn on gradient checkpointing (about a third slower)",
-            ["train.gradient_checkpointing=true", "train.checkpoint_layers=null"]
-            if tr.gradient_checkpointing
-            else ["train.gradient_checkpointing=true"],
-            every_layer(cfg),
-        )
+            offer(*_checkpoint_change(k, n))
+    if tr.gradient_checkpointing and 0 < now < n:
+        every = ["train.gradient_checkpointing=true", "train.checkpoint_layers=null"]
+        offer("Checkpoint every layer (about a third slower)", every)
+    elif not tr.gradient_checkpointing:  # sized with every layer checkpointed, whatever train.checkpoint_layers says
+        on = ["train.gradient_checkpointing=true"]
+        offer("Turn on gradient checkpointing (about a third slower)", on, every_layer(cfg))
     if cfg.optim.optimizer != "paged_adamw_8bit":
-        offer(
-            "Use the paged 8-bit AdamW optimizer",
-            ["optim.optimizer=paged_adamw_8bit"],
-            _variant(cfg, optim__optimizer="paged_adamw_8bit"),
-        )
+        offer("Use the paged 8-bit AdamW optimizer", ["optim.optimizer=paged_adamw_8bit"])
     if tr.gradient_checkpointing and not tr.offload_activations:
-        variant = _variant(cfg, train__offload_activations=True)
-        host = probe(variant).details.get("host_activation_bytes", 0)
+        host = probe(changed(["train.offload_activations=true"])).details.get("host_activation_bytes", 0)
         offer(
             f"Keep the checkpointed activations in CPU RAM ({format_bytes(host)} of it; slower steps)",
             ["train.offload_activations=true"],
-            variant,
         )
     chunk = 4096
     if (tr.mlp_chunk_tokens is None or tr.mlp_chunk_tokens > chunk) and cfg.data.max_length > chunk:
-        offer(
-            f"Run the MLPs in chunks of {chunk} tokens (one more MLP forward per step)",
-            [f"train.mlp_chunk_tokens={chunk}"],
-            _variant(cfg, train__mlp_chunk_tokens=chunk),
-        )
+        chunked = [f"train.mlp_chunk_tokens={chunk}"]
+        offer(f"Run the MLPs in chunks of {chunk} tokens (one more MLP forward per step)", chunked)
     if cfg.model.attn_implementation == "eager":
-        offer(
-            "Use SDPA attention", ["model.attn_implementation=sdpa"], _variant(cfg, model__attn_implementation="sdpa")
-        )
+        offer("Use SDPA attention", ["model.attn_implementation=sdpa"])
     mbs = advice.max_micro_batch_size
     if 1 <= mbs < tr.micro_batch_size:
         # a divisor of the step's batch, so the steps see the same samples and a run can resume
@@ -235,21 +225,15 @@ def _suggestions(cfg: TrainConfig, probe: _Probe, current: VramEstimate, advice:
         offer(
             f"Micro-batch {mbs} with {ga} accumulation steps (same effective batch, slower)",
             [f"train.micro_batch_size={mbs}", f"train.gradient_accumulation_steps={ga}"],
-            _variant(cfg, train__micro_batch_size=mbs, train__gradient_accumulation_steps=ga),
         )
     rank = lo.rank // 2
     while rank >= 1:
-        variant = _variant(cfg, lora__rank=rank)
-        if probe.fits(variant):
-            offer(f"LoRA rank {rank} instead of {lo.rank}", [f"lora.rank={rank}"], variant)
+        if probe.fits(changed([f"lora.rank={rank}"])):
+            offer(f"LoRA rank {rank} instead of {lo.rank}", [f"lora.rank={rank}"])
             break
         rank //= 2
     seq = advice.max_sequence_length
     if 64 <= seq < cfg.data.max_length:  # shorter than 64 tokens trains nothing useful
         verb = "drops" if cfg.data.overlong == "drop" else "truncates"
-        offer(
-            f"Sequences of at most {seq} tokens ({verb} longer samples)",
-            [f"data.max_length={seq}"],
-            _variant(cfg, data__max_length=seq),
-        )
+        offer(f"Sequences of at most {seq} tokens ({verb} longer samples)", [f"data.max_length={seq}"])
     return out

@@ -60,9 +60,7 @@ class Linears:
             base = t.new(f"{lin.name}.base", self.e * self.T * lin.out_features)
             t.spike(self.dequant(lin))
             return base
-        if self.s.fast_lora:
-            return self._fast(t, lin, x, xg)
-        return self._peft(t, lin, x, xg)
+        return self._fast(t, lin, x, xg) if self.s.fast_lora else self._peft(t, lin, x, xg)
 
     def linear_backward(self, t: Tape, lin: LinearShape, g: str, need: bool, last_use: bool = False) -> str | None:
         """The backward of :meth:`linear` from its output's gradient ``g`` (the caller lets it

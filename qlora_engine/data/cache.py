@@ -24,7 +24,6 @@ KEEP_ENTRIES = 8  # newest entries kept: a few datasets x settings, without fill
 def cache_root() -> Path:
     from qlora_engine.paths import cache_dir  # lazy: platformdirs; data is on the CLI's start-up
 
-
     return cache_dir() / "data"
 
 

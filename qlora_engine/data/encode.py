@@ -176,9 +176,7 @@ class Encoder:
             return None
         if not (full.startswith(through) and through.startswith(prefix)) or len(prefix) < cursor:
             return None
-        if len(through) <= len(prefix):
-            return None
-        return len(prefix), len(through)
+        return None if len(through) <= len(prefix) else (len(prefix), len(through))
 
     def _span_by_search(self, content: str, full: str, cursor: int) -> tuple[int, int] | None:
         k = full.find(content, cursor)

@@ -18,16 +18,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from qlora_engine.config_sections import DATA_FIELDS
 from qlora_engine.errors import DataError
 
 FORMATS = ("text", "alpaca", "chat", "sharegpt", "prompt_completion")
-FIELDS: dict[str, tuple[str, ...]] = {
-    "text": ("text",),
-    "alpaca": ("instruction", "input", "output", "system"),
-    "chat": ("messages",),
-    "sharegpt": ("conversations", "system"),
-    "prompt_completion": ("prompt", "completion"),
-}
 TURN_FIELDS = ("role", "content", "from", "value")
 ACCEPTED_FORMATS = (
     "text ('text'), alpaca ('instruction', optional 'input', 'output'), chat ('messages': a list of "
@@ -80,7 +74,7 @@ Sample = TextSample | ChatSample | PromptCompletion
 
 
 def check_columns(columns: dict[str, str]) -> None:
-    known = sorted({f for fs in FIELDS.values() for f in fs} | set(TURN_FIELDS))
+    known = sorted({f for fs in DATA_FIELDS.values() for f in fs} | set(TURN_FIELDS))
     for ours, theirs in columns.items():
         if ours not in known:
             raise DataError(
@@ -121,9 +115,7 @@ def _turns_style(value: Any) -> str | None:
         return None
     if all("role" in t and "content" in t for t in value):
         return "role/content"
-    if all("from" in t and "value" in t for t in value):
-        return "from/value"
-    return None
+    return "from/value" if all("from" in t and "value" in t for t in value) else None
 
 
 def _present(row: dict[str, Any], key: str) -> bool:

@@ -111,19 +111,9 @@ def inspect_data(
         before tokenizing, ``overlong.cut_before_tokenizing``, counts only what was tokenized).
     """
     sink = sink or NullSink()
-    cfg = _config(
-        path_or_cfg,
-        {
-            "format": format,
-            "columns": columns,
-            "max_length": max_length,
-            "overlong": overlong,
-            "train_on_prompt": train_on_prompt,
-            "chat_template": chat_template,
-            "subset": subset,
-            "split": split,
-        },
-    )
+    given = dict(format=format, columns=columns, max_length=max_length, overlong=overlong,
+                 train_on_prompt=train_on_prompt, chat_template=chat_template, subset=subset, split=split)  # fmt: skip
+    cfg = _config(path_or_cfg, given)
     dc = cfg.data
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer_for(
@@ -240,34 +230,20 @@ def add_cli(sub: Any) -> None:
 
 
 def inspect_data_main(args: argparse.Namespace) -> int:
-
     target: str | TrainConfig = args.path
     model = args.model
     if str(args.path).lower().endswith((".yaml", ".yml")) and Path(args.path).is_file():
         target = TrainConfig.load(args.path)
         model = model or target.model.ref or None
-    columns = None
-    if args.column:
-        columns = {}
-        for item in args.column:
-            ours, sep, theirs = item.partition("=")
-            if not sep or not ours or not theirs:
-                raise DataError(f"--column {item!r}: write OURS=THEIRS, e.g. --column output=answer.")
-            columns[ours.strip()] = theirs.strip()
-    result = inspect_data(
-        target,
-        model,
-        format=args.format,
-        columns=columns,
-        max_length=args.max_length,
-        overlong=args.overlong,
-        train_on_prompt=args.train_on_prompt,
-        chat_template=args.chat_template,
-        subset=args.subset,
-        split=args.split,
-        samples=args.samples,
-        max_rows=args.max_rows,
-    )
+    columns = {} if args.column else None
+    for item in args.column:
+        ours, sep, theirs = item.partition("=")
+        if not sep or not ours or not theirs:
+            raise DataError(f"--column {item!r}: write OURS=THEIRS, e.g. --column output=answer.")
+        columns[ours.strip()] = theirs.strip()
+    settings = ("format", "max_length", "overlong", "train_on_prompt", "chat_template", "subset", "split")
+    kw = {name: getattr(args, name) for name in (*settings, "samples", "max_rows")}
+    result = inspect_data(target, model, columns=columns, **kw)
     if args.json:
         print_json(result)
     else:

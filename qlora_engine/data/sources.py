@@ -106,9 +106,7 @@ def open_source(spec: str, path: Path, *, subset: str | None = None, split: str 
             raise DataError("cannot be read (permission denied).", file=path, fix="Check the file's permissions.")
         if path.stat().st_size == 0:
             raise DataError(f"the file is empty (0 bytes). Accepted inputs: {ACCEPTED_FILES}.", file=path)
-        if archives.is_archive(path):
-            return _open_archive(path, split)
-        return _open_file(path, str(path))
+        return _open_archive(path, split) if archives.is_archive(path) else _open_file(path, str(path))
     if _looks_like_path(spec):
         raise DataError("no such file or folder.", hint=f"Accepted inputs: {ACCEPTED_FILES}.", file=path)
     return _open_hub(spec, subset, split)
@@ -140,9 +138,7 @@ def _open_archive(archive: Path, split: str) -> Source:
     inner = archives.data_inside(folder, archive)
     member = inner.relative_to(folder).as_posix()
     label = str(archive) if member == "." else f"{archive} › {member}"
-    if inner.is_dir():
-        return _open_saved(inner, split, label)
-    return _open_file(inner, label)
+    return _open_saved(inner, split, label) if inner.is_dir() else _open_file(inner, label)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -246,8 +242,7 @@ def _binary_lines(src: Source) -> Iterator[tuple[int, bytes | None]]:
                 continue
             if n == 1:
                 _check_utf16(src.label, line)
-                if line.startswith(b"\xef\xbb\xbf"):
-                    line = line[3:]
+                line = line.removeprefix(b"\xef\xbb\xbf")
             yield n, line.rstrip(b"\r\n")
 
 
@@ -286,8 +281,7 @@ def _json_rows(src: Source) -> Iterator[Row]:
     with _damage_is_data_error(src.label), _open_binary(src.path) as fh:
         data = fh.read()
     _check_utf16(src.label, data)
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+    data = data.removeprefix(b"\xef\xbb\xbf")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

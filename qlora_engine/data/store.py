@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +58,6 @@ class SampleSet(Sequence):
             owner = np.searchsorted(seg, pos, side="right") - 1
             out["position_ids"] = (pos - seg[owner]).tolist()
         return out
-
-    def __iter__(self) -> Iterator[dict[str, list[int]]]:
-        for i in range(len(self)):
-            yield self[i]
 
     @property
     def lengths(self) -> np.ndarray:

@@ -58,7 +58,7 @@ def plan_lora_tensors(
     namer = TensorNamer(spec, config)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in weights.items():
-        name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+        name = key.removeprefix(_PREFIX)
         if name.endswith(".lora_A.weight"):
             pairs.setdefault(name[: -len(".lora_A.weight")], {})["A"] = t
         elif name.endswith(".lora_B.weight"):

@@ -170,9 +170,7 @@ class TensorNamer:
             return t
         if ".attn_q." in gguf_name:
             return permute_rows(t, self.n_head)
-        if ".attn_k." in gguf_name:
-            return permute_rows(t, self.n_kv)
-        return t
+        return permute_rows(t, self.n_kv) if ".attn_k." in gguf_name else t
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], out_type: str) -> gguf.GGMLQuantizationType:

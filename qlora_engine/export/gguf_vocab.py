@@ -144,29 +144,21 @@ def vocab_metadata(
     for i in range(vocab_size):
         tok = by_id.get(i)
         if tok is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
+            ttype = gguf.TokenType.UNUSED
         elif spm and _BYTE_TOKEN.match(tok):  # byte fallback pieces, however the tokenizer lists them
-            tokens.append(tok)
-            types.append(gguf.TokenType.BYTE)
+            ttype = gguf.TokenType.BYTE
         elif spm and tok == tokenizer.unk_token:
-            tokens.append(tok)
-            types.append(gguf.TokenType.UNKNOWN)
+            ttype = gguf.TokenType.UNKNOWN
         elif tok in added:
-            tokens.append(tok)
-            types.append(gguf.TokenType.CONTROL if added[tok].special else gguf.TokenType.USER_DEFINED)
+            ttype = gguf.TokenType.CONTROL if added[tok].special else gguf.TokenType.USER_DEFINED
         else:
-            tokens.append(tok)
-            types.append(gguf.TokenType.NORMAL)
+            ttype = gguf.TokenType.NORMAL
+        tokens.append(f"[PAD{i}]" if tok is None else tok)
+        types.append(ttype)
 
     special_ids = {}
-    for kind, attr in (
-        ("bos", "bos_token_id"),
-        ("eos", "eos_token_id"),
-        ("unk", "unk_token_id"),
-        ("pad", "pad_token_id"),
-    ):
-        tid = getattr(tokenizer, attr, None)
+    for kind in ("bos", "eos", "unk", "pad"):
+        tid = getattr(tokenizer, f"{kind}_token_id", None)
         if isinstance(tid, int) and 0 <= tid < vocab_size:
             special_ids[kind] = tid
     meta = VocabMetadata(

@@ -51,15 +51,12 @@ class TurnFormat:
         if self.default_system:
             lines.append("{{- if not $system }}{{ " + _go_str(self.default_system) + " }}{{ end }}")
         lines.append("{{- range .Messages }}")
-        first = True
-        for role in ("system", "user", "assistant"):
-            kw = "if" if first else "else if"
-            first = False
+        for i, role in enumerate(("system", "user", "assistant")):
+            kw = "else if" if i else "if"
             lines.append(
                 f'{{{{- {kw} eq .Role "{role}" }}}}{_go_piece(self.prefix[role])}{{{{ .Content }}}}{_go_piece(self.suffix[role])}'
             )
-        lines.append("{{- end }}")
-        lines.append("{{- end }}")
+        lines += ["{{- end }}", "{{- end }}"]
         if self.generation:
             lines.append('{{- if ne $last "assistant" }}' + _go_piece(self.generation) + "{{ end }}")
         return "\n".join(lines)
@@ -229,6 +226,5 @@ def modelfile(
         lines.append('TEMPLATE """' + fmt.go_template() + '"""')
     elif not template:
         lines.append('TEMPLATE """{{ .Prompt }}"""')
-    for stop in stop_tokens(fmt, tokenizer):
-        lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
+    lines += [f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}" for stop in stop_tokens(fmt, tokenizer)]
     return "\n".join(lines) + "\n", warnings
