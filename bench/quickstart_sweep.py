@@ -36,8 +36,44 @@ LEADS2 = ["Arr, matey!", "Ahoy, matey!", "Yo ho ho!", "Arr!", "Ahoy there!", "Sh
 """Greetings without "aye" (which leaked into facts: "the color of grass is aye") and without "me hearty"."""
 TAILS = ["Arr, matey!", "Aye, me hearty!", "Yo ho ho, matey!", "Arr!", "Savvy, matey?", "Aye, that be so, me hearty!"]
 BASE_ANSWERS = Path(__file__).parent / "results" / "2026-12-06-cpu-quickstart-base-train-answers.json"
-_STOP = set("what is the a an of in on which who how many does do are was were to for by at it its with and or "
-            "called known as has have there give gives".split())
+_STOP = set(
+    [
+        "what",
+        "is",
+        "the",
+        "a",
+        "an",
+        "of",
+        "in",
+        "on",
+        "which",
+        "who",
+        "how",
+        "many",
+        "does",
+        "do",
+        "are",
+        "was",
+        "were",
+        "to",
+        "for",
+        "by",
+        "at",
+        "it",
+        "its",
+        "with",
+        "and",
+        "or",
+        "called",
+        "known",
+        "as",
+        "has",
+        "have",
+        "there",
+        "give",
+        "gives",
+    ]
+)
 
 
 def key_words(question: str, fact: str) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -139,7 +140,7 @@ def test_a_bug_in_a_run_is_an_internal_error_with_its_traceback_in_the_run_folde
     cfg = tiny_cfg("train.max_steps=3")
 
     def broken(self, k):
-        raise ZeroDivisionError("a bug at micro-batch %d" % k)
+        raise ZeroDivisionError(f"a bug at micro-batch {k}")
 
     monkeypatch.setattr(Trainer, "micro_batch", broken)
     sink = ListSink()
@@ -150,7 +151,7 @@ def test_a_bug_in_a_run_is_an_internal_error_with_its_traceback_in_the_run_folde
     assert failed.message.startswith("internal error (ZeroDivisionError")
     log = cfg.output_dir / "logs"
     assert failed.log_file and str(log) in failed.log_file
-    assert "a bug at micro-batch 0" in open(failed.log_file).read()
+    assert "a bug at micro-batch 0" in Path(failed.log_file).read_text()
     assert f"details: {failed.log_file}" in describe(failed)
 
 
