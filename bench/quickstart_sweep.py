@@ -216,7 +216,7 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
         f"lora.alpha={v['alpha']}",
         f"lora.dropout={v['dropout']}",
         f"train.seed={v['seed']}",
-        "train.save_steps=10",
+        "train.save_steps=5",
         "train.save_total_limit=null",
         f"optim.warmup_steps={v['warmup']}",
         f"lora.target_modules=[{v['targets']}]",
