@@ -61,16 +61,31 @@ def build_optimizer(cfg: OptimConfig, params: list[torch.nn.Parameter], *, flat:
         name = name.removeprefix("paged_")
     cls = torch.optim.AdamW if name == "adamw" else _classes()[name]
     if not (FLAT and flat) or not params:
-        return cls(params, **kw)
+        return _own_overrides(cls(params, **kw))
     groups = flatten(params, eight_bit=name.endswith("8bit"))
     flat_cls = type(f"Flat{cls.__name__}", (FlatOptimizerMixin, cls), {})
-    opt = flat_cls([g.flat for g in groups], **kw)
+    opt = _own_overrides(flat_cls([g.flat for g in groups], **kw))
     opt.flat_groups = groups
     opt._given_order = list(params)
     if cfg.optimizer.endswith("8bit"):
         for g in groups:  # what bitsandbytes would have chosen for each small tensor on its own
             if not g.eight_bit:
                 opt.mng.pid2config[id(g.flat)] = {"optim_bits": 32}
+    return opt
+
+
+def _own_overrides(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """A bitsandbytes optimizer with its own override table instead of the process-wide one.
+
+    bitsandbytes keeps per-parameter settings in one global manager keyed by ``id(tensor)`` and by
+    position (group, index), never cleared: an override written for an optimizer that is gone (ours
+    for a small flat group, or transformers' 32-bit embeddings) applied to whichever tensor later got
+    that id or position, giving it 32-bit state in an 8-bit optimizer."""
+    if hasattr(opt, "mng"):
+        from bitsandbytes.optim import GlobalOptimManager  # lazy: bitsandbytes costs seconds to import
+
+        opt.mng = GlobalOptimManager.__new__(GlobalOptimManager)  # its __init__ refuses: it is meant as a singleton
+        opt.mng.initialize()
     return opt
 
 

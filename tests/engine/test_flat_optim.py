@@ -185,3 +185,28 @@ def test_the_budget_counts_the_flat_optimizer_s_state(name):
     resident, paged, _ = formulas.optimizer_state_bytes([p.numel() for p in ps], name)
     maps = 2 * 256 * 4 if name.endswith("8bit") else 0
     assert resident + paged - maps == held
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "per-tensor"])
+def test_overrides_left_in_bitsandbytes_global_manager_change_nothing(flat):
+    """bitsandbytes keeps per-tensor overrides in one process-wide table keyed by tensor id and by
+    position, never cleared: what an earlier optimizer left there (transformers' 32-bit embeddings,
+    our own small flat group) gave a later tensor 32-bit state inside an 8-bit optimizer."""
+    from bitsandbytes.optim import GlobalOptimManager
+
+    mng = GlobalOptimManager.get_instance()
+    ps = _params()
+    before = dict(mng.pid2config), dict(mng.index2config)
+    mng.index2config[(0, 0)] = {"optim_bits": 32}  # an earlier optimizer's override, by position
+    mng.pid2config[id(ps[1])] = {"optim_bits": 32}  # and by an id this tensor now has
+    optim.FLAT = flat
+    try:
+        opt = optim.build_optimizer(OptimConfig(optimizer="adamw_8bit"), ps)
+        steps(opt, ps, range(1))
+    finally:
+        optim.FLAT = True
+        mng.pid2config, mng.index2config = before
+    held = [g.flat for g in opt.flat_groups if g.eight_bit] if flat else [p for p in ps if p.numel() >= 4096]
+    assert len(held) == (1 if flat else 3)
+    assert [opt.state[p]["state1"].dtype for p in held] == [torch.uint8] * len(held)
+    assert not mng.pid2config.keys() - before[0].keys()  # and ours wrote nothing there
