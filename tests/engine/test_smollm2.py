@@ -29,7 +29,7 @@ def test_smollm2_quantizes_to_nf4_and_its_loss_falls(smollm2_gguf, smollm2_dir, 
             f"model.ref={smollm2_gguf}",  # the .gguf reference; the conversion is cached (smollm2_dir)
             f"data.path={resources.path('data', 'quickstart.jsonl')}",
             f"output.dir={tmp_path / 'run'}",
-            "train.max_steps=30",
+            "train.max_steps=12",
             "train.micro_batch_size=4",
             "train.gradient_accumulation_steps=1",
             "train.save_steps=null",
@@ -51,6 +51,6 @@ def test_smollm2_quantizes_to_nf4_and_its_loss_falls(smollm2_gguf, smollm2_dir, 
     trainer.train()
     trainer.cleanup()
     curve = [e.loss for e in sink.of(StepMetrics)]
-    assert len(curve) == 30
-    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
-    assert last < 0.7 * first, curve
+    assert len(curve) == 12
+    first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
+    assert last < 0.8 * first, curve  # 12 steps: about 3.1 to 2.2 (the quickstart's test trains the full 30)
