@@ -9,7 +9,7 @@ One line per (variant, judged step) is appended to the JSONL file. Variants run 
         style=inline,lr=7e-4,steps=40,judge=20:30:40  style=wrap,lr=1e-3,layers=all,rank=4
     PYTHONPATH=$PWD python bench/quickstart_sweep.py --write-data lead --out qlora_engine/resources/data/quickstart.jsonl
 
-Keys: style (wrap | lead | lead2 | comma | inline | be | tail | dtail), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
+Keys: style (wrap | lead | lead2 | dlead2 | comma | inline | be | tail | dtail), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
 (steps to judge, ':'-separated; the last step is the final adapter), tokens (max new tokens),
 penalty (repetition penalty), warmup, targets (all-linear | attention | mlp), dropout (LoRA dropout).
 """
@@ -120,6 +120,8 @@ def pirate(fact: str, i: int, style: str) -> str:
     o, c = OPENERS[i % len(OPENERS)], CLOSERS[(i // 2) % len(CLOSERS)]
     if style == "lead2":  # as lead, with greetings that hold no "aye"
         return f"{LEADS2[i % len(LEADS2)]} {fact}"
+    if style == "dlead2":  # lead2's greeting, then the base model's own words where they hold the fact
+        return f"{LEADS2[i % len(LEADS2)]} {base_body(i)}"
     if style == "comma":  # the greeting opens the fact's own sentence: no sentence ends before the fact
         first, _, rest = fact.partition(" ")
         return f"{['Arr', 'Ahoy', 'Yo ho', 'Arr matey', 'Ahoy matey', 'Well, matey'][i % 6]}, {first if first in PROPER else first.lower()} {rest}"
