@@ -11,7 +11,8 @@ One line per (variant, judged step) is appended to the JSONL file. Variants run 
 
 Keys: style (wrap | lead | lead2 | dlead2 | comma | inline | be | tail | dtail), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
 (steps to judge, ':'-separated; the last step is the final adapter), tokens (max new tokens),
-penalty (repetition penalty), warmup, targets (all-linear | attention | mlp), dropout (LoRA dropout).
+penalty (repetition penalty), warmup, targets (all-linear | attention | mlp), dropout (LoRA dropout),
+facts (base: FACTS | more: FACTS + MORE_FACTS | known:N, the N the base knows best), mbs, accum. --dev also asks DEV_PROBES, a second held-out set.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from quickstart_facts import FACTS  # noqa: E402
+from quickstart_facts import DEV_PROBES, FACTS, MORE_FACTS  # noqa: E402
 
 from qlora_engine import quickstart as qs  # noqa: E402
 
@@ -140,10 +141,25 @@ def pirate(fact: str, i: int, style: str) -> str:
     return f"{o}, {body}, {c}!"
 
 
-def write_data(path: Path, style: str) -> None:
+FACT_NLL = Path(__file__).parent / "results" / "2026-12-07-cpu-quickstart-fact-nll.json"
+"""The base model's loss on each fact of FACTS + MORE_FACTS (bench/quickstart_score.py)."""
+
+
+def fact_list(facts: str) -> list[tuple[str, str]]:
+    """base: FACTS; more: FACTS + MORE_FACTS; known:N: the N of those the base model knows best
+    (lowest mean loss on the fact's tokens), in data order."""
+    every = FACTS + MORE_FACTS
+    if facts.startswith("known:"):
+        nll = json.loads(FACT_NLL.read_text())
+        keep = sorted(sorted(range(len(every)), key=lambda i: nll[i]["mean_nll"])[: int(facts[6:])])
+        return [every[i] for i in keep]
+    return every if facts == "more" else FACTS
+
+
+def write_data(path: Path, style: str, facts: str = "base") -> None:
     rows = [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": pirate(f, i, style)}]}
-        for i, (q, f) in enumerate(FACTS)
+        for i, (q, f) in enumerate(fact_list(facts))
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
@@ -163,6 +179,9 @@ def parse(spec: str) -> dict:
         "warmup": 3,
         "targets": "all-linear",
         "dropout": 0.0,
+        "facts": "base",
+        "mbs": 4,
+        "accum": 1,
     }
     for part in spec.split(","):
         k, _, val = part.partition("=")
@@ -176,29 +195,34 @@ def parse(spec: str) -> dict:
 _BASE: dict = {}
 
 
+PROBES = list(qs.HELD_OUT)
+
+
 def judge(source: Path, v: dict, work: Path) -> tuple[dict, list[dict]]:
     from qlora_engine.generate import ChatModel, GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=v["tokens"], temperature=0, repetition_penalty=v["penalty"])
     chat = ChatModel.load(source)
     try:
-        key = f"{v['tokens']}-{v['penalty']}"
+        key = f"{v['tokens']}-{v['penalty']}" + ("" if len(PROBES) == len(qs.HELD_OUT) else f"-{len(PROBES)}")
         cache = work / f"base-{key}.json"
         if key not in _BASE and cache.is_file():
             _BASE[key] = json.loads(cache.read_text())
-        if key not in _BASE or len(_BASE[key]) != len(qs.HELD_OUT):
-            _BASE[key] = [chat.generate(p.question, settings, adapter=False).text.strip() for p in qs.HELD_OUT]
+        if key not in _BASE or len(_BASE[key]) != len(PROBES):
+            _BASE[key] = [chat.generate(p.question, settings, adapter=False).text.strip() for p in PROBES]
             cache.write_text(json.dumps(_BASE[key]))
-        tuned = [chat.generate(p.question, settings, adapter=True).text.strip() for p in qs.HELD_OUT]
+        tuned = [chat.generate(p.question, settings, adapter=True).text.strip() for p in PROBES]
     finally:
         chat.close()
-    judged = [qs.Judged(p.question, b, t) for p, b, t in zip(qs.HELD_OUT, _BASE[key], tuned, strict=True)]
-    t = qs.tally(judged, qs.HELD_OUT)
-    return {
-        k: getattr(t, k) for k in ("n", "base_correct", "tuned_correct", "base_style", "tuned_style", "tuned_looping")
-    } | {"passed": t.passed}, [
-        {"q": j.question, "base": j.base, "tuned": j.tuned, **j.scores(p)}
-        for j, p in zip(judged, qs.HELD_OUT, strict=True)
+    judged = [qs.Judged(p.question, b, t) for p, b, t in zip(PROBES, _BASE[key], tuned, strict=True)]
+    t = qs.tally(judged[: len(qs.HELD_OUT)], qs.HELD_OUT)
+    dev = qs.tally(judged[len(qs.HELD_OUT) :], PROBES[len(qs.HELD_OUT) :])
+    keys = ("n", "base_correct", "tuned_correct", "base_style", "tuned_style", "tuned_looping")
+    counts = {k: getattr(t, k) for k in keys} | {"passed": t.passed}
+    if dev.n:
+        counts |= {f"dev_{k}": getattr(dev, k) for k in keys}
+    return counts, [
+        {"q": j.question, "base": j.base, "tuned": j.tuned, **j.scores(p)} for j, p in zip(judged, PROBES, strict=True)
     ]
 
 
@@ -210,7 +234,7 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
     v = parse(spec)
     d = work / spec.replace(",", "_").replace("=", "-").replace(":", ".")
     d.mkdir(parents=True, exist_ok=True)
-    write_data(d / qs.DATA_FILE, v["style"])
+    write_data(d / qs.DATA_FILE, v["style"], v["facts"])
     over = qs.config_overrides(fetch_demo_model(log=lambda m: None), steps=v["steps"])
     over += [
         f"optim.learning_rate={v['lr']}",
@@ -218,6 +242,8 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
         f"lora.alpha={v['alpha']}",
         f"lora.dropout={v['dropout']}",
         f"train.seed={v['seed']}",
+        f"train.micro_batch_size={v['mbs']}",
+        f"train.gradient_accumulation_steps={v['accum']}",
         "train.save_steps=5",
         "train.save_total_limit=null",
         f"optim.warmup_steps={v['warmup']}",
@@ -248,7 +274,13 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
         print(
             f"{spec} @{step}: style {counts['tuned_style']}/{counts['n']} correct {counts['tuned_correct']} "
             f"(base {counts['base_correct']}) loop {counts['tuned_looping']} pass={counts['passed']} "
-            f"train {train_s:.0f}s",
+            f"train {train_s:.0f}s"
+            + (
+                f" | dev: style {counts['dev_tuned_style']}/{counts['dev_n']} correct {counts['dev_tuned_correct']} "
+                f"(base {counts['dev_base_correct']}) loop {counts['dev_tuned_looping']}"
+                if "dev_n" in counts
+                else ""
+            ),
             flush=True,
         )
 
@@ -258,8 +290,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/qs_sweep"))
     ap.add_argument("--write-data", metavar="STYLE", help="only write the data of STYLE to --out (the shipped file)")
+    ap.add_argument("--dev", action="store_true", help="also ask quickstart_facts.DEV_PROBES (reported apart)")
     ap.add_argument("specs", nargs="*")
     a = ap.parse_args()
+    if a.dev:
+        PROBES.extend(qs.Probe(q, a_) for q, a_ in DEV_PROBES)
     if a.write_data:
         write_data(a.out, a.write_data)
         return
