@@ -12,7 +12,7 @@ One line per (variant, judged step) is appended to the JSONL file. Variants run 
 Keys: style (wrap | lead | lead2 | dlead2 | comma | inline | be | tail | dtail), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
 (steps to judge, ':'-separated; the last step is the final adapter), tokens (max new tokens),
 penalty (repetition penalty), warmup, targets (all-linear | attention | mlp), dropout (LoRA dropout),
-facts (base: FACTS | more: FACTS + MORE_FACTS | known:N, the N the base knows best), mbs, accum. --dev also asks DEV_PROBES, a second held-out set.
+facts (base: FACTS | more: FACTS + MORE_FACTS | known:N, the N the base knows best | distinct: FACTS without a repeated answer word), mbs, accum. --dev also asks DEV_PROBES, a second held-out set.
 """
 
 from __future__ import annotations
@@ -153,6 +153,15 @@ def fact_list(facts: str) -> list[tuple[str, str]]:
         nll = json.loads(FACT_NLL.read_text())
         keep = sorted(sorted(range(len(every)), key=lambda i: nll[i]["mean_nll"])[: int(facts[6:])])
         return [every[i] for i in keep]
+    if facts == "distinct":  # no answer word twice: a repeated answer is one a neighbour can borrow
+        seen: set[str] = set()
+        out = []
+        for q, f in FACTS:
+            k = set(key_words(q, f))
+            if not k & seen:
+                out.append((q, f))
+            seen |= k
+        return out
     return every if facts == "more" else FACTS
 
 
