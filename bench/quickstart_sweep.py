@@ -12,7 +12,7 @@ One line per (variant, judged step) is appended to the JSONL file. Variants run 
 Keys: style (wrap | lead | lead2 | dlead2 | comma | inline | be | tail | dtail), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
 (steps to judge, ':'-separated; the last step is the final adapter), tokens (max new tokens),
 penalty (repetition penalty), warmup, targets (all-linear | attention | mlp), dropout (LoRA dropout),
-facts (base: FACTS | more: FACTS + MORE_FACTS | known:N, the N the base knows best | distinct: FACTS without a repeated answer word), mbs, accum. --dev also asks DEV_PROBES, a second held-out set.
+facts (base: FACTS | more: FACTS + MORE_FACTS | known:N, the N the base knows best | distinct: FACTS without a repeated answer word), mbs, accum, kl (a KL-to-base term's weight, patched into the trainer: an experiment). --dev also asks DEV_PROBES, a second held-out set.
 """
 
 from __future__ import annotations
@@ -191,6 +191,7 @@ def parse(spec: str) -> dict:
         "facts": "base",
         "mbs": 4,
         "accum": 1,
+        "kl": 0.0,
     }
     for part in spec.split(","):
         k, _, val = part.partition("=")
@@ -235,12 +236,41 @@ def judge(source: Path, v: dict, work: Path) -> tuple[dict, list[dict]]:
     ]
 
 
+def kl_to_base(weight: float) -> None:
+    """An experiment outside the engine: the trainer's loss gets ``weight`` x KL(base || tuned) over
+    the answer's tokens (the base's distribution from the same model with the adapter off), which
+    holds the tuned model to what the base would say wherever the data does not insist."""
+    import torch
+
+    from qlora_engine.train import Trainer
+
+    def forward_backward(self, batches, n_labels):
+        loss_sum = torch.zeros((), device=self.device)
+        n_items = torch.tensor(max(n_labels, 1), device=self.device)
+        for b in batches:
+            b = {k: v.to(self.device) for k, v in b.items()}
+            inputs = {k: v for k, v in b.items() if k != "labels"}
+            with torch.no_grad(), self.net.disable_adapter():
+                base = self.net(**inputs, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+            out = self.net(**b, use_cache=False, num_items_in_batch=n_items)
+            mask = b["labels"][:, 1:] != -100
+            tuned = out.logits[:, :-1].float().log_softmax(-1)
+            kl = (base.exp() * (base - tuned)).sum(-1)[mask].sum() / n_items
+            (out.loss + weight * kl).backward()
+            loss_sum += out.loss.detach()
+        return loss_sum
+
+    Trainer._forward_backward = forward_backward
+
+
 def run_variant(spec: str, work: Path, out: Path) -> None:
     from qlora_engine.config import TrainConfig, apply_overrides
     from qlora_engine.demo import fetch_demo_model
     from qlora_engine.runner import run
 
     v = parse(spec)
+    if v["kl"]:
+        kl_to_base(v["kl"])
     d = work / spec.replace(",", "_").replace("=", "-").replace(":", ".")
     d.mkdir(parents=True, exist_ok=True)
     write_data(d / qs.DATA_FILE, v["style"], v["facts"])
