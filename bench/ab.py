@@ -72,6 +72,7 @@ def main() -> None:
         ("mbs1-compiled-op", True, True, "sdpa", 1, "fixed", True, "default"),
         ("mbs1-compiled-op-graphs", True, True, "sdpa", 1, "fixed", True, "reduce-overhead"),
         ("mbs1-compiled-op-autotune", True, True, "sdpa", 1, "fixed", True, "max-autotune-no-cudagraphs"),
+        ("mbs4-compiled-op-graphs", True, True, "sdpa", 4, "fixed", True, "reduce-overhead"),
     ]
     only = set(filter(None, args.only.split(",")))
     unknown = only - {s[0] for s in settings} - {"profile"}
