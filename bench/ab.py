@@ -72,6 +72,7 @@ def main() -> None:
         ("mbs1-compiled-op", True, True, "sdpa", 1, "fixed", True, "default"),
         ("mbs1-compiled-op-graphs", True, True, "sdpa", 1, "fixed", True, "reduce-overhead"),
         ("mbs1-compiled-op-autotune", True, True, "sdpa", 1, "fixed", True, "max-autotune-no-cudagraphs"),
+        ("mbs4-compiled-op", True, True, "sdpa", 4, "fixed", True, "default"),
         ("mbs4-compiled-op-graphs", True, True, "sdpa", 4, "fixed", True, "reduce-overhead"),
     ]
     only = set(filter(None, args.only.split(",")))
@@ -202,6 +203,8 @@ def main() -> None:
         set_ckpt(ckpt)
         torch._dynamo.reset()
         counters.clear()
+        if cuda:  # each setting's own peak (results up to session 9 hold the running peak of the process)
+            torch.cuda.reset_peak_memory_stats()
         undo = None
         times, toks, losses, warm = [], [], [], []
         first_loss = None
