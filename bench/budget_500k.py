@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import random_weights as rw  # noqa: E402  (bench/ is not a package)
+from budget_70b import GiB, card, cfg  # noqa: E402
 
 from qlora_engine import budget  # noqa: E402
-from qlora_engine.config import TrainConfig, apply_overrides  # noqa: E402
 
 cfg8 = dict(rw.LLAMA3_70B)  # its max positions are raised; the 8B shape otherwise
 cfg8.update(
@@ -24,27 +24,8 @@ cfg8.update(
 )
 Path("/tmp/llama8b").mkdir(exist_ok=True)
 Path("/tmp/llama8b/config.json").write_text(json.dumps(cfg8))
-GiB = 2**30
-card = int(78.6 * GiB)
 for seq in (350000, 500000):
-    c = apply_overrides(
-        TrainConfig(),
-        [
-            "model.ref=/tmp/llama8b",
-            "data.path=synthetic",
-            f"data.max_length={seq}",
-            "train.micro_batch_size=1",
-            "train.gradient_accumulation_steps=1",
-            "lora.rank=16",
-            "lora.alpha=16",
-            "lora.target_modules=[all-linear]",
-            "optim.optimizer=paged_adamw_8bit",
-            "train.gradient_checkpointing=true",
-            "train.offload_activations=true",
-            "train.mlp_chunk_tokens=4096",
-            "train.kernels=liger",
-        ],
-    )
+    c = cfg("/tmp/llama8b", seq, "train.offload_activations=true", "train.mlp_chunk_tokens=4096", "train.kernels=liger")
     e = budget.estimate(c, data_stats={"max": seq, "p95": seq, "median": seq}, gpu_bytes=card)
     print(
         seq,
