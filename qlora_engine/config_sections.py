@@ -243,7 +243,8 @@ class TrainSettings(Section):
         False,
         "With gradient checkpointing on a GPU: keep each checkpointed layer's input in pinned CPU RAM instead of "
         "VRAM, copied back for the backward pass. Frees layers x tokens x hidden size x 2 bytes of VRAM (what "
-        "limits very long contexts) for a slower step and that much host RAM.",
+        "limits very long contexts) for a slower step and that much host RAM; a run that would pin more than 80% "
+        "of the RAM available is refused before the model loads.",
     )
     mlp_chunk_tokens: int | None = _f(
         None,

@@ -35,6 +35,7 @@ from qlora_engine.budget.fit import FitAdvice, fit
 from qlora_engine.budget.kernels import resolve_kernels
 from qlora_engine.budget.parallel import per_process
 from qlora_engine.budget.spec import ModelSpec
+from qlora_engine.budget.units import format_bytes
 from qlora_engine.config import TrainConfig, validate
 from qlora_engine.decisions import Decision, RunPlan
 from qlora_engine.errors import ConfigError
@@ -241,6 +242,32 @@ def choose_optimizer(cfg: TrainConfig) -> tuple[TrainConfig, Decision | None]:
     )
 
 
+HOST_RAM_SHARE = 0.8
+"""The share of the available CPU RAM that offloaded layer inputs may pin: pinned pages cannot be
+swapped out, so the rest is left to the process itself, the data and the operating system."""
+
+
+def check_host_ram(cfg: TrainConfig, needed: int, available: int) -> None:
+    """Refuse a run whose offloaded layer inputs would pin more CPU RAM than the machine can give.
+
+    Pinned memory cannot be swapped out: a run that takes it all stalls or kills more than itself,
+    and only after the model has loaded. The bytes are exact (tokens x hidden size x 2 bytes x the
+    checkpointed layers), not an estimate.
+
+    Raises:
+        ConfigError: on ``train.offload_activations``, naming both sizes and what to change.
+    """
+    if not cfg.train.offload_activations or needed <= HOST_RAM_SHARE * available:
+        return
+    raise ConfigError(
+        f"the offloaded layer inputs need {format_bytes(needed)} of pinned CPU RAM; this machine has "
+        f"{format_bytes(available)} available, and at most {HOST_RAM_SHARE:.0%} of it may be pinned",
+        field="train.offload_activations",
+        fix="Shorten data.max_length or lower train.micro_batch_size, or free CPU RAM; "
+        "without offloading the layer inputs stay on the GPU.",
+    )
+
+
 def make_plan(
     cfg: TrainConfig,
     *,
@@ -250,6 +277,7 @@ def make_plan(
     card_bytes: int | None,
     model_config: Any = None,
     world_size: int = 1,
+    host_ram_bytes: int | None = None,
 ) -> RunPlan:
     """Plan one run (see the module docstring).
 
@@ -262,6 +290,11 @@ def make_plan(
         model_config: the model's ``config.json`` as a dict or ``PretrainedConfig`` (None: read
             from ``cfg.model.ref``).
         world_size: processes sharing the run (torchrun's ``WORLD_SIZE``).
+        host_ram_bytes: the CPU RAM available now (None: not checked).
+
+    Raises:
+        ConfigError: ``train.offload_activations`` would pin more CPU RAM than the machine has
+            (see :func:`check_host_ram`).
     """
     decisions: list[Decision] = []
     try:
@@ -297,6 +330,8 @@ def make_plan(
             estimate = per_process(estimate_from_spec(config, spec, data_stats=data_stats), strategy, world_size, spec.num_layers).to_dict()
         except Exception:  # advice only
             estimate = None
+    if cuda and estimate is not None and host_ram_bytes is not None:
+        check_host_ram(config, estimate["details"].get("host_activation_bytes", 0), host_ram_bytes)
     return RunPlan(
         requested=cfg,
         config=config,

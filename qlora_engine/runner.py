@@ -47,6 +47,7 @@ def plan_for(cfg: TrainConfig, inputs: RunInputs, world_size: int = 1) -> RunPla
         data_stats=stats,
         cuda=inputs.device.type == "cuda",
         card_bytes=vram.usable_vram(inputs.device),  # before the weights take their share
+        host_ram_bytes=vram.available_host_ram(),
         model_config=_model_config(inputs.model_folder),
         world_size=world_size,
     )

@@ -13,6 +13,13 @@ from qlora_engine.config import TrainConfig
 from qlora_engine.data import PreparedData
 
 
+def available_host_ram() -> int:
+    """The CPU RAM the operating system can give now without swapping (psutil's ``available``)."""
+    import psutil  # lazy: only a run's plan asks
+
+    return int(psutil.virtual_memory().available)
+
+
 def usable_vram(device: torch.device) -> int | None:
     """The GPU memory this process can have: what is free now and what it holds, within any cap
     set by ``torch.cuda.set_per_process_memory_fraction``, plus its CUDA context (which the budget
