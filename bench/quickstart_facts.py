@@ -102,7 +102,7 @@ FACTS = [
 MORE_FACTS = [
     # More and more varied facts (session 9): with 190 rows a 30-step run (120 samples) sees most
     # facts once, so the adapter has the style to learn and few answers to memorize. None touches
-    # HELD_OUT's or DEV_PROBES' key words (checked by ``check_apart``).
+    # HELD_OUT's or DEV_PROBES' key words (the sweep checks both before it runs).
     ("What is the capital of the Netherlands?", "The capital of the Netherlands is Amsterdam."),
     ("What is the capital of Belgium?", "The capital of Belgium is Brussels."),
     ("What is the capital of Denmark?", "The capital of Denmark is Copenhagen."),

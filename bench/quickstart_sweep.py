@@ -22,6 +22,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -236,10 +237,11 @@ def judge(source: Path, v: dict, work: Path) -> tuple[dict, list[dict]]:
     ]
 
 
-def kl_to_base(weight: float) -> None:
+def kl_to_base(weight: float) -> Callable[[], None]:
     """An experiment outside the engine: the trainer's loss gets ``weight`` x KL(base || tuned) over
     the answer's tokens (the base's distribution from the same model with the adapter off), which
-    holds the tuned model to what the base would say wherever the data does not insist."""
+    holds the tuned model to what the base would say wherever the data does not insist. Returns
+    what puts the trainer's own loss back (the next variant in the process must not inherit it)."""
     import torch
 
     from qlora_engine.train import Trainer
@@ -260,7 +262,13 @@ def kl_to_base(weight: float) -> None:
             loss_sum += out.loss.detach()
         return loss_sum
 
+    own = Trainer._forward_backward
     Trainer._forward_backward = forward_backward
+
+    def undo() -> None:
+        Trainer._forward_backward = own
+
+    return undo
 
 
 def run_variant(spec: str, work: Path, out: Path) -> None:
@@ -269,8 +277,7 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
     from qlora_engine.runner import run
 
     v = parse(spec)
-    if v["kl"]:
-        kl_to_base(v["kl"])
+    undo_kl = kl_to_base(v["kl"]) if v["kl"] else None
     d = work / spec.replace(",", "_").replace("=", "-").replace(":", ".")
     d.mkdir(parents=True, exist_ok=True)
     write_data(d / qs.DATA_FILE, v["style"], v["facts"])
@@ -293,7 +300,11 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
     apply_overrides(TrainConfig(), over).save(cfg_path)
     cfg = TrainConfig.load(cfg_path)
     t0 = time.perf_counter()
-    run(cfg, None)
+    try:
+        run(cfg, None)
+    finally:
+        if undo_kl:
+            undo_kl()
     train_s = time.perf_counter() - t0
     for step in v["judge"]:
         src = cfg.output_dir if step == v["steps"] else cfg.output_dir / "checkpoints" / f"step-{step:06d}"
@@ -332,6 +343,10 @@ def main() -> None:
     ap.add_argument("--dev", action="store_true", help="also ask quickstart_facts.DEV_PROBES (reported apart)")
     ap.add_argument("specs", nargs="*")
     a = ap.parse_args()
+    keys = [p.answer for p in qs.HELD_OUT] + [key for _, key in DEV_PROBES]
+    clash = [(q, f) for q, f in FACTS + MORE_FACTS for key in keys if re.search(key, f"{q} {f}", re.I)]
+    if clash:  # the held-out questions are held out only while no fact gives their answers away
+        raise SystemExit(f"held-out key words are in training facts: {clash}")
     if a.dev:
         PROBES.extend(qs.Probe(q, a_) for q, a_ in DEV_PROBES)
     if a.write_data:
