@@ -41,6 +41,7 @@ LABELS = {
     ("train", "mlp_chunk_tokens"): "MLP in chunks of",
     ("train", "kernels"): "Fused kernels",
     ("train", "fast_lora"): "Fast LoRA",
+    ("train", "compile"): "Compile layers",
     ("lora", "alpha"): "Alpha",
     ("lora", "use_dora"): "DoRA",
     ("lora", "use_rslora"): "rsLoRA",

@@ -251,6 +251,9 @@ def _construct(cls: type, values: dict[str, Any]) -> Any:
         # YAML reads `layers: 3` or `revision: 1234` as numbers; take them as the text they are.
         if isinstance(v, (int, float)) and not isinstance(v, bool) and type_ok("x", tp) and not type_ok(v, tp):
             v = str(v)
+        # YAML 1.1 reads `off` and `on` (and no/yes) as false and true; a choice named so is what was meant.
+        if isinstance(v, bool) and not type_ok(v, tp) and type_ok("on" if v else "off", tp):
+            v = "on" if v else "off"
         fixed[k] = v
     return cls(**fixed)
 

@@ -34,7 +34,7 @@ Anything this does not cover falls back to peft's own forward, per call: no grad
 (evaluation, generation: bitsandbytes' inference kernels are faster there), adapters
 disabled or merged, several adapters, DoRA or another LoRA variant, dropout, float16.
 
-Under ``torch.compile`` (:func:`compile_blocks`, for the benchmarks so far) the frozen 4-bit
+Under ``torch.compile`` (``train.compile``: :class:`CompiledBlocks`) the frozen 4-bit
 matmul is one opaque op, ``qlora::frozen4bit_linear`` (its input gradient a second op), taking
 the packed weight and its quant state as tensors: the same kernels, and a decoder block traces
 into one graph with no break.
@@ -316,6 +316,24 @@ def enable(model: torch.nn.Module) -> tuple[int, dict[str, int]]:
     return fast, skipped
 
 
+MUST_RECOMPUTE = True
+"""Whether a compiled checkpoint tells the partitioner to recompute every op (else torch's default hint)."""
+
+
+def _must_recompute(_ctx: Any, _op: Any, *_args: Any, **_kwargs: Any) -> Any:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+
+def _recompute_everything() -> Any:
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts, noop_context_fn
+
+    if not MUST_RECOMPUTE:
+        return noop_context_fn()
+    return create_selective_checkpoint_contexts(_must_recompute)
+
+
 def compile_blocks(model: torch.nn.Module, **options: Any) -> Callable[[], None]:
     """``torch.compile`` each decoder block with ``options`` (``mode``, ``backend``...); returns what undoes it.
 
@@ -323,9 +341,13 @@ def compile_blocks(model: torch.nn.Module, **options: Any) -> Callable[[], None]
     checkpointed block compiles its checkpoint too (transformers' checkpoint function, which every
     version calls with the block's forward): the compiled backward recomputes the block (and leaves
     out what it does not need, such as the last 4-bit matmul), and no compiled call runs inside an
-    eager checkpoint's recomputation, which CUDA graphs do not survive (pytorch#154306). For the
-    benchmarks; no config switch yet (and not with ``train.offload_activations``, whose checkpoint
-    function this replaces).
+    eager checkpoint's recomputation, which CUDA graphs do not survive (pytorch#154306). Every op
+    of a checkpointed block is marked must-recompute: the partitioner then keeps only the block's
+    inputs for the backward, as eager checkpointing does. A block left out of checkpointing gets a
+    compiled function that only calls it, through the same hook, so evaluation and generation
+    (``model.eval()``, no gradients) run the eager blocks and compile nothing more. Not with
+    ``train.offload_activations`` (its checkpoint function is the one this replaces) or
+    ``train.mlp_chunk_tokens`` (a checkpoint inside the block).
     """
     # lazy: transformers.modeling_layers loads its whole modeling stack (seconds); only training needs it
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -337,23 +359,60 @@ def compile_blocks(model: torch.nn.Module, **options: Any) -> Callable[[], None]
         torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
 
     def checkpointed(function: Any, *args: Any, **kwargs: Any) -> Any:
-        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+        return checkpoint(function, *args, use_reentrant=False, context_fn=_recompute_everything, **kwargs)
 
-    compiled = torch.compile(checkpointed, **options)  # one for every block: one cache, one graph per input kind
+    def plain(function: Any, *args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
+
+    # one compiled function for all checkpointed blocks, one for the rest: one cache each, one graph per input kind
+    compiled = {True: torch.compile(checkpointed, **options), False: torch.compile(plain, **options)}
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    before = [(b, b.__dict__.get("_gradient_checkpointing_func")) for b in blocks]
+    before = [(b, b.gradient_checkpointing, b.__dict__.get("_gradient_checkpointing_func")) for b in blocks]
     for block in blocks:
-        if block.gradient_checkpointing:
-            block._gradient_checkpointing_func = compiled
-        else:
-            block.compile(**options)
+        block._gradient_checkpointing_func = compiled[bool(block.gradient_checkpointing)]
+        block.gradient_checkpointing = True  # the flag that routes a training forward through the function
 
     def undo() -> None:
-        for block, function in before:
-            block._compiled_call_impl = None
+        for block, flag, function in before:
+            block.gradient_checkpointing = flag
             if function is None:
                 block.__dict__.pop("_gradient_checkpointing_func", None)
             else:
                 block._gradient_checkpointing_func = function
 
     return undo
+
+
+class CompiledBlocks:
+    """``train.compile`` for one training run: the blocks compiled, CUDA graphs marked per micro-batch.
+
+    ``how``: 'blocks' (inductor's fused kernels) or 'graphs' (those replayed as CUDA graphs:
+    'reduce-overhead'; on a CPU the same as 'blocks'). Shapes are left to torch's automatic
+    dynamic shapes: the first length compiles a static graph, a second one a graph for any
+    length (the trainer pads rows to a multiple of :data:`PAD_MULTIPLE` so CUDA graphs are
+    recorded for few lengths).
+    """
+
+    PAD_MULTIPLE = 256
+    BACKEND = "inductor"
+    """torch.compile's backend (the tests take 'aot_eager': the same graphs and partition, no code generation)."""
+
+    def __init__(self, model: torch.nn.Module, how: str, device: torch.device) -> None:
+        self.how = how
+        self.graphs = how == "graphs" and device.type == "cuda"
+        self.model = model
+        self.apply()
+
+    def apply(self) -> Callable[[], None]:
+        """Compile the blocks as they are checkpointed now (again after :meth:`undo` and a change)."""
+        if self.BACKEND == "inductor":
+            options: dict[str, Any] = {"mode": "reduce-overhead" if self.graphs else "default"}
+        else:
+            options = {"backend": self.BACKEND}
+        self.undo = compile_blocks(self.model, **options)
+        return self.undo
+
+    def step_begins(self) -> None:
+        """Before each micro-batch's forward: the last one's graph outputs are no longer read."""
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()

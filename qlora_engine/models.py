@@ -298,13 +298,15 @@ def load_quantized_model(
     return model
 
 
-def apply_fused_kernels(model: torch.nn.Module, choice: str, device: torch.device) -> str:
+def apply_fused_kernels(model: torch.nn.Module, choice: str, device: torch.device, loss_only: bool = False) -> str:
     """Swap in Liger Kernel's fused operations where asked for and possible; returns what was used.
 
     Call on the base model before LoRA wrapping. The fused linear + cross-entropy computes
     the loss chunk by chunk from the hidden states, so the ``tokens x vocabulary`` logits
     (and their fp32 copies in the loss) never exist: with a 128k vocabulary that is most of
-    the activation memory at moderate sequence lengths.
+    the activation memory at moderate sequence lengths. ``loss_only`` (compiled layers): only
+    that loss; Liger's norm, RoPE and activation kernels are opaque to ``torch.compile`` (a
+    graph break each), and the compiler fuses those itself.
     """
     if choice == "none":
         return "none"
@@ -325,7 +327,9 @@ def apply_fused_kernels(model: torch.nn.Module, choice: str, device: torch.devic
             where = "a CUDA GPU" if device.type != "cuda" else f"a supported architecture (not {model_type!r})"
             raise ConfigError(f"'liger' needs {where}; set train.kernels to auto or none.", field="train.kernels")
         return "none"
-    _apply_liger_kernel_to_instance(model=model)
+    # the keywords each architecture's apply function lacks are dropped by liger itself
+    inside = dict.fromkeys(("rope", "rms_norm", "swiglu", "geglu", "layer_norm"), False) if loss_only else {}
+    _apply_liger_kernel_to_instance(model=model, **inside)
     return "liger"
 
 

@@ -42,7 +42,7 @@ from qlora_engine.control import Aborted, RunControl
 from qlora_engine.data import IGNORE_INDEX, PreparedData, collate, count_tokens, prepare_data
 from qlora_engine.decisions import RunPlan
 from qlora_engine.distributed import World
-from qlora_engine.errors import DataError, QLoRAError, ResumeError, TrainingDiverged
+from qlora_engine.errors import ConfigError, DataError, QLoRAError, ResumeError, TrainingDiverged
 from qlora_engine.events import (
     CheckpointSaved,
     EvalResult,
@@ -160,7 +160,8 @@ class Trainer:
         # FSDP shards whole tensors of one dtype: the packed 4-bit weights are stored in the compute dtype.
         storage = self.dtype if cfg.train.strategy == "fsdp" else torch.uint8
         base = models.load_quantized_model(cfg, self.model_folder, self.device, self.dtype, storage=storage)
-        self.kernels = models.apply_fused_kernels(base, cfg.train.kernels, self.device)
+        compiled = cfg.train.compile != "off"
+        self.kernels = models.apply_fused_kernels(base, cfg.train.kernels, self.device, loss_only=compiled)
         torch.manual_seed(cfg.train.seed)  # the LoRA init depends on the seed only
         self.model = models.wrap_with_lora(base, cfg)
         self.fast_lora = 0
@@ -183,6 +184,17 @@ class Trainer:
             if self.plan.requested.train.checkpoint_layers is not None:
                 note = f"gradient checkpointing on the lowest {self.checkpointed} decoder layers (train.checkpoint_layers)"
                 emit(LogLine(level="info", message=note))
+        self.compiled = None
+        if compiled:
+            if self.world.size > 1:
+                raise ConfigError(
+                    "compiled layers run in one process for now; set train.compile to off to train on "
+                    f"{self.world.size} GPUs.",
+                    field="train.compile",
+                )
+            self.compiled = fast_lora.CompiledBlocks(self.model, cfg.train.compile, self.device)
+            if cfg.train.compile == "graphs" and not self.compiled.graphs:
+                emit(LogLine(level="info", message="train.compile graphs: CUDA graphs need a GPU; compiling the layers only"))
         self.model.train()
         self.resumed_from = None
         if self.resume_from is not None:
@@ -239,7 +251,11 @@ class Trainer:
         before = self.checkpointed
         self.grown = True
         offload = self.cfg.train.offload_activations and self.device.type == "cuda"
+        if self.compiled is not None:
+            self.compiled.undo()
         self.checkpointed = models.enable_gradient_checkpointing(self.model, None, offload=offload)
+        if self.compiled is not None:
+            self.compiled.apply()
         self.facts["checkpointed_layers"] = self.checkpointed
         self.sink.emit(
             LogLine(
@@ -297,7 +313,8 @@ class Trainer:
         for i in range(k * bs, (k + 1) * bs):
             epoch, j = divmod(i, n)
             rows.append(self.data.train[self._epoch_order(epoch)[j]])
-        return collate(rows, self.tokenizer.pad_token_id)
+        multiple = self.compiled.PAD_MULTIPLE if self.compiled is not None else 1
+        return collate(rows, self.tokenizer.pad_token_id, multiple=multiple, cap=self.cfg.data.max_length)
 
     def _epoch_order(self, epoch: int) -> list[int]:
         if self._order[0] != epoch:
@@ -397,6 +414,8 @@ class Trainer:
         n_items = torch.tensor(max(n_labels, 1), device=self.device)
         for i, b in enumerate(batches):
             b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+            if self.compiled is not None:
+                self.compiled.step_begins()
             # Several processes exchange gradients once per step, on each one's last micro-batch.
             with self.world.accumulating(self.net, last=i == len(batches) - 1):
                 # Keep only the loss: holding the model output would keep the logits alive

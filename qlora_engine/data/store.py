@@ -185,10 +185,13 @@ def token_stats(lengths: np.ndarray, max_length: int) -> dict[str, Any]:
     }
 
 
-def collate(samples: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(
+    samples: Sequence[dict[str, list[int]]], pad_token_id: int, multiple: int = 1, cap: int | None = None
+) -> dict[str, torch.Tensor]:
     """Right-pad samples into a batch; padding never carries a label.
 
-    Labels come from the samples, never from comparing ids with ``pad_token_id``, so a
+    ``multiple``: the batch's width is rounded up to a multiple of it (compiled layers: few
+    shapes), but not past ``cap`` (``data.max_length``) unless the longest sample is. Labels come from the samples, never from comparing ids with ``pad_token_id``, so a
     tokenizer whose pad token is its EOS still trains on EOS.
 
     Unpacked samples give ``input_ids``, ``labels`` and ``attention_mask``. Packed samples
@@ -200,7 +203,8 @@ def collate(samples: Sequence[dict[str, list[int]]], pad_token_id: int) -> dict[
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
-    width = max(len(s["input_ids"]) for s in samples)
+    longest = max(len(s["input_ids"]) for s in samples)
+    width = max(longest, min(-(-longest // multiple) * multiple, cap or longest * multiple))
     n = len(samples)
     packed = "position_ids" in samples[0]
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
