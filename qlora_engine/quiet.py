@@ -66,6 +66,12 @@ KNOWN: tuple[tuple[str, str], ...] = (
         "transformers renamed a property that peft still reads; nothing changes for this run.",
     ),
     (
+        r"context_fn is passed to torch.utils.checkpoint under torch.compile",
+        "train.compile marks every operation of a checkpointed layer to be recomputed (so the layer keeps only its "
+        "input, as without compiling); torch reminds that this must not meet in-place operations, and the layers "
+        "compiled here are checked to give the eager losses and gradients.",
+    ),
+    (
         r"Paged optimizers are not supported on CPU",
         "bitsandbytes falls back to a plain optimizer on the CPU; the engine builds the plain one there itself.",
     ),
@@ -161,6 +167,7 @@ def capture(verbose: bool = False) -> Captured:
         lg.addHandler(handler)
         lg.propagate = False  # not to the root logger's last-resort printing
     _quiet_transformers_handler()
+    _quiet_torch_handlers(handler)
     shown = warnings.showwarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
@@ -177,6 +184,20 @@ def capture(verbose: bool = False) -> Captured:
 
     warnings.showwarning = showwarning
     return captured
+
+
+def _quiet_torch_handlers(handler: logging.Handler) -> None:
+    """torch's compiler logs (torch._dynamo, torch._inductor, ...) print through handlers of their own
+    on loggers that do not propagate: replace those with ours."""
+    if importlib.util.find_spec("torch") is None:
+        return
+    import torch._logging  # noqa: F401  (lazy: torch is slow to import; its import installs those handlers)
+
+    for name, lg in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("torch.") and isinstance(lg, logging.Logger) and not lg.propagate:
+            for h in list(lg.handlers):
+                lg.removeHandler(h)
+            lg.addHandler(handler)
 
 
 def _quiet_transformers_handler() -> None:
