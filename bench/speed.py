@@ -128,11 +128,21 @@ def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str], war
                     "high_gib": round(est.high / 2**30, 2)}
     except Exception as e:  # the budget is optional here
         estimate = {"error": f"{type(e).__name__}: {e}"[:200]}
+    compiled = None
+    if trainer.compiled is not None:  # what the compiler made of the layers (a break or a skipped CUDA graph is host work back)
+        from torch._dynamo.utils import counters
+
+        compiled = dict(how=trainer.compiled.how, graphs=counters["stats"]["unique_graphs"],
+                        graph_breaks=sum(counters["graph_break"].values()),
+                        break_reasons=[r[:200] for r in list(counters["graph_break"])[:3]],
+                        cudagraph_skips=counters["inductor"]["cudagraph_skips"])
     return dict(
         stack="engine",
         seq=seq,
         mbs=mbs,
         extra=extra,
+        compiled=compiled,
+        warmup_step_s=[round(e.tokens / e.tokens_per_second, 2) for e in sink.of(StepMetrics)[:warmup] if e.tokens_per_second],
         kernels=trainer.kernels,
         fast_lora_layers=trainer.fast_lora,
         checkpointed_layers=trainer.checkpointed,
