@@ -397,11 +397,28 @@ class CompiledBlocks:
     BACKEND = "inductor"
     """torch.compile's backend (the tests take 'aot_eager': the same graphs and partition, no code generation)."""
 
-    def __init__(self, model: torch.nn.Module, how: str, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, how: str, device: torch.device, processes: int = 1) -> None:
+        if processes > 1:
+            from qlora_engine.errors import ConfigError  # lazy: kept out of the op's import path
+
+            raise ConfigError(
+                f"compiled layers run in one process for now; set train.compile to off to train on {processes} GPUs.",
+                field="train.compile",
+            )
         self.how = how
         self.graphs = how == "graphs" and device.type == "cuda"
+        cpu_graphs = how == "graphs" and not self.graphs
+        self.note = "train.compile graphs: CUDA graphs need a GPU; compiling the layers only" if cpu_graphs else None
         self.model = model
         self.apply()
+
+    def give_up(self, failure: str, step: int) -> str:
+        """The layers eager again after the compiler failed on them; what to tell the user."""
+        self.undo()
+        return (
+            f"train.compile {self.how}: compiling the layers failed at step {step} ({failure}); they run without "
+            "compiling from now on and the step runs again. Set train.compile to off to skip the attempt."
+        )
 
     def apply(self) -> Callable[[], None]:
         """Compile the blocks as they are checkpointed now (again after :meth:`undo` and a change)."""

@@ -23,6 +23,7 @@ import random
 import time
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from qlora_engine.control import Aborted, RunControl
 from qlora_engine.data import IGNORE_INDEX, PreparedData, collate, count_tokens, prepare_data
 from qlora_engine.decisions import RunPlan
 from qlora_engine.distributed import World
-from qlora_engine.errors import ConfigError, DataError, QLoRAError, ResumeError, TrainingDiverged
+from qlora_engine.errors import DataError, QLoRAError, ResumeError, TrainingDiverged
 from qlora_engine.events import (
     CheckpointSaved,
     EvalResult,
@@ -184,17 +185,9 @@ class Trainer:
             if self.plan.requested.train.checkpoint_layers is not None:
                 note = f"gradient checkpointing on the lowest {self.checkpointed} decoder layers (train.checkpoint_layers)"
                 emit(LogLine(level="info", message=note))
-        self.compiled = None
-        if compiled:
-            if self.world.size > 1:
-                raise ConfigError(
-                    "compiled layers run in one process for now; set train.compile to off to train on "
-                    f"{self.world.size} GPUs.",
-                    field="train.compile",
-                )
-            self.compiled = fast_lora.CompiledBlocks(self.model, cfg.train.compile, self.device)
-            if cfg.train.compile == "graphs" and not self.compiled.graphs:
-                emit(LogLine(level="info", message="train.compile graphs: CUDA graphs need a GPU; compiling the layers only"))
+        self.compiled = fast_lora.CompiledBlocks(self.model, cfg.train.compile, self.device, self.world.size) if compiled else None
+        if note := getattr(self.compiled, "note", None):
+            emit(LogLine(level="info", message=note))
         self.model.train()
         self.resumed_from = None
         if self.resume_from is not None:
@@ -225,6 +218,7 @@ class Trainer:
             "kernels": self.kernels,
             "fast_lora_layers": self.fast_lora,
             "checkpointed_layers": self.checkpointed,
+            "compiled": cfg.train.compile,
             "quant_storage": str(storage).removeprefix("torch."),
         }
         emit(
@@ -265,6 +259,12 @@ class Trainer:
                 "now on and the step runs again.",
             )
         )
+
+    def _stop_compiling(self, failure: str) -> None:
+        """After torch.compile failed on the layers: run them eager from now on (the step runs again)."""
+        self.optimizer.zero_grad(set_to_none=True)  # the micro-batches before the failure accumulated
+        self.sink.emit(LogLine(level="warning", message=self.compiled.give_up(failure, self.step + 1)))
+        self.compiled, self.facts["compiled"] = None, "off"
 
     def _identity(self) -> dict[str, Any]:
         """What must not change between a checkpoint and its resumption."""
@@ -361,11 +361,15 @@ class Trainer:
             except torch.cuda.OutOfMemoryError:
                 if not self._auto_can_grow():
                     raise
-                retry = True  # outside the handler: the traceback holds the step's tensors
+                retry = self._checkpoint_every_layer  # outside the handler: the traceback holds the step's tensors
+            except torch._dynamo.exc.TorchDynamoException as e:  # the compiler failed on these layers
+                if self.compiled is None:
+                    raise
+                retry = partial(self._stop_compiling, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
             else:
-                retry = False
-            if retry:
-                self._checkpoint_every_layer()
+                retry = None
+            if retry is not None:
+                retry()
                 loss_sum = self._forward_backward(mine, n_labels)
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)

@@ -97,11 +97,13 @@ def test_padding_to_a_multiple_stops_at_the_cap(longest, cap, packed):
     width = batch["input_ids"].shape[1]
     rounded = -(-longest // 256) * 256
     assert width == max(longest, min(rounded, cap if cap is not None else rounded))
-    assert width >= longest and (width % 256 == 0 or width == cap or width == longest)
+    assert width >= longest and (width % 256 == 0 or width in (cap, longest))
     # the padding carries no label and no attention (or positions of its own when packed)
     assert int((batch["labels"] != -100).sum()) == sum(len(r["input_ids"]) for r in rows)
     if packed:
-        assert "attention_mask" not in batch and batch["position_ids"][0, longest:].tolist() == list(range(width - longest))
+        assert "attention_mask" not in batch and batch["position_ids"][0, longest:].tolist() == list(
+            range(width - longest)
+        )
     else:
         assert int(batch["attention_mask"].sum()) == sum(len(r["input_ids"]) for r in rows)
     plain = collate(rows, 0)
@@ -152,7 +154,9 @@ def test_a_compiled_run_trains_the_eager_losses_in_few_graphs_and_evaluates_eage
     torch._dynamo.reset()
     counters.clear()
     compiled = ListSink()
-    trainer = build_trainer(config(one_layer, tmp_path, "compiled", "data.validation_split=0.2", "train.compile=blocks"), compiled)
+    trainer = build_trainer(
+        config(one_layer, tmp_path, "compiled", "data.validation_split=0.2", "train.compile=blocks"), compiled
+    )
     trainer.setup()
     widths = {trainer.micro_batch(k)["input_ids"].shape[1] for k in range(8)}
     assert widths and all(w % 256 == 0 or w == 300 for w in widths), widths
@@ -190,7 +194,14 @@ def test_checkpointing_every_layer_after_an_out_of_memory_step_keeps_the_layers_
     # still compiled, and the step gives the eager step's loss.
     sink = ListSink()
     trainer = build_trainer(
-        config(one_layer, tmp_path, "grow", "train.compile=blocks", "train.gradient_checkpointing=false", "train.max_steps=2"),
+        config(
+            one_layer,
+            tmp_path,
+            "grow",
+            "train.compile=blocks",
+            "train.gradient_checkpointing=false",
+            "train.max_steps=2",
+        ),
         sink,
     )
     trainer.setup()
@@ -207,3 +218,31 @@ def test_checkpointing_every_layer_after_an_out_of_memory_step_keeps_the_layers_
     run(config(one_layer, tmp_path, "eager-ckpt", "train.gradient_checkpointing=true", "train.max_steps=2"), eager)
     torch.testing.assert_close(losses(sink), losses(eager), rtol=1e-5, atol=0)
     trainer.cleanup()
+
+
+def test_a_compiler_that_fails_leaves_the_run_eager_with_a_warning_and_the_eager_losses(
+    one_layer, tmp_path, monkeypatch
+):
+    # A real torch.compile failure: the backend (the compiler dynamo hands each graph to) compiles the
+    # first graph and raises on the next one, which comes mid-run (another width or mask kind). The
+    # step that met it runs again eagerly from zeroed gradients, and the run goes on uncompiled.
+    compiles = []
+
+    def flaky_compiler(gm, _example_inputs):
+        compiles.append(gm)
+        if len(compiles) > 1:
+            raise RuntimeError("this compiler gives up on its second graph")
+        return gm.forward
+
+    monkeypatch.setattr(fast_lora.CompiledBlocks, "BACKEND", staticmethod(flaky_compiler))
+    torch._dynamo.reset()
+    sink = ListSink()
+    run(config(one_layer, tmp_path, "flaky", "train.compile=blocks", "train.max_steps=6"), sink)
+    torch._dynamo.reset()
+    warnings = [e.message for e in sink.of(LogLine) if e.level == "warning" and "train.compile" in e.message]
+    assert len(compiles) == 2 and len(warnings) == 1, (len(compiles), warnings)
+    assert "compiling the layers failed at step" in warnings[0] and "second graph" in warnings[0]
+    assert "train.compile to off" in warnings[0]
+    eager = ListSink()
+    run(config(one_layer, tmp_path, "flaky-eager", "train.max_steps=6"), eager)
+    torch.testing.assert_close(losses(sink), losses(eager), rtol=1e-5, atol=0)

@@ -30,7 +30,9 @@ SCRIPT = textwrap.dedent(
 def run(mode: str, tmp_path):
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
-    out = subprocess.run([sys.executable, str(script), mode, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(script), mode, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.splitlines()[-1]), out.stderr
 
