@@ -46,7 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 FAST_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -321,14 +321,10 @@ MUST_RECOMPUTE = True
 
 
 def _must_recompute(_ctx: Any, _op: Any, *_args: Any, **_kwargs: Any) -> Any:
-    from torch.utils.checkpoint import CheckpointPolicy
-
     return CheckpointPolicy.MUST_RECOMPUTE
 
 
 def _recompute_everything() -> Any:
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts, noop_context_fn
-
     if not MUST_RECOMPUTE:
         return noop_context_fn()
     return create_selective_checkpoint_contexts(_must_recompute)

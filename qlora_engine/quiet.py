@@ -191,7 +191,8 @@ def _quiet_torch_handlers(handler: logging.Handler) -> None:
     on loggers that do not propagate: replace those with ours."""
     if importlib.util.find_spec("torch") is None:
         return
-    import torch._logging  # noqa: F401  (lazy: torch is slow to import; its import installs those handlers)
+    # lazy: torch is slow to import and may be absent; importing it installs those handlers
+    import torch._logging  # noqa: F401
 
     for name, lg in list(logging.root.manager.loggerDict.items()):
         if name.startswith("torch.") and isinstance(lg, logging.Logger) and not lg.propagate:
