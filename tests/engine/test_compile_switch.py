@@ -149,18 +149,21 @@ def losses(sink):
 
 @pytest.mark.usefixtures("aot_eager")
 def test_a_compiled_run_trains_the_eager_losses_in_few_graphs_and_evaluates_eagerly(one_layer, tmp_path):
+    # 'graphs' on the CPU: the layers compiled without CUDA graphs, and a note that says so
     eager = ListSink()
     run(config(one_layer, tmp_path, "eager", "data.validation_split=0.2"), eager)
     torch._dynamo.reset()
     counters.clear()
     compiled = ListSink()
     trainer = build_trainer(
-        config(one_layer, tmp_path, "compiled", "data.validation_split=0.2", "train.compile=blocks"), compiled
+        config(one_layer, tmp_path, "compiled", "data.validation_split=0.2", "train.compile=graphs"), compiled
     )
     trainer.setup()
     widths = {trainer.micro_batch(k)["input_ids"].shape[1] for k in range(8)}
     assert widths and all(w % 256 == 0 or w == 300 for w in widths), widths
     trainer.train()
+    notes = [e.message for e in compiled.of(LogLine) if "train.compile" in e.message]
+    assert notes == ["train.compile graphs: CUDA graphs need a GPU; compiling the layers only"], notes
     graphs = counters["stats"]["unique_graphs"]
     assert not counters["graph_break"], dict(counters["graph_break"])
     # Per input kind (a batch with padding has an attention mask, a full one has none): a static
@@ -173,18 +176,8 @@ def test_a_compiled_run_trains_the_eager_losses_in_few_graphs_and_evaluates_eage
     assert counters["stats"]["unique_graphs"] == graphs
     # and the run's record says it was compiled
     cfg = json.loads(json.dumps(trainer.plan.requested.to_dict()))
-    assert cfg["train"]["compile"] == "blocks"
+    assert cfg["train"]["compile"] == "graphs" and trainer.facts["compiled"] == "graphs"
     trainer.cleanup()
-
-
-@pytest.mark.usefixtures("aot_eager")
-def test_graphs_on_a_cpu_compiles_the_blocks_and_says_cuda_graphs_need_a_gpu(one_layer, tmp_path):
-    sink = ListSink()
-    run(config(one_layer, tmp_path, "graphs", "train.compile=graphs", "train.max_steps=2"), sink)
-    notes = [e.message for e in sink.of(LogLine) if "train.compile" in e.message]
-    assert notes and "CUDA graphs need a GPU" in notes[0], notes
-    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
-    assert len(losses(sink)) == 2 and all(map(torch.isfinite, map(torch.tensor, losses(sink))))
 
 
 @pytest.mark.usefixtures("aot_eager")
