@@ -402,7 +402,10 @@ def wrap_with_lora(model: torch.nn.Module, cfg: TrainConfig):
     # lazy: varlen imports transformers' masking/attention modules (the modeling stack); training only
     from qlora_engine import varlen  # packed rows on a GPU: attention per sample, without a mask
 
-    varlen.use_for(model, cfg.data.packing, next(model.parameters()).device)
+    # Not under train.compile: its sample boundaries are read off the batch with a data-dependent
+    # nonzero and cached across layers, which a compiled layer cannot hold in one graph; compiled
+    # layers take SDPA's block mask for packed rows instead (a tensor input like any other).
+    varlen.use_for(model, cfg.data.packing and cfg.train.compile == "off", next(model.parameters()).device)
     return get_peft_model(model, peft_cfg)
 
 
