@@ -191,7 +191,9 @@ def collate(
     """Right-pad samples into a batch; padding never carries a label.
 
     ``multiple``: the batch's width is rounded up to a multiple of it (compiled layers: few
-    shapes), but not past ``cap`` (``data.max_length``) unless the longest sample is. Labels come from the samples, never from comparing ids with ``pad_token_id``, so a
+    shapes), but not past ``cap`` (``data.max_length``) unless the longest sample is.
+
+    Labels come from the samples, never from comparing ids with ``pad_token_id``, so a
     tokenizer whose pad token is its EOS still trains on EOS.
 
     Unpacked samples give ``input_ids``, ``labels`` and ``attention_mask``. Packed samples
