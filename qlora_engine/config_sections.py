@@ -278,8 +278,9 @@ class TrainSettings(Section):
         "(norms, RoPE, SwiGLU, the LoRA products) into fewer kernels; graphs: also replays each layer's kernel "
         "launches as one CUDA graph, which takes most of the Python overhead out of small micro-batches (on a CPU, "
         "the same as blocks). The first step compiles (about 15-20 s at 8B on an H100); rows are padded to a multiple "
-        "of 256 tokens so few shapes compile, which suits packed or fixed-length rows best. With Liger kernels only its fused loss is kept (the compiler fuses the "
-        "rest). Not with offload_activations or mlp_chunk_tokens, nor with several GPUs yet. off: eager PyTorch.",
+        "of 256 tokens so few shapes compile, which suits packed or fixed-length rows best. With Liger kernels only "
+        "its fused loss is kept (the compiler fuses the rest). Not with offload_activations or mlp_chunk_tokens, nor "
+        "with several GPUs yet. off: eager PyTorch.",
     )
     device: Literal["auto", "cuda", "cpu"] = _f(
         "auto", "Where to train. 'auto' takes the first CUDA GPU and falls back to the CPU (slow, for tests and demos)."
