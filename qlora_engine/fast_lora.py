@@ -418,14 +418,13 @@ class CompiledBlocks:
             "compiling from now on and the step runs again. Set train.compile to off to skip the attempt."
         )
 
-    def apply(self) -> Callable[[], None]:
+    def apply(self) -> None:
         """Compile the blocks as they are checkpointed now (again after :meth:`undo` and a change)."""
         if self.BACKEND == "inductor":
             options: dict[str, Any] = {"mode": "reduce-overhead" if self.graphs else "default"}
         else:
             options = {"backend": self.BACKEND}
         self.undo = compile_blocks(self.model, **options)
-        return self.undo
 
     def step_begins(self) -> None:
         """Before each micro-batch's forward: the last one's graph outputs are no longer read."""

@@ -206,7 +206,9 @@ def collate(
     if not samples:
         raise ValueError("collate needs at least one sample")
     longest = max(len(s["input_ids"]) for s in samples)
-    width = max(longest, min(-(-longest // multiple) * multiple, cap or longest * multiple))
+    width = -(-longest // multiple) * multiple
+    if cap is not None:
+        width = max(longest, min(width, cap))
     n = len(samples)
     packed = "position_ids" in samples[0]
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)

@@ -247,3 +247,16 @@ def test_a_compiler_that_fails_leaves_the_run_eager_with_a_warning_and_the_eager
     eager = ListSink()
     run(config(one_layer, tmp_path, "flaky-eager", "train.max_steps=4"), eager)
     torch.testing.assert_close(losses(sink), losses(eager), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("processes", [2, 3, 8])
+def test_compiled_layers_are_refused_for_several_processes_before_anything_compiles(one_layer, tmp_path, processes):
+    trainer = build_trainer(config(one_layer, tmp_path, "one", "train.max_steps=1"), ListSink())
+    trainer.setup()
+    block = trainer.model.get_base_model().model.layers[0]
+    before = (block.gradient_checkpointing, block.__dict__.get("_gradient_checkpointing_func"))
+    with pytest.raises(ConfigError) as e:
+        fast_lora.CompiledBlocks(trainer.model, "graphs", torch.device("cpu"), processes)
+    assert e.value.field == "train.compile" and f"{processes} GPUs" in str(e.value) and "off" in str(e.value)
+    assert (block.gradient_checkpointing, block.__dict__.get("_gradient_checkpointing_func")) == before
+    trainer.cleanup()
