@@ -75,12 +75,18 @@ def engine_side(path: str, ids: torch.Tensor, seed: int, variant: list[str]):
     from qlora_engine.events import ListSink
     from qlora_engine.runner import build_trainer
 
+    fp32_residual = "fp32_residual" in variant  # not a config field: bench/same_math_cpu.py's hooks, an experiment
+    variant = [v for v in variant if v != "fp32_residual"]
     cfg = apply_overrides(TrainConfig(), [f"model.ref={path}", "data.path=synthetic", f"train.seed={seed}",
                                           "output.dir=/tmp/same-math", "lora.rank=16", "lora.alpha=16",
                                           f"data.max_length={ids.shape[1]}", "train.gradient_checkpointing=true", *variant])
     samples = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
     trainer = build_trainer(cfg, ListSink(), data=PreparedData(train=samples, validation=None, report={}, fingerprint="x"))
     trainer.setup()
+    if fp32_residual:
+        from same_math_cpu import fp32_residual_stream
+
+        fp32_residual_stream(trainer.model)
     seeded_b(trainer.model)
     batch = {k: v.cuda() for k, v in collate(samples, trainer.tokenizer.pad_token_id).items()}
     n = int((batch["labels"][:, 1:] != -100).sum())

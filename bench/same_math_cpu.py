@@ -38,7 +38,20 @@ def demo_model_folder() -> Path:
     return gguf_to_folder(fetch_demo_model())
 
 
-def grads(model: Path, samples: list[dict], seq: int, overrides: list[str], *, upcast=False, fp32_head=False):
+def fp32_residual_stream(m, compute=torch.bfloat16) -> None:
+    """The residual stream in float32, everything else as it was: the embeddings' output upcast, every
+    norm's output (what the projections read) and the rotary tables back in ``compute``."""
+    m.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.float())
+    for module in m.modules():
+        kind = type(module).__name__.lower()
+        if "norm" in kind:
+            module.register_forward_hook(lambda _m, _i, out: out.to(compute))
+        elif "rotary" in kind:
+            module.register_forward_hook(lambda _m, _i, out: tuple(t.to(compute) for t in out))
+
+
+def grads(model: Path, samples: list[dict], seq: int, overrides: list[str], *, upcast=False, fp32_head=False,
+          fp32_residual=False):
     from qlora_engine.config import TrainConfig, apply_overrides
     from qlora_engine.data import PreparedData, collate
     from qlora_engine.events import ListSink
@@ -53,6 +66,8 @@ def grads(model: Path, samples: list[dict], seq: int, overrides: list[str], *, u
         for p in m.parameters():
             if p.dtype in (torch.bfloat16, torch.float16):
                 p.data = p.data.float()
+    if fp32_residual:
+        fp32_residual_stream(m)
     if fp32_head:
         head = m.get_output_embeddings()
         head.forward = lambda x, w=head.weight: F.linear(x.float(), w.float())
@@ -92,12 +107,14 @@ def main() -> None:
         "peft-bf16": dict(overrides=[bf16, "train.fast_lora=false"]),
         "fast-bf16": dict(overrides=[bf16]),
         "fast-bf16-fp32-head": dict(overrides=[bf16], fp32_head=True),
+        "fast-bf16-fp32-residual": dict(overrides=[bf16], fp32_residual=True),
+        "fast-bf16-fp32-residual-head": dict(overrides=[bf16], fp32_residual=True, fp32_head=True),
     }
     res: dict = {"model": model.name, "text": Path(args.text).name, "seq": args.seq, "rows": args.rows, "loss_fp32": loss_ref}
     got = {}
     for name, how in paths.items():
         loss, g = grads(model, samples, args.seq, how["overrides"], upcast=how.get("upcast", False),
-                        fp32_head=how.get("fp32_head", False))
+                        fp32_head=how.get("fp32_head", False), fp32_residual=how.get("fp32_residual", False))
         got[name] = g
         res[name] = {"loss": loss, "grad_rel_err_vs_fp32": round(rel_err(g, ref), 4)}
     res["fast_vs_baseline_grad_rel_err"] = round(rel_err(got["fast-bf16"], got["baseline"]), 4)

@@ -114,7 +114,14 @@ def engine_case(path: str, seq: int, mbs: int, steps: int, extra: list[str], war
 
     from qlora_engine.events import LogLine, StepMetrics
 
-    trainer, sink, cfg = build_trainer(path, seq, mbs, steps, extra, warmup, varlen)
+    for flag in [e for e in extra if e.startswith("flag:")]:  # an engine module's switch, e.g. flag:fast_lora.ADD_IN_PLACE=0
+        import importlib
+
+        name, _, value = flag[5:].partition("=")
+        module, _, attr = name.rpartition(".")
+        switches = importlib.import_module(f"qlora_engine.{module}")
+        setattr(switches, attr, type(getattr(switches, attr))(int(value)))
+    trainer, sink, cfg = build_trainer(path, seq, mbs, steps, [e for e in extra if not e.startswith("flag:")], warmup, varlen)
     trainer.train()
     steps_m = sink.of(StepMetrics)[warmup:]
     tps = sorted(e.tokens_per_second for e in steps_m)
@@ -199,7 +206,7 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="engine overrides for every case, ';'-separated")
     ap.add_argument(
         "--variants", default="", help="engine variants, '|'-separated, each a ';'-separated override list "
-        "('' is the default config); every case runs every variant"
+        "('' is the default config; 'flag:fast_lora.ADD_IN_PLACE=0' sets an engine module's switch); every case runs every variant"
     )
     ap.add_argument("--worker", choices=["engine", "baseline"])
     ap.add_argument("--seq", type=int)
