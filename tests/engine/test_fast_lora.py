@@ -160,6 +160,68 @@ def test_split_weights_keep_what_rounding_them_to_bfloat16_would_lose():
     torch.testing.assert_close(B.grad.double(), (2.0 * gd.t() @ (xd @ Ad.t())).detach(), rtol=1e-2, atol=1e-2)
 
 
+def _lora_case(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 16, 32, generator=gen).bfloat16().requires_grad_()
+    A = (0.1 * torch.randn(4, 32, generator=gen)).requires_grad_()
+    B = torch.randn(24, 4, generator=gen).requires_grad_()
+    base = torch.randn(2, 16, 24, generator=gen).bfloat16().requires_grad_()
+    return x, A, B, base, torch.randn(2, 16, 24, generator=gen).bfloat16()
+
+
+def _lora_step(out_of, monkeypatch, in_place: bool):
+    from qlora_engine import fast_lora
+
+    monkeypatch.setattr(fast_lora, "ADD_IN_PLACE", in_place)
+    x, A, B, base, g = _lora_case()
+    out = out_of(base)
+    y = fast_lora._LoraProduct.apply(x, A, B, 2.0, out)
+    y.backward(g)
+    return y, out, [t.grad for t in (x, A, B, base)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_lora_half_adds_into_a_fresh_base_output_in_place(monkeypatch, seed):
+    # The base output (a fresh tensor from the 4-bit matmul) takes the LoRA half in place: no copy
+    # of a projection's whole output, the same values and gradients as the out-of-place sum.
+    def fresh(base):
+        return base * 1.0
+
+    y, out, grads = _lora_step(fresh, monkeypatch, in_place=True)
+    assert y.data_ptr() == out.data_ptr()
+    y_ref, out_ref, grads_ref = _lora_step(fresh, monkeypatch, in_place=False)
+    assert y_ref.data_ptr() != out_ref.data_ptr()
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda base: base.detach().clone().view(32, 24).view(2, 16, 24),  # a view of a contiguous tensor
+        lambda base: torch.cat([base.detach(), base.detach()], dim=-1)[..., :24],  # a slice of a wider one
+        lambda base: base.detach().clone().transpose(0, 1).contiguous().transpose(0, 1),  # not contiguous
+        lambda base: base.detach().clone().expand(2, 16, 24),  # an expanded (aliasing) view
+    ],
+    ids=["view", "slice", "transposed", "expanded"],
+)
+def test_the_lora_half_never_writes_into_a_view(monkeypatch, view):
+    # bitsandbytes may hand back a view of its own packed weight: it must come out untouched.
+    kept = {}
+
+    def remember(base):
+        out = view(base)
+        kept["storage"] = out._base if out._base is not None else out
+        kept["before"] = kept["storage"].clone()
+        return out
+
+    y, out, _ = _lora_step(remember, monkeypatch, in_place=True)
+    assert torch.equal(kept["storage"], kept["before"])
+    y_ref, _, _ = _lora_step(lambda base: base.detach() * 1.0, monkeypatch, in_place=False)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("overrides", "said"),
     [
