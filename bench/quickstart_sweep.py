@@ -193,6 +193,7 @@ def parse(spec: str) -> dict:
         "mbs": 4,
         "accum": 1,
         "kl": 0.0,
+        "scales": "1",
     }
     for part in spec.split(","):
         k, _, val = part.partition("=")
@@ -200,6 +201,7 @@ def parse(spec: str) -> dict:
             raise SystemExit(f"unknown key {k!r}")
         v[k] = type(v[k])(float(val)) if isinstance(v[k], (int, float)) else val
     v["judge"] = [int(s) for s in v["judge"].split(":")] if v["judge"] else [v["steps"]]
+    v["scales"] = [float(s) for s in v["scales"].split(":")]
     return v
 
 
@@ -209,11 +211,23 @@ _BASE: dict = {}
 PROBES = list(qs.HELD_OUT)
 
 
-def judge(source: Path, v: dict, work: Path) -> tuple[dict, list[dict]]:
+def scale_adapter(model, factor: float) -> None:
+    """Every LoRA layer's scaling times ``factor``: the weights interpolated between the base and the
+    tuned model (WiSE-FT's weight-space ensemble, for an adapter), at generation only."""
+    for module in model.modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict) and hasattr(module, "lora_A"):
+            for name in scaling:
+                scaling[name] *= factor
+
+
+def judge(source: Path, v: dict, work: Path, scale: float = 1.0) -> tuple[dict, list[dict]]:
     from qlora_engine.generate import ChatModel, GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=v["tokens"], temperature=0, repetition_penalty=v["penalty"])
     chat = ChatModel.load(source)
+    if scale != 1.0:
+        scale_adapter(chat.model, scale)
     try:
         key = f"{v['tokens']}-{v['penalty']}" + ("" if len(PROBES) == len(qs.HELD_OUT) else f"-{len(PROBES)}")
         cache = work / f"base-{key}.json"
@@ -306,14 +320,15 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
         if undo_kl:
             undo_kl()
     train_s = time.perf_counter() - t0
-    for step in v["judge"]:
+    for step, scale in [(step, scale) for step in v["judge"] for scale in v["scales"]]:
         src = cfg.output_dir if step == v["steps"] else cfg.output_dir / "checkpoints" / f"step-{step:06d}"
         t1 = time.perf_counter()
-        counts, answers = judge(src, v, work)
+        counts, answers = judge(src, v, work, scale)
         row = {
             "spec": spec,
             **v,
             "judged_step": step,
+            "judged_scale": scale,
             **counts,
             "train_s": round(train_s, 1),
             "judge_s": round(time.perf_counter() - t1, 1),
@@ -322,7 +337,7 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(
-            f"{spec} @{step}: style {counts['tuned_style']}/{counts['n']} correct {counts['tuned_correct']} "
+            f"{spec} @{step} x{scale}: style {counts['tuned_style']}/{counts['n']} correct {counts['tuned_correct']} "
             f"(base {counts['base_correct']}) loop {counts['tuned_looping']} pass={counts['passed']} "
             f"train {train_s:.0f}s"
             + (
