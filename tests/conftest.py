@@ -68,6 +68,31 @@ def smollm2_dir(smollm2_gguf) -> Path:
     return gguf_to_folder(smollm2_gguf)
 
 
+@pytest.fixture(scope="session")
+def quickstart(smollm2_gguf, smollm2_dir, tmp_path_factory):
+    """The whole quickstart in a child process, the demo model already on the machine (as after a first run).
+
+    Run once per session (the real SmolLM2 trained 30 steps, then asked three questions): the
+    quickstart tests judge it, the SmolLM2 test reads its loss curve. (process, output folder, seconds).
+    """
+    import subprocess
+    import time
+
+    out_dir = tmp_path_factory.mktemp("qs") / "quickstart"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "QLORA_STUDIO_DEMO_GGUF": str(smollm2_gguf)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlora_engine", "quickstart", "--output-dir", str(out_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
+    seconds = time.perf_counter() - t0
+    print(f"\nquickstart took {seconds:.0f} s")
+    return proc, out_dir, seconds
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     import json
 

@@ -1,21 +1,18 @@
 """The quickstart on the real SmolLM2-135M-Instruct, run the way a new user runs it.
 
-One quickstart (a child process: `python -m qlora_engine quickstart`) is shared by every test
-here. It must teach the right lesson: on questions the training data does not hold, the tuned
-model answers in the trained (pirate) style, no less correctly than the base model, and never
-loops; and its output holds nothing from the libraries underneath. The judgement comes from the
-generated text: the quickstart's own three shown answers plus the remaining held-out questions
-asked here of the same run.
+One quickstart (a child process: `python -m qlora_engine quickstart`; the session's ``quickstart``
+fixture, tests/conftest.py) is shared by every test here and by test_smollm2.py. It must teach
+the right lesson: on questions the training data does not hold, the tuned model answers in the
+trained (pirate) style, no less correctly than the base model, and never loops; and its output
+holds nothing from the libraries underneath. The judgement comes from the generated text: the
+quickstart's own three shown answers plus the remaining held-out questions asked here of the
+same run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -29,24 +26,6 @@ THIRD_PARTY = re.compile(
     r"Warning\b|warnings\.warn|\[transformers\]|kernels-community|gemm_4bit|Paged optimizer|"
     r"it/s\]|s/it\]|site-packages|Traceback",
 )
-
-
-@pytest.fixture(scope="module")
-def quickstart(smollm2_gguf, smollm2_dir, tmp_path_factory):
-    """The whole quickstart in a child process, the demo model already on the machine (as after a first run)."""
-    out_dir = tmp_path_factory.mktemp("qs") / "quickstart"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "QLORA_STUDIO_DEMO_GGUF": str(smollm2_gguf)}
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "qlora_engine", "quickstart", "--output-dir", str(out_dir)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1800,
-    )
-    seconds = time.perf_counter() - t0
-    print(f"\nquickstart took {seconds:.0f} s")
-    return proc, out_dir, seconds
 
 
 @pytest.fixture(scope="module")
