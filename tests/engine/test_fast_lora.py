@@ -8,6 +8,8 @@ recomputation must stop before the last 4-bit matmul of each block (the work it 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from tiny import build_tiny_llama
@@ -220,6 +222,58 @@ def test_the_lora_half_never_writes_into_a_view(monkeypatch, view):
     assert torch.equal(kept["storage"], kept["before"])
     y_ref, _, _ = _lora_step(lambda base: base.detach() * 1.0, monkeypatch, in_place=False)
     torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 24), (1, 5, 24), (40, 24), (3, 2, 7, 24)])
+def test_the_in_place_op_passes_torch_s_checks(shape):
+    # qlora::add_lora_ (what a compiled graph runs): its schema, fake kernel and declared mutation.
+    from qlora_engine import fast_lora
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    out = torch.randn(shape, generator=gen).bfloat16()
+    xa, b = torch.randn(*shape[:-1], 8, generator=gen).bfloat16().reshape(-1, 8), torch.randn(24, 8, generator=gen)
+    want = out.float() + (xa.float() @ b.bfloat16().float().t()).view(shape)
+    fast_lora.add_lora_(out, xa, b.bfloat16())
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+    torch.library.opcheck(fast_lora.add_lora_, (out.clone(), xa, b.bfloat16()))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compiled_the_lora_half_adds_into_the_base_output_without_a_copy(seed):
+    # Under torch.compile an in-place addmm_ is functionalized into an out-of-place addmm (a copy of
+    # the projection's whole output first): the op must instead write into the buffer the base
+    # matmul produced, and the compiled values and gradients must be eager's.
+    from torch._inductor.utils import run_and_get_code
+
+    from qlora_engine import fast_lora
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 32, generator=gen).requires_grad_()
+    W = torch.randn(48, 32, generator=gen)
+    A = (0.1 * torch.randn(4, 32, generator=gen)).requires_grad_()
+    B = torch.randn(48, 4, generator=gen).requires_grad_()
+
+    def f(x, A, B):
+        y = fast_lora._LoraProduct.apply(x, A, B, 2.0, x @ W.t())
+        return torch.nn.functional.silu(y)  # a consumer after the add, as a block has
+
+    torch._dynamo.reset()
+    try:
+        (y, code) = run_and_get_code(torch.compile(f, backend="inductor", fullgraph=True), x, A, B)
+    finally:
+        torch._dynamo.reset()
+    forward = code[0]
+    made = re.findall(r"extern_kernels\.mm\(.*out=(buf\d+)\)", forward)  # the matmuls' output buffers
+    added = re.findall(r"torch\.ops\.qlora\.add_lora_\.default\((buf\d+)", forward)
+    assert len(added) == 1 and added[0] in made, forward
+    assert "addmm" not in forward and ".copy_(" not in forward
+    y_eager = f(x, A, B)
+    torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
+    g = torch.randn(y.shape, generator=gen)
+    got = torch.autograd.grad(y, (x, A, B), g)
+    want = torch.autograd.grad(y_eager, (x, A, B), g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
