@@ -12,7 +12,8 @@ One line per (variant, judged step) is appended to the JSONL file. Variants run 
 Keys: style (wrap | lead | lead2 | dlead2 | comma | inline | be | tail | dtail), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
 (steps to judge, ':'-separated; the last step is the final adapter), tokens (max new tokens),
 penalty (repetition penalty), warmup, targets (all-linear | attention | mlp), dropout (LoRA dropout),
-facts (base: FACTS | more: FACTS + MORE_FACTS | known:N, the N the base knows best | distinct: FACTS without a repeated answer word), mbs, accum, kl (a KL-to-base term's weight, patched into the trainer: an experiment). --dev also asks DEV_PROBES, a second held-out set.
+facts (base: FACTS | more: FACTS + MORE_FACTS | known:N, the N the base knows best | distinct: FACTS without a repeated answer word), mbs, accum, kl (a KL-to-base term's weight, patched into the trainer: an experiment), loss (all | greeting | greeting_end:
+the loss on the answer's greeting (and its end of turn) only, the fact unlabelled: patched into the trainer, an experiment). --dev also asks DEV_PROBES, a second held-out set.
 """
 
 from __future__ import annotations
@@ -194,6 +195,7 @@ def parse(spec: str) -> dict:
         "accum": 1,
         "kl": 0.0,
         "scales": "1",
+        "loss": "all",
     }
     for part in spec.split(","):
         k, _, val = part.partition("=")
@@ -285,6 +287,41 @@ def kl_to_base(weight: float) -> Callable[[], None]:
     return undo
 
 
+def greeting_only(end: bool) -> Callable[[], None]:
+    """An experiment outside the engine: each answer's labels cut to its greeting (the labelled
+    tokens up to the first one whose text holds "!": every LEADS2 greeting ends so), and with
+    ``end`` its last token (the end of turn), so the adapter is taught how to open (and where to
+    stop), never the fact itself. The loss is normalised by the labels kept. Returns what puts
+    the trainer back."""
+    import torch
+
+    from qlora_engine.train import Trainer
+
+    own = Trainer._forward_backward
+
+    def forward_backward(self, batches, n_labels):
+        cut = []
+        for b in batches:
+            labels = b["labels"].clone()
+            for row in labels:
+                where = (row != -100).nonzero().flatten().tolist()
+                keep = set(where[-1:] if end else [])
+                for i in where:
+                    keep.add(i)
+                    if "!" in self.tokenizer.decode([int(row[i])]):
+                        break
+                row[[i for i in where if i not in keep]] = -100
+            cut.append({**b, "labels": labels})
+        return own(self, cut, int(sum(int((c["labels"] != -100).sum()) for c in cut)))
+
+    Trainer._forward_backward = forward_backward
+
+    def undo() -> None:
+        Trainer._forward_backward = own
+
+    return undo
+
+
 def run_variant(spec: str, work: Path, out: Path) -> None:
     from qlora_engine.config import TrainConfig, apply_overrides
     from qlora_engine.demo import fetch_demo_model
@@ -292,6 +329,8 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
 
     v = parse(spec)
     undo_kl = kl_to_base(v["kl"]) if v["kl"] else None
+    if v["loss"] in ("greeting", "greeting_end"):
+        undo_kl = greeting_only(end=v["loss"] == "greeting_end")  # (kl and loss=greeting are not combined)
     d = work / spec.replace(",", "_").replace("=", "-").replace(":", ".")
     d.mkdir(parents=True, exist_ok=True)
     write_data(d / qs.DATA_FILE, v["style"], v["facts"])
