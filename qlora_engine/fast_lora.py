@@ -30,7 +30,8 @@ layer's 4-bit matmul, whose output only fed the residual sum. That skips about a
 a block's recomputed matmul work. Elsewhere the 4-bit matmul runs first and the LoRA
 product is added into its output, in place, by the same GEMM that computes it (``addmm_``: an
 out-of-place ``addmm`` first copies the whole output, 386 device copies in a 2048 x 4 step on
-the 8B shape; never into a view, which bitsandbytes may hand back of its own weight).
+the 8B shape; never into a view, which bitsandbytes may hand back of its own weight; under
+``torch.compile`` through the op ``qlora::add_lora_``, which inductor reinplaces).
 
 Anything this does not cover falls back to peft's own forward, per call: no gradients
 (evaluation, generation: bitsandbytes' inference kernels are faster there), adapters
