@@ -11,8 +11,8 @@ Three ways a layer runs, each replayed in the order its code allocates, saves an
   cast back and added;
 * ``train.fast_lora`` (``qlora_engine.fast_lora``): one autograd function for the LoRA half,
   the adapter weights split into two compute-dtype halves (rank-wide copies), ``x @ A``
-  beside the 4-bit matmul and ``addmm`` adding ``(x @ A) @ B^T`` to the base output in one
-  GEMM; in the last LoRA layer of a block the LoRA half first and the base output added
+  beside the 4-bit matmul and ``addmm_`` adding ``(x @ A) @ B^T`` into the base output in one
+  GEMM, in place; in the last LoRA layer of a block the LoRA half first and the base output added
   after, so that under non-reentrant checkpointing the recomputation stops (torch's early
   stop) before that layer's 4-bit matmul.
 
@@ -157,7 +157,7 @@ class Linears:
             return out
         base = t.new(f"{p}.base", e * T * o)
         t.spike(self.dequant(lin))
-        return self._product(t, lin, x, base)  # addmm(base, ...): a new output, the base output beside it
+        return self._product(t, lin, x, base)  # addmm_ into base (fast_lora.ADD_IN_PLACE): no new output
 
     def _product(self, t: Tape, lin: LinearShape, x: str, base: str | None) -> str:
         """``fast_lora._LoraProduct``'s forward: the split weights, x @ A, its output; saves on return."""
@@ -170,10 +170,12 @@ class Linears:
         xa2 = t.new(f"{p}.xa2", e * T * 2 * r)
         xa = t.new(f"{p}.xa", e * T * r)
         twice = t.new(f"{p}.twice", e * T * 2 * r)
-        out = t.new(f"{p}.lora" if base is None else f"{p}.out", e * T * o)
+        # the product's own output, or the LoRA half added in place into the base output (fresh:
+        # the 4-bit matmul's; under torch.compile the op qlora::add_lora_, reinplaced)
+        out = t.new(f"{p}.lora", e * T * o) if base is None else base
         t.free(xa2, twice)  # the forward returned; autograd packs what it saved
         t.save(f"{p}.product", x, xa, a, b)
-        t.free(xa, a, b, base)
+        t.free(xa, a, b)
         return out
 
     def _fast_backward(self, t: Tape, lin: LinearShape, g: str, need: bool, last_use: bool) -> str | None:
