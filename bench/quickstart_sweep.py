@@ -293,8 +293,6 @@ def greeting_only(end: bool) -> Callable[[], None]:
     ``end`` its last token (the end of turn), so the adapter is taught how to open (and where to
     stop), never the fact itself. The loss is normalised by the labels kept. Returns what puts
     the trainer back."""
-    import torch
-
     from qlora_engine.train import Trainer
 
     own = Trainer._forward_backward
