@@ -529,3 +529,37 @@ def test_the_engine_keeps_its_input_grads_choice(three_layer_dir):
     model.get_base_model().model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].requires_grad))
     model(input_ids=torch.randint(3, 300, (1, 8)), use_cache=False)
     assert seen == [fm.CHECKPOINTING_INPUT_GRADS]
+
+
+@pytest.mark.parametrize(("tokens", "out_features", "rank"), [(8192, 14336, 16), (2048, 4096, 8), (512, 1024, 64), (100, 50, 4)])
+def test_the_fast_lora_forward_adds_into_the_base_output_on_the_tape(tokens, out_features, rank):
+    # fast_lora._LoraProduct adds the LoRA half into the 4-bit matmul's output in place (tested on the
+    # real op in test_fast_lora.py): a layer that is not its block's last leaves one output alive,
+    # never the base output beside a second one.
+    from qlora_engine.budget.linears import Linears
+    from qlora_engine.budget.spec import LinearShape
+    from qlora_engine.budget.tape import Tape
+
+    lin = LinearShape("up_proj", 4096, out_features, False, "mlp", "mlp_in")
+    layers = Linears()
+    layers.s = fm.StepShape(batch=1, seq=tokens, elem=2, checkpointing=False, mask=False, packed=False,
+                            attn="sdpa", rank=rank, dropout=False, dora=False, fast_lora=True)  # fmt: skip
+    layers.T, layers.e, layers.names, layers.last = tokens, 2, {"up_proj"}, "down_proj"
+    class Levels(Tape):  # the highest level of live tensors (the dequantized weight's spike apart)
+        top = 0
+
+        def new(self, name, nbytes):
+            name = super().new(name, nbytes)
+            self.top = max(self.top, self.level)
+            return name
+
+    t = Levels()
+    out = layers.linear(t, lin, t.external("x"), True)
+    output = 2 * tokens * out_features
+    kept = t.level - output  # besides the output: the product's saves, all rank-wide
+    assert t.size[out] == output
+    assert 0 < kept <= 2 * (tokens * rank + 2 * rank * (lin.in_features + out_features))
+    # at most: the output, the saves and the product's rank-wide temporaries (x @ A in two halves
+    # and twice over, lora_B's fp32 copy); a second output beside the base output would double it
+    temporaries = 2 * (2 * tokens * 2 * rank) + 4 * out_features * rank
+    assert output <= t.top <= output + kept + temporaries
