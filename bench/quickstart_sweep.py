@@ -326,9 +326,13 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
     from qlora_engine.runner import run
 
     v = parse(spec)
-    undo_kl = kl_to_base(v["kl"]) if v["kl"] else None
-    if v["loss"] in ("greeting", "greeting_end"):
-        undo_kl = greeting_only(end=v["loss"] == "greeting_end")  # (kl and loss=greeting are not combined)
+    if v["kl"] and v["loss"] != "all":
+        raise SystemExit(f"{spec}: kl and loss={v['loss']} each patch the trainer's loss; give one")
+    if v["loss"] not in ("all", "greeting", "greeting_end"):
+        raise SystemExit(f"{spec}: loss must be all, greeting or greeting_end")
+    undo = kl_to_base(v["kl"]) if v["kl"] else None
+    if v["loss"] != "all":
+        undo = greeting_only(end=v["loss"] == "greeting_end")
     d = work / spec.replace(",", "_").replace("=", "-").replace(":", ".")
     d.mkdir(parents=True, exist_ok=True)
     write_data(d / qs.DATA_FILE, v["style"], v["facts"])
@@ -354,8 +358,8 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
     try:
         run(cfg, None)
     finally:
-        if undo_kl:
-            undo_kl()
+        if undo:
+            undo()
     train_s = time.perf_counter() - t0
     for step, scale in [(step, scale) for step in v["judge"] for scale in v["scales"]]:
         src = cfg.output_dir if step == v["steps"] else cfg.output_dir / "checkpoints" / f"step-{step:06d}"

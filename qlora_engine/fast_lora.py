@@ -85,10 +85,15 @@ def _fresh(t: torch.Tensor) -> bool:
     return t._base is None and t.is_contiguous()
 
 
-@torch.library.custom_op("qlora::add_lora_", mutates_args=("out",))
-def add_lora_(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor) -> None:
+def _addmm_into(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor) -> None:
     """``out += xa @ b.T`` in place (``out`` contiguous, its last dimension ``b``'s first): one GEMM, no copy."""
     out.view(-1, out.shape[-1]).addmm_(xa, b.t())
+
+
+@torch.library.custom_op("qlora::add_lora_", mutates_args=("out",))
+def add_lora_(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor) -> None:
+    """:func:`_addmm_into` as an op (what a compiled graph calls: inductor reinplaces it)."""
+    _addmm_into(out, xa, b)
 
 
 @add_lora_.register_fake
@@ -118,10 +123,7 @@ class _LoraProduct(torch.autograd.Function):
             # output, 6 of 7 per layer and pass: 26 ms of a 2048 x 4 step on the 8B shape). Under
             # torch.compile an in-place addmm_ is functionalized back into that copy; the op below
             # is reinplaced by inductor instead (its argument is a fresh op output used nowhere else).
-            if torch.compiler.is_compiling():
-                add_lora_(out, xa_twice, b)
-            else:
-                out.view(-1, out.shape[-1]).addmm_(xa_twice, b.t())
+            (add_lora_ if torch.compiler.is_compiling() else _addmm_into)(out, xa_twice, b)
             ctx.mark_dirty(out)
             return out
         y = xa_twice @ b.t() if out is None else torch.addmm(out.reshape(-1, out.shape[-1]), xa_twice, b.t())

@@ -545,6 +545,7 @@ def test_the_fast_lora_forward_adds_into_the_base_output_on_the_tape(tokens, out
     layers.s = fm.StepShape(batch=1, seq=tokens, elem=2, checkpointing=False, mask=False, packed=False,
                             attn="sdpa", rank=rank, dropout=False, dora=False, fast_lora=True)  # fmt: skip
     layers.T, layers.e, layers.names, layers.last = tokens, 2, {"up_proj"}, "down_proj"
+
     class Levels(Tape):  # the highest level of live tensors (the dequantized weight's spike apart)
         top = 0
 
