@@ -431,8 +431,9 @@ class BudgetPanel(QFrame):
 
     def _draw(self, result: dict) -> None:
         est, advice, capacity = result["estimate"], result["advice"], result["gpu_bytes"]
-        # a component that does not exist on this device (the CUDA context of a CPU run) is left out
-        comps = [(k, v) for k, v in getattr(est, "components", {}).items() if v or k != "cuda_context"]
+        # a component this run does not have (the CUDA context of a CPU run, weights not kept dequantized) is left out
+        optional = ("cuda_context", "dequantized_weights")
+        comps = [(k, v) for k, v in getattr(est, "components", {}).items() if v or k not in optional]
         parts = [(name, float(v), QColor(PALETTE[i % len(PALETTE)])) for i, (name, v) in enumerate(comps)]
         total = float(est.total)
         self.bar.set_parts(parts, capacity, getattr(est, "low", None), getattr(est, "high", None))

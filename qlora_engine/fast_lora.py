@@ -274,6 +274,25 @@ def _frozen4bit_backward(ctx: Any, g: torch.Tensor) -> tuple:
 frozen4bit_linear.register_autograd(_frozen4bit_backward, setup_context=_frozen4bit_setup)
 
 
+def keep_dense(base: Any) -> None:
+    """Dequantize ``base``'s 4-bit weight once and keep it beside the packed one (``train.keep_dequantized``):
+    the training matmuls then read it and dequantize nothing; the same values as dequantizing per call."""
+    with torch.no_grad():
+        dense = dequantize(base.weight).to(base.compute_dtype)
+    if dense.device.type == "cuda":
+        torch._dynamo.mark_static_address(dense)  # CUDA graphs read it where it is rather than copy it per replay
+    base._qlora_dense = dense
+
+
+def drop_dense(model: torch.nn.Module) -> int:
+    """Let go of every weight :func:`keep_dense` kept; returns how many."""
+    dropped = 0
+    for module in model.modules():
+        if getattr(module, "_qlora_dense", None) is not None:
+            module._qlora_dense, dropped = None, dropped + 1
+    return dropped
+
+
 def _lean_base_forward(base: Any, original: Any) -> Any:
     """``base``'s forward (a bitsandbytes ``Linear4bit``): :class:`_Frozen4bit` while training, else its own."""
 
@@ -291,6 +310,9 @@ def _lean_base_forward(base: Any, original: Any) -> Any:
             or base.weight.quant_state.quant_type not in ("nf4", "fp4")
         ):
             return original(x, *args, **kwargs)
+        dense = base._qlora_dense
+        if dense is not None:
+            return torch.nn.functional.linear(x, dense, None if base.bias is None else base.bias.to(x.dtype))
         if torch.compiler.is_compiling():
             return frozen4bit_linear(x, base.bias, *quant_parts(base.weight))
         return _Frozen4bit.apply(x, base)
@@ -326,8 +348,9 @@ def _fast_forward(module: Any, original: Any, *, lora_first: bool) -> Any:
     return forward
 
 
-def enable(model: torch.nn.Module) -> tuple[int, dict[str, int]]:
-    """Give every eligible 4-bit LoRA layer the fast forward; returns (fast, {reason: count} of the rest)."""
+def enable(model: torch.nn.Module, *, dense: bool = False) -> tuple[int, dict[str, int]]:
+    """Give every eligible 4-bit LoRA layer the fast forward (``dense``: its weight kept dequantized,
+    :func:`keep_dense`); returns (fast, {reason: count} of the rest)."""
     # lazy: transformers.modeling_layers loads its whole modeling stack (seconds); only training needs it
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -348,6 +371,9 @@ def enable(model: torch.nn.Module) -> tuple[int, dict[str, int]]:
         module.forward = _fast_forward(module, module.forward, lora_first=id(module) in last)
         base = module.base_layer
         base.forward = _lean_base_forward(base, base.forward)
+        base._qlora_dense = None
+        if dense:
+            keep_dense(base)
         fast += 1
     return fast, skipped
 

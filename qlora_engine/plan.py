@@ -29,9 +29,11 @@ from qlora_engine.budget.estimate import (
     fewest_checkpointed,
     reached_layers,
     resolve_spec,
+    variant,
     with_checkpointing,
 )
 from qlora_engine.budget.fit import FitAdvice, fit
+from qlora_engine.budget.formulas import fast_lora_applies
 from qlora_engine.budget.kernels import resolve_kernels
 from qlora_engine.budget.parallel import per_process
 from qlora_engine.budget.spec import ModelSpec
@@ -89,6 +91,45 @@ def choose_checkpointing(
     return decided(k, f"the fewest that fit {size}")
 
 
+def choose_dequantized(
+    cfg: TrainConfig,
+    spec: ModelSpec,
+    gpu_bytes: int | None,
+    *,
+    strategy: str = "single",
+    data_stats: dict[str, Any] | None = None,
+) -> tuple[TrainConfig, Decision | None]:
+    """``train.keep_dequantized: auto`` made concrete for a card of ``gpu_bytes`` (checkpointing settled first).
+
+    On when no layer is checkpointed and the estimate with the dequantized weights, upper bound
+    included, still fits the card: checkpointing fewer layers saves far more time per byte than
+    dequantizing nothing, so the weights never take memory that a checkpointed layer could have.
+    A config that is not 'auto' comes back unchanged, with no decision.
+    """
+    if cfg.train.keep_dequantized != "auto":
+        return cfg, None
+
+    def decided(on: bool, reason: str) -> tuple[TrainConfig, Decision]:
+        chosen = variant(cfg, train__keep_dequantized=on)
+        return chosen, Decision("train.keep_dequantized", "auto", on, reason, "on" if on else "off")
+
+    tr = cfg.train
+    if not gpu_bytes or not spec.usable:
+        return decided(False, "no GPU to size the run for" if not gpu_bytes else "the VRAM budget cannot model this model")
+    if not fast_lora_applies(tr.fast_lora, cfg.quant.compute_dtype, cfg.lora.dropout, cfg.lora.use_dora):
+        return decided(False, "only train.fast_lora's path keeps them")
+    if strategy == "fsdp":
+        return decided(False, "FSDP shards the 4-bit weights")
+    if tr.gradient_checkpointing:
+        return decided(False, "the run checkpoints layers; the memory goes to those first")
+    on = variant(cfg, train__keep_dequantized=True)
+    need = estimate_from_spec(on, spec, gpu_bytes=gpu_bytes, data_stats=data_stats).high
+    size = f"{gpu_bytes / GiB:.1f} GiB"
+    if need > gpu_bytes:
+        return decided(False, f"with them the run may not fit {size}: {format_bytes(need)} at most")
+    return decided(True, f"the run fits {size} with them: {format_bytes(need)} at most")
+
+
 @dataclass(frozen=True)
 class Advice:
     """What the budget says of a config on a card: the estimate of what would run, its fit, the decisions."""
@@ -129,17 +170,18 @@ def advise(
     if spec is None:
         spec = resolve_spec(cfg, model_config)
     resolved, decision = choose_checkpointing(cfg, spec, gpu_bytes, data_stats=data_stats)
+    strategy = choose_strategy(cfg, world_size, spec, gpu_bytes, data_stats) if world_size > 1 else ("single", None)
+    resolved, dense = choose_dequantized(resolved, spec, gpu_bytes, strategy=strategy[0], data_stats=data_stats)
     est = estimate_from_spec(
         resolved, spec, gpu_bytes=gpu_bytes, gpu_name=gpu_name, data_stats=data_stats, cuda=cuda or bool(gpu_bytes)
     )
     if decision is not None:
         est.details["checkpointing_auto"] = True
         est.notes.insert(0, str(decision))
-    decisions = [decision] if decision else []
+    decisions = [d for d in (decision, dense) if d]
     if world_size > 1:
-        strategy, chosen = choose_strategy(cfg, world_size, spec, gpu_bytes, data_stats)
-        est = per_process(est, strategy, world_size, spec.num_layers if spec.usable else None)
-        decisions += [chosen] if chosen else []
+        est = per_process(est, strategy[0], world_size, spec.num_layers if spec.usable else None)
+        decisions += [strategy[1]] if strategy[1] else []
     advice = None
     if gpu_bytes:
         advice = fit(resolved, gpu_bytes, spec, data_stats=data_stats, auto=decision is not None)
@@ -318,6 +360,20 @@ def make_plan(
     strategy, decision = choose_strategy(cfg, world_size, spec, card_bytes, data_stats)
     config = replace(config, train=replace(config.train, strategy=strategy))
     decisions += [decision] if decision else []
+    if cfg.train.keep_dequantized == "auto":
+        if spec is not None:
+            config, decision = choose_dequantized(config, spec, card_bytes, strategy=strategy, data_stats=data_stats)
+            decisions += [decision] if decision else []
+        else:
+            config = replace(config, train=replace(config.train, keep_dequantized=False))
+    elif cfg.train.keep_dequantized and strategy == "fsdp":
+        raise ConfigError(
+            "train.keep_dequantized: true cannot run with FSDP, which shards the 4-bit weights.",
+            field="train.keep_dequantized",
+            fix="Set train.keep_dequantized to auto or false, or train.strategy to ddp.",
+        )
+    if oom_fallback is not None:
+        oom_fallback = replace(oom_fallback, train=replace(oom_fallback.train, keep_dequantized=False))
     for settle in (lambda c: split_batch(c, world_size), choose_optimizer):
         config, decision = settle(config)
         decisions += [decision] if decision else []

@@ -153,11 +153,8 @@ class Trainer:
     def setup(self) -> None:
         cfg, emit = self.cfg, self.sink.emit
         _seed_everything(cfg.train.seed)
-        emit(
-            PhaseChanged(
-                phase="loading_model", detail=f"{self.model_folder} in 4-bit {cfg.quant.quant_type} on {self.device}"
-            )
-        )
+        detail = f"{self.model_folder} in 4-bit {cfg.quant.quant_type} on {self.device}"
+        emit(PhaseChanged(phase="loading_model", detail=detail))
         # FSDP shards whole tensors of one dtype: the packed 4-bit weights are stored in the compute dtype.
         storage = self.dtype if cfg.train.strategy == "fsdp" else torch.uint8
         base = models.load_quantized_model(cfg, self.model_folder, self.device, self.dtype, storage=storage)
@@ -167,7 +164,7 @@ class Trainer:
         self.model = models.wrap_with_lora(base, cfg)
         self.fast_lora = 0
         if cfg.train.fast_lora:
-            self.fast_lora, skipped = fast_lora.enable(self.model)
+            self.fast_lora, skipped = fast_lora.enable(self.model, dense=cfg.train.keep_dequantized is True)
             if skipped:
                 why = ", ".join(f"{n} for {reason}" for reason, n in skipped.items())
                 emit(LogLine(level="info", message=f"train.fast_lora: peft's LoRA path kept on {why}"))
@@ -217,6 +214,7 @@ class Trainer:
             **models.model_facts(self.model),
             "kernels": self.kernels,
             "fast_lora_layers": self.fast_lora,
+            "dequantized": cfg.train.keep_dequantized is True and self.fast_lora > 0,
             "checkpointed_layers": self.checkpointed,
             "compiled": cfg.train.compile,
             "quant_storage": str(storage).removeprefix("torch."),
@@ -240,25 +238,24 @@ class Trainer:
     def _checkpoint_every_layer(self) -> None:
         """After an out-of-memory step when the plan left layers out of checkpointing: checkpoint them all."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
         before = self.checkpointed
         self.grown = True
         offload = self.cfg.train.offload_activations and self.device.type == "cuda"
+        dense = " and keeps no weight dequantized" if fast_lora.drop_dense(self.model) else ""  # as the plan's fallback
         if self.compiled is not None:
             self.compiled.undo()
         self.checkpointed = models.enable_gradient_checkpointing(self.model, None, offload=offload)
         if self.compiled is not None:
             self.compiled.apply()
-        self.facts["checkpointed_layers"] = self.checkpointed
-        self.sink.emit(
-            LogLine(
-                level="warning",
-                message=f"The GPU ran out of memory at step {self.step + 1} with {before} of {self.checkpointed} "
-                "layers checkpointed (train.gradient_checkpointing auto); every layer is checkpointed from "
-                "now on and the step runs again.",
-            )
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.facts.update(checkpointed_layers=self.checkpointed, dequantized=False)
+        message = (
+            f"The GPU ran out of memory at step {self.step + 1} with {before} of {self.checkpointed} layers "
+            f"checkpointed (train.gradient_checkpointing auto); the run checkpoints every layer from now on{dense} "
+            "and the step runs again."
         )
+        self.sink.emit(LogLine(level="warning", message=message))
 
     def _stop_compiling(self, failure: str) -> None:
         """After torch.compile failed on the layers: run them eager from now on (the step runs again)."""

@@ -89,6 +89,8 @@ def render(est: Any, advice: Any = None) -> str:
         lines.append(f"kernels: {d['kernels']} ({d.get('kernels_reason', '')})")
     width = max(len(k) for k in est.components)
     for name, value in est.components.items():
+        if not value and name == "dequantized_weights":  # a run that keeps none
+            continue
         share = value / est.total if est.total else 0
         bar = "#" * round(share * 40)
         lines.append(f"  {name:<{width}}  {format_bytes(value):>10}  {bar:<40}  {COMPONENT_HELP.get(name) or PARALLEL_HELP.get(name, '')}")

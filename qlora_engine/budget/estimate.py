@@ -53,6 +53,7 @@ COMPONENTS = (
     "quantized_weights",
     "quant_constants",
     "unquantized_weights",
+    "dequantized_weights",
     "lora_weights",
     "lora_grads",
     "optimizer_state",
@@ -66,6 +67,7 @@ COMPONENT_HELP = {
     "quantized_weights": "the frozen linear layers in 4 bit, two weights per byte",
     "quant_constants": "per-block scales (absmax) of the 4-bit weights, double-quantized",
     "unquantized_weights": "embeddings, lm_head and norms, kept in the compute dtype",
+    "dequantized_weights": "the adapted 4-bit weights kept dequantized in the compute dtype (train.keep_dequantized)",
     "lora_weights": "the trainable adapters (fp32)",
     "lora_grads": "their gradients (fp32), as many as exist at the peak",
     "optimizer_state": "AdamW's two moments per adapter weight",
@@ -302,6 +304,11 @@ def estimate_from_spec(
         notes.append("eager attention keeps two batch x heads x seq x seq tensors per layer; 'sdpa' is far leaner")
 
     packed, consts, unquant, quantized_params = _weight_bytes(cfg, spec, e, notes)
+    # train.keep_dequantized: the adapted 4-bit layers' weights again, in the compute dtype (fast_lora.keep_dense)
+    dense = 0
+    if cfg.train.keep_dequantized is True and shape.fast_lora and cfg.train.strategy != "fsdp":
+        skip = spec.prequantized["skip_modules"] if spec.prequantized else []
+        dense = e * len(layers) * sum(lin.numel for lin in adapted if lin.name not in skip)
 
     # -- adapters, gradients, optimizer ---------------------------------------------------
     sizes = [n for lin in adapted for n in fm.lora_tensor_sizes(lin, cfg.lora.rank, cfg.lora.use_dora)]
@@ -369,7 +376,7 @@ def estimate_from_spec(
     workspace = CALIBRATION["cublas_workspace"]
     activations += workspace
 
-    static = packed + consts + unquant + lora_bytes + opt_resident
+    static = packed + consts + unquant + dense + lora_bytes + opt_resident
     dynamic = activations + logits + grads_now + opt_extra
     allocated = static + dynamic
 
@@ -403,6 +410,7 @@ def estimate_from_spec(
         "quantized_weights": packed,
         "quant_constants": consts,
         "unquantized_weights": unquant,
+        "dequantized_weights": dense,
         "lora_weights": lora_bytes,
         "lora_grads": grads_now,
         "optimizer_state": opt_resident + opt_paged + opt_extra,
