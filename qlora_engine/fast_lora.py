@@ -101,14 +101,39 @@ def _(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor) -> None:
     return None
 
 
+MERGE_DENSE = True
+"""Whether a layer whose weight is kept dequantized runs its frozen matmul inside :class:`_LoraProduct`
+(a switch for benchmarks)."""
+
+
+def _add_into(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += xa @ b.T`` in place, eager or compiled (the op: inductor reinplaces it, see :class:`_LoraProduct`)."""
+    (add_lora_ if torch.compiler.is_compiling() else _addmm_into)(out, xa, b)
+
+
 class _LoraProduct(torch.autograd.Function):
     """``out + x @ A.T @ (scale * B).T`` with the adapter weights in split precision (module docstring).
 
     Keeps ``x``, ``x @ A.T`` (tokens x rank) and the split weights (2 x rank x features each).
+    With ``dense`` (the frozen weight kept dequantized, :func:`keep_dense`) ``out`` is ``x @ dense.T
+    (+ bias)``, computed here, and the backward adds the LoRA half's input gradient into the frozen
+    matmul's in place: apart, autograd would sum the two full-width input gradients (one more
+    tensor written and an add reading two, in each of a layer's seven projections).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, out: torch.Tensor | None):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scale: float,
+        out: torch.Tensor | None,
+        dense: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ):
+        if dense is not None:
+            out = torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))
         r = A.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
         a = _split(A, x.dtype, 0)  # rank*2 x in
@@ -116,14 +141,17 @@ class _LoraProduct(torch.autograd.Function):
         xa2 = x2 @ a.t()
         xa = xa2[:, :r] + xa2[:, r:]
         xa_twice = torch.cat([xa, xa], dim=1)  # meets b's two halves: xa @ (hi + lo).T in one GEMM
-        ctx.save_for_backward(x, xa, a, b)
+        ctx.save_for_backward(x, xa, a, b, dense)
         ctx.scale, ctx.r = scale, r
+        if dense is not None:
+            _add_into(out, xa_twice, b)  # a fresh output, never an input of this function
+            return out
         if out is not None and ADD_IN_PLACE and (torch.compiler.is_compiling() or _fresh(out)):
             # into the base's output: an out-of-place addmm first copies it whole (a projection's
             # output, 6 of 7 per layer and pass: 26 ms of a 2048 x 4 step on the 8B shape). Under
             # torch.compile an in-place addmm_ is functionalized back into that copy; the op below
             # is reinplaced by inductor instead (its argument is a fresh op output used nowhere else).
-            (add_lora_ if torch.compiler.is_compiling() else _addmm_into)(out, xa_twice, b)
+            _add_into(out, xa_twice, b)
             ctx.mark_dirty(out)
             return out
         y = xa_twice @ b.t() if out is None else torch.addmm(out.reshape(-1, out.shape[-1]), xa_twice, b.t())
@@ -131,19 +159,24 @@ class _LoraProduct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor):
-        x, xa, a, b = ctx.saved_tensors
+        x, xa, a, b, dense = ctx.saved_tensors
         r = ctx.r
         g2 = g.reshape(-1, g.shape[-1])
         gb = g2 @ b
         g_xa = gb[:, :r] + gb[:, r:]  # the gradient of x @ A.T: g @ (scale * B)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (torch.cat([g_xa, g_xa], dim=1) @ a).view(x.shape)
+            if dense is None:
+                grad_x = (torch.cat([g_xa, g_xa], dim=1) @ a).view(x.shape)
+            else:  # the frozen matmul's input gradient, the LoRA half's added into it by the same GEMM
+                grad_x = g2 @ dense
+                _add_into(grad_x, torch.cat([g_xa, g_xa], dim=1), a.t())
+                grad_x = grad_x.view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_a = (g_xa.t() @ x.reshape(-1, x.shape[-1])).float()
         if ctx.needs_input_grad[2]:
             grad_b = (g2.t() @ xa).float().mul_(ctx.scale)
-        return grad_x, grad_a, grad_b, None, g if ctx.needs_input_grad[4] else None
+        return grad_x, grad_a, grad_b, None, g if ctx.needs_input_grad[4] else None, None, None
 
 
 LEAN_4BIT = True
@@ -338,6 +371,9 @@ def _fast_forward(module: Any, original: Any, *, lora_first: bool) -> Any:
         scale = module.scaling[name]
         # Looked up per call: FSDP swaps the parameters (sharded between uses, gathered for this forward).
         lora_A, lora_B = module.lora_A[name].weight, module.lora_B[name].weight
+        dense = base._qlora_dense
+        if dense is not None and MERGE_DENSE:  # the frozen matmul inside: one input gradient, no sum
+            return _LoraProduct.apply(x, lora_A, lora_B, scale, None, dense, base.bias)
         if lora_first:
             lora = _LoraProduct.apply(x, lora_A, lora_B, scale, None)  # keeps its tensors: the last the backward needs
             # bitsandbytes keeps nothing, so a recomputation stops before this. Not in place: after

@@ -212,7 +212,7 @@ def test_the_trainer_keeps_what_the_budget_counts(tiny_cfg, four_layers, overrid
         trainer.cleanup()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32"])  # bfloat16: the next test
 def test_a_run_that_keeps_them_trains_the_same_losses_without_dequantizing(
     tiny_cfg, four_layers, tmp_path, monkeypatch, dtype
 ):
@@ -234,6 +234,32 @@ def test_a_run_that_keeps_them_trains_the_same_losses_without_dequantizing(
     (kept_losses, kept_calls), (plain_losses, plain_calls) = losses("true"), losses("false")
     assert len(kept_losses) == 4 and kept_losses == pytest.approx(plain_losses, rel=1e-6)
     assert kept_calls == 0 and plain_calls > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_in_bfloat16_their_gradients_are_no_further_from_float32(four_layers, tmp_path, seed):
+    """Kept, a layer's frozen matmul runs inside the LoRA function, whose backward adds the LoRA
+    half's input gradient into the frozen matmul's in the GEMM (fp32 accumulation) rather than
+    summing two bf16 tensors: other rounding, so compared by distance to the float32 computation."""
+    from tests.engine.test_fast_lora import make_trainer, rel_err, step
+
+    ids = torch.randint(0, 200, (2, 128), generator=torch.Generator().manual_seed(seed))
+    samples = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
+    runs = {}
+    for name, overrides in {
+        "fp32": ["quant.compute_dtype=float32", "train.keep_dequantized=false"],
+        "kept": ["quant.compute_dtype=bfloat16", "train.keep_dequantized=true"],
+        "per call": ["quant.compute_dtype=bfloat16", "train.keep_dequantized=false"],
+    }.items():
+        trainer, _ = make_trainer(four_layers, samples, tmp_path / name, "train.gradient_checkpointing=false", *overrides)
+        assert bool(kept(trainer)) == (name == "kept")
+        runs[name] = step(trainer, samples)
+        trainer.cleanup()
+    (loss_fp32, want, _), (loss_kept, got, _), (loss_call, other, _) = runs["fp32"], runs["kept"], runs["per call"]
+    # down_proj's LoRA half, added apart per call, is added in the GEMM when kept: bf16 rounding apart
+    assert loss_kept == pytest.approx(loss_call, rel=1e-3) and loss_kept == pytest.approx(loss_fp32, rel=1e-2)
+    assert rel_err(got, want) <= 1.02 * rel_err(other, want)
+    assert rel_err(got, other) < 2e-2
 
 
 def test_an_out_of_memory_step_lets_them_go_and_checkpoints_every_layer(tiny_cfg, four_layers, tmp_path, monkeypatch):
