@@ -37,6 +37,11 @@ Anything this does not cover falls back to peft's own forward, per call: no grad
 (evaluation, generation: bitsandbytes' inference kernels are faster there), adapters
 disabled or merged, several adapters, DoRA or another LoRA variant, dropout, float16.
 
+With ``train.keep_dequantized`` every such layer's weight is dequantized once at setup and kept
+(:func:`keep_dense`): no step dequantizes, and the frozen matmul runs inside the LoRA function,
+whose backward adds the LoRA half's input gradient into the frozen matmul's by the same GEMM
+(apart, autograd sums two full-width gradients per projection).
+
 Under ``torch.compile`` (``train.compile``: :class:`CompiledBlocks`) the frozen 4-bit
 matmul is one opaque op, ``qlora::frozen4bit_linear`` (its input gradient a second op), taking
 the packed weight and its quant state as tensors: the same kernels, and a decoder block traces
@@ -371,9 +376,9 @@ def _fast_forward(module: Any, original: Any, *, lora_first: bool) -> Any:
         scale = module.scaling[name]
         # Looked up per call: FSDP swaps the parameters (sharded between uses, gathered for this forward).
         lora_A, lora_B = module.lora_A[name].weight, module.lora_B[name].weight
-        dense = base._qlora_dense
-        if dense is not None and MERGE_DENSE:  # the frozen matmul inside: one input gradient, no sum
-            return _LoraProduct.apply(x, lora_A, lora_B, scale, None, dense, base.bias)
+        dense, bias = base._qlora_dense, base.bias
+        if dense is not None and MERGE_DENSE and (bias is None or not bias.requires_grad):
+            return _LoraProduct.apply(x, lora_A, lora_B, scale, None, dense, bias)  # one input gradient, no sum
         if lora_first:
             lora = _LoraProduct.apply(x, lora_A, lora_B, scale, None)  # keeps its tensors: the last the backward needs
             # bitsandbytes keeps nothing, so a recomputation stops before this. Not in place: after
