@@ -42,6 +42,7 @@ LABELS = {
     ("train", "kernels"): "Fused kernels",
     ("train", "fast_lora"): "Fast LoRA",
     ("train", "compile"): "Compile layers",
+    ("train", "keep_dequantized"): "Keep weights dequantized",
     ("lora", "alpha"): "Alpha",
     ("lora", "use_dora"): "DoRA",
     ("lora", "use_rslora"): "rsLoRA",

@@ -175,6 +175,8 @@ def advise(
     est = estimate_from_spec(
         resolved, spec, gpu_bytes=gpu_bytes, gpu_name=gpu_name, data_stats=data_stats, cuda=cuda or bool(gpu_bytes)
     )
+    if dense is not None:
+        est.notes.insert(0, str(dense))
     if decision is not None:
         est.details["checkpointing_auto"] = True
         est.notes.insert(0, str(decision))

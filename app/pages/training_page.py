@@ -33,7 +33,7 @@ class TrainingPage(Page):
         )
         self.effective = note()  # long with big numbers: it must not widen the page past a small screen
         box.layout().addWidget(self.effective)
-        self.group("Speed", "train.kernels train.fast_lora train.compile")
+        self.group("Speed", "train.kernels train.fast_lora train.keep_dequantized train.compile")
         self.group(
             "Evaluation, checkpoints and reproducibility",
             "train.eval_steps train.save_steps train.save_total_limit train.logging_steps train.seed train.device",

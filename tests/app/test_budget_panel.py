@@ -32,11 +32,34 @@ def test_cpu_estimate_without_a_card(qtbot, window, tiny_model_dir):
     assert panel.bar.total == sum(est.components.values())
     assert "GiB" in panel.headline.text()
     assert panel.property("state") == "cpu"
-    # a CPU run has no CUDA context: it is not counted, and not listed
-    assert est.components["cuda_context"] == 0
-    assert panel.legend.count() == 3 * (len(est.components) - 1)
-    shown = [panel.legend.itemAtPosition(r, 1).widget().text() for r in range(len(est.components) - 1)]
-    assert "cuda context" not in shown
+    # a CPU run has no CUDA context and keeps no weight dequantized: neither is counted, nor listed
+    assert est.components["cuda_context"] == 0 and est.components["dequantized_weights"] == 0
+    assert panel.legend.count() == 3 * (len(est.components) - 2)
+    shown = [panel.legend.itemAtPosition(r, 1).widget().text() for r in range(len(est.components) - 2)]
+    assert "cuda context" not in shown and "dequantized weights" not in shown
+    assert "quantized weights" in shown
+
+
+def legend_names(panel) -> list[str]:
+    return [panel.legend.itemAtPosition(r, 1).widget().text() for r in range(panel.legend.count() // 3)]
+
+
+def test_a_roomy_card_lists_the_weights_auto_keeps_dequantized_and_the_switch_takes_them_out(
+    qtbot, window, tiny_model_dir
+):
+    panel = window.budget
+    with_model(qtbot, window, tiny_model_dir)
+    assert "dequantized weights" not in legend_names(panel)  # the CPU keeps none
+    with qtbot.waitSignal(panel.updated, timeout=10_000):
+        panel.plan_for(24)  # the tiny model needs no checkpointing there, and has room to keep them
+    est = panel.result["estimate"]
+    assert est.components["dequantized_weights"] > 0 and "dequantized weights" in legend_names(panel)
+    assert any(note.startswith("train.keep_dequantized auto: on (the run fits") for note in est.notes), est.notes
+    with qtbot.waitSignal(panel.updated, timeout=10_000):
+        window.config_model.set_value("train", "keep_dequantized", False)
+    est_off = panel.result["estimate"]
+    assert est_off.components["dequantized_weights"] == 0 and "dequantized weights" not in legend_names(panel)
+    assert est_off.total == est.total - est.components["dequantized_weights"]
 
 
 def test_planning_for_a_card_of_another_machine(qtbot, window, tiny_model_dir):
