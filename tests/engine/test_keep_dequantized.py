@@ -146,6 +146,22 @@ def test_an_explicit_value_is_kept_whatever_the_card(value):
         assert (advice.estimate.components["dequantized_weights"] > 0) is value
 
 
+@pytest.mark.parametrize("card_gib", [8, 10, 12, 14, 16, 18, 20, 22])
+@pytest.mark.parametrize("checkpointing", ["true", "false"])
+def test_kept_on_a_card_too_small_the_first_fix_offered_is_to_let_them_go(card_gib, checkpointing):
+    cfg = cfg_8b("train.keep_dequantized=true", f"train.gradient_checkpointing={checkpointing}")
+    card = card_gib * GiB
+    advice = advise(cfg, LLAMA3_8B, gpu_bytes=card, data_stats=STATS)
+    without = estimate(apply_overrides(cfg, ["train.keep_dequantized=false"]), LLAMA3_8B, gpu_bytes=card, data_stats=STATS)
+    assert not advice.estimate.fits  # 13 GiB of kept weights on top of the run
+    offered = [s.overrides for s in advice.fit.suggestions]
+    if without.fits:
+        assert offered[0] == ["train.keep_dequantized=false"]
+        assert advice.fit.suggestions[0].total == without.total
+    else:
+        assert ["train.keep_dequantized=false"] not in offered
+
+
 @pytest.mark.parametrize(
     "overrides, targets, layers",
     [
