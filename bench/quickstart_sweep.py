@@ -13,13 +13,15 @@ Keys: style (wrap | lead | lead2 | dlead2 | comma | inline | be | tail | dtail),
 (steps to judge, ':'-separated; the last step is the final adapter), tokens (max new tokens),
 penalty (repetition penalty), warmup, targets (all-linear | attention | mlp), dropout (LoRA dropout),
 facts (base: FACTS | more: FACTS + MORE_FACTS | known:N, the N the base knows best | distinct: FACTS without a repeated answer word), mbs, accum, kl (a KL-to-base term's weight, patched into the trainer: an experiment), loss (all | greeting | greeting_end:
-the loss on the answer's greeting (and its end of turn) only, the fact unlabelled: patched into the trainer, an experiment). --dev also asks DEV_PROBES, a second held-out set.
+the loss on the answer's greeting (and its end of turn) only, the fact unlabelled: patched into the trainer, an experiment),
+neft (NEFTune's noise alpha on the token embeddings while training: an experiment). --dev also asks DEV_PROBES, a second held-out set.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -196,6 +198,7 @@ def parse(spec: str) -> dict:
         "kl": 0.0,
         "scales": "1",
         "loss": "all",
+        "neft": 0.0,
     }
     for part in spec.split(","):
         k, _, val = part.partition("=")
@@ -320,6 +323,28 @@ def greeting_only(end: bool) -> Callable[[], None]:
     return undo
 
 
+def neftune(alpha: float) -> Callable[[], None]:
+    """NEFTune (Jain et al. 2023): uniform noise of size alpha / sqrt(L * d) on the token embeddings while
+    training (the embedding's output in train mode; evaluation and generation are untouched). Returns the undo."""
+    import torch
+
+    original = torch.nn.Embedding.forward
+
+    def forward(self, ids):
+        out = original(self, ids)
+        if self.training and out.dim() == 3:
+            bound = alpha / math.sqrt(out.shape[1] * out.shape[2])
+            out = out + torch.empty_like(out).uniform_(-bound, bound)
+        return out
+
+    torch.nn.Embedding.forward = forward
+
+    def undo() -> None:
+        torch.nn.Embedding.forward = original
+
+    return undo
+
+
 def run_variant(spec: str, work: Path, out: Path) -> None:
     from qlora_engine.config import TrainConfig, apply_overrides
     from qlora_engine.demo import fetch_demo_model
@@ -333,6 +358,10 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
     undo = kl_to_base(v["kl"]) if v["kl"] else None
     if v["loss"] != "all":
         undo = greeting_only(end=v["loss"] == "greeting_end")
+    if v["neft"]:
+        if undo:
+            raise SystemExit(f"{spec}: neft is not combined with kl or loss here")
+        undo = neftune(v["neft"])
     d = work / spec.replace(",", "_").replace("=", "-").replace(":", ".")
     d.mkdir(parents=True, exist_ok=True)
     write_data(d / qs.DATA_FILE, v["style"], v["facts"])
