@@ -97,9 +97,11 @@ def choose_dequantized(
     gpu_bytes: int | None,
     *,
     strategy: str = "single",
+    world_size: int = 1,
     data_stats: dict[str, Any] | None = None,
 ) -> tuple[TrainConfig, Decision | None]:
-    """``train.keep_dequantized: auto`` made concrete for a card of ``gpu_bytes`` (checkpointing settled first).
+    """``train.keep_dequantized: auto`` made concrete for a card of ``gpu_bytes`` (checkpointing settled first;
+    ``strategy`` and ``world_size``: how the run shares its GPUs, so DDP's gradient buckets are counted).
 
     On when no layer is checkpointed and the estimate with the dequantized weights, upper bound
     included, still fits the card: checkpointing fewer layers saves far more time per byte than
@@ -123,7 +125,8 @@ def choose_dequantized(
     if tr.gradient_checkpointing:
         return decided(False, "the run checkpoints layers; the memory goes to those first")
     on = variant(cfg, train__keep_dequantized=True)
-    need = estimate_from_spec(on, spec, gpu_bytes=gpu_bytes, data_stats=data_stats).high
+    est = estimate_from_spec(on, spec, gpu_bytes=gpu_bytes, data_stats=data_stats)
+    need = per_process(est, strategy, world_size, spec.num_layers).high
     size = f"{gpu_bytes / GiB:.1f} GiB"
     if need > gpu_bytes:
         return decided(False, f"with them the run may not fit {size}: {format_bytes(need)} at most")
@@ -171,7 +174,9 @@ def advise(
         spec = resolve_spec(cfg, model_config)
     resolved, decision = choose_checkpointing(cfg, spec, gpu_bytes, data_stats=data_stats)
     strategy = choose_strategy(cfg, world_size, spec, gpu_bytes, data_stats) if world_size > 1 else ("single", None)
-    resolved, dense = choose_dequantized(resolved, spec, gpu_bytes, strategy=strategy[0], data_stats=data_stats)
+    resolved, dense = choose_dequantized(
+        resolved, spec, gpu_bytes, strategy=strategy[0], world_size=world_size, data_stats=data_stats
+    )
     est = estimate_from_spec(
         resolved, spec, gpu_bytes=gpu_bytes, gpu_name=gpu_name, data_stats=data_stats, cuda=cuda or bool(gpu_bytes)
     )
@@ -364,7 +369,9 @@ def make_plan(
     decisions += [decision] if decision else []
     if cfg.train.keep_dequantized == "auto":
         if spec is not None:
-            config, decision = choose_dequantized(config, spec, card_bytes, strategy=strategy, data_stats=data_stats)
+            config, decision = choose_dequantized(
+                config, spec, card_bytes, strategy=strategy, world_size=world_size, data_stats=data_stats
+            )
             decisions += [decision] if decision else []
         else:
             config = replace(config, train=replace(config.train, keep_dequantized=False))

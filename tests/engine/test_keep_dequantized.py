@@ -118,6 +118,22 @@ def test_auto_leaves_them_out_where_they_cannot_or_should_not_be_kept(overrides,
     assert advice.estimate.components["dequantized_weights"] == 0
 
 
+def test_ddp_counts_its_gradient_buckets_before_keeping_them():
+    cfg = cfg_8b("train.strategy=ddp")
+    on = apply_overrides(cfg, ["train.gradient_checkpointing=false", "train.keep_dequantized=true"])
+    single = estimate(on, LLAMA3_8B, gpu_bytes=80 * GiB, data_stats=STATS)
+    assert single.components["lora_grads"] > 0
+    card = single.high  # room for one process's run with them, not for DDP's buckets beside it
+    one = make_plan(cfg, n_train=100, data_stats=STATS, cuda=True, card_bytes=card, model_config=LLAMA3_8B)
+    two = make_plan(cfg, n_train=100, data_stats=STATS, cuda=True, card_bytes=card, model_config=LLAMA3_8B, world_size=2)
+    assert one.config.train.keep_dequantized is True
+    assert two.config.train.keep_dequantized is False
+    assert "may not fit" in next(d for d in two.decisions if d.field == "train.keep_dequantized").reason
+    roomy = make_plan(cfg, n_train=100, data_stats=STATS, cuda=True, card_bytes=2 * card, model_config=LLAMA3_8B,
+                      world_size=2)  # fmt: skip
+    assert roomy.config.train.keep_dequantized is True and roomy.config.train.strategy == "ddp"
+
+
 def test_fsdp_leaves_them_out_and_refuses_them_when_asked():
     two = advise(cfg_8b("train.strategy=fsdp"), LLAMA3_8B, gpu_bytes=141 * GiB, data_stats=STATS, world_size=2)
     assert decision(two).chosen is False and "FSDP" in decision(two).reason
