@@ -228,6 +228,8 @@ def speed_paths(facts: dict[str, Any]) -> str:
     if facts.get("checkpointed_layers") is not None:
         n, of = facts["checkpointed_layers"], facts.get("num_layers")
         parts.append(f"{n} of {of} layers checkpointed" if n and of else "checkpointing on" if n else "no checkpointing")
+    if facts.get("dequantized"):
+        parts.append("4-bit weights kept dequantized")
     return ", ".join(parts)
 
 

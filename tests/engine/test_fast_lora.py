@@ -282,6 +282,10 @@ def test_compiled_the_lora_half_adds_into_the_base_output_without_a_copy(seed):
         ([], "fast LoRA on 14 layers, 2 of 2 layers checkpointed"),
         (["train.fast_lora=false"], "peft's LoRA path, 2 of 2 layers checkpointed"),
         (["train.gradient_checkpointing=false"], "fast LoRA on 14 layers, no checkpointing"),
+        (
+            ["train.gradient_checkpointing=false", "train.keep_dequantized=true"],
+            "fast LoRA on 14 layers, no checkpointing, 4-bit weights kept dequantized",
+        ),
     ],
 )
 def test_the_terminal_says_which_lora_path_the_run_takes(tiny_cfg, overrides, said):
