@@ -105,12 +105,13 @@ def budget_from_answer(answer: dict) -> dict:
                 "faster": Suggestion(**advice["faster"]) if advice.get("faster") else None,
             }
         )
-    auto, strategy = answer.get("checkpointing"), answer.get("strategy")
+    auto, strategy, dense = answer.get("checkpointing"), answer.get("strategy"), answer.get("dequantized")
     return {
         "estimate": VramEstimate(**answer["estimate"]),
         "advice": advice,
         "checkpointing": Decision.from_dict(auto) if auto else None,
         "strategy": Decision.from_dict(strategy) if strategy else None,
+        "dequantized": Decision.from_dict(dense) if dense else None,
         "gpu_bytes": answer.get("gpu_bytes"),
         "world_size": answer.get("world_size") or 1,
         "help": answer.get("help") or {},
@@ -474,6 +475,9 @@ class BudgetPanel(QFrame):
         auto = result.get("checkpointing")
         if auto is not None and capacity:  # what train.gradient_checkpointing auto chose for this card
             status.append(f"Gradient checkpointing (auto): {auto.summary}, {auto.reason}")
+        dense = result.get("dequantized")
+        if dense is not None and capacity:  # and what train.keep_dequantized auto chose
+            status.append(f"Weights kept dequantized (auto): {dense.summary}, {dense.reason}")
         strategy = result.get("strategy")
         if strategy is not None and strategy.requested == "auto" and result.get("world_size", 1) > 1:
             status.append(f"Strategy (auto): {strategy.summary}, {strategy.reason}")

@@ -15,8 +15,8 @@ Kinds:
   ``samples``, ``max_rows``, ``shown`` -> the ``inspect_data`` report with the token lengths;
 - ``keys``: ``config``, ``base_dir`` -> the column names of the data's first rows;
 - ``budget``: ``config``, ``base_dir``, ``gpu_bytes``, ``gpu_name``, ``data_stats``, ``world_size``
-  (GPUs sharing the run; default 1) -> the estimate (one GPU's), the fit advice, the checkpointing
-  and strategy decisions and the components' help texts.
+  (GPUs sharing the run; default 1) -> the estimate (one GPU's), the fit advice, the checkpointing,
+  strategy and kept-weights decisions and the components' help texts.
 """
 
 from __future__ import annotations
@@ -116,11 +116,13 @@ class Inspector:
             )
             decision = planned.decision("train.gradient_checkpointing")
             strategy = planned.decision("train.strategy")
+            dense = planned.decision("train.keep_dequantized")
             return {
                 "estimate": plain(planned.estimate),
                 "advice": plain(planned.fit) if planned.fit is not None else None,
                 "checkpointing": decision.to_dict() if decision is not None else None,
                 "strategy": strategy.to_dict() if strategy is not None else None,
+                "dequantized": dense.to_dict() if dense is not None else None,
                 "gpu_bytes": req.get("gpu_bytes"),
                 "world_size": int(req.get("world_size") or 1),
                 "help": dict(COMPONENT_HELP),

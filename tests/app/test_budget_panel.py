@@ -55,11 +55,13 @@ def test_a_roomy_card_lists_the_weights_auto_keeps_dequantized_and_the_switch_ta
     est = panel.result["estimate"]
     assert est.components["dequantized_weights"] > 0 and "dequantized weights" in legend_names(panel)
     assert any(note.startswith("train.keep_dequantized auto: on (the run fits") for note in est.notes), est.notes
+    assert "Weights kept dequantized (auto): on, the run fits 24.0 GiB with them" in panel.status.text()
     with qtbot.waitSignal(panel.updated, timeout=10_000):
         window.config_model.set_value("train", "keep_dequantized", False)
     est_off = panel.result["estimate"]
     assert est_off.components["dequantized_weights"] == 0 and "dequantized weights" not in legend_names(panel)
     assert est_off.total == est.total - est.components["dequantized_weights"]
+    assert "Weights kept dequantized" not in panel.status.text()  # false: nothing to decide
 
 
 def test_planning_for_a_card_of_another_machine(qtbot, window, tiny_model_dir):
