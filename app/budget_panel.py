@@ -35,7 +35,7 @@ from app.inspector import Inspector
 from app.run_catalog import absolute_config
 from app.theme import hbox, holder, note, restyle, vbox
 from qlora_engine import gpu as gpu_facts
-from qlora_engine.budget.estimate import VramEstimate
+from qlora_engine.budget.estimate import ABSENT_WHEN_ZERO, VramEstimate
 from qlora_engine.budget.fit import FitAdvice, Suggestion
 from qlora_engine.config import ConfigError, TrainConfig
 from qlora_engine.decisions import Decision
@@ -432,9 +432,7 @@ class BudgetPanel(QFrame):
 
     def _draw(self, result: dict) -> None:
         est, advice, capacity = result["estimate"], result["advice"], result["gpu_bytes"]
-        # a component this run does not have (the CUDA context of a CPU run, weights not kept dequantized) is left out
-        optional = ("cuda_context", "dequantized_weights")
-        comps = [(k, v) for k, v in getattr(est, "components", {}).items() if v or k not in optional]
+        comps = [(k, v) for k, v in getattr(est, "components", {}).items() if v or k not in ABSENT_WHEN_ZERO]
         parts = [(name, float(v), QColor(PALETTE[i % len(PALETTE)])) for i, (name, v) in enumerate(comps)]
         total = float(est.total)
         self.bar.set_parts(parts, capacity, getattr(est, "low", None), getattr(est, "high", None))

@@ -173,9 +173,9 @@ def advise(
     if spec is None:
         spec = resolve_spec(cfg, model_config)
     resolved, decision = choose_checkpointing(cfg, spec, gpu_bytes, data_stats=data_stats)
-    strategy = choose_strategy(cfg, world_size, spec, gpu_bytes, data_stats) if world_size > 1 else ("single", None)
+    strategy, chosen = choose_strategy(cfg, world_size, spec, gpu_bytes, data_stats) if world_size > 1 else ("single", None)
     resolved, dense = choose_dequantized(
-        resolved, spec, gpu_bytes, strategy=strategy[0], world_size=world_size, data_stats=data_stats
+        resolved, spec, gpu_bytes, strategy=strategy, world_size=world_size, data_stats=data_stats
     )
     est = estimate_from_spec(
         resolved, spec, gpu_bytes=gpu_bytes, gpu_name=gpu_name, data_stats=data_stats, cuda=cuda or bool(gpu_bytes)
@@ -187,8 +187,8 @@ def advise(
         est.notes.insert(0, str(decision))
     decisions = [d for d in (decision, dense) if d]
     if world_size > 1:
-        est = per_process(est, strategy[0], world_size, spec.num_layers if spec.usable else None)
-        decisions += [strategy[1]] if strategy[1] else []
+        est = per_process(est, strategy, world_size, spec.num_layers if spec.usable else None)
+        decisions += [chosen] if chosen else []
     advice = None
     if gpu_bytes:
         advice = fit(resolved, gpu_bytes, spec, data_stats=data_stats, auto=decision is not None)

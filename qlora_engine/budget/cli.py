@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from qlora_engine.budget.estimate import COMPONENT_HELP, GiB
+from qlora_engine.budget.estimate import ABSENT_WHEN_ZERO, COMPONENT_HELP, GiB
 from qlora_engine.budget.parallel import COMPONENT_HELP as PARALLEL_HELP
 from qlora_engine.budget.units import format_bytes, parse_gpu_size
 
@@ -89,7 +89,7 @@ def render(est: Any, advice: Any = None) -> str:
         lines.append(f"kernels: {d['kernels']} ({d.get('kernels_reason', '')})")
     width = max(len(k) for k in est.components)
     for name, value in est.components.items():
-        if not value and name == "dequantized_weights":  # a run that keeps none
+        if not value and name in ABSENT_WHEN_ZERO:
             continue
         share = value / est.total if est.total else 0
         bar = "#" * round(share * 40)

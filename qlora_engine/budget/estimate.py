@@ -63,6 +63,9 @@ COMPONENTS = (
     "allocator_slack",
 )
 
+ABSENT_WHEN_ZERO = ("cuda_context", "dequantized_weights")
+"""Components a run may not have at all (the CUDA context of a CPU run, weights not kept dequantized): not listed when 0."""
+
 COMPONENT_HELP = {
     "quantized_weights": "the frozen linear layers in 4 bit, two weights per byte",
     "quant_constants": "per-block scales (absmax) of the 4-bit weights, double-quantized",

@@ -245,9 +245,12 @@ def test_the_trainer_keeps_what_the_budget_counts(tiny_cfg, four_layers, overrid
 
 
 @pytest.mark.parametrize("dtype", ["float32"])  # bfloat16: the next test
+@pytest.mark.parametrize("merged", [True, False])  # the frozen matmul inside the LoRA function, or beside it
 def test_a_run_that_keeps_them_trains_the_same_losses_without_dequantizing(
-    tiny_cfg, four_layers, tmp_path, monkeypatch, dtype
+    tiny_cfg, four_layers, tmp_path, monkeypatch, dtype, merged
 ):
+    monkeypatch.setattr(fast_lora, "MERGE_DENSE", merged)
+
     def losses(value: str) -> tuple[list[float], int]:
         calls = []
         real = fast_lora.dequantize
@@ -361,3 +364,17 @@ def test_compiled_layers_read_the_kept_weights_with_no_graph_break(tiny_cfg, fou
     torch._dynamo.reset()
     assert len(kept_losses) == 3
     assert kept_losses == pytest.approx(plain, rel=1e-5) and kept_losses == pytest.approx(eager, rel=1e-5)
+
+
+@pytest.mark.parametrize("gpu", [None, 24 * GiB])
+def test_the_estimate_lists_them_only_when_kept(gpu):
+    from qlora_engine.budget.cli import render
+
+    def lines(value: str) -> list[str]:
+        cfg = cfg_8b(f"train.keep_dequantized={value}", "train.gradient_checkpointing=true")
+        est = estimate(cfg, LLAMA3_8B, gpu_bytes=gpu, data_stats=STATS)
+        return [ln.split()[0] for ln in render(est).splitlines() if ln.startswith("  ")]
+
+    kept, not_kept = lines("true"), lines("false")
+    assert "dequantized_weights" in kept and "dequantized_weights" not in not_kept
+    assert "quantized_weights" in kept and "quantized_weights" in not_kept
