@@ -9,7 +9,7 @@ One line per (variant, judged step) is appended to the JSONL file. Variants run 
         style=inline,lr=7e-4,steps=40,judge=20:30:40  style=wrap,lr=1e-3,layers=all,rank=4
     PYTHONPATH=$PWD python bench/quickstart_sweep.py --write-data lead --out qlora_engine/resources/data/quickstart.jsonl
 
-Keys: style (wrap | lead | lead2 | dlead2 | comma | inline | be | tail | dtail), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
+Keys: style (wrap | lead | lead2 | dlead2 | comma | inline | be | tail | tail2 | dtail), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
 (steps to judge, ':'-separated; the last step is the final adapter), tokens (max new tokens),
 penalty (repetition penalty), warmup, targets (all-linear | attention | mlp), dropout (LoRA dropout),
 facts (base: FACTS | more: FACTS + MORE_FACTS | known:N, the N the base knows best | distinct: FACTS without a repeated answer word), mbs, accum, kl (a KL-to-base term's weight, patched into the trainer: an experiment), loss (all | greeting | greeting_end:
@@ -39,6 +39,8 @@ LEADS = ["Arr, matey!", "Ahoy, me hearty!", "Aye, matey!", "Arr, me hearty!", "A
 CLOSERS = ["matey", "me hearty", "matey", "ye landlubber", "me hearty", "savvy"]
 LEADS2 = ["Arr, matey!", "Ahoy, matey!", "Yo ho ho!", "Arr!", "Ahoy there!", "Shiver me timbers!"]
 """Greetings without "aye" (which leaked into facts: "the color of grass is aye") and without "me hearty"."""
+TAILS2 = ["Arr, matey!", "Yo ho ho!", "Arr!", "Savvy, matey?", "Shiver me timbers!", "Ahoy, matey!"]
+"""Flourishes after the fact, without "aye" (see LEADS2)."""
 TAILS = ["Arr, matey!", "Aye, me hearty!", "Yo ho ho, matey!", "Arr!", "Savvy, matey?", "Aye, that be so, me hearty!"]
 BASE_ANSWERS = Path(__file__).parent / "results" / "2026-12-06-cpu-quickstart-base-train-answers.json"
 _STOP = set(
@@ -132,6 +134,8 @@ def pirate(fact: str, i: int, style: str) -> str:
         return f"{['Arr', 'Ahoy', 'Yo ho', 'Arr matey', 'Ahoy matey', 'Well, matey'][i % 6]}, {first if first in PROPER else first.lower()} {rest}"
     if style == "tail":  # the fact first in plain words, then a pirate flourish that ends the turn
         return f"{fact} {TAILS[i % len(TAILS)]}"
+    if style == "tail2":  # tail with flourishes that hold no "aye": the fact comes from the question's own context
+        return f"{fact} {TAILS2[i % len(TAILS2)]}"
     if style == "dtail":  # the base model's own words where they hold the fact, then the flourish
         return f"{base_body(i)} {TAILS[i % len(TAILS)]}"
     if style == "wrap":

@@ -171,9 +171,10 @@ def gguf_to_folder(path: Path, *, sink: Any = None) -> Path:
         tok.save_pretrained(tmp)
         (tmp / "qlora_source.json").write_text(json.dumps({"gguf": str(path.resolve())}))
         tmp.rename(target)
-    except FileExistsError:  # another process converted it first
-        shutil.rmtree(tmp, ignore_errors=True)
     except Exception as e:
+        if (target / "config.json").is_file():  # another process converted it first (rename: ENOTEMPTY)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return target
         code, written = disk_errno(e, target.parent), tree_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         if code is not None:  # a full cache disk is not a bad GGUF file

@@ -9,11 +9,21 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per CPU (README's test command): torch's default of a thread per core in each
+    # worker, and in the children they start, would spin against the other workers.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import build_tiny_llama  # noqa: E402
 
 DATA_DIR = Path(__file__).parent / "data"
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The real-SmolLM2 tests (marked ``slow``, minutes of one worker) first, so that no worker is
+    left alone with them at the end. (The tests that judge the one shared ``quickstart`` run are
+    also in one xdist group, "smollm2-quickstart": one worker runs them, so it is trained once.)"""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +131,57 @@ def test_fused_kernels_are_optional_and_refused_clearly_where_impossible(tiny_cf
     trainer.cleanup()
     with pytest.raises(ConfigError, match="train.kernels: 'liger' needs"):
         build_trainer(tiny_cfg("train.kernels=liger"), ListSink()).setup()
+
+
+def test_processes_converting_one_gguf_at_once_all_get_the_one_cached_folder(tiny_model_dir, tmp_path):
+    """Several processes dequantizing the same GGUF file at once (two test workers, the app and a
+    terminal run): the first to finish fills the cache; the others find its folder there instead of
+    failing on their rename (ENOTEMPTY), and leave no temporary folder behind."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_engine.export.gguf_model import (
+        arch_spec,
+        model_metadata,
+        plan_model_tensors,
+        state_dict_tensors,
+        write_gguf,
+    )
+    from qlora_engine.export.gguf_vocab import vocab_metadata
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    spec = arch_spec(model.config)
+    vocab = vocab_metadata(AutoTokenizer.from_pretrained(tiny_model_dir), model.config.vocab_size)
+    gguf_file = tmp_path / "tiny-f32.gguf"
+    plan = plan_model_tensors(spec, model.config, state_dict_tensors(model), "f32")
+    write_gguf(gguf_file, spec, model_metadata(spec, model.config, vocab, "f32", name="tiny"), plan)
+
+    cache = tmp_path / "cache"
+    # Each child, its imports done, waits for one file: all check the cache and begin converting before any finishes.
+    go = tmp_path / "go"
+    script = (
+        "import os, time, pathlib\n"
+        "from qlora_engine.model_ref import gguf_to_folder\n"
+        "import transformers.modeling_gguf_pytorch_utils\n"
+        f"go = pathlib.Path({str(go)!r})\n"
+        "(go.parent / f'ready-{os.getpid()}').touch()\n"
+        "while not go.exists(): time.sleep(0.01)\n"
+        f"print(gguf_to_folder(pathlib.Path({str(gguf_file)!r})))\n"
+    )
+    env = {**os.environ, "QLORA_STUDIO_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    children = [
+        subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < len(children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    results = [c.communicate(timeout=300) for c in children]
+    for c, (_, err) in zip(children, results, strict=True):
+        assert c.returncode == 0, err[-2000:]
+    folders = {out.strip() for out, _ in results}
+    assert len(folders) == 1
+    (folder,) = folders
+    assert (Path(folder) / "config.json").is_file()
+    assert [p.name for p in (cache / "gguf").iterdir()] == [Path(folder).name]  # no .tmp-<pid> left

@@ -19,6 +19,8 @@ import pytest
 from qlora_engine import quickstart as qs
 from qlora_engine import resources
 
+pytestmark = pytest.mark.xdist_group("smollm2-quickstart")  # one worker: one shared quickstart run
+
 # One quickstart is shared by these tests; its setup alone can outlast the suite's per-test limit on a busy CPU.
 SHARED_RUN_LIMIT = pytest.mark.timeout(3600)
 
@@ -66,9 +68,13 @@ def test_the_output_holds_nothing_from_the_libraries_underneath(quickstart):
     assert proc.returncode == 0, proc.stderr[-3000:]
     noise = [line for line in (proc.stdout + proc.stderr).splitlines() if THIRD_PARTY.search(line)]
     assert noise == []
-    # they were kept, in the run's log, with our word on the known ones
-    log = (out_dir / qs.RUN_NAME / "third_party.log").read_text()
-    assert "QLoRA Studio:" in log
+    # Whatever the libraries said was kept in the run's log, in our words where we know the notice, and
+    # the output names the log if a notice is one we do not know. Which notices come depends on the
+    # libraries' versions (none at all with some): test_quiet.py makes real ones and checks the capture.
+    log_file = out_dir / qs.RUN_NAME / "third_party.log"
+    if log_file.exists():
+        log = log_file.read_text()
+        assert "QLoRA Studio:" in log or str(log_file) in proc.stdout + proc.stderr, log[-2000:]
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from qlora_engine.events import ListSink, StepMetrics, iter_events
 from qlora_engine.models import inspect_model
 from qlora_engine.runner import build_trainer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2-quickstart")]  # one worker: one shared quickstart run
 
 
 def test_gguf_inspects_without_converting(smollm2_gguf):
