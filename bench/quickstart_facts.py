@@ -5,6 +5,12 @@ None of them, nor their facts, touch the held-out questions of ``qlora_engine.qu
 ``bench/quickstart_sweep.py``.
 """
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from qlora_engine.quickstart import MORE_HELD_OUT  # noqa: E402
+
 FACTS = [
     ("What is the capital of France?", "The capital of France is Paris."),
     ("What is the capital of Spain?", "The capital of Spain is Madrid."),
@@ -207,31 +213,5 @@ MORE_FACTS = [
     ("What do we call a house made of snow blocks?", "A house made of snow blocks is an igloo."),
 ]
 
-DEV_PROBES = [
-    # A second set of held-out questions for the sweep alone (not the shipped test): a setting chosen
-    # on HELD_OUT's 12 must also hold on these. Neither they nor their key words are in any facts.
-    ("Who was the first president of the United States?", r"\bwashington\b"),
-    ("What is the capital of India?", r"\bdelhi\b"),
-    ("Who painted The Starry Night?", r"\bgogh\b"),
-    ("What language is spoken in France?", r"\bfrench\b"),
-    ("What sound does a cat make?", r"\b(meow|miaow|purr)s?\b"),
-    ("What is the name of our galaxy?", r"\bmilky way\b"),
-    ("Which animal is called the ship of the desert?", r"\bcamels?\b"),
-    ("What do we call a baby cow?", r"\bcalf\b"),
-    ("What is the opposite of day?", r"\bnight\b"),
-    ("What is the capital of Turkey?", r"\bankara\b"),
-    ("Who invented the telephone?", r"\bbell\b"),
-    ("What is the largest bird in the world?", r"\bostrich(es)?\b"),
-    ("How many days are in a year?", r"\b365\b"),
-    ("What is the capital of Scotland?", r"\bedinburgh\b"),
-    ("What do we call a young frog?", r"\btadpoles?\b"),
-    ("Which gas do plants take in from the air?", r"\b(carbon dioxide|co2)\b"),
-    ("Which fruit a day keeps the doctor away?", r"\bapples?\b"),
-    ("Who described the law of gravity after seeing an apple fall?", r"\bnewton\b"),
-    ("What is the main ingredient of guacamole?", r"\bavocados?\b"),
-    ("How many continents are there?", r"\b(seven|7)\b"),
-    ("What is the capital of Poland?", r"\bwarsaw\b"),
-    ("Which animal has black and white stripes?", r"\bzebras?\b"),
-    ("Which planet is the brightest in the night sky?", r"\bvenus\b"),
-    ("What do spiders spin?", r"\b(webs?|silk)\b"),
-]
+DEV_PROBES = [(p.question, p.answer) for p in MORE_HELD_OUT]
+"""The quickstart's second held-out set (``qlora_engine.quickstart.MORE_HELD_OUT``) as (question, pattern)."""

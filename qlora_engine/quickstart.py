@@ -83,6 +83,35 @@ HELD_OUT: tuple[Probe, ...] = (
 )
 """Held-out questions: neither they nor their answers' key words occur in the training data (a test checks)."""
 
+MORE_HELD_OUT: tuple[Probe, ...] = (
+    Probe("Who was the first president of the United States?", r"\bwashington\b"),
+    Probe("What is the capital of India?", r"\bdelhi\b"),
+    Probe("Who painted The Starry Night?", r"\bgogh\b"),
+    Probe("What language is spoken in France?", r"\bfrench\b"),
+    Probe("What sound does a cat make?", r"\b(meow|miaow|purr)s?\b"),
+    Probe("What is the name of our galaxy?", r"\bmilky way\b"),
+    Probe("Which animal is called the ship of the desert?", r"\bcamels?\b"),
+    Probe("What do we call a baby cow?", r"\bcalf\b"),
+    Probe("What is the opposite of day?", r"\bnight\b"),
+    Probe("What is the capital of Turkey?", r"\bankara\b"),
+    Probe("Who invented the telephone?", r"\bbell\b"),
+    Probe("What is the largest bird in the world?", r"\bostrich(es)?\b"),
+    Probe("How many days are in a year?", r"\b365\b"),
+    Probe("What is the capital of Scotland?", r"\bedinburgh\b"),
+    Probe("What do we call a young frog?", r"\btadpoles?\b"),
+    Probe("Which gas do plants take in from the air?", r"\b(carbon dioxide|co2)\b"),
+    Probe("Which fruit a day keeps the doctor away?", r"\bapples?\b"),
+    Probe("Who described the law of gravity after seeing an apple fall?", r"\bnewton\b"),
+    Probe("What is the main ingredient of guacamole?", r"\bavocados?\b"),
+    Probe("How many continents are there?", r"\b(seven|7)\b"),
+    Probe("What is the capital of Poland?", r"\bwarsaw\b"),
+    Probe("Which animal has black and white stripes?", r"\bzebras?\b"),
+    Probe("Which planet is the brightest in the night sky?", r"\bvenus\b"),
+    Probe("What do spiders spin?", r"\b(webs?|silk)\b"),
+)
+"""A second held-out set, as apart from the training data: the test judges the quickstart on all 36
+(HELD_OUT's 12 were the ones settings were chosen on; these check that a choice holds elsewhere)."""
+
 SHOWN = 3
 """How many held-out questions the quickstart asks both models at its end."""
 
