@@ -187,6 +187,54 @@ def _sample(logits: torch.Tensor, s: GenerationSettings, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+CPU_DENSE_SHARE = 0.25
+"""The share of the memory available now that the weights :func:`keep_dequantized_on_cpu` keeps may take."""
+
+
+def keep_dequantized_on_cpu(model: Any, *, available: int | None = None) -> int:
+    """Keep every 4-bit layer's weight dequantized, for generating on the CPU; returns how many layers.
+
+    There bitsandbytes dequantizes a 4-bit layer's whole weight at every call, so each generated
+    token dequantizes the model (three quarters of a token's time on SmolLM2-135M). Kept, a layer
+    is what bitsandbytes' own CPU path computes, with the dequantization done once: the weight
+    dequantized straight into the compute dtype, then one ``F.linear`` (the same logits, bit for
+    bit). Nothing is kept when the copies would take more than :data:`CPU_DENSE_SHARE` of
+    ``available`` (the memory available now). It also keeps answers the same on every CPU:
+    bitsandbytes would repack the weights for another kernel on CPUs with AVX-512 bf16.
+    """
+    import bitsandbytes as bnb  # lazy: only a loaded model needs it
+    import torch
+
+    from qlora_engine.fast_lora import _dequantize, quant_parts  # lazy: torch
+    from qlora_engine.vram import available_host_ram  # lazy: torch
+
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+        and m.compute_dtype is not None
+        and not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+    ]
+    need = sum(m.weight.quant_state.shape.numel() * m.compute_dtype.itemsize for m in layers)
+    if not layers or need > CPU_DENSE_SHARE * (available_host_ram() if available is None else available):
+        return 0
+    for m in layers:
+        with torch.no_grad():
+            dense = _dequantize(*quant_parts(m.weight)[:-1], m.compute_dtype)
+        m.forward = _dense_forward(m, dense)
+    return len(layers)
+
+
+def _dense_forward(layer: Any, dense: torch.Tensor) -> Callable:
+    import torch  # lazy: keeps torch out of the window
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        bias = None if layer.bias is None else layer.bias.to(layer.compute_dtype)
+        return torch.nn.functional.linear(x.to(layer.compute_dtype), dense, bias).to(x.dtype)
+
+    return forward
+
+
 class ChatModel:
     """A run's base model in 4 bit with its adapter, ready to answer prompts with the adapter on or off."""
 
@@ -231,6 +279,8 @@ class ChatModel:
         base = models.load_quantized_model(cfg, folder, dev, dtype)
         model = PeftModel.from_pretrained(base, str(info.adapter_dir), is_trainable=False)
         model.eval()
+        if dev.type == "cpu":
+            keep_dequantized_on_cpu(model)
         template, _ = resolve_template(tokenizer, cfg.data.chat_template)
         emit(PhaseChanged(phase="done", detail="model ready"))
         return cls(model, tokenizer, template, info=info)
