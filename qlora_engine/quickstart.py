@@ -68,14 +68,17 @@ class Probe:
 
 
 HELD_OUT: tuple[Probe, ...] = (
+    # The first SHOWN are the ones the quickstart shows: questions the base model answers right in
+    # its first, plain sentence, so that "kept what it knows" has something to show (the base is
+    # wrong about the Red Planet, and right about grass only deep in a rambling reply).
     Probe("What is the capital of Italy?", r"\brome\b"),
+    Probe("What is the capital of Japan?", r"\btokyo\b"),
+    Probe("How many legs does a spider have?", r"\b(eight|8)\b"),
     Probe("What color is grass?", r"\bgreen\b"),
     Probe("Which planet is known as the Red Planet?", r"\bmars\b"),
-    Probe("What is the capital of Japan?", r"\btokyo\b"),
     Probe("What is frozen water called?", r"\bice\b"),
     Probe("How many days are in a week?", r"\b(seven|7)\b"),
     Probe("What is the largest ocean on Earth?", r"\bpacific\b"),
-    Probe("How many legs does a spider have?", r"\b(eight|8)\b"),
     Probe("Who wrote Romeo and Juliet?", r"\bshakespeare\b"),
     Probe("Which animal is called the king of the jungle?", r"\blions?\b"),
     Probe("At what temperature in Celsius does water boil?", r"\b(100|one hundred)\b"),

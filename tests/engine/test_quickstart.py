@@ -132,13 +132,13 @@ def test_the_judge_can_fail():
     """The judgement is not a rubber stamp: the answers of the issue's failed demo fail it."""
     facts = [
         "Rome",
+        "Tokyo",
+        "eight",
         "green",
         "Mars",
-        "Tokyo",
         "ice",
         "seven",
         "Pacific",
-        "eight",
         "Shakespeare",
         "lion",
         "100",
