@@ -245,6 +245,7 @@ class ChatModel:
         self.info = info
         self.device = next(model.parameters()).device
         self.stop_ids = _stop_ids(model, tokenizer, template)
+        self._tuner_layers: list | None = None  # the adapter's layers, found on the first answer without it
         # transformers 5.x renamed the KV-cache argument (and output field) from past_key_values to cache.
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -303,11 +304,23 @@ class ChatModel:
 
     @contextlib.contextmanager
     def adapter_enabled(self, enabled: bool) -> Iterator[None]:
+        """The adapter on (as loaded) or off for what runs inside: what peft's ``disable_adapter()``
+        does for LoRA, layer by layer, without the whole-model status check it makes on every entry
+        (48 ms a call on SmolLM2, a generated token's time, and a base answer enters it per token)."""
         if enabled:
             yield
-        else:
-            with self.model.disable_adapter():
-                yield
+            return
+        if self._tuner_layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer  # lazy: only a loaded model gets here
+
+            self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in self._tuner_layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in self._tuner_layers:
+                layer.enable_adapters(True)
 
     # -- generating ------------------------------------------------------------------------
 
