@@ -19,17 +19,10 @@ from tiny import build_tiny_llama  # noqa: E402
 
 DATA_DIR = Path(__file__).parent / "data"
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
 def pytest_collection_modifyitems(items: list) -> None:
     """The real-SmolLM2 tests (marked ``slow``, minutes of one worker) first, so that no worker is
-    left alone with them at the end; and each test module one xdist group (``--dist loadgroup``),
-    so that a module's fixtures (a trained run, eight signalled processes) are built by one worker,
-    not by each. The tests that judge the one shared ``quickstart`` run share one group across two
-    modules, "smollm2-quickstart": one worker runs them, so it is trained once."""
+    left alone with them at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(scope="session")
