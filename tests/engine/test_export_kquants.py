@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_export_llamacpp import need_llama_cpp, run_probe  # noqa: E402
-from test_export_support import CHATS, trained_chat_run  # noqa: E402
+from test_export_support import CHATS, model_gguf, trained_chat_run  # noqa: E402
 
 from qlora_engine.errors import ExportCancelled  # noqa: E402
 from qlora_engine.export import export  # noqa: E402
@@ -46,26 +46,10 @@ def kquant_export(probe, tmp_path_factory, wide_model_dir) -> Path:
 @pytest.fixture(scope="module")
 def base_q4_k_m(kquant_export, wide_model_dir, tmp_path_factory) -> Path:
     """The untrained base model as Q4_K_M (our F16 writer, then the same quantizer)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from qlora_engine.export.gguf_model import (
-        arch_spec,
-        model_metadata,
-        plan_model_tensors,
-        state_dict_tensors,
-        write_gguf,
-    )
     from qlora_engine.export.gguf_quantize import quantize
-    from qlora_engine.export.gguf_vocab import vocab_metadata
 
-    base = AutoModelForCausalLM.from_pretrained(wide_model_dir, dtype=torch.float32)
-    spec = arch_spec(base.config)
-    vocab = vocab_metadata(AutoTokenizer.from_pretrained(wide_model_dir), base.config.vocab_size)
     folder = tmp_path_factory.mktemp("base-gguf")
-    f16 = folder / "base-f16.gguf"
-    plan = plan_model_tensors(spec, base.config, state_dict_tensors(base), "f16")
-    write_gguf(f16, spec, model_metadata(spec, base.config, vocab, "f16", name="base"), plan)
+    f16 = model_gguf(wide_model_dir, folder / "base-f16.gguf", "f16")
     return quantize(f16, folder / "base-q4_k_m.gguf", "q4_k_m")
 
 

@@ -22,12 +22,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_export_support import PROBE, named, trained_chat_run  # noqa: E402
+from test_export_support import PROBE, model_gguf, named, trained_chat_run  # noqa: E402
 
 from qlora_engine.export import export, load_run  # noqa: E402
 from qlora_engine.export.common import Reporter  # noqa: E402
-from qlora_engine.export.gguf_model import arch_spec, model_metadata, plan_model_tensors, state_dict_tensors, write_gguf  # noqa: E402
-from qlora_engine.export.gguf_vocab import vocab_metadata  # noqa: E402
 from qlora_engine.export.merged import merge  # noqa: E402
 
 PROBE_SCRIPT = Path(__file__).with_name("llamacpp_probe.py")
@@ -104,14 +102,10 @@ def test_llama_cpp_tokenizes_like_the_hugging_face_tokenizer(probe, gguf_dir, ch
 def test_llama_cpp_applies_the_gguf_lora_file_to_the_base(probe, gguf_dir, chat_run, tiny_model_dir, tmp_path):
     """The base model as GGUF plus our LoRA file, applied by llama.cpp at run time, gives the tuned model."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    spec = arch_spec(base.config)
-    vocab = vocab_metadata(AutoTokenizer.from_pretrained(tiny_model_dir), base.config.vocab_size)
-    base_gguf = tmp_path / "base-f16.gguf"
-    plan = plan_model_tensors(spec, base.config, state_dict_tensors(base), "f16")
-    write_gguf(base_gguf, spec, model_metadata(spec, base.config, vocab, "f16", name="base"), plan)
+    base_gguf = model_gguf(tiny_model_dir, tmp_path / "base-f16.gguf", "f16")
     plain = run_probe(probe, base_gguf, ids=PROBE[0])
     with_lora = run_probe(probe, base_gguf, lora=gguf_dir / named(gguf_dir, "-lora.gguf"), ids=PROBE[0])
     want_base = last_logits(base, PROBE[0])

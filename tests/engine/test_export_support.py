@@ -104,3 +104,26 @@ def named(folder: Path, suffix: str) -> str:
     """The export's one file ending in ``suffix`` (exports are named for the base model and the run)."""
     (match,) = [p.name for p in folder.iterdir() if p.name.endswith(suffix)]
     return match
+
+
+def model_gguf(model_dir: Path, path: Path, ftype: str, name: str = "base") -> Path:
+    """The model in ``model_dir`` (an untrained Hugging Face folder) written as a GGUF file of ``ftype``
+    by our own writer, at ``path``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_engine.export.gguf_model import (
+        arch_spec,
+        model_metadata,
+        plan_model_tensors,
+        state_dict_tensors,
+        write_gguf,
+    )
+    from qlora_engine.export.gguf_vocab import vocab_metadata
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    spec = arch_spec(model.config)
+    vocab = vocab_metadata(AutoTokenizer.from_pretrained(model_dir), model.config.vocab_size)
+    plan = plan_model_tensors(spec, model.config, state_dict_tensors(model), ftype)
+    write_gguf(path, spec, model_metadata(spec, model.config, vocab, ftype, name=name), plan)
+    return path

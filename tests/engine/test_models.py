@@ -137,24 +137,10 @@ def test_processes_converting_one_gguf_at_once_all_get_the_one_cached_folder(tin
     """Several processes dequantizing the same GGUF file at once (two test workers, the app and a
     terminal run): the first to finish fills the cache; the others find its folder there instead of
     failing on their rename (ENOTEMPTY), and leave no temporary folder behind."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_export_support import model_gguf
 
-    from qlora_engine.export.gguf_model import (
-        arch_spec,
-        model_metadata,
-        plan_model_tensors,
-        state_dict_tensors,
-        write_gguf,
-    )
-    from qlora_engine.export.gguf_vocab import vocab_metadata
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    spec = arch_spec(model.config)
-    vocab = vocab_metadata(AutoTokenizer.from_pretrained(tiny_model_dir), model.config.vocab_size)
-    gguf_file = tmp_path / "tiny-f32.gguf"
-    plan = plan_model_tensors(spec, model.config, state_dict_tensors(model), "f32")
-    write_gguf(gguf_file, spec, model_metadata(spec, model.config, vocab, "f32", name="tiny"), plan)
+    gguf_file = model_gguf(tiny_model_dir, tmp_path / "tiny-f32.gguf", "f32", name="tiny")
 
     cache = tmp_path / "cache"
     # Each child, its imports done, waits for one file: all check the cache and begin converting before any finishes.
