@@ -19,6 +19,7 @@ from tiny import build_tiny_llama  # noqa: E402
 
 DATA_DIR = Path(__file__).parent / "data"
 
+
 def pytest_collection_modifyitems(items: list) -> None:
     """The real-SmolLM2 tests (marked ``slow``, minutes of one worker) first, so that no worker is
     left alone with them at the end."""
