@@ -13,13 +13,15 @@ Keys: style (wrap | lead | lead2 | dlead2 | comma | inline | be | tail | tail2 |
 (steps to judge, ':'-separated; the last step is the final adapter), tokens (max new tokens),
 penalty (repetition penalty), warmup, targets (all-linear | attention | mlp), dropout (LoRA dropout),
 facts (base: FACTS | more: FACTS + MORE_FACTS | known:N, the N the base knows best | distinct: FACTS without a repeated answer word), mbs, accum, kl (a KL-to-base term's weight, patched into the trainer: an experiment), loss (all | greeting | greeting_end:
-the loss on the answer's greeting (and its end of turn) only, the fact unlabelled: patched into the trainer, an experiment),
+the loss on the answer's greeting (and its end of turn) only, the fact unlabelled | agree: the greeting, the end of turn and the
+answer's tokens the base model itself predicts: patched into the trainer, experiments),
 neft (NEFTune's noise alpha on the token embeddings while training: an experiment). --dev also asks DEV_PROBES, a second held-out set.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -238,14 +240,19 @@ def judge(source: Path, v: dict, work: Path, scale: float = 1.0) -> tuple[dict, 
     if scale != 1.0:
         scale_adapter(chat.model, scale)
     try:
-        key = f"{v['tokens']}-{v['penalty']}" + ("" if len(PROBES) == len(qs.HELD_OUT) else f"-{len(PROBES)}")
+        asked = hashlib.sha256("\n".join(p.question for p in PROBES).encode()).hexdigest()[:12]
+        key = (
+            f"{v['tokens']}-{v['penalty']}-{asked}"  # the questions' order is part of the key: answers are by position
+        )
         cache = work / f"base-{key}.json"
         if key not in _BASE and cache.is_file():
             _BASE[key] = json.loads(cache.read_text())
         if key not in _BASE or len(_BASE[key]) != len(PROBES):
-            _BASE[key] = [chat.generate(p.question, settings, adapter=False).text.strip() for p in PROBES]
+            _BASE[key] = [
+                r.text.strip() for r in chat.answer_all([p.question for p in PROBES], settings, adapter=False)
+            ]
             cache.write_text(json.dumps(_BASE[key]))
-        tuned = [chat.generate(p.question, settings, adapter=True).text.strip() for p in PROBES]
+        tuned = [r.text.strip() for r in chat.answer_all([p.question for p in PROBES], settings)]
     finally:
         chat.close()
     judged = [qs.Judged(p.question, b, t) for p, b, t in zip(PROBES, _BASE[key], tuned, strict=True)]
@@ -327,6 +334,44 @@ def greeting_only(end: bool) -> Callable[[], None]:
     return undo
 
 
+def agree_with_base() -> Callable[[], None]:
+    """An experiment outside the engine: after the greeting, each answer token keeps its label only
+    where the base model (the same net, adapter off) already predicts it (its greedy choice given
+    the same prefix); the greeting and the end of turn are always labelled. The adapter is taught
+    how to open and to go on in the base's own words, never a fact the base would not say, which
+    is what leaks into neighbouring questions. Returns what puts the trainer back."""
+    import torch
+
+    from qlora_engine.train import Trainer
+
+    own = Trainer._forward_backward
+
+    def forward_backward(self, batches, n_labels):
+        cut = []
+        for b in batches:
+            inputs = {k: v.to(self.device) for k, v in b.items() if k != "labels"}
+            with torch.no_grad(), self.net.disable_adapter():
+                guess = self.net(**inputs, use_cache=False).logits.argmax(-1).cpu()
+            labels = b["labels"].clone()
+            for r, row in enumerate(labels):
+                where = (row != -100).nonzero().flatten().tolist()
+                greeting = True
+                for i in where[:-1]:
+                    if greeting:
+                        greeting = "!" not in self.tokenizer.decode([int(row[i])])
+                    elif int(guess[r, i - 1]) != int(row[i]):
+                        row[i] = -100
+            cut.append({**b, "labels": labels})
+        return own(self, cut, int(sum(int((c["labels"] != -100).sum()) for c in cut)))
+
+    Trainer._forward_backward = forward_backward
+
+    def undo() -> None:
+        Trainer._forward_backward = own
+
+    return undo
+
+
 def neftune(alpha: float) -> Callable[[], None]:
     """NEFTune (Jain et al. 2023): uniform noise of size alpha / sqrt(L * d) on the token embeddings while
     training (the embedding's output in train mode; evaluation and generation are untouched). Returns the undo."""
@@ -357,10 +402,12 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
     v = parse(spec)
     if v["kl"] and v["loss"] != "all":
         raise SystemExit(f"{spec}: kl and loss={v['loss']} each patch the trainer's loss; give one")
-    if v["loss"] not in ("all", "greeting", "greeting_end"):
-        raise SystemExit(f"{spec}: loss must be all, greeting or greeting_end")
+    if v["loss"] not in ("all", "greeting", "greeting_end", "agree"):
+        raise SystemExit(f"{spec}: loss must be all, greeting, greeting_end or agree")
     undo = kl_to_base(v["kl"]) if v["kl"] else None
-    if v["loss"] != "all":
+    if v["loss"] == "agree":
+        undo = agree_with_base()
+    elif v["loss"] != "all":
         undo = greeting_only(end=v["loss"] == "greeting_end")
     if v["neft"]:
         if undo:

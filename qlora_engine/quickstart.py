@@ -210,18 +210,17 @@ def tally(judged: Sequence[Judged], probes: Sequence[Probe]) -> Tally:
 
 
 def ask_both(run_dir: Path, probes: Sequence[Probe], settings: Any = None, *, chat: Any = None) -> list[Judged]:
-    """The base's and the tuned model's answers to each probe (one model load for all)."""
+    """The base's and the tuned model's answers to each probe (one model load, each side in one batch)."""
     from qlora_engine.generate import ChatModel  # lazy: keeps torch out of the window
 
     own = chat is None
     chat = chat or ChatModel.load(run_dir)
     settings = settings or generation_settings()
+    questions = [p.question for p in probes]
     try:
-        out = []
-        for p in probes:
-            answers = chat.compare(p.question, settings)
-            out.append(Judged(p.question, answers["base"].text.strip(), answers["tuned"].text.strip()))
-        return out
+        base = chat.answer_all(questions, settings, adapter=False)
+        tuned = chat.answer_all(questions, settings, adapter=True)
+        return [Judged(q, b.text.strip(), t.text.strip()) for q, b, t in zip(questions, base, tuned, strict=True)]
     finally:
         if own:
             chat.close()
@@ -280,7 +279,9 @@ def run_quickstart(
     if not config_path.exists():
         cuda = torch.cuda.is_available()
         if not cuda:
-            say("no CUDA GPU: training on the CPU (about a minute on two cores; blocks 12-29 of 30, nothing recomputed)")
+            say(
+                "no CUDA GPU: training on the CPU (about a minute on two cores; blocks 12-29 of 30, nothing recomputed)"
+            )
         apply_overrides(TrainConfig(), config_overrides(gguf, steps=steps, cuda=cuda)).save(config_path)
     cfg = TrainConfig.load(config_path)
     say(f"config: {config_path}  data: {data_path}")

@@ -108,3 +108,64 @@ def test_cli_chat_one_prompt_compare_and_stdin(chat_run, capsys, monkeypatch):
     assert main(["chat", str(checkpoint), "--temperature", "0"]) == 0
     assert capsys.readouterr().out.splitlines() == [CHATS[1][1], CHATS[2][1]]
     assert main(["chat", str(chat_run.parent / "missing")]) == 2
+
+
+PROMPTS = [q for q, _ in CHATS] + [
+    "hi",
+    "Tell me about foxes, their dens, what they eat and how they raise their young in the spring.",
+    [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Italy?"},
+    ],
+    "",
+]
+"""Prompts of many lengths (left padding from none to most of the batch), trained and not, a
+conversation and an empty message: the batch must not change any one answer."""
+
+
+@pytest.mark.parametrize(
+    ("settings", "adapter"),
+    [
+        (GREEDY, True),
+        (GREEDY, False),
+        (GenerationSettings(temperature=0.8, top_p=0.9, seed=7, max_new_tokens=12, repetition_penalty=1.3), True),
+        (GenerationSettings(temperature=1.0, top_p=1.0, seed=3, max_new_tokens=9, system="Be brief."), False),
+        (GenerationSettings(temperature=0, max_new_tokens=5, raw=True), True),
+    ],
+    ids=["greedy-tuned", "greedy-base", "top-p-penalty-tuned", "sampled-system-base", "raw-tuned"],
+)
+def test_answers_in_a_batch_are_the_answers_alone(chat, settings, adapter):
+    prompts = PROMPTS
+    if settings.raw:  # an empty raw prompt has no token to continue from: refused alone and in a batch
+        for ask in (lambda: chat.generate("", settings), lambda: chat.answer_all(PROMPTS, settings)):
+            with pytest.raises(QLoRAError, match="prompt is empty"):
+                ask()
+        prompts = PROMPTS[:-1]
+    alone = [chat.generate(p, settings, adapter=adapter) for p in prompts]
+    for batch_size in (64, 3):  # one batch; batches of uneven fill
+        together = chat.answer_all(prompts, settings, adapter=adapter, batch_size=batch_size)
+        assert [r.text for r in together] == [r.text for r in alone], batch_size
+        assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+        assert [r.finish_reason for r in together] == [r.finish_reason for r in alone]
+        assert [r.prompt_tokens for r in together] == [r.prompt_tokens for r in alone]
+    if settings is GREEDY:  # rows that stop early and rows that run to the limit, in one batch
+        first = [(r.text, r.finish_reason) for r in together[: len(CHATS)]]
+        assert first == (
+            [(a, "eos") for _, a in CHATS] if adapter else [(r.text, "length") for r in alone[: len(CHATS)]]
+        )
+
+
+def test_a_batch_can_be_cancelled_and_may_be_empty(chat):
+    calls = {"n": 0}
+
+    def stop_after_three() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    out = chat.answer_all(
+        PROMPTS[3:5], GenerationSettings(max_new_tokens=50), adapter=False, should_stop=stop_after_three
+    )
+    assert [(r.finish_reason, len(r.token_ids)) for r in out] == [("cancelled", 3)] * 2
+    assert all(r.elapsed > 0 for r in out)
+    assert chat.answer_all([], GREEDY) == []
