@@ -301,29 +301,15 @@ def kl_to_base(weight: float) -> Callable[[], None]:
     return undo
 
 
-def greeting_only(end: bool) -> Callable[[], None]:
-    """An experiment outside the engine: each answer's labels cut to its greeting (the labelled
-    tokens up to the first one whose text holds "!": every LEADS2 greeting ends so), and with
-    ``end`` its last token (the end of turn), so the adapter is taught how to open (and where to
-    stop), never the fact itself. The loss is normalised by the labels kept. Returns what puts
-    the trainer back."""
+def relabel(rewrite: Callable) -> Callable[[], None]:
+    """Patch the trainer so that ``rewrite(trainer, batch)`` gives each micro-batch's labels (the loss
+    normalised by the labels kept): an experiment outside the engine. Returns what puts it back."""
     from qlora_engine.train import Trainer
 
     own = Trainer._forward_backward
 
     def forward_backward(self, batches, n_labels):
-        cut = []
-        for b in batches:
-            labels = b["labels"].clone()
-            for row in labels:
-                where = (row != -100).nonzero().flatten().tolist()
-                keep = set(where[-1:] if end else [])
-                for i in where:
-                    keep.add(i)
-                    if "!" in self.tokenizer.decode([int(row[i])]):
-                        break
-                row[[i for i in where if i not in keep]] = -100
-            cut.append({**b, "labels": labels})
+        cut = [{**b, "labels": rewrite(self, b)} for b in batches]
         return own(self, cut, int(sum(int((c["labels"] != -100).sum()) for c in cut)))
 
     Trainer._forward_backward = forward_backward
@@ -332,44 +318,51 @@ def greeting_only(end: bool) -> Callable[[], None]:
         Trainer._forward_backward = own
 
     return undo
+
+
+def greeting_only(end: bool) -> Callable[[], None]:
+    """Each answer's labels cut to its greeting (the labelled tokens up to the first one whose text
+    holds "!": every LEADS2 greeting ends so), and with ``end`` its last token (the end of turn), so
+    the adapter is taught how to open (and where to stop), never the fact itself."""
+
+    def rewrite(trainer, b):
+        labels = b["labels"].clone()
+        for row in labels:
+            where = (row != -100).nonzero().flatten().tolist()
+            keep = set(where[-1:] if end else [])
+            for i in where:
+                keep.add(i)
+                if "!" in trainer.tokenizer.decode([int(row[i])]):
+                    break
+            row[[i for i in where if i not in keep]] = -100
+        return labels
+
+    return relabel(rewrite)
 
 
 def agree_with_base() -> Callable[[], None]:
-    """An experiment outside the engine: after the greeting, each answer token keeps its label only
-    where the base model (the same net, adapter off) already predicts it (its greedy choice given
-    the same prefix); the greeting and the end of turn are always labelled. The adapter is taught
-    how to open and to go on in the base's own words, never a fact the base would not say, which
-    is what leaks into neighbouring questions. Returns what puts the trainer back."""
+    """After the greeting, each answer token keeps its label only where the base model (the same net,
+    adapter off) already predicts it (its greedy choice given the same prefix); the greeting and
+    the end of turn are always labelled. The adapter is taught how to open and to go on in the
+    base's own words, never a fact the base would not say, which is what leaks into neighbouring
+    questions."""
     import torch
 
-    from qlora_engine.train import Trainer
+    def rewrite(trainer, b):
+        inputs = {k: v.to(trainer.device) for k, v in b.items() if k != "labels"}
+        with torch.no_grad(), trainer.net.disable_adapter():
+            guess = trainer.net(**inputs, use_cache=False).logits.argmax(-1).cpu()
+        labels = b["labels"].clone()
+        for r, row in enumerate(labels):
+            greeting = True
+            for i in (row != -100).nonzero().flatten().tolist()[:-1]:
+                if greeting:
+                    greeting = "!" not in trainer.tokenizer.decode([int(row[i])])
+                elif int(guess[r, i - 1]) != int(row[i]):
+                    row[i] = -100
+        return labels
 
-    own = Trainer._forward_backward
-
-    def forward_backward(self, batches, n_labels):
-        cut = []
-        for b in batches:
-            inputs = {k: v.to(self.device) for k, v in b.items() if k != "labels"}
-            with torch.no_grad(), self.net.disable_adapter():
-                guess = self.net(**inputs, use_cache=False).logits.argmax(-1).cpu()
-            labels = b["labels"].clone()
-            for r, row in enumerate(labels):
-                where = (row != -100).nonzero().flatten().tolist()
-                greeting = True
-                for i in where[:-1]:
-                    if greeting:
-                        greeting = "!" not in self.tokenizer.decode([int(row[i])])
-                    elif int(guess[r, i - 1]) != int(row[i]):
-                        row[i] = -100
-            cut.append({**b, "labels": labels})
-        return own(self, cut, int(sum(int((c["labels"] != -100).sum()) for c in cut)))
-
-    Trainer._forward_backward = forward_backward
-
-    def undo() -> None:
-        Trainer._forward_backward = own
-
-    return undo
+    return relabel(rewrite)
 
 
 def neftune(alpha: float) -> Callable[[], None]:

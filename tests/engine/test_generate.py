@@ -64,15 +64,20 @@ def test_compare_streams_both_answers_in_turns_and_matches_single_runs(chat):
     assert "".join(pieces) == single.text == "Paris."
 
 
-def test_cancel_and_length_limits(chat):
+def stop_after(n: int):
+    """A ``should_stop`` that says stop from its (n+1)-th call on: n tokens, then cancelled."""
     calls = {"n": 0}
 
-    def stop_after_three() -> bool:
+    def should_stop() -> bool:
         calls["n"] += 1
-        return calls["n"] > 3
+        return calls["n"] > n
 
+    return should_stop
+
+
+def test_cancel_and_length_limits(chat):
     r = chat.generate(
-        "Tell me about foxes.", GenerationSettings(max_new_tokens=50), adapter=False, should_stop=stop_after_three
+        "Tell me about foxes.", GenerationSettings(max_new_tokens=50), adapter=False, should_stop=stop_after(3)
     )
     assert r.finish_reason == "cancelled" and len(r.token_ids) == 3
     both = chat.compare("hi", GenerationSettings(max_new_tokens=50), should_stop=lambda: True)
@@ -157,15 +162,7 @@ def test_answers_in_a_batch_are_the_answers_alone(chat, settings, adapter):
 
 
 def test_a_batch_can_be_cancelled_and_may_be_empty(chat):
-    calls = {"n": 0}
-
-    def stop_after_three() -> bool:
-        calls["n"] += 1
-        return calls["n"] > 3
-
-    out = chat.answer_all(
-        PROMPTS[3:5], GenerationSettings(max_new_tokens=50), adapter=False, should_stop=stop_after_three
-    )
+    out = chat.answer_all(PROMPTS[3:5], GenerationSettings(max_new_tokens=50), adapter=False, should_stop=stop_after(3))
     assert [(r.finish_reason, len(r.token_ids)) for r in out] == [("cancelled", 3)] * 2
     assert all(r.elapsed > 0 for r in out)
     assert chat.answer_all([], GREEDY) == []
