@@ -188,15 +188,13 @@ LEAN_4BIT = True
 """Whether the frozen 4-bit matmul under training takes :class:`_Frozen4bit` (a switch for benchmarks and tests)."""
 
 
-def dequantize(weight: Any) -> torch.Tensor:
-    """The 4-bit ``weight`` (a bitsandbytes ``Params4bit``) in its compute form: the kernels bitsandbytes' own
-    dequantization runs, called straight on CUDA (no op dispatch, no per-call checks); its public path elsewhere."""
-    if weight.device.type != "cuda":
-        # lazy: bitsandbytes costs seconds to import; the app imports this module (through train) for resume_blockers
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight, weight.quant_state)
-    return _dequantize(*quant_parts(weight))
+def dequantize(weight: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The 4-bit ``weight`` (a bitsandbytes ``Params4bit``) dequantized into ``dtype`` (None: the dtype it was
+    quantized from): the kernels bitsandbytes' own dequantization runs, called straight on CUDA (no op
+    dispatch, no per-call checks), its registered ops elsewhere. Straight into ``dtype`` is what
+    bitsandbytes' CPU matmul computes; dequantizing first and casting after can round differently."""
+    parts = quant_parts(weight)
+    return _dequantize(*parts[:-1], parts[-1] if dtype is None else dtype)
 
 
 def quant_parts(weight: Any) -> tuple:

@@ -207,7 +207,7 @@ def keep_dequantized_on_cpu(model: Any, *, available: int | None = None) -> int:
     import bitsandbytes as bnb  # lazy: only a loaded model needs it
     import torch
 
-    from qlora_engine.fast_lora import _dequantize, quant_parts  # lazy: torch
+    from qlora_engine.fast_lora import dequantize  # lazy: torch
     from qlora_engine.vram import available_host_ram  # lazy: torch
 
     layers = [
@@ -222,7 +222,7 @@ def keep_dequantized_on_cpu(model: Any, *, available: int | None = None) -> int:
         return 0
     for m in layers:
         with torch.no_grad():
-            dense = _dequantize(*quant_parts(m.weight)[:-1], m.compute_dtype)
+            dense = dequantize(m.weight, m.compute_dtype)
         m.forward = _dense_forward(m, dense)
     return len(layers)
 
