@@ -55,7 +55,7 @@ CPU_SETTINGS: dict[str, Any] = {
     # The activations of 30 small blocks fit easily in RAM: nothing is recomputed.
     "train.gradient_checkpointing": False,
     # The adapted layers' weights dequantized once (0.3 GB in float32) rather than at every call:
-    # a step about a fifth faster on two cores (docs/quickstart.md, session 15).
+    # about a tenth more tokens a second on the CPU (docs/quickstart.md, session 15).
     "train.keep_dequantized": True,
 }
 
