@@ -433,11 +433,12 @@ class ChatModel:
                 )
             cache = getattr(res, self.cache_arg, None)
             cache = cache if cache is not None else getattr(res, "past_key_values", None)
+            last = res.logits[:, -1].float().cpu()  # one copy from the device a step, not one a row
             nxt = []
             for row, ids in enumerate(answers):
                 token = pad
                 if finish[row] is None:
-                    token = _sample(res.logits[row, -1], settings, generators[row], ids)
+                    token = _sample(last[row], settings, generators[row], ids)
                     if token in self.stop_ids:
                         finish[row] = "eos"
                     else:
