@@ -128,14 +128,10 @@ class _Stream:
         self.cache = cache if cache is not None else getattr(out, "past_key_values", None)
         token = _sample(out.logits[0, -1], self.settings, self.generator, self.ids)
         self.elapsed += time.perf_counter() - t
-        if token in self.chat.stop_ids:
-            self.finish_reason = "eos"
+        self.finish_reason = self.chat.take(token, self.ids, self.settings)
+        if self.finish_reason is not None:
             return self._flush()
-        self.ids.append(token)
         self.next_input = torch.tensor([[token]], device=self.chat.device)
-        if len(self.ids) >= self.settings.max_new_tokens:
-            self.finish_reason = "length"
-            return self._flush()
         return self._new_text(final=False)
 
     def cancel(self) -> None:
@@ -379,6 +375,14 @@ class ChatModel:
                     on_text(side, piece)
         return {side: s.result() for side, s in streams.items()}
 
+    def take(self, token: int, ids: list[int], settings: GenerationSettings) -> str | None:
+        """Add a sampled ``token`` to an answer's ``ids``; returns why the answer ends ('eos': a stop
+        token, not added; 'length': ``max_new_tokens`` reached), or None while it goes on."""
+        if token in self.stop_ids:
+            return "eos"
+        ids.append(token)
+        return "length" if len(ids) >= settings.max_new_tokens else None
+
     def answer_all(
         self,
         prompts: Sequence[str | Messages],
@@ -439,12 +443,7 @@ class ChatModel:
                 token = pad
                 if finish[row] is None:
                     token = _sample(last[row], settings, generators[row], ids)
-                    if token in self.stop_ids:
-                        finish[row] = "eos"
-                    else:
-                        ids.append(token)
-                        if len(ids) >= settings.max_new_tokens:
-                            finish[row] = "length"
+                    finish[row] = self.take(token, ids, settings)
                     elapsed[row] = time.perf_counter() - t0
                 nxt.append(token)
             inputs = torch.tensor(nxt, device=self.device)[:, None]

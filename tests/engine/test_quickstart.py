@@ -22,7 +22,7 @@ import pytest
 from qlora_engine import quickstart as qs
 from qlora_engine import resources
 from qlora_engine.config import TrainConfig, apply_overrides
-from qlora_engine.events import ListSink, StepMetrics, iter_events
+from qlora_engine.events import ListSink, RunStarted, StepMetrics, iter_events
 from qlora_engine.models import inspect_model
 from qlora_engine.runner import build_trainer
 
@@ -200,6 +200,9 @@ def test_smollm2_quantizes_to_nf4_and_its_loss_falls(smollm2_gguf, smollm2_dir, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = out_dir / qs.RUN_NAME
     assert TrainConfig.load(run_dir / "config.yaml").quant.quant_type == "nf4"
+    # on the CPU the adapted weights were kept dequantized (quickstart.CPU_SETTINGS): every adapted layer
+    (started,) = [e for e in iter_events(run_dir / "events.jsonl") if isinstance(e, RunStarted)]
+    assert started.model["dequantized"] is True and started.model["fast_lora_layers"] == 18 * 7
     curve = [e.loss for e in iter_events(run_dir / "events.jsonl") if isinstance(e, StepMetrics)]
     assert len(curve) == qs.TRAIN_SETTINGS["train.max_steps"] == 30
     first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
