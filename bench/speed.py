@@ -239,7 +239,8 @@ def main() -> None:
     results = []
     for case in args.cases.split(","):
         seq, mbs = (int(x) for x in case.split("x"))
-        variants = args.variants.split("|") if args.variants else [args.extra]
+        # --extra goes with every variant (a variant's own overrides come after it, so they win)
+        variants = [";".join(filter(None, [args.extra, v])) for v in args.variants.split("|")] if args.variants else [args.extra]
         runs = [("engine", v) for v in variants]
         if not args.no_baseline:
             runs.insert(0, ("hf-baseline", ""))
