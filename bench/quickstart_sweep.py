@@ -14,7 +14,8 @@ Keys: style (wrap | lead | lead2 | dlead2 | comma | inline | be | tail | tail2 |
 penalty (repetition penalty), warmup, targets (all-linear | attention | mlp), dropout (LoRA dropout),
 facts (base: FACTS | more: FACTS + MORE_FACTS | known:N, the N the base knows best | distinct: FACTS without a repeated answer word), mbs, accum, kl (a KL-to-base term's weight, patched into the trainer: an experiment), loss (all | greeting | greeting_end:
 the loss on the answer's greeting (and its end of turn) only, the fact unlabelled | agree: the greeting, the end of turn and the
-answer's tokens the base model itself predicts: patched into the trainer, experiments),
+answer's tokens the base model itself predicts | factw:W: the fact's tokens weighted W in the loss, the greeting and
+the end of turn 1: patched into the trainer, experiments),
 neft (NEFTune's noise alpha on the token embeddings while training: an experiment). --dev also asks DEV_PROBES, a second held-out set.
 """
 
@@ -365,6 +366,46 @@ def agree_with_base() -> Callable[[], None]:
     return relabel(rewrite)
 
 
+def fact_weight(weight: float) -> Callable[[], None]:
+    """Each answer's fact tokens (the labelled tokens after its greeting, but the end of turn) count
+    ``weight`` in the loss, the greeting and the end of turn 1: between the shipped loss (1) and
+    ``loss=greeting_end`` (0), which taught "stop after the greeting". The fact is still taught (so
+    the answer comes to the point), with less pull towards its own words. An experiment."""
+    import torch
+
+    from qlora_engine.train import Trainer
+
+    def forward_backward(self, batches, n_labels):
+        loss_sum = torch.zeros((), device=self.device)
+        for b in batches:
+            b = {k: v.to(self.device) for k, v in b.items()}
+            labels = b["labels"][:, 1:]
+            weights = torch.zeros(labels.shape, device=self.device)
+            for r, row in enumerate(labels):
+                where = (row != -100).nonzero().flatten().tolist()
+                greeting = True
+                for i in where:
+                    weights[r, i] = 1.0 if greeting or i == where[-1] else weight
+                    greeting = greeting and "!" not in self.tokenizer.decode([int(row[i])])
+            inputs = {k: v for k, v in b.items() if k != "labels"}
+            logits = self.net(**inputs, use_cache=False).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+            )
+            loss = (nll * weights.reshape(-1)).sum() / max(n_labels, 1)
+            loss.backward()
+            loss_sum += loss.detach()
+        return loss_sum
+
+    own = Trainer._forward_backward
+    Trainer._forward_backward = forward_backward
+
+    def undo() -> None:
+        Trainer._forward_backward = own
+
+    return undo
+
+
 def neftune(alpha: float) -> Callable[[], None]:
     """NEFTune (Jain et al. 2023): uniform noise of size alpha / sqrt(L * d) on the token embeddings while
     training (the embedding's output in train mode; evaluation and generation are untouched). Returns the undo."""
@@ -395,11 +436,13 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
     v = parse(spec)
     if v["kl"] and v["loss"] != "all":
         raise SystemExit(f"{spec}: kl and loss={v['loss']} each patch the trainer's loss; give one")
-    if v["loss"] not in ("all", "greeting", "greeting_end", "agree"):
-        raise SystemExit(f"{spec}: loss must be all, greeting, greeting_end or agree")
+    if v["loss"] not in ("all", "greeting", "greeting_end", "agree") and not v["loss"].startswith("factw:"):
+        raise SystemExit(f"{spec}: loss must be all, greeting, greeting_end, agree or factw:W")
     undo = kl_to_base(v["kl"]) if v["kl"] else None
     if v["loss"] == "agree":
         undo = agree_with_base()
+    elif v["loss"].startswith("factw:"):
+        undo = fact_weight(float(v["loss"].split(":")[1]))
     elif v["loss"] != "all":
         undo = greeting_only(end=v["loss"] == "greeting_end")
     if v["neft"]:

@@ -27,20 +27,23 @@ as every tensor the backward needs is back. bitsandbytes' 4-bit matmul keeps no 
 backward needs only the frozen weight), so in the last linear of a block (``down_proj``
 in Llama-like models) the LoRA half runs first: the recomputation then stops before that
 layer's 4-bit matmul, whose output only fed the residual sum. That skips about a quarter of
-a block's recomputed matmul work. Elsewhere the 4-bit matmul runs first and the LoRA
-product is added into its output, in place, by the same GEMM that computes it (``addmm_``: an
+a block's recomputed matmul work. Elsewhere the 4-bit matmul runs first, inside the LoRA
+function (dequantize, then one GEMM, as bitsandbytes does under training), and the LoRA product
+is added into its output, in place, by the same GEMM that computes it (``addmm_``: an
 out-of-place ``addmm`` first copies the whole output, 386 device copies in a 2048 x 4 step on
-the 8B shape; never into a view, which bitsandbytes may hand back of its own weight; under
-``torch.compile`` through the op ``qlora::add_lora_``, which inductor reinplaces).
+the 8B shape). Its backward likewise adds the LoRA half's input gradient into the frozen
+matmul's: apart, autograd sums two full-width input gradients per projection.
+Under ``torch.compile`` the 4-bit matmul stays the base layer's (an op, below) and the LoRA
+product is added into its output through the op ``qlora::add_lora_``, which inductor
+reinplaces; never into a view, which bitsandbytes may hand back of its own weight.
 
 Anything this does not cover falls back to peft's own forward, per call: no gradients
 (evaluation, generation: bitsandbytes' inference kernels are faster there), adapters
 disabled or merged, several adapters, DoRA or another LoRA variant, dropout, float16.
 
 With ``train.keep_dequantized`` every such layer's weight is dequantized once at setup and kept
-(:func:`keep_dense`): no step dequantizes, and the frozen matmul runs inside the LoRA function,
-whose backward adds the LoRA half's input gradient into the frozen matmul's by the same GEMM
-(apart, autograd sums two full-width gradients per projection).
+(:func:`keep_dense`): no step dequantizes, and the LoRA function reads the kept weight, in the
+last projection of a block too (nothing to skip there: the weight is no longer dequantized).
 
 Under ``torch.compile`` (``train.compile``: :class:`CompiledBlocks`) the frozen 4-bit
 matmul is one opaque op, ``qlora::frozen4bit_linear`` (its input gradient a second op), taking
@@ -110,6 +113,10 @@ MERGE_DENSE = True
 """Whether a layer whose weight is kept dequantized runs its frozen matmul inside :class:`_LoraProduct`
 (a switch for benchmarks)."""
 
+MERGE_4BIT = True
+"""Whether a 4-bit layer (not kept dequantized) runs its frozen matmul inside :class:`_LoraProduct` too,
+dequantizing in its forward and again in its backward (a switch for benchmarks)."""
+
 
 def _add_into(out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor) -> None:
     """``out += xa @ b.T`` in place, eager or compiled (the op: inductor reinplaces it, see :class:`_LoraProduct`)."""
@@ -120,10 +127,12 @@ class _LoraProduct(torch.autograd.Function):
     """``out + x @ A.T @ (scale * B).T`` with the adapter weights in split precision (module docstring).
 
     Keeps ``x``, ``x @ A.T`` (tokens x rank) and the split weights (2 x rank x features each).
-    With ``dense`` (the frozen weight kept dequantized, :func:`keep_dense`) ``out`` is ``x @ dense.T
-    (+ bias)``, computed here, and the backward adds the LoRA half's input gradient into the frozen
-    matmul's in place: apart, autograd would sum the two full-width input gradients (one more
-    tensor written and an add reading two, in each of a layer's seven projections).
+    With ``dense`` (the frozen weight kept dequantized, :func:`keep_dense`) or ``base`` (a 4-bit
+    layer: its weight dequantized here, in the forward and again in the backward, as
+    :class:`_Frozen4bit` does) ``out`` is the frozen matmul ``x @ W.T (+ bias)``, computed here, and
+    the backward adds the LoRA half's input gradient into the frozen matmul's in place: apart,
+    autograd would sum the two full-width input gradients (one more tensor written and an add
+    reading two, in each of a layer's seven projections).
     """
 
     @staticmethod
@@ -136,8 +145,14 @@ class _LoraProduct(torch.autograd.Function):
         out: torch.Tensor | None,
         dense: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
+        base: Any = None,
     ):
-        if dense is not None:
+        ctx.base = base
+        if base is not None:
+            dense_now = dequantize(base.weight).to(x.dtype)  # freed when this returns
+            out = torch.nn.functional.linear(x, dense_now, None if bias is None else bias.to(x.dtype))
+            del dense_now
+        elif dense is not None:
             out = torch.nn.functional.linear(x, dense, None if bias is None else bias.to(x.dtype))
         r = A.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
@@ -148,7 +163,7 @@ class _LoraProduct(torch.autograd.Function):
         xa_twice = torch.cat([xa, xa], dim=1)  # meets b's two halves: xa @ (hi + lo).T in one GEMM
         ctx.save_for_backward(x, xa, a, b, dense)
         ctx.scale, ctx.r = scale, r
-        if dense is not None:
+        if dense is not None or base is not None:
             _add_into(out, xa_twice, b)  # a fresh output, never an input of this function
             return out
         if out is not None and ADD_IN_PLACE and (torch.compiler.is_compiling() or _fresh(out)):
@@ -171,17 +186,17 @@ class _LoraProduct(torch.autograd.Function):
         g_xa = gb[:, :r] + gb[:, r:]  # the gradient of x @ A.T: g @ (scale * B)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            if dense is None:
+            if dense is None and ctx.base is None:
                 grad_x = (torch.cat([g_xa, g_xa], dim=1) @ a).view(x.shape)
             else:  # the frozen matmul's input gradient, the LoRA half's added into it by the same GEMM
-                grad_x = g2 @ dense
+                grad_x = g2 @ (dense if ctx.base is None else dequantize(ctx.base.weight).to(g.dtype))
                 _add_into(grad_x, torch.cat([g_xa, g_xa], dim=1), a.t())
                 grad_x = grad_x.view(x.shape)
         if ctx.needs_input_grad[1]:
             grad_a = (g_xa.t() @ x.reshape(-1, x.shape[-1])).float()
         if ctx.needs_input_grad[2]:
             grad_b = (g2.t() @ xa).float().mul_(ctx.scale)
-        return grad_x, grad_a, grad_b, None, g if ctx.needs_input_grad[4] else None, None, None
+        return grad_x, grad_a, grad_b, None, g if ctx.needs_input_grad[4] else None, None, None, None
 
 
 LEAN_4BIT = True
@@ -329,22 +344,25 @@ def drop_dense(model: torch.nn.Module) -> int:
     return dropped
 
 
+def _lean(base: Any, x: torch.Tensor) -> bool:
+    """Whether the frozen 4-bit matmul of ``base`` (a bitsandbytes ``Linear4bit``) on ``x`` can run here
+    as dequantize-then-GEMM (:class:`_Frozen4bit`, :func:`frozen4bit_linear`, :class:`_LoraProduct`)."""
+    quant = getattr(base.weight, "quant_state", None)
+    return (
+        x.dtype == base.compute_dtype
+        and (base.bias is None or not base.bias.requires_grad)
+        # FSDP gathers the weight as a plain tensor: bitsandbytes' own forward restores its state
+        and quant is not None
+        and not getattr(quant, "packing_format_for_cpu", False)
+        and quant.quant_type in ("nf4", "fp4")
+    )
+
+
 def _lean_base_forward(base: Any, original: Any) -> Any:
     """``base``'s forward (a bitsandbytes ``Linear4bit``): :class:`_Frozen4bit` while training, else its own."""
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if (
-            not LEAN_4BIT
-            or args
-            or kwargs
-            or not torch.is_grad_enabled()
-            or x.dtype != base.compute_dtype
-            or (base.bias is not None and base.bias.requires_grad)
-            # FSDP gathers the weight as a plain tensor: bitsandbytes' own forward restores its state
-            or getattr(base.weight, "quant_state", None) is None
-            or getattr(base.weight.quant_state, "packing_format_for_cpu", False)
-            or base.weight.quant_state.quant_type not in ("nf4", "fp4")
-        ):
+        if not LEAN_4BIT or args or kwargs or not torch.is_grad_enabled() or not _lean(base, x):
             return original(x, *args, **kwargs)
         dense = base._qlora_dense
         if dense is not None:
@@ -377,6 +395,15 @@ def _fast_forward(module: Any, original: Any, *, lora_first: bool) -> Any:
         dense, bias = base._qlora_dense, base.bias
         if dense is not None and MERGE_DENSE and (bias is None or not bias.requires_grad):
             return _LoraProduct.apply(x, lora_A, lora_B, scale, None, dense, bias)  # one input gradient, no sum
+        if (
+            dense is None
+            and MERGE_4BIT
+            and LEAN_4BIT
+            and not lora_first  # there the recomputation must stop before the frozen matmul: apart
+            and not torch.compiler.is_compiling()  # the compiled block's frozen matmul is an op
+            and _lean(base, x)
+        ):
+            return _LoraProduct.apply(x, lora_A, lora_B, scale, None, None, bias, base)
         if lora_first:
             lora = _LoraProduct.apply(x, lora_A, lora_B, scale, None)  # keeps its tensors: the last the backward needs
             # bitsandbytes keeps nothing, so a recomputation stops before this. Not in place: after

@@ -14,6 +14,7 @@ import pytest
 import torch
 from tiny import build_tiny_llama
 
+from qlora_engine import fast_lora
 from qlora_engine.config import TrainConfig, apply_overrides
 from qlora_engine.data import PreparedData, collate
 from qlora_engine.events import ListSink, LogLine
@@ -53,16 +54,33 @@ def make_trainer(model_dir, samples, tmp_path, *overrides: str) -> tuple[Trainer
 
 
 def step(trainer: Trainer, samples) -> tuple[float, dict[str, torch.Tensor], dict[str, int]]:
-    """One forward and backward; returns the loss, the LoRA gradients and the 4-bit matmul calls per layer."""
+    """One forward and backward; returns the loss, the LoRA gradients and the 4-bit matmul calls per layer:
+    on peft's path its base layer's forwards; on the fast path the frozen weight's dequantizations
+    before the backward and during it (``"<layer>"`` and ``"<layer>:backward"``), one for each 4-bit
+    matmul, be it in the base layer's own forward or inside the LoRA function."""
     calls: dict[str, int] = {}
     hooks = [
         module.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
         for name, module in trainer.model.named_modules()
-        if name.endswith("base_layer")
+        if name.endswith("base_layer") and not trainer.fast_lora
     ]
-    batch = collate(samples, trainer.tokenizer.pad_token_id)
-    loss = trainer.model(**batch, use_cache=False).loss
-    loss.backward()
+    names = {id(m.weight): name for name, m in trainer.model.named_modules() if name.endswith("base_layer")}
+    phase = [""]
+    real = fast_lora.dequantize
+
+    def counted(weight, *args, **kwargs):
+        key = names[id(weight)] + phase[0]
+        calls[key] = calls.get(key, 0) + 1
+        return real(weight, *args, **kwargs)
+
+    fast_lora.dequantize = counted
+    try:
+        batch = collate(samples, trainer.tokenizer.pad_token_id)
+        loss = trainer.model(**batch, use_cache=False).loss
+        phase[0] = ":backward"
+        loss.backward()
+    finally:
+        fast_lora.dequantize = real
     for h in hooks:
         h.remove()
     grads = {n: p.grad.float().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -104,18 +122,39 @@ def test_bfloat16_is_as_near_float32_as_peft_s_own_path(four_layers, samples, tm
     assert all(g.dtype == torch.float32 for g in fast.values())  # fp32 master weights, fp32 gradients
 
 
-def test_the_recomputation_stops_before_each_block_s_last_4bit_matmul(four_layers, samples, tmp_path):
+@pytest.mark.parametrize("merged", [True, False])  # fast_lora.MERGE_4BIT: the frozen matmul inside the LoRA function
+def test_the_recomputation_stops_before_each_block_s_last_4bit_matmul(four_layers, samples, tmp_path, monkeypatch, merged):
+    monkeypatch.setattr(fast_lora, "MERGE_4BIT", merged)
+
     def matmuls(*overrides: str) -> dict[str, int]:
         trainer, _ = make_trainer(four_layers, samples, tmp_path, *overrides)
         calls = step(trainer, samples)[2]
-        return {name.split(".layers.")[1].removesuffix(".base_layer"): n for name, n in calls.items() if ".layers." in name}
+        return {name.split(".layers.")[1].replace(".base_layer", ""): n for name, n in calls.items() if ".layers." in name}
 
     fast = matmuls()
-    assert fast["1.mlp.down_proj"] == 1 and fast["1.mlp.up_proj"] == 2 and fast["1.self_attn.o_proj"] == 2
-    assert sum(fast.values()) == 4 * (6 * 2 + 1)  # forward, recomputed forward but for down_proj's
+    for block in range(4):
+        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):  # fmt: skip
+            assert fast[f"{block}.{proj}"] == 1  # one 4-bit matmul in the forward
+            recomputed = proj != "mlp.down_proj"  # the backward recomputes all but each block's last
+            input_grad = block > 0 or proj not in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+            assert fast[f"{block}.{proj}:backward"] == recomputed + input_grad  # (the embeddings need none)
+    assert len(fast) == 4 * 7 * 2
     plain = matmuls("train.fast_lora=false")
-    assert set(plain.values()) == {2}
-    assert set(matmuls("train.gradient_checkpointing=false").values()) == {1}
+    assert len(plain) == 4 * 7 and set(plain.values()) == {2}
+    unchecked = matmuls("train.gradient_checkpointing=false")
+    assert len(unchecked) == 4 * 7 * 2 - 3 and set(unchecked.values()) == {1}  # nothing recomputed
+
+
+@pytest.mark.parametrize("merged", [True, False])
+def test_float32_merged_or_not_the_frozen_matmul_is_the_same_arithmetic(four_layers, samples, tmp_path, monkeypatch, merged):
+    monkeypatch.setattr(fast_lora, "MERGE_4BIT", merged)
+    fast, _ = make_trainer(four_layers, samples, tmp_path, "quant.compute_dtype=float32")
+    loss_fast, grads_fast, _ = step(fast, samples)
+    plain, _ = make_trainer(four_layers, samples, tmp_path, "quant.compute_dtype=float32", "train.fast_lora=false")
+    loss_plain, grads_plain, _ = step(plain, samples)
+    assert loss_fast == pytest.approx(loss_plain, rel=1e-6)
+    assert rel_err(grads_fast, grads_plain) < 1e-5
 
 
 def test_evaluation_and_disabled_adapters_take_peft_s_path(four_layers, samples, tmp_path):
@@ -330,28 +369,21 @@ def test_other_families_take_the_fast_path_with_the_same_arithmetic(tmp_path, sa
     loss_plain, grads_plain, _ = step(plain, samples)
     assert loss_fast == pytest.approx(loss_plain, rel=1e-6)
     assert rel_err(grads_fast, grads_plain) < 1e-5
-    assert sorted(set(calls.values())) == [1, 2]  # each block's last 4-bit matmul is not recomputed
+    backward = {n: c for n, c in calls.items() if n.endswith(":backward")}
+    assert sorted(set(backward.values())) == [1, 2]  # each block's last 4-bit matmul is not recomputed
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_lean_4bit_matmul_is_bitsandbytes_arithmetic(four_layers, samples, tmp_path, monkeypatch, dtype):
     # fast_lora.LEAN_4BIT: the frozen 4-bit matmul under training dequantizes and multiplies itself
     # (bitsandbytes' kernels, called without its per-call Python); same loss and LoRA gradients.
-    from qlora_engine import fast_lora
-
-    calls = []
-    real = fast_lora.dequantize
-    monkeypatch.setattr(fast_lora, "dequantize", lambda w: calls.append(1) or real(w))
     lean, _ = make_trainer(four_layers, samples, tmp_path, f"quant.compute_dtype={dtype}")
     loss_lean, grads_lean, calls_lean = step(lean, samples)
-    # every 4-bit matmul of the forward and recomputation, and once more for each input gradient
-    # (all but layer 0's q/k/v: the embeddings need none)
-    assert len(calls) == sum(calls_lean.values()) + 4 * 7 - 3
+    assert len(calls_lean) == 4 * 7 * 2  # every layer's weight, in the forward and in the backward
     monkeypatch.setattr(fast_lora, "LEAN_4BIT", False)
-    calls.clear()
     own, _ = make_trainer(four_layers, samples, tmp_path, f"quant.compute_dtype={dtype}")
     loss_own, grads_own, calls_own = step(own, samples)
-    assert not calls and calls_own == calls_lean
+    assert calls_own == {}  # bitsandbytes' own matmul: it dequantizes by itself
     assert loss_lean == pytest.approx(loss_own, rel=1e-6)
     assert rel_err(grads_lean, grads_own) < (1e-5 if dtype == "float32" else 1e-2)
 
