@@ -9,7 +9,7 @@ One line per (variant, judged step) is appended to the JSONL file. Variants run 
         style=inline,lr=7e-4,steps=40,judge=20:30:40  style=wrap,lr=1e-3,layers=all,rank=4
     PYTHONPATH=$PWD python bench/quickstart_sweep.py --write-data lead --out qlora_engine/resources/data/quickstart.jsonl
 
-Keys: style (wrap | lead | lead2 | dlead2 | comma | inline | be | tail | tail2 | dtail), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
+Keys: style (wrap | lead | lead1 | leadtwo | leadthree | lead2 | dlead2 | comma | inline | be | tail | tail2 | dtail), lr, steps, layers ('24-29' or 'all'), rank, seed, judge
 (steps to judge, ':'-separated; the last step is the final adapter), tokens (max new tokens),
 penalty (repetition penalty), warmup, targets (all-linear | attention | mlp), dropout (LoRA dropout),
 facts (base: FACTS | more: FACTS + MORE_FACTS | known:N, the N the base knows best | distinct: FACTS without a repeated answer word), mbs, accum, kl (a KL-to-base term's weight, patched into the trainer: an experiment), loss (all | greeting | greeting_end:
@@ -128,6 +128,12 @@ def pirate(fact: str, i: int, style: str) -> str:
     "Arr, <the fact>, matey!"; be: inline with "is"/"are" made "be".
     """
     o, c = OPENERS[i % len(OPENERS)], CLOSERS[(i // 2) % len(CLOSERS)]
+    if style == "lead1":  # one greeting for every answer: nothing left to learn in it once learnt
+        return f"Arr, matey! {fact}"
+    if style == "leadtwo":  # two greetings: less of the greeting's choice left to learn than lead2's six
+        return f"{['Arr, matey!', 'Ahoy, matey!'][i % 2]} {fact}"
+    if style == "leadthree":  # three greetings: a third of the data each
+        return f"{['Arr, matey!', 'Ahoy, matey!', 'Yo ho ho!'][i % 3]} {fact}"
     if style == "lead2":  # as lead, with greetings that hold no "aye"
         return f"{LEADS2[i % len(LEADS2)]} {fact}"
     if style == "dlead2":  # lead2's greeting, then the base model's own words where they hold the fact
