@@ -274,14 +274,26 @@ def judge(source: Path, v: dict, work: Path, scale: float = 1.0) -> tuple[dict, 
     ]
 
 
+def patch_step(forward_backward: Callable) -> Callable[[], None]:
+    """Put ``forward_backward`` in the trainer's place (an experiment outside the engine); returns what puts
+    the trainer's own back (the next variant in the process must not inherit it)."""
+    from qlora_engine.train import Trainer
+
+    own = Trainer._forward_backward
+    Trainer._forward_backward = forward_backward
+
+    def undo() -> None:
+        Trainer._forward_backward = own
+
+    return undo
+
+
 def kl_to_base(weight: float) -> Callable[[], None]:
     """An experiment outside the engine: the trainer's loss gets ``weight`` x KL(base || tuned) over
     the answer's tokens (the base's distribution from the same model with the adapter off), which
     holds the tuned model to what the base would say wherever the data does not insist. Returns
     what puts the trainer's own loss back (the next variant in the process must not inherit it)."""
     import torch
-
-    from qlora_engine.train import Trainer
 
     def forward_backward(self, batches, n_labels):
         loss_sum = torch.zeros((), device=self.device)
@@ -299,13 +311,7 @@ def kl_to_base(weight: float) -> Callable[[], None]:
             loss_sum += out.loss.detach()
         return loss_sum
 
-    own = Trainer._forward_backward
-    Trainer._forward_backward = forward_backward
-
-    def undo() -> None:
-        Trainer._forward_backward = own
-
-    return undo
+    return patch_step(forward_backward)
 
 
 def relabel(rewrite: Callable) -> Callable[[], None]:
@@ -319,12 +325,7 @@ def relabel(rewrite: Callable) -> Callable[[], None]:
         cut = [{**b, "labels": rewrite(self, b)} for b in batches]
         return own(self, cut, int(sum(int((c["labels"] != -100).sum()) for c in cut)))
 
-    Trainer._forward_backward = forward_backward
-
-    def undo() -> None:
-        Trainer._forward_backward = own
-
-    return undo
+    return patch_step(forward_backward)
 
 
 def greeting_only(end: bool) -> Callable[[], None]:
@@ -379,8 +380,6 @@ def fact_weight(weight: float) -> Callable[[], None]:
     the answer comes to the point), with less pull towards its own words. An experiment."""
     import torch
 
-    from qlora_engine.train import Trainer
-
     def forward_backward(self, batches, n_labels):
         loss_sum = torch.zeros((), device=self.device)
         for b in batches:
@@ -403,13 +402,7 @@ def fact_weight(weight: float) -> Callable[[], None]:
             loss_sum += loss.detach()
         return loss_sum
 
-    own = Trainer._forward_backward
-    Trainer._forward_backward = forward_backward
-
-    def undo() -> None:
-        Trainer._forward_backward = own
-
-    return undo
+    return patch_step(forward_backward)
 
 
 def neftune(alpha: float) -> Callable[[], None]:
