@@ -150,7 +150,16 @@ def test_the_recomputation_stops_before_each_block_s_last_4bit_matmul(four_layer
 def test_float32_merged_or_not_the_frozen_matmul_is_the_same_arithmetic(four_layers, samples, tmp_path, monkeypatch, merged):
     monkeypatch.setattr(fast_lora, "MERGE_4BIT", merged)
     fast, _ = make_trainer(four_layers, samples, tmp_path, "quant.compute_dtype=float32")
+    own_forwards: list[str] = []  # the base layers whose own forward ran (merged: only each block's last)
+    hooks = [
+        m.register_forward_hook(lambda *_, n=name: own_forwards.append(n.split(".")[-2]))
+        for name, m in fast.model.named_modules()
+        if name.endswith("base_layer")
+    ]
     loss_fast, grads_fast, _ = step(fast, samples)
+    for h in hooks:
+        h.remove()
+    assert set(own_forwards) == ({"down_proj"} if merged else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
     plain, _ = make_trainer(four_layers, samples, tmp_path, "quant.compute_dtype=float32", "train.fast_lora=false")
     loss_plain, grads_plain, _ = step(plain, samples)
     assert loss_fast == pytest.approx(loss_plain, rel=1e-6)
