@@ -116,12 +116,18 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(_decoder_layers(model) or [])
 
 
-def _decoder_layers(model: torch.nn.Module):
+def decoder_body(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module that holds the decoder blocks (``layers``): its first output is the last hidden state."""
     for _, module in model.named_modules():
         layers = getattr(module, "layers", None)
         if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
-            return layers
+            return module
     return None
+
+
+def _decoder_layers(model: torch.nn.Module):
+    body = decoder_body(model)
+    return body.layers if body is not None else None
 
 
 def _has_chat_template(folder: Path) -> bool:

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from qlora_engine import checkpoint as ckpt
-from qlora_engine import fast_lora, model_ref, models, optim
+from qlora_engine import fast_lora, loss_weights, model_ref, models, optim
 from qlora_engine.config import TrainConfig
 from qlora_engine.control import Aborted, RunControl
 from qlora_engine.data import IGNORE_INDEX, PreparedData, collate, count_tokens, prepare_data
@@ -186,6 +186,7 @@ class Trainer:
         if note := getattr(self.compiled, "note", None):
             emit(LogLine(level="info", message=note))
         self.model.train()
+        self.body = models.decoder_body(self.model)  # where loss weights act (qlora_engine.loss_weights)
         self.resumed_from = None
         if self.resume_from is not None:
             self._load_adapter_weights(self.resume_from)  # before sharding: FSDP splits what is loaded
@@ -351,10 +352,11 @@ class Trainer:
             # of it), so every answer token weighs the same however the tokens fall into
             # micro-batches and processes.
             n_labels = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+            weight_total = loss_weights.step_total(batches)
             n_tokens = sum(count_tokens(b, self.tokenizer.pad_token_id) for b in batches)
             mine = [batches[i] for i in self.world.share(ga)]  # this process's part of the step
             try:
-                loss_sum = self._forward_backward(mine, n_labels)
+                loss_sum = self._forward_backward(mine, n_labels, weight_total)
             except torch.cuda.OutOfMemoryError:
                 if not self._auto_can_grow():
                     raise
@@ -367,7 +369,7 @@ class Trainer:
                 retry = None
             if retry is not None:
                 retry()
-                loss_sum = self._forward_backward(mine, n_labels)
+                loss_sum = self._forward_backward(mine, n_labels, weight_total)
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
             loss = float(self.world.sum(loss_sum))  # a CPU-GPU sync point, once per optimizer step
@@ -409,8 +411,8 @@ class Trainer:
             self.evaluate()
         return self._finish(t_start, stopped=stopped, save=True)
 
-    def _forward_backward(self, batches: list[dict[str, torch.Tensor]], n_labels: int) -> torch.Tensor:
-        """Forward and backward of a step's micro-batches (gradients accumulate); the summed loss."""
+    def _forward_backward(self, batches: list[dict[str, torch.Tensor]], n_labels: int, weight_total: float | None) -> torch.Tensor:
+        """Forward and backward of a step's micro-batches (gradients accumulate); the summed plain loss."""
         loss_sum = torch.zeros((), device=self.device)
         n_items = torch.tensor(max(n_labels, 1), device=self.device)
         for i, b in enumerate(batches):
@@ -423,7 +425,8 @@ class Trainer:
                 # through the backward pass (2 bytes x tokens x vocabulary).
                 # use_cache=False also matters for packed batches: transformers only keeps
                 # attention inside each packed sample (from the position_ids) without a KV cache.
-                micro_loss = self.net(**b, use_cache=False, num_items_in_batch=n_items).loss
+                with loss_weights.weighted(self.body, b.pop(loss_weights.KEY, None), n_labels, weight_total):
+                    micro_loss = self.net(**b, use_cache=False, num_items_in_batch=n_items).loss
                 # DDP and FSDP average gradients over processes; the loss is already a share of
                 # the global sum, so the scale (the process count) makes theirs a sum.
                 # One process: no scale at all (a multiply would add a scalar to the backward's peak).
@@ -483,7 +486,7 @@ class Trainer:
         total, count = 0.0, 0
         for j in self.world.eval_share(len(starts)):  # several processes: each its share of the batches
             i = starts[j]
-            b = collate(self.data.validation[i : i + bs], self.tokenizer.pad_token_id)
+            b = collate(self.data.validation[i : i + bs], self.tokenizer.pad_token_id, weights=False)  # plain loss
             n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
             if n == 0 and self.world.strategy != "fsdp":  # FSDP: every process joins every forward
                 continue

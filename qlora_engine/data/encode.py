@@ -7,6 +7,10 @@ template itself: the answer of assistant turn *i* is what the template adds betw
 "conversation up to *i* with the generation prompt" and "conversation through *i*", which
 includes the template's end-of-turn marker so the model learns to stop. Tokens that hold any
 character of an answer span carry labels; everything else is ``IGNORE_INDEX`` (-100, the value PyTorch's cross entropy skips).
+
+Loss weights (a turn's ``weight``, its content parts' weights) become one weight per token: the
+largest weight among the characters the token holds. The text the template adds around an answer
+(its end-of-turn marker) weighs what the turn does; a token of weight 0 carries no label.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ _END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", 
 class Encoded:
     input_ids: list[int]
     trained: list[bool]
+    weights: list[float] | None = None
+    """Each token's loss weight, when the sample has weights (0 where ``trained`` is False)."""
 
 
 def resolve_template(tokenizer: Any, override: str | None) -> tuple[str, str]:
@@ -166,6 +172,37 @@ class Encoder:
             cursor = span[1]
         return full, spans
 
+    def char_weights(self, sample: ChatSample, full: str, spans: list[tuple[int, int]]) -> np.ndarray:
+        """Each character's loss weight: 0 outside what is trained, 1 inside, an answer's turn weight
+        over its span (end-of-turn marker included) and each part's weight x the turn's over its text,
+        found in the span as the template wrote it."""
+        cw = np.zeros(len(full), dtype=np.float32)
+        for a, b in spans:
+            cw[a:b] = 1.0
+        weights = sample.weights or [None] * len(sample.messages)
+        answers = [i for i, m in enumerate(sample.messages) if m["role"] == "assistant" and sample.train[i]]
+        cursor = 0
+        for k, i in enumerate(answers):
+            w = weights[i]
+            a, b = (cursor, len(full)) if self.train_on_prompt else spans[k]
+            content = sample.messages[i]["content"]
+            at = full.find(content, a, b)
+            if w is None:
+                cursor = at + len(content) if at >= 0 else cursor
+                continue
+            if at < 0:
+                raise BadRow(f"turn {i + 1}: the chat template changed the answer's text; cannot place its weights")
+            if not self.train_on_prompt:
+                cw[a:b] = w.turn
+            start = at
+            for end, x in w.parts:
+                cw[start : at + end] = w.turn * x
+                start = at + end
+            if not w.parts:
+                cw[at : at + len(content)] = w.turn
+            cursor = at + len(content)
+        return cw
+
     def _span_by_prefix(self, msgs: list[dict[str, str]], i: int, full: str, cursor: int) -> tuple[int, int] | None:
         if i == 0:
             return None
@@ -201,7 +238,7 @@ class Encoder:
     def encode_many(self, samples: list[Sample]) -> list[Encoded | BadRow]:
         """Encode a batch (one tokenizer call per kind, so the Rust tokenizer runs in parallel)."""
         out: list[Encoded | BadRow | None] = [None] * len(samples)
-        chats: list[tuple[int, str, list[tuple[int, int]], bool]] = []
+        chats: list[tuple[int, str, list[tuple[int, int]], np.ndarray | None, ChatSample]] = []
         texts: list[tuple[int, str]] = []
         pcs: list[tuple[int, PromptCompletion]] = []
         for i, s in enumerate(samples):
@@ -212,17 +249,18 @@ class Encoder:
             else:
                 try:
                     text, spans = self.render(s)
+                    cw = self.char_weights(s, text, spans) if s.weights else None
                 except BadRow as e:
                     out[i] = e
                     continue
-                last_trained = s.train[-1] and s.messages[-1]["role"] == "assistant"
-                chats.append((i, text, spans, last_trained))
+                chats.append((i, text, spans, cw, s))
         if chats:
-            for (i, _text, _spans, last), enc in zip(
-                chats, self._tokenize_spans([c[1] for c in chats], [c[2] for c in chats]), strict=True
-            ):
-                ids, trained = enc
-                out[i] = self._close(ids, trained, last or self.train_on_prompt)
+            tokenized = self._tokenize_spans([c[1] for c in chats], [c[2] for c in chats], [c[3] for c in chats])
+            for (i, _text, _spans, _cw, s), (ids, trained, weights) in zip(chats, tokenized, strict=True):
+                last = s.train[-1] and s.messages[-1]["role"] == "assistant"
+                last_w = s.weights[-1] if s.weights else None
+                eos_w = last_w.turn if last_w is not None else 1.0
+                out[i] = self._close(ids, trained, last or self.train_on_prompt, weights, eos_w)
         if texts:
             ids_list = self.tok([t for _, t in texts], add_special_tokens=True)["input_ids"]
             for (i, _), ids in zip(texts, ids_list, strict=True):
@@ -236,40 +274,76 @@ class Encoder:
         return [o if o is not None else BadRow("could not be encoded") for o in out]
 
     def _tokenize_spans(
-        self, texts: list[str], spans: list[list[tuple[int, int]]]
-    ) -> list[tuple[list[int], list[bool]]]:
+        self, texts: list[str], spans: list[list[tuple[int, int]]], char_weights: list[np.ndarray | None]
+    ) -> list[tuple[list[int], list[bool], list[float] | None]]:
         if not self.fast:
-            return [self._tokenize_segments(t, s) for t, s in zip(texts, spans, strict=True)]
+            return [self._tokenize_segments(*args) for args in zip(texts, spans, char_weights, strict=True)]
         enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
         result = []
-        for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans, strict=True):
+        for ids, offsets, sp, cw in zip(enc["input_ids"], enc["offset_mapping"], spans, char_weights, strict=True):
             spans_of_tokens = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
             starts, ends = spans_of_tokens[:, 0], spans_of_tokens[:, 1]
+            if cw is not None:
+                weights = _token_weights(cw, starts, ends)
+                result.append((list(ids), (weights > 0).tolist(), weights.tolist()))
+                continue
             mask = np.zeros(len(ids), dtype=bool)
             for a, b in sp:
                 # Any overlap: a token that merges the template's trailing space with the first
                 # answer character (" 1" after "A:") holds answer text and must be learned.
                 mask |= (ends > a) & (starts < b)
-            result.append((list(ids), mask.tolist()))
+            result.append((list(ids), mask.tolist(), None))
         return result
 
-    def _tokenize_segments(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
-        """Tokenizers without offsets: tokenize the pieces between span edges one by one."""
-        cuts = sorted({0, len(text), *[x for sp in spans for x in sp]})
+    def _tokenize_segments(
+        self, text: str, spans: list[tuple[int, int]], cw: np.ndarray | None
+    ) -> tuple[list[int], list[bool], list[float] | None]:
+        """Tokenizers without offsets: tokenize the pieces between span (and weight) edges one by one."""
+        edges = [x for sp in spans for x in sp]
+        if cw is not None:
+            edges += (np.flatnonzero(np.diff(cw)) + 1).tolist()
+        cuts = sorted({0, len(text), *edges})
         ids: list[int] = []
         trained: list[bool] = []
+        weights: list[float] = []
         for a, b in zip(cuts, cuts[1:], strict=False):
             piece = self.tok(text[a:b], add_special_tokens=False)["input_ids"]
             inside = any(sa <= a and b <= sb for sa, sb in spans)
+            w = float(cw[a]) if cw is not None else float(inside)
             ids.extend(piece)
-            trained.extend([inside] * len(piece))
-        return ids, trained
+            trained.extend([inside and w > 0] * len(piece))
+            weights.extend([w] * len(piece))
+        return ids, trained, (weights if cw is not None else None)
 
-    def _close(self, ids: list[int], trained: list[bool], train_eos: bool) -> Encoded:
-        """Every sample ends with EOS; it carries loss whenever the answer before it does."""
+    def _close(
+        self,
+        ids: list[int],
+        trained: list[bool],
+        train_eos: bool,
+        weights: list[float] | None = None,
+        eos_weight: float = 1.0,
+    ) -> Encoded:
+        """Every sample ends with EOS; it carries loss whenever the answer before it does (with the
+        last answer's turn weight)."""
         if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
             ids.append(self.eos_id)
-            trained.append(train_eos)
+            trained.append(train_eos and eos_weight > 0)
+            if weights is not None:
+                weights.append(eos_weight if train_eos else 0.0)
         elif ids and train_eos:
-            trained[-1] = True
-        return Encoded(ids, trained)
+            if weights is not None:
+                weights[-1] = weights[-1] or eos_weight
+            trained[-1] = weights is None or weights[-1] > 0
+        return Encoded(ids, trained, weights)
+
+
+def _token_weights(cw: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Each token's weight: the largest among the characters it holds (``cw`` is piecewise constant,
+    so this goes run by run, a few vectorized passes a sample)."""
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(cw)) + 1, [len(cw)]])
+    tw = np.zeros(len(starts), dtype=np.float32)
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        w = float(cw[a]) if b > a else 0.0
+        if w > 0:
+            np.maximum(tw, np.where((ends > a) & (starts < b), np.float32(w), np.float32(0)), out=tw)
+    return tw

@@ -4,7 +4,8 @@ Every format becomes one of three shapes before tokenization:
 
 * :class:`TextSample`: raw text, trained on every token;
 * :class:`ChatSample`: a list of ``{"role", "content"}`` turns rendered by the chat template,
-  with a flag per turn saying whether its tokens carry loss;
+  with a flag per turn saying whether its tokens carry loss and, where the data gives any, the
+  loss weights of its answers (a turn's ``weight``, and a ``weight`` on its content parts);
 * :class:`PromptCompletion`: a prompt (no loss) and a completion (loss), tokenized as is.
 
 A row that cannot be used raises :class:`BadRow` with a short reason; the loader counts
@@ -14,6 +15,7 @@ reasons and shows the first few places for each.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -55,10 +57,24 @@ class TextSample:
     text: str
 
 
+Segments = tuple[tuple[int, float], ...]
+"""Content parts' loss weights: ``(end, weight)`` pairs over the content, in order."""
+
+
+@dataclass(frozen=True)
+class AnswerWeights:
+    """An answer's loss weights: the turn's, and its parts' (each times the turn's; none: all 1)."""
+
+    turn: float = 1.0
+    parts: Segments = ()
+
+
 @dataclass
 class ChatSample:
     messages: list[dict[str, str]]
     train: list[bool]
+    weights: list[AnswerWeights | None] | None = None
+    """Per message, its answer's weights where any is not 1; None when no message has any."""
 
 
 @dataclass
@@ -207,14 +223,39 @@ def _maybe_json_list(value: Any) -> Any:
     return value
 
 
-def _content(value: Any) -> str | None:
+def _weight(value: Any, where: str) -> float:
+    """A loss weight: a number >= 0 (OpenAI's fine-tuning data writes 0 or 1; any finite value works)."""
+    if isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise BadRow(f"{where}: weight must be a number >= 0, not {value!r}")
+    return float(value)
+
+
+def _content(value: Any, where: str = "content", weighed: bool = False) -> tuple[str, Segments | None] | None:
+    """The text of a turn's content and, if ``weighed``, its parts' weights (None when none has one).
+
+    OpenAI content parts (``[{"type": "text", "text": ...}]``) are joined as written, with nothing
+    between them, as chat templates that take parts render them; a part may carry a ``weight``."""
     if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # OpenAI content parts: [{"type": "text", "text": ...}]
-        parts = [p.get("text") for p in value if isinstance(p, dict) and isinstance(p.get("text"), str)]
-        return "\n".join(parts) if parts else None
+        return value, None
+    if isinstance(value, list):
+        texts: list[str] = []
+        ends: list[tuple[int, float]] = []
+        weighted = False
+        for k, p in enumerate(value, 1):
+            if not isinstance(p, dict) or not isinstance(p.get("text"), str):
+                continue  # an image or another kind of part: not text
+            texts.append(p["text"])
+            has = weighed and p.get("weight") is not None
+            w = _weight(p["weight"], f"{where} part {k}") if has else 1.0
+            weighted = weighted or has
+            ends.append((sum(map(len, texts)), w))
+        if not texts:
+            return None
+        return "".join(texts), (tuple(ends) if weighted else None)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
+        return str(value), None
     return None
 
 
@@ -230,12 +271,17 @@ def _turns(row: dict[str, Any], key: str) -> list[dict[str, Any]]:
 
 
 def _chat(raw_turns: list[Any], system: str, train_on_prompt: bool, prompt_turns: int = 0) -> ChatSample:
-    """Turns as a chat; every assistant turn is trained except the first ``prompt_turns`` turns."""
+    """Turns as a chat; every assistant turn is trained except the first ``prompt_turns`` turns.
+
+    A turn's ``weight`` (a number >= 0; 0: not trained) scales its answer's loss, and its content
+    parts' weights scale theirs."""
     messages: list[dict[str, str]] = []
     train: list[bool] = []
+    weights: list[AnswerWeights | None] = []
     if system.strip():
         messages.append({"role": "system", "content": system})
         train.append(train_on_prompt)
+        weights.append(None)
     for i, t in enumerate(raw_turns, 1):
         if not isinstance(t, dict):
             raise BadRow(f"turn {i} is a {type(t).__name__}, not an object")
@@ -243,20 +289,26 @@ def _chat(raw_turns: list[Any], system: str, train_on_prompt: bool, prompt_turns
         role = ROLES.get(str(who).strip().lower()) if isinstance(who, str) else None
         if role is None:
             raise BadRow(f"turn {i}: unknown role {who!r}" if who is not None else f"turn {i}: no role")
-        content = _content(t.get("content", t.get("value")))
+        found = _content(t.get("content", t.get("value")), f"turn {i}", weighed=role == "assistant")
+        content, segments = found if found is not None else (None, None)
         if content is None or not content.strip():
             if role == "system":
                 continue  # an empty system prompt says nothing; leave it out
             raise BadRow(f"turn {i} ({role}): missing or empty content")
-        weight = t.get("weight", 1)
+        # Weights matter on answers only (a null one is none); elsewhere they are not read.
+        weight = _weight(t["weight"], f"turn {i}") if role == "assistant" and t.get("weight") is not None else 1.0
         messages.append({"role": role, "content": content})
-        train.append(train_on_prompt or (role == "assistant" and weight != 0 and i > prompt_turns))
+        trained = role == "assistant" and weight != 0 and i > prompt_turns
+        train.append(train_on_prompt or trained)
+        weighted = trained and (segments is not None or weight != 1)
+        weights.append(AnswerWeights(weight, segments or ()) if weighted else None)
     while messages and messages[-1]["role"] != "assistant":
         messages.pop()  # turns after the last answer teach nothing
         train.pop()
+        weights.pop()
     if not messages:
         raise BadRow("no assistant turn")
-    return ChatSample(messages, train)
+    return ChatSample(messages, train, weights if any(w is not None for w in weights) else None)
 
 
 def normalize(row: dict[str, Any], fmt: str, train_on_prompt: bool) -> Sample:
@@ -288,4 +340,15 @@ def preview(sample: Sample) -> dict[str, Any]:
         return {"text": sample.text}
     if isinstance(sample, PromptCompletion):
         return {"prompt": sample.prompt, "completion": sample.completion}
-    return {"messages": [dict(m, trained=t) for m, t in zip(sample.messages, sample.train, strict=True)]}
+    weights = sample.weights or [None] * len(sample.messages)
+    out = []
+    for m, t, w in zip(sample.messages, sample.train, weights, strict=True):
+        row: dict[str, Any] = dict(m, trained=t)
+        if w is not None:
+            row["weight"] = w.turn
+            starts = [0] + [end for end, _ in w.parts[:-1]]
+            row["parts"] = [
+                {"text": m["content"][a:end], "weight": x} for a, (end, x) in zip(starts, w.parts, strict=True)
+            ]
+        out.append(row)
+    return {"messages": out}

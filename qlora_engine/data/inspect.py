@@ -64,16 +64,29 @@ def load_tokenizer_for(ref: str, *, trust_remote_code: bool = False, revision: s
 
 
 def render_marked(tokenizer: Any, enc: Encoded) -> tuple[str, list[dict[str, Any]]]:
-    """The sample as text with trained runs between [[ and ]], and as (text, trained) segments."""
+    """The sample as text with trained runs between [[ and ]], and as (text, trained) segments.
+
+    With loss weights, a run ends where its weight changes, each segment says its ``weight`` and a
+    run whose weight is not 1 is marked ``[[text]](x0.2)``."""
+    weights = enc.weights if enc.weights is not None else [float(t) for t in enc.trained]
     segments: list[dict[str, Any]] = []
     start = 0
     for i in range(1, len(enc.input_ids) + 1):
-        if i == len(enc.input_ids) or enc.trained[i] != enc.trained[start]:
+        if i == len(enc.input_ids) or enc.trained[i] != enc.trained[start] or weights[i] != weights[start]:
             text = tokenizer.decode(enc.input_ids[start:i], skip_special_tokens=False)
-            segments.append({"text": text, "trained": bool(enc.trained[start]), "tokens": i - start})
+            segment = {"text": text, "trained": bool(enc.trained[start]), "tokens": i - start}
+            if enc.weights is not None:
+                segment["weight"] = weights[start]
+            segments.append(segment)
             start = i
-    marked = "".join(f"{MARK_OPEN}{s['text']}{MARK_CLOSE}" if s["trained"] else s["text"] for s in segments)
-    return marked, segments
+
+    def mark(s: dict[str, Any]) -> str:
+        if not s["trained"]:
+            return s["text"]
+        w = s.get("weight", 1.0)
+        return f"{MARK_OPEN}{s['text']}{MARK_CLOSE}" + (f"(x{w:g})" if w != 1 else "")
+
+    return "".join(map(mark, segments)), segments
 
 
 def inspect_data(

@@ -42,7 +42,7 @@ from qlora_engine.data.store import SampleBuilder, SampleSet, pack, split_indice
 from qlora_engine.errors import DataError
 from qlora_engine.events import EventSink, LogLine, NullSink, PhaseChanged
 
-DATA_FORMAT_VERSION = 1  # bump when the tokens produced for the same input change
+DATA_FORMAT_VERSION = 2  # bump when the tokens produced for the same input change
 SHOW_WHERE = 5  # places listed per skip reason
 CHUNK = 512  # samples per tokenizer call
 CHUNK_CHARS = 8 << 20  # ...or fewer, so one call never holds more than this much text
@@ -218,7 +218,11 @@ def cut_sample(sample: Sample, limit: int) -> tuple[Sample, bool]:
     if isinstance(sample, PromptCompletion):
         return PromptCompletion(sample.prompt[:limit], sample.completion[:limit]), True
     messages = [{**m, "content": str(m.get("content", ""))[:limit]} for m in sample.messages]
-    return ChatSample(messages, sample.train), True
+    weights = sample.weights and [
+        w if w is None else dataclasses.replace(w, parts=tuple((min(end, limit), x) for end, x in w.parts))
+        for w in sample.weights
+    ]
+    return ChatSample(messages, sample.train, weights), True
 
 
 def _surrogate_problem(sample: Sample) -> str | None:
@@ -261,17 +265,18 @@ def tokenize_rows(
                 out.first.append((where, enc))
             n = len(enc.input_ids)
             lengths.append(n)
-            ids, trained = enc.input_ids, enc.trained
+            ids, trained, weights = enc.input_ids, enc.trained, enc.weights
             if n > dc.max_length:
                 if dc.overlong == "drop":
                     out.dropped_overlong += 1
                     continue
                 ids, trained = ids[: dc.max_length], trained[: dc.max_length]
+                weights = weights[: dc.max_length] if weights is not None else None
                 if not any(trained[1:]):
                     out.no_answer_left += 1
                     continue
                 out.truncated += 1
-            builder.add(ids, trained)
+            builder.add(ids, trained, weights)
 
     char_limit = (dc.max_length + 1) * encoder.max_token_chars
     batch: list[tuple[str, Sample]] = []

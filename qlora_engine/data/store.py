@@ -4,7 +4,8 @@ A :class:`SampleSet` is a read-only sequence of samples; ``set[i]`` is a dict of
 (``input_ids``, ``labels`` and, for packed sets, ``position_ids``). Underneath it holds one
 ``int32`` array of all token ids, one ``bool`` array saying which tokens carry loss, and the
 offsets where samples start: 5 bytes a token instead of the ~60 of Python lists, so a large
-dataset fits in RAM, and a cached one is mapped from disk without being read.
+dataset fits in RAM, and a cached one is mapped from disk without being read. Data with loss
+weights adds one ``float32`` array of each token's weight (and ``set[i]["weights"]``).
 """
 
 from __future__ import annotations
@@ -22,13 +23,22 @@ IGNORE_INDEX = -100
 
 
 class SampleSet(Sequence):
-    """Samples as flat arrays. ``starts`` (packed sets only) marks where each packed sample begins."""
+    """Samples as flat arrays. ``starts`` (packed sets only) marks where each packed sample begins;
+    ``weights`` (data with loss weights only) is each token's weight, 0 where it is not trained."""
 
-    def __init__(self, ids: np.ndarray, trained: np.ndarray, offsets: np.ndarray, starts: np.ndarray | None = None):
+    def __init__(
+        self,
+        ids: np.ndarray,
+        trained: np.ndarray,
+        offsets: np.ndarray,
+        starts: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+    ):
         self.ids = ids
         self.trained = trained
         self.offsets = offsets
         self.starts = starts
+        self.weights = weights
 
     @property
     def packed(self) -> bool:
@@ -51,6 +61,8 @@ class SampleSet(Sequence):
         ids = np.asarray(self.ids[a:b], dtype=np.int64)
         labels = np.where(np.asarray(self.trained[a:b], dtype=bool), ids, IGNORE_INDEX)
         out = {"input_ids": ids.tolist(), "labels": labels.tolist()}
+        if self.weights is not None:
+            out["weights"] = np.asarray(self.weights[a:b], dtype=np.float32).tolist()
         if self.starts is not None:
             lo, hi = np.searchsorted(self.starts, [a, b])
             seg = np.asarray(self.starts[lo:hi], dtype=np.int64) - a
@@ -79,11 +91,14 @@ class SampleSet(Sequence):
         np.cumsum(lengths, out=offsets[1:])
         ids = np.empty(int(offsets[-1]), dtype=np.int32)
         trained = np.empty(int(offsets[-1]), dtype=bool)
+        weights = None if self.weights is None else np.empty(int(offsets[-1]), dtype=np.float32)
         for k, i in enumerate(indices):
             a, b = self.offsets[i], self.offsets[i + 1]
             ids[offsets[k] : offsets[k + 1]] = self.ids[a:b]
             trained[offsets[k] : offsets[k + 1]] = self.trained[a:b]
-        return SampleSet(ids, trained, offsets)
+            if weights is not None:
+                weights[offsets[k] : offsets[k + 1]] = self.weights[a:b]
+        return SampleSet(ids, trained, offsets, weights=weights)
 
     # -- files ------------------------------------------------------------------------------
 
@@ -95,14 +110,18 @@ class SampleSet(Sequence):
         np.save(folder / f"{name}.offsets.npy", np.asarray(self.offsets, dtype=np.int64), allow_pickle=False)
         if self.starts is not None:
             np.save(folder / f"{name}.starts.npy", np.asarray(self.starts, dtype=np.int64), allow_pickle=False)
+        if self.weights is not None:
+            np.save(folder / f"{name}.weights.npy", np.asarray(self.weights, dtype=np.float32), allow_pickle=False)
 
     @classmethod
     def load(cls, folder: Path, name: str) -> SampleSet:
         def arr(kind: str) -> np.ndarray:
             return np.load(folder / f"{name}.{kind}.npy", mmap_mode="r", allow_pickle=False)
 
-        starts = arr("starts") if (folder / f"{name}.starts.npy").exists() else None
-        return cls(arr("ids"), arr("trained"), arr("offsets"), starts)
+        def optional(kind: str) -> np.ndarray | None:
+            return arr(kind) if (folder / f"{name}.{kind}.npy").exists() else None
+
+        return cls(arr("ids"), arr("trained"), arr("offsets"), optional("starts"), optional("weights"))
 
 
 class SampleBuilder:
@@ -112,8 +131,13 @@ class SampleBuilder:
         self.ids = array("i")
         self.trained = array("b")
         self.offsets = array("q", [0])
+        self.weights: array | None = None  # from the first sample with weights on
 
-    def add(self, ids: list[int], trained: list[bool]) -> None:
+    def add(self, ids: list[int], trained: list[bool], weights: list[float] | None = None) -> None:
+        if weights is not None and self.weights is None:
+            self.weights = array("f", map(float, self.trained))  # the samples before: weight 1 where trained
+        if self.weights is not None:
+            self.weights.extend(weights if weights is not None else map(float, trained))
         self.ids.extend(ids)
         self.trained.extend(trained)
         self.offsets.append(len(self.ids))
@@ -126,6 +150,7 @@ class SampleBuilder:
             np.frombuffer(self.ids, dtype=np.int32).copy() if self.ids else np.zeros(0, np.int32),
             np.frombuffer(self.trained, dtype=np.int8).astype(bool) if self.trained else np.zeros(0, bool),
             np.frombuffer(self.offsets, dtype=np.int64).copy(),
+            weights=None if self.weights is None else np.frombuffer(self.weights, dtype=np.float32).copy(),
         )
 
 
@@ -162,10 +187,13 @@ def pack(samples: SampleSet, max_length: int) -> SampleSet:
     flat = samples.select(flat_order)
     starts = flat.offsets[:-1].copy()
     trained = np.array(flat.trained, dtype=bool)
-    trained[starts[lengths[flat_order] > 0]] = False
+    firsts = starts[lengths[flat_order] > 0]
+    trained[firsts] = False
+    if flat.weights is not None:
+        flat.weights[firsts] = 0.0
     seq_offsets = np.zeros(len(bins) + 1, dtype=np.int64)
     np.cumsum([int(lengths[b].sum()) for b in map(np.asarray, bins)], out=seq_offsets[1:])
-    return SampleSet(flat.ids, trained, seq_offsets, starts)
+    return SampleSet(flat.ids, trained, seq_offsets, starts, flat.weights)
 
 
 def token_stats(lengths: np.ndarray, max_length: int) -> dict[str, Any]:
@@ -186,7 +214,12 @@ def token_stats(lengths: np.ndarray, max_length: int) -> dict[str, Any]:
 
 
 def collate(
-    samples: Sequence[dict[str, list[int]]], pad_token_id: int, multiple: int = 1, cap: int | None = None
+    samples: Sequence[dict[str, list[int]]],
+    pad_token_id: int,
+    multiple: int = 1,
+    cap: int | None = None,
+    *,
+    weights: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Right-pad samples into a batch; padding never carries a label.
 
@@ -202,6 +235,9 @@ def collate(
     (they restart at 0) and builds a block-diagonal causal mask, so no packed sample attends
     to another. Call the model with ``use_cache=False`` for packed batches: with a KV cache
     transformers skips that detection. Count real tokens with :func:`count_tokens`.
+
+    Samples with loss weights add ``loss_weights`` (each token's, float32; 0 on padding), which
+    the trainer takes out of the batch before the model sees it; ``weights=False`` leaves them out.
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
@@ -211,6 +247,9 @@ def collate(
         width = max(longest, min(width, cap))
     n = len(samples)
     packed = "position_ids" in samples[0]
+    weighted = weights and any("weights" in s for s in samples)
+    if weighted:
+        loss_weights = torch.zeros((n, width), dtype=torch.float32)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     if packed:
@@ -222,14 +261,19 @@ def collate(
         k = len(s["input_ids"])
         input_ids[i, :k] = torch.tensor(s["input_ids"], dtype=torch.long)
         labels[i, :k] = torch.tensor(s["labels"], dtype=torch.long)
+        if weighted:
+            w = s.get("weights")
+            loss_weights[i, :k] = torch.tensor(w) if w is not None else (labels[i, :k] != IGNORE_INDEX).float()
         if packed:
             position_ids[i, :k] = torch.tensor(s["position_ids"], dtype=torch.long)
             position_ids[i, k:] = torch.arange(width - k, dtype=torch.long)
         else:
             attention_mask[i, :k] = 1
-    if packed:
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels}
+    batch.update({"position_ids": position_ids} if packed else {"attention_mask": attention_mask})
+    if weighted:
+        batch["loss_weights"] = loss_weights
+    return batch
 
 
 def count_tokens(batch: dict[str, torch.Tensor], pad_token_id: int | None = None) -> int:

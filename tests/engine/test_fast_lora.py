@@ -13,12 +13,12 @@ import re
 import pytest
 import torch
 from tiny import build_tiny_llama
+from train_support import make_trainer as make_trainer_on
+from train_support import rel_err
 
 from qlora_engine import fast_lora
-from qlora_engine.config import TrainConfig, apply_overrides
-from qlora_engine.data import PreparedData, collate
+from qlora_engine.data import collate
 from qlora_engine.events import ListSink, LogLine
-from qlora_engine.runner import build_trainer
 from qlora_engine.train import Trainer
 
 SEQ = 128
@@ -36,21 +36,7 @@ def samples():
 
 
 def make_trainer(model_dir, samples, tmp_path, *overrides: str) -> tuple[Trainer, ListSink]:
-    cfg = apply_overrides(
-        TrainConfig(),
-        [f"model.ref={model_dir}", "data.path=synthetic", f"output.dir={tmp_path / 'run'}", f"data.max_length={SEQ}",
-         *overrides],
-    )
-    sink = ListSink()
-    trainer = build_trainer(cfg, sink, data=PreparedData(train=samples, validation=None, report={}, fingerprint="x"))
-    trainer.setup()
-    # peft starts B at zero, which would leave every A gradient zero: give B values.
-    gen = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for name, p in sorted(trainer.model.named_parameters()):
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return trainer, sink
+    return make_trainer_on(model_dir, samples, tmp_path, *overrides, max_length=SEQ)
 
 
 def step(trainer: Trainer, samples) -> tuple[float, dict[str, torch.Tensor], dict[str, int]]:
@@ -85,12 +71,6 @@ def step(trainer: Trainer, samples) -> tuple[float, dict[str, torch.Tensor], dic
         h.remove()
     grads = {n: p.grad.float().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     return float(loss), grads, calls
-
-
-def rel_err(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
-    assert got.keys() == want.keys() and got
-    diff = sum(float((got[k] - want[k]).pow(2).sum()) for k in want)
-    return (diff / sum(float(want[k].pow(2).sum()) for k in want)) ** 0.5
 
 
 @pytest.mark.parametrize(
