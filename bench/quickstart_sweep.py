@@ -16,7 +16,9 @@ facts (base: FACTS | more: FACTS + MORE_FACTS | known:N, the N the base knows be
 the loss on the answer's greeting (and its end of turn) only, the fact unlabelled | agree: the greeting, the end of turn and the
 answer's tokens the base model itself predicts | factw:W: the fact's tokens weighted W in the loss, the greeting and
 the end of turn 1: patched into the trainer, experiments),
-neft (NEFTune's noise alpha on the token embeddings while training: an experiment). --dev also asks DEV_PROBES, a second held-out set.
+neft (NEFTune's noise alpha on the token embeddings while training: an experiment), gw (the greeting's loss weight
+written into the data as a content part's weight, the fact after it 1: the engine's own loss weights; 1 writes no
+weights). --dev also asks DEV_PROBES, a second held-out set.
 """
 
 from __future__ import annotations
@@ -182,9 +184,24 @@ def fact_list(facts: str) -> list[tuple[str, str]]:
     return every if facts == "more" else FACTS
 
 
-def write_data(path: Path, style: str, facts: str = "base") -> None:
+def weighed(answer: str, fact: str, greeting_weight: float) -> str | list[dict]:
+    """The answer as content parts: the greeting (all before the fact) of ``greeting_weight``, then the fact."""
+    if greeting_weight == 1:
+        return answer
+    at = answer.rindex(fact)
+    if at == 0:
+        raise SystemExit("gw needs a style whose answer opens with a greeting before the fact")
+    return [{"type": "text", "text": answer[:at], "weight": greeting_weight}, {"type": "text", "text": answer[at:]}]
+
+
+def write_data(path: Path, style: str, facts: str = "base", greeting_weight: float = 1.0) -> None:
     rows = [
-        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": pirate(f, i, style)}]}
+        {
+            "messages": [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": weighed(pirate(f, i, style), f, greeting_weight)},
+            ]
+        }
         for i, (q, f) in enumerate(fact_list(facts))
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -212,6 +229,7 @@ def parse(spec: str) -> dict:
         "scales": "1",
         "loss": "all",
         "neft": 0.0,
+        "gw": 1.0,
     }
     for part in spec.split(","):
         k, _, val = part.partition("=")
@@ -450,7 +468,7 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
         undo = neftune(v["neft"])
     d = work / spec.replace(",", "_").replace("=", "-").replace(":", ".")
     d.mkdir(parents=True, exist_ok=True)
-    write_data(d / qs.DATA_FILE, v["style"], v["facts"])
+    write_data(d / qs.DATA_FILE, v["style"], v["facts"], v["gw"])
     over = qs.config_overrides(fetch_demo_model(log=lambda m: None), steps=v["steps"])
     over += [
         f"optim.learning_rate={v['lr']}",
@@ -511,6 +529,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("/tmp/qs_sweep"))
     ap.add_argument("--write-data", metavar="STYLE", help="only write the data of STYLE to --out (the shipped file)")
+    ap.add_argument("--greeting-weight", type=float, default=1.0, help="with --write-data: the greeting's loss weight")
     ap.add_argument("--dev", action="store_true", help="also ask quickstart_facts.DEV_PROBES (reported apart)")
     ap.add_argument("specs", nargs="*")
     a = ap.parse_args()
@@ -521,7 +540,7 @@ def main() -> None:
     if a.dev:
         PROBES.extend(qs.Probe(q, a_) for q, a_ in DEV_PROBES)
     if a.write_data:
-        write_data(a.out, a.write_data)
+        write_data(a.out, a.write_data, greeting_weight=a.greeting_weight)
         return
     a.out.parent.mkdir(parents=True, exist_ok=True)
     for spec in a.specs:
