@@ -237,7 +237,7 @@ class DataPage(Page):
     def _draw_samples(self, samples: list[dict[str, Any]]) -> None:
         parts = [
             '<p style="margin:0 0 8px 0"><span style="background:#fde68a;color:#111">highlighted</span> = trained '
-            "(the loss is computed there); plain = prompt, context only.</p>"
+            "(the loss is computed there; ×0.2 after a part: its loss weight); plain = prompt, context only.</p>"
         ]
         for i, s in enumerate(samples, 1):
             facts = [f"{s.get('where', f'sample {i}')}"]
@@ -250,8 +250,10 @@ class DataPage(Page):
             body = []
             for seg in s.get("segments") or [{"text": s.get("text", ""), "trained": False}]:
                 text = html.escape(str(seg.get("text", ""))).replace("\n", "↵<br>")
+                weight = seg.get("weight", 1)
+                mark = f'<sub style="color:#92400e">×{weight:g}</sub>' if seg.get("trained") and weight != 1 else ""
                 body.append(
-                    f'<span style="background:#fde68a;color:#111">{text}</span>' if seg.get("trained") else text
+                    f'<span style="background:#fde68a;color:#111">{text}</span>{mark}' if seg.get("trained") else text
                 )
             parts.append(
                 f"<p style='margin:10px 0 2px 0'><b>{' · '.join(facts)}</b></p>"

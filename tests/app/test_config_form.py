@@ -214,6 +214,22 @@ def test_data_page_detects_maps_previews_and_measures(qtbot, window, tiny_model_
     assert "would be padding" not in page.stats.text()
 
 
+def test_data_page_shows_the_loss_weight_of_a_weighted_part(qtbot, window, tiny_model_dir, tmp_path):
+    answer = [{"type": "text", "text": "Arr, matey! ", "weight": 0.2}, {"type": "text", "text": "Paris."}]
+    rows = [{"messages": [{"role": "user", "content": f"Capital {i}?"}, {"role": "assistant", "content": answer}]}
+            for i in range(5)]
+    path = tmp_path / "weighted.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = window.data_page
+    with qtbot.waitSignal(window.model_page.info_changed, timeout=60_000, check_params_cb=lambda i: i is not None):
+        window.config_model.set_value("model", "ref", str(tiny_model_dir))
+    window.config_model.set_value("data", "path", str(path))
+    qtbot.waitUntil(lambda: page.report is not None and page.report.get("format") == "chat", timeout=30_000)
+    text = page.preview.toPlainText()
+    assert "Arr, matey!×0.2 Paris.<|im_end|>" in text  # the space goes with " Paris", a token of weight 1
+    assert "×1" not in text  # a weight of 1 is not marked
+
+
 def test_unplaced_fields_are_bound_generically(make_window):
     w = make_window()
     assert "data.cache" in all_bindings(w)
