@@ -239,3 +239,21 @@ def test_inspect_data_shows_each_run_s_weight(tmp_path, tok):
     sample = report["samples"][0]
     assert "[[Arr, matey!]](x0.2)[[ Paris.<|im_end|>]]" in sample["text"]
     assert [s["weight"] for s in sample["segments"] if s["trained"]] == pytest.approx([0.2, 1.0])
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_an_answer_longer_than_max_length_keeps_its_weights_up_to_the_cut(tmp_path, tok, overlong):
+    """A very long weighted answer is cut before tokenizing (memory bounded by max_length) and then
+    truncated or dropped; what is kept weighs what its part said."""
+    long_fact = " and".join(["the capital of France is Paris"] * 400)
+    rows = [chat(part("Arr, matey! ", 0.2), part(long_fact, 2)), chat(part("Ahoy! ", 0.5), part("Paris."))]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = prepare_data(make_cfg(path, max_length=64, overlong=overlong, validation_split=0), tok)
+    kept = [data.train[i] for i in range(len(data.train))]
+    assert len(kept) == (2 if overlong == "truncate" else 1)
+    for s in kept:
+        assert ((np.asarray(s["weights"]) > 0) == (np.asarray(s["labels"]) != IGNORE_INDEX)).all()
+    if overlong == "truncate":
+        long = max(kept, key=lambda s: len(s["input_ids"]))
+        assert len(long["input_ids"]) == 64 and set(np.round(long["weights"], 4)) == {0.0, 0.2, 2.0}
