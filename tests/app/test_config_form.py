@@ -175,15 +175,19 @@ def test_adapter_targets_from_the_models_own_layers(qtbot, window, tiny_model_di
     assert "layer 2 does not exist" in page.layer_warning.text()
 
 
+def open_data(qtbot, window, model_dir, path, rows):
+    """``rows`` written to ``path`` as JSONL, the model chosen (its facts read), then the data: the data page."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with qtbot.waitSignal(window.model_page.info_changed, timeout=60_000, check_params_cb=lambda i: i is not None):
+        window.config_model.set_value("model", "ref", str(model_dir))
+    window.config_model.set_value("data", "path", str(path))
+    return window.data_page
+
+
 def test_data_page_detects_maps_previews_and_measures(qtbot, window, tiny_model_dir, tmp_path):
     rows = [{"question": f"What is {i} plus {i}?", "answer": f"It is {2 * i}."} for i in range(30)]
     rows[3]["answer"] = "A much longer answer " * 20
-    path = tmp_path / "qa.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    page = window.data_page
-    with qtbot.waitSignal(window.model_page.info_changed, timeout=60_000, check_params_cb=lambda i: i is not None):
-        window.config_model.set_value("model", "ref", str(tiny_model_dir))
-    window.config_model.set_value("data", "path", str(path))
+    page = open_data(qtbot, window, tiny_model_dir, tmp_path / "qa.jsonl", rows)
     qtbot.waitUntil(lambda: bool(page.mapping_combos) and not page.mapping_box.isHidden(), timeout=30_000)
     assert "cannot tell the data format" in page.problems.text()
     combo = page.mapping_combos["instruction"]
@@ -218,12 +222,7 @@ def test_data_page_shows_the_loss_weight_of_a_weighted_part(qtbot, window, tiny_
     answer = [{"type": "text", "text": "Arr, matey! ", "weight": 0.2}, {"type": "text", "text": "Paris."}]
     rows = [{"messages": [{"role": "user", "content": f"Capital {i}?"}, {"role": "assistant", "content": answer}]}
             for i in range(5)]
-    path = tmp_path / "weighted.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    page = window.data_page
-    with qtbot.waitSignal(window.model_page.info_changed, timeout=60_000, check_params_cb=lambda i: i is not None):
-        window.config_model.set_value("model", "ref", str(tiny_model_dir))
-    window.config_model.set_value("data", "path", str(path))
+    page = open_data(qtbot, window, tiny_model_dir, tmp_path / "weighted.jsonl", rows)
     qtbot.waitUntil(lambda: page.report is not None and page.report.get("format") == "chat", timeout=30_000)
     text = page.preview.toPlainText()
     assert "Arr, matey!×0.2 Paris.<|im_end|>" in text  # the space goes with " Paris", a token of weight 1
