@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from qlora_engine.config import TrainConfig, validate
 from qlora_engine.data.encode import Encoded, Encoder, resolve_template
 from qlora_engine.data.formats import preview
@@ -165,6 +167,13 @@ def inspect_data(
             )
         result["token_stats"] = token_stats(tok.lengths, dc.max_length)
         result["token_stats"]["trained_total"] = tok.samples.num_trained
+        if tok.samples.weights is not None:  # loss weights: their range over the trained tokens
+            trained = np.asarray(tok.samples.weights)[np.asarray(tok.samples.trained, dtype=bool)]
+            result["loss_weights"] = {
+                "min": float(trained.min()) if trained.size else 0.0,
+                "max": float(trained.max()) if trained.size else 0.0,
+                "tokens_not_1": int((trained != 1).sum()),
+            }
         # What a batch will hold after the max_length policy (what the VRAM budget needs).
         result["token_stats"]["longest_sequence"] = int(tok.samples.lengths.max(initial=0))
         result["lengths"] = tok.lengths[:MAX_LENGTHS_LISTED].tolist()  # for a histogram
@@ -280,6 +289,10 @@ def print_human(r: dict[str, Any], out: Any) -> None:
             f"max {st['max']}  total {st['total']:,}  (trained {st['trained_total']:,})\n"
         )
         w(f"longer than max_length {ov['max_length']}: {st['over_max_length']:,} (policy: {ov['policy']})\n")
+        if lw := r.get("loss_weights"):
+            w(
+                f"loss weights: {lw['min']:g} to {lw['max']:g} ({lw['tokens_not_1']:,} trained tokens weigh other than 1)\n"
+            )
         if r.get("packing_hint"):
             w(f"hint: {r['packing_hint']}\n")
         if r.get("template"):

@@ -257,3 +257,13 @@ def test_an_answer_longer_than_max_length_keeps_its_weights_up_to_the_cut(tmp_pa
     if overlong == "truncate":
         long = max(kept, key=lambda s: len(s["input_ids"]))
         assert len(long["input_ids"]) == 64 and set(np.round(long["weights"], 4)) == {0.0, 0.2, 2.0}
+
+
+def test_inspect_data_on_the_command_line_says_the_weights_range(tmp_path, tiny_model_dir, capsys):
+    from qlora_engine.cli import main
+
+    path = tmp_path / "weighted.jsonl"
+    path.write_text(json.dumps(chat(part("Arr, matey! ", 0.25), part("Paris is the capital.", 3))) + "\n")
+    assert main(["inspect-data", str(path), "--model", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "loss weights: 0.25 to 3 (" in out and "[[Arr, matey!]](x0.25)" in out
