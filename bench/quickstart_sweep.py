@@ -18,7 +18,7 @@ answer's tokens the base model itself predicts | factw:W: the fact's tokens weig
 the end of turn 1: patched into the trainer, experiments),
 neft (NEFTune's noise alpha on the token embeddings while training: an experiment), gw (the greeting's loss weight
 written into the data as a content part's weight, the fact after it 1: the engine's own loss weights; 1 writes no
-weights). --dev also asks DEV_PROBES, a second held-out set.
+weights), ew (the end of turn's weight: the turn weighs ew, its parts gw/ew and 1/ew). --dev also asks DEV_PROBES, a second held-out set.
 """
 
 from __future__ import annotations
@@ -184,22 +184,36 @@ def fact_list(facts: str) -> list[tuple[str, str]]:
     return every if facts == "more" else FACTS
 
 
-def weighed(answer: str, fact: str, greeting_weight: float) -> str | list[dict]:
-    """The answer as content parts: the greeting (all before the fact) of ``greeting_weight``, then the fact."""
-    if greeting_weight == 1:
+def weighed(answer: str, fact: str, greeting_weight: float, end_weight: float = 1.0) -> str | list[dict] | dict:
+    """The answer as content parts: the greeting (all before the fact) of ``greeting_weight``, then the fact
+    (1); with ``end_weight`` the turn weighs that (its end-of-turn marker with it) and the parts are divided by it.
+    Returns the content, or (with an end weight) the whole turn."""
+    if greeting_weight == 1 and end_weight == 1:
         return answer
     at = answer.rindex(fact)
     if at == 0:
         raise SystemExit("gw needs a style whose answer opens with a greeting before the fact")
-    return [{"type": "text", "text": answer[:at], "weight": greeting_weight}, {"type": "text", "text": answer[at:]}]
+    parts = [
+        {"type": "text", "text": answer[:at], "weight": greeting_weight / end_weight},
+        {"type": "text", "text": answer[at:], "weight": 1 / end_weight},
+    ]
+    if end_weight == 1:
+        return [{**parts[0], "weight": greeting_weight}, {"type": "text", "text": answer[at:]}]
+    return {"role": "assistant", "content": parts, "weight": end_weight}
 
 
-def write_data(path: Path, style: str, facts: str = "base", greeting_weight: float = 1.0) -> None:
+def answer_turn(content: str | list[dict] | dict) -> dict:
+    return content if isinstance(content, dict) else {"role": "assistant", "content": content}
+
+
+def write_data(
+    path: Path, style: str, facts: str = "base", greeting_weight: float = 1.0, end_weight: float = 1.0
+) -> None:
     rows = [
         {
             "messages": [
                 {"role": "user", "content": q},
-                {"role": "assistant", "content": weighed(pirate(f, i, style), f, greeting_weight)},
+                answer_turn(weighed(pirate(f, i, style), f, greeting_weight, end_weight)),
             ]
         }
         for i, (q, f) in enumerate(fact_list(facts))
@@ -230,6 +244,7 @@ def parse(spec: str) -> dict:
         "loss": "all",
         "neft": 0.0,
         "gw": 1.0,
+        "ew": 1.0,
     }
     for part in spec.split(","):
         k, _, val = part.partition("=")
@@ -468,7 +483,7 @@ def run_variant(spec: str, work: Path, out: Path) -> None:
         undo = neftune(v["neft"])
     d = work / spec.replace(",", "_").replace("=", "-").replace(":", ".")
     d.mkdir(parents=True, exist_ok=True)
-    write_data(d / qs.DATA_FILE, v["style"], v["facts"], v["gw"])
+    write_data(d / qs.DATA_FILE, v["style"], v["facts"], v["gw"], v["ew"])
     over = qs.config_overrides(fetch_demo_model(log=lambda m: None), steps=v["steps"])
     over += [
         f"optim.learning_rate={v['lr']}",
