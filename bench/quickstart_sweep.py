@@ -18,7 +18,7 @@ answer's tokens the base model itself predicts | factw:W: the fact's tokens weig
 the end of turn 1: patched into the trainer, experiments),
 neft (NEFTune's noise alpha on the token embeddings while training: an experiment), gw (the greeting's loss weight
 written into the data as a content part's weight, the fact after it 1: the engine's own loss weights; 1 writes no
-weights), ew (the end of turn's weight: the turn weighs ew, its parts gw/ew and 1/ew). --dev also asks DEV_PROBES, a second held-out set.
+weights), ew (the end of turn's weight: the greeting, the fact and the end of turn weigh gw : 1 : ew). --dev also asks DEV_PROBES, a second held-out set.
 """
 
 from __future__ import annotations
@@ -184,26 +184,21 @@ def fact_list(facts: str) -> list[tuple[str, str]]:
     return every if facts == "more" else FACTS
 
 
-def weighed(answer: str, fact: str, greeting_weight: float, end_weight: float = 1.0) -> str | list[dict] | dict:
-    """The answer as content parts: the greeting (all before the fact) of ``greeting_weight``, then the fact
-    (1); with ``end_weight`` the turn weighs that (its end-of-turn marker with it) and the parts are divided by it.
-    Returns the content, or (with an end weight) the whole turn."""
+def weighed(answer: str, fact: str, greeting_weight: float, end_weight: float = 1.0) -> str | list[dict]:
+    """The answer as content parts: the greeting (all before the fact), then the fact, weighing
+    ``greeting_weight``, 1 and (the end of turn) ``end_weight`` relative to each other. The engine's loss
+    is a weighted mean, so only these ratios count: the turn weighs 1 (its end of turn with it) and its
+    parts ``greeting_weight / end_weight`` and ``1 / end_weight``; a weight of 1 is left out."""
     if greeting_weight == 1 and end_weight == 1:
         return answer
     at = answer.rindex(fact)
     if at == 0:
         raise SystemExit("gw needs a style whose answer opens with a greeting before the fact")
-    parts = [
-        {"type": "text", "text": answer[:at], "weight": greeting_weight / end_weight},
-        {"type": "text", "text": answer[at:], "weight": 1 / end_weight},
-    ]
-    if end_weight == 1:
-        return [{**parts[0], "weight": greeting_weight}, {"type": "text", "text": answer[at:]}]
-    return {"role": "assistant", "content": parts, "weight": end_weight}
-
-
-def answer_turn(content: str | list[dict] | dict) -> dict:
-    return content if isinstance(content, dict) else {"role": "assistant", "content": content}
+    parts = [{"type": "text", "text": answer[:at]}, {"type": "text", "text": answer[at:]}]
+    for p, w in zip(parts, (greeting_weight / end_weight, 1 / end_weight), strict=True):
+        if w != 1:
+            p["weight"] = round(w, 6)
+    return parts
 
 
 def write_data(
@@ -213,7 +208,7 @@ def write_data(
         {
             "messages": [
                 {"role": "user", "content": q},
-                answer_turn(weighed(pirate(f, i, style), f, greeting_weight, end_weight)),
+                {"role": "assistant", "content": weighed(pirate(f, i, style), f, greeting_weight, end_weight)},
             ]
         }
         for i, (q, f) in enumerate(fact_list(facts))
@@ -545,6 +540,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/qs_sweep"))
     ap.add_argument("--write-data", metavar="STYLE", help="only write the data of STYLE to --out (the shipped file)")
     ap.add_argument("--greeting-weight", type=float, default=1.0, help="with --write-data: the greeting's loss weight")
+    ap.add_argument("--end-weight", type=float, default=1.0, help="with --write-data: the end of turn's loss weight")
     ap.add_argument("--dev", action="store_true", help="also ask quickstart_facts.DEV_PROBES (reported apart)")
     ap.add_argument("specs", nargs="*")
     a = ap.parse_args()
@@ -555,7 +551,7 @@ def main() -> None:
     if a.dev:
         PROBES.extend(qs.Probe(q, a_) for q, a_ in DEV_PROBES)
     if a.write_data:
-        write_data(a.out, a.write_data, greeting_weight=a.greeting_weight)
+        write_data(a.out, a.write_data, greeting_weight=a.greeting_weight, end_weight=a.end_weight)
         return
     a.out.parent.mkdir(parents=True, exist_ok=True)
     for spec in a.specs:

@@ -22,6 +22,7 @@ import pytest
 from qlora_engine import quickstart as qs
 from qlora_engine import resources
 from qlora_engine.config import TrainConfig, apply_overrides
+from qlora_engine.data.formats import normalize
 from qlora_engine.events import ListSink, RunStarted, StepMetrics, iter_events
 from qlora_engine.models import inspect_model
 from qlora_engine.runner import build_trainer
@@ -80,6 +81,11 @@ def test_held_out_questions_are_apart_from_the_training_data():
     facts = [a.partition("!")[2].strip() for a in answers_list]
     assert len(set(greetings)) >= 2
     assert all(len(f.split()) >= 3 for f in facts) and len(set(facts)) == len(rows)
+    # the fact weighs more in the loss than the greeting before it (docs/quickstart.md, session 17),
+    # as the engine reads the rows
+    for r in rows:
+        (_, greeting), (end, fact) = normalize(r, "chat", False).weights[-1].parts
+        assert fact > greeting and end == len(text_of(r["messages"][-1]["content"]))
 
 
 @pytest.mark.slow
@@ -130,8 +136,9 @@ def test_tuned_answers_are_in_style_not_looping_and_about_as_correct(all_answers
 @SHARED_RUN_LIMIT
 @pytest.mark.xfail(
     strict=False,
-    reason="issue 19, open: over seeds the tuned model is about one answer in 36 behind the base "
-    "(docs/quickstart.md, session 16: 19.7 against 21 over ten seeds); it ties at the shipped seed on the CPU measured",
+    reason="issue 19: over seeds the tuned model is as correct as the base on average but not at every seed "
+    "(docs/quickstart.md, session 17: 20.9 against 21 over ten seeds, from 2 behind to 1 ahead); "
+    "it ties at the shipped seed on the CPU measured",
 )
 def test_tuned_answers_are_as_correct_as_the_base(all_answers):
     t = qs.tally(all_answers, ALL_HELD_OUT)
