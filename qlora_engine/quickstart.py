@@ -2,8 +2,8 @@
 
 ``qlora-engine quickstart`` fetches the demo model (SmolLM2-135M-Instruct, see :mod:`demo`),
 trains a LoRA adapter on ``resources/data/quickstart.jsonl`` (questions answered in pirate
-speak, each answer carrying its fact in a full sentence, with varied openings and endings so
-there is no one phrase to learn by heart), then asks the base and the tuned model questions
+speak: a pirate greeting, then the fact in a full sentence of its own, the fact's part weighing
+five times the greeting in the loss), then asks the base and the tuned model questions
 the data does not hold and prints a one-line verdict computed from their answers.
 
 The lesson of a first run must be the right one: the adapter changes *how* the model speaks
