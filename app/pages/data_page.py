@@ -248,7 +248,7 @@ class DataPage(Page):
                 if not s.get("ends_with_eos", True):
                     facts.append("<span style='color:#d97706'>no end-of-sequence token</span>")
             body = []
-            for seg in s.get("segments") or [{"text": s.get("text", ""), "trained": False}]:
+            for seg in s.get("segments") or _format_only_segments(s):
                 text = html.escape(str(seg.get("text", ""))).replace("\n", "↵<br>")
                 weight = seg.get("weight", 1)
                 mark = f'<sub style="color:#92400e">×{weight:g}</sub>' if seg.get("trained") and weight != 1 else ""
@@ -332,3 +332,19 @@ class DataPage(Page):
         else:
             columns.pop(ours, None)
         self.model.set_value("data", "columns", columns)
+
+
+def _format_only_segments(sample: dict[str, Any]) -> list[dict[str, Any]]:
+    """A sample read without a tokenizer (no model chosen yet) as (text, trained) segments: each turn
+    as "role: content", a prompt and its completion, or the text, trained where training would be."""
+    if "messages" in sample:
+        return [
+            {"text": f"{m.get('role')}: {m.get('content')}\n", "trained": bool(m.get("trained"))}
+            for m in sample["messages"]
+        ]
+    if "prompt" in sample:
+        return [
+            {"text": f"{sample['prompt']}\n", "trained": False},
+            {"text": str(sample.get("completion")), "trained": True},
+        ]
+    return [{"text": str(sample.get("text", "")), "trained": "text" in sample}]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import typing
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PySide6.QtCore import QSize
 from PySide6.QtWidgets import QCheckBox, QComboBox, QFileDialog, QLineEdit, QSpinBox
 
@@ -227,6 +229,32 @@ def test_data_page_shows_the_loss_weight_of_a_weighted_part(qtbot, window, tiny_
     text = page.preview.toPlainText()
     assert "Arr, matey!×0.2 Paris.<|im_end|>" in text  # the space goes with " Paris", a token of weight 1
     assert "×1" not in text  # a weight of 1 is not marked
+
+
+@pytest.mark.parametrize(
+    ("row", "shown", "trained"),
+    [
+        ({"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]},
+         ["user: Capital of France?", "assistant: Paris."], "assistant: Paris."),
+        ({"prompt": "Capital of France?", "completion": "Paris."}, ["Capital of France?", "Paris."], "Paris."),
+        ({"text": "Paris is the capital of France."}, ["Paris is the capital of France."], "Paris is the capital"),
+        ({"instruction": "Capital of France?", "output": "Paris."}, ["user: Capital of France?", "assistant: Paris."],
+         "assistant: Paris."),
+    ],
+    ids=["chat", "prompt-completion", "text", "alpaca"],
+)
+def test_data_page_shows_samples_before_a_model_is_chosen(qtbot, window, tmp_path, row, shown, trained):
+    """No model yet: the samples are read without a tokenizer, and still shown, the trained part highlighted."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    page = window.data_page
+    window.config_model.set_value("data", "path", str(path))
+    qtbot.waitUntil(lambda: page.report is not None and bool(page.report.get("samples")), timeout=30_000)
+    text = page.preview.toPlainText()
+    assert all(s in text for s in shown), text
+    spans = re.findall(r'<span style="[^"]*background-color:#fde68a[^"]*">(.*?)</span>', page.preview.toHtml(), re.S)
+    highlighted = [re.sub(r"<[^>]+>", "", h) for h in spans]
+    assert any(trained in h for h in highlighted), highlighted
 
 
 def test_unplaced_fields_are_bound_generically(make_window):
