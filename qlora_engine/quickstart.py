@@ -38,7 +38,9 @@ TRAIN_SETTINGS: dict[str, Any] = {
     "train.micro_batch_size": 4,
     "train.gradient_accumulation_steps": 1,
     "train.save_steps": 10,
-    "optim.learning_rate": 1e-3,
+    # 7e-4 with the data's loss weights (the fact 5x the greeting): 21.4 of 36 held-out answers right
+    # over ten seeds against the base's 21; 1e-3 gave 20.9, 5e-4 lost the style (docs/quickstart.md, session 17).
+    "optim.learning_rate": 7e-4,
     "optim.warmup_steps": 3,
     "optim.scheduler": "cosine",
     "lora.rank": 8,

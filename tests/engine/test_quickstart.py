@@ -7,8 +7,9 @@ training data does not hold, the tuned model answers in the trained (pirate) sty
 correctly than the base model, and never loops; and its output holds nothing from the libraries
 underneath. The judgement comes from the generated text: the
 quickstart's own three shown answers plus the other 33 held-out questions asked here of the
-same run. "No less correctly" is met at the shipped seed on the CPUs measured but not over seeds
-(issue 19): it is an expected failure here, and a loss of more than a seed's spread is a failure.
+same run. "No less correctly" is asserted at the shipped seed, where the tuned model is two answers
+of 36 ahead of the base on the CPU measured; over ten seeds it is 0.4 ahead on average, from two
+behind to three ahead (docs/quickstart.md, session 17).
 """
 
 from __future__ import annotations
@@ -38,12 +39,6 @@ THIRD_PARTY = re.compile(
 
 ALL_HELD_OUT = qs.HELD_OUT + qs.MORE_HELD_OUT
 """Every held-out question: the quickstart's judged on 36, not 12 (one answer more or less moves 12 by 8%)."""
-
-KNOWLEDGE_SPREAD = 2
-"""How many answers of 36 a change of seed or CPU moves the tuned model's correct count, the shipped
-settings otherwise unchanged (docs/quickstart.md: +1 and 0 against the base at seed 42 on two CPUs,
--4 to +1 over seeds)."""
-
 
 @pytest.fixture(scope="module")
 def all_answers(quickstart):
@@ -121,28 +116,15 @@ def test_the_run_ends_with_three_held_out_answers_and_a_verdict_from_them(quicks
 
 @pytest.mark.slow
 @SHARED_RUN_LIMIT
-def test_tuned_answers_are_in_style_not_looping_and_about_as_correct(all_answers):
+def test_tuned_answers_are_in_style_not_looping_and_as_correct_as_the_base(all_answers):
     t = qs.tally(all_answers, ALL_HELD_OUT)
     print("\n" + t.verdict())
     assert t.n == len(ALL_HELD_OUT)
     assert t.tuned_style * 3 >= 2 * t.n, "at least two thirds of the tuned answers must be in the trained style"
     assert t.tuned_looping == 0
-    assert t.tuned_correct >= t.base_correct - KNOWLEDGE_SPREAD, "the tuned model forgot what the base knows"
+    assert t.tuned_correct >= t.base_correct, f"the tuned model forgot what the base knows: {t.verdict()}"
     assert t.base_style < t.tuned_style  # the style came from the training, not from the base
     assert any(j.tuned != j.base for j in all_answers)
-
-
-@pytest.mark.slow
-@SHARED_RUN_LIMIT
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 19: over seeds the tuned model is as correct as the base on average but not at every seed "
-    "(docs/quickstart.md, session 17: 20.9 against 21 over ten seeds, from 2 behind to 1 ahead); "
-    "it ties at the shipped seed on the CPU measured",
-)
-def test_tuned_answers_are_as_correct_as_the_base(all_answers):
-    t = qs.tally(all_answers, ALL_HELD_OUT)
-    assert t.tuned_correct >= t.base_correct, t.verdict()
 
 
 def test_the_judge_can_fail():
