@@ -255,3 +255,42 @@ def test_ddp_and_fsdp_of_one_process_run_the_single_engine_run(setup):
             (started,) = sink.of(RunStarted)
             assert started.model["quant_storage"] == ("float32" if strategy == "fsdp" else "uint8")
     assert json.loads((root / "one-fsdp" / "checkpoints" / "step-000002" / ckpt.MARKER).read_text())["complete"]
+
+
+def test_loss_weights_over_two_processes_train_as_one_process(setup):
+    """Weighted answers (a part of weight 0.1, a turn of weight 3): two DDP processes, each with its
+    share of a step's micro-batches, take the same steps as one process (the weights' sum is the
+    whole step's on each), and those steps are not the unweighted data's."""
+    from qlora_engine.config import TrainConfig
+    from qlora_engine.events import ListSink
+    from qlora_engine.runner import run
+
+    config, env, _, root = setup
+
+    def write(name: str, weighted: bool) -> Path:
+        rows = []
+        for i, t in enumerate(TEXTS):
+            parts = [{"type": "text", "text": "Well, "}, {"type": "text", "text": t}]
+            turn = {"role": "assistant", "content": parts}
+            if weighted:
+                parts[0]["weight"] = 0.1
+                turn["weight"] = 1 + 2 * (i % 2)
+            rows.append({"messages": [{"role": "user", "content": f"Say line {i}."}, turn]})
+        path = root / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return path
+
+    one = {}
+    with cache_at(env["QLORA_STUDIO_CACHE"]):
+        for name, weighted in (("w-one", True), ("w-plain", False)):
+            sink = ListSink()
+            run(TrainConfig.load(config(name, f"data.path={write(name, weighted)}", "train.max_steps=3")), sink)
+            one[name] = [e.loss for e in sink.of(StepMetrics)]
+    assert one["w-one"][0] == pytest.approx(one["w-plain"][0], rel=1e-6)  # the reported loss is the plain mean
+    assert abs(one["w-one"][2] - one["w-plain"][2]) > 1e-4  # the weighted steps differ
+    path = config("w-two", f"data.path={root / 'w-one.jsonl'}", "train.max_steps=3", "train.strategy=ddp")
+    done = subprocess.run(torchrun("--standalone", "--nproc-per-node=2", *engine(path)),
+                          env=env, capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    losses = step_losses(root / "w-two")
+    assert [losses[s] for s in (1, 2, 3)] == pytest.approx(one["w-one"], rel=1e-5)
