@@ -336,12 +336,18 @@ class DataPage(Page):
 
 def _format_only_segments(sample: dict[str, Any]) -> list[dict[str, Any]]:
     """A sample read without a tokenizer (no model chosen yet) as (text, trained) segments: each turn
-    as "role: content", a prompt and its completion, or the text, trained where training would be."""
+    as "role: content" (a weighted answer part by part, each with its weight), a prompt and its
+    completion, or the text, trained where training would be."""
     if "messages" in sample:
-        return [
-            {"text": f"{m.get('role')}: {m.get('content')}\n", "trained": bool(m.get("trained"))}
-            for m in sample["messages"]
-        ]
+        out: list[dict[str, Any]] = []
+        for m in sample["messages"]:
+            trained = bool(m.get("trained"))
+            parts = m.get("parts") or [{"text": m.get("content"), "weight": 1}]
+            out.append({"text": f"{m.get('role')}: ", "trained": False})
+            turn = m.get("weight", 1)
+            out += [{"text": str(p["text"]), "trained": trained, "weight": turn * p["weight"]} for p in parts]
+            out.append({"text": "\n", "trained": False})
+        return out
     if "prompt" in sample:
         return [
             {"text": f"{sample['prompt']}\n", "trained": False},

@@ -235,13 +235,17 @@ def test_data_page_shows_the_loss_weight_of_a_weighted_part(qtbot, window, tiny_
     ("row", "shown", "trained"),
     [
         ({"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]},
-         ["user: Capital of France?", "assistant: Paris."], "assistant: Paris."),
+         ["user: Capital of France?", "assistant: Paris."], "Paris."),
         ({"prompt": "Capital of France?", "completion": "Paris."}, ["Capital of France?", "Paris."], "Paris."),
         ({"text": "Paris is the capital of France."}, ["Paris is the capital of France."], "Paris is the capital"),
         ({"instruction": "Capital of France?", "output": "Paris."}, ["user: Capital of France?", "assistant: Paris."],
-         "assistant: Paris."),
+         "Paris."),
+        ({"messages": [{"role": "user", "content": "Capital?"},
+                       {"role": "assistant", "content": [{"type": "text", "text": "Arr! ", "weight": 0.2},
+                                                         {"type": "text", "text": "Paris."}]}]},
+         ["user: Capital?", "assistant: Arr! ×0.2Paris."], "Paris."),
     ],
-    ids=["chat", "prompt-completion", "text", "alpaca"],
+    ids=["chat", "prompt-completion", "text", "alpaca", "weighted-chat"],
 )
 def test_data_page_shows_samples_before_a_model_is_chosen(qtbot, window, tmp_path, row, shown, trained):
     """No model yet: the samples are read without a tokenizer, and still shown, the trained part highlighted."""
@@ -255,6 +259,7 @@ def test_data_page_shows_samples_before_a_model_is_chosen(qtbot, window, tmp_pat
     spans = re.findall(r'<span style="[^"]*background-color:#fde68a[^"]*">(.*?)</span>', page.preview.toHtml(), re.S)
     highlighted = [re.sub(r"<[^>]+>", "", h) for h in spans]
     assert any(trained in h for h in highlighted), highlighted
+    assert not any("Capital" in h or ":" in h for h in highlighted), highlighted  # the question and roles: plain
 
 
 def test_unplaced_fields_are_bound_generically(make_window):
