@@ -42,7 +42,12 @@ from qlora_engine.data.store import SampleBuilder, SampleSet, pack, split_indice
 from qlora_engine.errors import DataError
 from qlora_engine.events import EventSink, LogLine, NullSink, PhaseChanged
 
-DATA_FORMAT_VERSION = 2  # bump when the tokens produced for the same input change
+DATA_FORMAT_VERSION = 2  # bump when the tokens produced for the same input change (the cache's key)
+IDENTITY_VERSION = 1
+"""The version inside the fingerprint a checkpoint records for its data: it stays at 1, so that a run
+started before a change of tokenization still resumes (and trains more) on the same file, while the
+cache, keyed with :data:`DATA_FORMAT_VERSION`, is rebuilt. Version 2 joined content parts as written
+(they were joined with newlines) and added loss weights."""
 SHOW_WHERE = 5  # places listed per skip reason
 CHUNK = 512  # samples per tokenizer call
 CHUNK_CHARS = 8 << 20  # ...or fewer, so one call never holds more than this much text
@@ -309,7 +314,9 @@ def tokenize_rows(
     return out
 
 
-def data_fingerprint(cfg: TrainConfig, src: Source, val_src: Source | None, tok_fp: str) -> str:
+def data_fingerprints(cfg: TrainConfig, src: Source, val_src: Source | None, tok_fp: str) -> tuple[str, str]:
+    """(the data's fingerprint, its cache key): the same data, tokenizer and settings, the first with
+    :data:`IDENTITY_VERSION`, the second with :data:`DATA_FORMAT_VERSION`."""
     dc = cfg.data
     settings = {
         "format": dc.format,
@@ -324,13 +331,16 @@ def data_fingerprint(cfg: TrainConfig, src: Source, val_src: Source | None, tok_
         "seed": cfg.train.seed if (val_src is None and dc.validation_split > 0) else None,
     }
     blob = {
-        "version": DATA_FORMAT_VERSION,
         "data": src.content_hash(),
         "validation": val_src.content_hash() if val_src is not None else None,
         "settings": settings,
         "tokenizer": tok_fp,
     }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:24]
+
+    def digest(version: int) -> str:
+        return hashlib.sha256(json.dumps({**blob, "version": version}, sort_keys=True).encode()).hexdigest()[:24]
+
+    return digest(IDENTITY_VERSION), digest(DATA_FORMAT_VERSION)
 
 
 def open_configured(cfg: TrainConfig, spec: str) -> Source:
@@ -351,10 +361,10 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, sink: EventSink | None = None
     src = open_configured(cfg, dc.path)
     val_src = open_configured(cfg, dc.validation_path) if dc.validation_path else None
     template, template_source = resolve_template(tokenizer, dc.chat_template)
-    fingerprint = data_fingerprint(cfg, src, val_src, tokenizer_fingerprint(tokenizer, template))
+    fingerprint, cache_key = data_fingerprints(cfg, src, val_src, tokenizer_fingerprint(tokenizer, template))
 
     if dc.cache:
-        hit = cache.load(fingerprint)
+        hit = cache.load(cache_key)
         if hit is not None:
             train, validation, report = hit
             report = dataclasses.replace(report, cache="hit")
@@ -443,7 +453,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, sink: EventSink | None = None
         note=src.note or None,
     )
     if dc.cache:
-        report.cache = "written" if cache.save(fingerprint, train_set, val_set, report.to_dict()) else "not written"
+        report.cache = "written" if cache.save(cache_key, train_set, val_set, report.to_dict()) else "not written"
     _emit_summary(sink, report)
     return PreparedData(train_set, val_set, report, fingerprint)
 

@@ -69,7 +69,7 @@ def test_the_fingerprint_follows_data_settings_and_tokenizer(data_dir, tok, tiny
 def test_a_damaged_cache_entry_is_rebuilt(tmp_path, data_dir, tok):
     cfg = make_cfg(data_dir / "alpaca.jsonl")
     first = prepare_data(cfg, tok)
-    entry = cache_root() / first.fingerprint
+    (entry,) = cache_root().iterdir()  # named by the cache key (the fingerprint with the tokenization's version)
     (entry / "train.ids.npy").write_bytes(b"garbage")
     again = prepare_data(cfg, tok)
     assert again.report["cache"] == "written" and list(again.train) == list(first.train)
@@ -169,3 +169,23 @@ def test_inspect_data_can_read_only_the_first_rows(data_dir, tok):
     assert quick["skipped"] == {"missing or empty 'output'": {"count": 1, "where": ["line 4"]}}
     measured = inspect_data(data_dir / "bad_missing_fields.jsonl", tok, max_rows=10)
     assert measured["rows"] == 10 and measured["token_stats"]["count"] == 8 and len(measured["lengths"]) == 8
+
+
+def test_a_change_of_tokenization_rebuilds_the_cache_and_a_run_still_resumes(tiny_cfg, monkeypatch):
+    """A run started before the engine tokenized its data another way (DATA_FORMAT_VERSION) resumes
+    on the same file: the data's fingerprint, which its checkpoint records, does not carry the
+    version; the cache's key does, so the tokens are made again, not taken from the old entry."""
+    from qlora_engine.data import pipeline
+    from qlora_engine.runner import run
+
+    with monkeypatch.context() as older:  # (monkeypatch.undo() would also undo the private cache)
+        older.setattr(pipeline, "DATA_FORMAT_VERSION", pipeline.DATA_FORMAT_VERSION - 1)
+        run(tiny_cfg("train.max_steps=2", "train.save_steps=1"), ListSink())
+    cfg = tiny_cfg("train.max_steps=3", "train.save_steps=1")
+    second = ListSink()
+    finished = run(cfg, second, resume=True)
+    assert finished.step == 3
+    messages = [e.message for e in second.of(LogLine)]
+    assert any("resumed from" in m for m in messages)
+    assert not any("from the cache" in m for m in messages)  # the older version's entry is not used
+    assert len(list(cache_root().iterdir())) == 2  # one entry per version
