@@ -267,3 +267,17 @@ def test_inspect_data_on_the_command_line_says_the_weights_range(tmp_path, tiny_
     assert main(["inspect-data", str(path), "--model", str(tiny_model_dir)]) == 0
     out = capsys.readouterr().out
     assert "loss weights: 0.25 to 3 (" in out and "[[Arr, matey!]](x0.25)" in out
+
+
+@pytest.mark.parametrize("turn", [0.5, 1.0, 3.0])
+def test_an_eos_the_template_does_not_write_is_added_with_the_last_answer_s_weight(tiny_model_no_template_dir, turn):
+    """ChatML (the default for a tokenizer without a template) ends turns with <|im_end|>, which is
+    not this tokenizer's EOS: the closing EOS is appended, trained, weighing the last turn's weight."""
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(tiny_model_no_template_dir)
+    enc = Encoder(plain, resolve_template(plain, None)[0])
+    (got,) = enc.encode_many([normalize(chat(part("Arr! ", 0.2), part("Paris."), weight=turn), "chat", False)])
+    assert got.input_ids[-1] == plain.eos_token_id and got.input_ids[-2] != plain.eos_token_id
+    assert got.trained[-1] and got.weights[-1] == pytest.approx(turn)
+    assert got.weights[-2] == pytest.approx(turn)  # <|im_end|>, the template's end of turn, weighs the turn too

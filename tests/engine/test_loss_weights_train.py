@@ -151,3 +151,14 @@ def test_a_weighted_chat_dataset_trains_end_to_end_with_evaluation(tiny_cfg, tmp
     assert isinstance(finished, RunFinished) and finished.step == 6 and (cfg.output_dir / "adapter").is_dir()
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert finished.final_eval_loss is not None and np.isfinite(finished.final_eval_loss)
+
+
+def test_weights_on_a_model_whose_decoder_is_not_found_are_refused_by_name():
+    from qlora_engine.errors import DataError
+
+    weights = torch.ones(1, 4)
+    with pytest.raises(DataError, match="loss weights") as e, loss_weights.weighted(None, weights, 3, 3.0):
+        pass
+    assert e.value.field == "data.path"
+    with loss_weights.weighted(None, None, 3, None):  # no weights: nothing is asked of the model
+        pass
