@@ -176,7 +176,8 @@ class LiveRun:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=env or engine_env(),
+            # a child that hangs is sent SIGABRT by finish(): faulthandler then writes every thread's stack
+            env={**(env or engine_env()), "PYTHONFAULTHANDLER": "1"},
             cwd=str(config.parent),
             preexec_fn=preexec_fn,
         )
@@ -236,8 +237,23 @@ class LiveRun:
         try:
             code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
+            # Say where it hung: SIGABRT makes faulthandler print every thread's stack on stderr.
+            self.proc.send_signal(signal.SIGABRT)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self._drain()
+            last = [e.get("event") for e in self.events[-5:]]
+            raise AssertionError(
+                f"the run did not exit within {timeout:.0f} s (last events {last}); its stderr:\n"
+                + "".join(self.stderr)[-6000:]
+            ) from None
+        self._drain()
+        return code, "".join(self.stderr)
+
+    def _drain(self) -> None:
+        """What the reader threads still hold, into ``events`` and ``stderr``."""
         for q, sink in ((self._events, self.events), (self._stderr, self.stderr)):
             while True:
                 try:
@@ -247,7 +263,6 @@ class LiveRun:
                 if item is None:
                     break
                 sink.append(item)
-        return code, "".join(self.stderr)
 
     def of(self, kind: str) -> list[dict]:
         return [e for e in self.events if e.get("event") == kind]
